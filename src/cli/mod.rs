@@ -1,0 +1,420 @@
+//! The command line: clap definitions, and the glue that turns them into
+//! library calls and prints the results. Nothing outside this module knows
+//! about clap or how output looks.
+
+mod render;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::catalog::{Catalog, OneTimeCopy};
+use crate::error::{Error, Result};
+use crate::inventory::Selection;
+use crate::objects::{self, DbChanges, DbSpec, SyncSpec};
+use crate::pg::ConnParams;
+
+/// Move a live PostgreSQL database to a new server or major version.
+#[derive(Debug, Parser)]
+#[command(name = "pgleap", version, propagate_version = true)]
+pub struct Cli {
+    /// The catalog file holding pgleap's state.
+    #[arg(long, global = true, env = "PGLEAP_CATALOG", value_name = "PATH")]
+    pub catalog: Option<PathBuf>,
+
+    /// Log more (-v: debug, -vv: trace). PGLEAP_LOG takes a tracing filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Databases: named connections.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Groups of databases: one source and its targets.
+    #[command(subcommand)]
+    Dbgroup(DbGroupCommand),
+    /// Groups of tables and sequences of one source database.
+    #[command(subcommand)]
+    Relgroup(RelGroupCommand),
+    /// Syncs: a relgroup replicated along a dbgroup.
+    #[command(subcommand)]
+    Sync(SyncCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub name: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    pub name: String,
+}
+
+/// Connection fields; each sets one libpq keyword over --dsn.
+#[derive(Debug, Args, Default)]
+pub struct ConnArgs {
+    /// A libpq connection string: postgresql://user@host:5432/db?sslmode=... or key=value pairs.
+    #[arg(long, value_name = "CONNSTR")]
+    pub dsn: Option<String>,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub dbname: Option<String>,
+    #[arg(long)]
+    pub user: Option<String>,
+    /// disable, allow, prefer, require, verify-ca or verify-full.
+    #[arg(long)]
+    pub sslmode: Option<String>,
+    /// A file holding the password; pgleap reads it at each connection.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Store the password (from the connection string or PGPASSWORD) in the catalog, which is then made readable by its owner only.
+    #[arg(long)]
+    pub store_password: bool,
+}
+
+impl ConnArgs {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = Vec::new();
+        if let Some(v) = &self.host {
+            f.push(("host", v.clone()));
+        }
+        if let Some(v) = self.port {
+            f.push(("port", v.to_string()));
+        }
+        if let Some(v) = &self.dbname {
+            f.push(("dbname", v.clone()));
+        }
+        if let Some(v) = &self.user {
+            f.push(("user", v.clone()));
+        }
+        if let Some(v) = &self.sslmode {
+            f.push(("sslmode", v.clone()));
+        }
+        f
+    }
+
+    fn dsn(&self, name: &str) -> Result<Option<ConnParams>> {
+        self.dsn
+            .as_deref()
+            .map(ConnParams::parse)
+            .transpose()
+            .map_err(|source| Error::Conninfo { db: name.into(), source })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Add a database; pgleap connects to it before saving.
+    Add {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List databases.
+    List(ListArgs),
+    /// Show one database.
+    Show(ShowArgs),
+    /// Change a database's connection; pgleap connects before saving.
+    Update {
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Stop using a password file.
+        #[arg(long, conflicts_with = "password_file")]
+        no_password_file: bool,
+        /// Delete a password stored in the catalog.
+        #[arg(long, conflicts_with = "store_password")]
+        forget_password: bool,
+    },
+    /// Remove a database.
+    Remove {
+        name: String,
+        /// Also take it out of the dbgroups that name it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbGroupCommand {
+    /// Add a dbgroup: exactly one DB:source and one or more DB:target.
+    Add {
+        name: String,
+        #[arg(required = true, value_name = "DB:ROLE")]
+        members: Vec<String>,
+    },
+    /// List dbgroups.
+    List(ListArgs),
+    /// Show one dbgroup.
+    Show(ShowArgs),
+    /// Remove a dbgroup.
+    Remove(RemoveArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelGroupCommand {
+    /// Add a relgroup; the names are resolved on the database now.
+    Add {
+        name: String,
+        /// The source database the tables live in.
+        #[arg(long)]
+        db: String,
+        /// Every table (in the --schema schemas, if given).
+        #[arg(long)]
+        all_tables: bool,
+        /// Every sequence (in the --schema schemas, if given).
+        #[arg(long)]
+        all_sequences: bool,
+        /// Take every table of this schema (repeatable).
+        #[arg(long = "schema", value_name = "SCHEMA")]
+        schemas: Vec<String>,
+        /// Leave this schema out (repeatable).
+        #[arg(long = "exclude-schema", value_name = "SCHEMA")]
+        exclude_schemas: Vec<String>,
+        /// A table, as SCHEMA.NAME in SQL syntax (repeatable).
+        #[arg(long = "table", value_name = "SCHEMA.NAME")]
+        tables: Vec<String>,
+        /// Leave this table out (repeatable).
+        #[arg(long = "exclude-table", value_name = "SCHEMA.NAME")]
+        exclude_tables: Vec<String>,
+        /// A sequence, as SCHEMA.NAME (repeatable).
+        #[arg(long = "sequence", value_name = "SCHEMA.NAME")]
+        sequences: Vec<String>,
+    },
+    /// List relgroups.
+    List(ListArgs),
+    /// Show one relgroup with its members, keys and sizes.
+    Show(ShowArgs),
+    /// Remove a relgroup.
+    Remove(RemoveArgs),
+}
+
+/// Bucardo's onetimecopy values, with its numbers as aliases.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OneTimeCopyArg {
+    #[value(alias = "0")]
+    Never,
+    #[value(alias = "1")]
+    Always,
+    #[value(alias = "2")]
+    IfEmpty,
+}
+
+impl From<OneTimeCopyArg> for OneTimeCopy {
+    fn from(v: OneTimeCopyArg) -> Self {
+        match v {
+            OneTimeCopyArg::Never => OneTimeCopy::Never,
+            OneTimeCopyArg::Always => OneTimeCopy::Always,
+            OneTimeCopyArg::IfEmpty => OneTimeCopy::IfEmpty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl From<OnOff> for bool {
+    fn from(v: OnOff) -> bool {
+        matches!(v, OnOff::On)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncCommand {
+    /// Add a sync of a relgroup along a dbgroup.
+    Add {
+        name: String,
+        #[arg(long)]
+        relgroup: String,
+        #[arg(long)]
+        dbgroup: String,
+        /// Copy the data first: never, always, or only into empty tables (Bucardo's 0/1/2).
+        #[arg(long, value_enum, default_value = "if-empty")]
+        onetimecopy: OneTimeCopyArg,
+        /// Wake on source commits (on) or only when kicked (off).
+        #[arg(long, value_enum, default_value = "on")]
+        autokick: OnOff,
+        /// Allow a target of a lower major version than the source.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
+    /// List syncs.
+    List(ListArgs),
+    /// Show one sync.
+    Show(ShowArgs),
+    /// Change a sync's options.
+    Update {
+        name: String,
+        #[arg(long, value_enum)]
+        onetimecopy: Option<OneTimeCopyArg>,
+        #[arg(long, value_enum)]
+        autokick: Option<OnOff>,
+    },
+    /// Remove a sync.
+    Remove(RemoveArgs),
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let path = cli.catalog.clone().unwrap_or_else(Catalog::default_path);
+    let mut catalog = Catalog::open(&path)?;
+    let env = &objects::process_env;
+    match cli.command {
+        Command::Db(cmd) => match cmd {
+            DbCommand::Add { name, conn } => {
+                let mut params = conn.dsn(&name)?.unwrap_or_default();
+                for (key, value) in conn.fields() {
+                    params
+                        .set(key, &value)
+                        .map_err(|source| Error::Conninfo { db: name.clone(), source })?;
+                }
+                let spec = DbSpec {
+                    params,
+                    password_file: conn.password_file,
+                    store_password: conn.store_password,
+                };
+                let added = objects::add_db(&mut catalog, &name, spec, env).await?;
+                println!(
+                    "added database \"{}\": PostgreSQL {} at {}",
+                    added.name, added.server_version, added.target
+                );
+            }
+            DbCommand::List(args) => render::dbs(&catalog.dbs()?, args.json),
+            DbCommand::Show(args) => {
+                let db = catalog.db(&args.name)?;
+                let users = catalog.db_users(&args.name)?;
+                render::db(&db, &users, args.json);
+            }
+            DbCommand::Update { name, conn, no_password_file, forget_password } => {
+                let changes = DbChanges {
+                    dsn: conn.dsn(&name)?,
+                    fields: conn.fields(),
+                    password_file: if no_password_file {
+                        Some(None)
+                    } else {
+                        conn.password_file.map(Some)
+                    },
+                    store_password: conn.store_password,
+                    forget_password,
+                };
+                let updated = objects::update_db(&mut catalog, &name, changes, env).await?;
+                println!(
+                    "updated database \"{}\": PostgreSQL {} at {}",
+                    updated.name, updated.server_version, updated.target
+                );
+            }
+            DbCommand::Remove { name, force } => {
+                catalog.remove_db(&name, force)?;
+                println!("removed database \"{name}\"");
+            }
+        },
+        Command::Dbgroup(cmd) => match cmd {
+            DbGroupCommand::Add { name, members } => {
+                objects::add_dbgroup(&mut catalog, &name, &members)?;
+                println!("added dbgroup \"{name}\"");
+            }
+            DbGroupCommand::List(args) => render::dbgroups(&catalog.dbgroups()?, args.json),
+            DbGroupCommand::Show(args) => {
+                render::dbgroups(&[catalog.dbgroup(&args.name)?], args.json)
+            }
+            DbGroupCommand::Remove(args) => {
+                catalog.remove_dbgroup(&args.name)?;
+                println!("removed dbgroup \"{}\"", args.name);
+            }
+        },
+        Command::Relgroup(cmd) => match cmd {
+            RelGroupCommand::Add {
+                name,
+                db,
+                all_tables,
+                all_sequences,
+                schemas,
+                exclude_schemas,
+                tables,
+                exclude_tables,
+                sequences,
+            } => {
+                let selection = Selection {
+                    all_tables,
+                    all_sequences,
+                    schemas,
+                    exclude_schemas,
+                    tables,
+                    exclude_tables,
+                    sequences,
+                };
+                let group =
+                    objects::add_relgroup(&mut catalog, &name, &db, &selection, env).await?;
+                let tables = group.members.iter().filter(|m| m.kind != "sequence").count();
+                println!(
+                    "added relgroup \"{name}\": {tables} table(s), {} sequence(s) of database \"{db}\"",
+                    group.members.len() - tables
+                );
+            }
+            RelGroupCommand::List(args) => render::relgroups(&catalog.relgroups()?, args.json),
+            RelGroupCommand::Show(args) => render::relgroup(&catalog.relgroup(&args.name)?, args.json),
+            RelGroupCommand::Remove(args) => {
+                catalog.remove_relgroup(&args.name)?;
+                println!("removed relgroup \"{}\"", args.name);
+            }
+        },
+        Command::Sync(cmd) => match cmd {
+            SyncCommand::Add { name, relgroup, dbgroup, onetimecopy, autokick, allow_downgrade } => {
+                let spec = SyncSpec {
+                    name: name.clone(),
+                    relgroup,
+                    dbgroup,
+                    onetimecopy: onetimecopy.into(),
+                    autokick: autokick.into(),
+                    allow_downgrade,
+                };
+                objects::add_sync(&mut catalog, &spec, env).await?;
+                println!("added sync \"{name}\"");
+            }
+            SyncCommand::List(args) => render::syncs(&catalog.syncs()?, args.json),
+            SyncCommand::Show(args) => {
+                let sync = catalog.sync(&args.name)?;
+                let relgroup = catalog.relgroup(&sync.relgroup)?;
+                let dbgroup = catalog.dbgroup(&sync.dbgroup)?;
+                render::sync(&sync, &relgroup, &dbgroup, args.json);
+            }
+            SyncCommand::Update { name, onetimecopy, autokick } => {
+                if onetimecopy.is_none() && autokick.is_none() {
+                    return Err(Error::invalid(
+                        format!("nothing to change for sync \"{name}\""),
+                        "give --onetimecopy and/or --autokick",
+                    ));
+                }
+                catalog.update_sync(&name, onetimecopy.map(Into::into), autokick.map(Into::into))?;
+                println!("updated sync \"{name}\"");
+            }
+            SyncCommand::Remove(args) => {
+                catalog.remove_sync(&args.name)?;
+                println!("removed sync \"{}\"", args.name);
+            }
+        },
+    }
+    Ok(())
+}

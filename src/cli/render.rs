@@ -1,0 +1,183 @@
+//! How listings look: a table for people, JSON (`--json`) for programs. Both
+//! are printed from the same catalog structs.
+
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{ContentArrangement, Table};
+use serde::Serialize;
+
+use crate::catalog::{Db, DbGroup, RelGroup, Sync};
+use crate::inventory::display_name;
+
+fn json<T: Serialize + ?Sized>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("catalog structs serialize"));
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    t
+}
+
+/// 1536 → "1.5 kB", as pg_size_pretty would say (binary multiples).
+pub fn size(bytes: i64) -> String {
+    let units = ["bytes", "kB", "MB", "GB", "TB", "PB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} bytes") } else { format!("{value:.1} {}", units[unit]) }
+}
+
+fn password_source(db: &Db) -> String {
+    match (db.password_stored, &db.password_file) {
+        (true, _) => "stored in catalog".into(),
+        (false, Some(f)) => format!("file {f}"),
+        (false, None) => "PGPASSWORD or ~/.pgpass".into(),
+    }
+}
+
+pub fn dbs(dbs: &[Db], as_json: bool) {
+    if as_json {
+        return json(dbs);
+    }
+    let mut t = table(&["name", "connection", "password", "version"]);
+    for db in dbs {
+        t.add_row(vec![
+            db.name.clone(),
+            db.conninfo.clone(),
+            password_source(db),
+            db.server_version.clone().unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn db(db: &Db, used_by: &[String], as_json: bool) {
+    if as_json {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            db: &'a Db,
+            used_by: &'a [String],
+        }
+        return json(&Shown { db, used_by });
+    }
+    println!("database:   {}", db.name);
+    println!("connection: {}", db.conninfo);
+    println!("password:   {}", password_source(db));
+    println!("version:    {}", db.server_version.as_deref().unwrap_or("unknown"));
+    println!("added:      {}", db.created_at);
+    println!(
+        "used by:    {}",
+        if used_by.is_empty() { "nothing".to_string() } else { used_by.join(", ") }
+    );
+}
+
+pub fn dbgroups(groups: &[DbGroup], as_json: bool) {
+    if as_json {
+        return json(groups);
+    }
+    let mut t = table(&["name", "source", "targets"]);
+    for g in groups {
+        t.add_row(vec![
+            g.name.clone(),
+            g.source().to_string(),
+            g.targets().collect::<Vec<_>>().join(", "),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn relgroups(groups: &[RelGroup], as_json: bool) {
+    if as_json {
+        return json(groups);
+    }
+    let mut t = table(&["name", "database", "tables", "sequences", "est. size"]);
+    for g in groups {
+        let tables = g.members.iter().filter(|m| m.kind != "sequence").count();
+        t.add_row(vec![
+            g.name.clone(),
+            g.db.clone(),
+            tables.to_string(),
+            (g.members.len() - tables).to_string(),
+            size(g.members.iter().map(|m| m.est_bytes).sum()),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn relgroup(g: &RelGroup, as_json: bool) {
+    if as_json {
+        return json(g);
+    }
+    println!("relgroup \"{}\" of database \"{}\"", g.name, g.db);
+    let mut t = table(&["relation", "kind", "key", "est. rows", "est. size"]);
+    for m in &g.members {
+        t.add_row(vec![
+            display_name(&m.schema, &m.name),
+            m.kind.clone(),
+            m.key_columns.join(", "),
+            if m.kind == "sequence" { String::new() } else { m.est_rows.to_string() },
+            size(m.est_bytes),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn syncs(syncs: &[Sync], as_json: bool) {
+    if as_json {
+        return json(syncs);
+    }
+    let mut t = table(&["name", "relgroup", "dbgroup", "onetimecopy", "autokick"]);
+    for s in syncs {
+        t.add_row(vec![
+            s.name.clone(),
+            s.relgroup.clone(),
+            s.dbgroup.clone(),
+            s.onetimecopy.as_str().to_string(),
+            if s.autokick { "on" } else { "off" }.to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn sync(s: &Sync, relgroup: &RelGroup, dbgroup: &DbGroup, as_json: bool) {
+    if as_json {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            sync: &'a Sync,
+            source: &'a str,
+            targets: Vec<&'a str>,
+            relations: Vec<String>,
+        }
+        return json(&Shown {
+            sync: s,
+            source: dbgroup.source(),
+            targets: dbgroup.targets().collect(),
+            relations: relgroup.members.iter().map(|m| display_name(&m.schema, &m.name)).collect(),
+        });
+    }
+    println!("sync:        {}", s.name);
+    println!("relgroup:    {} ({} relations)", s.relgroup, relgroup.members.len());
+    println!("dbgroup:     {}", s.dbgroup);
+    println!("source:      {}", dbgroup.source());
+    println!("targets:     {}", dbgroup.targets().collect::<Vec<_>>().join(", "));
+    println!("onetimecopy: {}", s.onetimecopy.as_str());
+    println!("autokick:    {}", if s.autokick { "on" } else { "off" });
+    println!("added:       {}", s.created_at);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_like_pg_size_pretty() {
+        assert_eq!(super::size(10), "10 bytes");
+        assert_eq!(super::size(1536), "1.5 kB");
+        assert_eq!(super::size(8 * 1024 * 1024), "8.0 MB");
+    }
+}

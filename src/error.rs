@@ -1,0 +1,68 @@
+//! The library's error type. Every variant names the object it is about, and
+//! [`Error::hint`] says what the user can do; the binary prints both.
+
+use crate::catalog::CatalogError;
+use crate::pg::{ConnectError, ConninfoError};
+use crate::pg::conninfo::ResolveError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("database \"{db}\": {source}")]
+    Conninfo {
+        db: String,
+        #[source]
+        source: ConninfoError,
+    },
+    #[error("database \"{db}\": {source}")]
+    Resolve {
+        db: String,
+        #[source]
+        source: ResolveError,
+    },
+    #[error("database \"{db}\": {source}")]
+    Connect {
+        db: String,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("database \"{db}\": query failed: {detail}")]
+    Query { db: String, detail: String, sqlstate: Option<String> },
+    /// A request that cannot be carried out as given.
+    #[error("{message}")]
+    Invalid { message: String, hint: Option<String> },
+}
+
+impl Error {
+    pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::Invalid { message: message.into(), hint: Some(hint.into()) }
+    }
+
+    pub fn query(db: &str, e: &tokio_postgres::Error) -> Self {
+        let (detail, sqlstate) = match e.as_db_error() {
+            Some(d) => (d.message().to_string(), Some(d.code().code().to_string())),
+            None => (crate::pg::error_chain(e), None),
+        };
+        Self::Query { db: db.to_string(), detail, sqlstate }
+    }
+
+    /// What to do about it, when there is something to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Self::Catalog(e) => e.hint(),
+            Self::Conninfo { .. } => Some(
+                "write the connection as a URI (postgresql://user@host:5432/dbname?sslmode=require) \
+                 or as key=value pairs (host=... port=... dbname=... user=...)"
+                    .into(),
+            ),
+            Self::Resolve { .. } => Some("check the file's path and permissions".into()),
+            Self::Connect { source, .. } => source.hint(),
+            Self::Query { .. } => None,
+            Self::Invalid { hint, .. } => hint.clone(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

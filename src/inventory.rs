@@ -1,0 +1,270 @@
+//! What a source database holds: resolving a relgroup's selection (schemas,
+//! tables, sequences) into concrete relations with their replication key and
+//! size, as the server sees them now.
+//!
+//! A partitioned table is one unit, named by its root: its partitions are
+//! never members of their own (rows move between partitions on UPDATE, and
+//! the target may partition differently). A table's key is its primary key,
+//! else the narrowest unique index that is valid, immediate, not partial, not
+//! on expressions, and on NOT NULL columns only: the same rule as PostgreSQL's
+//! own REPLICA IDENTITY USING INDEX.
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::catalog::Relation;
+use crate::error::{Error, Result};
+use crate::pg::quote_ident;
+
+/// Schemas never replicated: the system's and pgleap's own.
+const SYSTEM_SCHEMAS: &[&str] = &["information_schema", "pgleap"];
+
+/// What the user asked for.
+#[derive(Debug, Default, Clone)]
+pub struct Selection {
+    pub all_tables: bool,
+    pub all_sequences: bool,
+    pub schemas: Vec<String>,
+    pub exclude_schemas: Vec<String>,
+    pub tables: Vec<String>,
+    pub exclude_tables: Vec<String>,
+    pub sequences: Vec<String>,
+}
+
+impl Selection {
+    fn is_empty(&self) -> bool {
+        !self.all_tables
+            && !self.all_sequences
+            && self.schemas.is_empty()
+            && self.tables.is_empty()
+            && self.sequences.is_empty()
+    }
+}
+
+/// `schema.name` as a user would type it: quoted only where needed.
+pub fn display_name(schema: &str, name: &str) -> String {
+    fn part(s: &str) -> String {
+        let simple = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if simple { s.to_string() } else { quote_ident(s) }
+    }
+    format!("{}.{}", part(schema), part(name))
+}
+
+/// Resolves a selection on the source; `db` names it in errors.
+pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<Relation>> {
+    if sel.is_empty() {
+        return Err(Error::invalid(
+            "nothing selected",
+            "name what to replicate: --all-tables, --schema S, --table SCHEMA.NAME, \
+             --all-sequences or --sequence SCHEMA.NAME",
+        ));
+    }
+    let q = |e: tokio_postgres::Error| Error::query(db, &e);
+
+    for schema in sel.schemas.iter().chain(&sel.exclude_schemas) {
+        let found = client
+            .query_opt("select 1 from pg_namespace where nspname = $1", &[schema])
+            .await
+            .map_err(q)?;
+        if found.is_none() {
+            return Err(Error::invalid(
+                format!("schema \"{schema}\" does not exist in database \"{db}\""),
+                "check the name; schema names are case-sensitive as given",
+            ));
+        }
+    }
+
+    let mut oids: Vec<u32> = Vec::new();
+    let scope_kinds = |tables: bool, sequences: bool| {
+        let mut k = Vec::new();
+        if tables {
+            k.extend(["r", "p"]);
+        }
+        if sequences {
+            k.push("S");
+        }
+        k
+    };
+    let whole_tables = sel.all_tables || !sel.schemas.is_empty();
+    let kinds = scope_kinds(whole_tables, sel.all_sequences);
+    if !kinds.is_empty() {
+        let schemas: Option<Vec<String>> =
+            (!sel.schemas.is_empty()).then(|| sel.schemas.clone());
+        let excluded: Vec<String> = SYSTEM_SCHEMAS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(sel.exclude_schemas.iter().cloned())
+            .collect();
+        let rows = client
+            .query(
+                "select c.oid
+                 from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                 where c.relkind::text = any($1::text[])
+                   and not c.relispartition
+                   and n.nspname !~ '^pg_'
+                   and n.nspname <> all($2::text[])
+                   and ($3::text[] is null or n.nspname = any($3::text[]))
+                   and not exists (select 1 from pg_depend d
+                                   where d.classid = 'pg_class'::regclass
+                                     and d.objid = c.oid and d.deptype = 'e')",
+                &[&kinds, &excluded, &schemas],
+            )
+            .await
+            .map_err(q)?;
+        oids.extend(rows.iter().map(|r| r.get::<_, u32>(0)));
+    }
+    for name in &sel.tables {
+        oids.push(lookup(client, db, name, Wanted::Table).await?);
+    }
+    for name in &sel.sequences {
+        oids.push(lookup(client, db, name, Wanted::Sequence).await?);
+    }
+    for name in &sel.exclude_tables {
+        let oid = lookup(client, db, name, Wanted::Table).await?;
+        oids.retain(|o| *o != oid);
+    }
+    oids.sort_unstable();
+    oids.dedup();
+
+    let rows = client
+        .query(
+            "select n.nspname::text, c.relname::text, c.relkind::text,
+                    coalesce((select array_agg(a.attname::text order by k.ord)
+                              from unnest(i.indkey::int2[]) with ordinality k(attnum, ord)
+                              join pg_attribute a on a.attrelid = c.oid and a.attnum = k.attnum
+                              where k.ord <= i.indnkeyatts), '{}'::text[]),
+                    (case when c.relkind = 'p'
+                          then (select coalesce(sum(pg_total_relation_size(t.relid)), 0)
+                                from pg_partition_tree(c.oid) t)
+                          else pg_total_relation_size(c.oid) end)::int8,
+                    (case when c.relkind = 'p'
+                          then (select coalesce(sum(greatest(pc.reltuples, 0)), 0)
+                                from pg_partition_tree(c.oid) t
+                                join pg_class pc on pc.oid = t.relid where t.isleaf)
+                          when c.relkind = 'S' then 0
+                          else greatest(c.reltuples, 0) end)::int8
+             from pg_class c
+             join pg_namespace n on n.oid = c.relnamespace
+             left join lateral (
+                 select i.indkey, i.indnkeyatts
+                 from pg_index i
+                 where i.indrelid = c.oid and i.indisunique and i.indisvalid
+                   and (i.indisprimary
+                        or (i.indimmediate and i.indpred is null and i.indexprs is null
+                            and not exists (
+                                select 1 from unnest(i.indkey::int2[]) k(attnum)
+                                left join pg_attribute a
+                                       on a.attrelid = c.oid and a.attnum = k.attnum
+                                where a.attnum is null or not a.attnotnull)))
+                 order by i.indisprimary desc, i.indnkeyatts, i.indexrelid
+                 limit 1) i on c.relkind <> 'S'
+             where c.oid = any($1::oid[])
+             order by c.relkind = 'S', n.nspname, c.relname",
+            &[&oids],
+        )
+        .await
+        .map_err(q)?;
+    let relations: Vec<Relation> = rows
+        .iter()
+        .map(|r| Relation {
+            schema: r.get(0),
+            name: r.get(1),
+            kind: match r.get::<_, &str>(2) {
+                "p" => "partitioned table",
+                "S" => "sequence",
+                _ => "table",
+            }
+            .to_string(),
+            key_columns: r.get(3),
+            est_bytes: r.get(4),
+            est_rows: r.get(5),
+        })
+        .collect();
+
+    let keyless: Vec<String> = relations
+        .iter()
+        .filter(|r| r.kind != "sequence" && r.key_columns.is_empty())
+        .map(|r| display_name(&r.schema, &r.name))
+        .collect();
+    if !keyless.is_empty() {
+        return Err(Error::invalid(
+            format!(
+                "{} table(s) in database \"{db}\" have neither a primary key nor a usable unique \
+                 index: {}",
+                keyless.len(),
+                keyless.join(", ")
+            ),
+            "add a key on the source (ALTER TABLE ... ADD PRIMARY KEY (col, ...), or a unique \
+             index on NOT NULL columns), or leave these tables out with --exclude-table",
+        ));
+    }
+    if relations.is_empty() {
+        return Err(Error::invalid(
+            format!("the selection matches no table or sequence in database \"{db}\""),
+            "check --schema/--exclude-schema, or list tables with --table SCHEMA.NAME",
+        ));
+    }
+    Ok(relations)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Wanted {
+    Table,
+    Sequence,
+}
+
+/// Resolves a name as the server would (`to_regclass`-style: quoting, case
+/// folding, search_path), and checks what kind of relation it is.
+async fn lookup(client: &Client, db: &str, name: &str, wanted: Wanted) -> Result<u32> {
+    let row = match client
+        .query_one(
+            "select c.oid, c.relkind::text, c.relispartition,
+                    case when c.relispartition
+                         then pg_partition_root(c.oid)::regclass::text end
+             from pg_class c where c.oid = $1::text::regclass",
+            &[&name],
+        )
+        .await
+    {
+        Ok(row) => row,
+        Err(e) => {
+            let code = e.code();
+            if code == Some(&SqlState::UNDEFINED_TABLE)
+                || code == Some(&SqlState::INVALID_SCHEMA_NAME)
+                || code == Some(&SqlState::INVALID_NAME)
+            {
+                return Err(Error::invalid(
+                    format!("relation {name} does not exist in database \"{db}\""),
+                    "write it as SCHEMA.NAME; quote mixed-case or unusual names as in SQL \
+                     (--table '\"My Schema\".\"My Table\"')",
+                ));
+            }
+            return Err(Error::query(db, &e));
+        }
+    };
+    let oid: u32 = row.get(0);
+    let kind: &str = row.get(1);
+    let is_partition: bool = row.get(2);
+    match (wanted, kind) {
+        (Wanted::Table, "r" | "p") if is_partition => Err(Error::invalid(
+            format!("{name} is a partition of {}", row.get::<_, String>(3)),
+            format!(
+                "pgleap replicates a partitioned table as a whole: use --table {}",
+                row.get::<_, String>(3)
+            ),
+        )),
+        (Wanted::Table, "r" | "p") | (Wanted::Sequence, "S") => Ok(oid),
+        (Wanted::Table, "S") => Err(Error::invalid(
+            format!("{name} is a sequence"),
+            format!("use --sequence {name}"),
+        )),
+        _ => Err(Error::invalid(
+            format!(
+                "{name} is not a {} (relkind {kind})",
+                if wanted == Wanted::Table { "table" } else { "sequence" }
+            ),
+            "pgleap replicates tables and sequences only; views are part of the schema copy",
+        )),
+    }
+}

@@ -1,0 +1,365 @@
+//! Declaring what to migrate: databases, dbgroups, relgroups and syncs.
+//!
+//! Each operation checks against the real servers before it writes the
+//! catalog (a database must answer, a relgroup's tables must exist and have a
+//! key, a sync's source and target must be two different servers), so the
+//! catalog never holds an entry that cannot work at the time it was made.
+
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+use tokio_postgres::Client;
+
+use crate::catalog::{self, Catalog, DbGroupMember, DbRecord, OneTimeCopy, RelGroup, Role};
+use crate::error::{Error, Result};
+use crate::inventory::{self, Selection};
+use crate::pg::{self, ConnParams, PasswordSource, PgVersion, ResolvedConn};
+
+/// Reads an environment variable; a seam so tests of resolution need no
+/// process-wide state.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Object names end up in file names (pid and log files) and commands.
+pub fn check_name(kind: catalog::ObjectKind, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            format!("invalid {kind} name \"{name}\""),
+            "use up to 63 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        ))
+    }
+}
+
+/// An open connection to a catalog database.
+pub struct Connected {
+    pub client: Client,
+    pub conn: ResolvedConn,
+    pub version: PgVersion,
+}
+
+/// Connects to a database given its parameters; `db` names it in errors.
+pub async fn connect_params(
+    db: &str,
+    params: &ConnParams,
+    password: &PasswordSource,
+    env: Env<'_>,
+) -> Result<Connected> {
+    let conn = ResolvedConn::resolve(params, password, env)
+        .map_err(|source| Error::Resolve { db: db.into(), source })?;
+    let client =
+        pg::connect(&conn).await.map_err(|source| Error::Connect { db: db.into(), source })?;
+    let version = pg::server_version(&client).await.map_err(|e| Error::query(db, &e))?;
+    Ok(Connected { client, conn, version })
+}
+
+/// Connects to a database of the catalog by name.
+pub async fn connect_db(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<Connected> {
+    let db = catalog.db(name)?;
+    let params = ConnParams::parse(&db.conninfo)
+        .map_err(|source| Error::Conninfo { db: name.into(), source })?;
+    let password = PasswordSource {
+        stored: catalog.stored_password(name)?,
+        file: db.password_file.map(PathBuf::from),
+    };
+    connect_params(name, &params, &password, env).await
+}
+
+/// How to reach a database, as given on the command line.
+pub struct DbSpec {
+    pub params: ConnParams,
+    pub password_file: Option<PathBuf>,
+    pub store_password: bool,
+}
+
+/// What `db add` / `db update` report.
+#[derive(Debug, serde::Serialize)]
+pub struct DbAdded {
+    pub name: String,
+    pub server_version: String,
+    pub target: String,
+}
+
+pub async fn add_db(catalog: &mut Catalog, name: &str, spec: DbSpec, env: Env<'_>) -> Result<DbAdded> {
+    check_name(catalog::ObjectKind::Db, name)?;
+    if catalog.db(name).is_ok() {
+        return Err(catalog::CatalogError::AlreadyExists {
+            kind: catalog::ObjectKind::Db,
+            name: name.into(),
+        }
+        .into());
+    }
+    save_db(catalog, name, spec, env, false).await
+}
+
+/// Changes to a database entry; `None` keeps what is there.
+pub struct DbChanges {
+    /// A whole new connection string, replacing the old one.
+    pub dsn: Option<ConnParams>,
+    /// Single keywords to set on top (`--host`, `--port`, ...).
+    pub fields: Vec<(&'static str, String)>,
+    pub password_file: Option<Option<PathBuf>>,
+    pub store_password: bool,
+    pub forget_password: bool,
+}
+
+pub async fn update_db(
+    catalog: &mut Catalog,
+    name: &str,
+    changes: DbChanges,
+    env: Env<'_>,
+) -> Result<DbAdded> {
+    let old = catalog.db(name)?;
+    let mut params = match changes.dsn {
+        Some(p) => p,
+        None => ConnParams::parse(&old.conninfo)
+            .map_err(|source| Error::Conninfo { db: name.into(), source })?,
+    };
+    for (key, value) in &changes.fields {
+        params.set(key, value).map_err(|source| Error::Conninfo { db: name.into(), source })?;
+    }
+    let password_file = match changes.password_file {
+        Some(f) => f,
+        None => old.password_file.map(PathBuf::from),
+    };
+    // A stored password is kept unless replaced or forgotten.
+    let keep_stored = old.password_stored && !changes.forget_password && !changes.store_password;
+    let spec = DbSpec { params, password_file, store_password: changes.store_password };
+    if keep_stored {
+        let stored = catalog.stored_password(name)?;
+        return save_db_with(catalog, name, spec, stored, env, true).await;
+    }
+    save_db(catalog, name, spec, env, true).await
+}
+
+async fn save_db(
+    catalog: &mut Catalog,
+    name: &str,
+    mut spec: DbSpec,
+    env: Env<'_>,
+    update: bool,
+) -> Result<DbAdded> {
+    let in_dsn = spec.params.take_password();
+    let stored = if spec.store_password {
+        let pw = in_dsn.or_else(|| env("PGPASSWORD").filter(|p| !p.is_empty()).map(SecretString::from));
+        if pw.is_none() {
+            return Err(Error::invalid(
+                format!("--store-password for database \"{name}\" but no password was given"),
+                "put the password in the connection string or in PGPASSWORD",
+            ));
+        }
+        pw
+    } else if in_dsn.is_some() {
+        return Err(Error::invalid(
+            format!("the connection string for database \"{name}\" contains a password"),
+            "pgleap does not copy passwords into its catalog unless asked: remove it and use \
+             ~/.pgpass, PGPASSWORD or --password-file, or add --store-password",
+        ));
+    } else {
+        None
+    };
+    save_db_with(catalog, name, spec, stored, env, update).await
+}
+
+async fn save_db_with(
+    catalog: &mut Catalog,
+    name: &str,
+    mut spec: DbSpec,
+    stored: Option<SecretString>,
+    env: Env<'_>,
+    update: bool,
+) -> Result<DbAdded> {
+    // The entry names a fixed server: what the environment says now is
+    // frozen into it. Only passwords keep being looked up at each connect.
+    spec.params.fill_from_env(env);
+    let password_file = match spec.password_file {
+        Some(f) => Some(std::fs::canonicalize(&f).map_err(|e| {
+            Error::invalid(
+                format!("password file {} for database \"{name}\": {e}", f.display()),
+                "give the path of a readable file that holds only the password",
+            )
+        })?),
+        None => None,
+    };
+    let password = PasswordSource { stored: stored.clone(), file: password_file.clone() };
+    let connected = connect_params(name, &spec.params, &password, env).await?;
+    let version = connected.version.to_string();
+    let conninfo = spec.params.to_conninfo_string();
+    let file = password_file.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let record = DbRecord {
+        name,
+        conninfo: &conninfo,
+        password_file: file.as_deref(),
+        password: stored.as_ref(),
+        server_version: &version,
+    };
+    if stored.is_some() {
+        catalog.restrict_permissions()?;
+    }
+    if update {
+        catalog.update_db(&record)?;
+    } else {
+        catalog.add_db(&record)?;
+    }
+    Ok(DbAdded { name: name.into(), server_version: version, target: connected.conn.to_string() })
+}
+
+/// Parses `DB:source` / `DB:target`.
+pub fn parse_member(spec: &str) -> Result<DbGroupMember> {
+    let bad = || {
+        Error::invalid(
+            format!("invalid dbgroup member \"{spec}\""),
+            "write each member as DB:source or DB:target",
+        )
+    };
+    let (db, role) = spec.rsplit_once(':').ok_or_else(bad)?;
+    let role = match role {
+        "source" => Role::Source,
+        "target" => Role::Target,
+        _ => return Err(bad()),
+    };
+    if db.is_empty() {
+        return Err(bad());
+    }
+    Ok(DbGroupMember { db: db.into(), role })
+}
+
+pub fn add_dbgroup(catalog: &mut Catalog, name: &str, members: &[String]) -> Result<()> {
+    check_name(catalog::ObjectKind::DbGroup, name)?;
+    let members = members.iter().map(|m| parse_member(m)).collect::<Result<Vec<_>>>()?;
+    let sources = members.iter().filter(|m| m.role == Role::Source).count();
+    if sources != 1 {
+        return Err(Error::invalid(
+            format!("dbgroup \"{name}\" has {sources} sources; it needs exactly one"),
+            "mark one database DB:source and the others DB:target",
+        ));
+    }
+    if !members.iter().any(|m| m.role == Role::Target) {
+        return Err(Error::invalid(
+            format!("dbgroup \"{name}\" has no target"),
+            "add at least one DB:target",
+        ));
+    }
+    for (i, m) in members.iter().enumerate() {
+        if members[..i].iter().any(|o| o.db == m.db) {
+            return Err(Error::invalid(
+                format!("database \"{}\" appears twice in dbgroup \"{name}\"", m.db),
+                "a database is either the source or a target, once",
+            ));
+        }
+    }
+    catalog.add_dbgroup(name, &members)?;
+    Ok(())
+}
+
+pub async fn add_relgroup(
+    catalog: &mut Catalog,
+    name: &str,
+    db: &str,
+    selection: &Selection,
+    env: Env<'_>,
+) -> Result<RelGroup> {
+    check_name(catalog::ObjectKind::RelGroup, name)?;
+    if catalog.relgroup(name).is_ok() {
+        return Err(catalog::CatalogError::AlreadyExists {
+            kind: catalog::ObjectKind::RelGroup,
+            name: name.into(),
+        }
+        .into());
+    }
+    let connected = connect_db(catalog, db, env).await?;
+    let members = inventory::resolve(&connected.client, db, selection).await?;
+    catalog.add_relgroup(name, db, &members)?;
+    Ok(catalog.relgroup(name)?)
+}
+
+/// A sync as requested by `sync add`.
+pub struct SyncSpec {
+    pub name: String,
+    pub relgroup: String,
+    pub dbgroup: String,
+    pub onetimecopy: OneTimeCopy,
+    pub autokick: bool,
+    pub allow_downgrade: bool,
+}
+
+/// What identifies one database of one running server, as far as a
+/// non-superuser can see: same port, same start time, same database oid.
+async fn fingerprint(client: &Client, db: &str) -> Result<String> {
+    let row = client
+        .query_one(
+            "select current_setting('port') || '/' || pg_postmaster_start_time()::text || '/' ||
+                    (select oid from pg_database where datname = current_database())::text",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    Ok(row.get(0))
+}
+
+pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> Result<()> {
+    check_name(catalog::ObjectKind::Sync, &spec.name)?;
+    if catalog.sync(&spec.name).is_ok() {
+        return Err(catalog::CatalogError::AlreadyExists {
+            kind: catalog::ObjectKind::Sync,
+            name: spec.name.clone(),
+        }
+        .into());
+    }
+    let relgroup = catalog.relgroup(&spec.relgroup)?;
+    let dbgroup = catalog.dbgroup(&spec.dbgroup)?;
+    let source = dbgroup.source().to_string();
+    if relgroup.db != source {
+        return Err(Error::invalid(
+            format!(
+                "relgroup \"{}\" belongs to database \"{}\", but the source of dbgroup \"{}\" is \
+                 \"{source}\"",
+                relgroup.name, relgroup.db, dbgroup.name
+            ),
+            "use a relgroup of the dbgroup's source, or a dbgroup whose source is the \
+             relgroup's database",
+        ));
+    }
+    let src = connect_db(catalog, &source, env).await?;
+    let src_print = fingerprint(&src.client, &source).await?;
+    for target in dbgroup.targets() {
+        let tgt = connect_db(catalog, target, env).await?;
+        if fingerprint(&tgt.client, target).await? == src_print {
+            return Err(Error::invalid(
+                format!(
+                    "source \"{source}\" and target \"{target}\" are the same database on the same \
+                     server"
+                ),
+                "point the target at the new server (pgleap db update NAME --dsn ...)",
+            ));
+        }
+        if tgt.version.major() < src.version.major() && !spec.allow_downgrade {
+            return Err(Error::invalid(
+                format!(
+                    "target \"{target}\" runs PostgreSQL {} and source \"{source}\" runs {}: \
+                     that is a downgrade",
+                    tgt.version, src.version
+                ),
+                "pgleap moves databases to the same or a newer major; add --allow-downgrade if \
+                 the schema is known to work on the older server",
+            ));
+        }
+    }
+    catalog.add_sync(&catalog::Sync {
+        name: spec.name.clone(),
+        relgroup: spec.relgroup.clone(),
+        dbgroup: spec.dbgroup.clone(),
+        onetimecopy: spec.onetimecopy,
+        autokick: spec.autokick,
+        created_at: String::new(),
+    })?;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Talking to PostgreSQL: the one way pgleap connects, quotes and reads the
+//! server version.
+//!
+//! Every connection pins the session settings that make text output identical
+//! across major versions (DateStyle, IntervalStyle, extra_float_digits,
+//! TimeZone, bytea_output). tokio-postgres already forces
+//! `client_encoding=UTF8` in its startup packet.
+
+pub mod conninfo;
+pub mod tls;
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config};
+
+pub use conninfo::{ConnParams, ConninfoError, PasswordSource, ResolvedConn, SslMode};
+
+/// Settings sent in the startup packet of every connection.
+const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 \
+                               -c TimeZone=UTC -c bytea_output=hex";
+
+/// A libpq connect_timeout is infinite by default; a migration tool that
+/// hangs on a firewalled host is worse than one that says so.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection could not be made, classified so the message can say
+/// what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot reach the server at {target}: {detail}")]
+    Unreachable { target: String, detail: String },
+    #[error("authentication failed for {target}: {detail}")]
+    Auth { target: String, detail: String },
+    #[error("database \"{dbname}\" does not exist on the server at {target}")]
+    NoDatabase { target: String, dbname: String },
+    #[error("TLS setup failed for {target}: {detail}")]
+    Tls { target: String, detail: String },
+    #[error(transparent)]
+    TlsConfig(#[from] tls::TlsError),
+    #[error("connection to {target} failed: {detail}")]
+    Other { target: String, detail: String },
+}
+
+impl ConnectError {
+    pub fn hint(&self) -> Option<String> {
+        Some(match self {
+            Self::Unreachable { .. } => {
+                "check host and port, that the server runs and accepts TCP connections \
+                 (listen_addresses, pg_hba.conf, firewalls)"
+                    .into()
+            }
+            Self::Auth { .. } => "check the user name and the password: pgleap reads it from \
+                 --password-file, PGPASSWORD or ~/.pgpass (or a password stored with \
+                 --store-password)"
+                .into(),
+            Self::NoDatabase { dbname, .. } => {
+                format!("create it first (createdb \"{dbname}\") or fix the dbname")
+            }
+            Self::Tls { .. } | Self::TlsConfig(_) => {
+                "check sslmode and sslrootcert (verify-full also checks the host name)".into()
+            }
+            Self::Other { .. } => return None,
+        })
+    }
+}
+
+/// A server's version, from `server_version_num`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PgVersion(pub u32);
+
+impl PgVersion {
+    pub fn major(self) -> u32 {
+        self.0 / 10000
+    }
+    pub fn minor(self) -> u32 {
+        self.0 % 10000
+    }
+}
+
+impl fmt::Display for PgVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major(), self.minor())
+    }
+}
+
+/// Opens a connection; the I/O task runs on the current tokio runtime and
+/// logs server notices through tracing.
+pub async fn connect(conn: &ResolvedConn) -> Result<Client, ConnectError> {
+    let target = conn.to_string();
+    for warning in &conn.warnings {
+        tracing::warn!("{warning}");
+    }
+    let mut config = Config::new();
+    for host in &conn.hosts {
+        if host.starts_with('/') {
+            config.host_path(host);
+        } else {
+            config.host(host);
+        }
+    }
+    if let Some(addr) = &conn.hostaddr {
+        let ip = addr.parse().map_err(|_| ConnectError::Other {
+            target: target.clone(),
+            detail: format!("invalid hostaddr \"{addr}\""),
+        })?;
+        config.hostaddr(ip);
+    }
+    for port in &conn.ports {
+        config.port(*port);
+    }
+    config.dbname(&conn.dbname);
+    config.user(&conn.user);
+    if let Some(pw) = conn.password() {
+        config.password(pw);
+    }
+    config.application_name(&conn.application_name);
+    let options = match &conn.options {
+        Some(user) => format!("{user} {SESSION_OPTIONS}"),
+        None => SESSION_OPTIONS.to_string(),
+    };
+    config.options(&options);
+    config.connect_timeout(conn.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
+    // libpq ignores sslmode on a unix socket; tokio-postgres would fail.
+    let ssl_mode = match conn.sslmode {
+        _ if conn.is_unix_socket() => tokio_postgres::config::SslMode::Disable,
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            tokio_postgres::config::SslMode::Require
+        }
+    };
+    config.ssl_mode(ssl_mode);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(conn)?);
+    let (client, connection) = config
+        .connect(tls)
+        .await
+        .map_err(|e| classify(e, conn, &target))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+fn classify(e: tokio_postgres::Error, conn: &ResolvedConn, target: &str) -> ConnectError {
+    let target = target.to_string();
+    if let Some(db) = e.as_db_error() {
+        let detail = db.message().to_string();
+        return match *db.code() {
+            SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                ConnectError::Auth { target, detail }
+            }
+            SqlState::INVALID_CATALOG_NAME => {
+                ConnectError::NoDatabase { target, dbname: conn.dbname.clone() }
+            }
+            _ => ConnectError::Other { target, detail },
+        };
+    }
+    let detail = error_chain(&e);
+    if detail.contains("password missing") {
+        return ConnectError::Auth {
+            target,
+            detail: "the server asked for a password and none was found".into(),
+        };
+    }
+    if detail.contains("TLS") || detail.contains("certificate") || detail.contains("tls") {
+        return ConnectError::Tls { target, detail };
+    }
+    if std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+        || detail.contains("timeout")
+        || detail.contains("timed out")
+    {
+        return ConnectError::Unreachable { target, detail };
+    }
+    ConnectError::Other { target, detail }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// The server's version.
+pub async fn server_version(client: &Client) -> Result<PgVersion, tokio_postgres::Error> {
+    let row = client
+        .query_one("select current_setting('server_version_num')::int4", &[])
+        .await?;
+    Ok(PgVersion(row.get::<_, i32>(0) as u32))
+}
+
+/// Quotes an identifier with the server's rules: always double-quoted, so
+/// `select`, `Mixed Case` and `with"quote` all survive.
+pub fn quote_ident(name: &str) -> String {
+    postgres_protocol::escape::escape_identifier(name)
+}
+
+/// `schema.name`, both parts quoted.
+pub fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Quotes a string literal with the server's rules (`E'...'` when needed).
+pub fn quote_literal(value: &str) -> String {
+    postgres_protocol::escape::escape_literal(value)
+}
