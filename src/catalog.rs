@@ -120,20 +120,30 @@ pub enum CatalogError {
     #[error("{kind} \"{name}\" already exists")]
     AlreadyExists { kind: ObjectKind, name: String },
     #[error("{kind} \"{name}\" is in use by {}", users.join(", "))]
-    InUse { kind: ObjectKind, name: String, users: Vec<String>, force_allowed: bool },
+    InUse {
+        kind: ObjectKind,
+        name: String,
+        users: Vec<String>,
+        force_allowed: bool,
+    },
 }
 
 impl CatalogError {
     pub fn hint(&self) -> Option<String> {
         match self {
-            Self::NotFound { kind, .. } => {
-                Some(format!("`pgleap {} list` shows the {kind}s that exist", kind.noun()))
-            }
+            Self::NotFound { kind, .. } => Some(format!(
+                "`pgleap {} list` shows the {kind}s that exist",
+                kind.noun()
+            )),
             Self::AlreadyExists { kind, name } => Some(format!(
                 "choose another name, or remove the old one first (`pgleap {} remove {name}`)",
                 kind.noun()
             )),
-            Self::InUse { force_allowed: true, kind, .. } => Some(format!(
+            Self::InUse {
+                force_allowed: true,
+                kind,
+                ..
+            } => Some(format!(
                 "remove those first, or add --force to take the {kind} out of them"
             )),
             Self::InUse { .. } => Some("remove those first".into()),
@@ -194,7 +204,10 @@ impl DbGroup {
             .unwrap_or_default()
     }
     pub fn targets(&self) -> impl Iterator<Item = &str> {
-        self.members.iter().filter(|m| m.role == Role::Target).map(|m| m.db.as_str())
+        self.members
+            .iter()
+            .filter(|m| m.role == Role::Target)
+            .map(|m| m.db.as_str())
     }
 }
 
@@ -280,32 +293,48 @@ impl Catalog {
 
     /// Opens the catalog, creating the file (0600) and its schema if needed.
     pub fn open(path: &Path) -> Result<Self> {
-        let create = |source| CatalogError::Create { path: path.to_path_buf(), source };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(create)?;
-            }
+        let create = |source| CatalogError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(create)?;
         }
         if !path.exists() {
             // create_new is harmless if another process won the race.
-            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
             {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(create(e)),
             }
         }
-        let sqlite = |source| CatalogError::Sqlite { path: path.to_path_buf(), source };
+        let sqlite = |source| CatalogError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sqlite)?;
-        conn.pragma_update(None, "journal_mode", "wal").map_err(sqlite)?;
-        conn.pragma_update(None, "foreign_keys", "on").map_err(sqlite)?;
-        conn.pragma_update(None, "synchronous", "normal").map_err(sqlite)?;
-        let mut catalog = Catalog { conn, path: path.to_path_buf() };
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "normal")
+            .map_err(sqlite)?;
+        let mut catalog = Catalog {
+            conn,
+            path: path.to_path_buf(),
+        };
         catalog.write(|tx| {
             tx.execute_batch(SCHEMA)?;
             tx.execute(
@@ -323,16 +352,19 @@ impl Catalog {
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> CatalogError {
-        CatalogError::Sqlite { path: self.path.clone(), source }
+        CatalogError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Runs `f` in one write transaction; an error rolls everything back.
-    fn write<T>(
-        &mut self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, WriteError>,
-    ) -> Result<T> {
+    fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T, WriteError>) -> Result<T> {
         let path = self.path.clone();
-        let sqlite = |source| CatalogError::Sqlite { path: path.clone(), source };
+        let sqlite = |source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -362,7 +394,10 @@ impl Catalog {
         let mut shm = self.path.clone().into_os_string();
         shm.push("-shm");
         for p in [self.path.clone(), wal.into(), shm.into()] {
-            set(&p).map_err(|source| CatalogError::Create { path: p.clone(), source })?;
+            set(&p).map_err(|source| CatalogError::Create {
+                path: p.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -414,7 +449,10 @@ impl Catalog {
     pub fn db(&self, name: &str) -> Result<Db> {
         self.dbs_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::Db, name: name.into() })
+            .ok_or_else(|| CatalogError::NotFound {
+                kind: ObjectKind::Db,
+                name: name.into(),
+            })
     }
 
     pub fn dbs(&self) -> Result<Vec<Db>> {
@@ -448,9 +486,11 @@ impl Catalog {
 
     pub fn stored_password(&self, name: &str) -> Result<Option<SecretString>> {
         self.conn
-            .query_row("select password from db where name = ?1", params![name], |r| {
-                r.get::<_, Option<String>>(0)
-            })
+            .query_row(
+                "select password from db where name = ?1",
+                params![name],
+                |r| r.get::<_, Option<String>>(0),
+            )
             .optional()
             .map(|o| o.flatten().map(SecretString::from))
             .map_err(|e| self.sqlite(e))
@@ -471,10 +511,18 @@ impl Catalog {
                  where m.db = ?1 order by 1",
                 name,
             )?;
-            let relgroups =
-                column(tx, "select 'relgroup ' || name from relgroup where db = ?1 order by 1", name)?;
+            let relgroups = column(
+                tx,
+                "select 'relgroup ' || name from relgroup where db = ?1 order by 1",
+                name,
+            )?;
             if !syncs.is_empty() || !relgroups.is_empty() {
-                return Err(in_use(ObjectKind::Db, name, [syncs, relgroups].concat(), false));
+                return Err(in_use(
+                    ObjectKind::Db,
+                    name,
+                    [syncs, relgroups].concat(),
+                    false,
+                ));
             }
             let groups = column(
                 tx,
@@ -533,10 +581,12 @@ impl Catalog {
     }
 
     pub fn dbgroup(&self, name: &str) -> Result<DbGroup> {
-        self.dbgroups_where(Some(name))?.pop().ok_or_else(|| CatalogError::NotFound {
-            kind: ObjectKind::DbGroup,
-            name: name.into(),
-        })
+        self.dbgroups_where(Some(name))?
+            .pop()
+            .ok_or_else(|| CatalogError::NotFound {
+                kind: ObjectKind::DbGroup,
+                name: name.into(),
+            })
     }
 
     pub fn dbgroups(&self) -> Result<Vec<DbGroup>> {
@@ -567,11 +617,23 @@ impl Catalog {
         let mut groups: Vec<DbGroup> = Vec::new();
         for (name, created_at, db, role) in rows {
             if groups.last().is_none_or(|g| g.name != name) {
-                groups.push(DbGroup { name, members: Vec::new(), created_at });
+                groups.push(DbGroup {
+                    name,
+                    members: Vec::new(),
+                    created_at,
+                });
             }
             if let (Some(db), Some(role)) = (db, role) {
-                let role = if role == "source" { Role::Source } else { Role::Target };
-                groups.last_mut().unwrap().members.push(DbGroupMember { db, role });
+                let role = if role == "source" {
+                    Role::Source
+                } else {
+                    Role::Target
+                };
+                groups
+                    .last_mut()
+                    .unwrap()
+                    .members
+                    .push(DbGroupMember { db, role });
             }
         }
         Ok(groups)
@@ -582,8 +644,11 @@ impl Catalog {
             if !exists(tx, "dbgroup", name)? {
                 return Err(not_found(ObjectKind::DbGroup, name));
             }
-            let syncs =
-                column(tx, "select 'sync ' || name from sync where dbgroup = ?1 order by 1", name)?;
+            let syncs = column(
+                tx,
+                "select 'sync ' || name from sync where dbgroup = ?1 order by 1",
+                name,
+            )?;
             if !syncs.is_empty() {
                 return Err(in_use(ObjectKind::DbGroup, name, syncs, false));
             }
@@ -602,7 +667,10 @@ impl Catalog {
             if !exists(tx, "db", db)? {
                 return Err(not_found(ObjectKind::Db, db));
             }
-            tx.execute("insert into relgroup (name, db) values (?1, ?2)", params![name, db])?;
+            tx.execute(
+                "insert into relgroup (name, db) values (?1, ?2)",
+                params![name, db],
+            )?;
             let mut stmt = tx.prepare(
                 "insert into relgroup_member
                    (relgroup, schema_name, rel_name, kind, key_columns, est_bytes, est_rows)
@@ -611,7 +679,13 @@ impl Catalog {
             for r in members {
                 let keys = serde_json::to_string(&r.key_columns).expect("strings serialize");
                 stmt.execute(params![
-                    name, r.schema, r.name, r.kind, keys, r.est_bytes, r.est_rows
+                    name,
+                    r.schema,
+                    r.name,
+                    r.kind,
+                    keys,
+                    r.est_bytes,
+                    r.est_rows
                 ])?;
             }
             Ok(())
@@ -619,10 +693,12 @@ impl Catalog {
     }
 
     pub fn relgroup(&self, name: &str) -> Result<RelGroup> {
-        self.relgroups_where(Some(name))?.pop().ok_or_else(|| CatalogError::NotFound {
-            kind: ObjectKind::RelGroup,
-            name: name.into(),
-        })
+        self.relgroups_where(Some(name))?
+            .pop()
+            .ok_or_else(|| CatalogError::NotFound {
+                kind: ObjectKind::RelGroup,
+                name: name.into(),
+            })
     }
 
     pub fn relgroups(&self) -> Result<Vec<RelGroup>> {
@@ -654,14 +730,24 @@ impl Catalog {
                     }),
                     None => None,
                 };
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, member))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    member,
+                ))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.sqlite(e))?;
         let mut groups: Vec<RelGroup> = Vec::new();
         for (name, db, created_at, member) in rows {
             if groups.last().is_none_or(|g| g.name != name) {
-                groups.push(RelGroup { name, db, members: Vec::new(), created_at });
+                groups.push(RelGroup {
+                    name,
+                    db,
+                    members: Vec::new(),
+                    created_at,
+                });
             }
             if let Some(m) = member {
                 groups.last_mut().unwrap().members.push(m);
@@ -675,8 +761,11 @@ impl Catalog {
             if !exists(tx, "relgroup", name)? {
                 return Err(not_found(ObjectKind::RelGroup, name));
             }
-            let syncs =
-                column(tx, "select 'sync ' || name from sync where relgroup = ?1 order by 1", name)?;
+            let syncs = column(
+                tx,
+                "select 'sync ' || name from sync where relgroup = ?1 order by 1",
+                name,
+            )?;
             if !syncs.is_empty() {
                 return Err(in_use(ObjectKind::RelGroup, name, syncs, false));
             }
@@ -736,7 +825,10 @@ impl Catalog {
     pub fn sync(&self, name: &str) -> Result<Sync> {
         self.syncs_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::Sync, name: name.into() })
+            .ok_or_else(|| CatalogError::NotFound {
+                kind: ObjectKind::Sync,
+                name: name.into(),
+            })
     }
 
     pub fn syncs(&self) -> Result<Vec<Sync>> {
@@ -791,22 +883,35 @@ impl From<rusqlite::Error> for WriteError {
 }
 
 fn not_found(kind: ObjectKind, name: &str) -> WriteError {
-    WriteError::Catalog(CatalogError::NotFound { kind, name: name.into() })
+    WriteError::Catalog(CatalogError::NotFound {
+        kind,
+        name: name.into(),
+    })
 }
 
 fn already(kind: ObjectKind, name: &str) -> WriteError {
-    WriteError::Catalog(CatalogError::AlreadyExists { kind, name: name.into() })
+    WriteError::Catalog(CatalogError::AlreadyExists {
+        kind,
+        name: name.into(),
+    })
 }
 
 fn in_use(kind: ObjectKind, name: &str, users: Vec<String>, force_allowed: bool) -> WriteError {
-    WriteError::Catalog(CatalogError::InUse { kind, name: name.into(), users, force_allowed })
+    WriteError::Catalog(CatalogError::InUse {
+        kind,
+        name: name.into(),
+        users,
+        force_allowed,
+    })
 }
 
 /// `table` is one of our own table names, never user input.
 fn exists(tx: &Transaction<'_>, table: &str, name: &str) -> rusqlite::Result<bool> {
-    tx.query_row(&format!("select exists (select 1 from {table} where name = ?1)"), [name], |r| {
-        r.get(0)
-    })
+    tx.query_row(
+        &format!("select exists (select 1 from {table} where name = ?1)"),
+        [name],
+        |r| r.get(0),
+    )
 }
 
 fn column(tx: &Transaction<'_>, sql: &str, arg: &str) -> rusqlite::Result<Vec<String>> {
@@ -843,13 +948,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Catalog::open(&dir.path().join("c.db")).unwrap();
         c.add_db(&db("a")).unwrap();
-        assert!(matches!(c.add_db(&db("a")), Err(CatalogError::AlreadyExists { .. })));
+        assert!(matches!(
+            c.add_db(&db("a")),
+            Err(CatalogError::AlreadyExists { .. })
+        ));
         let members = [
-            DbGroupMember { db: "a".into(), role: Role::Source },
-            DbGroupMember { db: "missing".into(), role: Role::Target },
+            DbGroupMember {
+                db: "a".into(),
+                role: Role::Source,
+            },
+            DbGroupMember {
+                db: "missing".into(),
+                role: Role::Target,
+            },
         ];
-        assert!(matches!(c.add_dbgroup("g", &members), Err(CatalogError::NotFound { .. })));
+        assert!(matches!(
+            c.add_dbgroup("g", &members),
+            Err(CatalogError::NotFound { .. })
+        ));
         assert!(c.dbgroups().unwrap().is_empty());
-        assert!(matches!(c.remove_db("nope", false), Err(CatalogError::NotFound { .. })));
+        assert!(matches!(
+            c.remove_db("nope", false),
+            Err(CatalogError::NotFound { .. })
+        ));
     }
 }

@@ -2,8 +2,8 @@
 //! [`Error::hint`] says what the user can do; the binary prints both.
 
 use crate::catalog::CatalogError;
-use crate::pg::{ConnectError, ConninfoError};
 use crate::pg::conninfo::ResolveError;
+use crate::pg::{ConnectError, ConninfoError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -29,15 +29,25 @@ pub enum Error {
         source: ConnectError,
     },
     #[error("database \"{db}\": query failed: {detail}")]
-    Query { db: String, detail: String, sqlstate: Option<String> },
+    Query {
+        db: String,
+        detail: String,
+        sqlstate: Option<String>,
+    },
     /// A request that cannot be carried out as given.
     #[error("{message}")]
-    Invalid { message: String, hint: Option<String> },
+    Invalid {
+        message: String,
+        hint: Option<String>,
+    },
 }
 
 impl Error {
     pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Self::Invalid { message: message.into(), hint: Some(hint.into()) }
+        Self::Invalid {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
     }
 
     pub fn query(db: &str, e: &tokio_postgres::Error) -> Self {
@@ -45,7 +55,11 @@ impl Error {
             Some(d) => (d.message().to_string(), Some(d.code().code().to_string())),
             None => (crate::pg::error_chain(e), None),
         };
-        Self::Query { db: db.to_string(), detail, sqlstate }
+        Self::Query {
+            db: db.to_string(),
+            detail,
+            sqlstate,
+        }
     }
 
     /// What to do about it, when there is something to say.

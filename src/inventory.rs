@@ -44,9 +44,17 @@ impl Selection {
 /// `schema.name` as a user would type it: quoted only where needed.
 pub fn display_name(schema: &str, name: &str) -> String {
     fn part(s: &str) -> String {
-        let simple = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if simple { s.to_string() } else { quote_ident(s) }
+        let simple = s
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if simple {
+            s.to_string()
+        } else {
+            quote_ident(s)
+        }
     }
     format!("{}.{}", part(schema), part(name))
 }
@@ -89,8 +97,7 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
     let whole_tables = sel.all_tables || !sel.schemas.is_empty();
     let kinds = scope_kinds(whole_tables, sel.all_sequences);
     if !kinds.is_empty() {
-        let schemas: Option<Vec<String>> =
-            (!sel.schemas.is_empty()).then(|| sel.schemas.clone());
+        let schemas: Option<Vec<String>> = (!sel.schemas.is_empty()).then(|| sel.schemas.clone());
         let excluded: Vec<String> = SYSTEM_SCHEMAS
             .iter()
             .map(|s| s.to_string())
@@ -262,7 +269,11 @@ async fn lookup(client: &Client, db: &str, name: &str, wanted: Wanted) -> Result
         _ => Err(Error::invalid(
             format!(
                 "{name} is not a {} (relkind {kind})",
-                if wanted == Wanted::Table { "table" } else { "sequence" }
+                if wanted == Wanted::Table {
+                    "table"
+                } else {
+                    "sequence"
+                }
             ),
             "pgleap replicates tables and sequences only; views are part of the schema copy",
         )),

@@ -117,7 +117,10 @@ impl ConnArgs {
             .as_deref()
             .map(ConnParams::parse)
             .transpose()
-            .map_err(|source| Error::Conninfo { db: name.into(), source })
+            .map_err(|source| Error::Conninfo {
+                db: name.into(),
+                source,
+            })
     }
 }
 
@@ -286,9 +289,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             DbCommand::Add { name, conn } => {
                 let mut params = conn.dsn(&name)?.unwrap_or_default();
                 for (key, value) in conn.fields() {
-                    params
-                        .set(key, &value)
-                        .map_err(|source| Error::Conninfo { db: name.clone(), source })?;
+                    params.set(key, &value).map_err(|source| Error::Conninfo {
+                        db: name.clone(),
+                        source,
+                    })?;
                 }
                 let spec = DbSpec {
                     params,
@@ -307,7 +311,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let users = catalog.db_users(&args.name)?;
                 render::db(&db, &users, args.json);
             }
-            DbCommand::Update { name, conn, no_password_file, forget_password } => {
+            DbCommand::Update {
+                name,
+                conn,
+                no_password_file,
+                forget_password,
+            } => {
                 let changes = DbChanges {
                     dsn: conn.dsn(&name)?,
                     fields: conn.fields(),
@@ -367,21 +376,34 @@ pub async fn run(cli: Cli) -> Result<()> {
                 };
                 let group =
                     objects::add_relgroup(&mut catalog, &name, &db, &selection, env).await?;
-                let tables = group.members.iter().filter(|m| m.kind != "sequence").count();
+                let tables = group
+                    .members
+                    .iter()
+                    .filter(|m| m.kind != "sequence")
+                    .count();
                 println!(
                     "added relgroup \"{name}\": {tables} table(s), {} sequence(s) of database \"{db}\"",
                     group.members.len() - tables
                 );
             }
             RelGroupCommand::List(args) => render::relgroups(&catalog.relgroups()?, args.json),
-            RelGroupCommand::Show(args) => render::relgroup(&catalog.relgroup(&args.name)?, args.json),
+            RelGroupCommand::Show(args) => {
+                render::relgroup(&catalog.relgroup(&args.name)?, args.json)
+            }
             RelGroupCommand::Remove(args) => {
                 catalog.remove_relgroup(&args.name)?;
                 println!("removed relgroup \"{}\"", args.name);
             }
         },
         Command::Sync(cmd) => match cmd {
-            SyncCommand::Add { name, relgroup, dbgroup, onetimecopy, autokick, allow_downgrade } => {
+            SyncCommand::Add {
+                name,
+                relgroup,
+                dbgroup,
+                onetimecopy,
+                autokick,
+                allow_downgrade,
+            } => {
                 let spec = SyncSpec {
                     name: name.clone(),
                     relgroup,
@@ -400,14 +422,22 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let dbgroup = catalog.dbgroup(&sync.dbgroup)?;
                 render::sync(&sync, &relgroup, &dbgroup, args.json);
             }
-            SyncCommand::Update { name, onetimecopy, autokick } => {
+            SyncCommand::Update {
+                name,
+                onetimecopy,
+                autokick,
+            } => {
                 if onetimecopy.is_none() && autokick.is_none() {
                     return Err(Error::invalid(
                         format!("nothing to change for sync \"{name}\""),
                         "give --onetimecopy and/or --autokick",
                     ));
                 }
-                catalog.update_sync(&name, onetimecopy.map(Into::into), autokick.map(Into::into))?;
+                catalog.update_sync(
+                    &name,
+                    onetimecopy.map(Into::into),
+                    autokick.map(Into::into),
+                )?;
                 println!("updated sync \"{name}\"");
             }
             SyncCommand::Remove(args) => {

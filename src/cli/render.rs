@@ -9,7 +9,10 @@ use crate::catalog::{Db, DbGroup, RelGroup, Sync};
 use crate::inventory::display_name;
 
 fn json<T: Serialize + ?Sized>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("catalog structs serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("catalog structs serialize")
+    );
 }
 
 fn table(header: &[&str]) -> Table {
@@ -29,7 +32,11 @@ pub fn size(bytes: i64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} bytes") } else { format!("{value:.1} {}", units[unit]) }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }
 
 fn password_source(db: &Db) -> String {
@@ -69,11 +76,18 @@ pub fn db(db: &Db, used_by: &[String], as_json: bool) {
     println!("database:   {}", db.name);
     println!("connection: {}", db.conninfo);
     println!("password:   {}", password_source(db));
-    println!("version:    {}", db.server_version.as_deref().unwrap_or("unknown"));
+    println!(
+        "version:    {}",
+        db.server_version.as_deref().unwrap_or("unknown")
+    );
     println!("added:      {}", db.created_at);
     println!(
         "used by:    {}",
-        if used_by.is_empty() { "nothing".to_string() } else { used_by.join(", ") }
+        if used_by.is_empty() {
+            "nothing".to_string()
+        } else {
+            used_by.join(", ")
+        }
     );
 }
 
@@ -121,7 +135,11 @@ pub fn relgroup(g: &RelGroup, as_json: bool) {
             display_name(&m.schema, &m.name),
             m.kind.clone(),
             m.key_columns.join(", "),
-            if m.kind == "sequence" { String::new() } else { m.est_rows.to_string() },
+            if m.kind == "sequence" {
+                String::new()
+            } else {
+                m.est_rows.to_string()
+            },
             size(m.est_bytes),
         ]);
     }
@@ -159,14 +177,25 @@ pub fn sync(s: &Sync, relgroup: &RelGroup, dbgroup: &DbGroup, as_json: bool) {
             sync: s,
             source: dbgroup.source(),
             targets: dbgroup.targets().collect(),
-            relations: relgroup.members.iter().map(|m| display_name(&m.schema, &m.name)).collect(),
+            relations: relgroup
+                .members
+                .iter()
+                .map(|m| display_name(&m.schema, &m.name))
+                .collect(),
         });
     }
     println!("sync:        {}", s.name);
-    println!("relgroup:    {} ({} relations)", s.relgroup, relgroup.members.len());
+    println!(
+        "relgroup:    {} ({} relations)",
+        s.relgroup,
+        relgroup.members.len()
+    );
     println!("dbgroup:     {}", s.dbgroup);
     println!("source:      {}", dbgroup.source());
-    println!("targets:     {}", dbgroup.targets().collect::<Vec<_>>().join(", "));
+    println!(
+        "targets:     {}",
+        dbgroup.targets().collect::<Vec<_>>().join(", ")
+    );
     println!("onetimecopy: {}", s.onetimecopy.as_str());
     println!("autokick:    {}", if s.autokick { "on" } else { "off" });
     println!("added:       {}", s.created_at);

@@ -64,7 +64,9 @@ pub enum ConninfoError {
     Syntax(String),
     #[error("invalid connection option \"{0}\"")]
     UnknownKeyword(String),
-    #[error("invalid sslmode value \"{0}\" (expected disable, allow, prefer, require, verify-ca or verify-full)")]
+    #[error(
+        "invalid sslmode value \"{0}\" (expected disable, allow, prefer, require, verify-ca or verify-full)"
+    )]
     SslMode(String),
     #[error("invalid port \"{0}\"")]
     Port(String),
@@ -136,8 +138,7 @@ impl ConnParams {
     /// defaults".
     pub fn parse(s: &str) -> Result<Self, ConninfoError> {
         let trimmed = s.trim();
-        let params = if trimmed.starts_with("postgresql://") || trimmed.starts_with("postgres://")
-        {
+        let params = if trimmed.starts_with("postgresql://") || trimmed.starts_with("postgres://") {
             parse_uri(trimmed)?
         } else {
             parse_key_value(trimmed)?
@@ -200,10 +201,10 @@ impl ConnParams {
     /// fixed server rather than whatever the environment says later.
     pub fn fill_from_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
         for (key, var) in ENV_FALLBACKS {
-            if !self.values.contains_key(*key) {
-                if let Some(v) = env(var).filter(|v| !v.is_empty()) {
-                    self.values.insert((*key).to_string(), v);
-                }
+            if !self.values.contains_key(*key)
+                && let Some(v) = env(var).filter(|v| !v.is_empty())
+            {
+                self.values.insert((*key).to_string(), v);
             }
         }
     }
@@ -217,7 +218,11 @@ impl ConnParams {
 
 /// Quotes a value for a key/value connection string when it needs it.
 fn quote_value(v: &str) -> String {
-    if !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\') {
+    if !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+    {
         return v.to_string();
     }
     let mut out = String::with_capacity(v.len() + 2);
@@ -519,11 +524,14 @@ impl ResolvedConn {
         } else if let Some(pw) = &password.stored {
             Some(pw.clone())
         } else if let Some(path) = &password.file {
-            let text = std::fs::read_to_string(path).map_err(|source| ResolveError::PasswordFile {
-                path: path.clone(),
-                source,
-            })?;
-            Some(SecretString::from(text.trim_end_matches(['\n', '\r']).to_string()))
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ResolveError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(SecretString::from(
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            ))
         } else if let Some(pw) = env("PGPASSWORD").filter(|v| !v.is_empty()) {
             Some(SecretString::from(pw))
         } else {
@@ -627,7 +635,8 @@ mod tests {
 
     #[test]
     fn parses_key_value_with_quotes_and_escapes() {
-        let p = ConnParams::parse(r"host=db.example port=5433 dbname='my db' user=o\'neil").unwrap();
+        let p =
+            ConnParams::parse(r"host=db.example port=5433 dbname='my db' user=o\'neil").unwrap();
         assert_eq!(p.get("host"), Some("db.example"));
         assert_eq!(p.get("port"), Some("5433"));
         assert_eq!(p.get("dbname"), Some("my db"));
@@ -662,11 +671,25 @@ mod tests {
 
     #[test]
     fn rejects_malformed_strings() {
-        assert!(matches!(ConnParams::parse("host"), Err(ConninfoError::Syntax(_))));
-        assert!(matches!(ConnParams::parse("host='x"), Err(ConninfoError::Syntax(_))));
-        assert!(matches!(ConnParams::parse("hots=x"), Err(ConninfoError::UnknownKeyword(k)) if k == "hots"));
-        assert!(matches!(ConnParams::parse("sslmode=always"), Err(ConninfoError::SslMode(_))));
-        assert!(matches!(ConnParams::parse("port=54x"), Err(ConninfoError::Port(_))));
+        assert!(matches!(
+            ConnParams::parse("host"),
+            Err(ConninfoError::Syntax(_))
+        ));
+        assert!(matches!(
+            ConnParams::parse("host='x"),
+            Err(ConninfoError::Syntax(_))
+        ));
+        assert!(
+            matches!(ConnParams::parse("hots=x"), Err(ConninfoError::UnknownKeyword(k)) if k == "hots")
+        );
+        assert!(matches!(
+            ConnParams::parse("sslmode=always"),
+            Err(ConninfoError::SslMode(_))
+        ));
+        assert!(matches!(
+            ConnParams::parse("port=54x"),
+            Err(ConninfoError::Port(_))
+        ));
     }
 
     #[test]

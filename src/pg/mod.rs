@@ -153,9 +153,10 @@ fn classify(e: tokio_postgres::Error, conn: &ResolvedConn, target: &str) -> Conn
             SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
                 ConnectError::Auth { target, detail }
             }
-            SqlState::INVALID_CATALOG_NAME => {
-                ConnectError::NoDatabase { target, dbname: conn.dbname.clone() }
-            }
+            SqlState::INVALID_CATALOG_NAME => ConnectError::NoDatabase {
+                target,
+                dbname: conn.dbname.clone(),
+            },
             _ => ConnectError::Other { target, detail },
         };
     }

@@ -23,7 +23,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use super::conninfo::{ResolvedConn, SslMode};
 
@@ -55,7 +57,11 @@ pub fn client_config(conn: &ResolvedConn) -> Result<ClientConfig, TlsError> {
         (SslMode::VerifyFull, Some(root)) => Verify::Full(load_roots(root)?),
         (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
             return Err(TlsError::MissingRootCert {
-                mode: if conn.sslmode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" },
+                mode: if conn.sslmode == SslMode::VerifyCa {
+                    "verify-ca"
+                } else {
+                    "verify-full"
+                },
                 path: dirs::home_dir()
                     .unwrap_or_default()
                     .join(".postgresql/root.crt"),
@@ -93,7 +99,10 @@ enum Verify {
 }
 
 fn bad_file(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::BadFile { path: path.to_path_buf(), detail: e.to_string() }
+    TlsError::BadFile {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -174,7 +183,10 @@ impl ServerCertVerifier for IgnoreHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -1,0 +1,201 @@
+//! Test fixtures: real clusters, a database per test, and the real `pgleap`
+//! binary run in an isolated environment.
+
+pub mod cluster;
+pub mod sql;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use cluster::{Cluster, OWNER, cluster, tls_cluster};
+pub use sql::Sql;
+
+/// Defines one test per major (12, 15 and 17), named after it
+/// (`name::pg12`, `name::pg17`, ...), so a failure names the version.
+#[macro_export]
+macro_rules! per_major {
+    ($( $(#[$meta:meta])* fn $name:ident($major:ident: u32) $body:block )*) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn run($major: u32) $body
+            #[test] fn pg12() { run(12) }
+            #[test] fn pg15() { run(15) }
+            #[test] fn pg17() { run(17) }
+        }
+    )*};
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A database of its own for one test, owned by [`OWNER`]; dropped after.
+pub struct TestDb {
+    pub cluster: &'static Cluster,
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn new(cluster: &'static Cluster, label: &str) -> TestDb {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{label}_{n}");
+        cluster
+            .superuser("postgres")
+            .exec(&format!("create database \"{name}\" owner {OWNER}"));
+        TestDb { cluster, name }
+    }
+
+    /// A key/value connection string without a password.
+    pub fn dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={} user={OWNER}",
+            self.cluster.port, self.name
+        )
+    }
+
+    /// The same as a URI.
+    pub fn uri(&self) -> String {
+        format!(
+            "postgresql://{OWNER}@127.0.0.1:{}/{}",
+            self.cluster.port, self.name
+        )
+    }
+
+    /// A session as the owner role.
+    pub fn sql(&self) -> Sql {
+        self.cluster.owner(&self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.cluster.superuser("postgres");
+        let _ = admin.try_exec(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_activity where datname = '{}';
+             drop database if exists \"{}\"",
+            self.name, self.name
+        ));
+    }
+}
+
+/// The result of one `pgleap` run.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// Asserts success and returns stdout.
+    #[track_caller]
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "pgleap failed:\n{self}");
+        &self.stdout
+    }
+
+    /// Asserts the error exit code and that stderr says all of `needles`.
+    #[track_caller]
+    pub fn fails_with(&self, needles: &[&str]) -> &str {
+        assert_eq!(self.code, 2, "expected exit code 2:\n{self}");
+        for needle in needles {
+            assert!(
+                self.stderr.contains(needle),
+                "stderr lacks {needle:?}:\n{self}"
+            );
+        }
+        &self.stderr
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.ok()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{self}"))
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the real binary with its own HOME and catalog and no inherited PG*
+/// variables. Every run is checked for leaked passwords.
+pub struct Pgleap {
+    home: tempfile::TempDir,
+    pub catalog: PathBuf,
+    env: Vec<(String, String)>,
+    secrets: Vec<String>,
+}
+
+impl Pgleap {
+    pub fn new() -> Pgleap {
+        let home = tempfile::tempdir().unwrap();
+        let catalog = home.path().join("catalog.db");
+        Pgleap {
+            home,
+            catalog,
+            env: Vec::new(),
+            secrets: Vec::new(),
+        }
+    }
+
+    /// A runner whose PGPASSWORD is the owner's password on `cluster`.
+    pub fn for_cluster(cluster: &Cluster) -> Pgleap {
+        Pgleap::new().env("PGPASSWORD", &cluster.owner_password)
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Pgleap {
+        if key.contains("PASSWORD") {
+            self.secrets.push(value.to_string());
+        }
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Marks a string that must never appear in any output.
+    pub fn secret(mut self, value: &str) -> Pgleap {
+        self.secrets.push(value.to_string());
+        self
+    }
+
+    pub fn home(&self) -> &std::path::Path {
+        self.home.path()
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgleap"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.home.path())
+            .env("USER", "pgleap-test")
+            .env("PGLEAP_CATALOG", &self.catalog);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    #[track_caller]
+    pub fn run(&self, args: &[&str]) -> Outcome {
+        let out = self.command().args(args).output().expect("run pgleap");
+        let outcome = Outcome {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        for secret in &self.secrets {
+            assert!(
+                !outcome.stdout.contains(secret.as_str())
+                    && !outcome.stderr.contains(secret.as_str()),
+                "a password was printed by pgleap {args:?}:\n{outcome}"
+            );
+        }
+        outcome
+    }
+}
