@@ -65,7 +65,25 @@ create table if not exists sync (
     dbgroup text not null references dbgroup(name),
     onetimecopy text not null,
     autokick integer not null,
+    capture_schema text not null,
+    removing integer not null default 0,
     created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+-- What the last rounds of a sync did, per target: written by whoever ran
+-- the round (daemon or kick), read by status.
+create table if not exists sync_state (
+    sync text not null references sync(name) on delete cascade,
+    target text not null,
+    last_good text,
+    last_good_ms integer,
+    last_inserts integer,
+    last_deletes integer,
+    last_bad text,
+    last_bad_ms integer,
+    last_error text,
+    last_sqlstate text,
+    state text not null,
+    primary key (sync, target)
 );
 ";
 
@@ -265,7 +283,44 @@ pub struct Sync {
     pub dbgroup: String,
     pub onetimecopy: OneTimeCopy,
     pub autokick: bool,
+    /// The schema holding pgleap's objects on the servers of this sync.
+    pub capture_schema: String,
+    /// Set by teardown before it removes server objects, so that a running
+    /// daemon stops working on the sync instead of recreating them.
+    #[serde(skip)]
+    pub removing: bool,
     pub created_at: String,
+}
+
+/// How a round of a sync ended, as status shows it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SyncState {
+    pub sync: String,
+    pub target: String,
+    /// "good" or "bad".
+    pub state: String,
+    pub last_good: Option<String>,
+    pub last_good_ms: Option<i64>,
+    pub last_inserts: Option<i64>,
+    pub last_deletes: Option<i64>,
+    pub last_bad: Option<String>,
+    pub last_bad_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_sqlstate: Option<String>,
+}
+
+/// The outcome of one round, to record.
+pub enum RoundOutcome<'a> {
+    Good {
+        millis: i64,
+        inserts: i64,
+        deletes: i64,
+    },
+    Bad {
+        millis: i64,
+        error: &'a str,
+        sqlstate: Option<&'a str>,
+    },
 }
 
 /// Fields of a database entry to write.
@@ -788,14 +843,15 @@ impl Catalog {
                 return Err(not_found(ObjectKind::DbGroup, &sync.dbgroup));
             }
             tx.execute(
-                "insert into sync (name, relgroup, dbgroup, onetimecopy, autokick)
-                 values (?1, ?2, ?3, ?4, ?5)",
+                "insert into sync (name, relgroup, dbgroup, onetimecopy, autokick, capture_schema)
+                 values (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     sync.name,
                     sync.relgroup,
                     sync.dbgroup,
                     sync.onetimecopy.as_str(),
-                    sync.autokick
+                    sync.autokick,
+                    sync.capture_schema
                 ],
             )?;
             Ok(())
@@ -839,7 +895,9 @@ impl Catalog {
         let mut stmt = self
             .conn
             .prepare(
-                "select name, relgroup, dbgroup, onetimecopy, autokick, created_at from sync
+                "select name, relgroup, dbgroup, onetimecopy, autokick, capture_schema, removing,
+                        created_at
+                 from sync
                  where ?1 is null or name = ?1 order by name",
             )
             .map_err(|e| self.sqlite(e))?;
@@ -852,7 +910,99 @@ impl Catalog {
                     onetimecopy: OneTimeCopy::parse(&r.get::<_, String>(3)?)
                         .unwrap_or(OneTimeCopy::IfEmpty),
                     autokick: r.get(4)?,
-                    created_at: r.get(5)?,
+                    capture_schema: r.get(5)?,
+                    removing: r.get(6)?,
+                    created_at: r.get(7)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.sqlite(e))?;
+        Ok(rows)
+    }
+
+    pub fn mark_sync_removing(&mut self, name: &str) -> Result<()> {
+        self.write(|tx| {
+            if tx.execute(
+                "update sync set removing = 1 where name = ?1",
+                params![name],
+            )? == 0
+            {
+                return Err(not_found(ObjectKind::Sync, name));
+            }
+            Ok(())
+        })
+    }
+
+    /// Records how a round ended.
+    pub fn record_round(
+        &mut self,
+        sync: &str,
+        target: &str,
+        outcome: RoundOutcome<'_>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            let now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+            match outcome {
+                RoundOutcome::Good {
+                    millis,
+                    inserts,
+                    deletes,
+                } => tx.execute(
+                    &format!(
+                        "insert into sync_state (sync, target, state, last_good, last_good_ms,
+                                                 last_inserts, last_deletes)
+                         values (?1, ?2, 'good', {now}, ?3, ?4, ?5)
+                         on conflict (sync, target) do update set state = 'good',
+                             last_good = excluded.last_good, last_good_ms = excluded.last_good_ms,
+                             last_inserts = excluded.last_inserts,
+                             last_deletes = excluded.last_deletes"
+                    ),
+                    params![sync, target, millis, inserts, deletes],
+                )?,
+                RoundOutcome::Bad {
+                    millis,
+                    error,
+                    sqlstate,
+                } => tx.execute(
+                    &format!(
+                        "insert into sync_state (sync, target, state, last_bad, last_bad_ms,
+                                                 last_error, last_sqlstate)
+                         values (?1, ?2, 'bad', {now}, ?3, ?4, ?5)
+                         on conflict (sync, target) do update set state = 'bad',
+                             last_bad = excluded.last_bad, last_bad_ms = excluded.last_bad_ms,
+                             last_error = excluded.last_error,
+                             last_sqlstate = excluded.last_sqlstate"
+                    ),
+                    params![sync, target, millis, error, sqlstate],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
+    pub fn sync_states(&self, sync: &str) -> Result<Vec<SyncState>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "select sync, target, state, last_good, last_good_ms, last_inserts, last_deletes,
+                        last_bad, last_bad_ms, last_error, last_sqlstate
+                 from sync_state where sync = ?1 order by target",
+            )
+            .map_err(|e| self.sqlite(e))?;
+        let rows = stmt
+            .query_map(params![sync], |r| {
+                Ok(SyncState {
+                    sync: r.get(0)?,
+                    target: r.get(1)?,
+                    state: r.get(2)?,
+                    last_good: r.get(3)?,
+                    last_good_ms: r.get(4)?,
+                    last_inserts: r.get(5)?,
+                    last_deletes: r.get(6)?,
+                    last_bad: r.get(7)?,
+                    last_bad_ms: r.get(8)?,
+                    last_error: r.get(9)?,
+                    last_sqlstate: r.get(10)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())

@@ -34,6 +34,13 @@ pub enum Error {
         detail: String,
         sqlstate: Option<String>,
     },
+    /// `kick --wait` ran out of time.
+    #[error("sync \"{sync}\": target \"{target}\" did not catch up in time (last error: {last})")]
+    KickTimeout {
+        sync: String,
+        target: String,
+        last: String,
+    },
     /// A request that cannot be carried out as given.
     #[error("{message}")]
     Invalid {
@@ -62,6 +69,15 @@ impl Error {
         }
     }
 
+    /// The process exit code: 1 for "ran, but the goal was not reached",
+    /// 2 for errors.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::KickTimeout { .. } => 1,
+            _ => 2,
+        }
+    }
+
     /// What to do about it, when there is something to say.
     pub fn hint(&self) -> Option<String> {
         match self {
@@ -74,7 +90,10 @@ impl Error {
             Self::Resolve { .. } => Some("check the file's path and permissions".into()),
             Self::Connect { source, .. } => source.hint(),
             Self::Query { .. } => None,
-            Self::Invalid { hint, .. } => hint.clone(),
+            Self::KickTimeout { sync, .. } => {
+                Some(format!("pgleap status {sync} shows the last error of each target"))
+            }
+            Self::Invalid { hint, .. } => hint.clone().filter(|h| !h.is_empty()),
         }
     }
 }

@@ -8,15 +8,23 @@
 //! - [`catalog`]: pgleap's own state, an embedded SQLite file.
 //! - [`inventory`]: what a source database holds (tables, keys, sizes).
 //! - [`objects`]: declaring databases, dbgroups, relgroups and syncs.
+//! - [`capture`]: triggers and delta tables on the source.
+//! - [`apply`]: snapshot-delimited batches applied to a target.
+//! - [`daemon`]: workers that apply continuously; start, stop, kick.
+//! - [`status`]: what each sync is doing.
 //! - [`cli`]: the command line over all of the above.
 //!
 //! See docs/ARCHITECTURE.md for the decisions behind them.
 
+pub mod apply;
+pub mod capture;
 pub mod catalog;
 pub mod cli;
+pub mod daemon;
 pub mod error;
 pub mod inventory;
 pub mod objects;
 pub mod pg;
+pub mod status;
 
 pub use error::{Error, Result};

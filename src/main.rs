@@ -10,6 +10,8 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = pgleap::cli::Cli::parse();
     let default = match cli.verbose {
+        // The daemon's log is its record of what it did.
+        0 if cli.command.is_daemon() => "info",
         0 => "warn",
         1 => "pgleap=debug,info",
         _ => "trace",
@@ -38,7 +40,7 @@ fn main() -> ExitCode {
             if let Some(hint) = e.hint() {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use secrecy::SecretString;
 use tokio_postgres::Client;
 
+use crate::capture;
 use crate::catalog::{self, Catalog, DbGroupMember, DbRecord, OneTimeCopy, RelGroup, Role};
 use crate::error::{Error, Result};
 use crate::inventory::{self, Selection};
@@ -339,6 +340,8 @@ pub struct SyncSpec {
     pub onetimecopy: OneTimeCopy,
     pub autokick: bool,
     pub allow_downgrade: bool,
+    /// Where pgleap's objects go on the servers.
+    pub capture_schema: String,
 }
 
 /// What identifies one database of one running server, as far as a
@@ -403,13 +406,59 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
             ));
         }
     }
-    catalog.add_sync(&catalog::Sync {
+    if !crate::pg::is_plain_identifier(&spec.capture_schema) {
+        return Err(Error::invalid(
+            format!("invalid capture schema name \"{}\"", spec.capture_schema),
+            "use a lowercase SQL identifier (letters, digits, '_')",
+        ));
+    }
+    let sync = catalog::Sync {
         name: spec.name.clone(),
         relgroup: spec.relgroup.clone(),
         dbgroup: spec.dbgroup.clone(),
         onetimecopy: spec.onetimecopy,
         autokick: spec.autokick,
+        capture_schema: spec.capture_schema.clone(),
+        removing: false,
         created_at: String::new(),
-    })?;
+    };
+    // Capture starts now: from here on every change of the source is
+    // recorded. If anything later fails, it is removed again.
+    let mut src = src;
+    let targets: Vec<String> = dbgroup.targets().map(str::to_string).collect();
+    capture::install(
+        &mut src.client,
+        &source,
+        &spec.capture_schema,
+        &spec.name,
+        &relgroup.members,
+        &targets,
+    )
+    .await?;
+    let undo = |e: Error| async move {
+        let _ = capture::remove(&mut src.client, &source, &spec.capture_schema, &spec.name).await;
+        e
+    };
+    if let Err(e) = catalog.add_sync(&sync) {
+        return Err(undo(e.into()).await);
+    }
+    Ok(())
+}
+
+/// Removes every object a sync created on its servers (capture on the
+/// source; bookkeeping on the targets, after putting back what was set
+/// aside), then the sync itself from the catalog.
+pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result<()> {
+    let sync = catalog.sync(name)?;
+    catalog.mark_sync_removing(name)?;
+    let group = catalog.dbgroup(&sync.dbgroup)?;
+    let source = group.source().to_string();
+    let mut src = connect_db(catalog, &source, env).await?;
+    capture::remove(&mut src.client, &source, &sync.capture_schema, name).await?;
+    for target in group.targets() {
+        let mut tgt = connect_db(catalog, target, env).await?;
+        crate::apply::remove_target(&mut tgt.client, target, &sync.capture_schema, name).await?;
+    }
+    catalog.remove_sync(name)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod render;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::inventory::Selection;
 use crate::objects::{self, DbChanges, DbSpec, SyncSpec};
 use crate::pg::ConnParams;
+use crate::{daemon, status};
 
 /// Move a live PostgreSQL database to a new server or major version.
 #[derive(Debug, Parser)]
@@ -44,6 +46,41 @@ pub enum Command {
     /// Syncs: a relgroup replicated along a dbgroup.
     #[command(subcommand)]
     Sync(SyncCommand),
+    /// Start the sync daemon (in the background unless --foreground).
+    Start {
+        /// Stay in the foreground and log to stderr (for systemd).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the sync daemon; the batch in flight commits or rolls back.
+    Stop {
+        /// How long to wait for it to exit.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Show what the syncs are doing (last rounds, pending changes, lag).
+    Status {
+        sync: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a sync's pending changes now.
+    Kick {
+        sync: String,
+        /// Wait until the targets have everything committed before the kick;
+        /// exit 1 if that takes longer than SECONDS.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
+    /// Remove everything a sync created on its servers, and the sync.
+    Teardown { sync: String },
+}
+
+impl Command {
+    /// Whether this command runs the daemon (which logs at info by default).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::Start { foreground: true })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +299,9 @@ pub enum SyncCommand {
         /// Allow a target of a lower major version than the source.
         #[arg(long)]
         allow_downgrade: bool,
+        /// The schema pgleap creates on the servers for its own objects.
+        #[arg(long, default_value = "pgleap", value_name = "SCHEMA")]
+        capture_schema: String,
     },
     /// List syncs.
     List(ListArgs),
@@ -275,7 +315,7 @@ pub enum SyncCommand {
         #[arg(long, value_enum)]
         autokick: Option<OnOff>,
     },
-    /// Remove a sync.
+    /// Remove a sync and everything it created on its servers (as teardown).
     Remove(RemoveArgs),
 }
 
@@ -403,6 +443,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 onetimecopy,
                 autokick,
                 allow_downgrade,
+                capture_schema,
             } => {
                 let spec = SyncSpec {
                     name: name.clone(),
@@ -411,9 +452,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     onetimecopy: onetimecopy.into(),
                     autokick: autokick.into(),
                     allow_downgrade,
+                    capture_schema,
                 };
                 objects::add_sync(&mut catalog, &spec, env).await?;
-                println!("added sync \"{name}\"");
+                println!("added sync \"{name}\"; capture is installed on the source");
             }
             SyncCommand::List(args) => render::syncs(&catalog.syncs()?, args.json),
             SyncCommand::Show(args) => {
@@ -441,10 +483,46 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("updated sync \"{name}\"");
             }
             SyncCommand::Remove(args) => {
-                catalog.remove_sync(&args.name)?;
-                println!("removed sync \"{}\"", args.name);
+                objects::teardown(&mut catalog, &args.name, env).await?;
+                println!(
+                    "removed sync \"{}\" and its objects on the servers",
+                    args.name
+                );
             }
         },
+        Command::Teardown { sync } => {
+            objects::teardown(&mut catalog, &sync, env).await?;
+            println!("removed sync \"{sync}\" and its objects on the servers");
+        }
+        Command::Start { foreground: true } => {
+            drop(catalog);
+            daemon::run_foreground(&path).await?;
+        }
+        Command::Start { foreground: false } => {
+            let pid = daemon::start_detached(&path)?;
+            println!(
+                "started the daemon (pid {pid}); log: {}",
+                daemon::log_file(&path).display()
+            );
+        }
+        Command::Stop { timeout } => match daemon::stop(&path, Duration::from_secs(timeout))? {
+            Some(pid) => println!("stopped the daemon (pid {pid})"),
+            None => println!("the daemon is not running"),
+        },
+        Command::Status { sync, json } => {
+            let status = status::gather(&catalog, sync.as_deref(), env).await?;
+            render::status(&status, daemon::running_pid(&path), sync.is_some(), json);
+        }
+        Command::Kick { sync, wait } => {
+            let results =
+                daemon::kick(&mut catalog, &sync, wait.map(Duration::from_secs), env).await?;
+            for (target, stats) in results {
+                println!(
+                    "kicked sync \"{sync}\" to \"{target}\": {} inserts, {} deletes, {} truncates in {} ms",
+                    stats.inserts, stats.deletes, stats.truncates, stats.millis
+                );
+            }
+        }
     }
     Ok(())
 }

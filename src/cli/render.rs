@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::catalog::{Db, DbGroup, RelGroup, Sync};
 use crate::inventory::display_name;
+use crate::status::SyncStatus;
 
 fn json<T: Serialize + ?Sized>(value: &T) {
     println!(
@@ -199,6 +200,114 @@ pub fn sync(s: &Sync, relgroup: &RelGroup, dbgroup: &DbGroup, as_json: bool) {
     println!("onetimecopy: {}", s.onetimecopy.as_str());
     println!("autokick:    {}", if s.autokick { "on" } else { "off" });
     println!("added:       {}", s.created_at);
+}
+
+fn millis(ms: Option<i64>) -> String {
+    ms.map(|m| format!("{:.1}s", m as f64 / 1000.0))
+        .unwrap_or_default()
+}
+
+pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json: bool) {
+    if as_json {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            daemon_pid: Option<i32>,
+            syncs: &'a [SyncStatus],
+        }
+        return json(&Shown {
+            daemon_pid: daemon,
+            syncs,
+        });
+    }
+    match daemon {
+        Some(pid) => println!("daemon: running (pid {pid})"),
+        None => println!("daemon: not running"),
+    }
+    if detailed {
+        for s in syncs {
+            println!("sync:        {}", s.name);
+            println!("source:      {}", s.source);
+            println!("relgroup:    {} ({} tables)", s.relgroup, s.tables.len());
+            for t in &s.tables {
+                println!("             {t}");
+            }
+            println!("autokick:    {}", if s.autokick { "on" } else { "off" });
+            println!("onetimecopy: {}", s.onetimecopy);
+            if let Some(e) = &s.source_error {
+                println!("source:      unreachable ({e})");
+            }
+            for t in &s.targets {
+                let l = &t.last;
+                println!("target:      {} ({})", t.target, l.state);
+                println!(
+                    "  last good: {} took {}, {} inserts, {} deletes",
+                    l.last_good.as_deref().unwrap_or("never"),
+                    millis(l.last_good_ms),
+                    l.last_inserts.unwrap_or(0),
+                    l.last_deletes.unwrap_or(0)
+                );
+                println!(
+                    "  last bad:  {} took {}",
+                    l.last_bad.as_deref().unwrap_or("never"),
+                    millis(l.last_bad_ms)
+                );
+                if let Some(e) = &l.last_error {
+                    println!(
+                        "  error:     {e}{}",
+                        l.last_sqlstate
+                            .as_deref()
+                            .map(|c| format!(" (SQLSTATE {c})"))
+                            .unwrap_or_default()
+                    );
+                }
+                println!(
+                    "  pending:   {}",
+                    t.pending.map(|p| p.to_string()).unwrap_or("?".into())
+                );
+                println!(
+                    "  lag:       {}",
+                    t.lag_seconds
+                        .map(|l| format!("{l:.1}s"))
+                        .unwrap_or("?".into())
+                );
+            }
+        }
+        return;
+    }
+    let mut t = table(&[
+        "name",
+        "target",
+        "state",
+        "last good",
+        "time",
+        "last I/D",
+        "last bad",
+        "time",
+        "lag",
+        "pending",
+    ]);
+    for s in syncs {
+        for tg in &s.targets {
+            let l = &tg.last;
+            t.add_row(vec![
+                s.name.clone(),
+                tg.target.clone(),
+                l.state.clone(),
+                l.last_good.clone().unwrap_or_default(),
+                millis(l.last_good_ms),
+                l.last_inserts
+                    .map(|i| format!("{i}/{}", l.last_deletes.unwrap_or(0)))
+                    .unwrap_or_default(),
+                l.last_bad.clone().unwrap_or_default(),
+                millis(l.last_bad_ms),
+                tg.lag_seconds
+                    .map(|l| format!("{l:.1}s"))
+                    .unwrap_or("?".into()),
+                tg.pending.map(|p| p.to_string()).unwrap_or("?".into()),
+            ]);
+        }
+    }
+    println!("{t}");
 }
 
 #[cfg(test)]

@@ -208,6 +208,19 @@ pub fn quote_ident(name: &str) -> String {
     postgres_protocol::escape::escape_identifier(name)
 }
 
+/// A lowercase identifier that needs no quoting: what pgleap accepts for
+/// names of its own schema.
+pub fn is_plain_identifier(name: &str) -> bool {
+    name.len() <= 63
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 /// `schema.name`, both parts quoted.
 pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))

@@ -1,0 +1,468 @@
+//! Change capture on the source: which keys changed, recorded by triggers.
+//!
+//! Capture is state-based (Bucardo's model): a delta row says *which key*
+//! changed, in which transaction, never what the row looked like. The apply
+//! step later reads the key's current row. Everything lives in one schema
+//! (`pgleap` unless the sync says otherwise):
+//!
+//! - `syncs`: one row per installed sync; its id prefixes every object name.
+//! - `relations`: per sync, each captured table and its delta table.
+//! - `consumer`: per sync and target, the source snapshot last applied
+//!   there; deltas visible in every target's snapshot are purged.
+//! - `d<sync>_<n>`: the delta table of one table: `txid` (of the writing
+//!   transaction), `captured_at`, `truncated`, and the key columns with their
+//!   own types (no text round trip for keys).
+//!
+//! Triggers are statement-level with transition tables (one per event, as
+//! PostgreSQL requires), so a statement that touches a million rows runs the
+//! trigger once and inserts its keys with one set-based INSERT. An UPDATE
+//! records the old and the new keys (a primary-key change is a delete of the
+//! old key and an insert of the new). TRUNCATE records a marker row.
+//!
+//! Trigger functions are SECURITY DEFINER (owned by the role that installed
+//! them, the table owner) with a fixed search_path, so application roles need
+//! no privilege on the capture schema. No NOTIFY is sent: a NOTIFY takes a
+//! cluster-wide lock at commit and would serialise the source's writers; the
+//! daemon polls instead (see `daemon`).
+//!
+//! Every table is installed in its own short transaction under a
+//! `lock_timeout`, retried with backoff, so a busy source never queues behind
+//! pgleap for long; if any table fails, everything installed is removed.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::catalog::Relation;
+use crate::error::{Error, Result};
+use crate::pg::{qualified, quote_ident, quote_literal};
+
+/// How long one DDL statement may wait for a table lock.
+const LOCK_TIMEOUT: &str = "2s";
+/// How many times a table's installation is tried before giving up.
+const LOCK_ATTEMPTS: u32 = 8;
+
+/// Names of the objects of one captured table.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub schema: String,
+    pub name: String,
+    pub delta: String,
+    pub key_columns: Vec<String>,
+}
+
+fn trigger_names(sync_id: i32) -> [(String, &'static str); 4] {
+    [
+        (format!("pgleap_{sync_id}_ins"), "insert"),
+        (format!("pgleap_{sync_id}_upd"), "update"),
+        (format!("pgleap_{sync_id}_del"), "delete"),
+        (format!("pgleap_{sync_id}_trunc"), "truncate"),
+    ]
+}
+
+/// Installs capture for a sync on its source. On error nothing is left.
+pub async fn install(
+    client: &mut Client,
+    db: &str,
+    schema: &str,
+    sync: &str,
+    relations: &[Relation],
+    targets: &[String],
+) -> Result<i32> {
+    let q = |e: tokio_postgres::Error| Error::query(db, &e);
+    let s = quote_ident(schema);
+    let tx = client.transaction().await.map_err(q)?;
+    tx.batch_execute(&format!(
+        "create schema if not exists {s};
+         create table if not exists {s}.syncs (
+             id serial primary key,
+             name text not null unique,
+             installed_at timestamptz not null default now());
+         create table if not exists {s}.relations (
+             sync_id int not null references {s}.syncs(id),
+             n int not null,
+             schema_name text not null,
+             rel_name text not null,
+             delta_table text not null,
+             key_columns text[] not null,
+             primary key (sync_id, n));
+         create table if not exists {s}.consumer (
+             sync_id int not null references {s}.syncs(id),
+             target text not null,
+             snapshot text,
+             updated_at timestamptz,
+             primary key (sync_id, target));"
+    ))
+    .await
+    .map_err(|e| {
+        if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            Error::invalid(
+                format!(
+                    "database \"{db}\": cannot create schema {schema}: {}",
+                    message(&e)
+                ),
+                "pgleap needs CREATE on the source database (GRANT CREATE ON DATABASE ... TO ...)",
+            )
+        } else {
+            q(e)
+        }
+    })?;
+    let existing = tx
+        .query_opt(
+            &format!("select id from {s}.syncs where name = $1"),
+            &[&sync],
+        )
+        .await
+        .map_err(q)?;
+    if existing.is_some() {
+        return Err(Error::invalid(
+            format!("capture for sync \"{sync}\" is already installed in database \"{db}\""),
+            format!("remove the leftovers first: pgleap teardown {sync}"),
+        ));
+    }
+    let sync_id: i32 = tx
+        .query_one(
+            &format!("insert into {s}.syncs (name) values ($1) returning id"),
+            &[&sync],
+        )
+        .await
+        .map_err(q)?
+        .get(0);
+    for target in targets {
+        tx.execute(
+            &format!("insert into {s}.consumer (sync_id, target) values ($1, $2)"),
+            &[&sync_id, target],
+        )
+        .await
+        .map_err(q)?;
+    }
+    tx.commit().await.map_err(q)?;
+
+    let tables = relations.iter().filter(|r| r.kind != "sequence");
+    for (i, rel) in tables.enumerate() {
+        if let Err(e) = install_table(client, db, schema, sync_id, i as i32 + 1, rel).await {
+            // Best effort: the original error is the one worth reporting.
+            if let Err(cleanup) = remove(client, db, schema, sync).await {
+                tracing::warn!("cleanup after failed install: {cleanup}");
+            }
+            return Err(e);
+        }
+    }
+    Ok(sync_id)
+}
+
+async fn install_table(
+    client: &mut Client,
+    db: &str,
+    schema: &str,
+    sync_id: i32,
+    n: i32,
+    rel: &Relation,
+) -> Result<()> {
+    let s = quote_ident(schema);
+    let table = qualified(&rel.schema, &rel.name);
+    let delta_name = format!("d{sync_id}_{n}");
+    let delta = qualified(schema, &delta_name);
+    let function = qualified(schema, &format!("f{sync_id}_{n}"));
+    let keys: Vec<String> = rel.key_columns.iter().map(|k| quote_ident(k)).collect();
+    let key_list = keys.join(", ");
+
+    let types = client
+        .query(
+            "select a.attname::text, format_type(a.atttypid, a.atttypmod)
+             from pg_attribute a
+             where a.attrelid = $1::text::regclass and a.attname = any($2::text[])",
+            &[&table, &rel.key_columns],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    let key_defs: Vec<String> = rel
+        .key_columns
+        .iter()
+        .map(|k| {
+            let ty: String = types
+                .iter()
+                .find(|r| r.get::<_, &str>(0) == k)
+                .map(|r| r.get(1))
+                .unwrap_or_else(|| "text".into());
+            format!("{} {ty}", quote_ident(k))
+        })
+        .collect();
+
+    let mut ddl = format!(
+        "create table {delta} (
+             txid int8 not null,
+             captured_at timestamptz not null default now(),
+             truncated bool not null default false,
+             {});
+         create index on {delta} (txid);
+         create function {function}() returns trigger
+         language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
+         declare
+             x int8 := txid_current();
+         begin
+             if tg_op = 'INSERT' then
+                 insert into {delta} (txid, {key_list}) select x, {key_list} from pgleap_new;
+             elsif tg_op = 'UPDATE' then
+                 insert into {delta} (txid, {key_list})
+                 select x, {key_list} from (select {key_list} from pgleap_new
+                                            union select {key_list} from pgleap_old) k;
+             elsif tg_op = 'DELETE' then
+                 insert into {delta} (txid, {key_list}) select x, {key_list} from pgleap_old;
+             else
+                 insert into {delta} (txid, truncated) values (x, true);
+             end if;
+             return null;
+         end $pgleap$;\n",
+        key_defs.join(", ")
+    );
+    for (trigger, event) in trigger_names(sync_id) {
+        let referencing = match event {
+            "insert" => "referencing new table as pgleap_new",
+            "update" => "referencing new table as pgleap_new old table as pgleap_old",
+            "delete" => "referencing old table as pgleap_old",
+            _ => "",
+        };
+        ddl.push_str(&format!(
+            "create trigger {} after {event} on {table} {referencing}
+             for each statement execute function {function}();\n",
+            quote_ident(&trigger)
+        ));
+    }
+    ddl.push_str(&format!(
+        "insert into {s}.relations (sync_id, n, schema_name, rel_name, delta_table, key_columns)
+         values ({sync_id}, {n}, {}, {}, {}, {});",
+        quote_literal(&rel.schema),
+        quote_literal(&rel.name),
+        quote_literal(&delta_name),
+        format!(
+            "array[{}]::text[]",
+            rel.key_columns
+                .iter()
+                .map(|k| quote_literal(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ));
+    let what = format!("installing capture on {table}");
+    with_lock_retries(client, db, &what, &ddl).await
+}
+
+/// Runs DDL in a transaction under a short lock_timeout, retrying with
+/// backoff while the lock is not granted.
+async fn with_lock_retries(client: &mut Client, db: &str, what: &str, ddl: &str) -> Result<()> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1..=LOCK_ATTEMPTS {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| Error::query(db, &e))?;
+        let result = async {
+            tx.batch_execute(&format!("set local lock_timeout = '{LOCK_TIMEOUT}'"))
+                .await?;
+            tx.batch_execute(ddl).await?;
+            tx.commit().await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) && attempt < LOCK_ATTEMPTS =>
+            {
+                tracing::info!("{what}: lock not granted (attempt {attempt}), retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                return Err(Error::invalid(
+                    format!("database \"{db}\": {what}: the table stayed locked by other sessions"),
+                    "retry when long transactions on the table have ended \
+                     (see pg_stat_activity and pg_locks)",
+                ));
+            }
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                return Err(Error::invalid(
+                    format!("database \"{db}\": {what}: {}", message(&e)),
+                    "run pgleap as the owner of the tables (or a member of the owning role)",
+                ));
+            }
+            Err(e) => {
+                return Err(Error::Query {
+                    db: db.into(),
+                    detail: format!("{what}: {}", message(&e)),
+                    sqlstate: e.code().map(|c| c.code().to_string()),
+                });
+            }
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// The captured tables of an installed sync, in installation order.
+pub async fn captured(
+    client: &Client,
+    db: &str,
+    schema: &str,
+    sync: &str,
+) -> Result<Option<(i32, Vec<Captured>)>> {
+    let q = |e: tokio_postgres::Error| Error::query(db, &e);
+    let exists: bool = client
+        .query_one(
+            "select to_regclass($1) is not null",
+            &[&format!("{}.syncs", quote_ident(schema))],
+        )
+        .await
+        .map_err(q)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let s = quote_ident(schema);
+    let Some(row) = client
+        .query_opt(
+            &format!("select id from {s}.syncs where name = $1"),
+            &[&sync],
+        )
+        .await
+        .map_err(q)?
+    else {
+        return Ok(None);
+    };
+    let sync_id: i32 = row.get(0);
+    let rows = client
+        .query(
+            &format!(
+                "select schema_name, rel_name, delta_table, key_columns
+                 from {s}.relations where sync_id = $1 order by n"
+            ),
+            &[&sync_id],
+        )
+        .await
+        .map_err(q)?;
+    let tables = rows
+        .iter()
+        .map(|r| Captured {
+            schema: r.get(0),
+            name: r.get(1),
+            delta: r.get(2),
+            key_columns: r.get(3),
+        })
+        .collect();
+    Ok(Some((sync_id, tables)))
+}
+
+/// Removes a sync's capture from its source: triggers, functions, delta
+/// tables, bookkeeping rows, and the schema once no sync uses it. Objects
+/// pgleap did not create are never touched.
+pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> Result<()> {
+    let Some((sync_id, _)) = captured(client, db, schema, sync).await? else {
+        return Ok(());
+    };
+    let s = quote_ident(schema);
+    // Tables whose installation failed half-way have triggers but no
+    // relations row; find every table carrying this sync's triggers.
+    let trigger_tables = client
+        .query(
+            "select distinct n.nspname::text, c.relname::text
+             from pg_trigger t join pg_class c on c.oid = t.tgrelid
+             join pg_namespace n on n.oid = c.relnamespace
+             where t.tgname like $1",
+            &[&format!("pgleap\\_{sync_id}\\_%")],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    for row in &trigger_tables {
+        let table = qualified(row.get(0), row.get(1));
+        let mut ddl = String::new();
+        for (trigger, _) in trigger_names(sync_id) {
+            ddl.push_str(&format!(
+                "drop trigger if exists {} on {table};\n",
+                quote_ident(&trigger)
+            ));
+        }
+        with_lock_retries(client, db, &format!("removing capture from {table}"), &ddl).await?;
+    }
+    let mut ddl = String::new();
+    let functions = client
+        .query(
+            "select p.proname::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+             where n.nspname = $1 and p.proname like $2",
+            &[&schema, &format!("f{sync_id}\\_%")],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    for f in &functions {
+        ddl.push_str(&format!(
+            "drop function {}();\n",
+            qualified(schema, f.get(0))
+        ));
+    }
+    let deltas = client
+        .query(
+            "select c.relname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname = $1 and c.relkind = 'r' and c.relname like $2",
+            &[&schema, &format!("d{sync_id}\\_%")],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    for d in &deltas {
+        ddl.push_str(&format!("drop table {};\n", qualified(schema, d.get(0))));
+    }
+    ddl.push_str(&format!(
+        "delete from {s}.relations where sync_id = {sync_id};
+         delete from {s}.consumer where sync_id = {sync_id};
+         delete from {s}.syncs where id = {sync_id};"
+    ));
+    with_lock_retries(client, db, "removing capture tables", &ddl).await?;
+    drop_schema_if_unused(
+        client,
+        db,
+        schema,
+        "syncs",
+        &["syncs", "relations", "consumer"],
+    )
+    .await
+}
+
+/// Drops pgleap's bookkeeping tables and the schema once `registry` is
+/// empty and the schema holds nothing else.
+pub async fn drop_schema_if_unused(
+    client: &mut Client,
+    db: &str,
+    schema: &str,
+    registry: &str,
+    tables: &[&str],
+) -> Result<()> {
+    let s = quote_ident(schema);
+    let left: i64 = client
+        .query_one(
+            &format!("select count(*) from {s}.{}", quote_ident(registry)),
+            &[],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?
+        .get(0);
+    if left > 0 {
+        return Ok(());
+    }
+    let list: Vec<String> = tables
+        .iter()
+        .map(|t| format!("{s}.{}", quote_ident(t)))
+        .collect();
+    client
+        .batch_execute(&format!("drop table {}", list.join(", ")))
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    // Refuses (and we leave it) if someone put their own objects there.
+    if let Err(e) = client.batch_execute(&format!("drop schema {s}")).await {
+        tracing::info!("schema {schema} kept: {}", message(&e));
+    }
+    Ok(())
+}

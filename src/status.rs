@@ -1,0 +1,99 @@
+//! What each sync is doing: the last rounds (from the catalog, written by
+//! whoever ran them) and, live from the source, the changes still waiting
+//! and how old the oldest is. Works whether or not the daemon runs.
+
+use serde::Serialize;
+
+use crate::apply::{self, Plan};
+use crate::catalog::{Catalog, SyncState};
+use crate::error::Result;
+use crate::objects::{self, Env};
+
+#[derive(Debug, Serialize)]
+pub struct SyncStatus {
+    pub name: String,
+    pub source: String,
+    pub relgroup: String,
+    pub autokick: bool,
+    pub onetimecopy: String,
+    pub tables: Vec<String>,
+    pub targets: Vec<TargetStatus>,
+    /// Why pending changes and lag could not be read, if they could not.
+    pub source_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetStatus {
+    pub target: String,
+    #[serde(flatten)]
+    pub last: SyncState,
+    pub pending: Option<i64>,
+    pub lag_seconds: Option<f64>,
+}
+
+/// Status of the named sync, or of every sync.
+pub async fn gather(
+    catalog: &Catalog,
+    only: Option<&str>,
+    env: Env<'_>,
+) -> Result<Vec<SyncStatus>> {
+    let syncs = match only {
+        Some(name) => vec![catalog.sync(name)?],
+        None => catalog.syncs()?,
+    };
+    let mut out = Vec::new();
+    for sync in syncs {
+        let group = catalog.dbgroup(&sync.dbgroup)?;
+        let relgroup = catalog.relgroup(&sync.relgroup)?;
+        let source = group.source().to_string();
+        let states = catalog.sync_states(&sync.name)?;
+        let live = async {
+            let src = objects::connect_db(catalog, &source, env).await?;
+            let plan = Plan::load(&src.client, &source, &sync, &relgroup).await?;
+            let mut pending = Vec::new();
+            for target in group.targets() {
+                pending.push(apply::pending(&src.client, &plan, target).await?);
+            }
+            Ok::<_, crate::Error>((plan, pending))
+        }
+        .await;
+        let (tables, pending, source_error) = match live {
+            Ok((plan, pending)) => (
+                plan.tables.iter().map(|t| t.display.clone()).collect(),
+                Some(pending),
+                None,
+            ),
+            Err(e) => (Vec::new(), None, Some(e.to_string())),
+        };
+        let targets = group
+            .targets()
+            .enumerate()
+            .map(|(i, target)| TargetStatus {
+                target: target.to_string(),
+                last: states
+                    .iter()
+                    .find(|s| s.target == target)
+                    .cloned()
+                    .unwrap_or_else(|| SyncState {
+                        sync: sync.name.clone(),
+                        target: target.to_string(),
+                        state: "new".into(),
+                        ..Default::default()
+                    }),
+                pending: pending.as_ref().map(|p| p[i].0),
+                lag_seconds: pending.as_ref().map(|p| p[i].1),
+            })
+            .collect();
+        out.push(SyncStatus {
+            name: sync.name.clone(),
+            source,
+            relgroup: sync.relgroup.clone(),
+            autokick: sync.autokick,
+            onetimecopy: sync.onetimecopy.as_str().into(),
+            tables,
+            targets,
+            source_error,
+        });
+    }
+    Ok(out)
+}
