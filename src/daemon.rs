@@ -41,8 +41,20 @@ pub fn log_file(catalog: &Path) -> PathBuf {
     catalog.with_extension("log")
 }
 
+/// Whether a process runs. A killed daemon whose parent does not reap it
+/// (PID 1 of a container often does not) stays a zombie, which `kill(pid,
+/// 0)` still reports; /proc tells.
 fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
 }
 
 /// The pid of the running daemon of this catalog, if any.

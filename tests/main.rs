@@ -14,3 +14,5 @@ mod db;
 mod dbgroup;
 mod relgroup;
 mod sync;
+// Capture, apply, the daemon, faults.
+mod replication;

@@ -11,23 +11,7 @@ fn setup(src_major: u32, dst_major: u32) -> (Pgleap, TestDb, TestDb) {
     let src = TestDb::new(cluster(src_major), "syncsrc");
     let dst = TestDb::new(cluster(dst_major), "syncdst");
     src.sql().exec("create table t (id int primary key)");
-    // Each cluster has its own owner password; a .pgpass serves both.
-    let p = Pgleap::new()
-        .secret(&src.cluster.owner_password)
-        .secret(&dst.cluster.owner_password);
-    let pgpass = p.home().join(".pgpass");
-    std::fs::write(
-        &pgpass,
-        format!(
-            "127.0.0.1:{}:*:{OWNER}:{}\n127.0.0.1:{}:*:{OWNER}:{}\n",
-            src.cluster.port,
-            src.cluster.owner_password,
-            dst.cluster.port,
-            dst.cluster.owner_password
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
     p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"])

@@ -29,6 +29,10 @@ pub const OWNER: &str = "pgleap_owner";
 
 pub struct Cluster {
     pub major: u32,
+    bin: PathBuf,
+    dir: PathBuf,
+    owner_uid: Option<(u32, u32)>,
+    pid: Mutex<i32>,
     pub port: u16,
     pub socket_dir: PathBuf,
     pub owner_password: String,
@@ -55,16 +59,37 @@ pub fn tls_cluster() -> &'static Cluster {
     get(17, true)
 }
 
-fn get(major: u32, tls: bool) -> &'static Cluster {
-    let map = CLUSTERS.get_or_init(|| {
+/// A cluster of the caller's own, for a test that restarts it. Stopped when
+/// the process ends, like the shared ones.
+pub fn private_cluster(major: u32) -> &'static Cluster {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    init();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Box::leak(Box::new(Cluster::start(
+        major,
+        false,
+        &format!("-private{n}"),
+    )))
+}
+
+fn init() -> &'static Mutex<HashMap<(u32, bool), &'static Cluster>> {
+    CLUSTERS.get_or_init(|| {
         remove_leftovers();
         unsafe { libc::atexit(stop_all) };
         Mutex::new(HashMap::new())
-    });
+    })
+}
+
+fn get(major: u32, tls: bool) -> &'static Cluster {
     // Held while starting, so two tests never start the same cluster twice.
-    let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-    map.entry((major, tls))
-        .or_insert_with(|| Box::leak(Box::new(Cluster::start(major, tls))))
+    let mut map = init().lock().unwrap_or_else(|e| e.into_inner());
+    map.entry((major, tls)).or_insert_with(|| {
+        Box::leak(Box::new(Cluster::start(
+            major,
+            tls,
+            if tls { "-tls" } else { "" },
+        )))
+    })
 }
 
 fn base_dir() -> PathBuf {
@@ -189,14 +214,10 @@ fn run(cmd: &mut Command, owner: Option<(u32, u32)>, what: &str) {
 }
 
 impl Cluster {
-    fn start(major: u32, tls: bool) -> Cluster {
+    fn start(major: u32, tls: bool, suffix: &str) -> Cluster {
         let bin = bin_dir(major);
         let owner = server_user();
-        let name = format!(
-            "{}-pg{major}{}",
-            std::process::id(),
-            if tls { "-tls" } else { "" }
-        );
+        let name = format!("{}-pg{major}{suffix}", std::process::id());
         let dir = base_dir().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(
@@ -261,10 +282,17 @@ impl Cluster {
 
         let log = dir.join("server.log");
         let pid = spawn_postmaster(&bin, &data, &log, owner);
-        RUNNING.lock().unwrap().push(RunningServer { pid, dir });
+        RUNNING.lock().unwrap().push(RunningServer {
+            pid,
+            dir: dir.clone(),
+        });
 
         let cluster = Cluster {
             major,
+            bin,
+            dir,
+            owner_uid: owner,
+            pid: Mutex::new(pid),
             port,
             socket_dir,
             owner_password: random_token(),
@@ -296,6 +324,34 @@ impl Cluster {
         }
     }
 
+    /// Restarts the server (fast shutdown, then start), as an operator or a
+    /// crash-restart would: every connection is cut.
+    pub fn restart(&self) {
+        let mut pid = self.pid.lock().unwrap();
+        unsafe { libc::kill(*pid, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{}", *pid)).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL {} did not stop",
+                self.major
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = self.dir.join("server.log");
+        let new = spawn_postmaster(&self.bin, &self.dir.join("data"), &log, self.owner_uid);
+        for s in RUNNING
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|s| s.dir == self.dir)
+        {
+            s.pid = new;
+        }
+        *pid = new;
+        self.wait_ready(new, &log);
+    }
+
     /// A superuser session, for setting up what a test needs.
     pub fn superuser(&self, dbname: &str) -> Sql {
         Sql::try_connect(self, "postgres", dbname)
@@ -316,7 +372,11 @@ fn spawn_postmaster(bin: &Path, data: &Path, log: &Path, owner: Option<(u32, u32
     let (tx, rx) = std::sync::mpsc::channel();
     let bin = bin.to_path_buf();
     let data = data.to_path_buf();
-    let log = std::fs::File::create(log).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     std::thread::spawn(move || {
         let mut cmd = Command::new(bin.join("postgres"));
         cmd.arg("-D").arg(&data).stdin(Stdio::null());

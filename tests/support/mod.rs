@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use cluster::{Cluster, OWNER, cluster, tls_cluster};
+pub use cluster::{Cluster, OWNER, cluster, private_cluster, tls_cluster};
 pub use sql::Sql;
 
 /// Defines one test per major (12, 15 and 17), named after it
@@ -113,6 +113,19 @@ impl Outcome {
     }
 }
 
+/// A daemon left running by a failed test would outlive it.
+impl Drop for Pgleap {
+    fn drop(&mut self) {
+        let pid_file = self.catalog.with_extension("pid");
+        if let Some(pid) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -147,6 +160,24 @@ impl Pgleap {
     /// A runner whose PGPASSWORD is the owner's password on `cluster`.
     pub fn for_cluster(cluster: &Cluster) -> Pgleap {
         Pgleap::new().env("PGPASSWORD", &cluster.owner_password)
+    }
+
+    /// A runner whose ~/.pgpass holds the owner's password of each cluster.
+    pub fn for_clusters(clusters: &[&Cluster]) -> Pgleap {
+        let mut p = Pgleap::new();
+        let mut lines = String::new();
+        for c in clusters {
+            lines.push_str(&format!(
+                "127.0.0.1:{}:*:{OWNER}:{}\n",
+                c.port, c.owner_password
+            ));
+            p = p.secret(&c.owner_password);
+        }
+        let pgpass = p.home().join(".pgpass");
+        std::fs::write(&pgpass, lines).unwrap();
+        std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        p
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Pgleap {

@@ -1,7 +1,7 @@
 //! A blocking SQL session for test setup and assertions, over the cluster's
 //! unix socket (trust auth), so it works on TLS-only clusters too.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::cluster::Cluster;
 
@@ -51,5 +51,32 @@ impl Sql {
                 Some(db) => db.message().to_string(),
                 None => e.to_string(),
             })
+    }
+
+    /// Every row of a query, every value as text (NULL as None), in the
+    /// order the server returns them.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let messages = self
+            .rt
+            .block_on(self.client.simple_query(sql))
+            .unwrap_or_else(|e| panic!("{sql}\n  failed: {e}"));
+        messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_string))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The single value of a one-row, one-column query.
+    pub fn value(&self, sql: &str) -> String {
+        let rows = self.rows(sql);
+        assert_eq!(rows.len(), 1, "{sql} returned {} rows", rows.len());
+        rows[0][0].clone().unwrap_or_default()
     }
 }

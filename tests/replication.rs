@@ -1,0 +1,507 @@
+//! Change capture and apply: the target ends equal to the source, whatever
+//! the writes, the timing and the faults.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::per_major;
+use crate::support::{Cluster, OWNER, Pgleap, Sql, TestDb, cluster, private_cluster};
+
+/// Client tools of the machine's PostgreSQL 15, able to talk to 12..17.
+fn tool(name: &str) -> Command {
+    Command::new(format!("/usr/lib/postgresql/15/bin/{name}"))
+}
+
+/// Makes `dst` a copy of `src` (schema and data), as the Bucardo recipe
+/// does with pg_dump | psql before replication starts.
+fn copy_database(src: &TestDb, dst: &TestDb) {
+    let mut dump = tool("pg_dump")
+        .args([
+            "--no-owner",
+            "--no-privileges",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            OWNER,
+        ])
+        .args(["-p", &src.cluster.port.to_string(), &src.name])
+        .env("PGPASSWORD", &src.cluster.owner_password)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restore = tool("psql")
+        .args([
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            OWNER,
+        ])
+        .args(["-p", &dst.cluster.port.to_string(), "-d", &dst.name])
+        .env("PGPASSWORD", &dst.cluster.owner_password)
+        .stdin(dump.stdout.take().unwrap())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(dump.wait().unwrap().success(), "pg_dump failed");
+    assert!(
+        restore.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+}
+
+/// Asserts that every table has the same rows on both sides, in full.
+fn assert_same(src: &Sql, dst: &Sql, tables: &[(&str, &str)]) {
+    for (table, order) in tables {
+        let query = format!("select * from {table} order by {order}");
+        let (a, b) = (src.rows(&query), dst.rows(&query));
+        if a != b {
+            let first = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x != y)
+                .unwrap_or(a.len().min(b.len()));
+            panic!(
+                "{table} differs: source has {} rows, target {}; first difference at row {first}:\n  \
+                 source {:?}\n  target {:?}",
+                a.len(),
+                b.len(),
+                a.get(first),
+                b.get(first)
+            );
+        }
+    }
+}
+
+fn assert_same_sequences(src: &Sql, dst: &Sql, sequences: &[&str]) {
+    for seq in sequences {
+        let q = format!("select last_value, is_called from {seq}");
+        assert_eq!(src.rows(&q), dst.rows(&q), "sequence {seq}");
+    }
+}
+
+/// No trace of pgleap left in a database.
+fn assert_no_pgleap_objects(sql: &Sql) {
+    assert_eq!(
+        sql.value("select count(*) from pg_namespace where nspname = 'pgleap'"),
+        "0"
+    );
+    assert_eq!(
+        sql.value("select count(*) from pg_trigger where tgname like 'pgleap%'"),
+        "0"
+    );
+    assert_eq!(
+        sql.value("select count(*) from pg_proc where proname ~ '^f[0-9]+_'"),
+        "0"
+    );
+}
+
+const SMALL_SCHEMA: &str = "
+    create table t (id int primary key, v text);
+    create table pairs (a int, b int, v text, primary key (a, b));
+    create table gone (id int primary key);
+    create table parted (id int, at date, v text, primary key (id, at)) partition by range (at);
+    create table parted_1 partition of parted for values from ('2020-01-01') to ('2030-01-01');
+    create table parted_2 partition of parted for values from ('2030-01-01') to ('2040-01-01');
+    create sequence counter;
+    insert into t select g, 'row ' || g from generate_series(1, 20) g;
+    insert into pairs select g, g, 'pair' from generate_series(1, 5) g;
+    insert into gone select generate_series(1, 5);
+    insert into parted values (1, '2025-01-01', 'a'), (2, '2035-01-01', 'b');
+    select setval('counter', 41);
+";
+
+const SMALL_TABLES: &[(&str, &str)] = &[
+    ("t", "id"),
+    ("pairs", "a, b"),
+    ("gone", "id"),
+    ("parted", "id, at"),
+];
+
+fn declare_sync(p: &Pgleap, src: &TestDb, dst: &TestDb, autokick: &str, exclude: &[&str]) {
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    let mut relgroup = vec![
+        "relgroup",
+        "add",
+        "rg",
+        "--db",
+        "src",
+        "--all-tables",
+        "--all-sequences",
+    ];
+    for t in exclude {
+        relgroup.extend(["--exclude-table", t]);
+    }
+    p.run(&relgroup).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
+        .ok();
+    p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "never",
+        "--autokick",
+        autokick,
+    ])
+    .ok();
+}
+
+per_major! {
+    /// A transaction that commits after a later one was applied is still
+    /// applied (the "sequence gap" bug); key updates, deletes, TRUNCATE and
+    /// partitioned tables converge; teardown removes everything.
+    fn late_commits_and_key_changes_reach_the_target(major: u32) {
+        let src = TestDb::new(cluster(major), "latesrc");
+        let dst = TestDb::new(cluster(17), "latedst");
+        src.sql().exec(SMALL_SCHEMA);
+        dst.sql().exec(SMALL_SCHEMA);
+        let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+        declare_sync(&p, &src, &dst, "off", &[]);
+        let (s, d) = (src.sql(), dst.sql());
+
+        let held = src.sql();
+        held.exec("begin; insert into t values (100, 'late'); update t set v = 'held' where id = 3");
+        s.exec(
+            "insert into t values (101, 'early');
+             update pairs set a = a + 10 where a = 1;
+             delete from t where id = 2;
+             truncate gone; insert into gone values (7);
+             update parted set at = '2021-06-01' where id = 2;
+             select nextval('counter');",
+        );
+        let out = p.run(&["kick", "s"]);
+        out.ok();
+        assert_eq!(d.rows("select id from t where id >= 100"), [[Some("101".to_string())]]);
+        assert_eq!(d.value("select v from t where id = 3"), "row 3");
+        assert_same(&s, &d, &SMALL_TABLES[1..]);
+
+        held.exec("commit");
+        p.run(&["kick", "s", "--wait", "30"]).ok();
+        assert_same(&s, &d, SMALL_TABLES);
+        assert_same_sequences(&s, &d, &["counter"]);
+
+        let status = p.run(&["status", "s", "--json"]).json();
+        let target = &status["syncs"][0]["targets"][0];
+        assert_eq!(target["state"], "good", "{status}");
+        assert_eq!(target["pending"], 0, "{status}");
+
+        p.run(&["teardown", "s"]).ok();
+        assert_no_pgleap_objects(&s);
+        assert_no_pgleap_objects(&d);
+        assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
+    }
+}
+
+#[test]
+fn autokick_wakes_the_daemon_and_off_waits_for_a_kick() {
+    let src = TestDb::new(cluster(17), "akicksrc");
+    let dst = TestDb::new(cluster(17), "akickdst");
+    src.sql().exec(SMALL_SCHEMA);
+    dst.sql().exec(SMALL_SCHEMA);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    declare_sync(&p, &src, &dst, "on", &[]);
+    let (s, d) = (src.sql(), dst.sql());
+    let started = p.run(&["start"]);
+    assert!(started.ok().contains("started the daemon"), "{started}");
+    p.run(&["start"]).fails_with(&["already runs"]);
+
+    s.exec("insert into t values (500, 'wake up')");
+    wait_for(&d, "select count(*) from t where id = 500", "1");
+
+    p.run(&["sync", "update", "s", "--autokick", "off"]).ok();
+    std::thread::sleep(Duration::from_millis(700));
+    s.exec("insert into t values (501, 'wait for the kick')");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.value("select count(*) from t where id = 501"), "0");
+    let status = p.run(&["status", "--json"]).json();
+    assert!(status["daemon_pid"].is_number(), "{status}");
+    assert_eq!(status["syncs"][0]["targets"][0]["pending"], 1, "{status}");
+    p.run(&["kick", "s", "--wait", "30"]).ok();
+    assert_same(&s, &d, SMALL_TABLES);
+
+    let stopped = p.run(&["stop"]);
+    assert!(stopped.ok().contains("stopped the daemon"), "{stopped}");
+    assert!(!p.catalog.with_extension("pid").exists());
+    assert!(p.run(&["status"]).ok().contains("daemon: not running"));
+    p.run(&["teardown", "s"]).ok();
+}
+
+/// Polls until `query` returns `expected`, for at most 20 s.
+fn wait_for(sql: &Sql, query: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sql.value(query) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "{query} never returned {expected}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The target's triggers and foreign keys: an ON DELETE CASCADE child must
+/// survive its parent being re-applied, and an audit trigger must not fire.
+const FK_SCHEMA: &str = "
+    create table parent (id int primary key, v text);
+    create table child (id int primary key, parent_id int references parent on delete cascade);
+    create table audit (n serial primary key, what text);
+    create function audit_it() returns trigger language plpgsql as
+        $$ begin insert into audit (what) values (tg_op); return null; end $$;
+    create trigger audit_parent after insert or update or delete on parent
+        for each row execute function audit_it();
+    insert into parent values (1, 'one'), (2, 'two');
+    insert into child values (10, 1), (20, 2);
+";
+
+fn fk_and_trigger_check(target: &'static Cluster, replica: bool) {
+    let src = TestDb::new(cluster(17), "fksrc");
+    let dst = TestDb::new(target, "fkdst");
+    src.sql().exec(FK_SCHEMA);
+    dst.sql().exec(FK_SCHEMA);
+    let (s, d) = (src.sql(), dst.sql());
+    s.exec("delete from audit");
+    d.exec("delete from audit");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    p.run(&[
+        "relgroup", "add", "rg", "--db", "src", "--table", "parent", "--table", "child",
+    ])
+    .ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
+        .ok();
+    p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "never",
+        "--autokick",
+        "off",
+    ])
+    .ok();
+    s.exec("update parent set v = 'uno' where id = 1; insert into parent values (3, 'three');");
+    p.run(&["kick", "s", "--wait", "30"]).ok();
+    assert_same(&s, &d, &[("parent", "id"), ("child", "id")]);
+    assert_eq!(
+        d.value("select count(*) from audit"),
+        "0",
+        "a user trigger fired on the target"
+    );
+    let fks =
+        "select count(*) from pg_constraint where contype = 'f' and conrelid = 'child'::regclass";
+    let enabled = "select tgenabled from pg_trigger where tgname = 'audit_parent'";
+    if replica {
+        assert_eq!(d.value(fks), "1");
+        assert_eq!(d.value(enabled), "O");
+    } else {
+        // Set aside until cutover (or teardown).
+        assert_eq!(d.value(fks), "0");
+        assert_eq!(d.value(enabled), "D");
+    }
+    p.run(&["teardown", "s"]).ok();
+    assert_eq!(d.value(fks), "1");
+    assert_eq!(d.value(enabled), "O");
+    assert_eq!(
+        d.value("select convalidated from pg_constraint where conrelid = 'child'::regclass and contype = 'f'"),
+        "t"
+    );
+    assert_no_pgleap_objects(&d);
+}
+
+#[test]
+fn target_triggers_and_foreign_keys_are_set_aside_without_replica_role() {
+    fk_and_trigger_check(cluster(17), false);
+}
+
+#[test]
+fn target_uses_replica_role_when_granted_pg17() {
+    let target = private_cluster(17);
+    target.superuser("postgres").exec(&format!(
+        "grant set on parameter session_replication_role to {OWNER}"
+    ));
+    fk_and_trigger_check(target, true);
+}
+
+#[test]
+fn a_failed_capture_install_leaves_nothing_behind() {
+    let src = TestDb::new(cluster(17), "failsrc");
+    let dst = TestDb::new(cluster(17), "faildst");
+    src.sql()
+        .exec("create table a (id int primary key); create table b (id int primary key);");
+    // A table the migrating role does not own: its trigger cannot be created.
+    src.cluster
+        .superuser(&src.name)
+        .exec("create table z_not_mine (id int primary key)");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"])
+        .ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
+        .ok();
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"])
+        .fails_with(&["z_not_mine", "permission denied", "owner of the tables"]);
+    assert_no_pgleap_objects(&src.sql());
+    assert_eq!(
+        p.run(&["sync", "list", "--json"]).json(),
+        serde_json::json!([])
+    );
+}
+
+/// pgbench and a script of key updates, deletes, a TRUNCATE and a long
+/// transaction write to the source while the daemon syncs; the daemon is
+/// killed with SIGKILL and the target restarted on the way. After a final
+/// `kick --wait`, every table and sequence is equal.
+fn under_load_with_faults(source_major: u32) {
+    let src = TestDb::new(cluster(source_major), "loadsrc");
+    let target = private_cluster(17);
+    let dst = TestDb::new(target, "loaddst");
+    let pgbench = |args: &[&str]| {
+        let out = tool("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                OWNER,
+                "-p",
+                &src.cluster.port.to_string(),
+            ])
+            .args(args)
+            .arg(&src.name)
+            .env("PGPASSWORD", &src.cluster.owner_password)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    pgbench(&["-i", "-q", "-s", "1"]);
+    src.sql().exec(SMALL_SCHEMA);
+    copy_database(&src, &dst);
+    let p = Pgleap::for_clusters(&[src.cluster, target]);
+    // pgbench_history has no key: keyless tables are a later issue.
+    declare_sync(&p, &src, &dst, "on", &["public.pgbench_history"]);
+    p.run(&["start"]).ok();
+
+    let script = {
+        let (sql, held) = (src.sql(), src.sql());
+        std::thread::spawn(move || {
+            for round in 0..30 {
+                let id = 1000 + round;
+                sql.exec(&format!(
+                    "insert into t values ({id}, 'r{round}');
+                     update t set v = v || '+' where id = {};
+                     update pairs set a = a + 100 where a = (select min(a) from pairs);
+                     delete from t where id = {};
+                     insert into parted values ({id}, '2031-01-01', 'p');
+                     select nextval('counter');",
+                    id - 1,
+                    round % 20 + 1
+                ));
+                if round == 10 {
+                    // Touches rows nothing else in this script touches.
+                    held.exec(
+                        "begin; insert into t values (9999, 'held open'); \
+                               update parted set v = 'held' where id = 1",
+                    );
+                }
+                if round == 20 {
+                    held.exec("commit");
+                }
+                if round == 15 {
+                    sql.exec("truncate gone; insert into gone select generate_series(100, 110)");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let load = std::thread::spawn({
+        let port = src.cluster.port.to_string();
+        let (name, pw) = (src.name.clone(), src.cluster.owner_password.clone());
+        move || {
+            tool("pgbench")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    OWNER,
+                    "-p",
+                    &port,
+                    "-n",
+                    "-c",
+                    "2",
+                    "-T",
+                    "6",
+                ])
+                .arg(&name)
+                .env("PGPASSWORD", pw)
+                .output()
+                .unwrap()
+        }
+    });
+
+    std::thread::sleep(Duration::from_secs(2));
+    let pid: i32 = std::fs::read_to_string(p.catalog.with_extension("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    p.run(&["start"]).ok();
+    std::thread::sleep(Duration::from_secs(2));
+    target.restart();
+
+    let out = load.join().unwrap();
+    assert!(
+        out.status.success(),
+        "pgbench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    script.join().unwrap();
+
+    p.run(&["kick", "s", "--wait", "120"]).ok();
+    let (s, d) = (src.sql(), dst.sql());
+    let mut tables = SMALL_TABLES.to_vec();
+    tables.extend([
+        ("pgbench_accounts", "aid"),
+        ("pgbench_branches", "bid"),
+        ("pgbench_tellers", "tid"),
+    ]);
+    assert_same(&s, &d, &tables);
+    assert_same_sequences(&s, &d, &["counter"]);
+    assert!(
+        s.value("select count(*) from pgbench_history") != "0",
+        "pgbench did not write"
+    );
+
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "s"]).ok();
+    assert_no_pgleap_objects(&s);
+    assert_no_pgleap_objects(&d);
+}
+
+#[test]
+fn under_load_with_faults_pg12_to_pg17() {
+    under_load_with_faults(12);
+}
+
+#[test]
+fn under_load_with_faults_pg15_to_pg17() {
+    under_load_with_faults(15);
+}
