@@ -230,20 +230,14 @@ async fn install_table(
             quote_ident(&trigger)
         ));
     }
+    let key_array: Vec<String> = rel.key_columns.iter().map(|k| quote_literal(k)).collect();
     ddl.push_str(&format!(
         "insert into {s}.relations (sync_id, n, schema_name, rel_name, delta_table, key_columns)
-         values ({sync_id}, {n}, {}, {}, {}, {});",
+         values ({sync_id}, {n}, {}, {}, {}, array[{}]::text[]);",
         quote_literal(&rel.schema),
         quote_literal(&rel.name),
         quote_literal(&delta_name),
-        format!(
-            "array[{}]::text[]",
-            rel.key_columns
-                .iter()
-                .map(|k| quote_literal(k))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        key_array.join(", "),
     ));
     let what = format!("installing capture on {table}");
     with_lock_retries(client, db, &what, &ddl).await

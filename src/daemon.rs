@@ -402,11 +402,10 @@ pub fn start_detached(catalog_path: &Path) -> Result<i32> {
         .map_err(|e| Error::invalid(format!("cannot start the daemon: {e}"), ""))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(pid) = running_pid(catalog_path) {
-            if pid == child.id() as i32 {
+        if let Some(pid) = running_pid(catalog_path)
+            && pid == child.id() as i32 {
                 return Ok(pid);
             }
-        }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Error::invalid(
                 format!("the daemon exited at start ({status})"),

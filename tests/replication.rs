@@ -505,3 +505,53 @@ fn under_load_with_faults_pg12_to_pg17() {
 fn under_load_with_faults_pg15_to_pg17() {
     under_load_with_faults(15);
 }
+
+/// A restart of the source and terminated backends on the target make the
+/// sync bad, and the daemon makes it good again by itself (no kick).
+#[test]
+fn daemon_recovers_from_a_source_restart_and_killed_backends_pg17() {
+    let source = private_cluster(17);
+    let src = TestDb::new(source, "recsrc");
+    let dst = TestDb::new(cluster(17), "recdst");
+    src.sql().exec(SMALL_SCHEMA);
+    dst.sql().exec(SMALL_SCHEMA);
+    let p = Pgleap::for_clusters(&[source, dst.cluster]);
+    declare_sync(&p, &src, &dst, "on", &[]);
+    p.run(&["start"]).ok();
+    let d = dst.sql();
+
+    src.sql().exec("insert into t values (601, 'before')");
+    wait_for(&d, "select count(*) from t where id = 601", "1");
+
+    source.restart();
+    src.sql().exec("insert into t values (602, 'after the source restarted')");
+    wait_for(&d, "select count(*) from t where id = 602", "1");
+
+    let killed = dst.cluster.superuser("postgres").value(&format!(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity
+         where datname = '{}' and application_name = 'pgleap'",
+        dst.name
+    ));
+    assert_ne!(killed, "0", "no pgleap session on the target to terminate");
+    src.sql().exec("insert into t values (603, 'after the backends were killed')");
+    wait_for(&d, "select count(*) from t where id = 603", "1");
+
+    let status = p.run(&["status", "s", "--json"]).json();
+    let target = &status["syncs"][0]["targets"][0];
+    assert!(target["last_bad"].is_string(), "the outage was not recorded: {status}");
+    // Good again once a batch after the outage has been recorded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = p.run(&["status", "s", "--json"]).json();
+        if status["syncs"][0]["targets"][0]["state"] == "good" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sync stayed bad: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = p.run(&["status", "s"]);
+    assert!(text.ok().contains("last bad:"), "{text}");
+    p.run(&["stop"]).ok();
+    assert_same(&src.sql(), &d, SMALL_TABLES);
+    p.run(&["teardown", "s"]).ok();
+}
