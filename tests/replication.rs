@@ -1,57 +1,10 @@
 //! Change capture and apply: the target ends equal to the source, whatever
 //! the writes, the timing and the faults.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::per_major;
-use crate::support::{Cluster, OWNER, Pgleap, Sql, TestDb, cluster, private_cluster};
-
-/// Client tools of the machine's PostgreSQL 15, able to talk to 12..17.
-fn tool(name: &str) -> Command {
-    Command::new(format!("/usr/lib/postgresql/15/bin/{name}"))
-}
-
-/// Makes `dst` a copy of `src` (schema and data), as the Bucardo recipe
-/// does with pg_dump | psql before replication starts.
-fn copy_database(src: &TestDb, dst: &TestDb) {
-    let mut dump = tool("pg_dump")
-        .args([
-            "--no-owner",
-            "--no-privileges",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            OWNER,
-        ])
-        .args(["-p", &src.cluster.port.to_string(), &src.name])
-        .env("PGPASSWORD", &src.cluster.owner_password)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let restore = tool("psql")
-        .args([
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            OWNER,
-        ])
-        .args(["-p", &dst.cluster.port.to_string(), "-d", &dst.name])
-        .env("PGPASSWORD", &dst.cluster.owner_password)
-        .stdin(dump.stdout.take().unwrap())
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(dump.wait().unwrap().success(), "pg_dump failed");
-    assert!(
-        restore.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&restore.stderr)
-    );
-}
+use crate::support::{Cluster, OWNER, Pgleap, Sql, TestDb, cluster, copy_database, private_cluster, tool};
 
 /// Asserts that every table has the same rows on both sides, in full.
 fn assert_same(src: &Sql, dst: &Sql, tables: &[(&str, &str)]) {

@@ -5,7 +5,7 @@ pub mod cluster;
 pub mod sql;
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use cluster::{Cluster, OWNER, cluster, private_cluster, tls_cluster};
@@ -230,3 +230,50 @@ impl Pgleap {
         outcome
     }
 }
+
+/// Client tools of the machine's PostgreSQL 15, able to talk to 12..17.
+pub fn tool(name: &str) -> Command {
+    Command::new(format!("/usr/lib/postgresql/15/bin/{name}"))
+}
+
+/// Makes `dst` a copy of `src` (schema and data), as the Bucardo recipe
+/// does with pg_dump | psql before replication starts.
+pub fn copy_database(src: &TestDb, dst: &TestDb) {
+    let mut dump = tool("pg_dump")
+        .args([
+            "--no-owner",
+            "--no-privileges",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            OWNER,
+        ])
+        .args(["-p", &src.cluster.port.to_string(), &src.name])
+        .env("PGPASSWORD", &src.cluster.owner_password)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restore = tool("psql")
+        .args([
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            OWNER,
+        ])
+        .args(["-p", &dst.cluster.port.to_string(), "-d", &dst.name])
+        .env("PGPASSWORD", &dst.cluster.owner_password)
+        .stdin(dump.stdout.take().unwrap())
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(dump.wait().unwrap().success(), "pg_dump failed");
+    assert!(
+        restore.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+}
+
