@@ -16,7 +16,7 @@
 //! numbers show CPU and lock costs, not disk.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Instant;
@@ -98,16 +98,36 @@ fn remove_row_capture(db: &TestDb) {
 fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb) {
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences",
-            "--exclude-table", "public.pgbench_history"])
-        .ok();
+    p.run(&[
+        "relgroup",
+        "add",
+        "rg",
+        "--db",
+        "src",
+        "--all-tables",
+        "--all-sequences",
+        "--exclude-table",
+        "public.pgbench_history",
+    ])
+    .ok();
     p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
 }
 
 fn add_sync(p: &Pgleap) {
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "never",
-            "--autokick", "off"])
-        .ok();
+    p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "never",
+        "--autokick",
+        "off",
+    ])
+    .ok();
 }
 
 fn main() {
@@ -127,9 +147,8 @@ fn main() {
     // One statement changing many rows: where per-row triggers pay most.
     let bulk = || {
         let started = Instant::now();
-        src.sql().exec(&format!(
-            "update pgbench_accounts set filler = filler where aid <= {bulk_rows}"
-        ));
+        src.sql()
+            .exec(&format!("update pgbench_accounts set filler = filler where aid <= {bulk_rows}"));
         started.elapsed().as_secs_f64()
     };
     eprintln!("pgbench without capture ...");
@@ -155,7 +174,8 @@ fn main() {
     copy_database(&src, &dst);
     add_sync(&p);
     let rows = (scale * 100_000).min(1_000_000);
-    src.sql().exec(&format!("update pgbench_accounts set abalance = abalance + 1 where aid <= {rows}"));
+    src.sql()
+        .exec(&format!("update pgbench_accounts set abalance = abalance + 1 where aid <= {rows}"));
     eprintln!("applying {rows} changed rows ...");
     let started = Instant::now();
     p.run(&["kick", "s", "--wait", "3600"]).ok();
@@ -167,14 +187,35 @@ fn main() {
     dst.sql().exec("create table copy_ceiling (like pgbench_accounts)");
     let started = Instant::now();
     let mut out = tool("psql")
-        .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &src.cluster.port.to_string(), "-d", &src.name])
-        .args(["-c", &format!("\\copy (select * from pgbench_accounts where aid <= {rows}) to stdout")])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            OWNER,
+            "-p",
+            &src.cluster.port.to_string(),
+            "-d",
+            &src.name,
+        ])
+        .args([
+            "-c",
+            &format!("\\copy (select * from pgbench_accounts where aid <= {rows}) to stdout"),
+        ])
         .env("PGPASSWORD", &src.cluster.owner_password)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let status = tool("psql")
-        .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &dst.cluster.port.to_string(), "-d", &dst.name])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            OWNER,
+            "-p",
+            &dst.cluster.port.to_string(),
+            "-d",
+            &dst.name,
+        ])
         .args(["-c", "\\copy copy_ceiling from stdin"])
         .env("PGPASSWORD", &dst.cluster.owner_password)
         .stdin(out.stdout.take().unwrap())
@@ -184,7 +225,9 @@ fn main() {
     let copy_secs = started.elapsed().as_secs_f64();
     p.run(&["sync", "remove", "s"]).ok();
 
-    println!("## Capture overhead (PostgreSQL 12 source, pgbench scale {scale}, {clients} clients, {seconds} s each)\n");
+    println!(
+        "## Capture overhead (PostgreSQL 12 source, pgbench scale {scale}, {clients} clients, {seconds} s each)\n"
+    );
     println!("| capture | pgbench tps | tps ratio | UPDATE of {bulk_rows} rows, s | time ratio |");
     println!("|---|---|---|---|---|");
     for (name, (t, b)) in [
@@ -198,6 +241,13 @@ fn main() {
     println!("\n## Apply rate (PostgreSQL 12 to 17, {rows} changed rows)\n");
     println!("| method | seconds | rows/s | ratio to COPY |");
     println!("|---|---|---|---|");
-    println!("| pgleap kick --wait | {apply_secs:.2} | {:.0} | {:.2} |", rows as f64 / apply_secs, copy_secs / apply_secs);
-    println!("| psql \\copy out \\| \\copy in (ceiling) | {copy_secs:.2} | {:.0} | 1.00 |", rows as f64 / copy_secs);
+    println!(
+        "| pgleap kick --wait | {apply_secs:.2} | {:.0} | {:.2} |",
+        rows as f64 / apply_secs,
+        copy_secs / apply_secs
+    );
+    println!(
+        "| psql \\copy out \\| \\copy in (ceiling) | {copy_secs:.2} | {:.0} | 1.00 |",
+        rows as f64 / copy_secs
+    );
 }

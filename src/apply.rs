@@ -41,11 +41,13 @@ const LOCK_CLASS: i32 = 0x70676c70;
 #[derive(Debug, Clone)]
 pub struct TablePlan {
     pub display: String,
-    table: String,
+    pub(crate) table: String,
     delta: String,
-    keys: Vec<String>,
+    pub(crate) keys: Vec<String>,
     /// Quoted, comma-separated; generated columns left out.
-    columns: String,
+    pub(crate) columns: String,
+    /// Estimated at `relgroup add`, to decide whether to split the copy.
+    pub(crate) est_rows: i64,
 }
 
 /// Everything needed to apply one sync's batches.
@@ -87,10 +89,7 @@ impl Plan {
                     "capture for sync \"{}\" is not installed in database \"{source_db}\"",
                     sync.name
                 ),
-                format!(
-                    "remove and add the sync again (pgleap sync remove {})",
-                    sync.name
-                ),
+                format!("remove and add the sync again (pgleap sync remove {})", sync.name),
             ));
         };
         let mut tables = Vec::new();
@@ -107,8 +106,14 @@ impl Plan {
                 .await
                 .map_err(|e| Error::query(source_db, &e))?
                 .get(0);
+            let est_rows = relgroup
+                .members
+                .iter()
+                .find(|m| m.schema == c.schema && m.name == c.name)
+                .map_or(0, |m| m.est_rows);
             tables.push(TablePlan {
                 display: crate::inventory::display_name(&c.schema, &c.name),
+                est_rows,
                 delta: qualified(schema, &c.delta),
                 keys: c.key_columns.iter().map(|k| quote_ident(k)).collect(),
                 table,
@@ -132,13 +137,13 @@ impl Plan {
     }
 
     /// The SQL condition selecting deltas not yet applied after `prev`.
-    fn pending(prev: Option<&str>) -> String {
+    pub(crate) fn pending(prev: Option<&str>) -> String {
         match prev {
             Some(p) => {
                 let p = quote_literal(p);
                 format!(
-                    "txid >= txid_snapshot_xmin({p}::txid_snapshot) \
-                     and not txid_visible_in_snapshot(txid, {p}::txid_snapshot)"
+                    "_pgleap_txid >= txid_snapshot_xmin({p}::txid_snapshot) \
+                     and not txid_visible_in_snapshot(_pgleap_txid, {p}::txid_snapshot)"
                 )
             }
             None => "true".into(),
@@ -189,10 +194,7 @@ pub async fn prepare_target(tgt: &mut Client, db: &str, plan: &Plan) -> Result<b
     .map_err(|e| {
         if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             Error::invalid(
-                format!(
-                    "database \"{db}\": cannot create schema {}: {e}",
-                    plan.schema
-                ),
+                format!("database \"{db}\": cannot create schema {}: {e}", plan.schema),
                 "pgleap needs CREATE on the target database",
             )
         } else {
@@ -207,18 +209,12 @@ pub async fn prepare_target(tgt: &mut Client, db: &str, plan: &Plan) -> Result<b
             .get(0);
         if !found {
             return Err(Error::invalid(
-                format!(
-                    "table {} does not exist in target database \"{db}\"",
-                    t.display
-                ),
+                format!("table {} does not exist in target database \"{db}\"", t.display),
                 "create the schema on the target first (pg_dump --schema-only | psql)",
             ));
         }
     }
-    match tgt
-        .batch_execute("set session_replication_role = replica")
-        .await
-    {
+    match tgt.batch_execute("set session_replication_role = replica").await {
         Ok(()) => return Ok(true),
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
         Err(e) => return Err(q(e)),
@@ -277,10 +273,7 @@ pub async fn restore_target(tgt: &mut Client, db: &str, schema: &str, sync: &str
     let q = |e: tokio_postgres::Error| Error::query(db, &e);
     let s = quote_ident(schema);
     let exists: bool = tgt
-        .query_one(
-            "select to_regclass($1) is not null",
-            &[&format!("{s}.set_aside")],
-        )
+        .query_one("select to_regclass($1) is not null", &[&format!("{s}.set_aside")])
         .await
         .map_err(q)?
         .get(0);
@@ -326,33 +319,63 @@ pub async fn remove_target(tgt: &mut Client, db: &str, schema: &str, sync: &str)
     restore_target(tgt, db, schema, sync).await?;
     let s = quote_ident(schema);
     let exists: bool = tgt
-        .query_one(
-            "select to_regclass($1) is not null",
-            &[&format!("{s}.applied")],
-        )
+        .query_one("select to_regclass($1) is not null", &[&format!("{s}.applied")])
         .await
         .map_err(|e| Error::query(db, &e))?
         .get(0);
     if !exists {
         return Ok(());
     }
+    tgt.batch_execute(&format!(
+        "delete from {s}.applied where sync = {lit};
+         do $$ begin
+             if to_regclass('{s}.copy_units') is not null then
+                 delete from {s}.copy_units where sync = {lit};
+             end if;
+         end $$;",
+        lit = quote_literal(sync)
+    ))
+    .await
+    .map_err(|e| Error::query(db, &e))?;
+    capture::drop_schema_if_unused(
+        tgt,
+        db,
+        schema,
+        "applied",
+        &["applied", "set_aside", "copy_units"],
+    )
+    .await
+}
+
+/// A snapshot in which no transaction is visible: applying "after" it
+/// means applying every delta since capture started.
+pub const FROM_THE_START: &str = "1:1:";
+
+/// Records where change apply continues from (after an initial copy).
+pub async fn set_applied_snapshot(
+    tgt: &Client,
+    db: &str,
+    plan: &Plan,
+    snapshot: &str,
+) -> Result<()> {
     tgt.execute(
-        &format!("delete from {s}.applied where sync = $1"),
-        &[&sync],
+        &format!(
+            "insert into {}.applied (sync, snapshot) values ($1, $2)
+             on conflict (sync) do update set snapshot = excluded.snapshot, applied_at = now()",
+            quote_ident(&plan.schema)
+        ),
+        &[&plan.sync, &snapshot],
     )
     .await
     .map_err(|e| Error::query(db, &e))?;
-    capture::drop_schema_if_unused(tgt, db, schema, "applied", &["applied", "set_aside"]).await
+    Ok(())
 }
 
 /// The snapshot last applied on a target, if any.
 pub async fn applied_snapshot(tgt: &Client, db: &str, plan: &Plan) -> Result<Option<String>> {
     let row = tgt
         .query_opt(
-            &format!(
-                "select snapshot from {}.applied where sync = $1",
-                quote_ident(&plan.schema)
-            ),
+            &format!("select snapshot from {}.applied where sync = $1", quote_ident(&plan.schema)),
             &[&plan.sync],
         )
         .await
@@ -377,17 +400,11 @@ pub async fn apply_batch(
     let mut stats = BatchStats::default();
 
     let ttx = tgt.transaction().await.map_err(qt)?;
-    ttx.execute(
-        "select pg_advisory_xact_lock($1, $2)",
-        &[&LOCK_CLASS, &plan.sync_id],
-    )
-    .await
-    .map_err(qt)?;
+    ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id])
+        .await
+        .map_err(qt)?;
     let prev: Option<String> = ttx
-        .query_opt(
-            &format!("select snapshot from {s}.applied where sync = $1"),
-            &[&plan.sync],
-        )
+        .query_opt(&format!("select snapshot from {s}.applied where sync = $1"), &[&plan.sync])
         .await
         .map_err(qt)?
         .map(|r| r.get(0));
@@ -398,18 +415,15 @@ pub async fn apply_batch(
         .start()
         .await
         .map_err(qs)?;
-    stats.snapshot = stx
-        .query_one("select txid_current_snapshot()::text", &[])
-        .await
-        .map_err(qs)?
-        .get(0);
+    stats.snapshot =
+        stx.query_one("select txid_current_snapshot()::text", &[]).await.map_err(qs)?.get(0);
     let cond = Plan::pending(prev.as_deref());
 
     for t in &plan.tables {
         let row = stx
             .query_one(
                 &format!(
-                    "select count(*) filter (where not truncated), coalesce(bool_or(truncated), false)
+                    "select count(*) filter (where not _pgleap_truncated), coalesce(bool_or(_pgleap_truncated), false)
                      from {} where {cond}",
                     t.delta
                 ),
@@ -423,9 +437,7 @@ pub async fn apply_batch(
         }
         let keys = t.keys.join(", ");
         if truncated {
-            ttx.batch_execute(&format!("truncate {}", t.table))
-                .await
-                .map_err(qt)?;
+            ttx.batch_execute(&format!("truncate {}", t.table)).await.map_err(qt)?;
             stats.truncates += 1;
         } else {
             ttx.batch_execute(&format!(
@@ -438,7 +450,7 @@ pub async fn apply_batch(
             .map_err(qt)?;
             let out = stx
                 .copy_out(&format!(
-                    "copy (select distinct {keys} from {} where {cond} and not truncated) to stdout",
+                    "copy (select distinct {keys} from {} where {cond} and not _pgleap_truncated) to stdout",
                     t.delta
                 ))
                 .await
@@ -447,7 +459,12 @@ pub async fn apply_batch(
                 .copy_in(&format!("copy pg_temp.pgleap_keys ({keys}) from stdin"))
                 .await
                 .map_err(qt)?;
-            pump(out, sink, source_db, target_db).await?;
+            let keys_copied = pump(out, sink, source_db, target_db).await?;
+            if keys_copied > 1000 {
+                // Without statistics the planner takes the temp table for
+                // tiny and joins with index lookups per key.
+                ttx.batch_execute("analyze pg_temp.pgleap_keys").await.map_err(qt)?;
+            }
             let matches: Vec<String> = t.keys.iter().map(|k| format!("t.{k} = k.{k}")).collect();
             stats.deletes += ttx
                 .execute(
@@ -464,7 +481,7 @@ pub async fn apply_batch(
         let out = stx
             .copy_out(&format!(
                 "copy (select {cols} from {table} where ({keys}) in
-                       (select {keys} from {delta} where {cond} and not truncated)) to stdout",
+                       (select {keys} from {delta} where {cond} and not _pgleap_truncated)) to stdout",
                 cols = t.columns,
                 table = t.table,
                 delta = t.delta
@@ -484,12 +501,9 @@ pub async fn apply_batch(
             .await
             .map_err(qs)?;
         let (value, called): (i64, bool) = (row.get(0), row.get(1));
-        ttx.execute(
-            "select setval($1::text::regclass, $2, $3)",
-            &[seq, &value, &called],
-        )
-        .await
-        .map_err(qt)?;
+        ttx.execute("select setval($1::text::regclass, $2, $3)", &[seq, &value, &called])
+            .await
+            .map_err(qt)?;
     }
 
     ttx.execute(
@@ -532,8 +546,8 @@ async fn purge(src: &Client, plan: &Plan) -> Result<()> {
                  where not exists (select 1 from {s}.consumer c
                                    where c.sync_id = {id}
                                      and (c.snapshot is null
-                                          or not txid_visible_in_snapshot(d.txid, c.snapshot::txid_snapshot)))
-                   and d.txid < (select min(txid_snapshot_xmax(c.snapshot::txid_snapshot))
+                                          or not txid_visible_in_snapshot(d._pgleap_txid, c.snapshot::txid_snapshot)))
+                   and d._pgleap_txid < (select min(txid_snapshot_xmax(c.snapshot::txid_snapshot))
                                  from {s}.consumer c where c.sync_id = {id})",
                 delta = t.delta
             ),
@@ -553,21 +567,25 @@ pub async fn pump(
     source_db: &str,
     target_db: &str,
 ) -> Result<u64> {
+    Ok(pump_counted(out, sink, source_db, target_db).await?.0)
+}
+
+/// [`pump`], also returning the bytes forwarded.
+pub async fn pump_counted(
+    out: tokio_postgres::CopyOutStream,
+    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+    source_db: &str,
+    target_db: &str,
+) -> Result<(u64, u64)> {
     let mut out = std::pin::pin!(out);
     let mut sink = std::pin::pin!(sink);
-    while let Some(chunk) = out
-        .try_next()
-        .await
-        .map_err(|e| Error::query(source_db, &e))?
-    {
-        sink.feed(chunk)
-            .await
-            .map_err(|e| Error::query(target_db, &e))?;
+    let mut bytes = 0u64;
+    while let Some(chunk) = out.try_next().await.map_err(|e| Error::query(source_db, &e))? {
+        bytes += chunk.len() as u64;
+        sink.feed(chunk).await.map_err(|e| Error::query(target_db, &e))?;
     }
-    sink.as_mut()
-        .finish()
-        .await
-        .map_err(|e| Error::query(target_db, &e))
+    let rows = sink.as_mut().finish().await.map_err(|e| Error::query(target_db, &e))?;
+    Ok((rows, bytes))
 }
 
 /// Whether everything visible in snapshot `kick` is visible in `applied`
@@ -604,8 +622,8 @@ pub async fn pending(src: &Client, plan: &Plan, target: &str) -> Result<(i64, f6
         .iter()
         .map(|t| {
             format!(
-                "select count(*) n, min(captured_at) oldest from {} d
-                 where not coalesce(txid_visible_in_snapshot(d.txid, {snapshot}), false)",
+                "select count(*) n, min(_pgleap_at) oldest from {} d
+                 where not coalesce(txid_visible_in_snapshot(d._pgleap_txid, {snapshot}), false)",
                 t.delta
             )
         })

@@ -9,9 +9,10 @@
 //! - `relations`: per sync, each captured table and its delta table.
 //! - `consumer`: per sync and target, the source snapshot last applied
 //!   there; deltas visible in every target's snapshot are purged.
-//! - `d<sync>_<n>`: the delta table of one table: `txid` (of the writing
-//!   transaction), `captured_at`, `truncated`, and the key columns with their
-//!   own types (no text round trip for keys).
+//! - `d<sync>_<n>`: the delta table of one table: `_pgleap_txid` (of the
+//!   writing transaction), `_pgleap_at`, `_pgleap_truncated`, and the key
+//!   columns with their own names and types (no text round trip for keys).
+//!   The prefix keeps the bookkeeping columns clear of key names like `txid`.
 //!
 //! Triggers are statement-level with transition tables (one per event, as
 //! PostgreSQL requires), so a statement that touches a million rows runs the
@@ -98,10 +99,7 @@ pub async fn install(
     .map_err(|e| {
         if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             Error::invalid(
-                format!(
-                    "database \"{db}\": cannot create schema {schema}: {}",
-                    message(&e)
-                ),
+                format!("database \"{db}\": cannot create schema {schema}: {}", message(&e)),
                 "pgleap needs CREATE on the source database (GRANT CREATE ON DATABASE ... TO ...)",
             )
         } else {
@@ -109,10 +107,7 @@ pub async fn install(
         }
     })?;
     let existing = tx
-        .query_opt(
-            &format!("select id from {s}.syncs where name = $1"),
-            &[&sync],
-        )
+        .query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync])
         .await
         .map_err(q)?;
     if existing.is_some() {
@@ -122,10 +117,7 @@ pub async fn install(
         ));
     }
     let sync_id: i32 = tx
-        .query_one(
-            &format!("insert into {s}.syncs (name) values ($1) returning id"),
-            &[&sync],
-        )
+        .query_one(&format!("insert into {s}.syncs (name) values ($1) returning id"), &[&sync])
         .await
         .map_err(q)?
         .get(0);
@@ -192,26 +184,29 @@ async fn install_table(
 
     let mut ddl = format!(
         "create table {delta} (
-             txid int8 not null,
-             captured_at timestamptz not null default now(),
-             truncated bool not null default false,
+             _pgleap_txid int8 not null,
+             _pgleap_at timestamptz not null default now(),
+             _pgleap_truncated bool not null default false,
              {});
-         create index on {delta} (txid);
+         create index on {delta} (_pgleap_txid);
          create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
+         #variable_conflict use_column
          declare
-             x int8 := txid_current();
+             pgleap_txid_ int8 := txid_current();
          begin
              if tg_op = 'INSERT' then
-                 insert into {delta} (txid, {key_list}) select x, {key_list} from pgleap_new;
+                 insert into {delta} (_pgleap_txid, {key_list})
+                 select pgleap_txid_, {key_list} from pgleap_new;
              elsif tg_op = 'UPDATE' then
-                 insert into {delta} (txid, {key_list})
-                 select x, {key_list} from (select {key_list} from pgleap_new
-                                            union select {key_list} from pgleap_old) k;
+                 insert into {delta} (_pgleap_txid, {key_list})
+                 select pgleap_txid_, {key_list} from (select {key_list} from pgleap_new
+                                                       union select {key_list} from pgleap_old) k;
              elsif tg_op = 'DELETE' then
-                 insert into {delta} (txid, {key_list}) select x, {key_list} from pgleap_old;
+                 insert into {delta} (_pgleap_txid, {key_list})
+                 select pgleap_txid_, {key_list} from pgleap_old;
              else
-                 insert into {delta} (txid, truncated) values (x, true);
+                 insert into {delta} (_pgleap_txid, _pgleap_truncated) values (pgleap_txid_, true);
              end if;
              return null;
          end $pgleap$;\n",
@@ -248,13 +243,9 @@ async fn install_table(
 async fn with_lock_retries(client: &mut Client, db: &str, what: &str, ddl: &str) -> Result<()> {
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=LOCK_ATTEMPTS {
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| Error::query(db, &e))?;
+        let tx = client.transaction().await.map_err(|e| Error::query(db, &e))?;
         let result = async {
-            tx.batch_execute(&format!("set local lock_timeout = '{LOCK_TIMEOUT}'"))
-                .await?;
+            tx.batch_execute(&format!("set local lock_timeout = '{LOCK_TIMEOUT}'")).await?;
             tx.batch_execute(ddl).await?;
             tx.commit().await
         }
@@ -294,9 +285,7 @@ async fn with_lock_retries(client: &mut Client, db: &str, what: &str, ddl: &str)
 }
 
 fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.message().to_string())
-        .unwrap_or_else(|| e.to_string())
+    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
 }
 
 /// The captured tables of an installed sync, in installation order.
@@ -320,10 +309,7 @@ pub async fn captured(
     }
     let s = quote_ident(schema);
     let Some(row) = client
-        .query_opt(
-            &format!("select id from {s}.syncs where name = $1"),
-            &[&sync],
-        )
+        .query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync])
         .await
         .map_err(q)?
     else {
@@ -393,10 +379,7 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
         .await
         .map_err(|e| Error::query(db, &e))?;
     for f in &functions {
-        ddl.push_str(&format!(
-            "drop function {}();\n",
-            qualified(schema, f.get(0))
-        ));
+        ddl.push_str(&format!("drop function {}();\n", qualified(schema, f.get(0))));
     }
     let deltas = client
         .query(
@@ -415,14 +398,7 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
          delete from {s}.syncs where id = {sync_id};"
     ));
     with_lock_retries(client, db, "removing capture tables", &ddl).await?;
-    drop_schema_if_unused(
-        client,
-        db,
-        schema,
-        "syncs",
-        &["syncs", "relations", "consumer"],
-    )
-    .await
+    drop_schema_if_unused(client, db, schema, "syncs", &["syncs", "relations", "consumer"]).await
 }
 
 /// Drops pgleap's bookkeeping tables and the schema once `registry` is
@@ -436,22 +412,16 @@ pub async fn drop_schema_if_unused(
 ) -> Result<()> {
     let s = quote_ident(schema);
     let left: i64 = client
-        .query_one(
-            &format!("select count(*) from {s}.{}", quote_ident(registry)),
-            &[],
-        )
+        .query_one(&format!("select count(*) from {s}.{}", quote_ident(registry)), &[])
         .await
         .map_err(|e| Error::query(db, &e))?
         .get(0);
     if left > 0 {
         return Ok(());
     }
-    let list: Vec<String> = tables
-        .iter()
-        .map(|t| format!("{s}.{}", quote_ident(t)))
-        .collect();
+    let list: Vec<String> = tables.iter().map(|t| format!("{s}.{}", quote_ident(t))).collect();
     client
-        .batch_execute(&format!("drop table {}", list.join(", ")))
+        .batch_execute(&format!("drop table if exists {}", list.join(", ")))
         .await
         .map_err(|e| Error::query(db, &e))?;
     // Refuses (and we leave it) if someone put their own objects there.

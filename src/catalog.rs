@@ -138,32 +138,22 @@ pub enum CatalogError {
     #[error("{kind} \"{name}\" already exists")]
     AlreadyExists { kind: ObjectKind, name: String },
     #[error("{kind} \"{name}\" is in use by {}", users.join(", "))]
-    InUse {
-        kind: ObjectKind,
-        name: String,
-        users: Vec<String>,
-        force_allowed: bool,
-    },
+    InUse { kind: ObjectKind, name: String, users: Vec<String>, force_allowed: bool },
 }
 
 impl CatalogError {
     pub fn hint(&self) -> Option<String> {
         match self {
-            Self::NotFound { kind, .. } => Some(format!(
-                "`pgleap {} list` shows the {kind}s that exist",
-                kind.noun()
-            )),
+            Self::NotFound { kind, .. } => {
+                Some(format!("`pgleap {} list` shows the {kind}s that exist", kind.noun()))
+            }
             Self::AlreadyExists { kind, name } => Some(format!(
                 "choose another name, or remove the old one first (`pgleap {} remove {name}`)",
                 kind.noun()
             )),
-            Self::InUse {
-                force_allowed: true,
-                kind,
-                ..
-            } => Some(format!(
-                "remove those first, or add --force to take the {kind} out of them"
-            )),
+            Self::InUse { force_allowed: true, kind, .. } => {
+                Some(format!("remove those first, or add --force to take the {kind} out of them"))
+            }
             Self::InUse { .. } => Some("remove those first".into()),
             Self::Sqlite { .. } | Self::Create { .. } => None,
         }
@@ -222,10 +212,7 @@ impl DbGroup {
             .unwrap_or_default()
     }
     pub fn targets(&self) -> impl Iterator<Item = &str> {
-        self.members
-            .iter()
-            .filter(|m| m.role == Role::Target)
-            .map(|m| m.db.as_str())
+        self.members.iter().filter(|m| m.role == Role::Target).map(|m| m.db.as_str())
     }
 }
 
@@ -311,16 +298,8 @@ pub struct SyncState {
 
 /// The outcome of one round, to record.
 pub enum RoundOutcome<'a> {
-    Good {
-        millis: i64,
-        inserts: i64,
-        deletes: i64,
-    },
-    Bad {
-        millis: i64,
-        error: &'a str,
-        sqlstate: Option<&'a str>,
-    },
+    Good { millis: i64, inserts: i64, deletes: i64 },
+    Bad { millis: i64, error: &'a str, sqlstate: Option<&'a str> },
 }
 
 /// Fields of a database entry to write.
@@ -340,56 +319,32 @@ pub struct Catalog {
 impl Catalog {
     /// Where the catalog lives unless `--catalog` or `PGLEAP_CATALOG` say.
     pub fn default_path() -> PathBuf {
-        dirs::data_dir()
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join("pgleap")
-            .join("catalog.db")
+        dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("pgleap").join("catalog.db")
     }
 
     /// Opens the catalog, creating the file (0600) and its schema if needed.
     pub fn open(path: &Path) -> Result<Self> {
-        let create = |source| CatalogError::Create {
-            path: path.to_path_buf(),
-            source,
-        };
+        let create = |source| CatalogError::Create { path: path.to_path_buf(), source };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.exists()
         {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(create)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(create)?;
         }
         if !path.exists() {
             // create_new is harmless if another process won the race.
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(create(e)),
             }
         }
-        let sqlite = |source| CatalogError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        };
+        let sqlite = |source| CatalogError::Sqlite { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sqlite)?;
-        conn.pragma_update(None, "journal_mode", "wal")
-            .map_err(sqlite)?;
-        conn.pragma_update(None, "foreign_keys", "on")
-            .map_err(sqlite)?;
-        conn.pragma_update(None, "synchronous", "normal")
-            .map_err(sqlite)?;
-        let mut catalog = Catalog {
-            conn,
-            path: path.to_path_buf(),
-        };
+        conn.pragma_update(None, "journal_mode", "wal").map_err(sqlite)?;
+        conn.pragma_update(None, "foreign_keys", "on").map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "normal").map_err(sqlite)?;
+        let mut catalog = Catalog { conn, path: path.to_path_buf() };
         catalog.write(|tx| {
             tx.execute_batch(SCHEMA)?;
             tx.execute(
@@ -407,23 +362,15 @@ impl Catalog {
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> CatalogError {
-        CatalogError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        CatalogError::Sqlite { path: self.path.clone(), source }
     }
 
     /// Runs `f` in one write transaction; an error rolls everything back.
     fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T, WriteError>) -> Result<T> {
         let path = self.path.clone();
-        let sqlite = |source| CatalogError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sqlite)?;
+        let sqlite = |source| CatalogError::Sqlite { path: path.clone(), source };
+        let tx =
+            self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite)?;
         match f(&tx) {
             Ok(v) => {
                 tx.commit().map_err(sqlite)?;
@@ -449,10 +396,7 @@ impl Catalog {
         let mut shm = self.path.clone().into_os_string();
         shm.push("-shm");
         for p in [self.path.clone(), wal.into(), shm.into()] {
-            set(&p).map_err(|source| CatalogError::Create {
-                path: p.clone(),
-                source,
-            })?;
+            set(&p).map_err(|source| CatalogError::Create { path: p.clone(), source })?;
         }
         Ok(())
     }
@@ -504,10 +448,7 @@ impl Catalog {
     pub fn db(&self, name: &str) -> Result<Db> {
         self.dbs_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound {
-                kind: ObjectKind::Db,
-                name: name.into(),
-            })
+            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::Db, name: name.into() })
     }
 
     pub fn dbs(&self) -> Result<Vec<Db>> {
@@ -541,11 +482,9 @@ impl Catalog {
 
     pub fn stored_password(&self, name: &str) -> Result<Option<SecretString>> {
         self.conn
-            .query_row(
-                "select password from db where name = ?1",
-                params![name],
-                |r| r.get::<_, Option<String>>(0),
-            )
+            .query_row("select password from db where name = ?1", params![name], |r| {
+                r.get::<_, Option<String>>(0)
+            })
             .optional()
             .map(|o| o.flatten().map(SecretString::from))
             .map_err(|e| self.sqlite(e))
@@ -572,12 +511,7 @@ impl Catalog {
                 name,
             )?;
             if !syncs.is_empty() || !relgroups.is_empty() {
-                return Err(in_use(
-                    ObjectKind::Db,
-                    name,
-                    [syncs, relgroups].concat(),
-                    false,
-                ));
+                return Err(in_use(ObjectKind::Db, name, [syncs, relgroups].concat(), false));
             }
             let groups = column(
                 tx,
@@ -638,10 +572,7 @@ impl Catalog {
     pub fn dbgroup(&self, name: &str) -> Result<DbGroup> {
         self.dbgroups_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound {
-                kind: ObjectKind::DbGroup,
-                name: name.into(),
-            })
+            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::DbGroup, name: name.into() })
     }
 
     pub fn dbgroups(&self) -> Result<Vec<DbGroup>> {
@@ -672,23 +603,11 @@ impl Catalog {
         let mut groups: Vec<DbGroup> = Vec::new();
         for (name, created_at, db, role) in rows {
             if groups.last().is_none_or(|g| g.name != name) {
-                groups.push(DbGroup {
-                    name,
-                    members: Vec::new(),
-                    created_at,
-                });
+                groups.push(DbGroup { name, members: Vec::new(), created_at });
             }
             if let (Some(db), Some(role)) = (db, role) {
-                let role = if role == "source" {
-                    Role::Source
-                } else {
-                    Role::Target
-                };
-                groups
-                    .last_mut()
-                    .unwrap()
-                    .members
-                    .push(DbGroupMember { db, role });
+                let role = if role == "source" { Role::Source } else { Role::Target };
+                groups.last_mut().unwrap().members.push(DbGroupMember { db, role });
             }
         }
         Ok(groups)
@@ -699,11 +618,8 @@ impl Catalog {
             if !exists(tx, "dbgroup", name)? {
                 return Err(not_found(ObjectKind::DbGroup, name));
             }
-            let syncs = column(
-                tx,
-                "select 'sync ' || name from sync where dbgroup = ?1 order by 1",
-                name,
-            )?;
+            let syncs =
+                column(tx, "select 'sync ' || name from sync where dbgroup = ?1 order by 1", name)?;
             if !syncs.is_empty() {
                 return Err(in_use(ObjectKind::DbGroup, name, syncs, false));
             }
@@ -722,10 +638,7 @@ impl Catalog {
             if !exists(tx, "db", db)? {
                 return Err(not_found(ObjectKind::Db, db));
             }
-            tx.execute(
-                "insert into relgroup (name, db) values (?1, ?2)",
-                params![name, db],
-            )?;
+            tx.execute("insert into relgroup (name, db) values (?1, ?2)", params![name, db])?;
             let mut stmt = tx.prepare(
                 "insert into relgroup_member
                    (relgroup, schema_name, rel_name, kind, key_columns, est_bytes, est_rows)
@@ -750,10 +663,7 @@ impl Catalog {
     pub fn relgroup(&self, name: &str) -> Result<RelGroup> {
         self.relgroups_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound {
-                kind: ObjectKind::RelGroup,
-                name: name.into(),
-            })
+            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::RelGroup, name: name.into() })
     }
 
     pub fn relgroups(&self) -> Result<Vec<RelGroup>> {
@@ -785,24 +695,14 @@ impl Catalog {
                     }),
                     None => None,
                 };
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    member,
-                ))
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, member))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.sqlite(e))?;
         let mut groups: Vec<RelGroup> = Vec::new();
         for (name, db, created_at, member) in rows {
             if groups.last().is_none_or(|g| g.name != name) {
-                groups.push(RelGroup {
-                    name,
-                    db,
-                    members: Vec::new(),
-                    created_at,
-                });
+                groups.push(RelGroup { name, db, members: Vec::new(), created_at });
             }
             if let Some(m) = member {
                 groups.last_mut().unwrap().members.push(m);
@@ -881,10 +781,7 @@ impl Catalog {
     pub fn sync(&self, name: &str) -> Result<Sync> {
         self.syncs_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound {
-                kind: ObjectKind::Sync,
-                name: name.into(),
-            })
+            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::Sync, name: name.into() })
     }
 
     pub fn syncs(&self) -> Result<Vec<Sync>> {
@@ -922,11 +819,7 @@ impl Catalog {
 
     pub fn mark_sync_removing(&mut self, name: &str) -> Result<()> {
         self.write(|tx| {
-            if tx.execute(
-                "update sync set removing = 1 where name = ?1",
-                params![name],
-            )? == 0
-            {
+            if tx.execute("update sync set removing = 1 where name = ?1", params![name])? == 0 {
                 return Err(not_found(ObjectKind::Sync, name));
             }
             Ok(())
@@ -943,11 +836,7 @@ impl Catalog {
         self.write(|tx| {
             let now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
             match outcome {
-                RoundOutcome::Good {
-                    millis,
-                    inserts,
-                    deletes,
-                } => tx.execute(
+                RoundOutcome::Good { millis, inserts, deletes } => tx.execute(
                     &format!(
                         "insert into sync_state (sync, target, state, last_good, last_good_ms,
                                                  last_inserts, last_deletes)
@@ -959,11 +848,7 @@ impl Catalog {
                     ),
                     params![sync, target, millis, inserts, deletes],
                 )?,
-                RoundOutcome::Bad {
-                    millis,
-                    error,
-                    sqlstate,
-                } => tx.execute(
+                RoundOutcome::Bad { millis, error, sqlstate } => tx.execute(
                     &format!(
                         "insert into sync_state (sync, target, state, last_bad, last_bad_ms,
                                                  last_error, last_sqlstate)
@@ -1033,35 +918,22 @@ impl From<rusqlite::Error> for WriteError {
 }
 
 fn not_found(kind: ObjectKind, name: &str) -> WriteError {
-    WriteError::Catalog(CatalogError::NotFound {
-        kind,
-        name: name.into(),
-    })
+    WriteError::Catalog(CatalogError::NotFound { kind, name: name.into() })
 }
 
 fn already(kind: ObjectKind, name: &str) -> WriteError {
-    WriteError::Catalog(CatalogError::AlreadyExists {
-        kind,
-        name: name.into(),
-    })
+    WriteError::Catalog(CatalogError::AlreadyExists { kind, name: name.into() })
 }
 
 fn in_use(kind: ObjectKind, name: &str, users: Vec<String>, force_allowed: bool) -> WriteError {
-    WriteError::Catalog(CatalogError::InUse {
-        kind,
-        name: name.into(),
-        users,
-        force_allowed,
-    })
+    WriteError::Catalog(CatalogError::InUse { kind, name: name.into(), users, force_allowed })
 }
 
 /// `table` is one of our own table names, never user input.
 fn exists(tx: &Transaction<'_>, table: &str, name: &str) -> rusqlite::Result<bool> {
-    tx.query_row(
-        &format!("select exists (select 1 from {table} where name = ?1)"),
-        [name],
-        |r| r.get(0),
-    )
+    tx.query_row(&format!("select exists (select 1 from {table} where name = ?1)"), [name], |r| {
+        r.get(0)
+    })
 }
 
 fn column(tx: &Transaction<'_>, sql: &str, arg: &str) -> rusqlite::Result<Vec<String>> {
@@ -1098,28 +970,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Catalog::open(&dir.path().join("c.db")).unwrap();
         c.add_db(&db("a")).unwrap();
-        assert!(matches!(
-            c.add_db(&db("a")),
-            Err(CatalogError::AlreadyExists { .. })
-        ));
+        assert!(matches!(c.add_db(&db("a")), Err(CatalogError::AlreadyExists { .. })));
         let members = [
-            DbGroupMember {
-                db: "a".into(),
-                role: Role::Source,
-            },
-            DbGroupMember {
-                db: "missing".into(),
-                role: Role::Target,
-            },
+            DbGroupMember { db: "a".into(), role: Role::Source },
+            DbGroupMember { db: "missing".into(), role: Role::Target },
         ];
-        assert!(matches!(
-            c.add_dbgroup("g", &members),
-            Err(CatalogError::NotFound { .. })
-        ));
+        assert!(matches!(c.add_dbgroup("g", &members), Err(CatalogError::NotFound { .. })));
         assert!(c.dbgroups().unwrap().is_empty());
-        assert!(matches!(
-            c.remove_db("nope", false),
-            Err(CatalogError::NotFound { .. })
-        ));
+        assert!(matches!(c.remove_db("nope", false), Err(CatalogError::NotFound { .. })));
     }
 }

@@ -22,7 +22,8 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{self, BatchStats, Plan};
-use crate::catalog::{Catalog, CatalogError, RoundOutcome};
+use crate::catalog::{Catalog, CatalogError, OneTimeCopy, RoundOutcome};
+use crate::copy;
 use crate::error::{Error, Result};
 use crate::objects::{self, Env};
 
@@ -50,20 +51,16 @@ fn alive(pid: i32) -> bool {
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => {
+            stat.rsplit_once(')').is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        }
         Err(_) => true,
     }
 }
 
 /// The pid of the running daemon of this catalog, if any.
 pub fn running_pid(catalog: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file(catalog))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: i32 = std::fs::read_to_string(pid_file(catalog)).ok()?.trim().parse().ok()?;
     alive(pid).then_some(pid)
 }
 
@@ -79,20 +76,33 @@ pub struct Session {
 }
 
 impl Session {
+    /// Connects, prepares the target and, the first time, runs the initial
+    /// copy the sync asks for with `jobs` workers.
     pub async fn open(
         catalog: &Catalog,
         sync: &str,
         target: &str,
+        jobs: usize,
         env: Env<'_>,
     ) -> Result<Session> {
         let sync = catalog.sync(sync)?;
         let relgroup = catalog.relgroup(&sync.relgroup)?;
         let source = catalog.dbgroup(&sync.dbgroup)?.source().to_string();
-        let src = objects::connect_db(catalog, &source, env).await?;
-        let mut tgt = objects::connect_db(catalog, target, env).await?;
+        let source_conn = objects::DbConn::from_catalog(catalog, &source)?;
+        let target_conn = objects::DbConn::from_catalog(catalog, target)?;
+        let src = source_conn.connect(env).await?;
+        let mut tgt = target_conn.connect(env).await?;
         let plan = Plan::load(&src.client, &source, &sync, &relgroup).await?;
         let replica_role = apply::prepare_target(&mut tgt.client, target, &plan).await?;
-        let prev = apply::applied_snapshot(&tgt.client, target, &plan).await?;
+        let mut prev = apply::applied_snapshot(&tgt.client, target, &plan).await?;
+        if prev.is_none() && sync.onetimecopy != OneTimeCopy::Never {
+            let (handoff, _) =
+                copy::initial_copy(&source_conn, &target_conn, &plan, sync.onetimecopy, jobs, env)
+                    .await?;
+            let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
+            apply::set_applied_snapshot(&tgt.client, target, &plan, &start).await?;
+            prev = Some(start);
+        }
         Ok(Session {
             src: src.client,
             tgt: tgt.client,
@@ -188,7 +198,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         let started = Instant::now();
         let step: Result<Option<BatchStats>> = async {
             if session.is_none() {
-                session = Some(Session::open(&catalog, &sync, &target, env).await?);
+                session = Some(Session::open(&catalog, &sync, &target, default_jobs(), env).await?);
                 let s = session.as_ref().unwrap();
                 tracing::info!(
                     sync,
@@ -252,6 +262,11 @@ async fn sleep_or_cancel(token: &CancellationToken, d: Duration) -> bool {
     }
 }
 
+/// Parallel copy workers unless told otherwise: one per core.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// Removes the pid file when the daemon ends, however it ends normally.
 struct PidFile(PathBuf);
 
@@ -260,10 +275,7 @@ impl PidFile {
         let path = pid_file(catalog);
         if let Some(pid) = running_pid(catalog) {
             return Err(Error::invalid(
-                format!(
-                    "the daemon for catalog {} already runs (pid {pid})",
-                    catalog.display()
-                ),
+                format!("the daemon for catalog {} already runs (pid {pid})", catalog.display()),
                 "stop it first with pgleap stop",
             ));
         }
@@ -304,21 +316,14 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {
-            let mut workers: Vec<(
-                String,
-                String,
-                CancellationToken,
-                tokio::task::JoinHandle<()>,
-            )> = Vec::new();
+            let mut workers: Vec<(String, String, CancellationToken, tokio::task::JoinHandle<()>)> =
+                Vec::new();
             loop {
                 let wanted = match Catalog::open(catalog_path).and_then(|c| pairs(&c)) {
                     Ok(w) => w,
                     Err(e) => {
                         tracing::warn!("cannot read the catalog: {e}");
-                        workers
-                            .iter()
-                            .map(|(s, t, ..)| (s.clone(), t.clone()))
-                            .collect()
+                        workers.iter().map(|(s, t, ..)| (s.clone(), t.clone())).collect()
                     }
                 };
                 workers.retain(|(s, t, child, handle)| {
@@ -376,16 +381,9 @@ pub fn start_detached(catalog_path: &Path) -> Result<i32> {
     }
     let log_path = log_file(catalog_path);
     let open_log = || {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| {
-                Error::invalid(
-                    format!("cannot open the log file {}: {e}", log_path.display()),
-                    "",
-                )
-            })
+        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| {
+            Error::invalid(format!("cannot open the log file {}: {e}", log_path.display()), "")
+        })
     };
     let exe = std::env::current_exe()
         .map_err(|e| Error::invalid(format!("cannot find the pgleap binary: {e}"), ""))?;
@@ -403,9 +401,10 @@ pub fn start_detached(catalog_path: &Path) -> Result<i32> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(pid) = running_pid(catalog_path)
-            && pid == child.id() as i32 {
-                return Ok(pid);
-            }
+            && pid == child.id() as i32
+        {
+            return Ok(pid);
+        }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Error::invalid(
                 format!("the daemon exited at start ({status})"),
@@ -451,6 +450,7 @@ pub async fn kick(
     catalog: &mut Catalog,
     sync: &str,
     wait: Option<Duration>,
+    jobs: usize,
     env: Env<'_>,
 ) -> Result<Vec<(String, BatchStats)>> {
     let s = catalog.sync(sync)?;
@@ -472,13 +472,10 @@ pub async fn kick(
         loop {
             let started = Instant::now();
             let attempt: Result<BatchStats> = async {
-                let mut session = Session::open(catalog, sync, &target, env).await?;
+                let mut session = Session::open(catalog, sync, &target, jobs, env).await?;
                 let stats = session.batch().await?;
                 if !apply::covers(&session.src, &source, &stats.snapshot, &kick_snapshot).await? {
-                    return Err(Error::invalid(
-                        "batch did not reach the kick's snapshot",
-                        "",
-                    ));
+                    return Err(Error::invalid("batch did not reach the kick's snapshot", ""));
                 }
                 Ok(stats)
             }

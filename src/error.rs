@@ -29,32 +29,18 @@ pub enum Error {
         source: ConnectError,
     },
     #[error("database \"{db}\": query failed: {detail}")]
-    Query {
-        db: String,
-        detail: String,
-        sqlstate: Option<String>,
-    },
+    Query { db: String, detail: String, sqlstate: Option<String> },
     /// `kick --wait` ran out of time.
     #[error("sync \"{sync}\": target \"{target}\" did not catch up in time (last error: {last})")]
-    KickTimeout {
-        sync: String,
-        target: String,
-        last: String,
-    },
+    KickTimeout { sync: String, target: String, last: String },
     /// A request that cannot be carried out as given.
     #[error("{message}")]
-    Invalid {
-        message: String,
-        hint: Option<String>,
-    },
+    Invalid { message: String, hint: Option<String> },
 }
 
 impl Error {
     pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Self::Invalid {
-            message: message.into(),
-            hint: Some(hint.into()),
-        }
+        Self::Invalid { message: message.into(), hint: Some(hint.into()) }
     }
 
     pub fn query(db: &str, e: &tokio_postgres::Error) -> Self {
@@ -62,11 +48,7 @@ impl Error {
             Some(d) => (d.message().to_string(), Some(d.code().code().to_string())),
             None => (crate::pg::error_chain(e), None),
         };
-        Self::Query {
-            db: db.to_string(),
-            detail,
-            sqlstate,
-        }
+        Self::Query { db: db.to_string(), detail, sqlstate }
     }
 
     /// The process exit code: 1 for "ran, but the goal was not reached",

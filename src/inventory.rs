@@ -44,17 +44,9 @@ impl Selection {
 /// `schema.name` as a user would type it: quoted only where needed.
 pub fn display_name(schema: &str, name: &str) -> String {
     fn part(s: &str) -> String {
-        let simple = s
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && s.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if simple {
-            s.to_string()
-        } else {
-            quote_ident(s)
-        }
+        let simple = s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if simple { s.to_string() } else { quote_ident(s) }
     }
     format!("{}.{}", part(schema), part(name))
 }
@@ -262,18 +254,13 @@ async fn lookup(client: &Client, db: &str, name: &str, wanted: Wanted) -> Result
             ),
         )),
         (Wanted::Table, "r" | "p") | (Wanted::Sequence, "S") => Ok(oid),
-        (Wanted::Table, "S") => Err(Error::invalid(
-            format!("{name} is a sequence"),
-            format!("use --sequence {name}"),
-        )),
+        (Wanted::Table, "S") => {
+            Err(Error::invalid(format!("{name} is a sequence"), format!("use --sequence {name}")))
+        }
         _ => Err(Error::invalid(
             format!(
                 "{name} is not a {} (relkind {kind})",
-                if wanted == Wanted::Table {
-                    "table"
-                } else {
-                    "sequence"
-                }
+                if wanted == Wanted::Table { "table" } else { "sequence" }
             ),
             "pgleap replicates tables and sequences only; views are part of the schema copy",
         )),

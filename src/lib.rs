@@ -9,6 +9,7 @@
 //! - [`inventory`]: what a source database holds (tables, keys, sizes).
 //! - [`objects`]: declaring databases, dbgroups, relgroups and syncs.
 //! - [`capture`]: triggers and delta tables on the source.
+//! - [`copy`]: the initial copy, parallel, from one exported snapshot.
 //! - [`apply`]: snapshot-delimited batches applied to a target.
 //! - [`daemon`]: workers that apply continuously; start, stop, kick.
 //! - [`status`]: what each sync is doing.
@@ -20,6 +21,7 @@ pub mod apply;
 pub mod capture;
 pub mod catalog;
 pub mod cli;
+pub mod copy;
 pub mod daemon;
 pub mod error;
 pub mod inventory;

@@ -28,13 +28,8 @@ pub fn process_env(name: &str) -> Option<String> {
 pub fn check_name(kind: catalog::ObjectKind, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -59,36 +54,43 @@ pub async fn connect_params(
     password: &PasswordSource,
     env: Env<'_>,
 ) -> Result<Connected> {
-    let conn = ResolvedConn::resolve(params, password, env).map_err(|source| Error::Resolve {
-        db: db.into(),
-        source,
-    })?;
-    let client = pg::connect(&conn).await.map_err(|source| Error::Connect {
-        db: db.into(),
-        source,
-    })?;
-    let version = pg::server_version(&client)
-        .await
-        .map_err(|e| Error::query(db, &e))?;
-    Ok(Connected {
-        client,
-        conn,
-        version,
-    })
+    let conn = ResolvedConn::resolve(params, password, env)
+        .map_err(|source| Error::Resolve { db: db.into(), source })?;
+    let client =
+        pg::connect(&conn).await.map_err(|source| Error::Connect { db: db.into(), source })?;
+    let version = pg::server_version(&client).await.map_err(|e| Error::query(db, &e))?;
+    Ok(Connected { client, conn, version })
 }
 
 /// Connects to a database of the catalog by name.
 pub async fn connect_db(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<Connected> {
-    let db = catalog.db(name)?;
-    let params = ConnParams::parse(&db.conninfo).map_err(|source| Error::Conninfo {
-        db: name.into(),
-        source,
-    })?;
-    let password = PasswordSource {
-        stored: catalog.stored_password(name)?,
-        file: db.password_file.map(PathBuf::from),
-    };
-    connect_params(name, &params, &password, env).await
+    DbConn::from_catalog(catalog, name)?.connect(env).await
+}
+
+/// A database's connection details, taken from the catalog once, so that
+/// parallel workers can open connections without holding the catalog.
+#[derive(Clone)]
+pub struct DbConn {
+    pub name: String,
+    params: ConnParams,
+    password: PasswordSource,
+}
+
+impl DbConn {
+    pub fn from_catalog(catalog: &Catalog, name: &str) -> Result<DbConn> {
+        let db = catalog.db(name)?;
+        let params = ConnParams::parse(&db.conninfo)
+            .map_err(|source| Error::Conninfo { db: name.into(), source })?;
+        let password = PasswordSource {
+            stored: catalog.stored_password(name)?,
+            file: db.password_file.map(PathBuf::from),
+        };
+        Ok(DbConn { name: name.to_string(), params, password })
+    }
+
+    pub async fn connect(&self, env: Env<'_>) -> Result<Connected> {
+        connect_params(&self.name, &self.params, &self.password, env).await
+    }
 }
 
 /// How to reach a database, as given on the command line.
@@ -143,16 +145,11 @@ pub async fn update_db(
     let old = catalog.db(name)?;
     let mut params = match changes.dsn {
         Some(p) => p,
-        None => ConnParams::parse(&old.conninfo).map_err(|source| Error::Conninfo {
-            db: name.into(),
-            source,
-        })?,
+        None => ConnParams::parse(&old.conninfo)
+            .map_err(|source| Error::Conninfo { db: name.into(), source })?,
     };
     for (key, value) in &changes.fields {
-        params.set(key, value).map_err(|source| Error::Conninfo {
-            db: name.into(),
-            source,
-        })?;
+        params.set(key, value).map_err(|source| Error::Conninfo { db: name.into(), source })?;
     }
     let password_file = match changes.password_file {
         Some(f) => f,
@@ -160,11 +157,7 @@ pub async fn update_db(
     };
     // A stored password is kept unless replaced or forgotten.
     let keep_stored = old.password_stored && !changes.forget_password && !changes.store_password;
-    let spec = DbSpec {
-        params,
-        password_file,
-        store_password: changes.store_password,
-    };
+    let spec = DbSpec { params, password_file, store_password: changes.store_password };
     if keep_stored {
         let stored = catalog.stored_password(name)?;
         return save_db_with(catalog, name, spec, stored, env, true).await;
@@ -181,11 +174,8 @@ async fn save_db(
 ) -> Result<DbAdded> {
     let in_dsn = spec.params.take_password();
     let stored = if spec.store_password {
-        let pw = in_dsn.or_else(|| {
-            env("PGPASSWORD")
-                .filter(|p| !p.is_empty())
-                .map(SecretString::from)
-        });
+        let pw =
+            in_dsn.or_else(|| env("PGPASSWORD").filter(|p| !p.is_empty()).map(SecretString::from));
         if pw.is_none() {
             return Err(Error::invalid(
                 format!("--store-password for database \"{name}\" but no password was given"),
@@ -225,16 +215,11 @@ async fn save_db_with(
         })?),
         None => None,
     };
-    let password = PasswordSource {
-        stored: stored.clone(),
-        file: password_file.clone(),
-    };
+    let password = PasswordSource { stored: stored.clone(), file: password_file.clone() };
     let connected = connect_params(name, &spec.params, &password, env).await?;
     let version = connected.version.to_string();
     let conninfo = spec.params.to_conninfo_string();
-    let file = password_file
-        .as_ref()
-        .map(|p| p.to_string_lossy().into_owned());
+    let file = password_file.as_ref().map(|p| p.to_string_lossy().into_owned());
     let record = DbRecord {
         name,
         conninfo: &conninfo,
@@ -250,11 +235,7 @@ async fn save_db_with(
     } else {
         catalog.add_db(&record)?;
     }
-    Ok(DbAdded {
-        name: name.into(),
-        server_version: version,
-        target: connected.conn.to_string(),
-    })
+    Ok(DbAdded { name: name.into(), server_version: version, target: connected.conn.to_string() })
 }
 
 /// Parses `DB:source` / `DB:target`.
@@ -274,18 +255,12 @@ pub fn parse_member(spec: &str) -> Result<DbGroupMember> {
     if db.is_empty() {
         return Err(bad());
     }
-    Ok(DbGroupMember {
-        db: db.into(),
-        role,
-    })
+    Ok(DbGroupMember { db: db.into(), role })
 }
 
 pub fn add_dbgroup(catalog: &mut Catalog, name: &str, members: &[String]) -> Result<()> {
     check_name(catalog::ObjectKind::DbGroup, name)?;
-    let members = members
-        .iter()
-        .map(|m| parse_member(m))
-        .collect::<Result<Vec<_>>>()?;
+    let members = members.iter().map(|m| parse_member(m)).collect::<Result<Vec<_>>>()?;
     let sources = members.iter().filter(|m| m.role == Role::Source).count();
     if sources != 1 {
         return Err(Error::invalid(

@@ -58,11 +58,9 @@ pub async fn gather(
         }
         .await;
         let (tables, pending, source_error) = match live {
-            Ok((plan, pending)) => (
-                plan.tables.iter().map(|t| t.display.clone()).collect(),
-                Some(pending),
-                None,
-            ),
+            Ok((plan, pending)) => {
+                (plan.tables.iter().map(|t| t.display.clone()).collect(), Some(pending), None)
+            }
             Err(e) => (Vec::new(), None, Some(e.to_string())),
         };
         let targets = group
@@ -70,16 +68,14 @@ pub async fn gather(
             .enumerate()
             .map(|(i, target)| TargetStatus {
                 target: target.to_string(),
-                last: states
-                    .iter()
-                    .find(|s| s.target == target)
-                    .cloned()
-                    .unwrap_or_else(|| SyncState {
+                last: states.iter().find(|s| s.target == target).cloned().unwrap_or_else(|| {
+                    SyncState {
                         sync: sync.name.clone(),
                         target: target.to_string(),
                         state: "new".into(),
                         ..Default::default()
-                    }),
+                    }
+                }),
                 pending: pending.as_ref().map(|p| p[i].0),
                 lag_seconds: pending.as_ref().map(|p| p[i].1),
             })

@@ -19,11 +19,7 @@ fn concurrent_processes_do_not_corrupt_the_catalog() {
         .collect();
     for child in children {
         let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     // The same name from two processes: exactly one wins.
     let racers: Vec<_> = (0..4)
@@ -58,12 +54,8 @@ fn concurrent_processes_do_not_corrupt_the_catalog() {
 fn catalog_location_follows_flag_then_env_then_data_dir() {
     let p = Pgleap::new();
     // No PGLEAP_CATALOG: the user's data directory.
-    let out = p
-        .command()
-        .env_remove("PGLEAP_CATALOG")
-        .args(["db", "list", "--json"])
-        .output()
-        .unwrap();
+    let out =
+        p.command().env_remove("PGLEAP_CATALOG").args(["db", "list", "--json"]).output().unwrap();
     assert!(out.status.success());
     assert!(p.home().join(".local/share/pgleap/catalog.db").exists());
     // PGLEAP_CATALOG.
@@ -71,7 +63,6 @@ fn catalog_location_follows_flag_then_env_then_data_dir() {
     assert!(p.catalog.exists());
     // --catalog wins over the environment.
     let flag = p.home().join("elsewhere/c.db");
-    p.run(&["--catalog", flag.to_str().unwrap(), "db", "list"])
-        .ok();
+    p.run(&["--catalog", flag.to_str().unwrap(), "db", "list"]).ok();
     assert!(flag.exists());
 }

@@ -4,10 +4,7 @@
 use crate::support::{OWNER, Pgleap, TestDb, tls_cluster};
 
 fn dsn(db: &TestDb, host: &str, extra: &str) -> String {
-    format!(
-        "host={host} port={} dbname={} user={OWNER} {extra}",
-        db.cluster.port, db.name
-    )
+    format!("host={host} port={} dbname={} user={OWNER} {extra}", db.cluster.port, db.name)
 }
 
 #[test]
@@ -20,11 +17,7 @@ fn verify_full_checks_the_chain_and_the_host_name() {
         "add",
         "full",
         "--dsn",
-        &dsn(
-            &db,
-            "localhost",
-            &format!("sslmode=verify-full sslrootcert={ca}"),
-        ),
+        &dsn(&db, "localhost", &format!("sslmode=verify-full sslrootcert={ca}")),
     ])
     .ok();
     let uri = format!(
@@ -38,22 +31,12 @@ fn verify_full_checks_the_chain_and_the_host_name() {
         "add",
         "byip",
         "--dsn",
-        &dsn(
-            &db,
-            "127.0.0.1",
-            &format!("sslmode=verify-full sslrootcert={ca}"),
-        ),
+        &dsn(&db, "127.0.0.1", &format!("sslmode=verify-full sslrootcert={ca}")),
     ])
     .fails_with(&["TLS", "hint: check sslmode and sslrootcert"]);
     // Without a root certificate there is nothing to verify against.
-    p.run(&[
-        "db",
-        "add",
-        "noca",
-        "--dsn",
-        &dsn(&db, "localhost", "sslmode=verify-full"),
-    ])
-    .fails_with(&["needs a root certificate", "sslrootcert"]);
+    p.run(&["db", "add", "noca", "--dsn", &dsn(&db, "localhost", "sslmode=verify-full")])
+        .fails_with(&["needs a root certificate", "sslrootcert"]);
 }
 
 #[test]
@@ -66,11 +49,7 @@ fn verify_ca_ignores_the_host_name_but_not_the_issuer() {
         "add",
         "ca",
         "--dsn",
-        &dsn(
-            &db,
-            "127.0.0.1",
-            &format!("sslmode=verify-ca sslrootcert={ca}"),
-        ),
+        &dsn(&db, "127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}")),
     ])
     .ok();
     // A CA that did not sign the server's certificate is refused.
@@ -84,11 +63,7 @@ fn verify_ca_ignores_the_host_name_but_not_the_issuer() {
         "add",
         "other",
         "--dsn",
-        &dsn(
-            &db,
-            "127.0.0.1",
-            &format!("sslmode=verify-ca sslrootcert={}", other.display()),
-        ),
+        &dsn(&db, "127.0.0.1", &format!("sslmode=verify-ca sslrootcert={}", other.display())),
     ])
     .fails_with(&["TLS"]);
 }
@@ -97,33 +72,12 @@ fn verify_ca_ignores_the_host_name_but_not_the_issuer() {
 fn require_and_prefer_encrypt_without_verifying_and_disable_is_refused() {
     let db = TestDb::new(tls_cluster(), "tlsreq");
     let p = Pgleap::for_cluster(db.cluster);
-    p.run(&[
-        "db",
-        "add",
-        "req",
-        "--dsn",
-        &dsn(&db, "127.0.0.1", "sslmode=require"),
-    ])
-    .ok();
-    p.run(&["db", "add", "pref", "--dsn", &dsn(&db, "127.0.0.1", "")])
-        .ok();
-    p.run(&[
-        "db",
-        "add",
-        "allow",
-        "--dsn",
-        &dsn(&db, "127.0.0.1", "sslmode=allow"),
-    ])
-    .ok();
+    p.run(&["db", "add", "req", "--dsn", &dsn(&db, "127.0.0.1", "sslmode=require")]).ok();
+    p.run(&["db", "add", "pref", "--dsn", &dsn(&db, "127.0.0.1", "")]).ok();
+    p.run(&["db", "add", "allow", "--dsn", &dsn(&db, "127.0.0.1", "sslmode=allow")]).ok();
     // The server's pg_hba.conf rejects unencrypted TCP.
-    p.run(&[
-        "db",
-        "add",
-        "plain",
-        "--dsn",
-        &dsn(&db, "127.0.0.1", "sslmode=disable"),
-    ])
-    .fails_with(&["database \"plain\"", "no encryption"]);
+    p.run(&["db", "add", "plain", "--dsn", &dsn(&db, "127.0.0.1", "sslmode=disable")])
+        .fails_with(&["database \"plain\"", "no encryption"]);
     // PGSSLMODE is honoured when the string does not say.
     let env = Pgleap::for_cluster(db.cluster).env("PGSSLMODE", "disable");
     env.run(&["db", "add", "plain", "--dsn", &dsn(&db, "127.0.0.1", "")])

@@ -73,42 +73,27 @@ fn add_refuses_bad_input_and_leaves_nothing_behind() {
     let p = Pgleap::for_cluster(db.cluster);
     let port = db.cluster.port;
 
-    p.run(&["db", "add", "x", "--dsn", "host=127.0.0.1 port"])
-        .fails_with(&["database \"x\"", "invalid connection string", "hint:"]);
+    p.run(&["db", "add", "x", "--dsn", "host=127.0.0.1 port"]).fails_with(&[
+        "database \"x\"",
+        "invalid connection string",
+        "hint:",
+    ]);
     p.run(&["db", "add", "x", "--dsn", "hots=127.0.0.1"])
         .fails_with(&["invalid connection option \"hots\""]);
-    p.run(&["db", "add", "x", "--dsn", "sslmode=sometimes"])
-        .fails_with(&["invalid sslmode"]);
-    p.run(&["db", "add", "bad name", "--dsn", &db.dsn()])
-        .fails_with(&["invalid database name"]);
+    p.run(&["db", "add", "x", "--dsn", "sslmode=sometimes"]).fails_with(&["invalid sslmode"]);
+    p.run(&["db", "add", "bad name", "--dsn", &db.dsn()]).fails_with(&["invalid database name"]);
 
     // Nothing listens on a port we just freed.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    p.run(&[
-        "db",
-        "add",
-        "x",
-        "--dsn",
-        &format!("host=127.0.0.1 port={closed} dbname=d user=u"),
-    ])
-    .fails_with(&[
-        "database \"x\"",
-        "cannot reach the server",
-        "hint: check host and port",
-    ]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    p.run(&["db", "add", "x", "--dsn", &format!("host=127.0.0.1 port={closed} dbname=d user=u")])
+        .fails_with(&["database \"x\"", "cannot reach the server", "hint: check host and port"]);
 
     let wrong = Pgleap::new().env("PGPASSWORD", "not-the-password");
-    wrong
-        .run(&["db", "add", "x", "--dsn", &db.dsn()])
-        .fails_with(&[
-            "authentication failed",
-            &format!("{OWNER}@127.0.0.1:{port}/{}", db.name),
-            "hint: check the user name and the password",
-        ]);
+    wrong.run(&["db", "add", "x", "--dsn", &db.dsn()]).fails_with(&[
+        "authentication failed",
+        &format!("{OWNER}@127.0.0.1:{port}/{}", db.name),
+        "hint: check the user name and the password",
+    ]);
     let none = Pgleap::new();
     none.run(&["db", "add", "x", "--dsn", &db.dsn()])
         .fails_with(&["authentication failed", "none was found"]);
@@ -117,23 +102,17 @@ fn add_refuses_bad_input_and_leaves_nothing_behind() {
     p.run(&["db", "add", "x", "--dsn", &missing])
         .fails_with(&["database \"no_such_db\" does not exist", "createdb"]);
 
-    let with_password = format!(
-        "postgresql://{OWNER}:{}@127.0.0.1:{port}/{}",
-        db.cluster.owner_password, db.name
-    );
+    let with_password =
+        format!("postgresql://{OWNER}:{}@127.0.0.1:{port}/{}", db.cluster.owner_password, db.name);
     p.run(&["db", "add", "x", "--dsn", &with_password])
         .fails_with(&["contains a password", "--store-password"]);
 
-    assert_eq!(
-        p.run(&["db", "list", "--json"]).json(),
-        serde_json::json!([])
-    );
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
 
     p.run(&["db", "add", "x", "--dsn", &db.dsn()]).ok();
     p.run(&["db", "add", "x", "--dsn", &db.dsn()])
         .fails_with(&["database \"x\" already exists", "pgleap db remove x"]);
-    p.run(&["db", "show", "nope"])
-        .fails_with(&["database \"nope\" does not exist", "db list"]);
+    p.run(&["db", "show", "nope"]).fails_with(&["database \"nope\" does not exist", "db list"]);
 }
 
 #[test]
@@ -141,26 +120,17 @@ fn store_password_needs_the_flag_and_makes_the_catalog_private() {
     let db = TestDb::new(cluster(17), "dbstore");
     let pw = &db.cluster.owner_password;
     let p = Pgleap::new().secret(pw);
-    let dsn = format!(
-        "postgresql://{OWNER}:{pw}@127.0.0.1:{}/{}",
-        db.cluster.port, db.name
-    );
-    p.run(&["db", "add", "s", "--dsn", &dsn, "--store-password"])
-        .ok();
+    let dsn = format!("postgresql://{OWNER}:{pw}@127.0.0.1:{}/{}", db.cluster.port, db.name);
+    p.run(&["db", "add", "s", "--dsn", &dsn, "--store-password"]).ok();
     let mode = std::fs::metadata(&p.catalog).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let shown = p.run(&["db", "show", "s", "--json"]).json();
     assert_eq!(shown["password_stored"], true);
     // The stored password is what later connections use (no PGPASSWORD here).
-    p.run(&["db", "update", "s", "--port", &db.cluster.port.to_string()])
-        .ok();
+    p.run(&["db", "update", "s", "--port", &db.cluster.port.to_string()]).ok();
     // And it can be forgotten, after which nothing else supplies one.
-    p.run(&["db", "update", "s", "--forget-password"])
-        .fails_with(&["authentication failed"]);
-    assert_eq!(
-        p.run(&["db", "show", "s", "--json"]).json()["password_stored"],
-        true
-    );
+    p.run(&["db", "update", "s", "--forget-password"]).fails_with(&["authentication failed"]);
+    assert_eq!(p.run(&["db", "show", "s", "--json"]).json()["password_stored"], true);
 }
 
 #[test]
@@ -170,29 +140,16 @@ fn password_file_and_pgpass_are_referenced_not_copied() {
     let p = Pgleap::new().secret(&pw);
     let file = p.home().join("pw.txt");
     write_private(&file, &format!("{pw}\n"));
-    p.run(&[
-        "db",
-        "add",
-        "f",
-        "--dsn",
-        &db.dsn(),
-        "--password-file",
-        file.to_str().unwrap(),
-    ])
-    .ok();
+    p.run(&["db", "add", "f", "--dsn", &db.dsn(), "--password-file", file.to_str().unwrap()]).ok();
     let shown = p.run(&["db", "show", "f"]);
     assert!(shown.ok().contains("file "), "{shown}");
     assert!(!String::from_utf8_lossy(&std::fs::read(&p.catalog).unwrap()).contains(&pw));
     // The file is read at each connection: a wrong password there now fails.
     write_private(&file, "wrong\n");
-    p.run(&["db", "update", "f", "--user", OWNER])
-        .fails_with(&["authentication failed"]);
+    p.run(&["db", "update", "f", "--user", OWNER]).fails_with(&["authentication failed"]);
 
     let pgpass = p.home().join(".pgpass");
-    write_private(
-        &pgpass,
-        &format!("127.0.0.1:{}:*:{OWNER}:{pw}\n", db.cluster.port),
-    );
+    write_private(&pgpass, &format!("127.0.0.1:{}:*:{OWNER}:{pw}\n", db.cluster.port));
     p.run(&["db", "add", "g", "--dsn", &db.dsn()]).ok();
     std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
     p.run(&["db", "update", "g", "--user", OWNER])
@@ -213,10 +170,7 @@ fn pg_environment_variables_fill_the_connection() {
     let shown = p.run(&["db", "show", "e", "--json"]).json();
     assert_eq!(
         shown["conninfo"],
-        format!(
-            "dbname={} host=127.0.0.1 port={port} sslmode=disable user={OWNER}",
-            db.name
-        )
+        format!("dbname={} host=127.0.0.1 port={port} sslmode=disable user={OWNER}", db.name)
     );
 }
 
@@ -228,18 +182,9 @@ fn update_reconnects_before_saving() {
     p.run(&["db", "add", "a", "--dsn", &a.dsn()]).ok();
     p.run(&["db", "update", "a", "--dbname", &b.name]).ok();
     let conninfo = p.run(&["db", "show", "a", "--json"]).json()["conninfo"].clone();
-    assert!(
-        conninfo
-            .as_str()
-            .unwrap()
-            .contains(&format!("dbname={}", b.name))
-    );
-    p.run(&["db", "update", "a", "--dbname", "no_such_db"])
-        .fails_with(&["does not exist"]);
-    assert_eq!(
-        p.run(&["db", "show", "a", "--json"]).json()["conninfo"],
-        conninfo
-    );
+    assert!(conninfo.as_str().unwrap().contains(&format!("dbname={}", b.name)));
+    p.run(&["db", "update", "a", "--dbname", "no_such_db"]).fails_with(&["does not exist"]);
+    assert_eq!(p.run(&["db", "show", "a", "--json"]).json()["conninfo"], conninfo);
     p.run(&["db", "update", "nope", "--dbname", &b.name])
         .fails_with(&["database \"nope\" does not exist"]);
 }
@@ -252,18 +197,13 @@ fn remove_is_refused_while_a_dbgroup_uses_it_unless_forced() {
     p.run(&["db", "add", "a", "--dsn", &a.dsn()]).ok();
     p.run(&["db", "add", "b", "--dsn", &b.dsn()]).ok();
     p.run(&["dbgroup", "add", "g", "a:source", "b:target"]).ok();
-    p.run(&["db", "remove", "b"])
-        .fails_with(&["in use by dbgroup g", "--force"]);
+    p.run(&["db", "remove", "b"]).fails_with(&["in use by dbgroup g", "--force"]);
     let used = p.run(&["db", "show", "b", "--json"]).json()["used_by"].clone();
     assert_eq!(used, serde_json::json!(["dbgroup g (target)"]));
     p.run(&["db", "remove", "b", "--force"]).ok();
     let group = p.run(&["dbgroup", "show", "g", "--json"]).json();
-    assert_eq!(
-        group[0]["members"],
-        serde_json::json!([{"db": "a", "role": "source"}])
-    );
-    p.run(&["db", "remove", "b"])
-        .fails_with(&["database \"b\" does not exist"]);
+    assert_eq!(group[0]["members"], serde_json::json!([{"db": "a", "role": "source"}]));
+    p.run(&["db", "remove", "b"]).fails_with(&["database \"b\" does not exist"]);
     let names: Vec<_> = p
         .run(&["db", "list", "--json"])
         .json()

@@ -15,8 +15,7 @@ fn three_dbs() -> (Pgleap, TestDb) {
 #[test]
 fn add_list_show_remove() {
     let (p, _db) = three_dbs();
-    p.run(&["dbgroup", "add", "g", "a:source", "b:target", "c:target"])
-        .ok();
+    p.run(&["dbgroup", "add", "g", "a:source", "b:target", "c:target"]).ok();
     let groups = p.run(&["dbgroup", "list", "--json"]).json();
     assert_eq!(
         groups[0]["members"],
@@ -30,10 +29,7 @@ fn add_list_show_remove() {
     assert!(text.ok().contains("b, c"), "{text}");
     assert_eq!(p.run(&["dbgroup", "show", "g", "--json"]).json(), groups);
     p.run(&["dbgroup", "remove", "g"]).ok();
-    assert_eq!(
-        p.run(&["dbgroup", "list", "--json"]).json(),
-        serde_json::json!([])
-    );
+    assert_eq!(p.run(&["dbgroup", "list", "--json"]).json(), serde_json::json!([]));
 }
 
 #[test]
@@ -41,30 +37,17 @@ fn add_refuses_bad_groups() {
     let (p, _db) = three_dbs();
     p.run(&["dbgroup", "add", "g", "a:source", "nope:target"])
         .fails_with(&["database \"nope\" does not exist"]);
-    p.run(&["dbgroup", "add", "g", "a:source", "b:source"])
-        .fails_with(&["2 sources"]);
-    p.run(&["dbgroup", "add", "g", "a:target", "b:target"])
-        .fails_with(&["0 sources"]);
-    p.run(&["dbgroup", "add", "g", "a:source"])
-        .fails_with(&["has no target"]);
-    p.run(&["dbgroup", "add", "g", "a:source", "a:target"])
-        .fails_with(&["appears twice"]);
+    p.run(&["dbgroup", "add", "g", "a:source", "b:source"]).fails_with(&["2 sources"]);
+    p.run(&["dbgroup", "add", "g", "a:target", "b:target"]).fails_with(&["0 sources"]);
+    p.run(&["dbgroup", "add", "g", "a:source"]).fails_with(&["has no target"]);
+    p.run(&["dbgroup", "add", "g", "a:source", "a:target"]).fails_with(&["appears twice"]);
     p.run(&["dbgroup", "add", "g", "a:source", "b:replica"])
-        .fails_with(&[
-            "invalid dbgroup member \"b:replica\"",
-            "DB:source or DB:target",
-        ]);
-    p.run(&["dbgroup", "add", "g", "a", "b:target"])
-        .fails_with(&["invalid dbgroup member"]);
-    assert_eq!(
-        p.run(&["dbgroup", "list", "--json"]).json(),
-        serde_json::json!([])
-    );
+        .fails_with(&["invalid dbgroup member \"b:replica\"", "DB:source or DB:target"]);
+    p.run(&["dbgroup", "add", "g", "a", "b:target"]).fails_with(&["invalid dbgroup member"]);
+    assert_eq!(p.run(&["dbgroup", "list", "--json"]).json(), serde_json::json!([]));
     p.run(&["dbgroup", "add", "g", "a:source", "b:target"]).ok();
     p.run(&["dbgroup", "add", "g", "a:source", "c:target"])
         .fails_with(&["dbgroup \"g\" already exists"]);
-    p.run(&["dbgroup", "remove", "nope"])
-        .fails_with(&["dbgroup \"nope\" does not exist"]);
-    p.run(&["dbgroup", "show", "nope"])
-        .fails_with(&["dbgroup \"nope\" does not exist"]);
+    p.run(&["dbgroup", "remove", "nope"]).fails_with(&["dbgroup \"nope\" does not exist"]);
+    p.run(&["dbgroup", "show", "nope"]).fails_with(&["dbgroup \"nope\" does not exist"]);
 }

@@ -16,3 +16,5 @@ mod relgroup;
 mod sync;
 // Capture, apply, the daemon, faults.
 mod replication;
+// The initial copy and type fidelity.
+mod copy;

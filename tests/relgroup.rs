@@ -104,12 +104,7 @@ fn tables_without_a_usable_key_are_refused_with_the_full_list() {
     ]);
     assert_eq!(p.run(&["relgroup", "list", "--json"]).json(), json!([]));
     let mut args = vec!["relgroup", "add", "rg", "--db", "src", "--all-tables"];
-    for t in [
-        "public.expr",
-        "public.nokey",
-        "public.nullable",
-        "public.partial",
-    ] {
+    for t in ["public.expr", "public.nokey", "public.nullable", "public.partial"] {
         args.extend(["--exclude-table", t]);
     }
     p.run(&args).ok();
@@ -182,29 +177,13 @@ fn schemas_select_and_exclude() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| {
-                format!(
-                    "{}.{}",
-                    m["schema"].as_str().unwrap(),
-                    m["name"].as_str().unwrap()
-                )
-            })
+            .map(|m| format!("{}.{}", m["schema"].as_str().unwrap(), m["name"].as_str().unwrap()))
             .collect()
     };
-    p.run(&["relgroup", "add", "one", "--db", "src", "--schema", "s1"])
-        .ok();
+    p.run(&["relgroup", "add", "one", "--db", "src", "--schema", "s1"]).ok();
     assert_eq!(names("one"), ["s1.a"]);
-    p.run(&[
-        "relgroup",
-        "add",
-        "rest",
-        "--db",
-        "src",
-        "--all-tables",
-        "--exclude-schema",
-        "s2",
-    ])
-    .ok();
+    p.run(&["relgroup", "add", "rest", "--db", "src", "--all-tables", "--exclude-schema", "s2"])
+        .ok();
     assert_eq!(names("rest"), ["public.c", "s1.a"]);
     p.run(&["relgroup", "add", "bad", "--db", "src", "--schema", "s9"])
         .fails_with(&["schema \"s9\" does not exist"]);
@@ -213,8 +192,7 @@ fn schemas_select_and_exclude() {
     let list = p.run(&["relgroup", "list"]);
     assert!(list.ok().contains("rest"), "{list}");
     p.run(&["relgroup", "remove", "one"]).ok();
-    p.run(&["relgroup", "remove", "one"])
-        .fails_with(&["relgroup \"one\" does not exist"]);
+    p.run(&["relgroup", "remove", "one"]).fails_with(&["relgroup \"one\" does not exist"]);
     let left: Vec<Value> = p
         .run(&["relgroup", "list", "--json"])
         .json()

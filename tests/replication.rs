@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::per_major;
-use crate::support::{Cluster, OWNER, Pgleap, Sql, TestDb, cluster, copy_database, private_cluster, tool};
+use crate::support::{
+    Cluster, OWNER, Pgleap, Sql, TestDb, cluster, copy_database, private_cluster, tool,
+};
 
 /// Asserts that every table has the same rows on both sides, in full.
 fn assert_same(src: &Sql, dst: &Sql, tables: &[(&str, &str)]) {
@@ -12,11 +14,7 @@ fn assert_same(src: &Sql, dst: &Sql, tables: &[(&str, &str)]) {
         let query = format!("select * from {table} order by {order}");
         let (a, b) = (src.rows(&query), dst.rows(&query));
         if a != b {
-            let first = a
-                .iter()
-                .zip(&b)
-                .position(|(x, y)| x != y)
-                .unwrap_or(a.len().min(b.len()));
+            let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
             panic!(
                 "{table} differs: source has {} rows, target {}; first difference at row {first}:\n  \
                  source {:?}\n  target {:?}",
@@ -38,18 +36,9 @@ fn assert_same_sequences(src: &Sql, dst: &Sql, sequences: &[&str]) {
 
 /// No trace of pgleap left in a database.
 fn assert_no_pgleap_objects(sql: &Sql) {
-    assert_eq!(
-        sql.value("select count(*) from pg_namespace where nspname = 'pgleap'"),
-        "0"
-    );
-    assert_eq!(
-        sql.value("select count(*) from pg_trigger where tgname like 'pgleap%'"),
-        "0"
-    );
-    assert_eq!(
-        sql.value("select count(*) from pg_proc where proname ~ '^f[0-9]+_'"),
-        "0"
-    );
+    assert_eq!(sql.value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
+    assert_eq!(sql.value("select count(*) from pg_trigger where tgname like 'pgleap%'"), "0");
+    assert_eq!(sql.value("select count(*) from pg_proc where proname ~ '^f[0-9]+_'"), "0");
 }
 
 const SMALL_SCHEMA: &str = "
@@ -67,31 +56,19 @@ const SMALL_SCHEMA: &str = "
     select setval('counter', 41);
 ";
 
-const SMALL_TABLES: &[(&str, &str)] = &[
-    ("t", "id"),
-    ("pairs", "a, b"),
-    ("gone", "id"),
-    ("parted", "id, at"),
-];
+const SMALL_TABLES: &[(&str, &str)] =
+    &[("t", "id"), ("pairs", "a, b"), ("gone", "id"), ("parted", "id, at")];
 
 fn declare_sync(p: &Pgleap, src: &TestDb, dst: &TestDb, autokick: &str, exclude: &[&str]) {
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    let mut relgroup = vec![
-        "relgroup",
-        "add",
-        "rg",
-        "--db",
-        "src",
-        "--all-tables",
-        "--all-sequences",
-    ];
+    let mut relgroup =
+        vec!["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"];
     for t in exclude {
         relgroup.extend(["--exclude-table", t]);
     }
     p.run(&relgroup).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
-        .ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
     p.run(&[
         "sync",
         "add",
@@ -192,10 +169,7 @@ fn autokick_wakes_the_daemon_and_off_waits_for_a_kick() {
 fn wait_for(sql: &Sql, query: &str, expected: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while sql.value(query) != expected {
-        assert!(
-            Instant::now() < deadline,
-            "{query} never returned {expected}"
-        );
+        assert!(Instant::now() < deadline, "{query} never returned {expected}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -225,12 +199,8 @@ fn fk_and_trigger_check(target: &'static Cluster, replica: bool) {
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&[
-        "relgroup", "add", "rg", "--db", "src", "--table", "parent", "--table", "child",
-    ])
-    .ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
-        .ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--table", "parent", "--table", "child"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
     p.run(&[
         "sync",
         "add",
@@ -248,11 +218,7 @@ fn fk_and_trigger_check(target: &'static Cluster, replica: bool) {
     s.exec("update parent set v = 'uno' where id = 1; insert into parent values (3, 'three');");
     p.run(&["kick", "s", "--wait", "30"]).ok();
     assert_same(&s, &d, &[("parent", "id"), ("child", "id")]);
-    assert_eq!(
-        d.value("select count(*) from audit"),
-        "0",
-        "a user trigger fired on the target"
-    );
+    assert_eq!(d.value("select count(*) from audit"), "0", "a user trigger fired on the target");
     let fks =
         "select count(*) from pg_constraint where contype = 'f' and conrelid = 'child'::regclass";
     let enabled = "select tgenabled from pg_trigger where tgname = 'audit_parent'";
@@ -282,9 +248,9 @@ fn target_triggers_and_foreign_keys_are_set_aside_without_replica_role() {
 #[test]
 fn target_uses_replica_role_when_granted_pg17() {
     let target = private_cluster(17);
-    target.superuser("postgres").exec(&format!(
-        "grant set on parameter session_replication_role to {OWNER}"
-    ));
+    target
+        .superuser("postgres")
+        .exec(&format!("grant set on parameter session_replication_role to {OWNER}"));
     fk_and_trigger_check(target, true);
 }
 
@@ -292,26 +258,21 @@ fn target_uses_replica_role_when_granted_pg17() {
 fn a_failed_capture_install_leaves_nothing_behind() {
     let src = TestDb::new(cluster(17), "failsrc");
     let dst = TestDb::new(cluster(17), "faildst");
-    src.sql()
-        .exec("create table a (id int primary key); create table b (id int primary key);");
+    src.sql().exec("create table a (id int primary key); create table b (id int primary key);");
     // A table the migrating role does not own: its trigger cannot be created.
-    src.cluster
-        .superuser(&src.name)
-        .exec("create table z_not_mine (id int primary key)");
+    src.cluster.superuser(&src.name).exec("create table z_not_mine (id int primary key)");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"])
-        .ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
-        .ok();
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"])
-        .fails_with(&["z_not_mine", "permission denied", "owner of the tables"]);
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]).fails_with(&[
+        "z_not_mine",
+        "permission denied",
+        "owner of the tables",
+    ]);
     assert_no_pgleap_objects(&src.sql());
-    assert_eq!(
-        p.run(&["sync", "list", "--json"]).json(),
-        serde_json::json!([])
-    );
+    assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
 }
 
 /// pgbench and a script of key updates, deletes, a TRUNCATE and a long
@@ -324,24 +285,13 @@ fn under_load_with_faults(source_major: u32) {
     let dst = TestDb::new(target, "loaddst");
     let pgbench = |args: &[&str]| {
         let out = tool("pgbench")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                OWNER,
-                "-p",
-                &src.cluster.port.to_string(),
-            ])
+            .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &src.cluster.port.to_string()])
             .args(args)
             .arg(&src.name)
             .env("PGPASSWORD", &src.cluster.owner_password)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "pgbench: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
     };
     pgbench(&["-i", "-q", "-s", "1"]);
     src.sql().exec(SMALL_SCHEMA);
@@ -388,19 +338,7 @@ fn under_load_with_faults(source_major: u32) {
         let (name, pw) = (src.name.clone(), src.cluster.owner_password.clone());
         move || {
             tool("pgbench")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    OWNER,
-                    "-p",
-                    &port,
-                    "-n",
-                    "-c",
-                    "2",
-                    "-T",
-                    "6",
-                ])
+                .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &port, "-n", "-c", "2", "-T", "6"])
                 .arg(&name)
                 .env("PGPASSWORD", pw)
                 .output()
@@ -409,11 +347,8 @@ fn under_load_with_faults(source_major: u32) {
     });
 
     std::thread::sleep(Duration::from_secs(2));
-    let pid: i32 = std::fs::read_to_string(p.catalog.with_extension("pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 =
+        std::fs::read_to_string(p.catalog.with_extension("pid")).unwrap().trim().parse().unwrap();
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
     p.run(&["start"]).ok();
@@ -421,11 +356,7 @@ fn under_load_with_faults(source_major: u32) {
     target.restart();
 
     let out = load.join().unwrap();
-    assert!(
-        out.status.success(),
-        "pgbench: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
     script.join().unwrap();
 
     p.run(&["kick", "s", "--wait", "120"]).ok();
@@ -438,10 +369,7 @@ fn under_load_with_faults(source_major: u32) {
     ]);
     assert_same(&s, &d, &tables);
     assert_same_sequences(&s, &d, &["counter"]);
-    assert!(
-        s.value("select count(*) from pgbench_history") != "0",
-        "pgbench did not write"
-    );
+    assert!(s.value("select count(*) from pgbench_history") != "0", "pgbench did not write");
 
     p.run(&["stop"]).ok();
     p.run(&["teardown", "s"]).ok();

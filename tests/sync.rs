@@ -14,10 +14,8 @@ fn setup(src_major: u32, dst_major: u32) -> (Pgleap, TestDb, TestDb) {
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"])
-        .ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"])
-        .ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
     (p, src, dst)
 }
 
@@ -38,20 +36,13 @@ per_major! {
 #[test]
 fn downgrade_is_refused_unless_allowed_pg17_to_pg12() {
     let (p, _src, _dst) = setup(17, 12);
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"])
-        .fails_with(&["runs PostgreSQL 12.", "downgrade", "--allow-downgrade"]);
-    assert_eq!(p.run(&["sync", "list", "--json"]).json(), json!([]));
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]).fails_with(&[
+        "runs PostgreSQL 12.",
+        "downgrade",
         "--allow-downgrade",
-    ])
-    .ok();
+    ]);
+    assert_eq!(p.run(&["sync", "list", "--json"]).json(), json!([]));
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--allow-downgrade"]).ok();
 }
 
 #[test]
@@ -76,36 +67,22 @@ fn source_and_target_must_be_different_databases() {
         OWNER,
     ])
     .ok();
-    p.run(&["relgroup", "add", "rg", "--db", "tcp", "--all-tables"])
-        .ok();
-    p.run(&["dbgroup", "add", "g", "tcp:source", "sock:target"])
-        .ok();
+    p.run(&["relgroup", "add", "rg", "--db", "tcp", "--all-tables"]).ok();
+    p.run(&["dbgroup", "add", "g", "tcp:source", "sock:target"]).ok();
     p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"])
         .fails_with(&["same database on the same server"]);
     // Another database of the same server is a valid target.
     let other = TestDb::new(db.cluster, "syncother");
     p.run(&["db", "add", "other", "--dsn", &other.dsn()]).ok();
-    p.run(&["dbgroup", "add", "g2", "tcp:source", "other:target"])
-        .ok();
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g2"])
-        .ok();
+    p.run(&["dbgroup", "add", "g2", "tcp:source", "other:target"]).ok();
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g2"]).ok();
 }
 
 #[test]
 fn relgroup_must_belong_to_the_dbgroup_source() {
     let (p, _src, _dst) = setup(17, 17);
-    p.run(&["dbgroup", "add", "reversed", "dst:source", "src:target"])
-        .ok();
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "reversed",
-    ])
-    .fails_with(&[
+    p.run(&["dbgroup", "add", "reversed", "dst:source", "src:target"]).ok();
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "reversed"]).fails_with(&[
         "relgroup \"rg\" belongs to database \"src\"",
         "source of dbgroup \"reversed\" is \"dst\"",
     ]);
@@ -133,32 +110,11 @@ fn options_aliases_update_list_and_remove() {
         "off",
     ])
     .ok();
-    p.run(&[
-        "sync",
-        "add",
-        "one",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "1",
-    ])
-    .ok();
+    p.run(&["sync", "add", "one", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "1"]).ok();
     p.run(&["sync", "add", "one", "--relgroup", "rg", "--dbgroup", "g"])
         .fails_with(&["sync \"one\" already exists"]);
-    p.run(&[
-        "sync",
-        "add",
-        "bad",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "3",
-    ])
-    .fails_with(&["invalid value '3'"]);
+    p.run(&["sync", "add", "bad", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "3"])
+        .fails_with(&["invalid value '3'"]);
     let list = p.run(&["sync", "list", "--json"]).json();
     assert_eq!(list[0]["name"], "one");
     assert_eq!(list[0]["onetimecopy"], "always");
@@ -167,39 +123,25 @@ fn options_aliases_update_list_and_remove() {
     assert_eq!(list[1]["onetimecopy"], "never");
     assert_eq!(list[1]["autokick"], false);
 
-    p.run(&[
-        "sync",
-        "update",
-        "zero",
-        "--autokick",
-        "on",
-        "--onetimecopy",
-        "if-empty",
-    ])
-    .ok();
+    p.run(&["sync", "update", "zero", "--autokick", "on", "--onetimecopy", "if-empty"]).ok();
     let zero = p.run(&["sync", "show", "zero", "--json"]).json();
     assert_eq!(
         (zero["autokick"].clone(), zero["onetimecopy"].clone()),
         (json!(true), json!("if-empty"))
     );
-    p.run(&["sync", "update", "zero"])
-        .fails_with(&["nothing to change"]);
+    p.run(&["sync", "update", "zero"]).fails_with(&["nothing to change"]);
     p.run(&["sync", "update", "nope", "--autokick", "on"])
         .fails_with(&["sync \"nope\" does not exist"]);
     let text = p.run(&["sync", "show", "one"]);
     assert!(text.ok().contains("onetimecopy: always"), "{text}");
 
     // What a sync uses cannot be removed from under it.
-    p.run(&["relgroup", "remove", "rg"])
-        .fails_with(&["in use by sync one, sync zero"]);
-    p.run(&["dbgroup", "remove", "g"])
-        .fails_with(&["in use by sync one, sync zero"]);
-    p.run(&["db", "remove", "dst", "--force"])
-        .fails_with(&["in use by sync one, sync zero"]);
+    p.run(&["relgroup", "remove", "rg"]).fails_with(&["in use by sync one, sync zero"]);
+    p.run(&["dbgroup", "remove", "g"]).fails_with(&["in use by sync one, sync zero"]);
+    p.run(&["db", "remove", "dst", "--force"]).fails_with(&["in use by sync one, sync zero"]);
 
     p.run(&["sync", "remove", "one"]).ok();
-    p.run(&["sync", "remove", "one"])
-        .fails_with(&["sync \"one\" does not exist"]);
+    p.run(&["sync", "remove", "one"]).fails_with(&["sync \"one\" does not exist"]);
     p.run(&["sync", "remove", "zero"]).ok();
     p.run(&["relgroup", "remove", "rg"]).ok();
     p.run(&["dbgroup", "remove", "g"]).ok();

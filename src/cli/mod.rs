@@ -71,6 +71,9 @@ pub enum Command {
         /// exit 1 if that takes longer than SECONDS.
         #[arg(long, value_name = "SECONDS")]
         wait: Option<u64>,
+        /// Parallel workers for an initial copy (default: one per core).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
     },
     /// Remove everything a sync created on its servers, and the sync.
     Teardown { sync: String },
@@ -154,10 +157,7 @@ impl ConnArgs {
             .as_deref()
             .map(ConnParams::parse)
             .transpose()
-            .map_err(|source| Error::Conninfo {
-                db: name.into(),
-                source,
-            })
+            .map_err(|source| Error::Conninfo { db: name.into(), source })
     }
 }
 
@@ -329,10 +329,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             DbCommand::Add { name, conn } => {
                 let mut params = conn.dsn(&name)?.unwrap_or_default();
                 for (key, value) in conn.fields() {
-                    params.set(key, &value).map_err(|source| Error::Conninfo {
-                        db: name.clone(),
-                        source,
-                    })?;
+                    params
+                        .set(key, &value)
+                        .map_err(|source| Error::Conninfo { db: name.clone(), source })?;
                 }
                 let spec = DbSpec {
                     params,
@@ -351,12 +350,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let users = catalog.db_users(&args.name)?;
                 render::db(&db, &users, args.json);
             }
-            DbCommand::Update {
-                name,
-                conn,
-                no_password_file,
-                forget_password,
-            } => {
+            DbCommand::Update { name, conn, no_password_file, forget_password } => {
                 let changes = DbChanges {
                     dsn: conn.dsn(&name)?,
                     fields: conn.fields(),
@@ -416,11 +410,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 };
                 let group =
                     objects::add_relgroup(&mut catalog, &name, &db, &selection, env).await?;
-                let tables = group
-                    .members
-                    .iter()
-                    .filter(|m| m.kind != "sequence")
-                    .count();
+                let tables = group.members.iter().filter(|m| m.kind != "sequence").count();
                 println!(
                     "added relgroup \"{name}\": {tables} table(s), {} sequence(s) of database \"{db}\"",
                     group.members.len() - tables
@@ -464,11 +454,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let dbgroup = catalog.dbgroup(&sync.dbgroup)?;
                 render::sync(&sync, &relgroup, &dbgroup, args.json);
             }
-            SyncCommand::Update {
-                name,
-                onetimecopy,
-                autokick,
-            } => {
+            SyncCommand::Update { name, onetimecopy, autokick } => {
                 if onetimecopy.is_none() && autokick.is_none() {
                     return Err(Error::invalid(
                         format!("nothing to change for sync \"{name}\""),
@@ -484,10 +470,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             SyncCommand::Remove(args) => {
                 objects::teardown(&mut catalog, &args.name, env).await?;
-                println!(
-                    "removed sync \"{}\" and its objects on the servers",
-                    args.name
-                );
+                println!("removed sync \"{}\" and its objects on the servers", args.name);
             }
         },
         Command::Teardown { sync } => {
@@ -500,10 +483,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Start { foreground: false } => {
             let pid = daemon::start_detached(&path)?;
-            println!(
-                "started the daemon (pid {pid}); log: {}",
-                daemon::log_file(&path).display()
-            );
+            println!("started the daemon (pid {pid}); log: {}", daemon::log_file(&path).display());
         }
         Command::Stop { timeout } => match daemon::stop(&path, Duration::from_secs(timeout))? {
             Some(pid) => println!("stopped the daemon (pid {pid})"),
@@ -513,9 +493,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let status = status::gather(&catalog, sync.as_deref(), env).await?;
             render::status(&status, daemon::running_pid(&path), sync.is_some(), json);
         }
-        Command::Kick { sync, wait } => {
+        Command::Kick { sync, wait, jobs } => {
+            let jobs = jobs.unwrap_or_else(daemon::default_jobs);
             let results =
-                daemon::kick(&mut catalog, &sync, wait.map(Duration::from_secs), env).await?;
+                daemon::kick(&mut catalog, &sync, wait.map(Duration::from_secs), jobs, env).await?;
             for (target, stats) in results {
                 println!(
                     "kicked sync \"{sync}\" to \"{target}\": {} inserts, {} deletes, {} truncates in {} ms",

@@ -10,10 +10,7 @@ use crate::inventory::display_name;
 use crate::status::SyncStatus;
 
 fn json<T: Serialize + ?Sized>(value: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("catalog structs serialize")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("catalog structs serialize"));
 }
 
 fn table(header: &[&str]) -> Table {
@@ -33,11 +30,7 @@ pub fn size(bytes: i64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{value:.1} {}", units[unit])
-    }
+    if unit == 0 { format!("{bytes} bytes") } else { format!("{value:.1} {}", units[unit]) }
 }
 
 fn password_source(db: &Db) -> String {
@@ -77,18 +70,11 @@ pub fn db(db: &Db, used_by: &[String], as_json: bool) {
     println!("database:   {}", db.name);
     println!("connection: {}", db.conninfo);
     println!("password:   {}", password_source(db));
-    println!(
-        "version:    {}",
-        db.server_version.as_deref().unwrap_or("unknown")
-    );
+    println!("version:    {}", db.server_version.as_deref().unwrap_or("unknown"));
     println!("added:      {}", db.created_at);
     println!(
         "used by:    {}",
-        if used_by.is_empty() {
-            "nothing".to_string()
-        } else {
-            used_by.join(", ")
-        }
+        if used_by.is_empty() { "nothing".to_string() } else { used_by.join(", ") }
     );
 }
 
@@ -136,11 +122,7 @@ pub fn relgroup(g: &RelGroup, as_json: bool) {
             display_name(&m.schema, &m.name),
             m.kind.clone(),
             m.key_columns.join(", "),
-            if m.kind == "sequence" {
-                String::new()
-            } else {
-                m.est_rows.to_string()
-            },
+            if m.kind == "sequence" { String::new() } else { m.est_rows.to_string() },
             size(m.est_bytes),
         ]);
     }
@@ -178,33 +160,21 @@ pub fn sync(s: &Sync, relgroup: &RelGroup, dbgroup: &DbGroup, as_json: bool) {
             sync: s,
             source: dbgroup.source(),
             targets: dbgroup.targets().collect(),
-            relations: relgroup
-                .members
-                .iter()
-                .map(|m| display_name(&m.schema, &m.name))
-                .collect(),
+            relations: relgroup.members.iter().map(|m| display_name(&m.schema, &m.name)).collect(),
         });
     }
     println!("sync:        {}", s.name);
-    println!(
-        "relgroup:    {} ({} relations)",
-        s.relgroup,
-        relgroup.members.len()
-    );
+    println!("relgroup:    {} ({} relations)", s.relgroup, relgroup.members.len());
     println!("dbgroup:     {}", s.dbgroup);
     println!("source:      {}", dbgroup.source());
-    println!(
-        "targets:     {}",
-        dbgroup.targets().collect::<Vec<_>>().join(", ")
-    );
+    println!("targets:     {}", dbgroup.targets().collect::<Vec<_>>().join(", "));
     println!("onetimecopy: {}", s.onetimecopy.as_str());
     println!("autokick:    {}", if s.autokick { "on" } else { "off" });
     println!("added:       {}", s.created_at);
 }
 
 fn millis(ms: Option<i64>) -> String {
-    ms.map(|m| format!("{:.1}s", m as f64 / 1000.0))
-        .unwrap_or_default()
+    ms.map(|m| format!("{:.1}s", m as f64 / 1000.0)).unwrap_or_default()
 }
 
 pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json: bool) {
@@ -214,10 +184,7 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             daemon_pid: Option<i32>,
             syncs: &'a [SyncStatus],
         }
-        return json(&Shown {
-            daemon_pid: daemon,
-            syncs,
-        });
+        return json(&Shown { daemon_pid: daemon, syncs });
     }
     match daemon {
         Some(pid) => println!("daemon: running (pid {pid})"),
@@ -260,15 +227,10 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                             .unwrap_or_default()
                     );
                 }
-                println!(
-                    "  pending:   {}",
-                    t.pending.map(|p| p.to_string()).unwrap_or("?".into())
-                );
+                println!("  pending:   {}", t.pending.map(|p| p.to_string()).unwrap_or("?".into()));
                 println!(
                     "  lag:       {}",
-                    t.lag_seconds
-                        .map(|l| format!("{l:.1}s"))
-                        .unwrap_or("?".into())
+                    t.lag_seconds.map(|l| format!("{l:.1}s")).unwrap_or("?".into())
                 );
             }
         }
@@ -300,9 +262,7 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                     .unwrap_or_default(),
                 l.last_bad.clone().unwrap_or_default(),
                 millis(l.last_bad_ms),
-                tg.lag_seconds
-                    .map(|l| format!("{l:.1}s"))
-                    .unwrap_or("?".into()),
+                tg.lag_seconds.map(|l| format!("{l:.1}s")).unwrap_or("?".into()),
                 tg.pending.map(|p| p.to_string()).unwrap_or("?".into()),
             ]);
         }

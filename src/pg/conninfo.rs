@@ -218,11 +218,7 @@ impl ConnParams {
 
 /// Quotes a value for a key/value connection string when it needs it.
 fn quote_value(v: &str) -> String {
-    if !v.is_empty()
-        && !v
-            .chars()
-            .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
-    {
+    if !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\') {
         return v.to_string();
     }
     let mut out = String::with_capacity(v.len() + 2);
@@ -466,9 +462,8 @@ impl ResolvedConn {
         p.fill_from_env(env);
         let home = env("HOME").map(PathBuf::from).or_else(dirs::home_dir);
 
-        let os_user = env("USER")
-            .or_else(|| env("LOGNAME"))
-            .unwrap_or_else(|| "postgres".to_string());
+        let os_user =
+            env("USER").or_else(|| env("LOGNAME")).unwrap_or_else(|| "postgres".to_string());
         let user = p.get("user").unwrap_or(&os_user).to_string();
         let dbname = p.get("dbname").unwrap_or(&user).to_string();
         let hosts: Vec<String> = match p.get("host") {
@@ -487,10 +482,7 @@ impl ResolvedConn {
         let file_or_default = |key: &str, default: &str| -> Option<PathBuf> {
             match p.get(key) {
                 Some(v) => Some(PathBuf::from(v)),
-                None => postgresql_dir
-                    .as_ref()
-                    .map(|d| d.join(default))
-                    .filter(|f| f.exists()),
+                None => postgresql_dir.as_ref().map(|d| d.join(default)).filter(|f| f.exists()),
             }
         };
         let sslrootcert = file_or_default("sslrootcert", "root.crt");
@@ -524,14 +516,9 @@ impl ResolvedConn {
         } else if let Some(pw) = &password.stored {
             Some(pw.clone())
         } else if let Some(path) = &password.file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| ResolveError::PasswordFile {
-                    path: path.clone(),
-                    source,
-                })?;
-            Some(SecretString::from(
-                text.trim_end_matches(['\n', '\r']).to_string(),
-            ))
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ResolveError::PasswordFile { path: path.clone(), source })?;
+            Some(SecretString::from(text.trim_end_matches(['\n', '\r']).to_string()))
         } else if let Some(pw) = env("PGPASSWORD").filter(|v| !v.is_empty()) {
             Some(SecretString::from(pw))
         } else {
@@ -563,11 +550,8 @@ impl ResolvedConn {
         let text = std::fs::read_to_string(path).ok()?;
         let host = self.hosts.first().cloned().unwrap_or_default();
         // libpq matches a socket connection against "localhost".
-        let host = if host.starts_with('/') || host.is_empty() {
-            "localhost".to_string()
-        } else {
-            host
-        };
+        let host =
+            if host.starts_with('/') || host.is_empty() { "localhost".to_string() } else { host };
         let port = self.ports.first().copied().unwrap_or(5432).to_string();
         for line in text.lines() {
             if line.starts_with('#') || line.trim().is_empty() {
@@ -671,25 +655,13 @@ mod tests {
 
     #[test]
     fn rejects_malformed_strings() {
-        assert!(matches!(
-            ConnParams::parse("host"),
-            Err(ConninfoError::Syntax(_))
-        ));
-        assert!(matches!(
-            ConnParams::parse("host='x"),
-            Err(ConninfoError::Syntax(_))
-        ));
+        assert!(matches!(ConnParams::parse("host"), Err(ConninfoError::Syntax(_))));
+        assert!(matches!(ConnParams::parse("host='x"), Err(ConninfoError::Syntax(_))));
         assert!(
             matches!(ConnParams::parse("hots=x"), Err(ConninfoError::UnknownKeyword(k)) if k == "hots")
         );
-        assert!(matches!(
-            ConnParams::parse("sslmode=always"),
-            Err(ConninfoError::SslMode(_))
-        ));
-        assert!(matches!(
-            ConnParams::parse("port=54x"),
-            Err(ConninfoError::Port(_))
-        ));
+        assert!(matches!(ConnParams::parse("sslmode=always"), Err(ConninfoError::SslMode(_))));
+        assert!(matches!(ConnParams::parse("port=54x"), Err(ConninfoError::Port(_))));
     }
 
     #[test]

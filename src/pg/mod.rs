@@ -133,10 +133,7 @@ pub async fn connect(conn: &ResolvedConn) -> Result<Client, ConnectError> {
     };
     config.ssl_mode(ssl_mode);
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(conn)?);
-    let (client, connection) = config
-        .connect(tls)
-        .await
-        .map_err(|e| classify(e, conn, &target))?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| classify(e, conn, &target))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("connection closed: {e}");
@@ -153,10 +150,9 @@ fn classify(e: tokio_postgres::Error, conn: &ResolvedConn, target: &str) -> Conn
             SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
                 ConnectError::Auth { target, detail }
             }
-            SqlState::INVALID_CATALOG_NAME => ConnectError::NoDatabase {
-                target,
-                dbname: conn.dbname.clone(),
-            },
+            SqlState::INVALID_CATALOG_NAME => {
+                ConnectError::NoDatabase { target, dbname: conn.dbname.clone() }
+            }
             _ => ConnectError::Other { target, detail },
         };
     }
@@ -196,9 +192,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The server's version.
 pub async fn server_version(client: &Client) -> Result<PgVersion, tokio_postgres::Error> {
-    let row = client
-        .query_one("select current_setting('server_version_num')::int4", &[])
-        .await?;
+    let row = client.query_one("select current_setting('server_version_num')::int4", &[]).await?;
     Ok(PgVersion(row.get::<_, i32>(0) as u32))
 }
 
@@ -212,13 +206,8 @@ pub fn quote_ident(name: &str) -> String {
 /// names of its own schema.
 pub fn is_plain_identifier(name: &str) -> bool {
     name.len() <= 63
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// `schema.name`, both parts quoted.

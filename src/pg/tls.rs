@@ -57,14 +57,8 @@ pub fn client_config(conn: &ResolvedConn) -> Result<ClientConfig, TlsError> {
         (SslMode::VerifyFull, Some(root)) => Verify::Full(load_roots(root)?),
         (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
             return Err(TlsError::MissingRootCert {
-                mode: if conn.sslmode == SslMode::VerifyCa {
-                    "verify-ca"
-                } else {
-                    "verify-full"
-                },
-                path: dirs::home_dir()
-                    .unwrap_or_default()
-                    .join(".postgresql/root.crt"),
+                mode: if conn.sslmode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" },
+                path: dirs::home_dir().unwrap_or_default().join(".postgresql/root.crt"),
             });
         }
     };
@@ -84,9 +78,7 @@ pub fn client_config(conn: &ResolvedConn) -> Result<ClientConfig, TlsError> {
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| bad_file(cert, e))?;
             let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad_file(key, e))?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| TlsError::Config(e.to_string()))
+            builder.with_client_auth_cert(certs, key).map_err(|e| TlsError::Config(e.to_string()))
         }
         _ => Ok(builder.with_no_client_auth()),
     }
@@ -99,10 +91,7 @@ enum Verify {
 }
 
 fn bad_file(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::BadFile {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    }
+    TlsError::BadFile { path: path.to_path_buf(), detail: e.to_string() }
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -183,10 +172,7 @@ impl ServerCertVerifier for IgnoreHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -65,11 +65,7 @@ pub fn private_cluster(major: u32) -> &'static Cluster {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     init();
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    Box::leak(Box::new(Cluster::start(
-        major,
-        false,
-        &format!("-private{n}"),
-    )))
+    Box::leak(Box::new(Cluster::start(major, false, &format!("-private{n}"))))
 }
 
 fn init() -> &'static Mutex<HashMap<(u32, bool), &'static Cluster>> {
@@ -84,11 +80,7 @@ fn get(major: u32, tls: bool) -> &'static Cluster {
     // Held while starting, so two tests never start the same cluster twice.
     let mut map = init().lock().unwrap_or_else(|e| e.into_inner());
     map.entry((major, tls)).or_insert_with(|| {
-        Box::leak(Box::new(Cluster::start(
-            major,
-            tls,
-            if tls { "-tls" } else { "" },
-        )))
+        Box::leak(Box::new(Cluster::start(major, tls, if tls { "-tls" } else { "" })))
     })
 }
 
@@ -114,10 +106,7 @@ fn remove_leftovers() {
 }
 
 extern "C" fn stop_all() {
-    let servers = RUNNING
-        .lock()
-        .map(|mut v| std::mem::take(&mut *v))
-        .unwrap_or_default();
+    let servers = RUNNING.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
     for s in &servers {
         unsafe { libc::kill(s.pid, libc::SIGQUIT) };
     }
@@ -184,19 +173,12 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn random_token() -> String {
     let mut bytes = [0u8; 12];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut bytes)
-        .unwrap();
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut bytes).unwrap();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -220,11 +202,8 @@ impl Cluster {
         let name = format!("{}-pg{major}{suffix}", std::process::id());
         let dir = base_dir().join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(
-            base_dir(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-        )
-        .unwrap();
+        std::fs::set_permissions(base_dir(), std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .unwrap();
         chown(&dir, owner);
         let data = dir.join("data");
         let socket_dir = dir.join("sock");
@@ -274,18 +253,13 @@ impl Cluster {
             )
             .unwrap();
         }
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
+        let mut f =
+            std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
         std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
 
         let log = dir.join("server.log");
         let pid = spawn_postmaster(&bin, &data, &log, owner);
-        RUNNING.lock().unwrap().push(RunningServer {
-            pid,
-            dir: dir.clone(),
-        });
+        RUNNING.lock().unwrap().push(RunningServer { pid, dir: dir.clone() });
 
         let cluster = Cluster {
             major,
@@ -331,21 +305,12 @@ impl Cluster {
         unsafe { libc::kill(*pid, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Path::new(&format!("/proc/{}", *pid)).exists() {
-            assert!(
-                Instant::now() < deadline,
-                "PostgreSQL {} did not stop",
-                self.major
-            );
+            assert!(Instant::now() < deadline, "PostgreSQL {} did not stop", self.major);
             std::thread::sleep(Duration::from_millis(20));
         }
         let log = self.dir.join("server.log");
         let new = spawn_postmaster(&self.bin, &self.dir.join("data"), &log, self.owner_uid);
-        for s in RUNNING
-            .lock()
-            .unwrap()
-            .iter_mut()
-            .filter(|s| s.dir == self.dir)
-        {
+        for s in RUNNING.lock().unwrap().iter_mut().filter(|s| s.dir == self.dir) {
             s.pid = new;
         }
         *pid = new;
@@ -372,11 +337,7 @@ fn spawn_postmaster(bin: &Path, data: &Path, log: &Path, owner: Option<(u32, u32
     let (tx, rx) = std::sync::mpsc::channel();
     let bin = bin.to_path_buf();
     let data = data.to_path_buf();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     std::thread::spawn(move || {
         let mut cmd = Command::new(bin.join("postgres"));
         cmd.arg("-D").arg(&data).stdin(Stdio::null());
@@ -408,16 +369,12 @@ fn make_certificates(dir: &Path, owner: Option<(u32, u32)>) -> (PathBuf, PathBuf
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "pgleap test CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "pgleap test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate().unwrap();
     let mut server_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    server_params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
+    server_params.distinguished_name.push(DnType::CommonName, "localhost");
     let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
 
     let cert = dir.join("server.crt");

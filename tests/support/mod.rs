@@ -40,26 +40,18 @@ impl TestDb {
     pub fn new(cluster: &'static Cluster, label: &str) -> TestDb {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{label}_{n}");
-        cluster
-            .superuser("postgres")
-            .exec(&format!("create database \"{name}\" owner {OWNER}"));
+        cluster.superuser("postgres").exec(&format!("create database \"{name}\" owner {OWNER}"));
         TestDb { cluster, name }
     }
 
     /// A key/value connection string without a password.
     pub fn dsn(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} dbname={} user={OWNER}",
-            self.cluster.port, self.name
-        )
+        format!("host=127.0.0.1 port={} dbname={} user={OWNER}", self.cluster.port, self.name)
     }
 
     /// The same as a URI.
     pub fn uri(&self) -> String {
-        format!(
-            "postgresql://{OWNER}@127.0.0.1:{}/{}",
-            self.cluster.port, self.name
-        )
+        format!("postgresql://{OWNER}@127.0.0.1:{}/{}", self.cluster.port, self.name)
     }
 
     /// A session as the owner role.
@@ -100,10 +92,7 @@ impl Outcome {
     pub fn fails_with(&self, needles: &[&str]) -> &str {
         assert_eq!(self.code, 2, "expected exit code 2:\n{self}");
         for needle in needles {
-            assert!(
-                self.stderr.contains(needle),
-                "stderr lacks {needle:?}:\n{self}"
-            );
+            assert!(self.stderr.contains(needle), "stderr lacks {needle:?}:\n{self}");
         }
         &self.stderr
     }
@@ -117,9 +106,8 @@ impl Outcome {
 impl Drop for Pgleap {
     fn drop(&mut self) {
         let pid_file = self.catalog.with_extension("pid");
-        if let Some(pid) = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
+        if let Some(pid) =
+            std::fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse().ok())
         {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -128,11 +116,7 @@ impl Drop for Pgleap {
 
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
+        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
     }
 }
 
@@ -149,12 +133,7 @@ impl Pgleap {
     pub fn new() -> Pgleap {
         let home = tempfile::tempdir().unwrap();
         let catalog = home.path().join("catalog.db");
-        Pgleap {
-            home,
-            catalog,
-            env: Vec::new(),
-            secrets: Vec::new(),
-        }
+        Pgleap { home, catalog, env: Vec::new(), secrets: Vec::new() }
     }
 
     /// A runner whose PGPASSWORD is the owner's password on `cluster`.
@@ -167,10 +146,7 @@ impl Pgleap {
         let mut p = Pgleap::new();
         let mut lines = String::new();
         for c in clusters {
-            lines.push_str(&format!(
-                "127.0.0.1:{}:*:{OWNER}:{}\n",
-                c.port, c.owner_password
-            ));
+            lines.push_str(&format!("127.0.0.1:{}:*:{OWNER}:{}\n", c.port, c.owner_password));
             p = p.secret(&c.owner_password);
         }
         let pgpass = p.home().join(".pgpass");
@@ -240,29 +216,14 @@ pub fn tool(name: &str) -> Command {
 /// does with pg_dump | psql before replication starts.
 pub fn copy_database(src: &TestDb, dst: &TestDb) {
     let mut dump = tool("pg_dump")
-        .args([
-            "--no-owner",
-            "--no-privileges",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            OWNER,
-        ])
+        .args(["--no-owner", "--no-privileges", "-h", "127.0.0.1", "-U", OWNER])
         .args(["-p", &src.cluster.port.to_string(), &src.name])
         .env("PGPASSWORD", &src.cluster.owner_password)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let restore = tool("psql")
-        .args([
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            OWNER,
-        ])
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", OWNER])
         .args(["-p", &dst.cluster.port.to_string(), "-d", &dst.name])
         .env("PGPASSWORD", &dst.cluster.owner_password)
         .stdin(dump.stdout.take().unwrap())
@@ -270,10 +231,5 @@ pub fn copy_database(src: &TestDb, dst: &TestDb) {
         .output()
         .unwrap();
     assert!(dump.wait().unwrap().success(), "pg_dump failed");
-    assert!(
-        restore.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&restore.stderr)
-    );
+    assert!(restore.status.success(), "psql failed: {}", String::from_utf8_lossy(&restore.stderr));
 }
-

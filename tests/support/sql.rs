@@ -16,10 +16,7 @@ impl Sql {
         user: &str,
         dbname: &str,
     ) -> Result<Sql, tokio_postgres::Error> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&cluster.socket_dir)
@@ -45,12 +42,10 @@ impl Sql {
     }
 
     pub fn try_exec(&self, sql: &str) -> Result<(), String> {
-        self.rt
-            .block_on(self.client.batch_execute(sql))
-            .map_err(|e| match e.as_db_error() {
-                Some(db) => db.message().to_string(),
-                None => e.to_string(),
-            })
+        self.rt.block_on(self.client.batch_execute(sql)).map_err(|e| match e.as_db_error() {
+            Some(db) => db.message().to_string(),
+            None => e.to_string(),
+        })
     }
 
     /// Every row of a query, every value as text (NULL as None), in the
@@ -63,11 +58,9 @@ impl Sql {
         messages
             .into_iter()
             .filter_map(|m| match m {
-                SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_string))
-                        .collect(),
-                ),
+                SimpleQueryMessage::Row(row) => {
+                    Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
+                }
                 _ => None,
             })
             .collect()
