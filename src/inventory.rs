@@ -60,6 +60,45 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
              --all-sequences or --sequence SCHEMA.NAME",
         ));
     }
+    let relations = describe(client, db, sel).await?;
+    let keyless: Vec<String> = relations
+        .iter()
+        .filter(|r| r.kind != "sequence" && r.key_columns.is_empty())
+        .map(|r| display_name(&r.schema, &r.name))
+        .collect();
+    if !keyless.is_empty() {
+        return Err(Error::invalid(
+            format!(
+                "{} table(s) in database \"{db}\" have neither a primary key nor a usable unique \
+                 index: {}",
+                keyless.len(),
+                keyless.join(", ")
+            ),
+            "add a key on the source (ALTER TABLE ... ADD PRIMARY KEY (col, ...), or a unique \
+             index on NOT NULL columns), or leave these tables out with --exclude-table",
+        ));
+    }
+    if relations.is_empty() {
+        return Err(Error::invalid(
+            format!("the selection matches no table or sequence in database \"{db}\""),
+            "check --schema/--exclude-schema, or list tables with --table SCHEMA.NAME",
+        ));
+    }
+    Ok(relations)
+}
+
+/// The tables (schema, name) a selection matches, keyed or not.
+pub async fn tables(client: &Client, db: &str, sel: &Selection) -> Result<Vec<(String, String)>> {
+    Ok(describe(client, db, sel)
+        .await?
+        .into_iter()
+        .filter(|r| r.kind != "sequence")
+        .map(|r| (r.schema, r.name))
+        .collect())
+}
+
+/// Every relation a selection matches, with its key and size; no judgement.
+async fn describe(client: &Client, db: &str, sel: &Selection) -> Result<Vec<Relation>> {
     let q = |e: tokio_postgres::Error| Error::query(db, &e);
 
     for schema in sel.schemas.iter().chain(&sel.exclude_schemas) {
@@ -180,30 +219,6 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
             est_rows: r.get(5),
         })
         .collect();
-
-    let keyless: Vec<String> = relations
-        .iter()
-        .filter(|r| r.kind != "sequence" && r.key_columns.is_empty())
-        .map(|r| display_name(&r.schema, &r.name))
-        .collect();
-    if !keyless.is_empty() {
-        return Err(Error::invalid(
-            format!(
-                "{} table(s) in database \"{db}\" have neither a primary key nor a usable unique \
-                 index: {}",
-                keyless.len(),
-                keyless.join(", ")
-            ),
-            "add a key on the source (ALTER TABLE ... ADD PRIMARY KEY (col, ...), or a unique \
-             index on NOT NULL columns), or leave these tables out with --exclude-table",
-        ));
-    }
-    if relations.is_empty() {
-        return Err(Error::invalid(
-            format!("the selection matches no table or sequence in database \"{db}\""),
-            "check --schema/--exclude-schema, or list tables with --table SCHEMA.NAME",
-        ));
-    }
     Ok(relations)
 }
 

@@ -9,6 +9,7 @@
 //! - [`inventory`]: what a source database holds (tables, keys, sizes).
 //! - [`objects`]: declaring databases, dbgroups, relgroups and syncs.
 //! - [`capture`]: triggers and delta tables on the source.
+//! - [`schema`]: staged schema copy with pg_dump/pg_restore.
 //! - [`copy`]: the initial copy, parallel, from one exported snapshot.
 //! - [`apply`]: snapshot-delimited batches applied to a target.
 //! - [`daemon`]: workers that apply continuously; start, stop, kick.
@@ -27,6 +28,7 @@ pub mod error;
 pub mod inventory;
 pub mod objects;
 pub mod pg;
+pub mod schema;
 pub mod status;
 
 pub use error::{Error, Result};

@@ -91,6 +91,14 @@ impl DbConn {
     pub async fn connect(&self, env: Env<'_>) -> Result<Connected> {
         connect_params(&self.name, &self.params, &self.password, env).await
     }
+
+    /// For a child process (pg_dump, pg_restore): the connection string,
+    /// which never holds a password, and the password for its environment.
+    pub fn for_child(&self, env: Env<'_>) -> Result<(String, Option<String>)> {
+        let resolved = ResolvedConn::resolve(&self.params, &self.password, env)
+            .map_err(|source| Error::Resolve { db: self.name.clone(), source })?;
+        Ok((self.params.to_conninfo_string(), resolved.password().map(str::to_string)))
+    }
 }
 
 /// How to reach a database, as given on the command line.
@@ -436,4 +444,29 @@ pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result
     }
     catalog.remove_sync(name)?;
     Ok(())
+}
+
+/// Creates on the target the indexes and key constraints of every table of
+/// the source (in `schemas`, or all) that the target lacks.
+pub async fn create_indexes_like(
+    source: &DbConn,
+    target: &DbConn,
+    schemas: &[String],
+    env: Env<'_>,
+) -> Result<usize> {
+    let src = source.connect(env).await?;
+    let tgt = target.connect(env).await?;
+    let selection = Selection {
+        all_tables: schemas.is_empty(),
+        schemas: schemas.to_vec(),
+        ..Default::default()
+    };
+    let tables = inventory::tables(&src.client, &source.name, &selection).await?;
+    let mut created = 0;
+    for (schema, name) in tables {
+        let table = crate::pg::qualified(&schema, &name);
+        let items = crate::schema::post_data(&src.client, &source.name, &table).await?;
+        created += crate::schema::create_missing(&tgt.client, &target.name, &table, &items).await?;
+    }
+    Ok(created)
 }

@@ -18,3 +18,5 @@ mod sync;
 mod replication;
 // The initial copy and type fidelity.
 mod copy;
+// Schema copy.
+mod schema;

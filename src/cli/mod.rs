@@ -46,6 +46,9 @@ pub enum Command {
     /// Syncs: a relgroup replicated along a dbgroup.
     #[command(subcommand)]
     Sync(SyncCommand),
+    /// The schema: copied from a source database to a target.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Start the sync daemon (in the background unless --foreground).
     Start {
         /// Stay in the foreground and log to stderr (for systemd).
@@ -77,6 +80,28 @@ pub enum Command {
     },
     /// Remove everything a sync created on its servers, and the sync.
     Teardown { sync: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemaCommand {
+    /// Create the source's tables, types, functions, sequences and views on
+    /// the target; indexes follow the data (initial copy, or --with-indexes);
+    /// foreign keys and triggers wait for cutover.
+    Copy {
+        #[arg(long, value_name = "DB")]
+        from: String,
+        #[arg(long, value_name = "DB")]
+        to: String,
+        /// Only this schema (repeatable).
+        #[arg(long = "schema", value_name = "SCHEMA")]
+        schemas: Vec<String>,
+        /// Where pg_dump and pg_restore are (default: PATH, then /usr/lib/postgresql/*/bin).
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
+        /// Also create indexes and key constraints now (when no initial copy follows).
+        #[arg(long)]
+        with_indexes: bool,
+    },
 }
 
 impl Command {
@@ -473,6 +498,27 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("removed sync \"{}\" and its objects on the servers", args.name);
             }
         },
+        Command::Schema(SchemaCommand::Copy { from, to, schemas, pg_bin, with_indexes }) => {
+            let source = objects::DbConn::from_catalog(&catalog, &from)?;
+            let target = objects::DbConn::from_catalog(&catalog, &to)?;
+            let job = crate::schema::SchemaCopy {
+                source: &source,
+                target: &target,
+                schemas: &schemas,
+                pg_bin: pg_bin.as_deref(),
+                exclude_schema: "pgleap",
+            };
+            let tools = crate::schema::copy_pre_data(&job, env).await?;
+            println!(
+                "copied the schema of \"{from}\" to \"{to}\" (pg_dump {} in {})",
+                tools.major,
+                tools.bin.display()
+            );
+            if with_indexes {
+                let n = objects::create_indexes_like(&source, &target, &schemas, env).await?;
+                println!("created {n} indexes and key constraints");
+            }
+        }
         Command::Teardown { sync } => {
             objects::teardown(&mut catalog, &sync, env).await?;
             println!("removed sync \"{sync}\" and its objects on the servers");

@@ -1,0 +1,268 @@
+//! Copying the schema, staged the way a fast load wants it.
+//!
+//! - Pre-data (types, functions, tables, sequences, views, defaults) comes
+//!   from the source through `pg_dump --section=pre-data | pg_restore`, run
+//!   with a pg_dump whose major is at least the source's (older ones refuse
+//!   newer servers; newer ones can dump older servers).
+//! - Indexes and primary-key/unique/exclusion constraints are built from the
+//!   source's own definitions after the data is in (the initial copy does it
+//!   per table, or `schema copy --with-indexes` right away).
+//! - Foreign keys and triggers are left for cutover: created earlier they
+//!   would fire during the load and the sync.
+//!
+//! Extensions the source uses and the target cannot install are named
+//! before anything is created. Ownership goes to the target user
+//! (`--no-owner`); privileges are not copied (the roles usually differ).
+//! Passwords reach pg_dump/pg_restore through PGPASSWORD, never argv.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+use crate::objects::{DbConn, Env};
+use crate::pg::quote_ident;
+
+/// A pg_dump/pg_restore pair of one installation.
+#[derive(Debug, Clone)]
+pub struct PgTools {
+    pub bin: PathBuf,
+    pub major: u32,
+}
+
+/// The version of a client tool, from `--version` ("pg_dump (PostgreSQL) 15.18").
+fn tool_major(path: &Path) -> Option<u32> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().last()?;
+    version.split('.').next()?.parse().ok()
+}
+
+/// Finds pg_dump/pg_restore able to dump a server of `source_major`: in
+/// `pg_bin` if given, else on PATH, else in /usr/lib/postgresql/*/bin; the
+/// newest that qualifies.
+pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    match pg_bin {
+        Some(dir) => dirs.push(dir.to_path_buf()),
+        None => {
+            if let Some(path) = std::env::var_os("PATH") {
+                dirs.extend(std::env::split_paths(&path));
+            }
+            if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+                dirs.extend(entries.flatten().map(|e| e.path().join("bin")));
+            }
+        }
+    }
+    let mut found: Vec<PgTools> = Vec::new();
+    for dir in dirs {
+        let dump = dir.join("pg_dump");
+        if dir.join("pg_restore").exists() && dump.exists() {
+            if let Some(major) = tool_major(&dump) {
+                found.push(PgTools { bin: dir, major });
+            }
+        }
+    }
+    found.sort_by_key(|t| std::cmp::Reverse(t.major));
+    if let Some(tools) = found.iter().find(|t| t.major >= source_major) {
+        return Ok(tools.clone());
+    }
+    let seen = if found.is_empty() {
+        "none".to_string()
+    } else {
+        found
+            .iter()
+            .map(|t| format!("{} in {}", t.major, t.bin.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(Error::invalid(
+        format!(
+            "the source runs PostgreSQL {source_major}, which needs pg_dump {source_major} or newer; \
+             found: {seen}"
+        ),
+        format!(
+            "install PostgreSQL {source_major}+ client tools (e.g. postgresql-client-{source_major}) \
+             and pass --pg-bin DIR"
+        ),
+    ))
+}
+
+/// Refuses early if the source uses extensions the target cannot install.
+pub async fn check_extensions(src: &Client, sdb: &str, dst: &Client, tdb: &str) -> Result<()> {
+    let used: Vec<String> = src
+        .query("select extname::text from pg_extension where extname <> 'plpgsql' order by 1", &[])
+        .await
+        .map_err(|e| Error::query(sdb, &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let available: Vec<String> = dst
+        .query("select name::text from pg_available_extensions", &[])
+        .await
+        .map_err(|e| Error::query(tdb, &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|e| !available.contains(e)).collect();
+    if !missing.is_empty() {
+        return Err(Error::invalid(
+            format!(
+                "database \"{sdb}\" uses extensions that target \"{tdb}\" does not have: {}",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            "install them on the target server (or its managed-service equivalent) first",
+        ));
+    }
+    Ok(())
+}
+
+/// What `schema copy` does.
+pub struct SchemaCopy<'a> {
+    pub source: &'a DbConn,
+    pub target: &'a DbConn,
+    pub schemas: &'a [String],
+    pub pg_bin: Option<&'a Path>,
+    /// pgleap's own schema on the source, never copied.
+    pub exclude_schema: &'a str,
+}
+
+/// Copies the pre-data section of the source's schema to the target.
+pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools> {
+    let src = job.source.connect(env).await?;
+    let dst = job.target.connect(env).await?;
+    check_extensions(&src.client, &job.source.name, &dst.client, &job.target.name).await?;
+    let tools = find_tools(src.version.major(), job.pg_bin)?;
+    let dir = tempdir()?;
+    let dump = dir.join("pre-data.dump");
+
+    let (conninfo, password) = job.source.for_child(env)?;
+    let mut cmd = Command::new(tools.bin.join("pg_dump"));
+    cmd.args(["--section=pre-data", "--format=custom", "--no-owner", "--no-privileges"])
+        .arg(format!("--exclude-schema={}", quote_ident(job.exclude_schema)))
+        .arg("--file")
+        .arg(&dump);
+    for s in job.schemas {
+        cmd.arg(format!("--schema={}", quote_ident(s)));
+    }
+    cmd.arg("--dbname").arg(conninfo);
+    run(cmd, password, &job.source.name, "pg_dump")?;
+
+    let (conninfo, password) = job.target.for_child(env)?;
+    let mut cmd = Command::new(tools.bin.join("pg_restore"));
+    cmd.args(["--section=pre-data", "--no-owner", "--no-privileges", "--exit-on-error"])
+        .arg("--dbname")
+        .arg(conninfo)
+        .arg(&dump);
+    let result = run(cmd, password, &job.target.name, "pg_restore");
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    Ok(tools)
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pgleap-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::invalid(format!("cannot create {}: {e}", dir.display()), "check TMPDIR")
+    })?;
+    Ok(dir)
+}
+
+/// Runs a client tool with the password in its environment only.
+fn run(mut cmd: Command, password: Option<String>, db: &str, what: &str) -> Result<()> {
+    cmd.env_remove("PGPASSWORD");
+    if let Some(pw) = password {
+        cmd.env("PGPASSWORD", pw);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| Error::invalid(format!("cannot run {what}: {e}"), "check --pg-bin"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::invalid(
+            format!("{what} failed for database \"{db}\": {}", stderr.trim()),
+            "the message above is the tool's own; nothing after the failing step was created",
+        ));
+    }
+    Ok(())
+}
+
+/// One index or key constraint of a source table, as SQL for the target.
+#[derive(Debug, Clone)]
+pub struct PostData {
+    pub name: String,
+    pub sql: String,
+    is_constraint: bool,
+}
+
+/// The indexes and primary-key/unique/exclusion constraints of a table on
+/// the source (`table` quoted and qualified).
+pub async fn post_data(src: &Client, sdb: &str, table: &str) -> Result<Vec<PostData>> {
+    let rows = src
+        .query(
+            "select c.conname::text, pg_get_constraintdef(c.oid), true
+             from pg_constraint c
+             where c.conrelid = $1::text::regclass and c.contype in ('p', 'u', 'x')
+             union all
+             select ic.relname::text, pg_get_indexdef(i.indexrelid), false
+             from pg_index i join pg_class ic on ic.oid = i.indexrelid
+             where i.indrelid = $1::text::regclass
+               and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid
+                               and c.conrelid = i.indrelid and c.contype in ('p', 'u', 'x'))
+             order by 3 desc, 1",
+            &[&table],
+        )
+        .await
+        .map_err(|e| Error::query(sdb, &e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (name, def, is_constraint): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
+            let sql = if is_constraint {
+                format!("alter table {table} add constraint {} {def}", quote_ident(&name))
+            } else {
+                // A partitioned table's index reads "ON ONLY": as written it
+                // would skip the partitions; created plainly it cascades to
+                // them, as it did on the source.
+                def.replacen(" ON ONLY ", " ON ", 1)
+            };
+            PostData { name, sql, is_constraint }
+        })
+        .collect())
+}
+
+/// Creates on the target those of `items` it does not have yet (by name),
+/// so a rerun or a target restored in full is harmless.
+pub async fn create_missing(
+    tgt: &Client,
+    tdb: &str,
+    table: &str,
+    items: &[PostData],
+) -> Result<usize> {
+    let mut created = 0;
+    for item in items {
+        let exists: bool = if item.is_constraint {
+            tgt.query_one(
+                "select exists (select 1 from pg_constraint
+                                where conrelid = $1::text::regclass and conname = $2)",
+                &[&table, &item.name],
+            )
+            .await
+        } else {
+            tgt.query_one(
+                "select exists (select 1 from pg_index i join pg_class c on c.oid = i.indexrelid
+                                where i.indrelid = $1::text::regclass and c.relname = $2)",
+                &[&table, &item.name],
+            )
+            .await
+        }
+        .map_err(|e| Error::query(tdb, &e))?
+        .get(0);
+        if !exists {
+            tgt.batch_execute(&item.sql).await.map_err(|e| Error::query(tdb, &e))?;
+            created += 1;
+        }
+    }
+    Ok(created)
+}
