@@ -43,9 +43,12 @@ pub struct TablePlan {
     pub display: String,
     pub(crate) table: String,
     delta: String,
+    /// Quoted key columns; empty for a keyless table (whole-row deltas).
     pub(crate) keys: Vec<String>,
     /// Quoted, comma-separated; generated columns left out.
     pub(crate) columns: String,
+    /// The same, one quoted name each.
+    column_names: Vec<String>,
     /// Estimated at `relgroup add`, to decide whether to split the copy.
     pub(crate) est_rows: i64,
 }
@@ -95,9 +98,9 @@ impl Plan {
         let mut tables = Vec::new();
         for c in captured {
             let table = qualified(&c.schema, &c.name);
-            let columns: String = src
+            let names: Vec<String> = src
                 .query_one(
-                    "select string_agg(quote_ident(attname), ', ' order by attnum)
+                    "select array_agg(attname::text order by attnum)
                      from pg_attribute
                      where attrelid = $1::text::regclass and attnum > 0
                        and not attisdropped and attgenerated = ''",
@@ -106,12 +109,15 @@ impl Plan {
                 .await
                 .map_err(|e| Error::query(source_db, &e))?
                 .get(0);
+            let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+            let columns = column_names.join(", ");
             let est_rows = relgroup
                 .members
                 .iter()
                 .find(|m| m.schema == c.schema && m.name == c.name)
                 .map_or(0, |m| m.est_rows);
             tables.push(TablePlan {
+                column_names,
                 display: crate::inventory::display_name(&c.schema, &c.name),
                 est_rows,
                 delta: qualified(schema, &c.delta),
@@ -420,6 +426,10 @@ pub async fn apply_batch(
     let cond = Plan::pending(prev.as_deref());
 
     for t in &plan.tables {
+        if t.keys.is_empty() {
+            apply_keyless(&stx, &ttx, t, &cond, source_db, target_db, &mut stats).await?;
+            continue;
+        }
         let row = stx
             .query_one(
                 &format!(
@@ -533,6 +543,122 @@ pub async fn apply_batch(
     purge(src, plan).await?;
     stats.millis = started.elapsed().as_millis() as i64;
     Ok(stats)
+}
+
+/// Replays a keyless table's row images in the order they happened: after
+/// the batch's last TRUNCATE, inserts and deletes of one matching row each
+/// (rows compared as text, NULLs equal; `tableoid` and `ctid` pick exactly
+/// one of several identical rows). An insert-only stream is one COPY.
+async fn apply_keyless(
+    stx: &tokio_postgres::Transaction<'_>,
+    ttx: &tokio_postgres::Transaction<'_>,
+    t: &TablePlan,
+    cond: &str,
+    source_db: &str,
+    target_db: &str,
+    stats: &mut BatchStats,
+) -> Result<()> {
+    let qs = |e: tokio_postgres::Error| Error::query(source_db, &e);
+    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
+    let last_truncate: Option<i64> = stx
+        .query_one(
+            &format!(
+                "select max(_pgleap_seq) filter (where _pgleap_truncated) from {} where {cond}",
+                t.delta
+            ),
+            &[],
+        )
+        .await
+        .map_err(qs)?
+        .get(0);
+    if last_truncate.is_some() {
+        ttx.batch_execute(&format!("truncate {}", t.table)).await.map_err(qt)?;
+        stats.truncates += 1;
+    }
+    let events = format!(
+        "{cond} and not _pgleap_truncated and _pgleap_seq > {}",
+        last_truncate.unwrap_or(0)
+    );
+    let row = stx
+        .query_one(
+            &format!(
+                "select count(*) filter (where _pgleap_op = 'I'), count(*) filter (where _pgleap_op = 'D')
+                 from {} where {events}",
+                t.delta
+            ),
+            &[],
+        )
+        .await
+        .map_err(qs)?;
+    let (inserts, deletes): (i64, i64) = (row.get(0), row.get(1));
+    if inserts + deletes == 0 {
+        return Ok(());
+    }
+    let cols = &t.columns;
+    if deletes == 0 {
+        let out = stx
+            .copy_out(&format!(
+                "copy (select {cols} from {} where {events} order by _pgleap_seq) to stdout",
+                t.delta
+            ))
+            .await
+            .map_err(qs)?;
+        let sink =
+            ttx.copy_in(&format!("copy {} ({cols}) from stdin", t.table)).await.map_err(qt)?;
+        stats.inserts += pump(out, sink, source_db, target_db).await?;
+        return Ok(());
+    }
+    ttx.batch_execute(&format!(
+        "drop table if exists pg_temp.pgleap_events;
+         create temp table pgleap_events on commit drop as
+             select null::int8 as _pgleap_seq, null::\"char\" as _pgleap_op, {cols} from {} limit 0",
+        t.table
+    ))
+    .await
+    .map_err(qt)?;
+    let out = stx
+        .copy_out(&format!(
+            "copy (select _pgleap_seq, _pgleap_op, {cols} from {} where {events}) to stdout",
+            t.delta
+        ))
+        .await
+        .map_err(qs)?;
+    let sink = ttx
+        .copy_in(&format!(
+            "copy pg_temp.pgleap_events (_pgleap_seq, _pgleap_op, {cols}) from stdin"
+        ))
+        .await
+        .map_err(qt)?;
+    pump(out, sink, source_db, target_db).await?;
+    let values: Vec<String> = t.column_names.iter().map(|c| format!("r.{c}")).collect();
+    let matches: Vec<String> = t
+        .column_names
+        .iter()
+        .map(|c| format!("x.{c}::text is not distinct from r.{c}::text"))
+        .collect();
+    ttx.batch_execute(&format!(
+        "do $pgleap$
+         declare r record;
+         begin
+             for r in select * from pg_temp.pgleap_events order by _pgleap_seq loop
+                 if r._pgleap_op = 'I' then
+                     insert into {table} ({cols}) values ({values});
+                 else
+                     delete from {table}
+                     where (tableoid, ctid) = (select x.tableoid, x.ctid from {table} x
+                                               where {matches} limit 1);
+                 end if;
+             end loop;
+         end $pgleap$",
+        table = t.table,
+        values = values.join(", "),
+        matches = matches.join(" and "),
+    ))
+    .await
+    .map_err(qt)?;
+    stats.inserts += inserts as u64;
+    stats.deletes += deletes as u64;
+    Ok(())
 }
 
 /// Deletes the deltas every target has applied.

@@ -53,11 +53,14 @@ pub struct Captured {
     pub key_columns: Vec<String>,
 }
 
-fn trigger_names(sync_id: i32) -> [(String, &'static str); 4] {
+/// Every trigger name a sync may create on a table: the statement
+/// triggers of keyed tables, the row trigger of keyless ones, and TRUNCATE.
+fn trigger_names(sync_id: i32) -> [(String, &'static str); 5] {
     [
         (format!("pgleap_{sync_id}_ins"), "insert"),
         (format!("pgleap_{sync_id}_upd"), "update"),
         (format!("pgleap_{sync_id}_del"), "delete"),
+        (format!("pgleap_{sync_id}_row"), "row"),
         (format!("pgleap_{sync_id}_trunc"), "truncate"),
     ]
 }
@@ -157,31 +160,54 @@ async fn install_table(
     let delta_name = format!("d{sync_id}_{n}");
     let delta = qualified(schema, &delta_name);
     let function = qualified(schema, &format!("f{sync_id}_{n}"));
-    let keys: Vec<String> = rel.key_columns.iter().map(|k| quote_ident(k)).collect();
-    let key_list = keys.join(", ");
-
-    let types = client
+    let columns = client
         .query(
             "select a.attname::text, format_type(a.atttypid, a.atttypmod)
              from pg_attribute a
-             where a.attrelid = $1::text::regclass and a.attname = any($2::text[])",
-            &[&table, &rel.key_columns],
+             where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
+               and a.attgenerated = ''
+             order by a.attnum",
+            &[&table],
         )
         .await
         .map_err(|e| Error::query(db, &e))?;
-    let key_defs: Vec<String> = rel
-        .key_columns
+    let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut ddl = if rel.key_columns.is_empty() {
+        keyless_capture(&table, &delta, &function, sync_id, &columns)
+    } else {
+        keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
+    };
+    let key_array: Vec<String> = rel.key_columns.iter().map(|k| quote_literal(k)).collect();
+    ddl.push_str(&format!(
+        "insert into {s}.relations (sync_id, n, schema_name, rel_name, delta_table, key_columns)
+         values ({sync_id}, {n}, {}, {}, {}, array[{}]::text[]);",
+        quote_literal(&rel.schema),
+        quote_literal(&rel.name),
+        quote_literal(&delta_name),
+        key_array.join(", "),
+    ));
+    let what = format!("installing capture on {table}");
+    with_lock_retries(client, db, &what, &ddl).await
+}
+
+/// Statement-level capture of a keyed table: the keys of the changed rows.
+fn keyed_capture(
+    table: &str,
+    delta: &str,
+    function: &str,
+    sync_id: i32,
+    key_columns: &[String],
+    columns: &[(String, String)],
+) -> String {
+    let key_list: String =
+        key_columns.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let key_defs: Vec<String> = key_columns
         .iter()
         .map(|k| {
-            let ty: String = types
-                .iter()
-                .find(|r| r.get::<_, &str>(0) == k)
-                .map(|r| r.get(1))
-                .unwrap_or_else(|| "text".into());
+            let ty = columns.iter().find(|(n, _)| n == k).map_or("text", |(_, t)| t.as_str());
             format!("{} {ty}", quote_ident(k))
         })
         .collect();
-
     let mut ddl = format!(
         "create table {delta} (
              _pgleap_txid int8 not null,
@@ -217,7 +243,8 @@ async fn install_table(
             "insert" => "referencing new table as pgleap_new",
             "update" => "referencing new table as pgleap_new old table as pgleap_old",
             "delete" => "referencing old table as pgleap_old",
-            _ => "",
+            "truncate" => "",
+            _ => continue,
         };
         ddl.push_str(&format!(
             "create trigger {} after {event} on {table} {referencing}
@@ -225,17 +252,65 @@ async fn install_table(
             quote_ident(&trigger)
         ));
     }
-    let key_array: Vec<String> = rel.key_columns.iter().map(|k| quote_literal(k)).collect();
-    ddl.push_str(&format!(
-        "insert into {s}.relations (sync_id, n, schema_name, rel_name, delta_table, key_columns)
-         values ({sync_id}, {n}, {}, {}, {}, array[{}]::text[]);",
-        quote_literal(&rel.schema),
-        quote_literal(&rel.name),
-        quote_literal(&delta_name),
-        key_array.join(", "),
-    ));
-    let what = format!("installing capture on {table}");
-    with_lock_retries(client, db, &what, &ddl).await
+    ddl
+}
+
+/// Row-level capture of a keyless table: whole row images, in event order.
+/// An UPDATE is a delete of the old image and an insert of the new one;
+/// `_pgleap_seq` orders events as they happened, which for two changes to
+/// the same row is their commit order (the second waited for the first).
+fn keyless_capture(
+    table: &str,
+    delta: &str,
+    function: &str,
+    sync_id: i32,
+    columns: &[(String, String)],
+) -> String {
+    let names: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    let defs: Vec<String> =
+        columns.iter().map(|(n, t)| format!("{} {t}", quote_ident(n))).collect();
+    let list = names.join(", ");
+    let image =
+        |rec: &str| names.iter().map(|n| format!("{rec}.{n}")).collect::<Vec<_>>().join(", ");
+    let [_, _, _, (row_trigger, _), (trunc_trigger, _)] = trigger_names(sync_id);
+    format!(
+        "create table {delta} (
+             _pgleap_txid int8 not null,
+             _pgleap_at timestamptz not null default now(),
+             _pgleap_truncated bool not null default false,
+             _pgleap_seq bigserial,
+             _pgleap_op \"char\" not null,
+             {defs});
+         create index on {delta} (_pgleap_txid);
+         create function {function}() returns trigger
+         language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
+         #variable_conflict use_column
+         begin
+             if tg_op = 'TRUNCATE' then
+                 insert into {delta} (_pgleap_txid, _pgleap_truncated, _pgleap_op)
+                 values (txid_current(), true, 'T');
+                 return null;
+             end if;
+             if tg_op in ('UPDATE', 'DELETE') then
+                 insert into {delta} (_pgleap_txid, _pgleap_op, {list})
+                 values (txid_current(), 'D', {old});
+             end if;
+             if tg_op in ('UPDATE', 'INSERT') then
+                 insert into {delta} (_pgleap_txid, _pgleap_op, {list})
+                 values (txid_current(), 'I', {new});
+             end if;
+             return null;
+         end $pgleap$;
+         create trigger {row} after insert or update or delete on {table}
+             for each row execute function {function}();
+         create trigger {trunc} after truncate on {table}
+             for each statement execute function {function}();\n",
+        defs = defs.join(", "),
+        old = image("old"),
+        new = image("new"),
+        row = quote_ident(&row_trigger),
+        trunc = quote_ident(&trunc_trigger),
+    )
 }
 
 /// Runs DDL in a transaction under a short lock_timeout, retrying with

@@ -7,7 +7,8 @@
 //! the target may partition differently). A table's key is its primary key,
 //! else the narrowest unique index that is valid, immediate, not partial, not
 //! on expressions, and on NOT NULL columns only: the same rule as PostgreSQL's
-//! own REPLICA IDENTITY USING INDEX.
+//! own REPLICA IDENTITY USING INDEX. A table with neither is *keyless*: it
+//! is replicated by whole-row images (see `capture`), unless refused.
 
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
@@ -29,6 +30,9 @@ pub struct Selection {
     pub tables: Vec<String>,
     pub exclude_tables: Vec<String>,
     pub sequences: Vec<String>,
+    /// Refuse tables without a usable key instead of replicating them by
+    /// whole-row images.
+    pub refuse_keyless: bool,
 }
 
 impl Selection {
@@ -66,7 +70,7 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
         .filter(|r| r.kind != "sequence" && r.key_columns.is_empty())
         .map(|r| display_name(&r.schema, &r.name))
         .collect();
-    if !keyless.is_empty() {
+    if !keyless.is_empty() && sel.refuse_keyless {
         return Err(Error::invalid(
             format!(
                 "{} table(s) in database \"{db}\" have neither a primary key nor a usable unique \
@@ -75,7 +79,8 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
                 keyless.join(", ")
             ),
             "add a key on the source (ALTER TABLE ... ADD PRIMARY KEY (col, ...), or a unique \
-             index on NOT NULL columns), or leave these tables out with --exclude-table",
+             index on NOT NULL columns), leave these tables out with --exclude-table, or drop \
+             --keyless refuse to replicate them by whole-row images",
         ));
     }
     if relations.is_empty() {

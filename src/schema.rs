@@ -58,10 +58,11 @@ pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
     let mut found: Vec<PgTools> = Vec::new();
     for dir in dirs {
         let dump = dir.join("pg_dump");
-        if dir.join("pg_restore").exists() && dump.exists() {
-            if let Some(major) = tool_major(&dump) {
-                found.push(PgTools { bin: dir, major });
-            }
+        if dir.join("pg_restore").exists()
+            && dump.exists()
+            && let Some(major) = tool_major(&dump)
+        {
+            found.push(PgTools { bin: dir, major });
         }
     }
     found.sort_by_key(|t| std::cmp::Reverse(t.major));

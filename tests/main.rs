@@ -20,3 +20,5 @@ mod replication;
 mod copy;
 // Schema copy.
 mod schema;
+// Tables without a key.
+mod keyless;

@@ -83,7 +83,7 @@ per_major! {
 }
 
 #[test]
-fn tables_without_a_usable_key_are_refused_with_the_full_list() {
+fn tables_without_a_usable_key_are_refused_on_request_with_the_full_list() {
     let db = TestDb::new(cluster(17), "rgkeyless");
     db.sql().exec(
         "create table public.ok (id int primary key);
@@ -96,14 +96,22 @@ fn tables_without_a_usable_key_are_refused_with_the_full_list() {
     );
     let p = Pgleap::for_cluster(db.cluster);
     p.run(&["db", "add", "src", "--dsn", &db.dsn()]).ok();
-    let err = p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]);
+    let err =
+        p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--keyless", "refuse"]);
     err.fails_with(&[
         "4 table(s)",
         "public.expr, public.nokey, public.nullable, public.partial",
         "ADD PRIMARY KEY",
     ]);
     assert_eq!(p.run(&["relgroup", "list", "--json"]).json(), json!([]));
-    let mut args = vec!["relgroup", "add", "rg", "--db", "src", "--all-tables"];
+    // By default they are accepted, with a warning saying what it costs.
+    let allowed = p.run(&["relgroup", "add", "all", "--db", "src", "--all-tables"]);
+    assert!(allowed.ok().contains("5 table(s)"), "{allowed}");
+    assert!(allowed.stderr.contains("4 table(s) without a usable key"), "{allowed}");
+    let shown = p.run(&["relgroup", "show", "all", "--json"]).json();
+    assert_eq!(members(&shown)[1], m("nokey", "table", json!([])));
+    let mut args =
+        vec!["relgroup", "add", "rg", "--db", "src", "--all-tables", "--keyless", "refuse"];
     for t in ["public.expr", "public.nokey", "public.nullable", "public.partial"] {
         args.extend(["--exclude-table", t]);
     }

@@ -264,6 +264,10 @@ pub enum RelGroupCommand {
         /// A sequence, as SCHEMA.NAME (repeatable).
         #[arg(long = "sequence", value_name = "SCHEMA.NAME")]
         sequences: Vec<String>,
+        /// Tables without a usable key: replicate them by whole-row images
+        /// (allow), or refuse them.
+        #[arg(long, value_enum, default_value = "allow")]
+        keyless: KeylessArg,
     },
     /// List relgroups.
     List(ListArgs),
@@ -271,6 +275,12 @@ pub enum RelGroupCommand {
     Show(ShowArgs),
     /// Remove a relgroup.
     Remove(RemoveArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KeylessArg {
+    Allow,
+    Refuse,
 }
 
 /// Bucardo's onetimecopy values, with its numbers as aliases.
@@ -423,8 +433,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 tables,
                 exclude_tables,
                 sequences,
+                keyless,
             } => {
                 let selection = Selection {
+                    refuse_keyless: matches!(keyless, KeylessArg::Refuse),
                     all_tables,
                     all_sequences,
                     schemas,
@@ -440,10 +452,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "added relgroup \"{name}\": {tables} table(s), {} sequence(s) of database \"{db}\"",
                     group.members.len() - tables
                 );
+                render::keyless_warning(&group);
             }
             RelGroupCommand::List(args) => render::relgroups(&catalog.relgroups()?, args.json),
             RelGroupCommand::Show(args) => {
-                render::relgroup(&catalog.relgroup(&args.name)?, args.json)
+                let group = catalog.relgroup(&args.name)?;
+                render::relgroup(&group, args.json);
+                if !args.json {
+                    render::keyless_warning(&group);
+                }
             }
             RelGroupCommand::Remove(args) => {
                 catalog.remove_relgroup(&args.name)?;

@@ -121,12 +121,36 @@ pub fn relgroup(g: &RelGroup, as_json: bool) {
         t.add_row(vec![
             display_name(&m.schema, &m.name),
             m.kind.clone(),
-            m.key_columns.join(", "),
+            if m.kind != "sequence" && m.key_columns.is_empty() {
+                "(none: whole rows)".to_string()
+            } else {
+                m.key_columns.join(", ")
+            },
             if m.kind == "sequence" { String::new() } else { m.est_rows.to_string() },
             size(m.est_bytes),
         ]);
     }
     println!("{t}");
+}
+
+/// What replicating keyless tables costs, said where the user chose it.
+pub fn keyless_warning(g: &RelGroup) {
+    let keyless: Vec<String> = g
+        .members
+        .iter()
+        .filter(|m| m.kind != "sequence" && m.key_columns.is_empty())
+        .map(|m| display_name(&m.schema, &m.name))
+        .collect();
+    if !keyless.is_empty() {
+        eprintln!(
+            "warning: {} table(s) without a usable key are replicated by whole-row images: {}\n  \
+             each change stores the whole row on the source, and each UPDATE or DELETE on the \
+             target must find its row (a scan unless an index helps); add a primary key where \
+             you can, or use --keyless refuse",
+            keyless.len(),
+            keyless.join(", ")
+        );
+    }
 }
 
 pub fn syncs(syncs: &[Sync], as_json: bool) {
