@@ -48,7 +48,7 @@ pub struct TablePlan {
     /// Quoted, comma-separated; generated columns left out.
     pub(crate) columns: String,
     /// The same, one quoted name each.
-    column_names: Vec<String>,
+    pub(crate) column_names: Vec<String>,
     /// Estimated at `relgroup add`, to decide whether to split the copy.
     pub(crate) est_rows: i64,
 }

@@ -33,6 +33,9 @@ pub enum Error {
     /// `kick --wait` ran out of time.
     #[error("sync \"{sync}\": target \"{target}\" did not catch up in time (last error: {last})")]
     KickTimeout { sync: String, target: String, last: String },
+    /// `verify` ran and found differences.
+    #[error("verify found differences in {tables} table(s) of sync \"{sync}\"")]
+    Differences { sync: String, tables: usize },
     /// A request that cannot be carried out as given.
     #[error("{message}")]
     Invalid { message: String, hint: Option<String> },
@@ -55,7 +58,7 @@ impl Error {
     /// 2 for errors.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::KickTimeout { .. } => 1,
+            Self::KickTimeout { .. } | Self::Differences { .. } => 1,
             _ => 2,
         }
     }
@@ -72,6 +75,10 @@ impl Error {
             Self::Resolve { .. } => Some("check the file's path and permissions".into()),
             Self::Connect { source, .. } => source.hint(),
             Self::Query { .. } => None,
+            Self::Differences { sync, .. } => Some(format!(
+                "the keys above differ; if the source is still written, run pgleap kick {sync} \
+                 --wait and verify again"
+            )),
             Self::KickTimeout { sync, .. } => {
                 Some(format!("pgleap status {sync} shows the last error of each target"))
             }

@@ -14,6 +14,7 @@
 //! - [`apply`]: snapshot-delimited batches applied to a target.
 //! - [`daemon`]: workers that apply continuously; start, stop, kick.
 //! - [`status`]: what each sync is doing.
+//! - [`verify`]: source and target compared by digests.
 //! - [`cli`]: the command line over all of the above.
 //!
 //! See docs/ARCHITECTURE.md for the decisions behind them.
@@ -30,5 +31,6 @@ pub mod objects;
 pub mod pg;
 pub mod schema;
 pub mod status;
+pub mod verify;
 
 pub use error::{Error, Result};

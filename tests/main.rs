@@ -22,3 +22,5 @@ mod copy;
 mod schema;
 // Tables without a key.
 mod keyless;
+// Verify.
+mod verify;

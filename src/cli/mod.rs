@@ -78,6 +78,18 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
     },
+    /// Compare source and target table by table (counts, chunked checksums).
+    Verify {
+        sync: String,
+        /// Only this table (repeatable), as shown by relgroup show.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+        /// Compare as things are, without catching the target up first.
+        #[arg(long)]
+        no_kick: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove everything a sync created on its servers, and the sync.
     Teardown { sync: String },
 }
@@ -534,6 +546,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             if with_indexes {
                 let n = objects::create_indexes_like(&source, &target, &schemas, env).await?;
                 println!("created {n} indexes and key constraints");
+            }
+        }
+        Command::Verify { sync, tables, no_kick, json } => {
+            let reports =
+                crate::verify::verify_sync(&mut catalog, &sync, &tables, !no_kick, env).await?;
+            render::verify(&reports, json);
+            let differing = reports.iter().flat_map(|(_, r)| r).filter(|r| !r.equal).count();
+            if differing > 0 {
+                return Err(Error::Differences { sync, tables: differing });
             }
         }
         Command::Teardown { sync } => {

@@ -294,6 +294,33 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
     println!("{t}");
 }
 
+pub fn verify(reports: &[(String, Vec<crate::verify::TableReport>)], as_json: bool) {
+    if as_json {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            target: &'a str,
+            tables: &'a [crate::verify::TableReport],
+        }
+        let shown: Vec<Shown> =
+            reports.iter().map(|(t, r)| Shown { target: t, tables: r }).collect();
+        return json(&shown);
+    }
+    for (target, tables) in reports {
+        let mut t = table(&["table", "source rows", "target rows", "result", "differing keys"]);
+        for r in tables {
+            t.add_row(vec![
+                r.table.clone(),
+                r.source_rows.to_string(),
+                r.target_rows.to_string(),
+                if r.equal { "equal" } else { "DIFFERENT" }.to_string(),
+                r.differing_keys.join("; "),
+            ]);
+        }
+        println!("target \"{target}\"");
+        println!("{t}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

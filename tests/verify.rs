@@ -1,0 +1,65 @@
+//! `pgleap verify`: differences are found and named by key; equal data is
+//! equal.
+
+use crate::support::{Pgleap, TestDb, cluster};
+
+#[test]
+fn a_planted_difference_is_named_by_its_key_pg12_to_pg17() {
+    let src = TestDb::new(cluster(12), "versrc");
+    let dst = TestDb::new(cluster(17), "verdst");
+    let schema = "create table t (id int primary key, v text);
+                  create table pairs (a int, b text, primary key (a, b));
+                  create table log (v text);";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec(
+        "insert into t select g, 'v' || g from generate_series(1, 1000) g;
+         insert into pairs select g, 'b' || g from generate_series(1, 100) g;
+         insert into log select 'line' from generate_series(1, 10);",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "always",
+        "--autokick",
+        "off",
+    ])
+    .ok();
+    let equal = p.run(&["verify", "s"]);
+    assert!(equal.ok().contains("equal"), "{equal}");
+    assert!(!equal.stdout.contains("DIFFERENT"), "{equal}");
+
+    dst.sql().exec(
+        "update t set v = 'planted' where id = 5;
+         delete from t where id = 777;
+         insert into pairs values (1000, 'extra');
+         delete from log where ctid = (select ctid from log limit 1);",
+    );
+    let out = p.run(&["verify", "s", "--json"]);
+    assert_eq!(out.code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let tables = report[0]["tables"].as_array().unwrap();
+    let find = |name: &str| tables.iter().find(|t| t["table"] == name).unwrap().clone();
+    let t = find("public.t");
+    assert_eq!(t["equal"], false);
+    assert_eq!(t["differing_keys"], serde_json::json!(["5", "777"]));
+    assert_eq!((t["source_rows"].clone(), t["target_rows"].clone()), (1000.into(), 999.into()));
+    assert_eq!(find("public.pairs")["differing_keys"], serde_json::json!(["1000,extra"]));
+    assert_eq!(find("public.log")["equal"], false);
+    let text = p.run(&["verify", "s", "--table", "public.t"]);
+    assert_eq!(text.code, 1);
+    assert!(text.stderr.contains("verify found differences in 1 table(s)"), "{text}");
+    assert!(text.stdout.contains("DIFFERENT"), "{text}");
+    p.run(&["teardown", "s"]).ok();
+}
