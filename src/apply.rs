@@ -274,8 +274,15 @@ pub async fn prepare_target(tgt: &mut Client, db: &str, plan: &Plan) -> Result<b
 }
 
 /// Puts back what [`prepare_target`] set aside: foreign keys are added
-/// NOT VALID and then validated, triggers re-enabled.
-pub async fn restore_target(tgt: &mut Client, db: &str, schema: &str, sync: &str) -> Result<()> {
+/// NOT VALID (validated here when `validate`, else returned for the caller
+/// to validate later), triggers re-enabled.
+pub async fn restore_target(
+    tgt: &mut Client,
+    db: &str,
+    schema: &str,
+    sync: &str,
+    validate: bool,
+) -> Result<Vec<(String, String)>> {
     let q = |e: tokio_postgres::Error| Error::query(db, &e);
     let s = quote_ident(schema);
     let exists: bool = tgt
@@ -284,8 +291,9 @@ pub async fn restore_target(tgt: &mut Client, db: &str, schema: &str, sync: &str
         .map_err(q)?
         .get(0);
     if !exists {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let mut to_validate = Vec::new();
     let rows = tgt
         .query(
             &format!(
@@ -301,10 +309,8 @@ pub async fn restore_target(tgt: &mut Client, db: &str, schema: &str, sync: &str
             (r.get(0), r.get(1), r.get(2), r.get(3));
         let name_q = quote_ident(name);
         let ddl = if kind == "foreign key" {
-            format!(
-                "alter table {table} add constraint {name_q} {def} not valid;
-                 alter table {table} validate constraint {name_q};"
-            )
+            to_validate.push((table.to_string(), name.to_string()));
+            format!("alter table {table} add constraint {name_q} {def} not valid")
         } else {
             format!("alter table {table} enable trigger {name_q}")
         };
@@ -316,13 +322,31 @@ pub async fn restore_target(tgt: &mut Client, db: &str, schema: &str, sync: &str
         .await
         .map_err(q)?;
     }
+    if validate {
+        validate_foreign_keys(tgt, db, &to_validate).await?;
+        to_validate.clear();
+    }
+    Ok(to_validate)
+}
+
+/// Validates foreign keys added NOT VALID: this scans, but takes only a
+/// SHARE UPDATE EXCLUSIVE lock, so writes go on meanwhile.
+pub async fn validate_foreign_keys(tgt: &Client, db: &str, fks: &[(String, String)]) -> Result<()> {
+    for (table, name) in fks {
+        tgt.batch_execute(&format!(
+            "alter table {table} validate constraint {}",
+            quote_ident(name)
+        ))
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    }
     Ok(())
 }
 
 /// Removes pgleap's bookkeeping for `sync` from a target, after restoring
 /// whatever was set aside.
 pub async fn remove_target(tgt: &mut Client, db: &str, schema: &str, sync: &str) -> Result<()> {
-    restore_target(tgt, db, schema, sync).await?;
+    restore_target(tgt, db, schema, sync, true).await?;
     let s = quote_ident(schema);
     let exists: bool = tgt
         .query_one("select to_regclass($1) is not null", &[&format!("{s}.applied")])

@@ -55,14 +55,20 @@ pub struct Captured {
 
 /// Every trigger name a sync may create on a table: the statement
 /// triggers of keyed tables, the row trigger of keyless ones, and TRUNCATE.
-fn trigger_names(sync_id: i32) -> [(String, &'static str); 5] {
+fn trigger_names(sync_id: i32) -> [(String, &'static str); 6] {
     [
         (format!("pgleap_{sync_id}_ins"), "insert"),
         (format!("pgleap_{sync_id}_upd"), "update"),
         (format!("pgleap_{sync_id}_del"), "delete"),
         (format!("pgleap_{sync_id}_row"), "row"),
         (format!("pgleap_{sync_id}_trunc"), "truncate"),
+        (fence_trigger(sync_id), "fence"),
     ]
+}
+
+/// The trigger that refuses writes on the source after cutover.
+pub fn fence_trigger(sync_id: i32) -> String {
+    format!("pgleap_{sync_id}_fence")
 }
 
 /// Installs capture for a sync on its source. On error nothing is left.
@@ -272,7 +278,7 @@ fn keyless_capture(
     let list = names.join(", ");
     let image =
         |rec: &str| names.iter().map(|n| format!("{rec}.{n}")).collect::<Vec<_>>().join(", ");
-    let [_, _, _, (row_trigger, _), (trunc_trigger, _)] = trigger_names(sync_id);
+    let [_, _, _, (row_trigger, _), (trunc_trigger, _), _] = trigger_names(sync_id);
     format!(
         "create table {delta} (
              _pgleap_txid int8 not null,
@@ -315,7 +321,12 @@ fn keyless_capture(
 
 /// Runs DDL in a transaction under a short lock_timeout, retrying with
 /// backoff while the lock is not granted.
-async fn with_lock_retries(client: &mut Client, db: &str, what: &str, ddl: &str) -> Result<()> {
+pub(crate) async fn with_lock_retries(
+    client: &mut Client,
+    db: &str,
+    what: &str,
+    ddl: &str,
+) -> Result<()> {
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=LOCK_ATTEMPTS {
         let tx = client.transaction().await.map_err(|e| Error::query(db, &e))?;

@@ -66,8 +66,14 @@ create table if not exists sync (
     onetimecopy text not null,
     autokick integer not null,
     capture_schema text not null,
-    removing integer not null default 0,
+    retired integer not null default 0,
     created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+-- Each cutover's measured write downtime.
+create table if not exists cutover (
+    sync text not null,
+    at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    fence_ms integer not null
 );
 -- What the last rounds of a sync did, per target: written by whoever ran
 -- the round (daemon or kick), read by status.
@@ -272,10 +278,12 @@ pub struct Sync {
     pub autokick: bool,
     /// The schema holding pgleap's objects on the servers of this sync.
     pub capture_schema: String,
-    /// Set by teardown before it removes server objects, so that a running
-    /// daemon stops working on the sync instead of recreating them.
+    /// No longer replicated: set at cutover, and by teardown before it
+    /// removes server objects, so that a running daemon stops working on the
+    /// sync instead of recreating target objects (or setting aside foreign
+    /// keys the cutover put back).
     #[serde(skip)]
-    pub removing: bool,
+    pub retired: bool,
     pub created_at: String,
 }
 
@@ -792,7 +800,7 @@ impl Catalog {
         let mut stmt = self
             .conn
             .prepare(
-                "select name, relgroup, dbgroup, onetimecopy, autokick, capture_schema, removing,
+                "select name, relgroup, dbgroup, onetimecopy, autokick, capture_schema, retired,
                         created_at
                  from sync
                  where ?1 is null or name = ?1 order by name",
@@ -808,7 +816,7 @@ impl Catalog {
                         .unwrap_or(OneTimeCopy::IfEmpty),
                     autokick: r.get(4)?,
                     capture_schema: r.get(5)?,
-                    removing: r.get(6)?,
+                    retired: r.get(6)?,
                     created_at: r.get(7)?,
                 })
             })
@@ -817,9 +825,19 @@ impl Catalog {
         Ok(rows)
     }
 
-    pub fn mark_sync_removing(&mut self, name: &str) -> Result<()> {
+    pub fn record_cutover(&mut self, sync: &str, fence_ms: i64) -> Result<()> {
         self.write(|tx| {
-            if tx.execute("update sync set removing = 1 where name = ?1", params![name])? == 0 {
+            tx.execute(
+                "insert into cutover (sync, fence_ms) values (?1, ?2)",
+                params![sync, fence_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn retire_sync(&mut self, name: &str) -> Result<()> {
+        self.write(|tx| {
+            if tx.execute("update sync set retired = 1 where name = ?1", params![name])? == 0 {
                 return Err(not_found(ObjectKind::Sync, name));
             }
             Ok(())

@@ -86,6 +86,15 @@ impl Session {
         env: Env<'_>,
     ) -> Result<Session> {
         let sync = catalog.sync(sync)?;
+        if sync.retired {
+            return Err(Error::invalid(
+                format!(
+                    "sync \"{}\" was cut over (or is being torn down): it no longer replicates",
+                    sync.name
+                ),
+                format!("pgleap teardown {} removes what is left of it", sync.name),
+            ));
+        }
         let relgroup = catalog.relgroup(&sync.relgroup)?;
         let source = catalog.dbgroup(&sync.dbgroup)?.source().to_string();
         let source_conn = objects::DbConn::from_catalog(catalog, &source)?;
@@ -179,7 +188,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             break;
         }
         let autokick = match catalog.sync(&sync) {
-            Ok(s) if s.removing => break,
+            Ok(s) if s.retired => break,
             Ok(s) => s.autokick,
             Err(CatalogError::NotFound { .. }) => break,
             Err(e) => {
@@ -361,7 +370,7 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
 /// Every (sync, target) pair of the catalog.
 fn pairs(catalog: &Catalog) -> Result<Vec<(String, String)>, CatalogError> {
     let mut out = Vec::new();
-    for sync in catalog.syncs()?.into_iter().filter(|s| !s.removing) {
+    for sync in catalog.syncs()?.into_iter().filter(|s| !s.retired) {
         for target in catalog.dbgroup(&sync.dbgroup)?.targets() {
             out.push((sync.name.clone(), target.to_string()));
         }

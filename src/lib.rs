@@ -15,6 +15,7 @@
 //! - [`daemon`]: workers that apply continuously; start, stop, kick.
 //! - [`status`]: what each sync is doing.
 //! - [`verify`]: source and target compared by digests.
+//! - [`cutover`]: fence, drain, finish the target, measure the downtime.
 //! - [`cli`]: the command line over all of the above.
 //!
 //! See docs/ARCHITECTURE.md for the decisions behind them.
@@ -24,6 +25,7 @@ pub mod capture;
 pub mod catalog;
 pub mod cli;
 pub mod copy;
+pub mod cutover;
 pub mod daemon;
 pub mod error;
 pub mod inventory;

@@ -402,7 +402,7 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
         onetimecopy: spec.onetimecopy,
         autokick: spec.autokick,
         capture_schema: spec.capture_schema.clone(),
-        removing: false,
+        retired: false,
         created_at: String::new(),
     };
     // Capture starts now: from here on every change of the source is
@@ -433,7 +433,7 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
 /// aside), then the sync itself from the catalog.
 pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result<()> {
     let sync = catalog.sync(name)?;
-    catalog.mark_sync_removing(name)?;
+    catalog.retire_sync(name)?;
     let group = catalog.dbgroup(&sync.dbgroup)?;
     let source = group.source().to_string();
     let mut src = connect_db(catalog, &source, env).await?;

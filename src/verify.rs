@@ -157,6 +157,8 @@ pub async fn verify_sync(
     env: crate::objects::Env<'_>,
 ) -> Result<Vec<(String, Vec<TableReport>)>> {
     let s = catalog.sync(sync)?;
+    // After cutover the source is fenced: nothing left to catch up.
+    let kick = kick && !s.retired;
     let group = catalog.dbgroup(&s.dbgroup)?;
     let relgroup = catalog.relgroup(&s.relgroup)?;
     let source = group.source().to_string();

@@ -24,3 +24,5 @@ mod schema;
 mod keyless;
 // Verify.
 mod verify;
+// Cutover.
+mod cutover;

@@ -90,6 +90,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Switch to the target: fence writes on the source, drain, set
+    /// sequences, add foreign keys and triggers, report the write downtime.
+    Cutover {
+        sync: String,
+        /// Catch up until the oldest pending change is younger than this.
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        max_lag: u64,
+        /// Also end the source's other sessions and make it read-only.
+        #[arg(long)]
+        terminate: bool,
+        /// Added to every sequence value on the target.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        sequence_margin: i64,
+        /// Rehearse every step except the fence, and predict the fence time.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove everything a sync created on its servers, and the sync.
     Teardown { sync: String },
 }
@@ -556,6 +575,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             if differing > 0 {
                 return Err(Error::Differences { sync, tables: differing });
             }
+        }
+        Command::Cutover { sync, max_lag, terminate, sequence_margin, dry_run, json } => {
+            let opts = crate::cutover::CutoverOptions {
+                max_lag: Duration::from_secs(max_lag),
+                terminate,
+                sequence_margin,
+                dry_run,
+            };
+            let report = crate::cutover::cutover(&mut catalog, &sync, &opts, env).await?;
+            render::cutover(&report, json);
         }
         Command::Teardown { sync } => {
             objects::teardown(&mut catalog, &sync, env).await?;

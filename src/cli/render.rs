@@ -294,6 +294,37 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
     println!("{t}");
 }
 
+pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    if r.dry_run {
+        println!(
+            "dry run of the cutover of sync \"{}\" to \"{}\": predicted write downtime {:.3} s \
+             ({} tables, {} sequences, {} foreign keys and {} triggers to add); the source was not fenced",
+            r.sync,
+            r.target,
+            r.fence_ms as f64 / 1000.0,
+            r.tables,
+            r.sequences,
+            r.foreign_keys,
+            r.triggers
+        );
+    } else {
+        println!(
+            "cut over sync \"{}\" to \"{}\": writes were fenced for {:.3} s; {} tables drained, \
+             {} sequences set, {} foreign keys validated, {} triggers created; the source now refuses writes",
+            r.sync,
+            r.target,
+            r.fence_ms as f64 / 1000.0,
+            r.tables,
+            r.sequences,
+            r.foreign_keys,
+            r.triggers
+        );
+    }
+}
+
 pub fn verify(reports: &[(String, Vec<crate::verify::TableReport>)], as_json: bool) {
     if as_json {
         #[derive(Serialize)]

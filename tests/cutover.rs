@@ -1,0 +1,112 @@
+//! `pgleap cutover`: under load, the target ends equal with its sequences,
+//! foreign keys and triggers, and the old source refuses writes.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::{OWNER, Pgleap, Sql, TestDb, cluster, tool};
+
+const APP_SCHEMA: &str = "
+    create table parent (id serial primary key, v text);
+    create table child (id serial primary key, parent_id int references parent on delete cascade);
+    create table audit (n serial primary key, what text);
+    create function audit_it() returns trigger language plpgsql as
+        $$ begin insert into audit (what) values (tg_op); return null; end $$;
+    create trigger audit_parent after insert on parent for each row execute function audit_it();
+    insert into parent (v) select 'p' || g from generate_series(1, 50) g;
+    insert into child (parent_id) select g from generate_series(1, 50) g;
+";
+
+fn multiset(sql: &Sql, table: &str) -> Vec<Vec<Option<String>>> {
+    sql.rows(&format!("select t::text from {table} t order by 1"))
+}
+
+#[test]
+fn cutover_under_pgbench_load_pg12_to_pg17() {
+    let src = TestDb::new(cluster(12), "cutsrc");
+    let dst = TestDb::new(cluster(17), "cutdst");
+    let pgbench = |args: &[&str]| {
+        tool("pgbench")
+            .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &src.cluster.port.to_string()])
+            .args(args)
+            .arg(&src.name)
+            .env("PGPASSWORD", &src.cluster.owner_password)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    assert!(pgbench(&["-i", "-q", "-s", "1"]).wait().unwrap().success());
+    src.sql().exec(APP_SCHEMA);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "always"])
+        .ok();
+    p.run(&["start"]).ok();
+
+    let mut load = pgbench(&["-n", "-c", "2", "-T", "60"]);
+    let writer = {
+        let sql = src.sql();
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let insert = format!(
+                    "insert into parent (v) values ('w{i}');
+                     insert into child (parent_id) values (currval('parent_id_seq'))"
+                );
+                if let Err(e) = sql.try_exec(&insert) {
+                    return e;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            unreachable!()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+
+    let rehearsal = p.run(&["cutover", "s", "--dry-run"]);
+    assert!(rehearsal.ok().contains("predicted write downtime"), "{rehearsal}");
+    src.sql().exec("insert into audit (what) values ('still writable after the dry run')");
+
+    let out = p.run(&["cutover", "s", "--json"]);
+    let report = out.json();
+    assert_eq!(report["dry_run"], false);
+    assert!(report["fence_ms"].as_i64().unwrap() > 0, "{report}");
+    let refused = writer.join().unwrap();
+    assert!(refused.contains("moved to pgleap database \"dst\""), "{refused}");
+    let _ = load.kill();
+    let _ = load.wait();
+    p.run(&["stop"]).ok();
+
+    let (s, d) = (src.sql(), dst.sql());
+    for table in [
+        "pgbench_accounts",
+        "pgbench_branches",
+        "pgbench_tellers",
+        "pgbench_history",
+        "parent",
+        "child",
+        "audit",
+    ] {
+        assert_eq!(multiset(&s, table), multiset(&d, table), "{table}");
+    }
+    for seq in ["parent_id_seq", "child_id_seq", "audit_n_seq"] {
+        let q = format!("select last_value from {seq}");
+        assert_eq!(s.value(&q), d.value(&q), "{seq}");
+    }
+    assert_eq!(
+        d.value("select convalidated from pg_constraint where conname = 'child_parent_id_fkey'"),
+        "t"
+    );
+    assert_eq!(d.value("select count(*) from pg_trigger where tgname = 'audit_parent'"), "1");
+    // The new server takes writes, with its trigger; the old one refuses.
+    d.exec("insert into parent (v) values ('on the new server')");
+    assert_eq!(d.value("select what from audit order by n desc limit 1"), "INSERT");
+    let err = s.try_exec("update pgbench_accounts set abalance = 0 where aid = 1").unwrap_err();
+    assert!(err.contains("no longer takes writes: it moved to pgleap database \"dst\""), "{err}");
+    p.run(&["kick", "s"]).fails_with(&["was cut over"]);
+    p.run(&["teardown", "s"]).ok();
+}
