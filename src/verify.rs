@@ -52,10 +52,10 @@ fn prefixed(t: &TablePlan) -> String {
 }
 
 async fn buckets(c: &Client, db: &str, t: &TablePlan) -> Result<Vec<(i32, i64, String)>> {
+    let bucket = format!("abs({})", md5_int(&key_text(t)));
     let sql = format!(
         "select ({bucket} % {BUCKETS})::int4 b, count(*), sum({row})::text
          from {table} t group by 1 order by 1",
-        bucket = format!("abs({})", md5_int(&key_text(t))),
         row = md5_int(&row_text(t)),
         table = t.table,
     );
