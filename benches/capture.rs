@@ -139,6 +139,8 @@ fn main() {
     let dst = TestDb::new(cluster(17), "benchdst");
     eprintln!("loading pgbench scale {scale} into PostgreSQL 12 ...");
     pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]);
+    // A table without a key, for the whole-row apply rate.
+    src.sql().exec("create table bench_keyless (n int, v text)");
     copy_database(&src, &dst);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     declare(&p, &src, &dst);
@@ -182,6 +184,17 @@ fn main() {
     let apply_secs = started.elapsed().as_secs_f64();
     let digest = "select md5(string_agg(a::text, ',' order by aid)) from pgbench_accounts a";
     assert_eq!(src.sql().value(digest), dst.sql().value(digest), "target differs after apply");
+
+    let keyless_rows = 100_000;
+    src.sql().exec(&format!(
+        "insert into bench_keyless select g, md5(g::text) from generate_series(1, {keyless_rows}) g"
+    ));
+    eprintln!("applying {keyless_rows} inserts into a keyless table ...");
+    let started = Instant::now();
+    p.run(&["kick", "s", "--wait", "3600"]).ok();
+    let keyless_secs = started.elapsed().as_secs_f64();
+    let digest = "select md5(string_agg(k::text, ',' order by n)) from bench_keyless k";
+    assert_eq!(src.sql().value(digest), dst.sql().value(digest), "keyless table differs");
 
     // The ceiling: the same rows through one COPY pipe, source to target.
     dst.sql().exec("create table copy_ceiling (like pgbench_accounts)");
@@ -249,5 +262,12 @@ fn main() {
     println!(
         "| psql \\copy out \\| \\copy in (ceiling) | {copy_secs:.2} | {:.0} | 1.00 |",
         rows as f64 / copy_secs
+    );
+    println!("\n## Keyless apply rate ({keyless_rows} inserts into a table without a key)\n");
+    println!("| method | seconds | rows/s |");
+    println!("|---|---|---|");
+    println!(
+        "| pgleap kick --wait | {keyless_secs:.2} | {:.0} |",
+        keyless_rows as f64 / keyless_secs
     );
 }

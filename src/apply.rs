@@ -717,21 +717,24 @@ pub async fn pump(
     source_db: &str,
     target_db: &str,
 ) -> Result<u64> {
-    Ok(pump_counted(out, sink, source_db, target_db).await?.0)
+    Ok(pump_counted(out, sink, source_db, target_db, &|_| {}).await?.0)
 }
 
-/// [`pump`], also returning the bytes forwarded.
+/// [`pump`], also returning the bytes forwarded and reporting them as they
+/// pass.
 pub async fn pump_counted(
     out: tokio_postgres::CopyOutStream,
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
     source_db: &str,
     target_db: &str,
+    on_bytes: &dyn Fn(u64),
 ) -> Result<(u64, u64)> {
     let mut out = std::pin::pin!(out);
     let mut sink = std::pin::pin!(sink);
     let mut bytes = 0u64;
     while let Some(chunk) = out.try_next().await.map_err(|e| Error::query(source_db, &e))? {
         bytes += chunk.len() as u64;
+        on_bytes(chunk.len() as u64);
         sink.feed(chunk).await.map_err(|e| Error::query(target_db, &e))?;
     }
     let rows = sink.as_mut().finish().await.map_err(|e| Error::query(target_db, &e))?;

@@ -32,6 +32,7 @@ use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
 use crate::objects::{DbConn, Env};
 use crate::pg::{quote_ident, quote_literal};
+use crate::progress::Progress;
 use crate::schema;
 
 /// Tables estimated above this many rows are split into ranges.
@@ -131,16 +132,28 @@ pub async fn initial_copy(
     if total > 0 {
         tracing::info!(sync = plan.sync, units = total, jobs, "initial copy starting");
     }
+    let est_rows: i64 = queue
+        .iter()
+        .map(|u| {
+            let parts = queue.iter().filter(|o| o.table == u.table).count().max(1) as i64;
+            plan.tables[u.table].est_rows / parts
+        })
+        .sum();
+    let progress = Progress::new("initial copy", total as u64, est_rows.max(0) as u64);
     let queue = Mutex::new(queue);
     let stats = Mutex::new(CopyStats::default());
-    let workers = (0..jobs.max(1).min(total.max(1)))
-        .map(|_| worker(source, target, plan, &exported, &snapshot, &queue, &stats, total, env));
+    let workers = (0..jobs.max(1).min(total.max(1))).map(|_| {
+        worker(source, target, plan, &exported, &snapshot, &queue, &stats, &progress, env)
+    });
     let results = futures_util::future::join_all(workers).await;
     ctx.commit().await.map_err(qs)?;
+    progress.finish();
     for r in results {
         r?;
     }
     if total > 0 {
+        // Catches what the workers did not (tables copied in an earlier,
+        // interrupted run); cheap when everything exists.
         build_indexes(source, target, plan, jobs, env).await?;
     }
 
@@ -337,7 +350,7 @@ async fn worker(
     snapshot: &str,
     queue: &Mutex<VecDeque<Unit>>,
     stats: &Mutex<CopyStats>,
-    total: usize,
+    progress: &Progress,
     env: Env<'_>,
 ) -> Result<()> {
     if queue.lock().unwrap().is_empty() {
@@ -365,7 +378,6 @@ async fn worker(
     loop {
         let Some(unit) = queue.lock().unwrap().pop_front() else { break };
         let t = &plan.tables[unit.table];
-        let started = Instant::now();
         let ttx = tgt.transaction().await.map_err(qt)?;
         let out = stx
             .copy_out(&format!(
@@ -378,7 +390,9 @@ async fn worker(
             .copy_in(&format!("copy {} ({}) from stdin", t.table, t.columns))
             .await
             .map_err(qt)?;
-        let (rows, bytes) = apply::pump_counted(out, sink, sdb, tdb).await?;
+        let bar = progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
+        let (rows, bytes) =
+            apply::pump_counted(out, sink, sdb, tdb, &|n| progress.advance(&bar, n)).await?;
         ttx.execute(
             &format!(
                 "update {s}.copy_units set done = true, snapshot = $3, rows = $4
@@ -389,23 +403,39 @@ async fn worker(
         .await
         .map_err(qt)?;
         ttx.commit().await.map_err(qt)?;
-        let done = {
+        progress.finish_unit(bar, rows);
+        {
             let mut st = stats.lock().unwrap();
             st.units += 1;
             st.rows += rows;
             st.bytes += bytes;
-            st.units
-        };
-        tracing::info!(
-            sync = plan.sync,
-            table = t.display,
-            part = unit.predicate,
-            rows,
-            kb = bytes / 1000,
-            ms = started.elapsed().as_millis() as u64,
-            "copied unit {}/{total}",
-            done
-        );
+        }
+        // The table's last part is in: build its indexes now, while other
+        // workers go on copying.
+        let remaining: i64 = tgt
+            .query_one(
+                &format!(
+                    "select count(*) from {s}.copy_units
+                     where sync = $1 and table_name = $2 and not done"
+                ),
+                &[&plan.sync, &t.table],
+            )
+            .await
+            .map_err(qt)?
+            .get(0);
+        if remaining == 0 {
+            let items = schema::post_data(&stx, sdb, &t.table).await?;
+            let itx = tgt.transaction().await.map_err(qt)?;
+            // Two workers finishing a table's last parts at once: one builds.
+            itx.execute("select pg_advisory_xact_lock(hashtext($1))", &[&t.table])
+                .await
+                .map_err(qt)?;
+            let created = schema::create_missing(&itx, tdb, &t.table, &items).await?;
+            itx.commit().await.map_err(qt)?;
+            if created > 0 {
+                tracing::debug!(table = t.display, created, "indexes built after the load");
+            }
+        }
     }
     stx.commit().await.map_err(qs)?;
     Ok(())

@@ -31,6 +31,7 @@ pub mod error;
 pub mod inventory;
 pub mod objects;
 pub mod pg;
+pub mod progress;
 pub mod schema;
 pub mod status;
 pub mod verify;

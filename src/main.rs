@@ -12,7 +12,8 @@ fn main() -> ExitCode {
     let default = match cli.verbose {
         // The daemon's log is its record of what it did.
         0 if cli.command.is_daemon() => "info",
-        0 => "warn",
+        // pgleap's own info lines are its progress reports off a TTY.
+        0 => "warn,pgleap=info",
         1 => "pgleap=debug,info",
         _ => "trace",
     };

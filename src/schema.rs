@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::error::{Error, Result};
 use crate::objects::{DbConn, Env};
@@ -199,7 +199,7 @@ pub struct PostData {
 
 /// The indexes and primary-key/unique/exclusion constraints of a table on
 /// the source (`table` quoted and qualified).
-pub async fn post_data(src: &Client, sdb: &str, table: &str) -> Result<Vec<PostData>> {
+pub async fn post_data(src: &impl GenericClient, sdb: &str, table: &str) -> Result<Vec<PostData>> {
     let rows = src
         .query(
             "select c.conname::text, pg_get_constraintdef(c.oid), true
@@ -236,7 +236,7 @@ pub async fn post_data(src: &Client, sdb: &str, table: &str) -> Result<Vec<PostD
 /// Creates on the target those of `items` it does not have yet (by name),
 /// so a rerun or a target restored in full is harmless.
 pub async fn create_missing(
-    tgt: &Client,
+    tgt: &impl GenericClient,
     tdb: &str,
     table: &str,
     items: &[PostData],

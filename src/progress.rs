@@ -1,0 +1,140 @@
+//! The one progress reporter: bars on a terminal, log lines otherwise.
+//!
+//! On a TTY, indicatif draws one bar per running unit of work and a total
+//! (rows, bytes, rate, ETA). Without one (a pipe, a log file, systemd), a
+//! line is logged every few seconds and when a unit finishes, so a long copy
+//! is never silent.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+struct Counters {
+    units_done: u64,
+    rows: u64,
+    bytes: u64,
+    last_log: Instant,
+}
+
+pub struct Progress {
+    what: String,
+    units: u64,
+    est_rows: u64,
+    started: Instant,
+    counters: Mutex<Counters>,
+    bars: Option<(MultiProgress, ProgressBar)>,
+}
+
+/// One running unit: its bar, if any.
+pub struct Unit {
+    name: String,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// `units` pieces of work estimated at `est_rows` rows in all.
+    pub fn new(what: &str, units: u64, est_rows: u64) -> Progress {
+        let bars = std::io::stderr().is_terminal().then(|| {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let total = multi.add(ProgressBar::new(est_rows.max(1)));
+            total.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {human_pos}/{human_len} rows {msg} ({per_sec}, eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            total.set_prefix(what.to_string());
+            (multi, total)
+        });
+        Progress {
+            what: what.to_string(),
+            units,
+            est_rows,
+            started: Instant::now(),
+            counters: Mutex::new(Counters {
+                units_done: 0,
+                rows: 0,
+                bytes: 0,
+                last_log: Instant::now(),
+            }),
+            bars,
+        }
+    }
+
+    pub fn start_unit(&self, name: &str) -> Unit {
+        let bar = self.bars.as_ref().map(|(multi, _)| {
+            let bar = multi.add(ProgressBar::new_spinner());
+            bar.set_style(
+                ProgressStyle::with_template("  {spinner} {prefix}: {bytes} ({bytes_per_sec})")
+                    .expect("valid template"),
+            );
+            bar.set_prefix(name.to_string());
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Unit { name: name.to_string(), bar }
+    }
+
+    /// Bytes streamed for a unit so far.
+    pub fn advance(&self, unit: &Unit, bytes: u64) {
+        if let Some(bar) = &unit.bar {
+            bar.inc(bytes);
+        }
+        let mut c = self.counters.lock().unwrap();
+        c.bytes += bytes;
+        if self.bars.is_none() && c.last_log.elapsed() >= LOG_EVERY {
+            c.last_log = Instant::now();
+            self.log_line(&c);
+        }
+    }
+
+    pub fn finish_unit(&self, unit: Unit, rows: u64) {
+        if let Some(bar) = unit.bar {
+            bar.finish_and_clear();
+        }
+        let mut c = self.counters.lock().unwrap();
+        c.units_done += 1;
+        c.rows += rows;
+        match &self.bars {
+            Some((_, total)) => {
+                total.set_position(c.rows.min(self.est_rows.max(1)));
+                total.set_message(format!("{}/{} parts", c.units_done, self.units));
+            }
+            None => tracing::info!(
+                "{}: {} done ({} rows); {}/{} parts",
+                self.what,
+                unit.name,
+                rows,
+                c.units_done,
+                self.units
+            ),
+        }
+    }
+
+    fn log_line(&self, c: &Counters) {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = c.bytes as f64 / secs / 1e6;
+        tracing::info!(
+            "{}: {}/{} parts, {} rows, {:.1} MB, {:.1} MB/s",
+            self.what,
+            c.units_done,
+            self.units,
+            c.rows,
+            c.bytes as f64 / 1e6,
+            rate
+        );
+    }
+
+    pub fn finish(&self) {
+        if let Some((_, total)) = &self.bars {
+            total.finish_and_clear();
+        }
+        let c = self.counters.lock().unwrap();
+        self.log_line(&c);
+    }
+}
