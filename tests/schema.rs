@@ -116,3 +116,13 @@ fn schema_copy_needs_a_pg_dump_as_new_as_the_source_pg17() {
     p.run(&["schema", "copy", "--from", "nope", "--to", "dst"])
         .fails_with(&["database \"nope\" does not exist"]);
 }
+
+/// adminpack ships with PostgreSQL 15 and was removed in 17.
+#[test]
+fn extensions_missing_on_the_target_are_named_first_pg15_to_pg17() {
+    let (p, src, dst) = setup(15);
+    src.cluster.superuser(&src.name).exec("create extension adminpack");
+    p.run(&["schema", "copy", "--from", "src", "--to", "dst"])
+        .fails_with(&["uses extensions that target \"dst\" does not have: adminpack"]);
+    assert_eq!(count_tables(&dst.sql()), "0");
+}
