@@ -28,13 +28,7 @@ fn knob(name: &str, default: u64) -> u64 {
 }
 
 fn pgbench(db: &TestDb, args: &[&str]) -> String {
-    let out = tool("pgbench")
-        .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &db.cluster.port.to_string()])
-        .args(args)
-        .arg(&db.name)
-        .env("PGPASSWORD", &db.cluster.owner_password)
-        .output()
-        .unwrap();
+    let out = support::pgbench(db, args).stdout(std::process::Stdio::piped()).output().unwrap();
     assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

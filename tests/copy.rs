@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{OWNER, Pgleap, Sql, TestDb, cluster, tool};
+use crate::support::{OWNER, Pgleap, Sql, TestDb, cluster, finish, pgbench, tool};
 
 /// Every type family of the design brief, with the edge values that break
 /// naive copies, plus NULLs in every column.
@@ -202,23 +202,6 @@ fn every_type_round_trips_pg15_to_pg17() {
     fidelity(15);
 }
 
-fn pgbench(db: &TestDb, args: &[&str]) -> std::process::Child {
-    tool("pgbench")
-        .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &db.cluster.port.to_string()])
-        .args(args)
-        .arg(&db.name)
-        .env("PGPASSWORD", &db.cluster.owner_password)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(child: std::process::Child) {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 const PGBENCH_TABLES: &[(&str, &str)] =
     &[("pgbench_accounts", "aid"), ("pgbench_branches", "bid"), ("pgbench_tellers", "tid")];
 
@@ -228,12 +211,12 @@ const PGBENCH_TABLES: &[(&str, &str)] =
 fn copy_under_load_then_sync_pg12_to_pg17() {
     let src = TestDb::new(cluster(12), "loadcopysrc");
     let dst = TestDb::new(cluster(17), "loadcopydst");
-    finish(pgbench(&src, &["-i", "-q", "-s", "3"]));
+    finish(pgbench(&src, &["-i", "-q", "-s", "3"]).spawn().unwrap());
     src.sql().exec("analyze");
     copy_schema(&src, &dst);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     declare(&p, &src, &dst, "always", &["--exclude-table", "public.pgbench_history"]);
-    let load = pgbench(&src, &["-n", "-c", "2", "-T", "5"]);
+    let load = pgbench(&src, &["-n", "-c", "2", "-T", "5"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     p.run(&["kick", "s", "--jobs", "2"]).ok();
     finish(load);
@@ -251,7 +234,7 @@ fn copy_under_load_then_sync_pg12_to_pg17() {
 fn an_interrupted_copy_resumes_pg15_to_pg17() {
     let src = TestDb::new(cluster(15), "resumesrc");
     let dst = TestDb::new(cluster(17), "resumedst");
-    finish(pgbench(&src, &["-i", "-q", "-s", "5"]));
+    finish(pgbench(&src, &["-i", "-q", "-s", "5"]).spawn().unwrap());
     src.sql().exec("analyze");
     copy_schema(&src, &dst);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);

@@ -1,10 +1,9 @@
 //! `pgleap cutover`: under load, the target ends equal with its sequences,
 //! foreign keys and triggers, and the old source refuses writes.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{OWNER, Pgleap, Sql, TestDb, cluster, tool};
+use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench};
 
 const APP_SCHEMA: &str = "
     create table parent (id serial primary key, v text);
@@ -25,18 +24,7 @@ fn multiset(sql: &Sql, table: &str) -> Vec<Vec<Option<String>>> {
 fn cutover_under_pgbench_load_pg12_to_pg17() {
     let src = TestDb::new(cluster(12), "cutsrc");
     let dst = TestDb::new(cluster(17), "cutdst");
-    let pgbench = |args: &[&str]| {
-        tool("pgbench")
-            .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &src.cluster.port.to_string()])
-            .args(args)
-            .arg(&src.name)
-            .env("PGPASSWORD", &src.cluster.owner_password)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    assert!(pgbench(&["-i", "-q", "-s", "1"]).wait().unwrap().success());
+    finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
     src.sql().exec(APP_SCHEMA);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
@@ -48,7 +36,7 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
         .ok();
     p.run(&["start"]).ok();
 
-    let mut load = pgbench(&["-n", "-c", "2", "-T", "60"]);
+    let mut load = pgbench(&src, &["-n", "-c", "2", "-T", "60"]).spawn().unwrap();
     let writer = {
         let sql = src.sql();
         std::thread::spawn(move || {

@@ -1,10 +1,9 @@
 //! Tables without a usable key: whole-row capture and apply, duplicates
 //! kept, NULLs matched, order respected.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{OWNER, Pgleap, Sql, TestDb, cluster, tool};
+use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench};
 
 /// Compares two tables as multisets of rows (every column, duplicates
 /// counted).
@@ -48,28 +47,13 @@ fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb, autokick: &str) {
 fn pgbench_schema_unmodified_migrates_under_load_pg12_to_pg17() {
     let src = TestDb::new(cluster(12), "kbsrc");
     let dst = TestDb::new(cluster(17), "kbdst");
-    let pgbench = |args: &[&str]| {
-        tool("pgbench")
-            .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &src.cluster.port.to_string()])
-            .args(args)
-            .arg(&src.name)
-            .env("PGPASSWORD", &src.cluster.owner_password)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let finish = |c: std::process::Child| {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    finish(pgbench(&["-i", "-q", "-s", "1"]));
+    finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     declare(&p, &src, &dst, "on");
     let shown = p.run(&["relgroup", "show", "rg"]);
     assert!(shown.ok().contains("(none: whole rows)"), "{shown}");
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
-    let load = pgbench(&["-n", "-c", "2", "-T", "6"]);
+    let load = pgbench(&src, &["-n", "-c", "2", "-T", "6"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     p.run(&["start"]).ok();
     finish(load);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::per_major;
 use crate::support::{
-    Cluster, OWNER, Pgleap, Sql, TestDb, cluster, copy_database, private_cluster, tool,
+    Cluster, OWNER, Pgleap, Sql, TestDb, cluster, copy_database, finish, pgbench, private_cluster,
 };
 
 /// Asserts that every table has the same rows on both sides, in full.
@@ -283,17 +283,7 @@ fn under_load_with_faults(source_major: u32) {
     let src = TestDb::new(cluster(source_major), "loadsrc");
     let target = private_cluster(17);
     let dst = TestDb::new(target, "loaddst");
-    let pgbench = |args: &[&str]| {
-        let out = tool("pgbench")
-            .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &src.cluster.port.to_string()])
-            .args(args)
-            .arg(&src.name)
-            .env("PGPASSWORD", &src.cluster.owner_password)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    pgbench(&["-i", "-q", "-s", "1"]);
+    finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
     src.sql().exec(SMALL_SCHEMA);
     copy_database(&src, &dst);
     let p = Pgleap::for_clusters(&[src.cluster, target]);
@@ -333,18 +323,7 @@ fn under_load_with_faults(source_major: u32) {
             }
         })
     };
-    let load = std::thread::spawn({
-        let port = src.cluster.port.to_string();
-        let (name, pw) = (src.name.clone(), src.cluster.owner_password.clone());
-        move || {
-            tool("pgbench")
-                .args(["-h", "127.0.0.1", "-U", OWNER, "-p", &port, "-n", "-c", "2", "-T", "6"])
-                .arg(&name)
-                .env("PGPASSWORD", pw)
-                .output()
-                .unwrap()
-        }
-    });
+    let load = pgbench(&src, &["-n", "-c", "2", "-T", "6"]).spawn().unwrap();
 
     std::thread::sleep(Duration::from_secs(2));
     let pid: i32 =
@@ -355,8 +334,7 @@ fn under_load_with_faults(source_major: u32) {
     std::thread::sleep(Duration::from_secs(2));
     target.restart();
 
-    let out = load.join().unwrap();
-    assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
+    finish(load);
     script.join().unwrap();
 
     p.run(&["kick", "s", "--wait", "120"]).ok();

@@ -233,3 +233,22 @@ pub fn copy_database(src: &TestDb, dst: &TestDb) {
     assert!(dump.wait().unwrap().success(), "pg_dump failed");
     assert!(restore.status.success(), "psql failed: {}", String::from_utf8_lossy(&restore.stderr));
 }
+
+/// pgbench against a test database, as its owner; stderr is kept for the
+/// failure message of [`finish`].
+pub fn pgbench(db: &TestDb, args: &[&str]) -> Command {
+    let mut cmd = tool("pgbench");
+    cmd.args(["-h", "127.0.0.1", "-U", OWNER, "-p", &db.cluster.port.to_string()])
+        .args(args)
+        .arg(&db.name)
+        .env("PGPASSWORD", &db.cluster.owner_password)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Waits for a child (pgbench) and asserts it succeeded.
+pub fn finish(child: std::process::Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
+}
