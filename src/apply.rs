@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::capture;
 use crate::catalog::{RelGroup, Sync};
@@ -427,17 +427,42 @@ pub async fn apply_batch(
     let qs = |e: tokio_postgres::Error| Error::query(source_db, &e);
     let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
     let s = quote_ident(&plan.schema);
-    let mut stats = BatchStats::default();
+    let (stx, ttx) = begin_batch(src, tgt, target_db, plan).await?;
+    let mut stats = apply_within(&stx, &ttx, target_db, plan).await?;
+    ttx.commit().await.map_err(qt)?;
+    stx.commit().await.map_err(qs)?;
 
+    // Not atomic with the target, and need not be: the target's marker is
+    // the truth; this one only decides what may be purged, and a stale
+    // value purges less.
+    src.execute(
+        &format!(
+            "update {s}.consumer set snapshot = $3, updated_at = now()
+             where sync_id = $1 and target = $2"
+        ),
+        &[&plan.sync_id, &target_name, &stats.snapshot],
+    )
+    .await
+    .map_err(qs)?;
+    purge(src, plan).await?;
+    stats.millis = started.elapsed().as_millis() as i64;
+    Ok(stats)
+}
+
+/// Opens a batch: the target transaction, holding the sync's applier lock,
+/// and the source's REPEATABLE READ transaction whose snapshot bounds it.
+pub async fn begin_batch<'a>(
+    src: &'a mut Client,
+    tgt: &'a mut Client,
+    target_db: &str,
+    plan: &Plan,
+) -> Result<(Transaction<'a>, Transaction<'a>)> {
+    let qs = |e: tokio_postgres::Error| Error::query(&plan.source_db, &e);
+    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
     let ttx = tgt.transaction().await.map_err(qt)?;
     ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id])
         .await
         .map_err(qt)?;
-    let prev: Option<String> = ttx
-        .query_opt(&format!("select snapshot from {s}.applied where sync = $1"), &[&plan.sync])
-        .await
-        .map_err(qt)?
-        .map(|r| r.get(0));
     let stx = src
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -445,13 +470,34 @@ pub async fn apply_batch(
         .start()
         .await
         .map_err(qs)?;
+    Ok((stx, ttx))
+}
+
+/// Brings the target, inside `ttx`, to the state of the source in `stx`'s
+/// snapshot, and records that snapshot as applied (in `ttx` too).
+pub async fn apply_within(
+    stx: &Transaction<'_>,
+    ttx: &Transaction<'_>,
+    target_db: &str,
+    plan: &Plan,
+) -> Result<BatchStats> {
+    let source_db = plan.source_db.as_str();
+    let qs = |e: tokio_postgres::Error| Error::query(source_db, &e);
+    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
+    let s = quote_ident(&plan.schema);
+    let mut stats = BatchStats::default();
+    let prev: Option<String> = ttx
+        .query_opt(&format!("select snapshot from {s}.applied where sync = $1"), &[&plan.sync])
+        .await
+        .map_err(qt)?
+        .map(|r| r.get(0));
     stats.snapshot =
         stx.query_one("select txid_current_snapshot()::text", &[]).await.map_err(qs)?.get(0);
     let cond = Plan::pending(prev.as_deref());
 
     for t in &plan.tables {
         if t.keys.is_empty() {
-            apply_keyless(&stx, &ttx, t, &cond, source_db, target_db, &mut stats).await?;
+            apply_keyless(stx, ttx, t, &cond, source_db, target_db, &mut stats).await?;
             continue;
         }
         let row = stx
@@ -549,23 +595,6 @@ pub async fn apply_batch(
     )
     .await
     .map_err(qt)?;
-    ttx.commit().await.map_err(qt)?;
-    stx.commit().await.map_err(qs)?;
-
-    // Not atomic with the target, and need not be: the target's marker is
-    // the truth; this one only decides what may be purged, and a stale
-    // value purges less.
-    src.execute(
-        &format!(
-            "update {s}.consumer set snapshot = $3, updated_at = now()
-             where sync_id = $1 and target = $2"
-        ),
-        &[&plan.sync_id, &target_name, &stats.snapshot],
-    )
-    .await
-    .map_err(qs)?;
-    purge(src, plan).await?;
-    stats.millis = started.elapsed().as_millis() as i64;
     Ok(stats)
 }
 

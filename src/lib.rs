@@ -16,6 +16,7 @@
 //! - [`status`]: what each sync is doing.
 //! - [`verify`]: source and target compared by digests.
 //! - [`cutover`]: fence, drain, finish the target, measure the downtime.
+//! - [`upgrade`]: the whole job in one resumable command.
 //! - [`cli`]: the command line over all of the above.
 //!
 //! See docs/ARCHITECTURE.md for the decisions behind them.
@@ -34,6 +35,7 @@ pub mod pg;
 pub mod progress;
 pub mod schema;
 pub mod status;
+pub mod upgrade;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -9,7 +9,7 @@
 //! differ are looked at row by row, to name the first differing keys.
 
 use serde::Serialize;
-use tokio_postgres::Client;
+use tokio_postgres::GenericClient;
 
 use crate::apply::{Plan, TablePlan};
 use crate::error::{Error, Result};
@@ -51,7 +51,11 @@ fn prefixed(t: &TablePlan) -> String {
     t.column_names.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
 }
 
-async fn buckets(c: &Client, db: &str, t: &TablePlan) -> Result<Vec<(i32, i64, String)>> {
+async fn buckets(
+    c: &impl GenericClient,
+    db: &str,
+    t: &TablePlan,
+) -> Result<Vec<(i32, i64, String)>> {
     let bucket = format!("abs({})", md5_int(&key_text(t)));
     let sql = format!(
         "select ({bucket} % {BUCKETS})::int4 b, count(*), sum({row})::text
@@ -64,7 +68,7 @@ async fn buckets(c: &Client, db: &str, t: &TablePlan) -> Result<Vec<(i32, i64, S
 }
 
 async fn bucket_rows(
-    c: &Client,
+    c: &impl GenericClient,
     db: &str,
     t: &TablePlan,
     bucket: i32,
@@ -84,9 +88,9 @@ async fn bucket_rows(
 
 /// Compares one table.
 pub async fn compare_table(
-    src: &Client,
+    src: &impl GenericClient,
     sdb: &str,
-    tgt: &Client,
+    tgt: &impl GenericClient,
     tdb: &str,
     t: &TablePlan,
 ) -> Result<TableReport> {
@@ -129,9 +133,9 @@ pub async fn compare_table(
 
 /// Compares the tables of a plan (those named in `only`, or all).
 pub async fn compare(
-    src: &Client,
+    src: &impl GenericClient,
     sdb: &str,
-    tgt: &Client,
+    tgt: &impl GenericClient,
     tdb: &str,
     plan: &Plan,
     only: &[String],
@@ -146,45 +150,48 @@ pub async fn compare(
     Ok(out)
 }
 
-/// Verifies a sync: catches the targets up (unless `kick` is false), then
-/// compares; tables that differ are compared once more after another
-/// catch-up, since a live source may have moved between the two reads.
+/// Verifies a sync. While it replicates, the comparison is made at one
+/// consistent point: inside one target transaction holding the sync's
+/// applier lock, the target is brought to the snapshot of a source
+/// REPEATABLE READ transaction, and both are compared in those two
+/// transactions, so writes going on meanwhile cannot show as differences.
+/// Without `live` (or once the sync was cut over and the source is
+/// fenced), the servers are compared as they are.
 pub async fn verify_sync(
     catalog: &mut crate::catalog::Catalog,
     sync: &str,
     only: &[String],
-    kick: bool,
+    live: bool,
     env: crate::objects::Env<'_>,
 ) -> Result<Vec<(String, Vec<TableReport>)>> {
     let s = catalog.sync(sync)?;
-    // After cutover the source is fenced: nothing left to catch up.
-    let kick = kick && !s.retired;
+    let live = live && !s.retired;
     let group = catalog.dbgroup(&s.dbgroup)?;
     let relgroup = catalog.relgroup(&s.relgroup)?;
     let source = group.source().to_string();
     let targets: Vec<String> = group.targets().map(str::to_string).collect();
-    let wait = Some(std::time::Duration::from_secs(300));
+    if live {
+        // The first batch also runs the initial copy, if one is due.
+        crate::daemon::kick(catalog, sync, Some(std::time::Duration::from_secs(300)), 1, env)
+            .await?;
+    }
     let mut out = Vec::new();
     for target in targets {
-        let src = crate::objects::connect_db(catalog, &source, env).await?;
-        let tgt = crate::objects::connect_db(catalog, &target, env).await?;
+        let mut src = crate::objects::connect_db(catalog, &source, env).await?;
+        let mut tgt = crate::objects::connect_db(catalog, &target, env).await?;
         let plan = Plan::load(&src.client, &source, &s, &relgroup).await?;
-        if kick {
-            crate::daemon::kick(catalog, sync, wait, 1, env).await?;
-        }
-        let mut reports = compare(&src.client, &source, &tgt.client, &target, &plan, only).await?;
-        let differing: Vec<String> =
-            reports.iter().filter(|r| !r.equal).map(|r| r.table.clone()).collect();
-        if kick && !differing.is_empty() {
-            crate::daemon::kick(catalog, sync, wait, 1, env).await?;
-            let again =
-                compare(&src.client, &source, &tgt.client, &target, &plan, &differing).await?;
-            for r in again {
-                if let Some(old) = reports.iter_mut().find(|o| o.table == r.table) {
-                    *old = r;
-                }
-            }
-        }
+        let reports = if live {
+            crate::apply::prepare_target(&mut tgt.client, &target, &plan).await?;
+            let (stx, ttx) =
+                crate::apply::begin_batch(&mut src.client, &mut tgt.client, &target, &plan).await?;
+            crate::apply::apply_within(&stx, &ttx, &target, &plan).await?;
+            let reports = compare(&stx, &source, &ttx, &target, &plan, only).await?;
+            ttx.commit().await.map_err(|e| Error::query(&target, &e))?;
+            stx.commit().await.map_err(|e| Error::query(&source, &e))?;
+            reports
+        } else {
+            compare(&src.client, &source, &tgt.client, &target, &plan, only).await?
+        };
         out.push((target, reports));
     }
     Ok(out)

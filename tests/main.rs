@@ -26,3 +26,5 @@ mod keyless;
 mod verify;
 // Cutover.
 mod cutover;
+// The one-command upgrade.
+mod upgrade;

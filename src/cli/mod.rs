@@ -109,6 +109,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole job: preflight, schema, capture, initial copy, sync, verify,
+    /// cutover. Rerun it after an interruption to resume.
+    Upgrade {
+        /// The server to leave (libpq URI or key=value string, no password).
+        #[arg(long, value_name = "CONNSTR")]
+        source: String,
+        /// The server to move to.
+        #[arg(long, value_name = "CONNSTR")]
+        target: String,
+        /// Names the catalog entries (NAME_source, NAME_target, and the
+        /// relgroup, dbgroup and sync NAME).
+        #[arg(long, default_value = "upgrade")]
+        name: String,
+        /// Parallel copy workers (default: one per core).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Cut over by itself (auto), after asking (prompt), or not (never).
+        #[arg(long, value_enum, default_value = "prompt")]
+        cutover: CutoverArg,
+        /// Cutover waits until the oldest pending change is younger than this.
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        max_lag: u64,
+    },
     /// Remove everything a sync created on its servers, and the sync.
     Teardown { sync: String },
 }
@@ -306,6 +329,13 @@ pub enum RelGroupCommand {
     Show(ShowArgs),
     /// Remove a relgroup.
     Remove(RemoveArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CutoverArg {
+    Prompt,
+    Auto,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -585,6 +615,29 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let report = crate::cutover::cutover(&mut catalog, &sync, &opts, env).await?;
             render::cutover(&report, json);
+        }
+        Command::Upgrade { source, target, name, jobs, cutover, max_lag } => {
+            let parse = |what: &str, s: &str| {
+                ConnParams::parse(s).map_err(|e| Error::Conninfo { db: what.into(), source: e })
+            };
+            let opts = crate::upgrade::UpgradeOptions {
+                name,
+                source: parse("source", &source)?,
+                target: parse("target", &target)?,
+                jobs: jobs.unwrap_or_else(daemon::default_jobs),
+                cutover: match cutover {
+                    CutoverArg::Prompt => crate::upgrade::CutoverMode::Prompt,
+                    CutoverArg::Auto => crate::upgrade::CutoverMode::Auto,
+                    CutoverArg::Never => crate::upgrade::CutoverMode::Never,
+                },
+                max_lag: Duration::from_secs(max_lag),
+            };
+            let say = |line: &str| println!("{line}");
+            let report =
+                crate::upgrade::upgrade(&mut catalog, &opts, &say, &render::confirm, env).await?;
+            if let Some(c) = &report.cutover {
+                render::cutover(c, false);
+            }
         }
         Command::Teardown { sync } => {
             objects::teardown(&mut catalog, &sync, env).await?;

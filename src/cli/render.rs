@@ -294,6 +294,20 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
     println!("{t}");
 }
 
+/// Asks a yes/no question on the terminal; without one, the answer is no.
+pub fn confirm(question: &str) -> bool {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        println!("{question} no terminal to ask: not now (use --cutover auto)");
+        return false;
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
 pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
     if as_json {
         return json(r);
