@@ -220,6 +220,9 @@ pub async fn prepare_target(tgt: &mut Client, db: &str, plan: &Plan) -> Result<b
             ));
         }
     }
+    // Marks this session as pgleap's applier: a cutover fence lets it
+    // through (a rollback sync writes into the fenced old server).
+    tgt.batch_execute("set pgleap.applying = on").await.map_err(q)?;
     match tgt.batch_execute("set session_replication_role = replica").await {
         Ok(()) => return Ok(true),
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
@@ -243,7 +246,7 @@ pub async fn prepare_target(tgt: &mut Client, db: &str, plan: &Plan) -> Result<b
             "select tgrelid::regclass::text, tgname::text, pg_get_triggerdef(oid)
              from pg_trigger
              where tgrelid = any(select unnest($1::text[])::regclass)
-               and not tgisinternal and tgenabled <> 'D'",
+               and not tgisinternal and tgenabled <> 'D' and tgname not like 'pgleap\\_%'",
             &[&tables],
         )
         .await

@@ -364,6 +364,7 @@ async fn worker(
     // Triggers and foreign keys must not fire; where the role may not set
     // this, they were set aside before the copy (apply::prepare_target).
     let _ = tgt.batch_execute("set session_replication_role = replica").await;
+    tgt.batch_execute("set pgleap.applying = on").await.map_err(qt)?;
     let stx = src
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)

@@ -38,6 +38,9 @@ pub struct CutoverOptions {
     pub terminate: bool,
     pub sequence_margin: i64,
     pub dry_run: bool,
+    /// Arm a sync back to the old server under this name, before the new
+    /// one can take writes.
+    pub rollback_sync: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,6 +54,8 @@ pub struct CutoverReport {
     pub foreign_keys: usize,
     pub triggers: usize,
     pub tables: usize,
+    /// The sync back to the old server, when armed.
+    pub rollback_sync: Option<String>,
 }
 
 pub async fn cutover(
@@ -97,7 +102,20 @@ pub async fn cutover(
             foreign_keys: fks.len(),
             triggers: triggers.len(),
             tables: plan.tables.len(),
+            rollback_sync: None,
         });
+    }
+    if let Some(back) = &opts.rollback_sync {
+        crate::objects::check_name(crate::catalog::ObjectKind::Sync, back)?;
+        if catalog.sync(back).is_ok()
+            || catalog.relgroup(back).is_ok()
+            || catalog.dbgroup(back).is_ok()
+        {
+            return Err(Error::invalid(
+                format!("\"{back}\" is already used by a sync, relgroup or dbgroup"),
+                "choose another name for --rollback-sync",
+            ));
+        }
     }
 
     let started = Instant::now();
@@ -135,6 +153,9 @@ pub async fn cutover(
             tgt.client.batch_execute(def).await.map_err(|e| Error::query(target, &e))?;
         }
         counts_equal(&src.client, &source, &tgt.client, target, &plan).await?;
+        if let Some(back) = &opts.rollback_sync {
+            arm_rollback(catalog, back, &source, target, &plan, env).await?;
+        }
         Ok::<_, Error>((sequences.len(), to_validate, triggers.len()))
     }
     .await;
@@ -152,6 +173,9 @@ pub async fn cutover(
     let fence_ms = started.elapsed().as_millis() as i64;
     catalog.record_cutover(sync_name, fence_ms)?;
     catalog.retire_sync(sync_name)?;
+    if opts.rollback_sync.is_some() && crate::daemon::running_pid(catalog.path()).is_none() {
+        crate::daemon::start_detached(catalog.path())?;
+    }
     apply::validate_foreign_keys(&tgt.client, target, &to_validate).await?;
     Ok(CutoverReport {
         sync: sync_name.into(),
@@ -162,7 +186,49 @@ pub async fn cutover(
         foreign_keys: to_validate.len(),
         triggers,
         tables: plan.tables.len(),
+        rollback_sync: opts.rollback_sync.clone(),
     })
+}
+
+/// Declares and installs the sync back from the new server to the old one:
+/// capture on the new server starts before it takes any write, so a
+/// rollback loses nothing. On failure, whatever it created is removed.
+async fn arm_rollback(
+    catalog: &mut Catalog,
+    back: &str,
+    old: &str,
+    new: &str,
+    plan: &Plan,
+    env: Env<'_>,
+) -> Result<()> {
+    let selection = crate::inventory::Selection {
+        tables: plan.tables.iter().map(|t| t.table.clone()).collect(),
+        sequences: plan.sequences.clone(),
+        ..Default::default()
+    };
+    let result = async {
+        objects::add_relgroup(catalog, back, new, &selection, env).await?;
+        objects::add_dbgroup(catalog, back, &[format!("{new}:source"), format!("{old}:target")])?;
+        let spec = objects::SyncSpec {
+            name: back.to_string(),
+            relgroup: back.to_string(),
+            dbgroup: back.to_string(),
+            onetimecopy: crate::catalog::OneTimeCopy::Never,
+            autokick: true,
+            // The old server is usually the older major.
+            allow_downgrade: true,
+            capture_schema: plan.schema.clone(),
+        };
+        objects::add_sync(catalog, &spec, env).await
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = catalog.remove_sync(back);
+        let _ = catalog.remove_dbgroup(back);
+        let _ = catalog.remove_relgroup(back);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Kicks until the oldest pending change is younger than `max_lag`.
@@ -205,6 +271,10 @@ async fn fence(src: &mut Client, db: &str, plan: &Plan, moved_to: &str) -> Resul
     let mut ddl = format!(
         "create or replace function {function}() returns trigger language plpgsql as $pgleap$
          begin
+             -- pgleap's own applier (a rollback sync) passes.
+             if current_setting('pgleap.applying', true) = 'on' then
+                 return null;
+             end if;
              raise exception using errcode = '25006', message = {message},
                  hint = 'connect the application to the new server';
          end $pgleap$;\n"

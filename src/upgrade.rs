@@ -295,6 +295,7 @@ pub async fn upgrade(
             terminate: false,
             sequence_margin: 0,
             dry_run: false,
+            rollback_sync: None,
         };
         Some(cutover::cutover(catalog, name, &copts, env).await?)
     } else {

@@ -59,7 +59,7 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
     assert!(rehearsal.ok().contains("predicted write downtime"), "{rehearsal}");
     src.sql().exec("insert into audit (what) values ('still writable after the dry run')");
 
-    let out = p.run(&["cutover", "s", "--json"]);
+    let out = p.run(&["cutover", "s", "--json", "--rollback-sync", "back"]);
     let report = out.json();
     assert_eq!(report["dry_run"], false);
     assert!(report["fence_ms"].as_i64().unwrap() > 0, "{report}");
@@ -96,5 +96,20 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
     let err = s.try_exec("update pgbench_accounts set abalance = 0 where aid = 1").unwrap_err();
     assert!(err.contains("no longer takes writes: it moved to pgleap database \"dst\""), "{err}");
     p.run(&["kick", "s"]).fails_with(&["was cut over"]);
+
+    // The rollback sync carries writes on the new server back to the old
+    // one (through its fence), so going back loses nothing.
+    assert_eq!(report["rollback_sync"], "back");
+    d.exec(
+        "update parent set v = 'changed on the new server' where id = 1;
+            insert into parent (v) values ('born on the new server')",
+    );
+    p.run(&["kick", "back", "--wait", "60"]).ok();
+    for table in ["parent", "child", "audit"] {
+        assert_eq!(multiset(&s, table), multiset(&d, table), "{table} after rollback sync");
+    }
+    assert!(s.try_exec("insert into audit (what) values ('app')").is_err(), "old source unfenced");
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "back"]).ok();
     p.run(&["teardown", "s"]).ok();
 }

@@ -106,6 +106,10 @@ pub enum Command {
         /// Rehearse every step except the fence, and predict the fence time.
         #[arg(long)]
         dry_run: bool,
+        /// Also create (and start) a sync NAME from the new server back to
+        /// the old one, capturing before the new server takes writes.
+        #[arg(long, value_name = "NAME")]
+        rollback_sync: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -606,12 +610,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                 return Err(Error::Differences { sync, tables: differing });
             }
         }
-        Command::Cutover { sync, max_lag, terminate, sequence_margin, dry_run, json } => {
+        Command::Cutover {
+            sync,
+            max_lag,
+            terminate,
+            sequence_margin,
+            dry_run,
+            rollback_sync,
+            json,
+        } => {
             let opts = crate::cutover::CutoverOptions {
                 max_lag: Duration::from_secs(max_lag),
                 terminate,
                 sequence_margin,
                 dry_run,
+                rollback_sync,
             };
             let report = crate::cutover::cutover(&mut catalog, &sync, &opts, env).await?;
             render::cutover(&report, json);

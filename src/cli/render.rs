@@ -336,6 +336,13 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
             r.foreign_keys,
             r.triggers
         );
+        if let Some(back) = &r.rollback_sync {
+            println!(
+                "rollback sync \"{back}\" captures on \"{}\" and replicates back; \
+                 pgleap status {back} shows it",
+                r.target
+            );
+        }
     }
 }
 
