@@ -113,3 +113,40 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
     p.run(&["teardown", "back"]).ok();
     p.run(&["teardown", "s"]).ok();
 }
+
+/// --terminate ends the source's other sessions and makes it read-only.
+#[test]
+fn cutover_terminate_ends_sessions_and_makes_the_source_read_only_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "termsrc");
+    let dst = TestDb::new(cluster(17), "termdst");
+    let schema = "create table t (id serial primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec("insert into t (v) select 'r' || g from generate_series(1, 10) g");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "always",
+        "--autokick",
+        "off",
+    ])
+    .ok();
+    let idle = src.sql();
+    assert_eq!(idle.value("select 1"), "1");
+    p.run(&["cutover", "s", "--terminate", "--sequence-margin", "1000"]).ok();
+    assert!(idle.try_exec("select 1").is_err(), "the idle session survived --terminate");
+    assert_eq!(src.sql().value("show default_transaction_read_only"), "on");
+    assert_eq!(dst.sql().value("select last_value from t_id_seq"), "1010");
+    p.run(&["teardown", "s"]).ok();
+}

@@ -17,9 +17,12 @@ use tokio_postgres::{Client, Config};
 
 pub use conninfo::{ConnParams, ConninfoError, PasswordSource, ResolvedConn, SslMode};
 
-/// Settings sent in the startup packet of every connection.
+/// Settings sent in the startup packet of every connection. The last one
+/// keeps pgleap able to tear down on a source that `cutover --terminate`
+/// made read-only by default.
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 \
-                               -c TimeZone=UTC -c bytea_output=hex";
+                               -c TimeZone=UTC -c bytea_output=hex \
+                               -c default_transaction_read_only=off";
 
 /// A libpq connect_timeout is infinite by default; a migration tool that
 /// hangs on a firewalled host is worse than one that says so.
