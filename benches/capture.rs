@@ -90,21 +90,8 @@ fn remove_row_capture(db: &TestDb) {
 }
 
 fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb) {
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&[
-        "relgroup",
-        "add",
-        "rg",
-        "--db",
-        "src",
-        "--all-tables",
-        "--all-sequences",
-        "--exclude-table",
-        "public.pgbench_history",
-    ])
-    .ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    let rg = ["--all-tables", "--all-sequences", "--exclude-table", "public.pgbench_history"];
+    p.declare(src, dst, &rg);
 }
 
 fn add_sync(p: &Pgleap) {

@@ -83,10 +83,7 @@ fn main() {
     // pgleap.
     let dst = TestDb::new(target, "copybench_pgleap");
     let p = Pgleap::for_clusters(&[src.cluster, target]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     eprintln!("pgleap ...");
     let started = Instant::now();
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();

@@ -27,10 +27,7 @@ fn fence_under_load(scale: u64, load: &[&str], label: &str) -> (f64, f64) {
     let dst = TestDb::new(cluster(17), &format!("fence{label}dst"));
     finish(pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).spawn().unwrap());
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "always"])
         .ok();

@@ -138,12 +138,9 @@ fn copy_schema(src: &TestDb, dst: &TestDb) {
 }
 
 fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb, onetimecopy: &str, extra: &[&str]) {
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    let mut rg = vec!["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"];
+    let mut rg = vec!["--all-tables", "--all-sequences"];
     rg.extend(extra);
-    p.run(&rg).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(src, dst, &rg);
     p.run(&[
         "sync",
         "add",

@@ -27,10 +27,7 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
     finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
     src.sql().exec(APP_SCHEMA);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "always"])
         .ok();
@@ -124,10 +121,7 @@ fn cutover_terminate_ends_sessions_and_makes_the_source_read_only_pg15_to_pg17()
     dst.sql().exec(schema);
     src.sql().exec("insert into t (v) select 'r' || g from generate_series(1, 10) g");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&[
         "sync",
         "add",

@@ -60,15 +60,11 @@ const SMALL_TABLES: &[(&str, &str)] =
     &[("t", "id"), ("pairs", "a, b"), ("gone", "id"), ("parted", "id, at")];
 
 fn declare_sync(p: &Pgleap, src: &TestDb, dst: &TestDb, autokick: &str, exclude: &[&str]) {
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    let mut relgroup =
-        vec!["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"];
+    let mut relgroup = vec!["--all-tables", "--all-sequences"];
     for t in exclude {
         relgroup.extend(["--exclude-table", t]);
     }
-    p.run(&relgroup).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(src, dst, &relgroup);
     p.run(&[
         "sync",
         "add",
@@ -197,10 +193,7 @@ fn fk_and_trigger_check(target: &'static Cluster, replica: bool) {
     s.exec("delete from audit");
     d.exec("delete from audit");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--table", "parent", "--table", "child"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--table", "parent", "--table", "child"]);
     p.run(&[
         "sync",
         "add",
@@ -262,10 +255,7 @@ fn a_failed_capture_install_leaves_nothing_behind() {
     // A table the migrating role does not own: its trigger cannot be created.
     src.cluster.superuser(&src.name).exec("create table z_not_mine (id int primary key)");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables"]);
     p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]).fails_with(&[
         "z_not_mine",
         "permission denied",

@@ -12,10 +12,7 @@ fn setup(src_major: u32, dst_major: u32) -> (Pgleap, TestDb, TestDb) {
     let dst = TestDb::new(cluster(dst_major), "syncdst");
     src.sql().exec("create table t (id int primary key)");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables"]);
     (p, src, dst)
 }
 

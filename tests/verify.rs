@@ -18,10 +18,7 @@ fn a_planted_difference_is_named_by_its_key_pg12_to_pg17() {
          insert into log select 'line' from generate_series(1, 10);",
     );
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
-    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
-    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables"]).ok();
-    p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    p.declare(&src, &dst, &["--all-tables"]);
     p.run(&[
         "sync",
         "add",

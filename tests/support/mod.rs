@@ -156,6 +156,18 @@ impl Pgleap {
         p
     }
 
+    /// Declares databases `src` and `dst`, relgroup `rg` on src (with
+    /// `relgroup` selecting the members) and dbgroup `g` (src to dst): what
+    /// most tests start from.
+    pub fn declare(&self, src: &TestDb, dst: &TestDb, relgroup: &[&str]) {
+        self.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+        self.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+        let mut args = vec!["relgroup", "add", "rg", "--db", "src"];
+        args.extend(relgroup);
+        self.run(&args).ok();
+        self.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Pgleap {
         if key.contains("PASSWORD") {
             self.secrets.push(value.to_string());
