@@ -717,26 +717,33 @@ async fn apply_keyless(
     Ok(())
 }
 
-/// Deletes the deltas every target has applied.
+/// Deletes the deltas every target has applied: those of transactions
+/// below the oldest target snapshot's xmin, which were finished, hence
+/// visible, for every target. Deltas above it wait for a later batch; a
+/// target that has applied nothing yet keeps everything. One index range
+/// delete per table, with the bound computed once.
 async fn purge(src: &Client, plan: &Plan) -> Result<()> {
-    let s = quote_ident(&plan.schema);
-    let id = plan.sync_id;
-    for t in &plan.tables {
-        src.execute(
+    let q = |e: tokio_postgres::Error| Error::query(&plan.source_db, &e);
+    let row = src
+        .query_one(
             &format!(
-                "delete from {delta} d
-                 where not exists (select 1 from {s}.consumer c
-                                   where c.sync_id = {id}
-                                     and (c.snapshot is null
-                                          or not txid_visible_in_snapshot(d._pgleap_txid, c.snapshot::txid_snapshot)))
-                   and d._pgleap_txid < (select min(txid_snapshot_xmax(c.snapshot::txid_snapshot))
-                                 from {s}.consumer c where c.sync_id = {id})",
-                delta = t.delta
+                "select coalesce(bool_or(snapshot is null), true),
+                        min(txid_snapshot_xmin(snapshot::txid_snapshot))
+                 from {}.consumer where sync_id = $1",
+                quote_ident(&plan.schema)
             ),
-            &[],
+            &[&plan.sync_id],
         )
         .await
-        .map_err(|e| Error::query(&plan.source_db, &e))?;
+        .map_err(q)?;
+    let (someone_behind, bound): (bool, Option<i64>) = (row.get(0), row.get(1));
+    let Some(bound) = bound.filter(|_| !someone_behind) else {
+        return Ok(());
+    };
+    for t in &plan.tables {
+        src.execute(&format!("delete from {} where _pgleap_txid < $1", t.delta), &[&bound])
+            .await
+            .map_err(q)?;
     }
     Ok(())
 }
