@@ -153,6 +153,11 @@ pub async fn cutover(
             tgt.client.batch_execute(def).await.map_err(|e| Error::query(target, &e))?;
         }
         counts_equal(&src.client, &source, &tgt.client, target, &plan).await?;
+        // Foreign keys added NOT VALID earlier (under replica role, after
+        // the initial copy) are validated with the others.
+        to_validate.extend(not_validated(&tgt.client, target, &plan).await?);
+        to_validate.sort();
+        to_validate.dedup();
         if let Some(back) = &opts.rollback_sync {
             arm_rollback(catalog, back, &source, target, &plan, env).await?;
         }
@@ -229,6 +234,21 @@ async fn arm_rollback(
         return Err(e);
     }
     Ok(())
+}
+
+/// Foreign keys on the synced tables of the target not validated yet.
+async fn not_validated(tgt: &Client, db: &str, plan: &Plan) -> Result<Vec<(String, String)>> {
+    let tables: Vec<&str> = plan.tables.iter().map(|t| t.table.as_str()).collect();
+    let rows = tgt
+        .query(
+            "select conrelid::regclass::text, conname::text from pg_constraint
+             where contype = 'f' and not convalidated
+               and conrelid = any(select unnest($1::text[])::regclass)",
+            &[&tables],
+        )
+        .await
+        .map_err(|e| Error::query(db, &e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Kicks until the oldest pending change is younger than `max_lag`.
@@ -348,7 +368,7 @@ async fn read_sequences(
 
 /// Foreign keys (table, name, definition) and trigger definitions the
 /// source has on the sync's tables and the target lacks.
-async fn deferred(
+pub(crate) async fn deferred(
     src: &Client,
     sdb: &str,
     tgt: &Client,

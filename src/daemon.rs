@@ -110,6 +110,11 @@ impl Session {
                     .await?;
             let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
             apply::set_applied_snapshot(&tgt.client, target, &plan, &start).await?;
+            if replica_role {
+                // Triggers and foreign keys cannot fire under replica role,
+                // so they need not wait for cutover.
+                finish_schema_now(&src.client, &source, &tgt.client, target, &plan).await?;
+            }
             prev = Some(start);
         }
         Ok(Session {
@@ -138,6 +143,31 @@ impl Session {
     pub async fn has_changes(&self) -> Result<bool> {
         self.plan.has_changes(&self.src, self.prev.as_deref()).await
     }
+}
+
+/// Creates the source's foreign keys (NOT VALID) and triggers the target
+/// lacks.
+async fn finish_schema_now(
+    src: &Client,
+    source: &str,
+    tgt: &Client,
+    target: &str,
+    plan: &Plan,
+) -> Result<()> {
+    let (fks, triggers) = crate::cutover::deferred(src, source, tgt, target, plan).await?;
+    let q = |e: tokio_postgres::Error| Error::query(target, &e);
+    for (table, name, def) in &fks {
+        let name = crate::pg::quote_ident(name);
+        // Validated at cutover: parts copied under different snapshots (a
+        // resumed copy) may disagree until the changes between are applied.
+        tgt.batch_execute(&format!("alter table {table} add constraint {name} {def} not valid"))
+            .await
+            .map_err(q)?;
+    }
+    for def in &triggers {
+        tgt.batch_execute(def).await.map_err(q)?;
+    }
+    Ok(())
 }
 
 fn record(
