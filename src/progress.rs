@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 const LOG_EVERY: Duration = Duration::from_secs(5);
+const TOTAL_TEMPLATE: &str =
+    "{prefix} [{bar:30}] {human_pos}/{human_len} rows {msg} ({per_sec}, eta {eta})";
+const UNIT_TEMPLATE: &str = "  {spinner} {prefix}: {bytes} ({bytes_per_sec})";
 
 struct Counters {
     units_done: u64,
@@ -42,11 +45,9 @@ impl Progress {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
             let total = multi.add(ProgressBar::new(est_rows.max(1)));
             total.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {human_pos}/{human_len} rows {msg} ({per_sec}, eta {eta})",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template(TOTAL_TEMPLATE)
+                    .expect("valid template, see the tests")
+                    .progress_chars("=> "),
             );
             total.set_prefix(what.to_string());
             (multi, total)
@@ -70,8 +71,7 @@ impl Progress {
         let bar = self.bars.as_ref().map(|(multi, _)| {
             let bar = multi.add(ProgressBar::new_spinner());
             bar.set_style(
-                ProgressStyle::with_template("  {spinner} {prefix}: {bytes} ({bytes_per_sec})")
-                    .expect("valid template"),
+                ProgressStyle::with_template(UNIT_TEMPLATE).expect("valid template, see the tests"),
             );
             bar.set_prefix(name.to_string());
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -136,5 +136,28 @@ impl Progress {
         }
         let c = self.counters.lock().unwrap();
         self.log_line(&c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bars are drawn only on a terminal, which tests never have: an
+    /// invalid template would panic only in front of a user.
+    #[test]
+    fn templates_are_valid() {
+        ProgressStyle::with_template(TOTAL_TEMPLATE).unwrap();
+        ProgressStyle::with_template(UNIT_TEMPLATE).unwrap();
+    }
+
+    #[test]
+    fn counts_without_a_terminal() {
+        let p = Progress::new("test", 2, 10);
+        let u = p.start_unit("a");
+        p.advance(&u, 100);
+        p.finish_unit(u, 5);
+        let c = p.counters.lock().unwrap();
+        assert_eq!((c.units_done, c.rows, c.bytes), (1, 5, 100));
     }
 }
