@@ -36,6 +36,8 @@ use crate::pg::{qualified, quote_ident, quote_literal};
 
 /// Advisory lock class for "one applier per sync on this target" ('pglp').
 const LOCK_CLASS: i32 = 0x70676c70;
+/// Advisory lock class for "one initial copy per sync on this target" ('pglc').
+pub const COPY_LOCK_CLASS: i32 = 0x70676c63;
 
 /// How one table is applied.
 #[derive(Debug, Clone)]

@@ -394,15 +394,23 @@ async fn worker(
         let bar = progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
         let (rows, bytes) =
             apply::pump_counted(out, sink, sdb, tdb, &|n| progress.advance(&bar, n)).await?;
-        ttx.execute(
-            &format!(
-                "update {s}.copy_units set done = true, snapshot = $3, rows = $4
-                 where sync = $1 and unit = $2"
-            ),
-            &[&plan.sync, &unit.id, &snapshot, &(rows as i64)],
-        )
-        .await
-        .map_err(qt)?;
+        let marked = ttx
+            .execute(
+                &format!(
+                    "update {s}.copy_units set done = true, snapshot = $3, rows = $4
+                     where sync = $1 and unit = $2 and not done"
+                ),
+                &[&plan.sync, &unit.id, &snapshot, &(rows as i64)],
+            )
+            .await
+            .map_err(qt)?;
+        if marked == 0 {
+            // Someone else copied this part meanwhile: keep theirs, or a
+            // table without a key would hold its rows twice.
+            ttx.rollback().await.map_err(qt)?;
+            progress.finish_unit(bar, 0);
+            continue;
+        }
         ttx.commit().await.map_err(qt)?;
         progress.finish_unit(bar, rows);
         {

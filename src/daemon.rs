@@ -105,17 +105,39 @@ impl Session {
         let replica_role = apply::prepare_target(&mut tgt.client, target, &plan).await?;
         let mut prev = apply::applied_snapshot(&tgt.client, target, &plan).await?;
         if prev.is_none() && sync.onetimecopy != OneTimeCopy::Never {
-            let (handoff, _) =
-                copy::initial_copy(&source_conn, &target_conn, &plan, sync.onetimecopy, jobs, env)
-                    .await?;
-            let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
-            apply::set_applied_snapshot(&tgt.client, target, &plan, &start).await?;
-            if replica_role {
-                // Triggers and foreign keys cannot fire under replica role,
-                // so they need not wait for cutover.
-                finish_schema_now(&src.client, &source, &tgt.client, target, &plan).await?;
+            // One initial copy per sync at a time (the daemon and a kick may
+            // both get here); the loser finds the copy done when it gets the
+            // lock. A session lock: released at unlock or disconnect.
+            let q = |e: tokio_postgres::Error| Error::query(target, &e);
+            let lock = (apply::COPY_LOCK_CLASS, plan.sync_id);
+            tgt.client
+                .execute("select pg_advisory_lock($1, $2)", &[&lock.0, &lock.1])
+                .await
+                .map_err(q)?;
+            prev = apply::applied_snapshot(&tgt.client, target, &plan).await?;
+            if prev.is_none() {
+                let (handoff, _) = copy::initial_copy(
+                    &source_conn,
+                    &target_conn,
+                    &plan,
+                    sync.onetimecopy,
+                    jobs,
+                    env,
+                )
+                .await?;
+                let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
+                apply::set_applied_snapshot(&tgt.client, target, &plan, &start).await?;
+                if replica_role {
+                    // Triggers and foreign keys cannot fire under replica
+                    // role, so they need not wait for cutover.
+                    finish_schema_now(&src.client, &source, &tgt.client, target, &plan).await?;
+                }
+                prev = Some(start);
             }
-            prev = Some(start);
+            tgt.client
+                .execute("select pg_advisory_unlock($1, $2)", &[&lock.0, &lock.1])
+                .await
+                .map_err(q)?;
         }
         Ok(Session {
             src: src.client,

@@ -124,3 +124,48 @@ fn duplicates_nulls_updates_deletes_and_truncate_pg15_to_pg17() {
     assert_same_multiset(&s, &d, &["log", "plog"]);
     p.run(&["teardown", "s"]).ok();
 }
+
+/// Two initial copies started at once (the daemon and a kick, say) must not
+/// both load a table: without a key, its rows would be there twice.
+#[test]
+fn concurrent_initial_copies_load_a_keyless_table_once_pg12_to_pg17() {
+    let src = TestDb::new(cluster(12), "twicesrc");
+    let dst = TestDb::new(cluster(17), "twicedst");
+    let schema = "create table log (n int, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec("insert into log select g % 100, 'v' from generate_series(1, 200000) g");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "always",
+        "--autokick",
+        "off",
+    ])
+    .ok();
+    let kicks: Vec<_> = (0..3)
+        .map(|_| {
+            p.command()
+                .args(["kick", "s", "--wait", "120"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for k in kicks {
+        let out = k.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(dst.sql().value("select count(*) from log"), "200000");
+    assert_same_multiset(&src.sql(), &dst.sql(), &["log"]);
+    p.run(&["teardown", "s"]).ok();
+}
