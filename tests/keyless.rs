@@ -126,7 +126,10 @@ fn duplicates_nulls_updates_deletes_and_truncate_pg15_to_pg17() {
 }
 
 /// Two initial copies started at once (the daemon and a kick, say) must not
-/// both load a table: without a key, its rows would be there twice.
+/// both load a table: without a key, its rows would be there twice. This is
+/// a race: it shows the bug only when the copies overlap, which three kicks
+/// started together make likely but not certain (the cutover test under
+/// load is where it first showed).
 #[test]
 fn concurrent_initial_copies_load_a_keyless_table_once_pg12_to_pg17() {
     let src = TestDb::new(cluster(12), "twicesrc");
