@@ -336,16 +336,22 @@ pub(crate) async fn with_lock_retries(
             tx.commit().await
         }
         .await;
+        // Taking several tables' locks in one transaction can deadlock with
+        // application transactions locking them in another order; the
+        // server breaks the deadlock by failing one side, and this side
+        // just tries again.
+        let contended = |e: &tokio_postgres::Error| {
+            e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+        };
         match result {
             Ok(()) => return Ok(()),
-            Err(e)
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) && attempt < LOCK_ATTEMPTS =>
-            {
+            Err(e) if contended(&e) && attempt < LOCK_ATTEMPTS => {
                 tracing::info!("{what}: lock not granted (attempt {attempt}), retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(e) if contended(&e) => {
                 return Err(Error::invalid(
                     format!("database \"{db}\": {what}: the table stayed locked by other sessions"),
                     "retry when long transactions on the table have ended \
