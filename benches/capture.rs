@@ -95,20 +95,7 @@ fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb) {
 }
 
 fn add_sync(p: &Pgleap) {
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "never",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off"]);
 }
 
 fn main() {

@@ -87,20 +87,7 @@ fn main() {
     eprintln!("pgleap ...");
     let started = Instant::now();
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     p.run(&["kick", "s", "--wait", "3600", "--jobs", "2"]).ok();
     results.push(("pgleap (schema copy + onetimecopy, 2 jobs)", started.elapsed().as_secs_f64()));
     let count = "select count(*) from pgbench_accounts";

@@ -29,8 +29,7 @@ fn fence_under_load(scale: u64, load: &[&str], label: &str) -> (f64, f64) {
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "always"])
-        .ok();
+    p.add_sync(&["--onetimecopy", "always"]);
     p.run(&["kick", "s", "--wait", "600", "--jobs", "2"]).ok();
     p.run(&["start"]).ok();
     let mut args = vec!["-n", "-c", "4", "-j", "2", "-T", "600"];

@@ -88,7 +88,7 @@ pub async fn cutover(
         // Everything but the fence, timed: a prediction of the fence.
         let started = Instant::now();
         crate::daemon::kick(catalog, sync_name, wait, 1, env).await?;
-        let sequences = read_sequences(&src.client, &source, &relgroup_sequences(&plan)).await?;
+        let sequences = read_sequences(&src.client, &source, &plan.sequences).await?;
         let (fks, triggers) = deferred(&src.client, &source, &tgt.client, target, &plan).await?;
         // Timed for the prediction; the source still moves, so counts may
         // legitimately differ here.
@@ -125,7 +125,7 @@ pub async fn cutover(
     }
     let result = async {
         crate::daemon::kick(catalog, sync_name, wait, 1, env).await?;
-        let sequences = read_sequences(&src.client, &source, &relgroup_sequences(&plan)).await?;
+        let sequences = read_sequences(&src.client, &source, &plan.sequences).await?;
         for (seq, value) in &sequences {
             tgt.client
                 .execute(
@@ -343,10 +343,6 @@ async fn read_only(src: &Client, db: &str, on: bool) -> Result<()> {
         .map_err(q)?;
     }
     Ok(())
-}
-
-fn relgroup_sequences(plan: &Plan) -> Vec<String> {
-    plan.sequences.clone()
 }
 
 async fn read_sequences(

@@ -141,20 +141,7 @@ fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb, onetimecopy: &str, extra: &[&
     let mut rg = vec!["--all-tables", "--all-sequences"];
     rg.extend(extra);
     p.declare(src, dst, &rg);
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        onetimecopy,
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", onetimecopy, "--autokick", "off"]);
 }
 
 fn fidelity(source_major: u32) {

@@ -29,8 +29,7 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--onetimecopy", "always"])
-        .ok();
+    p.add_sync(&["--onetimecopy", "always"]);
     p.run(&["start"]).ok();
 
     let mut load = pgbench(&src, &["-n", "-c", "2", "-T", "60"]).spawn().unwrap();
@@ -122,20 +121,7 @@ fn cutover_terminate_ends_sessions_and_makes_the_source_read_only_pg15_to_pg17()
     src.sql().exec("insert into t (v) select 'r' || g from generate_series(1, 10) g");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     let idle = src.sql();
     assert_eq!(idle.value("select 1"), "1");
     p.run(&["cutover", "s", "--terminate", "--sequence-margin", "1000"]).ok();

@@ -25,20 +25,7 @@ fn declare(p: &Pgleap, src: &TestDb, dst: &TestDb, autokick: &str) {
         "{out}"
     );
     p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        autokick,
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", autokick]);
 }
 
 /// pgbench's default schema, unmodified (pgbench_history has no key),
@@ -140,20 +127,7 @@ fn concurrent_initial_copies_load_a_keyless_table_once_pg12_to_pg17() {
     src.sql().exec("insert into log select g % 100, 'v' from generate_series(1, 200000) g");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     let kicks: Vec<_> = (0..3)
         .map(|_| {
             p.command()

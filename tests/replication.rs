@@ -65,20 +65,7 @@ fn declare_sync(p: &Pgleap, src: &TestDb, dst: &TestDb, autokick: &str, exclude:
         relgroup.extend(["--exclude-table", t]);
     }
     p.declare(src, dst, &relgroup);
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "never",
-        "--autokick",
-        autokick,
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "never", "--autokick", autokick]);
 }
 
 per_major! {
@@ -194,20 +181,7 @@ fn fk_and_trigger_check(target: &'static Cluster, replica: bool) {
     d.exec("delete from audit");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--table", "parent", "--table", "child"]);
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "never",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off"]);
     s.exec("update parent set v = 'uno' where id = 1; insert into parent values (3, 'three');");
     p.run(&["kick", "s", "--wait", "30"]).ok();
     assert_same(&s, &d, &[("parent", "id"), ("child", "id")]);

@@ -57,20 +57,7 @@ fn schema_copy_then_initial_copy_builds_the_indexes_pg12_to_pg17() {
 
     p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
     p.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     p.run(&["kick", "s", "--wait", "60"]).ok();
     for (table, order) in [("parent", "id"), ("child", "id"), ("events", "id, at")] {
         let q = format!("select * from {table} order by {order}");
@@ -143,20 +130,7 @@ fn with_replica_role_foreign_keys_and_triggers_follow_the_copy_pg15_to_pg17() {
     let p = Pgleap::for_clusters(&[src.cluster, target]);
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     p.run(&["kick", "s", "--wait", "60"]).ok();
     let d = dst.sql();
     assert_eq!(d.value(FKS), "1");

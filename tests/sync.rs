@@ -39,7 +39,7 @@ fn downgrade_is_refused_unless_allowed_pg17_to_pg12() {
         "--allow-downgrade",
     ]);
     assert_eq!(p.run(&["sync", "list", "--json"]).json(), json!([]));
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--allow-downgrade"]).ok();
+    p.add_sync(&["--allow-downgrade"]);
 }
 
 #[test]

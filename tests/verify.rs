@@ -19,20 +19,7 @@ fn a_planted_difference_is_named_by_its_key_pg12_to_pg17() {
     );
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
-    p.run(&[
-        "sync",
-        "add",
-        "s",
-        "--relgroup",
-        "rg",
-        "--dbgroup",
-        "g",
-        "--onetimecopy",
-        "always",
-        "--autokick",
-        "off",
-    ])
-    .ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     let equal = p.run(&["verify", "s"]);
     assert!(equal.ok().contains("equal"), "{equal}");
     assert!(!equal.stdout.contains("DIFFERENT"), "{equal}");

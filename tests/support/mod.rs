@@ -168,6 +168,13 @@ impl Pgleap {
         self.run(&["dbgroup", "add", "g", "src:source", "dst:target"]).ok();
     }
 
+    /// Adds sync `s` of relgroup `rg` along dbgroup `g`, with `options`.
+    pub fn add_sync(&self, options: &[&str]) {
+        let mut args = vec!["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"];
+        args.extend(options);
+        self.run(&args).ok();
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Pgleap {
         if key.contains("PASSWORD") {
             self.secrets.push(value.to_string());
