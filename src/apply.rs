@@ -17,22 +17,15 @@
 //! new. Concurrent appliers of one sync (the daemon and a `kick`) are
 //! serialised by an advisory lock on the target.
 //!
-//! On the target, user triggers and foreign keys must not fire. Where the
-//! role may set `session_replication_role = replica`, the session does.
-//! Otherwise the foreign keys touching the synced tables are recorded and
-//! dropped, and enabled user triggers recorded and disabled
-//! (`<schema>.set_aside`); they are put back at teardown (and cutover).
+//! That user triggers and foreign keys do not fire on the target is the
+//! `target` module's job, done when a session opens.
 
 use std::time::Instant;
-
-use futures_util::{SinkExt, TryStreamExt};
-use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::capture;
 use crate::catalog::{RelGroup, Sync};
 use crate::error::{Error, Result};
-use crate::pg::{qualified, quote_ident, quote_literal};
+use crate::pg::{Conn, Sql, Tx, copy_between, qualified, quote_ident, quote_literal};
 
 /// Advisory lock class for "one applier per sync on this target" ('pglp').
 const LOCK_CLASS: i32 = 0x70676c70;
@@ -61,7 +54,6 @@ pub struct Plan {
     pub sync: String,
     pub sync_id: i32,
     pub schema: String,
-    pub source_db: String,
     pub tables: Vec<TablePlan>,
     pub sequences: Vec<String>,
 }
@@ -79,16 +71,10 @@ pub struct BatchStats {
 
 impl Plan {
     /// Reads the installed capture of `sync` on its source.
-    pub async fn load(
-        src: &Client,
-        source_db: &str,
-        sync: &Sync,
-        relgroup: &RelGroup,
-    ) -> Result<Plan> {
+    pub async fn load(src: &Conn, sync: &Sync, relgroup: &RelGroup) -> Result<Plan> {
         let schema = &sync.capture_schema;
-        let Some((sync_id, captured)) =
-            capture::captured(src, source_db, schema, &sync.name).await?
-        else {
+        let source_db = src.name();
+        let Some((sync_id, captured)) = capture::captured(src, schema, &sync.name).await? else {
             return Err(Error::invalid(
                 format!(
                     "capture for sync \"{}\" is not installed in database \"{source_db}\"",
@@ -108,8 +94,7 @@ impl Plan {
                        and not attisdropped and attgenerated = ''",
                     &[&table],
                 )
-                .await
-                .map_err(|e| Error::query(source_db, &e))?
+                .await?
                 .get(0);
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
@@ -134,14 +119,7 @@ impl Plan {
             .filter(|m| m.kind == "sequence")
             .map(|m| qualified(&m.schema, &m.name))
             .collect();
-        Ok(Plan {
-            sync: sync.name.clone(),
-            sync_id,
-            schema: schema.clone(),
-            source_db: source_db.to_string(),
-            tables,
-            sequences,
-        })
+        Ok(Plan { sync: sync.name.clone(), sync_id, schema: schema.clone(), tables, sequences })
     }
 
     /// The SQL condition selecting deltas not yet applied after `prev`.
@@ -160,7 +138,7 @@ impl Plan {
 
     /// Whether the source has deltas the snapshot `prev` did not see. Cheap:
     /// one index probe per table.
-    pub async fn has_changes(&self, src: &Client, prev: Option<&str>) -> Result<bool> {
+    pub async fn has_changes(&self, src: &Conn, prev: Option<&str>) -> Result<bool> {
         if self.tables.is_empty() {
             return Ok(false);
         }
@@ -170,216 +148,9 @@ impl Plan {
             .iter()
             .map(|t| format!("exists (select 1 from {} where {cond})", t.delta))
             .collect();
-        let row = src
-            .query_one(&format!("select {}", probes.join(" or ")), &[])
-            .await
-            .map_err(|e| Error::query(&self.source_db, &e))?;
+        let row = src.query_one(&format!("select {}", probes.join(" or ")), &[]).await?;
         Ok(row.get(0))
     }
-}
-
-/// Creates pgleap's bookkeeping on a target and makes sure triggers and
-/// foreign keys will not fire during apply. Returns whether the session runs
-/// with `session_replication_role = replica`.
-pub async fn prepare_target(tgt: &mut Client, db: &str, plan: &Plan) -> Result<bool> {
-    let q = |e: tokio_postgres::Error| Error::query(db, &e);
-    let s = quote_ident(&plan.schema);
-    tgt.batch_execute(&format!(
-        "create schema if not exists {s};
-         create table if not exists {s}.applied (
-             sync text primary key,
-             snapshot text not null,
-             applied_at timestamptz not null default now());
-         create table if not exists {s}.set_aside (
-             sync text not null,
-             kind text not null check (kind in ('foreign key', 'trigger')),
-             table_name text not null,
-             name text not null,
-             definition text not null,
-             primary key (sync, kind, table_name, name));"
-    ))
-    .await
-    .map_err(|e| {
-        if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            Error::invalid(
-                format!("database \"{db}\": cannot create schema {}: {e}", plan.schema),
-                "pgleap needs CREATE on the target database",
-            )
-        } else {
-            q(e)
-        }
-    })?;
-    for t in &plan.tables {
-        let found: bool = tgt
-            .query_one("select to_regclass($1) is not null", &[&t.table])
-            .await
-            .map_err(q)?
-            .get(0);
-        if !found {
-            return Err(Error::invalid(
-                format!("table {} does not exist in target database \"{db}\"", t.display),
-                "create the schema on the target first (pg_dump --schema-only | psql)",
-            ));
-        }
-    }
-    // Marks this session as pgleap's applier: a cutover fence lets it
-    // through (a rollback sync writes into the fenced old server).
-    tgt.batch_execute("set pgleap.applying = on").await.map_err(q)?;
-    match tgt.batch_execute("set session_replication_role = replica").await {
-        Ok(()) => return Ok(true),
-        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
-        Err(e) => return Err(q(e)),
-    }
-    let tables: Vec<&str> = plan.tables.iter().map(|t| t.table.as_str()).collect();
-    let tx = tgt.transaction().await.map_err(q)?;
-    let fks = tx
-        .query(
-            "select conrelid::regclass::text, conname::text, pg_get_constraintdef(oid)
-             from pg_constraint
-             where contype = 'f'
-               and (conrelid = any(select unnest($1::text[])::regclass)
-                    or confrelid = any(select unnest($1::text[])::regclass))",
-            &[&tables],
-        )
-        .await
-        .map_err(q)?;
-    let triggers = tx
-        .query(
-            "select tgrelid::regclass::text, tgname::text, pg_get_triggerdef(oid)
-             from pg_trigger
-             where tgrelid = any(select unnest($1::text[])::regclass)
-               and not tgisinternal and tgenabled <> 'D' and tgname not like 'pgleap\\_%'",
-            &[&tables],
-        )
-        .await
-        .map_err(q)?;
-    for (rows, kind) in [(&fks, "foreign key"), (&triggers, "trigger")] {
-        for r in rows.iter() {
-            let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            tx.execute(
-                &format!(
-                    "insert into {s}.set_aside (sync, kind, table_name, name, definition)
-                     values ($1, $2, $3, $4, $5) on conflict do nothing"
-                ),
-                &[&plan.sync, &kind, &table, &name, &def],
-            )
-            .await
-            .map_err(q)?;
-            let ddl = if kind == "foreign key" {
-                format!("alter table {table} drop constraint {}", quote_ident(&name))
-            } else {
-                format!("alter table {table} disable trigger {}", quote_ident(&name))
-            };
-            tx.batch_execute(&ddl).await.map_err(q)?;
-            tracing::info!("{db}: {kind} {name} on {table} set aside until cutover");
-        }
-    }
-    tx.commit().await.map_err(q)?;
-    Ok(false)
-}
-
-/// Puts back what [`prepare_target`] set aside: foreign keys are added
-/// NOT VALID (validated here when `validate`, else returned for the caller
-/// to validate later), triggers re-enabled.
-pub async fn restore_target(
-    tgt: &mut Client,
-    db: &str,
-    schema: &str,
-    sync: &str,
-    validate: bool,
-) -> Result<Vec<(String, String)>> {
-    let q = |e: tokio_postgres::Error| Error::query(db, &e);
-    let s = quote_ident(schema);
-    let exists: bool = tgt
-        .query_one("select to_regclass($1) is not null", &[&format!("{s}.set_aside")])
-        .await
-        .map_err(q)?
-        .get(0);
-    if !exists {
-        return Ok(Vec::new());
-    }
-    let mut to_validate = Vec::new();
-    let rows = tgt
-        .query(
-            &format!(
-                "select kind, table_name, name, definition from {s}.set_aside
-                 where sync = $1 order by kind desc"
-            ),
-            &[&sync],
-        )
-        .await
-        .map_err(q)?;
-    for r in &rows {
-        let (kind, table, name, def): (&str, &str, &str, &str) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
-        let name_q = quote_ident(name);
-        let ddl = if kind == "foreign key" {
-            to_validate.push((table.to_string(), name.to_string()));
-            format!("alter table {table} add constraint {name_q} {def} not valid")
-        } else {
-            format!("alter table {table} enable trigger {name_q}")
-        };
-        tgt.batch_execute(&ddl).await.map_err(q)?;
-        tgt.execute(
-            &format!("delete from {s}.set_aside where sync = $1 and kind = $2 and name = $3"),
-            &[&sync, &kind, &name],
-        )
-        .await
-        .map_err(q)?;
-    }
-    if validate {
-        validate_foreign_keys(tgt, db, &to_validate).await?;
-        to_validate.clear();
-    }
-    Ok(to_validate)
-}
-
-/// Validates foreign keys added NOT VALID: this scans, but takes only a
-/// SHARE UPDATE EXCLUSIVE lock, so writes go on meanwhile.
-pub async fn validate_foreign_keys(tgt: &Client, db: &str, fks: &[(String, String)]) -> Result<()> {
-    for (table, name) in fks {
-        tgt.batch_execute(&format!(
-            "alter table {table} validate constraint {}",
-            quote_ident(name)
-        ))
-        .await
-        .map_err(|e| Error::query(db, &e))?;
-    }
-    Ok(())
-}
-
-/// Removes pgleap's bookkeeping for `sync` from a target, after restoring
-/// whatever was set aside.
-pub async fn remove_target(tgt: &mut Client, db: &str, schema: &str, sync: &str) -> Result<()> {
-    restore_target(tgt, db, schema, sync, true).await?;
-    let s = quote_ident(schema);
-    let exists: bool = tgt
-        .query_one("select to_regclass($1) is not null", &[&format!("{s}.applied")])
-        .await
-        .map_err(|e| Error::query(db, &e))?
-        .get(0);
-    if !exists {
-        return Ok(());
-    }
-    tgt.batch_execute(&format!(
-        "delete from {s}.applied where sync = {lit};
-         do $$ begin
-             if to_regclass('{s}.copy_units') is not null then
-                 delete from {s}.copy_units where sync = {lit};
-             end if;
-         end $$;",
-        lit = quote_literal(sync)
-    ))
-    .await
-    .map_err(|e| Error::query(db, &e))?;
-    capture::drop_schema_if_unused(
-        tgt,
-        db,
-        schema,
-        "applied",
-        &["applied", "set_aside", "copy_units"],
-    )
-    .await
 }
 
 /// A snapshot in which no transaction is visible: applying "after" it
@@ -387,12 +158,7 @@ pub async fn remove_target(tgt: &mut Client, db: &str, schema: &str, sync: &str)
 pub const FROM_THE_START: &str = "1:1:";
 
 /// Records where change apply continues from (after an initial copy).
-pub async fn set_applied_snapshot(
-    tgt: &Client,
-    db: &str,
-    plan: &Plan,
-    snapshot: &str,
-) -> Result<()> {
+pub async fn set_applied_snapshot(tgt: &Conn, plan: &Plan, snapshot: &str) -> Result<()> {
     tgt.execute(
         &format!(
             "insert into {}.applied (sync, snapshot) values ($1, $2)
@@ -401,41 +167,31 @@ pub async fn set_applied_snapshot(
         ),
         &[&plan.sync, &snapshot],
     )
-    .await
-    .map_err(|e| Error::query(db, &e))?;
+    .await?;
     Ok(())
 }
 
 /// The snapshot last applied on a target, if any.
-pub async fn applied_snapshot(tgt: &Client, db: &str, plan: &Plan) -> Result<Option<String>> {
+pub async fn applied_snapshot(tgt: &Conn, plan: &Plan) -> Result<Option<String>> {
     let row = tgt
         .query_opt(
             &format!("select snapshot from {}.applied where sync = $1", quote_ident(&plan.schema)),
             &[&plan.sync],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     Ok(row.map(|r| r.get(0)))
 }
 
 /// Applies one batch: everything the source committed since the target's
 /// last batch, as of one source snapshot.
-pub async fn apply_batch(
-    src: &mut Client,
-    tgt: &mut Client,
-    target_db: &str,
-    target_name: &str,
-    plan: &Plan,
-) -> Result<BatchStats> {
+pub async fn apply_batch(src: &mut Conn, tgt: &mut Conn, plan: &Plan) -> Result<BatchStats> {
     let started = Instant::now();
-    let source_db = plan.source_db.as_str();
-    let qs = |e: tokio_postgres::Error| Error::query(source_db, &e);
-    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
+    let target_name = tgt.name().to_string();
     let s = quote_ident(&plan.schema);
-    let (stx, ttx) = begin_batch(src, tgt, target_db, plan).await?;
-    let mut stats = apply_within(&stx, &ttx, target_db, plan).await?;
-    ttx.commit().await.map_err(qt)?;
-    stx.commit().await.map_err(qs)?;
+    let (stx, ttx) = begin_batch(src, tgt, plan).await?;
+    let mut stats = apply_within(&stx, &ttx, plan).await?;
+    ttx.commit().await?;
+    stx.commit().await?;
 
     // Not atomic with the target, and need not be: the target's marker is
     // the truth; this one only decides what may be purged, and a stale
@@ -447,8 +203,7 @@ pub async fn apply_batch(
         ),
         &[&plan.sync_id, &target_name, &stats.snapshot],
     )
-    .await
-    .map_err(qs)?;
+    .await?;
     purge(src, plan).await?;
     stats.millis = started.elapsed().as_millis() as i64;
     Ok(stats)
@@ -457,52 +212,31 @@ pub async fn apply_batch(
 /// Opens a batch: the target transaction, holding the sync's applier lock,
 /// and the source's REPEATABLE READ transaction whose snapshot bounds it.
 pub async fn begin_batch<'a>(
-    src: &'a mut Client,
-    tgt: &'a mut Client,
-    target_db: &str,
+    src: &'a mut Conn,
+    tgt: &'a mut Conn,
     plan: &Plan,
-) -> Result<(Transaction<'a>, Transaction<'a>)> {
-    let qs = |e: tokio_postgres::Error| Error::query(&plan.source_db, &e);
-    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
-    let ttx = tgt.transaction().await.map_err(qt)?;
-    ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id])
-        .await
-        .map_err(qt)?;
-    let stx = src
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(qs)?;
+) -> Result<(Tx<'a>, Tx<'a>)> {
+    let ttx = tgt.transaction().await?;
+    ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id]).await?;
+    let stx = src.snapshot().await?;
     Ok((stx, ttx))
 }
 
 /// Brings the target, inside `ttx`, to the state of the source in `stx`'s
 /// snapshot, and records that snapshot as applied (in `ttx` too).
-pub async fn apply_within(
-    stx: &Transaction<'_>,
-    ttx: &Transaction<'_>,
-    target_db: &str,
-    plan: &Plan,
-) -> Result<BatchStats> {
-    let source_db = plan.source_db.as_str();
-    let qs = |e: tokio_postgres::Error| Error::query(source_db, &e);
-    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
+pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<BatchStats> {
     let s = quote_ident(&plan.schema);
     let mut stats = BatchStats::default();
     let prev: Option<String> = ttx
         .query_opt(&format!("select snapshot from {s}.applied where sync = $1"), &[&plan.sync])
-        .await
-        .map_err(qt)?
+        .await?
         .map(|r| r.get(0));
-    stats.snapshot =
-        stx.query_one("select txid_current_snapshot()::text", &[]).await.map_err(qs)?.get(0);
+    stats.snapshot = stx.query_one("select txid_current_snapshot()::text", &[]).await?.get(0);
     let cond = Plan::pending(prev.as_deref());
 
     for t in &plan.tables {
         if t.keys.is_empty() {
-            apply_keyless(stx, ttx, t, &cond, source_db, target_db, &mut stats).await?;
+            apply_keyless(stx, ttx, t, &cond, &mut stats).await?;
             continue;
         }
         let row = stx
@@ -514,15 +248,14 @@ pub async fn apply_within(
                 ),
                 &[],
             )
-            .await
-            .map_err(qs)?;
+            .await?;
         let (changes, truncated): (i64, bool) = (row.get(0), row.get(1));
         if changes == 0 && !truncated {
             continue;
         }
         let keys = t.keys.join(", ");
         if truncated {
-            ttx.batch_execute(&format!("truncate {}", t.table)).await.map_err(qt)?;
+            ttx.batch_execute(&format!("truncate {}", t.table)).await?;
             stats.truncates += 1;
         } else {
             ttx.batch_execute(&format!(
@@ -531,24 +264,21 @@ pub async fn apply_within(
                      select {keys} from {} limit 0",
                 t.table
             ))
-            .await
-            .map_err(qt)?;
-            let out = stx
-                .copy_out(&format!(
+            .await?;
+            let keys_copied = copy_rows(
+                stx,
+                &format!(
                     "copy (select distinct {keys} from {} where {cond} and not _pgleap_truncated) to stdout",
                     t.delta
-                ))
-                .await
-                .map_err(qs)?;
-            let sink = ttx
-                .copy_in(&format!("copy pg_temp.pgleap_keys ({keys}) from stdin"))
-                .await
-                .map_err(qt)?;
-            let keys_copied = pump(out, sink, source_db, target_db).await?;
+                ),
+                ttx,
+                &format!("copy pg_temp.pgleap_keys ({keys}) from stdin"),
+            )
+            .await?;
             if keys_copied > 1000 {
                 // Without statistics the planner takes the temp table for
                 // tiny and joins with index lookups per key.
-                ttx.batch_execute("analyze pg_temp.pgleap_keys").await.map_err(qt)?;
+                ttx.batch_execute("analyze pg_temp.pgleap_keys").await?;
             }
             let matches: Vec<String> = t.keys.iter().map(|k| format!("t.{k} = k.{k}")).collect();
             stats.deletes += ttx
@@ -560,35 +290,27 @@ pub async fn apply_within(
                     ),
                     &[],
                 )
-                .await
-                .map_err(qt)?;
+                .await?;
         }
-        let out = stx
-            .copy_out(&format!(
+        stats.inserts += copy_rows(
+            stx,
+            &format!(
                 "copy (select {cols} from {table} where ({keys}) in
                        (select {keys} from {delta} where {cond} and not _pgleap_truncated)) to stdout",
                 cols = t.columns,
                 table = t.table,
                 delta = t.delta
-            ))
-            .await
-            .map_err(qs)?;
-        let sink = ttx
-            .copy_in(&format!("copy {} ({}) from stdin", t.table, t.columns))
-            .await
-            .map_err(qt)?;
-        stats.inserts += pump(out, sink, source_db, target_db).await?;
+            ),
+            ttx,
+            &format!("copy {} ({}) from stdin", t.table, t.columns),
+        )
+        .await?;
     }
 
     for seq in &plan.sequences {
-        let row = stx
-            .query_one(&format!("select last_value, is_called from {seq}"), &[])
-            .await
-            .map_err(qs)?;
+        let row = stx.query_one(&format!("select last_value, is_called from {seq}"), &[]).await?;
         let (value, called): (i64, bool) = (row.get(0), row.get(1));
-        ttx.execute("select setval($1::text::regclass, $2, $3)", &[seq, &value, &called])
-            .await
-            .map_err(qt)?;
+        ttx.execute("select setval($1::text::regclass, $2, $3)", &[seq, &value, &called]).await?;
     }
 
     ttx.execute(
@@ -598,8 +320,7 @@ pub async fn apply_within(
         ),
         &[&plan.sync, &stats.snapshot],
     )
-    .await
-    .map_err(qt)?;
+    .await?;
     Ok(stats)
 }
 
@@ -608,16 +329,12 @@ pub async fn apply_within(
 /// (rows compared as text, NULLs equal; `tableoid` and `ctid` pick exactly
 /// one of several identical rows). An insert-only stream is one COPY.
 async fn apply_keyless(
-    stx: &tokio_postgres::Transaction<'_>,
-    ttx: &tokio_postgres::Transaction<'_>,
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
     t: &TablePlan,
     cond: &str,
-    source_db: &str,
-    target_db: &str,
     stats: &mut BatchStats,
 ) -> Result<()> {
-    let qs = |e: tokio_postgres::Error| Error::query(source_db, &e);
-    let qt = |e: tokio_postgres::Error| Error::query(target_db, &e);
     let last_truncate: Option<i64> = stx
         .query_one(
             &format!(
@@ -626,11 +343,10 @@ async fn apply_keyless(
             ),
             &[],
         )
-        .await
-        .map_err(qs)?
+        .await?
         .get(0);
     if last_truncate.is_some() {
-        ttx.batch_execute(&format!("truncate {}", t.table)).await.map_err(qt)?;
+        ttx.batch_execute(&format!("truncate {}", t.table)).await?;
         stats.truncates += 1;
     }
     let events = format!(
@@ -646,24 +362,23 @@ async fn apply_keyless(
             ),
             &[],
         )
-        .await
-        .map_err(qs)?;
+        .await?;
     let (inserts, deletes): (i64, i64) = (row.get(0), row.get(1));
     if inserts + deletes == 0 {
         return Ok(());
     }
     let cols = &t.columns;
     if deletes == 0 {
-        let out = stx
-            .copy_out(&format!(
+        stats.inserts += copy_rows(
+            stx,
+            &format!(
                 "copy (select {cols} from {} where {events} order by _pgleap_seq) to stdout",
                 t.delta
-            ))
-            .await
-            .map_err(qs)?;
-        let sink =
-            ttx.copy_in(&format!("copy {} ({cols}) from stdin", t.table)).await.map_err(qt)?;
-        stats.inserts += pump(out, sink, source_db, target_db).await?;
+            ),
+            ttx,
+            &format!("copy {} ({cols}) from stdin", t.table),
+        )
+        .await?;
         return Ok(());
     }
     ttx.batch_execute(&format!(
@@ -672,22 +387,17 @@ async fn apply_keyless(
              select null::int8 as _pgleap_seq, null::\"char\" as _pgleap_op, {cols} from {} limit 0",
         t.table
     ))
-    .await
-    .map_err(qt)?;
-    let out = stx
-        .copy_out(&format!(
+    .await?;
+    copy_rows(
+        stx,
+        &format!(
             "copy (select _pgleap_seq, _pgleap_op, {cols} from {} where {events}) to stdout",
             t.delta
-        ))
-        .await
-        .map_err(qs)?;
-    let sink = ttx
-        .copy_in(&format!(
-            "copy pg_temp.pgleap_events (_pgleap_seq, _pgleap_op, {cols}) from stdin"
-        ))
-        .await
-        .map_err(qt)?;
-    pump(out, sink, source_db, target_db).await?;
+        ),
+        ttx,
+        &format!("copy pg_temp.pgleap_events (_pgleap_seq, _pgleap_op, {cols}) from stdin"),
+    )
+    .await?;
     let values: Vec<String> = t.column_names.iter().map(|c| format!("r.{c}")).collect();
     let matches: Vec<String> = t
         .column_names
@@ -712,8 +422,7 @@ async fn apply_keyless(
         values = values.join(", "),
         matches = matches.join(" and "),
     ))
-    .await
-    .map_err(qt)?;
+    .await?;
     stats.inserts += inserts as u64;
     stats.deletes += deletes as u64;
     Ok(())
@@ -724,8 +433,7 @@ async fn apply_keyless(
 /// visible, for every target. Deltas above it wait for a later batch; a
 /// target that has applied nothing yet keeps everything. One index range
 /// delete per table, with the bound computed once.
-async fn purge(src: &Client, plan: &Plan) -> Result<()> {
-    let q = |e: tokio_postgres::Error| Error::query(&plan.source_db, &e);
+async fn purge(src: &Conn, plan: &Plan) -> Result<()> {
     let row = src
         .query_one(
             &format!(
@@ -736,55 +444,26 @@ async fn purge(src: &Client, plan: &Plan) -> Result<()> {
             ),
             &[&plan.sync_id],
         )
-        .await
-        .map_err(q)?;
+        .await?;
     let (someone_behind, bound): (bool, Option<i64>) = (row.get(0), row.get(1));
     let Some(bound) = bound.filter(|_| !someone_behind) else {
         return Ok(());
     };
     for t in &plan.tables {
-        src.execute(&format!("delete from {} where _pgleap_txid < $1", t.delta), &[&bound])
-            .await
-            .map_err(q)?;
+        src.execute(&format!("delete from {} where _pgleap_txid < $1", t.delta), &[&bound]).await?;
     }
     Ok(())
 }
 
-/// Forwards a COPY from one server to another without decoding it; memory
-/// stays bounded by the sink's buffer. Returns the rows written.
-pub async fn pump(
-    out: tokio_postgres::CopyOutStream,
-    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
-    source_db: &str,
-    target_db: &str,
-) -> Result<u64> {
-    Ok(pump_counted(out, sink, source_db, target_db, &|_| {}).await?.0)
-}
-
-/// [`pump`], also returning the bytes forwarded and reporting them as they
-/// pass.
-pub async fn pump_counted(
-    out: tokio_postgres::CopyOutStream,
-    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
-    source_db: &str,
-    target_db: &str,
-    on_bytes: &dyn Fn(u64),
-) -> Result<(u64, u64)> {
-    let mut out = std::pin::pin!(out);
-    let mut sink = std::pin::pin!(sink);
-    let mut bytes = 0u64;
-    while let Some(chunk) = out.try_next().await.map_err(|e| Error::query(source_db, &e))? {
-        bytes += chunk.len() as u64;
-        on_bytes(chunk.len() as u64);
-        sink.feed(chunk).await.map_err(|e| Error::query(target_db, &e))?;
-    }
-    let rows = sink.as_mut().finish().await.map_err(|e| Error::query(target_db, &e))?;
-    Ok((rows, bytes))
+/// Streams a COPY out of the source's batch transaction into the target's;
+/// returns the rows written.
+async fn copy_rows(stx: &Tx<'_>, copy_out: &str, ttx: &Tx<'_>, copy_in: &str) -> Result<u64> {
+    Ok(copy_between(stx, copy_out, ttx, copy_in, &|_| {}).await?.0)
 }
 
 /// Whether everything visible in snapshot `kick` is visible in `applied`
 /// too, i.e. the target has every transaction committed before the kick.
-pub async fn covers(src: &Client, db: &str, applied: &str, kick: &str) -> Result<bool> {
+pub async fn covers(src: &Conn, applied: &str, kick: &str) -> Result<bool> {
     let row = src
         .query_one(
             "select txid_snapshot_xmax($1::text::txid_snapshot) >= txid_snapshot_xmax($2::text::txid_snapshot)
@@ -794,14 +473,13 @@ pub async fn covers(src: &Client, db: &str, applied: &str, kick: &str) -> Result
                       and txid_visible_in_snapshot(x, $2::text::txid_snapshot))",
             &[&applied, &kick],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     Ok(row.get(0))
 }
 
 /// Changes waiting on the source for a target, and the age in seconds of
 /// the oldest of them.
-pub async fn pending(src: &Client, plan: &Plan, target: &str) -> Result<(i64, f64)> {
+pub async fn pending(src: &Conn, plan: &Plan, target: &str) -> Result<(i64, f64)> {
     if plan.tables.is_empty() {
         return Ok((0, 0.0));
     }
@@ -832,7 +510,6 @@ pub async fn pending(src: &Client, plan: &Plan, target: &str) -> Result<(i64, f6
             ),
             &[],
         )
-        .await
-        .map_err(|e| Error::query(&plan.source_db, &e))?;
+        .await?;
     Ok((row.get(0), row.get(1)))
 }

@@ -32,12 +32,11 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::catalog::Relation;
 use crate::error::{Error, Result};
-use crate::pg::{qualified, quote_ident, quote_literal};
+use crate::pg::{Conn, PgError, Sql, qualified, quote_ident, quote_literal};
 
 /// How long one DDL statement may wait for a table lock.
 const LOCK_TIMEOUT: &str = "2s";
@@ -73,16 +72,15 @@ pub fn fence_trigger(sync_id: i32) -> String {
 
 /// Installs capture for a sync on its source. On error nothing is left.
 pub async fn install(
-    client: &mut Client,
-    db: &str,
+    client: &mut Conn,
     schema: &str,
     sync: &str,
     relations: &[Relation],
     targets: &[String],
 ) -> Result<i32> {
-    let q = |e: tokio_postgres::Error| Error::query(db, &e);
     let s = quote_ident(schema);
-    let tx = client.transaction().await.map_err(q)?;
+    let db = client.name().to_string();
+    let tx = client.transaction().await?;
     tx.batch_execute(&format!(
         "create schema if not exists {s};
          create table if not exists {s}.syncs (
@@ -106,19 +104,17 @@ pub async fn install(
     ))
     .await
     .map_err(|e| {
-        if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+        if e.sqlstate() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             Error::invalid(
-                format!("database \"{db}\": cannot create schema {schema}: {}", message(&e)),
+                format!("database \"{db}\": cannot create schema {schema}: {}", e.message()),
                 "pgleap needs CREATE on the source database (GRANT CREATE ON DATABASE ... TO ...)",
             )
         } else {
-            q(e)
+            e.into()
         }
     })?;
-    let existing = tx
-        .query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync])
-        .await
-        .map_err(q)?;
+    let existing =
+        tx.query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync]).await?;
     if existing.is_some() {
         return Err(Error::invalid(
             format!("capture for sync \"{sync}\" is already installed in database \"{db}\""),
@@ -127,24 +123,22 @@ pub async fn install(
     }
     let sync_id: i32 = tx
         .query_one(&format!("insert into {s}.syncs (name) values ($1) returning id"), &[&sync])
-        .await
-        .map_err(q)?
+        .await?
         .get(0);
     for target in targets {
         tx.execute(
             &format!("insert into {s}.consumer (sync_id, target) values ($1, $2)"),
             &[&sync_id, target],
         )
-        .await
-        .map_err(q)?;
+        .await?;
     }
-    tx.commit().await.map_err(q)?;
+    tx.commit().await?;
 
     let tables = relations.iter().filter(|r| r.kind != "sequence");
     for (i, rel) in tables.enumerate() {
-        if let Err(e) = install_table(client, db, schema, sync_id, i as i32 + 1, rel).await {
+        if let Err(e) = install_table(client, schema, sync_id, i as i32 + 1, rel).await {
             // Best effort: the original error is the one worth reporting.
-            if let Err(cleanup) = remove(client, db, schema, sync).await {
+            if let Err(cleanup) = remove(client, schema, sync).await {
                 tracing::warn!("cleanup after failed install: {cleanup}");
             }
             return Err(e);
@@ -154,8 +148,7 @@ pub async fn install(
 }
 
 async fn install_table(
-    client: &mut Client,
-    db: &str,
+    client: &mut Conn,
     schema: &str,
     sync_id: i32,
     n: i32,
@@ -175,8 +168,7 @@ async fn install_table(
              order by a.attnum",
             &[&table],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut ddl = if rel.key_columns.is_empty() {
         keyless_capture(&table, &delta, &function, sync_id, &columns)
@@ -193,7 +185,7 @@ async fn install_table(
         key_array.join(", "),
     ));
     let what = format!("installing capture on {table}");
-    with_lock_retries(client, db, &what, &ddl).await
+    with_lock_retries(client, &what, &ddl).await
 }
 
 /// Statement-level capture of a keyed table: the keys of the changed rows.
@@ -321,15 +313,11 @@ fn keyless_capture(
 
 /// Runs DDL in a transaction under a short lock_timeout, retrying with
 /// backoff while the lock is not granted.
-pub(crate) async fn with_lock_retries(
-    client: &mut Client,
-    db: &str,
-    what: &str,
-    ddl: &str,
-) -> Result<()> {
+pub(crate) async fn with_lock_retries(client: &mut Conn, what: &str, ddl: &str) -> Result<()> {
+    let db = client.name().to_string();
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=LOCK_ATTEMPTS {
-        let tx = client.transaction().await.map_err(|e| Error::query(db, &e))?;
+        let tx = client.transaction().await?;
         let result = async {
             tx.batch_execute(&format!("set local lock_timeout = '{LOCK_TIMEOUT}'")).await?;
             tx.batch_execute(ddl).await?;
@@ -340,9 +328,9 @@ pub(crate) async fn with_lock_retries(
         // application transactions locking them in another order; the
         // server breaks the deadlock by failing one side, and this side
         // just tries again.
-        let contended = |e: &tokio_postgres::Error| {
-            e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+        let contended = |e: &PgError| {
+            e.sqlstate() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                || e.sqlstate() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
         };
         match result {
             Ok(()) => return Ok(()),
@@ -358,52 +346,30 @@ pub(crate) async fn with_lock_retries(
                      (see pg_stat_activity and pg_locks)",
                 ));
             }
-            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(e) if e.sqlstate() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
                 return Err(Error::invalid(
-                    format!("database \"{db}\": {what}: {}", message(&e)),
+                    format!("database \"{db}\": {what}: {}", e.message()),
                     "run pgleap as the owner of the tables (or a member of the owning role)",
                 ));
             }
-            Err(e) => {
-                return Err(Error::Query {
-                    db: db.into(),
-                    detail: format!("{what}: {}", message(&e)),
-                    sqlstate: e.code().map(|c| c.code().to_string()),
-                });
-            }
+            Err(e) => return Err(e.context(what).into()),
         }
     }
     unreachable!("the last attempt returns")
 }
 
-fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
-}
-
 /// The captured tables of an installed sync, in installation order.
 pub async fn captured(
-    client: &Client,
-    db: &str,
+    client: &Conn,
     schema: &str,
     sync: &str,
 ) -> Result<Option<(i32, Vec<Captured>)>> {
-    let q = |e: tokio_postgres::Error| Error::query(db, &e);
-    let exists: bool = client
-        .query_one(
-            "select to_regclass($1) is not null",
-            &[&format!("{}.syncs", quote_ident(schema))],
-        )
-        .await
-        .map_err(q)?
-        .get(0);
-    if !exists {
+    let s = quote_ident(schema);
+    if !client.relation_exists(&format!("{s}.syncs")).await? {
         return Ok(None);
     }
-    let s = quote_ident(schema);
-    let Some(row) = client
-        .query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync])
-        .await
-        .map_err(q)?
+    let Some(row) =
+        client.query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync]).await?
     else {
         return Ok(None);
     };
@@ -416,8 +382,7 @@ pub async fn captured(
             ),
             &[&sync_id],
         )
-        .await
-        .map_err(q)?;
+        .await?;
     let tables = rows
         .iter()
         .map(|r| Captured {
@@ -433,8 +398,8 @@ pub async fn captured(
 /// Removes a sync's capture from its source: triggers, functions, delta
 /// tables, bookkeeping rows, and the schema once no sync uses it. Objects
 /// pgleap did not create are never touched.
-pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> Result<()> {
-    let Some((sync_id, _)) = captured(client, db, schema, sync).await? else {
+pub async fn remove(client: &mut Conn, schema: &str, sync: &str) -> Result<()> {
+    let Some((sync_id, _)) = captured(client, schema, sync).await? else {
         return Ok(());
     };
     let s = quote_ident(schema);
@@ -448,8 +413,7 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
              where t.tgname like $1",
             &[&format!("pgleap\\_{sync_id}\\_%")],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     for row in &trigger_tables {
         let table = qualified(row.get(0), row.get(1));
         let mut ddl = String::new();
@@ -459,7 +423,7 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
                 quote_ident(&trigger)
             ));
         }
-        with_lock_retries(client, db, &format!("removing capture from {table}"), &ddl).await?;
+        with_lock_retries(client, &format!("removing capture from {table}"), &ddl).await?;
     }
     let mut ddl = String::new();
     let functions = client
@@ -468,8 +432,7 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
              where n.nspname = $1 and p.proname like $2",
             &[&schema, &format!("f{sync_id}\\_%")],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     for f in &functions {
         ddl.push_str(&format!("drop function {}();\n", qualified(schema, f.get(0))));
     }
@@ -479,8 +442,7 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
              where n.nspname = $1 and c.relkind = 'r' and c.relname like $2",
             &[&schema, &format!("d{sync_id}\\_%")],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     for d in &deltas {
         ddl.push_str(&format!("drop table {};\n", qualified(schema, d.get(0))));
     }
@@ -489,15 +451,14 @@ pub async fn remove(client: &mut Client, db: &str, schema: &str, sync: &str) -> 
          delete from {s}.consumer where sync_id = {sync_id};
          delete from {s}.syncs where id = {sync_id};"
     ));
-    with_lock_retries(client, db, "removing capture tables", &ddl).await?;
-    drop_schema_if_unused(client, db, schema, "syncs", &["syncs", "relations", "consumer"]).await
+    with_lock_retries(client, "removing capture tables", &ddl).await?;
+    drop_schema_if_unused(client, schema, "syncs", &["syncs", "relations", "consumer"]).await
 }
 
 /// Drops pgleap's bookkeeping tables and the schema once `registry` is
 /// empty and the schema holds nothing else.
 pub async fn drop_schema_if_unused(
-    client: &mut Client,
-    db: &str,
+    client: &Conn,
     schema: &str,
     registry: &str,
     tables: &[&str],
@@ -505,20 +466,16 @@ pub async fn drop_schema_if_unused(
     let s = quote_ident(schema);
     let left: i64 = client
         .query_one(&format!("select count(*) from {s}.{}", quote_ident(registry)), &[])
-        .await
-        .map_err(|e| Error::query(db, &e))?
+        .await?
         .get(0);
     if left > 0 {
         return Ok(());
     }
     let list: Vec<String> = tables.iter().map(|t| format!("{s}.{}", quote_ident(t))).collect();
-    client
-        .batch_execute(&format!("drop table if exists {}", list.join(", ")))
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+    client.batch_execute(&format!("drop table if exists {}", list.join(", "))).await?;
     // Refuses (and we leave it) if someone put their own objects there.
     if let Err(e) = client.batch_execute(&format!("drop schema {s}")).await {
-        tracing::info!("schema {schema} kept: {}", message(&e));
+        tracing::info!("schema {schema} kept: {}", e.message());
     }
     Ok(())
 }

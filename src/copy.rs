@@ -25,14 +25,12 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use tokio_postgres::{Client, IsolationLevel};
-
-use crate::apply::{self, Plan, TablePlan};
+use crate::apply::{Plan, TablePlan};
 use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
-use crate::objects::{DbConn, Env};
-use crate::pg::{quote_ident, quote_literal};
+use crate::pg::{Conn, Env, Sql, Tx, copy_between, quote_ident, quote_literal};
 use crate::progress::Progress;
+use crate::route::DbConn;
 use crate::schema;
 
 /// Tables estimated above this many rows are split into ranges.
@@ -67,12 +65,8 @@ pub async fn initial_copy(
     env: Env<'_>,
 ) -> Result<(Option<String>, CopyStats)> {
     let started = Instant::now();
-    let tdb = target.name.as_str();
-    let sdb = source.name.as_str();
-    let qt = |e: tokio_postgres::Error| Error::query(tdb, &e);
-    let qs = |e: tokio_postgres::Error| Error::query(sdb, &e);
     let s = quote_ident(&plan.schema);
-    let mut tgt = target.connect(env).await?.client;
+    let mut tgt = target.connect(env).await?;
     tgt.batch_execute(&format!(
         "create table if not exists {s}.copy_units (
              sync text not null,
@@ -84,50 +78,23 @@ pub async fn initial_copy(
              rows int8,
              primary key (sync, unit))"
     ))
-    .await
-    .map_err(qt)?;
+    .await?;
 
     // The coordinator holds the exported snapshot until every worker is done.
-    let mut coordinator = source.connect(env).await?.client;
-    let ctx = coordinator
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(qs)?;
-    let row = ctx
-        .query_one("select pg_export_snapshot(), txid_current_snapshot()::text", &[])
-        .await
-        .map_err(qs)?;
+    let mut coordinator = source.connect(env).await?;
+    let ctx = coordinator.snapshot().await?;
+    let row =
+        ctx.query_one("select pg_export_snapshot(), txid_current_snapshot()::text", &[]).await?;
     let (exported, snapshot): (String, String) = (row.get(0), row.get(1));
 
     let planned: i64 = tgt
         .query_one(&format!("select count(*) from {s}.copy_units where sync = $1"), &[&plan.sync])
-        .await
-        .map_err(qt)?
+        .await?
         .get(0);
     if planned == 0 {
-        plan_units(&ctx, sdb, &mut tgt, tdb, plan, mode, jobs, &snapshot).await?;
+        plan_units(&ctx, &mut tgt, plan, mode, jobs, &snapshot).await?;
     }
-    let rows = tgt
-        .query(
-            &format!(
-                "select unit, table_name, predicate from {s}.copy_units
-                 where sync = $1 and not done order by unit"
-            ),
-            &[&plan.sync],
-        )
-        .await
-        .map_err(qt)?;
-    let queue: VecDeque<Unit> = rows
-        .iter()
-        .filter_map(|r| {
-            let table: &str = r.get(1);
-            let index = plan.tables.iter().position(|t| t.table == table)?;
-            Some(Unit { id: r.get(0), table: index, predicate: r.get(2) })
-        })
-        .collect();
+    let queue = pending_units(&tgt, plan).await?;
     let total = queue.len();
     if total > 0 {
         tracing::info!(sync = plan.sync, units = total, jobs, "initial copy starting");
@@ -139,15 +106,21 @@ pub async fn initial_copy(
             plan.tables[u.table].est_rows / parts
         })
         .sum();
-    let progress = Progress::new("initial copy", total as u64, est_rows.max(0) as u64);
-    let queue = Mutex::new(queue);
-    let stats = Mutex::new(CopyStats::default());
-    let workers = (0..jobs.max(1).min(total.max(1))).map(|_| {
-        worker(source, target, plan, &exported, &snapshot, &queue, &stats, &progress, env)
-    });
+    let run = CopyRun {
+        source,
+        target,
+        plan,
+        exported: &exported,
+        snapshot: &snapshot,
+        queue: Mutex::new(queue),
+        stats: Mutex::new(CopyStats::default()),
+        progress: Progress::new("initial copy", total as u64, est_rows.max(0) as u64),
+        env,
+    };
+    let workers = (0..jobs.max(1).min(total.max(1))).map(|_| run.worker());
     let results = futures_util::future::join_all(workers).await;
-    ctx.commit().await.map_err(qs)?;
-    progress.finish();
+    ctx.commit().await?;
+    run.progress.finish();
     for r in results {
         r?;
     }
@@ -156,22 +129,7 @@ pub async fn initial_copy(
         // interrupted run); cheap when everything exists.
         build_indexes(source, target, plan, jobs, env).await?;
     }
-
-    // Where apply starts: the earliest snapshot any unit was copied under,
-    // or the start of capture if a table was left as the target had it.
-    let row = tgt
-        .query_one(
-            &format!(
-                "select bool_or(snapshot is null),
-                        (array_agg(snapshot order by txid_snapshot_xmax(snapshot::txid_snapshot)))[1]
-                 from {s}.copy_units where sync = $1"
-            ),
-            &[&plan.sync],
-        )
-        .await
-        .map_err(qt)?;
-    let (skipped, earliest): (Option<bool>, Option<String>) = (row.get(0), row.get(1));
-    let mut stats = stats.into_inner().unwrap();
+    let mut stats = run.stats.into_inner().unwrap();
     stats.millis = started.elapsed().as_millis() as i64;
     if total > 0 {
         tracing::info!(
@@ -182,7 +140,47 @@ pub async fn initial_copy(
             "initial copy done"
         );
     }
-    Ok((if skipped.unwrap_or(false) { None } else { earliest }, stats))
+    Ok((handoff(&tgt, plan).await?, stats))
+}
+
+/// The units not copied yet, in order.
+async fn pending_units(tgt: &Conn, plan: &Plan) -> Result<VecDeque<Unit>> {
+    let rows = tgt
+        .query(
+            &format!(
+                "select unit, table_name, predicate from {}.copy_units
+                 where sync = $1 and not done order by unit",
+                quote_ident(&plan.schema)
+            ),
+            &[&plan.sync],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let table: &str = r.get(1);
+            let index = plan.tables.iter().position(|t| t.table == table)?;
+            Some(Unit { id: r.get(0), table: index, predicate: r.get(2) })
+        })
+        .collect())
+}
+
+/// Where apply starts: the earliest snapshot any unit was copied under, or
+/// the start of capture (`None`) if a table was left as the target had it.
+async fn handoff(tgt: &Conn, plan: &Plan) -> Result<Option<String>> {
+    let row = tgt
+        .query_one(
+            &format!(
+                "select bool_or(snapshot is null),
+                        (array_agg(snapshot order by txid_snapshot_xmax(snapshot::txid_snapshot)))[1]
+                 from {}.copy_units where sync = $1",
+                quote_ident(&plan.schema)
+            ),
+            &[&plan.sync],
+        )
+        .await?;
+    let (skipped, earliest): (Option<bool>, Option<String>) = (row.get(0), row.get(1));
+    Ok(if skipped.unwrap_or(false) { None } else { earliest })
 }
 
 /// Builds, for every table copied, the indexes and key constraints the
@@ -195,21 +193,21 @@ async fn build_indexes(
     jobs: usize,
     env: Env<'_>,
 ) -> Result<()> {
-    let src = source.connect(env).await?.client;
+    let src = source.connect(env).await?;
     let mut work = VecDeque::new();
     for t in &plan.tables {
-        let items = schema::post_data(&src, &source.name, &t.table).await?;
+        let items = schema::post_data(&src, &t.table).await?;
         if !items.is_empty() {
             work.push_back((t, items));
         }
     }
     let queue = Mutex::new(work);
     let builders = (0..jobs.max(1)).map(|_| async {
-        let tgt = target.connect(env).await?.client;
+        let tgt = target.connect(env).await?;
         loop {
             let Some((t, items)) = queue.lock().unwrap().pop_front() else { break };
             let started = Instant::now();
-            let created = schema::create_missing(&tgt, &target.name, &t.table, &items).await?;
+            let created = schema::create_missing(&tgt, &t.table, &items).await?;
             if created > 0 {
                 tracing::info!(
                     sync = plan.sync,
@@ -230,29 +228,21 @@ async fn build_indexes(
 
 /// Decides the units: which tables to copy (all, or the empty ones), split
 /// into key ranges when large; empties the tables to be copied.
-#[allow(clippy::too_many_arguments)]
 async fn plan_units(
-    src: &tokio_postgres::Transaction<'_>,
-    sdb: &str,
-    tgt: &mut Client,
-    tdb: &str,
+    src: &Tx<'_>,
+    tgt: &mut Conn,
     plan: &Plan,
     mode: OneTimeCopy,
     jobs: usize,
     snapshot: &str,
 ) -> Result<()> {
-    let qt = |e: tokio_postgres::Error| Error::query(tdb, &e);
     let s = quote_ident(&plan.schema);
-    let tx = tgt.transaction().await.map_err(qt)?;
+    let tx = tgt.transaction().await?;
     let mut unit = 0;
     let mut to_empty = Vec::new();
     for t in &plan.tables {
-        let has_rows: bool = tx
-            .query_one(&format!("select exists (select 1 from {})", t.table), &[])
-            .await
-            .map_err(qt)?
-            .get(0);
-        let mut predicates = vec![];
+        let has_rows: bool =
+            tx.query_one(&format!("select exists (select 1 from {})", t.table), &[]).await?.get(0);
         if has_rows && mode == OneTimeCopy::IfEmpty {
             // Kept as the target has it: a done unit without a snapshot.
             unit += 1;
@@ -263,18 +253,13 @@ async fn plan_units(
                 ),
                 &[&plan.sync, &unit, &t.table],
             )
-            .await
-            .map_err(qt)?;
+            .await?;
             continue;
         }
         if has_rows {
             to_empty.push(t.table.clone());
         }
-        if let Some(ranges) = split(src, sdb, t, jobs).await? {
-            predicates.extend(ranges);
-        } else {
-            predicates.push("true".to_string());
-        }
+        let predicates = split(src, t, jobs).await?.unwrap_or_else(|| vec!["true".to_string()]);
         for p in predicates {
             unit += 1;
             tx.execute(
@@ -284,25 +269,19 @@ async fn plan_units(
                 ),
                 &[&plan.sync, &unit, &t.table, &p],
             )
-            .await
-            .map_err(qt)?;
+            .await?;
         }
     }
     if !to_empty.is_empty() {
-        tx.batch_execute(&format!("truncate {}", to_empty.join(", "))).await.map_err(qt)?;
+        tx.batch_execute(&format!("truncate {}", to_empty.join(", "))).await?;
     }
-    tx.commit().await.map_err(qt)?;
+    tx.commit().await?;
     tracing::debug!(sync = plan.sync, units = unit, snapshot, "copy planned");
     Ok(())
 }
 
 /// Key ranges for a large table with a single integer key, else None.
-async fn split(
-    src: &tokio_postgres::Transaction<'_>,
-    sdb: &str,
-    t: &TablePlan,
-    jobs: usize,
-) -> Result<Option<Vec<String>>> {
+async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
     if t.keys.len() != 1 || t.est_rows < SPLIT_ROWS || jobs < 2 {
         return Ok(None);
     }
@@ -315,8 +294,7 @@ async fn split(
             ),
             &[],
         )
-        .await
-        .map_err(|e| Error::query(sdb, &e))?;
+        .await?;
     let ty: String = row.get(0);
     let (Some(lo), Some(hi)) = (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) else {
         return Ok(None);
@@ -341,111 +319,124 @@ async fn split(
     Ok(Some(ranges))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn worker(
-    source: &DbConn,
-    target: &DbConn,
-    plan: &Plan,
-    exported: &str,
-    snapshot: &str,
-    queue: &Mutex<VecDeque<Unit>>,
-    stats: &Mutex<CopyStats>,
-    progress: &Progress,
-    env: Env<'_>,
-) -> Result<()> {
-    if queue.lock().unwrap().is_empty() {
-        return Ok(());
+/// One initial copy in progress: what every worker shares.
+struct CopyRun<'a> {
+    source: &'a DbConn,
+    target: &'a DbConn,
+    plan: &'a Plan,
+    /// The coordinator's exported snapshot, imported by every worker.
+    exported: &'a str,
+    /// The same snapshot as txid_snapshot text, recorded with each unit.
+    snapshot: &'a str,
+    queue: Mutex<VecDeque<Unit>>,
+    stats: Mutex<CopyStats>,
+    progress: Progress,
+    env: Env<'a>,
+}
+
+impl CopyRun<'_> {
+    fn next_unit(&self) -> Option<Unit> {
+        self.queue.lock().unwrap().pop_front()
     }
-    let (sdb, tdb) = (source.name.as_str(), target.name.as_str());
-    let qs = |e: tokio_postgres::Error| Error::query(sdb, &e);
-    let qt = |e: tokio_postgres::Error| Error::query(tdb, &e);
-    let mut src = source.connect(env).await?.client;
-    let mut tgt = target.connect(env).await?.client;
-    // Triggers and foreign keys must not fire; where the role may not set
-    // this, they were set aside before the copy (apply::prepare_target).
-    let _ = tgt.batch_execute("set session_replication_role = replica").await;
-    tgt.batch_execute("set pgleap.applying = on").await.map_err(qt)?;
-    let stx = src
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(qs)?;
-    stx.batch_execute(&format!("set transaction snapshot {}", quote_literal(exported)))
-        .await
-        .map_err(qs)?;
-    let s = quote_ident(&plan.schema);
-    loop {
-        let Some(unit) = queue.lock().unwrap().pop_front() else { break };
-        let t = &plan.tables[unit.table];
-        let ttx = tgt.transaction().await.map_err(qt)?;
-        let out = stx
-            .copy_out(&format!(
+
+    /// Takes units off the queue until it is empty, each in its own target
+    /// transaction, all read in the exported snapshot.
+    async fn worker(&self) -> Result<()> {
+        if self.queue.lock().unwrap().is_empty() {
+            return Ok(());
+        }
+        let mut src = self.source.connect(self.env).await?;
+        let mut tgt = self.target.connect(self.env).await?;
+        // Triggers and foreign keys must not fire; where the role may not
+        // set this, they were set aside before the copy (target::prepare).
+        let _ = tgt.batch_execute("set session_replication_role = replica").await;
+        tgt.batch_execute("set pgleap.applying = on").await?;
+        let stx = src.snapshot().await?;
+        stx.batch_execute(&format!("set transaction snapshot {}", quote_literal(self.exported)))
+            .await?;
+        while let Some(unit) = self.next_unit() {
+            if self.copy_unit(&stx, &mut tgt, &unit).await? {
+                self.build_indexes_if_last(&stx, &mut tgt, &self.plan.tables[unit.table]).await?;
+            }
+        }
+        stx.commit().await?;
+        Ok(())
+    }
+
+    /// Loads one unit and marks it done, in one target transaction. Returns
+    /// false if another worker had copied it meanwhile.
+    async fn copy_unit(&self, stx: &Tx<'_>, tgt: &mut Conn, unit: &Unit) -> Result<bool> {
+        let t = &self.plan.tables[unit.table];
+        let ttx = tgt.transaction().await?;
+        let bar = self.progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
+        let (rows, bytes) = copy_between(
+            stx,
+            &format!(
                 "copy (select {} from {} where {}) to stdout",
                 t.columns, t.table, unit.predicate
-            ))
-            .await
-            .map_err(qs)?;
-        let sink = ttx
-            .copy_in(&format!("copy {} ({}) from stdin", t.table, t.columns))
-            .await
-            .map_err(qt)?;
-        let bar = progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
-        let (rows, bytes) =
-            apply::pump_counted(out, sink, sdb, tdb, &|n| progress.advance(&bar, n)).await?;
+            ),
+            &ttx,
+            &format!("copy {} ({}) from stdin", t.table, t.columns),
+            &|n| self.progress.advance(&bar, n),
+        )
+        .await?;
         let marked = ttx
             .execute(
                 &format!(
-                    "update {s}.copy_units set done = true, snapshot = $3, rows = $4
-                     where sync = $1 and unit = $2 and not done"
+                    "update {}.copy_units set done = true, snapshot = $3, rows = $4
+                     where sync = $1 and unit = $2 and not done",
+                    quote_ident(&self.plan.schema)
                 ),
-                &[&plan.sync, &unit.id, &snapshot, &(rows as i64)],
+                &[&self.plan.sync, &unit.id, &self.snapshot, &(rows as i64)],
             )
-            .await
-            .map_err(qt)?;
+            .await?;
         if marked == 0 {
             // Someone else copied this part meanwhile: keep theirs, or a
             // table without a key would hold its rows twice.
-            ttx.rollback().await.map_err(qt)?;
-            progress.finish_unit(bar, 0);
-            continue;
+            ttx.rollback().await?;
+            self.progress.finish_unit(bar, 0);
+            return Ok(false);
         }
-        ttx.commit().await.map_err(qt)?;
-        progress.finish_unit(bar, rows);
-        {
-            let mut st = stats.lock().unwrap();
-            st.units += 1;
-            st.rows += rows;
-            st.bytes += bytes;
-        }
-        // The table's last part is in: build its indexes now, while other
-        // workers go on copying.
+        ttx.commit().await?;
+        self.progress.finish_unit(bar, rows);
+        let mut st = self.stats.lock().unwrap();
+        st.units += 1;
+        st.rows += rows;
+        st.bytes += bytes;
+        Ok(true)
+    }
+
+    /// Once a table's last part is in, builds its indexes now, while other
+    /// workers go on copying.
+    async fn build_indexes_if_last(
+        &self,
+        stx: &Tx<'_>,
+        tgt: &mut Conn,
+        t: &TablePlan,
+    ) -> Result<()> {
         let remaining: i64 = tgt
             .query_one(
                 &format!(
-                    "select count(*) from {s}.copy_units
-                     where sync = $1 and table_name = $2 and not done"
+                    "select count(*) from {}.copy_units
+                     where sync = $1 and table_name = $2 and not done",
+                    quote_ident(&self.plan.schema)
                 ),
-                &[&plan.sync, &t.table],
+                &[&self.plan.sync, &t.table],
             )
-            .await
-            .map_err(qt)?
+            .await?
             .get(0);
-        if remaining == 0 {
-            let items = schema::post_data(&stx, sdb, &t.table).await?;
-            let itx = tgt.transaction().await.map_err(qt)?;
-            // Two workers finishing a table's last parts at once: one builds.
-            itx.execute("select pg_advisory_xact_lock(hashtext($1))", &[&t.table])
-                .await
-                .map_err(qt)?;
-            let created = schema::create_missing(&itx, tdb, &t.table, &items).await?;
-            itx.commit().await.map_err(qt)?;
-            if created > 0 {
-                tracing::debug!(table = t.display, created, "indexes built after the load");
-            }
+        if remaining > 0 {
+            return Ok(());
         }
+        let items = schema::post_data(stx, &t.table).await?;
+        let itx = tgt.transaction().await?;
+        // Two workers finishing a table's last parts at once: one builds.
+        itx.execute("select pg_advisory_xact_lock(hashtext($1))", &[&t.table]).await?;
+        let created = schema::create_missing(&itx, &t.table, &items).await?;
+        itx.commit().await?;
+        if created > 0 {
+            tracing::debug!(table = t.display, created, "indexes built after the load");
+        }
+        Ok(())
     }
-    stx.commit().await.map_err(qs)?;
-    Ok(())
 }

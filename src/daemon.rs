@@ -1,5 +1,6 @@
-//! The sync daemon: one worker per (sync, target) applying batches as the
-//! source commits, and the `start`/`stop`/`kick` plumbing around it.
+//! The sync daemon as a process: one worker per (sync, target) applying
+//! batches (through `session`) as the source commits, its signals, and the
+//! `start`/`stop` plumbing with pid and log files.
 //!
 //! Waking: there is no NOTIFY (it serialises the source's commits, see
 //! `capture`). A worker polls the source with an adaptive interval: right
@@ -18,14 +19,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{self, BatchStats, Plan};
-use crate::catalog::{Catalog, CatalogError, OneTimeCopy, RoundOutcome};
-use crate::copy;
+use crate::apply::BatchStats;
+use crate::catalog::{Catalog, CatalogError};
 use crate::error::{Error, Result};
-use crate::objects::{self, Env};
+use crate::route::SyncRoute;
+use crate::session::{self, Session};
 
 const MIN_POLL: Duration = Duration::from_millis(10);
 const MAX_POLL: Duration = Duration::from_millis(100);
@@ -64,162 +64,6 @@ pub fn running_pid(catalog: &Path) -> Option<i32> {
     alive(pid).then_some(pid)
 }
 
-/// A connected applier of one sync to one target.
-pub struct Session {
-    pub src: Client,
-    pub tgt: Client,
-    pub plan: Plan,
-    pub target: String,
-    /// The snapshot of the last batch applied, once known.
-    pub prev: Option<String>,
-    pub replica_role: bool,
-}
-
-impl Session {
-    /// Connects, prepares the target and, the first time, runs the initial
-    /// copy the sync asks for with `jobs` workers.
-    pub async fn open(
-        catalog: &Catalog,
-        sync: &str,
-        target: &str,
-        jobs: usize,
-        env: Env<'_>,
-    ) -> Result<Session> {
-        let sync = catalog.sync(sync)?;
-        if sync.retired {
-            return Err(Error::invalid(
-                format!(
-                    "sync \"{}\" was cut over (or is being torn down): it no longer replicates",
-                    sync.name
-                ),
-                format!("pgleap teardown {} removes what is left of it", sync.name),
-            ));
-        }
-        let relgroup = catalog.relgroup(&sync.relgroup)?;
-        let source = catalog.dbgroup(&sync.dbgroup)?.source().to_string();
-        let source_conn = objects::DbConn::from_catalog(catalog, &source)?;
-        let target_conn = objects::DbConn::from_catalog(catalog, target)?;
-        let src = source_conn.connect(env).await?;
-        let mut tgt = target_conn.connect(env).await?;
-        let plan = Plan::load(&src.client, &source, &sync, &relgroup).await?;
-        let replica_role = apply::prepare_target(&mut tgt.client, target, &plan).await?;
-        let mut prev = apply::applied_snapshot(&tgt.client, target, &plan).await?;
-        if prev.is_none() && sync.onetimecopy != OneTimeCopy::Never {
-            // One initial copy per sync at a time (the daemon and a kick may
-            // both get here); the loser finds the copy done when it gets the
-            // lock. A session lock: released at unlock or disconnect.
-            let q = |e: tokio_postgres::Error| Error::query(target, &e);
-            let lock = (apply::COPY_LOCK_CLASS, plan.sync_id);
-            tgt.client
-                .execute("select pg_advisory_lock($1, $2)", &[&lock.0, &lock.1])
-                .await
-                .map_err(q)?;
-            prev = apply::applied_snapshot(&tgt.client, target, &plan).await?;
-            if prev.is_none() {
-                let (handoff, _) = copy::initial_copy(
-                    &source_conn,
-                    &target_conn,
-                    &plan,
-                    sync.onetimecopy,
-                    jobs,
-                    env,
-                )
-                .await?;
-                let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
-                apply::set_applied_snapshot(&tgt.client, target, &plan, &start).await?;
-                if replica_role {
-                    // Triggers and foreign keys cannot fire under replica
-                    // role, so they need not wait for cutover.
-                    finish_schema_now(&src.client, &source, &tgt.client, target, &plan).await?;
-                }
-                prev = Some(start);
-            }
-            tgt.client
-                .execute("select pg_advisory_unlock($1, $2)", &[&lock.0, &lock.1])
-                .await
-                .map_err(q)?;
-        }
-        Ok(Session {
-            src: src.client,
-            tgt: tgt.client,
-            plan,
-            target: target.to_string(),
-            prev,
-            replica_role,
-        })
-    }
-
-    pub async fn batch(&mut self) -> Result<BatchStats> {
-        let stats = apply::apply_batch(
-            &mut self.src,
-            &mut self.tgt,
-            &self.target,
-            &self.target,
-            &self.plan,
-        )
-        .await?;
-        self.prev = Some(stats.snapshot.clone());
-        Ok(stats)
-    }
-
-    pub async fn has_changes(&self) -> Result<bool> {
-        self.plan.has_changes(&self.src, self.prev.as_deref()).await
-    }
-}
-
-/// Creates the source's foreign keys (NOT VALID) and triggers the target
-/// lacks.
-async fn finish_schema_now(
-    src: &Client,
-    source: &str,
-    tgt: &Client,
-    target: &str,
-    plan: &Plan,
-) -> Result<()> {
-    let (fks, triggers) = crate::cutover::deferred(src, source, tgt, target, plan).await?;
-    let q = |e: tokio_postgres::Error| Error::query(target, &e);
-    for (table, name, def) in &fks {
-        let name = crate::pg::quote_ident(name);
-        // Validated at cutover: parts copied under different snapshots (a
-        // resumed copy) may disagree until the changes between are applied.
-        tgt.batch_execute(&format!("alter table {table} add constraint {name} {def} not valid"))
-            .await
-            .map_err(q)?;
-    }
-    for def in &triggers {
-        tgt.batch_execute(def).await.map_err(q)?;
-    }
-    Ok(())
-}
-
-fn record(
-    catalog: &mut Catalog,
-    sync: &str,
-    target: &str,
-    result: &Result<BatchStats>,
-    millis: i64,
-) {
-    let outcome = match result {
-        Ok(s) => RoundOutcome::Good {
-            millis: s.millis,
-            inserts: s.inserts as i64,
-            deletes: s.deletes as i64,
-        },
-        Err(e) => RoundOutcome::Bad {
-            millis,
-            error: &e.to_string(),
-            sqlstate: match e {
-                Error::Query { sqlstate, .. } => sqlstate.as_deref(),
-                _ => None,
-            },
-        },
-    };
-    // Status is informative; a busy catalog must not stop replication.
-    if let Err(e) = catalog.record_round(sync, target, outcome) {
-        tracing::warn!(sync, target, "cannot record the round: {e}");
-    }
-}
-
 /// Runs batches for one sync and target until cancelled.
 async fn worker(catalog_path: PathBuf, sync: String, target: String, token: CancellationToken) {
     let mut catalog = match Catalog::open(&catalog_path) {
@@ -229,7 +73,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             return;
         }
     };
-    let env = &objects::process_env;
+    let env = &crate::pg::process_env;
     let mut session: Option<Session> = None;
     let mut backoff = Duration::from_secs(1);
     let mut interval = MIN_POLL;
@@ -259,7 +103,9 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         let started = Instant::now();
         let step: Result<Option<BatchStats>> = async {
             if session.is_none() {
-                session = Some(Session::open(&catalog, &sync, &target, default_jobs(), env).await?);
+                let route = SyncRoute::load(&catalog, &sync)?;
+                let db = route.target(&target)?;
+                session = Some(Session::open(&route, db, session::default_jobs(), env).await?);
                 let s = session.as_ref().unwrap();
                 tracing::info!(
                     sync,
@@ -290,7 +136,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
                         "batch applied"
                     );
                 }
-                record(&mut catalog, &sync, &target, &Ok(stats), 0);
+                session::record(&mut catalog, &sync, &target, Ok(&stats), 0);
                 last_batch = Some(Instant::now());
                 backoff = Duration::from_secs(1);
                 interval = MIN_POLL;
@@ -299,7 +145,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             Err(e) => {
                 tracing::warn!(sync, target, "batch failed, retrying in {backoff:?}: {e}");
                 let millis = started.elapsed().as_millis() as i64;
-                record(&mut catalog, &sync, &target, &Err(e), millis);
+                session::record(&mut catalog, &sync, &target, Err(&e), millis);
                 session = None;
                 if sleep_or_cancel(&token, backoff).await {
                     break;
@@ -321,11 +167,6 @@ async fn sleep_or_cancel(token: &CancellationToken, d: Duration) -> bool {
         _ = token.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
     }
-}
-
-/// Parallel copy workers unless told otherwise: one per core.
-pub fn default_jobs() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Removes the pid file when the daemon ends, however it ends normally.
@@ -380,7 +221,10 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
             let mut workers: Vec<(String, String, CancellationToken, tokio::task::JoinHandle<()>)> =
                 Vec::new();
             loop {
-                let wanted = match Catalog::open(catalog_path).and_then(|c| pairs(&c)) {
+                let wanted = match Catalog::open(catalog_path)
+                    .map_err(Error::from)
+                    .and_then(|c| pairs(&c))
+                {
                     Ok(w) => w,
                     Err(e) => {
                         tracing::warn!("cannot read the catalog: {e}");
@@ -420,11 +264,12 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
 }
 
 /// Every (sync, target) pair of the catalog.
-fn pairs(catalog: &Catalog) -> Result<Vec<(String, String)>, CatalogError> {
+fn pairs(catalog: &Catalog) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for sync in catalog.syncs()?.into_iter().filter(|s| !s.retired) {
-        for target in catalog.dbgroup(&sync.dbgroup)?.targets() {
-            out.push((sync.name.clone(), target.to_string()));
+        let route = SyncRoute::resolve(catalog, sync)?;
+        for target in &route.targets {
+            out.push((route.sync.name.clone(), target.name.clone()));
         }
     }
     Ok(out)
@@ -501,69 +346,4 @@ pub fn stop(catalog_path: &Path, timeout: Duration) -> Result<Option<i32>> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(Some(pid))
-}
-
-/// Runs batches for every target of `sync` now, in this process (safe next
-/// to a running daemon: appliers of one sync are serialised on the target).
-/// With `wait`, retries until each target has every transaction committed
-/// on the source before the call, or the time is up.
-pub async fn kick(
-    catalog: &mut Catalog,
-    sync: &str,
-    wait: Option<Duration>,
-    jobs: usize,
-    env: Env<'_>,
-) -> Result<Vec<(String, BatchStats)>> {
-    let s = catalog.sync(sync)?;
-    let group = catalog.dbgroup(&s.dbgroup)?;
-    let targets: Vec<String> = group.targets().map(str::to_string).collect();
-    let source = group.source().to_string();
-    let deadline = wait.map(|w| Instant::now() + w);
-    // Everything committed before this snapshot must reach the targets.
-    let kick_snapshot: String = {
-        let src = objects::connect_db(catalog, &source, env).await?;
-        src.client
-            .query_one("select txid_current_snapshot()::text", &[])
-            .await
-            .map_err(|e| Error::query(&source, &e))?
-            .get(0)
-    };
-    let mut results = Vec::new();
-    for target in targets {
-        loop {
-            let started = Instant::now();
-            let attempt: Result<BatchStats> = async {
-                let mut session = Session::open(catalog, sync, &target, jobs, env).await?;
-                let stats = session.batch().await?;
-                if !apply::covers(&session.src, &source, &stats.snapshot, &kick_snapshot).await? {
-                    return Err(Error::invalid("batch did not reach the kick's snapshot", ""));
-                }
-                Ok(stats)
-            }
-            .await;
-            let millis = started.elapsed().as_millis() as i64;
-            record(catalog, sync, &target, &attempt, millis);
-            match attempt {
-                Ok(stats) => {
-                    results.push((target.clone(), stats));
-                    break;
-                }
-                Err(e) => match deadline {
-                    Some(d) if Instant::now() < d => {
-                        tracing::info!(sync, target, "kick: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Some(_) => {
-                        return Err(Error::KickTimeout {
-                            sync: sync.into(),
-                            target,
-                            last: e.to_string(),
-                        });
-                    }
-                    None => return Err(e),
-                },
-            }
-        }
-    }
-    Ok(results)
 }

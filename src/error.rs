@@ -1,9 +1,10 @@
 //! The library's error type. Every variant names the object it is about, and
 //! [`Error::hint`] says what the user can do; the binary prints both.
 
+use tokio_postgres::error::SqlState;
+
 use crate::catalog::CatalogError;
-use crate::pg::conninfo::ResolveError;
-use crate::pg::{ConnectError, ConninfoError};
+use crate::pg::{ConninfoError, PgError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -16,20 +17,9 @@ pub enum Error {
         #[source]
         source: ConninfoError,
     },
-    #[error("database \"{db}\": {source}")]
-    Resolve {
-        db: String,
-        #[source]
-        source: ResolveError,
-    },
-    #[error("database \"{db}\": {source}")]
-    Connect {
-        db: String,
-        #[source]
-        source: ConnectError,
-    },
-    #[error("database \"{db}\": query failed: {detail}")]
-    Query { db: String, detail: String, sqlstate: Option<String> },
+    /// Resolving, connecting to or querying one database.
+    #[error(transparent)]
+    Pg(#[from] PgError),
     /// `kick --wait` ran out of time.
     #[error("sync \"{sync}\": target \"{target}\" did not catch up in time (last error: {last})")]
     KickTimeout { sync: String, target: String, last: String },
@@ -46,12 +36,12 @@ impl Error {
         Self::Invalid { message: message.into(), hint: Some(hint.into()) }
     }
 
-    pub fn query(db: &str, e: &tokio_postgres::Error) -> Self {
-        let (detail, sqlstate) = match e.as_db_error() {
-            Some(d) => (d.message().to_string(), Some(d.code().code().to_string())),
-            None => (crate::pg::error_chain(e), None),
-        };
-        Self::Query { db: db.to_string(), detail, sqlstate }
+    /// The server's SQLSTATE, when a query failed on the server.
+    pub fn sqlstate(&self) -> Option<&SqlState> {
+        match self {
+            Self::Pg(e) => e.sqlstate(),
+            _ => None,
+        }
     }
 
     /// The process exit code: 1 for "ran, but the goal was not reached",
@@ -72,9 +62,7 @@ impl Error {
                  or as key=value pairs (host=... port=... dbname=... user=...)"
                     .into(),
             ),
-            Self::Resolve { .. } => Some("check the file's path and permissions".into()),
-            Self::Connect { source, .. } => source.hint(),
-            Self::Query { .. } => None,
+            Self::Pg(e) => e.hint(),
             Self::Differences { sync, .. } => Some(format!(
                 "the keys above differ; if the source is still written, run pgleap kick {sync} \
                  --wait and verify again"

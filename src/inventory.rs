@@ -10,12 +10,11 @@
 //! own REPLICA IDENTITY USING INDEX. A table with neither is *keyless*: it
 //! is replicated by whole-row images (see `capture`), unless refused.
 
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::catalog::Relation;
 use crate::error::{Error, Result};
-use crate::pg::quote_ident;
+use crate::pg::{Conn, Sql, quote_ident};
 
 /// Schemas never replicated: the system's and pgleap's own.
 const SYSTEM_SCHEMAS: &[&str] = &["information_schema", "pgleap"];
@@ -55,8 +54,9 @@ pub fn display_name(schema: &str, name: &str) -> String {
     format!("{}.{}", part(schema), part(name))
 }
 
-/// Resolves a selection on the source; `db` names it in errors.
-pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<Relation>> {
+/// Resolves a selection on the source.
+pub async fn resolve(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
+    let db = client.name();
     if sel.is_empty() {
         return Err(Error::invalid(
             "nothing selected",
@@ -64,7 +64,7 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
              --all-sequences or --sequence SCHEMA.NAME",
         ));
     }
-    let relations = describe(client, db, sel).await?;
+    let relations = describe(client, sel).await?;
     let keyless: Vec<String> = relations
         .iter()
         .filter(|r| r.kind != "sequence" && r.key_columns.is_empty())
@@ -93,8 +93,8 @@ pub async fn resolve(client: &Client, db: &str, sel: &Selection) -> Result<Vec<R
 }
 
 /// The tables (schema, name) a selection matches, keyed or not.
-pub async fn tables(client: &Client, db: &str, sel: &Selection) -> Result<Vec<(String, String)>> {
-    Ok(describe(client, db, sel)
+pub async fn tables(client: &Conn, sel: &Selection) -> Result<Vec<(String, String)>> {
+    Ok(describe(client, sel)
         .await?
         .into_iter()
         .filter(|r| r.kind != "sequence")
@@ -103,14 +103,11 @@ pub async fn tables(client: &Client, db: &str, sel: &Selection) -> Result<Vec<(S
 }
 
 /// Every relation a selection matches, with its key and size; no judgement.
-async fn describe(client: &Client, db: &str, sel: &Selection) -> Result<Vec<Relation>> {
-    let q = |e: tokio_postgres::Error| Error::query(db, &e);
-
+async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
+    let db = client.name();
     for schema in sel.schemas.iter().chain(&sel.exclude_schemas) {
-        let found = client
-            .query_opt("select 1 from pg_namespace where nspname = $1", &[schema])
-            .await
-            .map_err(q)?;
+        let found =
+            client.query_opt("select 1 from pg_namespace where nspname = $1", &[schema]).await?;
         if found.is_none() {
             return Err(Error::invalid(
                 format!("schema \"{schema}\" does not exist in database \"{db}\""),
@@ -153,18 +150,17 @@ async fn describe(client: &Client, db: &str, sel: &Selection) -> Result<Vec<Rela
                                      and d.objid = c.oid and d.deptype = 'e')",
                 &[&kinds, &excluded, &schemas],
             )
-            .await
-            .map_err(q)?;
+            .await?;
         oids.extend(rows.iter().map(|r| r.get::<_, u32>(0)));
     }
     for name in &sel.tables {
-        oids.push(lookup(client, db, name, Wanted::Table).await?);
+        oids.push(lookup(client, name, Wanted::Table).await?);
     }
     for name in &sel.sequences {
-        oids.push(lookup(client, db, name, Wanted::Sequence).await?);
+        oids.push(lookup(client, name, Wanted::Sequence).await?);
     }
     for name in &sel.exclude_tables {
-        let oid = lookup(client, db, name, Wanted::Table).await?;
+        let oid = lookup(client, name, Wanted::Table).await?;
         oids.retain(|o| *o != oid);
     }
     oids.sort_unstable();
@@ -206,8 +202,7 @@ async fn describe(client: &Client, db: &str, sel: &Selection) -> Result<Vec<Rela
              order by c.relkind = 'S', n.nspname, c.relname",
             &[&oids],
         )
-        .await
-        .map_err(q)?;
+        .await?;
     let relations: Vec<Relation> = rows
         .iter()
         .map(|r| Relation {
@@ -235,7 +230,8 @@ enum Wanted {
 
 /// Resolves a name as the server would (`to_regclass`-style: quoting, case
 /// folding, search_path), and checks what kind of relation it is.
-async fn lookup(client: &Client, db: &str, name: &str, wanted: Wanted) -> Result<u32> {
+async fn lookup(client: &Conn, name: &str, wanted: Wanted) -> Result<u32> {
+    let db = client.name();
     let row = match client
         .query_one(
             "select c.oid, c.relkind::text, c.relispartition,
@@ -248,7 +244,7 @@ async fn lookup(client: &Client, db: &str, name: &str, wanted: Wanted) -> Result
     {
         Ok(row) => row,
         Err(e) => {
-            let code = e.code();
+            let code = e.sqlstate();
             if code == Some(&SqlState::UNDEFINED_TABLE)
                 || code == Some(&SqlState::INVALID_SCHEMA_NAME)
                 || code == Some(&SqlState::INVALID_NAME)
@@ -259,7 +255,7 @@ async fn lookup(client: &Client, db: &str, name: &str, wanted: Wanted) -> Result
                      (--table '\"My Schema\".\"My Table\"')",
                 ));
             }
-            return Err(Error::query(db, &e));
+            return Err(e.into());
         }
     };
     let oid: u32 = row.get(0);

@@ -2,40 +2,50 @@
 //! with seconds of write downtime, using nothing but a table owner's
 //! privileges on both servers.
 //!
-//! The modules follow the job:
+//! The modules follow the job, lower layers first:
 //!
-//! - [`pg`]: connecting (libpq connection strings, TLS), quoting, versions.
-//! - [`catalog`]: pgleap's own state, an embedded SQLite file.
-//! - [`inventory`]: what a source database holds (tables, keys, sizes).
-//! - [`objects`]: declaring databases, dbgroups, relgroups and syncs.
-//! - [`capture`]: triggers and delta tables on the source.
-//! - [`schema`]: staged schema copy with pg_dump/pg_restore.
-//! - [`copy`]: the initial copy, parallel, from one exported snapshot.
-//! - [`apply`]: snapshot-delimited batches applied to a target.
-//! - [`daemon`]: workers that apply continuously; start, stop, kick.
-//! - [`status`]: what each sync is doing.
-//! - [`verify`]: source and target compared by digests.
-//! - [`cutover`]: fence, drain, finish the target, measure the downtime.
-//! - [`upgrade`]: the whole job in one resumable command.
-//! - [`cli`]: the command line over all of the above.
+//! - `pg`: connecting (libpq connection strings, TLS), the named connection
+//!   and its SQL surface, quoting, versions.
+//! - `catalog`: pgleap's own state, an embedded SQLite file.
+//! - `route`: what the catalog's names stand for (a database's connection
+//!   settings; a sync's relgroup, source and targets).
+//! - `inventory`: what a source database holds (tables, keys, sizes).
+//! - `capture`: triggers and delta tables on the source.
+//! - `apply`: snapshot-delimited batches applied to a target.
+//! - `target`: pgleap's bookkeeping on a target; its foreign keys and
+//!   triggers while the sync runs.
+//! - `schema`: staged schema copy with pg_dump/pg_restore; indexes.
+//! - `copy`: the initial copy, parallel, from one exported snapshot.
+//! - `session`: one sync applied to one target over open connections; kick.
+//! - `objects`: declaring databases, dbgroups, relgroups and syncs.
+//! - `daemon`: the process: workers, signals, pid and log files.
+//! - `status`: what each sync is doing.
+//! - `verify`: source and target compared by digests.
+//! - `cutover`: fence, drain, finish the target, measure the downtime.
+//! - `upgrade`: the whole job in one resumable command.
+//! - `cli`: the command line over all of the above.
 //!
-//! See docs/ARCHITECTURE.md for the decisions behind them.
+//! Only the command line and the error type are public: the binary is the
+//! interface. See docs/ARCHITECTURE.md for the decisions behind them.
 
-pub mod apply;
-pub mod capture;
-pub mod catalog;
+mod apply;
+mod capture;
+mod catalog;
 pub mod cli;
-pub mod copy;
-pub mod cutover;
-pub mod daemon;
-pub mod error;
-pub mod inventory;
-pub mod objects;
-pub mod pg;
-pub mod progress;
-pub mod schema;
-pub mod status;
-pub mod upgrade;
-pub mod verify;
+mod copy;
+mod cutover;
+mod daemon;
+mod error;
+mod inventory;
+mod objects;
+mod pg;
+mod progress;
+mod route;
+mod schema;
+mod session;
+mod status;
+mod target;
+mod upgrade;
+mod verify;
 
 pub use error::{Error, Result};

@@ -8,21 +8,14 @@
 use std::path::PathBuf;
 
 use secrecy::SecretString;
-use tokio_postgres::Client;
 
 use crate::capture;
 use crate::catalog::{self, Catalog, DbGroupMember, DbRecord, OneTimeCopy, RelGroup, Role};
 use crate::error::{Error, Result};
 use crate::inventory::{self, Selection};
-use crate::pg::{self, ConnParams, PasswordSource, PgVersion, ResolvedConn};
-
-/// Reads an environment variable; a seam so tests of resolution need no
-/// process-wide state.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-pub fn process_env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
+use crate::pg::{Conn, ConnParams, Env, PasswordSource, Sql};
+use crate::route::{DbConn, SyncRoute};
+use crate::target;
 
 /// Object names end up in file names (pid and log files) and commands.
 pub fn check_name(kind: catalog::ObjectKind, name: &str) -> Result<()> {
@@ -37,67 +30,6 @@ pub fn check_name(kind: catalog::ObjectKind, name: &str) -> Result<()> {
             format!("invalid {kind} name \"{name}\""),
             "use up to 63 letters, digits, '_', '.' or '-', starting with a letter or digit",
         ))
-    }
-}
-
-/// An open connection to a catalog database.
-pub struct Connected {
-    pub client: Client,
-    pub conn: ResolvedConn,
-    pub version: PgVersion,
-}
-
-/// Connects to a database given its parameters; `db` names it in errors.
-pub async fn connect_params(
-    db: &str,
-    params: &ConnParams,
-    password: &PasswordSource,
-    env: Env<'_>,
-) -> Result<Connected> {
-    let conn = ResolvedConn::resolve(params, password, env)
-        .map_err(|source| Error::Resolve { db: db.into(), source })?;
-    let client =
-        pg::connect(&conn).await.map_err(|source| Error::Connect { db: db.into(), source })?;
-    let version = pg::server_version(&client).await.map_err(|e| Error::query(db, &e))?;
-    Ok(Connected { client, conn, version })
-}
-
-/// Connects to a database of the catalog by name.
-pub async fn connect_db(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<Connected> {
-    DbConn::from_catalog(catalog, name)?.connect(env).await
-}
-
-/// A database's connection details, taken from the catalog once, so that
-/// parallel workers can open connections without holding the catalog.
-#[derive(Clone)]
-pub struct DbConn {
-    pub name: String,
-    params: ConnParams,
-    password: PasswordSource,
-}
-
-impl DbConn {
-    pub fn from_catalog(catalog: &Catalog, name: &str) -> Result<DbConn> {
-        let db = catalog.db(name)?;
-        let params = ConnParams::parse(&db.conninfo)
-            .map_err(|source| Error::Conninfo { db: name.into(), source })?;
-        let password = PasswordSource {
-            stored: catalog.stored_password(name)?,
-            file: db.password_file.map(PathBuf::from),
-        };
-        Ok(DbConn { name: name.to_string(), params, password })
-    }
-
-    pub async fn connect(&self, env: Env<'_>) -> Result<Connected> {
-        connect_params(&self.name, &self.params, &self.password, env).await
-    }
-
-    /// For a child process (pg_dump, pg_restore): the connection string,
-    /// which never holds a password, and the password for its environment.
-    pub fn for_child(&self, env: Env<'_>) -> Result<(String, Option<String>)> {
-        let resolved = ResolvedConn::resolve(&self.params, &self.password, env)
-            .map_err(|source| Error::Resolve { db: self.name.clone(), source })?;
-        Ok((self.params.to_conninfo_string(), resolved.password().map(str::to_string)))
     }
 }
 
@@ -122,14 +54,7 @@ pub async fn add_db(
     spec: DbSpec,
     env: Env<'_>,
 ) -> Result<DbAdded> {
-    check_name(catalog::ObjectKind::Db, name)?;
-    if catalog.db(name).is_ok() {
-        return Err(catalog::CatalogError::AlreadyExists {
-            kind: catalog::ObjectKind::Db,
-            name: name.into(),
-        }
-        .into());
-    }
+    check_free(catalog, catalog::ObjectKind::Db, name)?;
     save_db(catalog, name, spec, env, false).await
 }
 
@@ -224,8 +149,8 @@ async fn save_db_with(
         None => None,
     };
     let password = PasswordSource { stored: stored.clone(), file: password_file.clone() };
-    let connected = connect_params(name, &spec.params, &password, env).await?;
-    let version = connected.version.to_string();
+    let connected = Conn::connect(name, &spec.params, &password, env).await?;
+    let version = connected.version().to_string();
     let conninfo = spec.params.to_conninfo_string();
     let file = password_file.as_ref().map(|p| p.to_string_lossy().into_owned());
     let record = DbRecord {
@@ -243,7 +168,7 @@ async fn save_db_with(
     } else {
         catalog.add_db(&record)?;
     }
-    Ok(DbAdded { name: name.into(), server_version: version, target: connected.conn.to_string() })
+    Ok(DbAdded { name: name.into(), server_version: version, target: connected.endpoint() })
 }
 
 /// Parses `DB:source` / `DB:target`.
@@ -301,18 +226,38 @@ pub async fn add_relgroup(
     selection: &Selection,
     env: Env<'_>,
 ) -> Result<RelGroup> {
-    check_name(catalog::ObjectKind::RelGroup, name)?;
-    if catalog.relgroup(name).is_ok() {
-        return Err(catalog::CatalogError::AlreadyExists {
-            kind: catalog::ObjectKind::RelGroup,
-            name: name.into(),
-        }
-        .into());
-    }
-    let connected = connect_db(catalog, db, env).await?;
-    let members = inventory::resolve(&connected.client, db, selection).await?;
-    catalog.add_relgroup(name, db, &members)?;
+    check_free(catalog, catalog::ObjectKind::RelGroup, name)?;
+    let conn = DbConn::from_catalog(catalog, db)?.connect(env).await?;
+    add_relgroup_on(catalog, name, &conn, selection).await
+}
+
+/// [`add_relgroup`] on a connection already open to the relgroup's
+/// database.
+pub async fn add_relgroup_on(
+    catalog: &mut Catalog,
+    name: &str,
+    conn: &Conn,
+    selection: &Selection,
+) -> Result<RelGroup> {
+    check_free(catalog, catalog::ObjectKind::RelGroup, name)?;
+    let members = inventory::resolve(conn, selection).await?;
+    catalog.add_relgroup(name, conn.name(), &members)?;
     Ok(catalog.relgroup(name)?)
+}
+
+/// Refuses an invalid name, or one already taken by an object of its kind.
+fn check_free(catalog: &Catalog, kind: catalog::ObjectKind, name: &str) -> Result<()> {
+    check_name(kind, name)?;
+    let taken = match kind {
+        catalog::ObjectKind::RelGroup => catalog.relgroup(name).is_ok(),
+        catalog::ObjectKind::Sync => catalog.sync(name).is_ok(),
+        catalog::ObjectKind::Db => catalog.db(name).is_ok(),
+        catalog::ObjectKind::DbGroup => catalog.dbgroup(name).is_ok(),
+    };
+    if taken {
+        return Err(catalog::CatalogError::AlreadyExists { kind, name: name.into() }.into());
+    }
+    Ok(())
 }
 
 /// A sync as requested by `sync add`.
@@ -327,48 +272,72 @@ pub struct SyncSpec {
     pub capture_schema: String,
 }
 
+impl SyncSpec {
+    fn record(&self) -> catalog::Sync {
+        catalog::Sync {
+            name: self.name.clone(),
+            relgroup: self.relgroup.clone(),
+            dbgroup: self.dbgroup.clone(),
+            onetimecopy: self.onetimecopy,
+            autokick: self.autokick,
+            capture_schema: self.capture_schema.clone(),
+            retired: false,
+            created_at: String::new(),
+        }
+    }
+}
+
 /// What identifies one database of one running server, as far as a
 /// non-superuser can see: same port, same start time, same database oid.
-async fn fingerprint(client: &Client, db: &str) -> Result<String> {
-    let row = client
+async fn fingerprint(conn: &Conn) -> Result<String> {
+    let row = conn
         .query_one(
             "select current_setting('port') || '/' || pg_postmaster_start_time()::text || '/' ||
                     (select oid from pg_database where datname = current_database())::text",
             &[],
         )
-        .await
-        .map_err(|e| Error::query(db, &e))?;
+        .await?;
     Ok(row.get(0))
 }
 
+/// Declares a sync and installs its capture on the source.
 pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> Result<()> {
-    check_name(catalog::ObjectKind::Sync, &spec.name)?;
-    if catalog.sync(&spec.name).is_ok() {
-        return Err(catalog::CatalogError::AlreadyExists {
-            kind: catalog::ObjectKind::Sync,
-            name: spec.name.clone(),
-        }
-        .into());
+    check_free(catalog, catalog::ObjectKind::Sync, &spec.name)?;
+    let route = SyncRoute::resolve(catalog, spec.record())?;
+    let mut src = route.source.connect(env).await?;
+    let mut targets = Vec::new();
+    for target in &route.targets {
+        targets.push(target.connect(env).await?);
     }
+    add_sync_on(catalog, spec, &mut src, &targets.iter().collect::<Vec<_>>()).await
+}
+
+/// [`add_sync`] on connections already open to the source and every
+/// target, in the dbgroup's order.
+pub async fn add_sync_on(
+    catalog: &mut Catalog,
+    spec: &SyncSpec,
+    src: &mut Conn,
+    targets: &[&Conn],
+) -> Result<()> {
+    check_free(catalog, catalog::ObjectKind::Sync, &spec.name)?;
     let relgroup = catalog.relgroup(&spec.relgroup)?;
-    let dbgroup = catalog.dbgroup(&spec.dbgroup)?;
-    let source = dbgroup.source().to_string();
+    let source = src.name().to_string();
     if relgroup.db != source {
         return Err(Error::invalid(
             format!(
                 "relgroup \"{}\" belongs to database \"{}\", but the source of dbgroup \"{}\" is \
                  \"{source}\"",
-                relgroup.name, relgroup.db, dbgroup.name
+                relgroup.name, relgroup.db, spec.dbgroup
             ),
             "use a relgroup of the dbgroup's source, or a dbgroup whose source is the \
              relgroup's database",
         ));
     }
-    let src = connect_db(catalog, &source, env).await?;
-    let src_print = fingerprint(&src.client, &source).await?;
-    for target in dbgroup.targets() {
-        let tgt = connect_db(catalog, target, env).await?;
-        if fingerprint(&tgt.client, target).await? == src_print {
+    let src_print = fingerprint(src).await?;
+    for tgt in targets {
+        let target = tgt.name();
+        if fingerprint(tgt).await? == src_print {
             return Err(Error::invalid(
                 format!(
                     "source \"{source}\" and target \"{target}\" are the same database on the same \
@@ -377,12 +346,13 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
                 "point the target at the new server (pgleap db update NAME --dsn ...)",
             ));
         }
-        if tgt.version.major() < src.version.major() && !spec.allow_downgrade {
+        if tgt.version().major() < src.version().major() && !spec.allow_downgrade {
             return Err(Error::invalid(
                 format!(
                     "target \"{target}\" runs PostgreSQL {} and source \"{source}\" runs {}: \
                      that is a downgrade",
-                    tgt.version, src.version
+                    tgt.version(),
+                    src.version()
                 ),
                 "pgleap moves databases to the same or a newer major; add --allow-downgrade if \
                  the schema is known to work on the older server",
@@ -395,35 +365,14 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
             "use a lowercase SQL identifier (letters, digits, '_')",
         ));
     }
-    let sync = catalog::Sync {
-        name: spec.name.clone(),
-        relgroup: spec.relgroup.clone(),
-        dbgroup: spec.dbgroup.clone(),
-        onetimecopy: spec.onetimecopy,
-        autokick: spec.autokick,
-        capture_schema: spec.capture_schema.clone(),
-        retired: false,
-        created_at: String::new(),
-    };
     // Capture starts now: from here on every change of the source is
     // recorded. If anything later fails, it is removed again.
-    let mut src = src;
-    let targets: Vec<String> = dbgroup.targets().map(str::to_string).collect();
-    capture::install(
-        &mut src.client,
-        &source,
-        &spec.capture_schema,
-        &spec.name,
-        &relgroup.members,
-        &targets,
-    )
-    .await?;
-    let undo = |e: Error| async move {
-        let _ = capture::remove(&mut src.client, &source, &spec.capture_schema, &spec.name).await;
-        e
-    };
-    if let Err(e) = catalog.add_sync(&sync) {
-        return Err(undo(e.into()).await);
+    let target_names: Vec<String> = targets.iter().map(|t| t.name().to_string()).collect();
+    let schema = &spec.capture_schema;
+    capture::install(src, schema, &spec.name, &relgroup.members, &target_names).await?;
+    if let Err(e) = catalog.add_sync(&spec.record()) {
+        let _ = capture::remove(src, schema, &spec.name).await;
+        return Err(e.into());
     }
     Ok(())
 }
@@ -432,41 +381,15 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
 /// source; bookkeeping on the targets, after putting back what was set
 /// aside), then the sync itself from the catalog.
 pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result<()> {
-    let sync = catalog.sync(name)?;
+    let route = SyncRoute::load(catalog, name)?;
     catalog.retire_sync(name)?;
-    let group = catalog.dbgroup(&sync.dbgroup)?;
-    let source = group.source().to_string();
-    let mut src = connect_db(catalog, &source, env).await?;
-    capture::remove(&mut src.client, &source, &sync.capture_schema, name).await?;
-    for target in group.targets() {
-        let mut tgt = connect_db(catalog, target, env).await?;
-        crate::apply::remove_target(&mut tgt.client, target, &sync.capture_schema, name).await?;
+    let schema = &route.sync.capture_schema;
+    let mut src = route.source.connect(env).await?;
+    capture::remove(&mut src, schema, name).await?;
+    for target in &route.targets {
+        let mut tgt = target.connect(env).await?;
+        target::remove(&mut tgt, schema, name).await?;
     }
     catalog.remove_sync(name)?;
     Ok(())
-}
-
-/// Creates on the target the indexes and key constraints of every table of
-/// the source (in `schemas`, or all) that the target lacks.
-pub async fn create_indexes_like(
-    source: &DbConn,
-    target: &DbConn,
-    schemas: &[String],
-    env: Env<'_>,
-) -> Result<usize> {
-    let src = source.connect(env).await?;
-    let tgt = target.connect(env).await?;
-    let selection = Selection {
-        all_tables: schemas.is_empty(),
-        schemas: schemas.to_vec(),
-        ..Default::default()
-    };
-    let tables = inventory::tables(&src.client, &source.name, &selection).await?;
-    let mut created = 0;
-    for (schema, name) in tables {
-        let table = crate::pg::qualified(&schema, &name);
-        let items = crate::schema::post_data(&src.client, &source.name, &table).await?;
-        created += crate::schema::create_missing(&tgt.client, &target.name, &table, &items).await?;
-    }
-    Ok(created)
 }

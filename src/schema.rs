@@ -18,11 +18,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tokio_postgres::{Client, GenericClient};
-
 use crate::error::{Error, Result};
-use crate::objects::{DbConn, Env};
-use crate::pg::quote_ident;
+use crate::inventory::{self, Selection};
+use crate::pg::{Conn, Env, Sql, quote_ident};
+use crate::route::DbConn;
 
 /// A pg_dump/pg_restore pair of one installation.
 #[derive(Debug, Clone)]
@@ -91,18 +90,17 @@ pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
 }
 
 /// Refuses early if the source uses extensions the target cannot install.
-pub async fn check_extensions(src: &Client, sdb: &str, dst: &Client, tdb: &str) -> Result<()> {
+pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
+    let (sdb, tdb) = (src.name(), dst.name());
     let used: Vec<String> = src
         .query("select extname::text from pg_extension where extname <> 'plpgsql' order by 1", &[])
-        .await
-        .map_err(|e| Error::query(sdb, &e))?
+        .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
     let available: Vec<String> = dst
         .query("select name::text from pg_available_extensions", &[])
-        .await
-        .map_err(|e| Error::query(tdb, &e))?
+        .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -133,8 +131,8 @@ pub struct SchemaCopy<'a> {
 pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools> {
     let src = job.source.connect(env).await?;
     let dst = job.target.connect(env).await?;
-    check_extensions(&src.client, &job.source.name, &dst.client, &job.target.name).await?;
-    let tools = find_tools(src.version.major(), job.pg_bin)?;
+    check_extensions(&src, &dst).await?;
+    let tools = find_tools(src.version().major(), job.pg_bin)?;
     let dir = tempdir()?;
     let dump = dir.join("pre-data.dump");
 
@@ -199,7 +197,7 @@ pub struct PostData {
 
 /// The indexes and primary-key/unique/exclusion constraints of a table on
 /// the source (`table` quoted and qualified).
-pub async fn post_data(src: &impl GenericClient, sdb: &str, table: &str) -> Result<Vec<PostData>> {
+pub async fn post_data(src: &impl Sql, table: &str) -> Result<Vec<PostData>> {
     let rows = src
         .query(
             "select c.conname::text, pg_get_constraintdef(c.oid), true
@@ -214,8 +212,7 @@ pub async fn post_data(src: &impl GenericClient, sdb: &str, table: &str) -> Resu
              order by 3 desc, 1",
             &[&table],
         )
-        .await
-        .map_err(|e| Error::query(sdb, &e))?;
+        .await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -235,12 +232,7 @@ pub async fn post_data(src: &impl GenericClient, sdb: &str, table: &str) -> Resu
 
 /// Creates on the target those of `items` it does not have yet (by name),
 /// so a rerun or a target restored in full is harmless.
-pub async fn create_missing(
-    tgt: &impl GenericClient,
-    tdb: &str,
-    table: &str,
-    items: &[PostData],
-) -> Result<usize> {
+pub async fn create_missing(tgt: &impl Sql, table: &str, items: &[PostData]) -> Result<usize> {
     let mut created = 0;
     for item in items {
         let exists: bool = if item.is_constraint {
@@ -257,13 +249,36 @@ pub async fn create_missing(
                 &[&table, &item.name],
             )
             .await
-        }
-        .map_err(|e| Error::query(tdb, &e))?
+        }?
         .get(0);
         if !exists {
-            tgt.batch_execute(&item.sql).await.map_err(|e| Error::query(tdb, &e))?;
+            tgt.batch_execute(&item.sql).await?;
             created += 1;
         }
+    }
+    Ok(created)
+}
+
+/// Creates on the target the indexes and key constraints of every table of
+/// the source (in `schemas`, or all) that the target lacks.
+pub async fn create_indexes_like(
+    source: &DbConn,
+    target: &DbConn,
+    schemas: &[String],
+    env: Env<'_>,
+) -> Result<usize> {
+    let src = source.connect(env).await?;
+    let tgt = target.connect(env).await?;
+    let selection = Selection {
+        all_tables: schemas.is_empty(),
+        schemas: schemas.to_vec(),
+        ..Default::default()
+    };
+    let mut created = 0;
+    for (schema, name) in inventory::tables(&src, &selection).await? {
+        let table = crate::pg::qualified(&schema, &name);
+        let items = post_data(&src, &table).await?;
+        created += create_missing(&tgt, &table, &items).await?;
     }
     Ok(created)
 }

@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::apply::{self, Plan};
 use crate::catalog::{Catalog, SyncState};
 use crate::error::Result;
-use crate::objects::{self, Env};
+use crate::pg::Env;
+use crate::route::SyncRoute;
 
 #[derive(Debug, Serialize)]
 pub struct SyncStatus {
@@ -43,16 +44,16 @@ pub async fn gather(
     };
     let mut out = Vec::new();
     for sync in syncs {
-        let group = catalog.dbgroup(&sync.dbgroup)?;
-        let relgroup = catalog.relgroup(&sync.relgroup)?;
-        let source = group.source().to_string();
+        let route = SyncRoute::resolve(catalog, sync)?;
+        let sync = &route.sync;
+        let source = route.source.name.clone();
         let states = catalog.sync_states(&sync.name)?;
         let live = async {
-            let src = objects::connect_db(catalog, &source, env).await?;
-            let plan = Plan::load(&src.client, &source, &sync, &relgroup).await?;
+            let src = route.source.connect(env).await?;
+            let plan = Plan::load(&src, sync, &route.relgroup).await?;
             let mut pending = Vec::new();
-            for target in group.targets() {
-                pending.push(apply::pending(&src.client, &plan, target).await?);
+            for target in &route.targets {
+                pending.push(apply::pending(&src, &plan, &target.name).await?);
             }
             Ok::<_, crate::Error>((plan, pending))
         }
@@ -63,8 +64,10 @@ pub async fn gather(
             }
             Err(e) => (Vec::new(), None, Some(e.to_string())),
         };
-        let targets = group
-            .targets()
+        let targets = route
+            .targets
+            .iter()
+            .map(|t| t.name.as_str())
             .enumerate()
             .map(|(i, target)| TargetStatus {
                 target: target.to_string(),

@@ -7,16 +7,18 @@
 //! resumes by parts). Preflight writes nothing: a refusal leaves no catalog
 //! entry and no server object behind.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::catalog::{Catalog, CatalogError, OneTimeCopy};
 use crate::error::{Error, Result};
 use crate::inventory::{self, Selection, display_name};
-use crate::objects::{self, DbSpec, Env, SyncSpec};
-use crate::pg::{ConnParams, PasswordSource};
-use crate::{cutover, daemon, schema, verify};
+use crate::objects::{self, DbSpec, SyncSpec};
+use crate::pg::{Conn, ConnParams, Env, PasswordSource, Sql};
+use crate::route::{DbConn, SyncRoute};
+use crate::session::Session;
+use crate::{cutover, schema, verify};
 
 /// Copy speed assumed for the estimate, from docs/BENCHMARKS.md (2 cores).
 const ASSUMED_MB_PER_S: f64 = 40.0;
@@ -85,57 +87,51 @@ impl Preflight {
 
 async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     let none = PasswordSource::default();
-    let src = objects::connect_params("source", &opts.source, &none, env).await?;
-    let tgt = objects::connect_params("target", &opts.target, &none, env).await?;
-    if tgt.version.major() < src.version.major() {
+    let src = Conn::connect("source", &opts.source, &none, env).await?;
+    let tgt = Conn::connect("target", &opts.target, &none, env).await?;
+    if tgt.version().major() < src.version().major() {
         return Err(Error::invalid(
             format!(
                 "the target runs PostgreSQL {} and the source {}: that is a downgrade",
-                tgt.version, src.version
+                tgt.version(),
+                src.version()
             ),
             "upgrade moves to the same or a newer major",
         ));
     }
     let sel = Selection { all_tables: true, all_sequences: true, ..Default::default() };
-    let relations = inventory::resolve(&src.client, "source", &sel).await?;
+    let relations = inventory::resolve(&src, &sel).await?;
     let tables: Vec<_> = relations.iter().filter(|r| r.kind != "sequence").collect();
-    let q = |db: &'static str| move |e: tokio_postgres::Error| Error::query(db, &e);
     let names: Vec<String> =
         tables.iter().map(|r| crate::pg::qualified(&r.schema, &r.name)).collect();
     let not_owned: Vec<String> = src
-        .client
         .query(
             "select t from unnest($1::text[]) t join pg_class c on c.oid = t::regclass
              where not pg_has_role(current_user, c.relowner, 'USAGE')",
             &[&names],
         )
-        .await
-        .map_err(q("source"))?
+        .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
     let can_create = "select has_database_privilege(current_database(), 'CREATE')";
-    let source_can_create_schema: bool =
-        src.client.query_one(can_create, &[]).await.map_err(q("source"))?.get(0);
-    let target_can_create_schema: bool =
-        tgt.client.query_one(can_create, &[]).await.map_err(q("target"))?.get(0);
+    let source_can_create_schema: bool = src.query_one(can_create, &[]).await?.get(0);
+    let target_can_create_schema: bool = tgt.query_one(can_create, &[]).await?.get(0);
     let target_replica_role = tgt
-        .client
         .batch_execute("begin; set local session_replication_role = replica; rollback")
         .await
         .is_ok();
     if !target_replica_role {
-        let _ = tgt.client.batch_execute("rollback").await;
+        let _ = tgt.batch_execute("rollback").await;
     }
-    let missing_extensions =
-        match schema::check_extensions(&src.client, "source", &tgt.client, "target").await {
-            Ok(()) => None,
-            Err(e) => Some(e.to_string()),
-        };
+    let missing_extensions = match schema::check_extensions(&src, &tgt).await {
+        Ok(()) => None,
+        Err(e) => Some(e.to_string()),
+    };
     let size_bytes: i64 = tables.iter().map(|r| r.est_bytes).sum();
     Ok(Preflight {
-        source_version: src.version.to_string(),
-        target_version: tgt.version.to_string(),
+        source_version: src.version().to_string(),
+        target_version: tgt.version().to_string(),
         tables: tables.len(),
         sequences: relations.len() - tables.len(),
         keyless: tables
@@ -170,6 +166,49 @@ pub async fn upgrade(
     confirm: &dyn Fn(&str) -> bool,
     env: Env<'_>,
 ) -> Result<UpgradeReport> {
+    let pre = step_preflight(opts, say, env).await?;
+    let name = &opts.name;
+    let (source, target) = step_declare(catalog, opts, say, env).await?;
+    step_schema(catalog, name, &source, &target, say, env).await?;
+    step_capture(catalog, name, say, env).await?;
+    let route = SyncRoute::load(catalog, name)?;
+    let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
+    let differing = step_verify(&mut session, say).await?;
+    let go = match opts.cutover {
+        CutoverMode::Auto => differing.is_empty(),
+        CutoverMode::Never => false,
+        CutoverMode::Prompt => {
+            differing.is_empty() && confirm("cut over now? writes to the source stop")
+        }
+    };
+    if !differing.is_empty() {
+        return Err(Error::Differences { sync: name.clone(), tables: differing.len() });
+    }
+    let cut = if go {
+        let copts = cutover::CutoverOptions {
+            max_lag: opts.max_lag,
+            terminate: false,
+            sequence_margin: 0,
+            dry_run: false,
+            rollback_sync: None,
+        };
+        Some(cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?)
+    } else {
+        say(&format!(
+            "the sync is in place: pgleap start follows the source; pgleap cutover {name} when ready"
+        ));
+        None
+    };
+    Ok(UpgradeReport { preflight: pre, tables_equal: true, cutover: cut })
+}
+
+/// Reports what the servers hold and refuses what cannot work, before
+/// anything is written.
+async fn step_preflight(
+    opts: &UpgradeOptions,
+    say: &dyn Fn(&str),
+    env: Env<'_>,
+) -> Result<Preflight> {
     let pre = preflight(opts, env).await?;
     say(&format!(
         "preflight: PostgreSQL {} -> {}; {} tables, {} sequences, {:.1} MB, copy in about {:.0} s; \
@@ -192,7 +231,17 @@ pub async fn upgrade(
     if let Some(e) = pre.refusal() {
         return Err(e);
     }
+    Ok(pre)
+}
 
+/// The catalog entries: both databases, the relgroup of every table and
+/// sequence, the dbgroup. Returns the source's and target's connections.
+async fn step_declare(
+    catalog: &mut Catalog,
+    opts: &UpgradeOptions,
+    say: &dyn Fn(&str),
+    env: Env<'_>,
+) -> Result<(DbConn, DbConn)> {
     let name = &opts.name;
     let (source, target) = (format!("{name}_source"), format!("{name}_target"));
     for (db, params) in [(&source, &opts.source), (&target, &opts.target)] {
@@ -215,50 +264,54 @@ pub async fn upgrade(
             &[format!("{source}:source"), format!("{target}:target")],
         )?;
     }
-    let source_conn = objects::DbConn::from_catalog(catalog, &source)?;
-    let target_conn = objects::DbConn::from_catalog(catalog, &target)?;
+    Ok((DbConn::from_catalog(catalog, &source)?, DbConn::from_catalog(catalog, &target)?))
+}
+
+/// The target's schema, unless its first table is there already.
+async fn step_schema(
+    catalog: &Catalog,
+    name: &str,
+    source: &DbConn,
+    target: &DbConn,
+    say: &dyn Fn(&str),
+    env: Env<'_>,
+) -> Result<()> {
     let relgroup = catalog.relgroup(name)?;
-    let first = relgroup.members.iter().find(|m| m.kind != "sequence");
-    let has_schema = match first {
-        Some(m) => {
-            let tgt = target_conn.connect(env).await?;
-            tgt.client
-                .query_one(
-                    "select to_regclass($1) is not null",
-                    &[&crate::pg::qualified(&m.schema, &m.name)],
-                )
-                .await
-                .map_err(|e| Error::query(&target, &e))?
-                .get(0)
+    if let Some(m) = relgroup.members.iter().find(|m| m.kind != "sequence") {
+        let tgt = target.connect(env).await?;
+        if tgt.relation_exists(&crate::pg::qualified(&m.schema, &m.name)).await? {
+            return Ok(());
         }
-        None => true,
-    };
-    if !has_schema {
-        let job = schema::SchemaCopy {
-            source: &source_conn,
-            target: &target_conn,
-            schemas: &[],
-            pg_bin: None,
-            exclude_schema: "pgleap",
-        };
-        schema::copy_pre_data(&job, env).await?;
-        say("copied the schema (indexes follow the data; foreign keys and triggers at cutover)");
+    } else {
+        return Ok(());
     }
+    let job =
+        schema::SchemaCopy { source, target, schemas: &[], pg_bin: None, exclude_schema: "pgleap" };
+    schema::copy_pre_data(&job, env).await?;
+    say("copied the schema (indexes follow the data; foreign keys and triggers at cutover)");
+    Ok(())
+}
+
+/// The sync, and with it capture on the source; refuses a finished run.
+async fn step_capture(
+    catalog: &mut Catalog,
+    name: &str,
+    say: &dyn Fn(&str),
+    env: Env<'_>,
+) -> Result<()> {
     match catalog.sync(name) {
-        Ok(s) if s.retired => {
-            return Err(Error::invalid(
-                format!("upgrade \"{name}\" was already cut over"),
-                format!(
-                    "pgleap teardown {name} removes what is left; use another --name for a new run"
-                ),
-            ));
-        }
-        Ok(_) => {}
+        Ok(s) if s.retired => Err(Error::invalid(
+            format!("upgrade \"{name}\" was already cut over"),
+            format!(
+                "pgleap teardown {name} removes what is left; use another --name for a new run"
+            ),
+        )),
+        Ok(_) => Ok(()),
         Err(CatalogError::NotFound { .. }) => {
             let spec = SyncSpec {
-                name: name.clone(),
-                relgroup: name.clone(),
-                dbgroup: name.clone(),
+                name: name.to_string(),
+                relgroup: name.to_string(),
+                dbgroup: name.to_string(),
                 onetimecopy: OneTimeCopy::Always,
                 autokick: true,
                 allow_downgrade: false,
@@ -266,14 +319,35 @@ pub async fn upgrade(
             };
             objects::add_sync(catalog, &spec, env).await?;
             say("installed change capture on the source");
+            Ok(())
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(e.into()),
     }
+}
+
+/// The initial copy (resumed by parts) and the catch-up after it, on the
+/// session that verify and cutover go on using.
+async fn step_copy(
+    catalog: &mut Catalog,
+    route: &SyncRoute,
+    jobs: usize,
+    say: &dyn Fn(&str),
+    env: Env<'_>,
+) -> Result<Session> {
     say("initial copy and catch-up ...");
-    daemon::kick(catalog, name, Some(Duration::from_secs(24 * 3600)), opts.jobs, env).await?;
-    let reports = verify::verify_sync(catalog, name, &[], true, env).await?;
+    let deadline = Some(Instant::now() + Duration::from_secs(24 * 3600));
+    let target = route.sole_target()?;
+    let mut session = Session::open_retrying(catalog, route, target, jobs, deadline, env).await?;
+    let until = session.source_snapshot().await?;
+    session.catch_up(catalog, &until, deadline, env).await?;
+    Ok(session)
+}
+
+/// Compares every table at one consistent point; returns the differing.
+async fn step_verify(session: &mut Session, say: &dyn Fn(&str)) -> Result<Vec<String>> {
+    let reports = verify::compare_live(session, &[]).await?;
     let differing: Vec<String> =
-        reports.iter().flat_map(|(_, r)| r).filter(|r| !r.equal).map(|r| r.table.clone()).collect();
+        reports.iter().filter(|r| !r.equal).map(|r| r.table.clone()).collect();
     say(&format!(
         "verify: {}",
         if differing.is_empty() {
@@ -282,30 +356,5 @@ pub async fn upgrade(
             format!("differences in {}", differing.join(", "))
         }
     ));
-    let go = match opts.cutover {
-        CutoverMode::Auto => differing.is_empty(),
-        CutoverMode::Never => false,
-        CutoverMode::Prompt => {
-            differing.is_empty() && confirm("cut over now? writes to the source stop")
-        }
-    };
-    let cut = if go {
-        let copts = cutover::CutoverOptions {
-            max_lag: opts.max_lag,
-            terminate: false,
-            sequence_margin: 0,
-            dry_run: false,
-            rollback_sync: None,
-        };
-        Some(cutover::cutover(catalog, name, &copts, env).await?)
-    } else {
-        if !differing.is_empty() {
-            return Err(Error::Differences { sync: name.clone(), tables: differing.len() });
-        }
-        say(&format!(
-            "the sync is in place: pgleap start follows the source; pgleap cutover {name} when ready"
-        ));
-        None
-    };
-    Ok(UpgradeReport { preflight: pre, tables_equal: differing.is_empty(), cutover: cut })
+    Ok(differing)
 }

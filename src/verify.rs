@@ -8,11 +8,16 @@
 //! so keyless tables compare as multisets. Only buckets whose count or sum
 //! differ are looked at row by row, to name the first differing keys.
 
-use serde::Serialize;
-use tokio_postgres::GenericClient;
+use std::time::{Duration, Instant};
 
-use crate::apply::{Plan, TablePlan};
-use crate::error::{Error, Result};
+use serde::Serialize;
+
+use crate::apply::{self, Plan, TablePlan};
+use crate::catalog::Catalog;
+use crate::error::Result;
+use crate::pg::{Env, Sql};
+use crate::route::SyncRoute;
+use crate::session::Session;
 
 const BUCKETS: i32 = 64;
 /// How many differing keys a report names per table.
@@ -51,11 +56,7 @@ fn prefixed(t: &TablePlan) -> String {
     t.column_names.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
 }
 
-async fn buckets(
-    c: &impl GenericClient,
-    db: &str,
-    t: &TablePlan,
-) -> Result<Vec<(i32, i64, String)>> {
+async fn buckets(c: &impl Sql, t: &TablePlan) -> Result<Vec<(i32, i64, String)>> {
     let bucket = format!("abs({})", md5_int(&key_text(t)));
     let sql = format!(
         "select ({bucket} % {BUCKETS})::int4 b, count(*), sum({row})::text
@@ -63,16 +64,11 @@ async fn buckets(
         row = md5_int(&row_text(t)),
         table = t.table,
     );
-    let rows = c.query(&sql, &[]).await.map_err(|e| Error::query(db, &e))?;
+    let rows = c.query(&sql, &[]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
 }
 
-async fn bucket_rows(
-    c: &impl GenericClient,
-    db: &str,
-    t: &TablePlan,
-    bucket: i32,
-) -> Result<Vec<(String, String)>> {
+async fn bucket_rows(c: &impl Sql, t: &TablePlan, bucket: i32) -> Result<Vec<(String, String)>> {
     let sql = format!(
         "select {key}, md5({row}) from {table} t
          where abs({bucket}) % {BUCKETS} = {b} order by 1, 2",
@@ -82,19 +78,13 @@ async fn bucket_rows(
         table = t.table,
         b = bucket,
     );
-    let rows = c.query(&sql, &[]).await.map_err(|e| Error::query(db, &e))?;
+    let rows = c.query(&sql, &[]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Compares one table.
-pub async fn compare_table(
-    src: &impl GenericClient,
-    sdb: &str,
-    tgt: &impl GenericClient,
-    tdb: &str,
-    t: &TablePlan,
-) -> Result<TableReport> {
-    let (a, b) = futures_util::future::try_join(buckets(src, sdb, t), buckets(tgt, tdb, t)).await?;
+pub async fn compare_table(src: &impl Sql, tgt: &impl Sql, t: &TablePlan) -> Result<TableReport> {
+    let (a, b) = futures_util::future::try_join(buckets(src, t), buckets(tgt, t)).await?;
     let count = |v: &[(i32, i64, String)]| v.iter().map(|x| x.1).sum::<i64>();
     let mut report = TableReport {
         table: t.display.clone(),
@@ -112,8 +102,8 @@ pub async fn compare_table(
     differing.dedup();
     for bucket in differing {
         let (ra, rb) = futures_util::future::try_join(
-            bucket_rows(src, sdb, t, bucket),
-            bucket_rows(tgt, tdb, t, bucket),
+            bucket_rows(src, t, bucket),
+            bucket_rows(tgt, t, bucket),
         )
         .await?;
         for (key, _) in
@@ -133,10 +123,8 @@ pub async fn compare_table(
 
 /// Compares the tables of a plan (those named in `only`, or all).
 pub async fn compare(
-    src: &impl GenericClient,
-    sdb: &str,
-    tgt: &impl GenericClient,
-    tdb: &str,
+    src: &impl Sql,
+    tgt: &impl Sql,
     plan: &Plan,
     only: &[String],
 ) -> Result<Vec<TableReport>> {
@@ -145,7 +133,7 @@ pub async fn compare(
         if !only.is_empty() && !only.iter().any(|o| *o == t.display || *o == t.table) {
             continue;
         }
-        out.push(compare_table(src, sdb, tgt, tdb, t).await?);
+        out.push(compare_table(src, tgt, t).await?);
     }
     Ok(out)
 }
@@ -158,41 +146,42 @@ pub async fn compare(
 /// Without `live` (or once the sync was cut over and the source is
 /// fenced), the servers are compared as they are.
 pub async fn verify_sync(
-    catalog: &mut crate::catalog::Catalog,
+    catalog: &mut Catalog,
     sync: &str,
     only: &[String],
     live: bool,
-    env: crate::objects::Env<'_>,
+    env: Env<'_>,
 ) -> Result<Vec<(String, Vec<TableReport>)>> {
-    let s = catalog.sync(sync)?;
-    let live = live && !s.retired;
-    let group = catalog.dbgroup(&s.dbgroup)?;
-    let relgroup = catalog.relgroup(&s.relgroup)?;
-    let source = group.source().to_string();
-    let targets: Vec<String> = group.targets().map(str::to_string).collect();
-    if live {
-        // The first batch also runs the initial copy, if one is due.
-        crate::daemon::kick(catalog, sync, Some(std::time::Duration::from_secs(300)), 1, env)
-            .await?;
-    }
+    let route = SyncRoute::load(catalog, sync)?;
+    let live = live && !route.sync.retired;
     let mut out = Vec::new();
-    for target in targets {
-        let mut src = crate::objects::connect_db(catalog, &source, env).await?;
-        let mut tgt = crate::objects::connect_db(catalog, &target, env).await?;
-        let plan = Plan::load(&src.client, &source, &s, &relgroup).await?;
+    for target in &route.targets {
         let reports = if live {
-            crate::apply::prepare_target(&mut tgt.client, &target, &plan).await?;
-            let (stx, ttx) =
-                crate::apply::begin_batch(&mut src.client, &mut tgt.client, &target, &plan).await?;
-            crate::apply::apply_within(&stx, &ttx, &target, &plan).await?;
-            let reports = compare(&stx, &source, &ttx, &target, &plan, only).await?;
-            ttx.commit().await.map_err(|e| Error::query(&target, &e))?;
-            stx.commit().await.map_err(|e| Error::query(&source, &e))?;
-            reports
+            // The first batch also runs the initial copy, if one is due.
+            let deadline = Some(Instant::now() + Duration::from_secs(300));
+            let mut session =
+                Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
+            let until = session.source_snapshot().await?;
+            session.catch_up(catalog, &until, deadline, env).await?;
+            compare_live(&mut session, only).await?
         } else {
-            compare(&src.client, &source, &tgt.client, &target, &plan, only).await?
+            let src = route.source.connect(env).await?;
+            let tgt = target.connect(env).await?;
+            let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
+            compare(&src, &tgt, &plan, only).await?
         };
-        out.push((target, reports));
+        out.push((target.name.clone(), reports));
     }
     Ok(out)
+}
+
+/// Compares at one consistent point while the sync runs: one batch applied
+/// and both sides compared in the batch's two transactions.
+pub async fn compare_live(session: &mut Session, only: &[String]) -> Result<Vec<TableReport>> {
+    let (stx, ttx) = apply::begin_batch(&mut session.src, &mut session.tgt, &session.plan).await?;
+    apply::apply_within(&stx, &ttx, &session.plan).await?;
+    let reports = compare(&stx, &ttx, &session.plan, only).await?;
+    ttx.commit().await?;
+    stx.commit().await?;
+    Ok(reports)
 }

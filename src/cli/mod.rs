@@ -4,7 +4,7 @@
 
 mod render;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -13,8 +13,9 @@ use crate::catalog::{Catalog, OneTimeCopy};
 use crate::error::{Error, Result};
 use crate::inventory::Selection;
 use crate::objects::{self, DbChanges, DbSpec, SyncSpec};
-use crate::pg::ConnParams;
-use crate::{daemon, status};
+use crate::pg::{ConnParams, Env};
+use crate::route::DbConn;
+use crate::{daemon, session, status};
 
 /// Move a live PostgreSQL database to a new server or major version.
 #[derive(Debug, Parser)]
@@ -419,78 +420,124 @@ pub enum SyncCommand {
     Remove(RemoveArgs),
 }
 
-/// Runs a parsed command line.
+/// Runs a parsed command line: opens the catalog and hands the command to
+/// the function of its group.
 pub async fn run(cli: Cli) -> Result<()> {
     let path = cli.catalog.clone().unwrap_or_else(Catalog::default_path);
     let mut catalog = Catalog::open(&path)?;
-    let env = &objects::process_env;
+    let c = &mut catalog;
     match cli.command {
-        Command::Db(cmd) => match cmd {
-            DbCommand::Add { name, conn } => {
-                let mut params = conn.dsn(&name)?.unwrap_or_default();
-                for (key, value) in conn.fields() {
-                    params
-                        .set(key, &value)
-                        .map_err(|source| Error::Conninfo { db: name.clone(), source })?;
-                }
-                let spec = DbSpec {
-                    params,
-                    password_file: conn.password_file,
-                    store_password: conn.store_password,
-                };
-                let added = objects::add_db(&mut catalog, &name, spec, env).await?;
-                println!(
-                    "added database \"{}\": PostgreSQL {} at {}",
-                    added.name, added.server_version, added.target
-                );
+        Command::Db(cmd) => db(c, cmd).await,
+        Command::Dbgroup(cmd) => dbgroup(c, cmd),
+        Command::Relgroup(cmd) => relgroup(c, cmd).await,
+        Command::Sync(cmd) => sync(c, cmd).await,
+        Command::Schema(cmd) => schema(c, cmd).await,
+        Command::Verify { sync, tables, no_kick, json } => {
+            verify(c, sync, &tables, no_kick, json).await
+        }
+        cmd @ Command::Cutover { .. } => cutover(c, cmd).await,
+        cmd @ Command::Upgrade { .. } => upgrade(c, cmd).await,
+        Command::Teardown { sync } => {
+            objects::teardown(c, &sync, ENV).await?;
+            println!("removed sync \"{sync}\" and its objects on the servers");
+            Ok(())
+        }
+        cmd => {
+            drop(catalog);
+            daemon(&path, cmd).await
+        }
+    }
+}
+
+const ENV: Env<'static> = &crate::pg::process_env;
+
+/// `pgleap db ...`
+async fn db(catalog: &mut Catalog, cmd: DbCommand) -> Result<()> {
+    match cmd {
+        DbCommand::Add { name, conn } => {
+            let mut params = conn.dsn(&name)?.unwrap_or_default();
+            for (key, value) in conn.fields() {
+                params
+                    .set(key, &value)
+                    .map_err(|source| Error::Conninfo { db: name.clone(), source })?;
             }
-            DbCommand::List(args) => render::dbs(&catalog.dbs()?, args.json),
-            DbCommand::Show(args) => {
-                let db = catalog.db(&args.name)?;
-                let users = catalog.db_users(&args.name)?;
-                render::db(&db, &users, args.json);
-            }
-            DbCommand::Update { name, conn, no_password_file, forget_password } => {
-                let changes = DbChanges {
-                    dsn: conn.dsn(&name)?,
-                    fields: conn.fields(),
-                    password_file: if no_password_file {
-                        Some(None)
-                    } else {
-                        conn.password_file.map(Some)
-                    },
-                    store_password: conn.store_password,
-                    forget_password,
-                };
-                let updated = objects::update_db(&mut catalog, &name, changes, env).await?;
-                println!(
-                    "updated database \"{}\": PostgreSQL {} at {}",
-                    updated.name, updated.server_version, updated.target
-                );
-            }
-            DbCommand::Remove { name, force } => {
-                catalog.remove_db(&name, force)?;
-                println!("removed database \"{name}\"");
-            }
-        },
-        Command::Dbgroup(cmd) => match cmd {
-            DbGroupCommand::Add { name, members } => {
-                objects::add_dbgroup(&mut catalog, &name, &members)?;
-                println!("added dbgroup \"{name}\"");
-            }
-            DbGroupCommand::List(args) => render::dbgroups(&catalog.dbgroups()?, args.json),
-            DbGroupCommand::Show(args) => {
-                render::dbgroups(&[catalog.dbgroup(&args.name)?], args.json)
-            }
-            DbGroupCommand::Remove(args) => {
-                catalog.remove_dbgroup(&args.name)?;
-                println!("removed dbgroup \"{}\"", args.name);
-            }
-        },
-        Command::Relgroup(cmd) => match cmd {
-            RelGroupCommand::Add {
-                name,
-                db,
+            let spec = DbSpec {
+                params,
+                password_file: conn.password_file,
+                store_password: conn.store_password,
+            };
+            let added = objects::add_db(catalog, &name, spec, ENV).await?;
+            println!(
+                "added database \"{}\": PostgreSQL {} at {}",
+                added.name, added.server_version, added.target
+            );
+        }
+        DbCommand::List(args) => render::dbs(&catalog.dbs()?, args.json),
+        DbCommand::Show(args) => {
+            let db = catalog.db(&args.name)?;
+            let users = catalog.db_users(&args.name)?;
+            render::db(&db, &users, args.json);
+        }
+        DbCommand::Update { name, conn, no_password_file, forget_password } => {
+            let changes = DbChanges {
+                dsn: conn.dsn(&name)?,
+                fields: conn.fields(),
+                password_file: if no_password_file {
+                    Some(None)
+                } else {
+                    conn.password_file.map(Some)
+                },
+                store_password: conn.store_password,
+                forget_password,
+            };
+            let updated = objects::update_db(catalog, &name, changes, ENV).await?;
+            println!(
+                "updated database \"{}\": PostgreSQL {} at {}",
+                updated.name, updated.server_version, updated.target
+            );
+        }
+        DbCommand::Remove { name, force } => {
+            catalog.remove_db(&name, force)?;
+            println!("removed database \"{name}\"");
+        }
+    }
+    Ok(())
+}
+
+/// `pgleap dbgroup ...`
+fn dbgroup(catalog: &mut Catalog, cmd: DbGroupCommand) -> Result<()> {
+    match cmd {
+        DbGroupCommand::Add { name, members } => {
+            objects::add_dbgroup(catalog, &name, &members)?;
+            println!("added dbgroup \"{name}\"");
+        }
+        DbGroupCommand::List(args) => render::dbgroups(&catalog.dbgroups()?, args.json),
+        DbGroupCommand::Show(args) => render::dbgroups(&[catalog.dbgroup(&args.name)?], args.json),
+        DbGroupCommand::Remove(args) => {
+            catalog.remove_dbgroup(&args.name)?;
+            println!("removed dbgroup \"{}\"", args.name);
+        }
+    }
+    Ok(())
+}
+
+/// `pgleap relgroup ...`
+async fn relgroup(catalog: &mut Catalog, cmd: RelGroupCommand) -> Result<()> {
+    match cmd {
+        RelGroupCommand::Add {
+            name,
+            db,
+            all_tables,
+            all_sequences,
+            schemas,
+            exclude_schemas,
+            tables,
+            exclude_tables,
+            sequences,
+            keyless,
+        } => {
+            let selection = Selection {
+                refuse_keyless: matches!(keyless, KeylessArg::Refuse),
                 all_tables,
                 all_sequences,
                 schemas,
@@ -498,184 +545,198 @@ pub async fn run(cli: Cli) -> Result<()> {
                 tables,
                 exclude_tables,
                 sequences,
-                keyless,
-            } => {
-                let selection = Selection {
-                    refuse_keyless: matches!(keyless, KeylessArg::Refuse),
-                    all_tables,
-                    all_sequences,
-                    schemas,
-                    exclude_schemas,
-                    tables,
-                    exclude_tables,
-                    sequences,
-                };
-                let group =
-                    objects::add_relgroup(&mut catalog, &name, &db, &selection, env).await?;
-                let tables = group.members.iter().filter(|m| m.kind != "sequence").count();
-                println!(
-                    "added relgroup \"{name}\": {tables} table(s), {} sequence(s) of database \"{db}\"",
-                    group.members.len() - tables
-                );
+            };
+            let group = objects::add_relgroup(catalog, &name, &db, &selection, ENV).await?;
+            let tables = group.members.iter().filter(|m| m.kind != "sequence").count();
+            println!(
+                "added relgroup \"{name}\": {tables} table(s), {} sequence(s) of database \"{db}\"",
+                group.members.len() - tables
+            );
+            render::keyless_warning(&group);
+        }
+        RelGroupCommand::List(args) => render::relgroups(&catalog.relgroups()?, args.json),
+        RelGroupCommand::Show(args) => {
+            let group = catalog.relgroup(&args.name)?;
+            render::relgroup(&group, args.json);
+            if !args.json {
                 render::keyless_warning(&group);
             }
-            RelGroupCommand::List(args) => render::relgroups(&catalog.relgroups()?, args.json),
-            RelGroupCommand::Show(args) => {
-                let group = catalog.relgroup(&args.name)?;
-                render::relgroup(&group, args.json);
-                if !args.json {
-                    render::keyless_warning(&group);
-                }
-            }
-            RelGroupCommand::Remove(args) => {
-                catalog.remove_relgroup(&args.name)?;
-                println!("removed relgroup \"{}\"", args.name);
-            }
-        },
-        Command::Sync(cmd) => match cmd {
-            SyncCommand::Add {
-                name,
+        }
+        RelGroupCommand::Remove(args) => {
+            catalog.remove_relgroup(&args.name)?;
+            println!("removed relgroup \"{}\"", args.name);
+        }
+    }
+    Ok(())
+}
+
+/// `pgleap sync ...`
+async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
+    match cmd {
+        SyncCommand::Add {
+            name,
+            relgroup,
+            dbgroup,
+            onetimecopy,
+            autokick,
+            allow_downgrade,
+            capture_schema,
+        } => {
+            let spec = SyncSpec {
+                name: name.clone(),
                 relgroup,
                 dbgroup,
-                onetimecopy,
-                autokick,
+                onetimecopy: onetimecopy.into(),
+                autokick: autokick.into(),
                 allow_downgrade,
                 capture_schema,
-            } => {
-                let spec = SyncSpec {
-                    name: name.clone(),
-                    relgroup,
-                    dbgroup,
-                    onetimecopy: onetimecopy.into(),
-                    autokick: autokick.into(),
-                    allow_downgrade,
-                    capture_schema,
-                };
-                objects::add_sync(&mut catalog, &spec, env).await?;
-                println!("added sync \"{name}\"; capture is installed on the source");
+            };
+            objects::add_sync(catalog, &spec, ENV).await?;
+            println!("added sync \"{name}\"; capture is installed on the source");
+        }
+        SyncCommand::List(args) => render::syncs(&catalog.syncs()?, args.json),
+        SyncCommand::Show(args) => {
+            let sync = catalog.sync(&args.name)?;
+            let relgroup = catalog.relgroup(&sync.relgroup)?;
+            let dbgroup = catalog.dbgroup(&sync.dbgroup)?;
+            render::sync(&sync, &relgroup, &dbgroup, args.json);
+        }
+        SyncCommand::Update { name, onetimecopy, autokick } => {
+            if onetimecopy.is_none() && autokick.is_none() {
+                return Err(Error::invalid(
+                    format!("nothing to change for sync \"{name}\""),
+                    "give --onetimecopy and/or --autokick",
+                ));
             }
-            SyncCommand::List(args) => render::syncs(&catalog.syncs()?, args.json),
-            SyncCommand::Show(args) => {
-                let sync = catalog.sync(&args.name)?;
-                let relgroup = catalog.relgroup(&sync.relgroup)?;
-                let dbgroup = catalog.dbgroup(&sync.dbgroup)?;
-                render::sync(&sync, &relgroup, &dbgroup, args.json);
-            }
-            SyncCommand::Update { name, onetimecopy, autokick } => {
-                if onetimecopy.is_none() && autokick.is_none() {
-                    return Err(Error::invalid(
-                        format!("nothing to change for sync \"{name}\""),
-                        "give --onetimecopy and/or --autokick",
-                    ));
-                }
-                catalog.update_sync(
-                    &name,
-                    onetimecopy.map(Into::into),
-                    autokick.map(Into::into),
-                )?;
-                println!("updated sync \"{name}\"");
-            }
-            SyncCommand::Remove(args) => {
-                objects::teardown(&mut catalog, &args.name, env).await?;
-                println!("removed sync \"{}\" and its objects on the servers", args.name);
-            }
+            catalog.update_sync(&name, onetimecopy.map(Into::into), autokick.map(Into::into))?;
+            println!("updated sync \"{name}\"");
+        }
+        SyncCommand::Remove(args) => {
+            objects::teardown(catalog, &args.name, ENV).await?;
+            println!("removed sync \"{}\" and its objects on the servers", args.name);
+        }
+    }
+    Ok(())
+}
+
+/// `pgleap schema copy`
+async fn schema(catalog: &mut Catalog, cmd: SchemaCommand) -> Result<()> {
+    let SchemaCommand::Copy { from, to, schemas, pg_bin, with_indexes } = cmd;
+    let source = DbConn::from_catalog(catalog, &from)?;
+    let target = DbConn::from_catalog(catalog, &to)?;
+    let job = crate::schema::SchemaCopy {
+        source: &source,
+        target: &target,
+        schemas: &schemas,
+        pg_bin: pg_bin.as_deref(),
+        exclude_schema: "pgleap",
+    };
+    let tools = crate::schema::copy_pre_data(&job, ENV).await?;
+    println!(
+        "copied the schema of \"{from}\" to \"{to}\" (pg_dump {} in {})",
+        tools.major,
+        tools.bin.display()
+    );
+    if with_indexes {
+        let n = crate::schema::create_indexes_like(&source, &target, &schemas, ENV).await?;
+        println!("created {n} indexes and key constraints");
+    }
+    Ok(())
+}
+
+/// `pgleap verify`
+async fn verify(
+    catalog: &mut Catalog,
+    sync: String,
+    tables: &[String],
+    no_kick: bool,
+    json: bool,
+) -> Result<()> {
+    let reports = crate::verify::verify_sync(catalog, &sync, tables, !no_kick, ENV).await?;
+    render::verify(&reports, json);
+    let differing = reports.iter().flat_map(|(_, r)| r).filter(|r| !r.equal).count();
+    if differing > 0 {
+        return Err(Error::Differences { sync, tables: differing });
+    }
+    Ok(())
+}
+
+/// `pgleap cutover`
+async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
+    let Command::Cutover {
+        sync,
+        max_lag,
+        terminate,
+        sequence_margin,
+        dry_run,
+        rollback_sync,
+        json,
+    } = cmd
+    else {
+        unreachable!("dispatched on Command::Cutover")
+    };
+    let opts = crate::cutover::CutoverOptions {
+        max_lag: Duration::from_secs(max_lag),
+        terminate,
+        sequence_margin,
+        dry_run,
+        rollback_sync,
+    };
+    let report = crate::cutover::cutover(catalog, &sync, &opts, ENV).await?;
+    render::cutover(&report, json);
+    Ok(())
+}
+
+/// `pgleap upgrade`
+async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
+    let Command::Upgrade { source, target, name, jobs, cutover, max_lag } = cmd else {
+        unreachable!("dispatched on Command::Upgrade")
+    };
+    let parse = |what: &str, s: &str| {
+        ConnParams::parse(s).map_err(|e| Error::Conninfo { db: what.into(), source: e })
+    };
+    let opts = crate::upgrade::UpgradeOptions {
+        name,
+        source: parse("source", &source)?,
+        target: parse("target", &target)?,
+        jobs: jobs.unwrap_or_else(session::default_jobs),
+        cutover: match cutover {
+            CutoverArg::Prompt => crate::upgrade::CutoverMode::Prompt,
+            CutoverArg::Auto => crate::upgrade::CutoverMode::Auto,
+            CutoverArg::Never => crate::upgrade::CutoverMode::Never,
         },
-        Command::Schema(SchemaCommand::Copy { from, to, schemas, pg_bin, with_indexes }) => {
-            let source = objects::DbConn::from_catalog(&catalog, &from)?;
-            let target = objects::DbConn::from_catalog(&catalog, &to)?;
-            let job = crate::schema::SchemaCopy {
-                source: &source,
-                target: &target,
-                schemas: &schemas,
-                pg_bin: pg_bin.as_deref(),
-                exclude_schema: "pgleap",
-            };
-            let tools = crate::schema::copy_pre_data(&job, env).await?;
-            println!(
-                "copied the schema of \"{from}\" to \"{to}\" (pg_dump {} in {})",
-                tools.major,
-                tools.bin.display()
-            );
-            if with_indexes {
-                let n = objects::create_indexes_like(&source, &target, &schemas, env).await?;
-                println!("created {n} indexes and key constraints");
-            }
-        }
-        Command::Verify { sync, tables, no_kick, json } => {
-            let reports =
-                crate::verify::verify_sync(&mut catalog, &sync, &tables, !no_kick, env).await?;
-            render::verify(&reports, json);
-            let differing = reports.iter().flat_map(|(_, r)| r).filter(|r| !r.equal).count();
-            if differing > 0 {
-                return Err(Error::Differences { sync, tables: differing });
-            }
-        }
-        Command::Cutover {
-            sync,
-            max_lag,
-            terminate,
-            sequence_margin,
-            dry_run,
-            rollback_sync,
-            json,
-        } => {
-            let opts = crate::cutover::CutoverOptions {
-                max_lag: Duration::from_secs(max_lag),
-                terminate,
-                sequence_margin,
-                dry_run,
-                rollback_sync,
-            };
-            let report = crate::cutover::cutover(&mut catalog, &sync, &opts, env).await?;
-            render::cutover(&report, json);
-        }
-        Command::Upgrade { source, target, name, jobs, cutover, max_lag } => {
-            let parse = |what: &str, s: &str| {
-                ConnParams::parse(s).map_err(|e| Error::Conninfo { db: what.into(), source: e })
-            };
-            let opts = crate::upgrade::UpgradeOptions {
-                name,
-                source: parse("source", &source)?,
-                target: parse("target", &target)?,
-                jobs: jobs.unwrap_or_else(daemon::default_jobs),
-                cutover: match cutover {
-                    CutoverArg::Prompt => crate::upgrade::CutoverMode::Prompt,
-                    CutoverArg::Auto => crate::upgrade::CutoverMode::Auto,
-                    CutoverArg::Never => crate::upgrade::CutoverMode::Never,
-                },
-                max_lag: Duration::from_secs(max_lag),
-            };
-            let say = |line: &str| println!("{line}");
-            let report =
-                crate::upgrade::upgrade(&mut catalog, &opts, &say, &render::confirm, env).await?;
-            if let Some(c) = &report.cutover {
-                render::cutover(c, false);
-            }
-        }
-        Command::Teardown { sync } => {
-            objects::teardown(&mut catalog, &sync, env).await?;
-            println!("removed sync \"{sync}\" and its objects on the servers");
-        }
-        Command::Start { foreground: true } => {
-            drop(catalog);
-            daemon::run_foreground(&path).await?;
-        }
+        max_lag: Duration::from_secs(max_lag),
+    };
+    let say = |line: &str| println!("{line}");
+    let report = crate::upgrade::upgrade(catalog, &opts, &say, &render::confirm, ENV).await?;
+    if let Some(c) = &report.cutover {
+        render::cutover(c, false);
+    }
+    Ok(())
+}
+
+/// `pgleap start|stop|status|kick`: the daemon and what it does.
+async fn daemon(path: &Path, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Start { foreground: true } => daemon::run_foreground(path).await?,
         Command::Start { foreground: false } => {
-            let pid = daemon::start_detached(&path)?;
-            println!("started the daemon (pid {pid}); log: {}", daemon::log_file(&path).display());
+            let pid = daemon::start_detached(path)?;
+            println!("started the daemon (pid {pid}); log: {}", daemon::log_file(path).display());
         }
-        Command::Stop { timeout } => match daemon::stop(&path, Duration::from_secs(timeout))? {
+        Command::Stop { timeout } => match daemon::stop(path, Duration::from_secs(timeout))? {
             Some(pid) => println!("stopped the daemon (pid {pid})"),
             None => println!("the daemon is not running"),
         },
         Command::Status { sync, json } => {
-            let status = status::gather(&catalog, sync.as_deref(), env).await?;
-            render::status(&status, daemon::running_pid(&path), sync.is_some(), json);
+            let catalog = Catalog::open(path)?;
+            let status = status::gather(&catalog, sync.as_deref(), ENV).await?;
+            render::status(&status, daemon::running_pid(path), sync.is_some(), json);
         }
         Command::Kick { sync, wait, jobs } => {
-            let jobs = jobs.unwrap_or_else(daemon::default_jobs);
-            let results =
-                daemon::kick(&mut catalog, &sync, wait.map(Duration::from_secs), jobs, env).await?;
+            let mut catalog = Catalog::open(path)?;
+            let jobs = jobs.unwrap_or_else(session::default_jobs);
+            let wait = wait.map(Duration::from_secs);
+            let results = session::kick(&mut catalog, &sync, wait, jobs, ENV).await?;
             for (target, stats) in results {
                 println!(
                     "kicked sync \"{sync}\" to \"{target}\": {} inserts, {} deletes, {} truncates in {} ms",
@@ -683,6 +744,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        _ => unreachable!("the other commands are dispatched by run"),
     }
     Ok(())
 }

@@ -57,6 +57,15 @@ const ENV_FALLBACKS: &[(&str, &str)] = &[
     ("target_session_attrs", "PGTARGETSESSIONATTRS"),
 ];
 
+/// Reads an environment variable; a seam so tests of resolution need no
+/// process-wide state.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, as an [`Env`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 /// A connection string that could not be understood.
 #[derive(Debug, thiserror::Error)]
 pub enum ConninfoError {
@@ -181,10 +190,6 @@ impl ConnParams {
         Ok(())
     }
 
-    pub fn has_password(&self) -> bool {
-        self.values.contains_key("password")
-    }
-
     /// The password, if the string carried one.
     pub fn take_password(&mut self) -> Option<SecretString> {
         self.values.remove("password").map(SecretString::from)
@@ -199,7 +204,7 @@ impl ConnParams {
     /// Fills every keyword the user did not give from its `PG*` environment
     /// variable. Used once, at `db add`, so that the catalog entry names a
     /// fixed server rather than whatever the environment says later.
-    pub fn fill_from_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+    pub fn fill_from_env(&mut self, env: Env<'_>) {
         for (key, var) in ENV_FALLBACKS {
             if !self.values.contains_key(*key)
                 && let Some(v) = env(var).filter(|v| !v.is_empty())
@@ -456,7 +461,7 @@ impl ResolvedConn {
     pub fn resolve(
         params: &ConnParams,
         password: &PasswordSource,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: Env<'_>,
     ) -> Result<Self, ResolveError> {
         let mut p = params.clone();
         p.fill_from_env(env);
@@ -636,7 +641,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.get("user"), Some("al@ice"));
-        assert!(p.has_password());
+        assert_eq!(p.get("password"), Some("s:cret"));
         assert_eq!(p.get("host"), Some("::1"));
         assert_eq!(p.get("port"), Some("6543"));
         assert_eq!(p.get("dbname"), Some("app db"));

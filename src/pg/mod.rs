@@ -1,11 +1,17 @@
-//! Talking to PostgreSQL: the one way pgleap connects, quotes and reads the
-//! server version.
+//! Talking to PostgreSQL: the one way pgleap connects ([`Conn`]), runs SQL
+//! ([`Sql`], on a connection or a transaction [`Tx`]), streams COPY between
+//! servers ([`copy_between`]), quotes, and reads the server version.
+//!
+//! A connection knows the catalog name of its database, so every failure
+//! says which side it came from without the caller passing the name along;
+//! the server's error is kept as the source, with its SQLSTATE.
 //!
 //! Every connection pins the session settings that make text output identical
 //! across major versions (DateStyle, IntervalStyle, extra_float_digits,
 //! TimeZone, bytea_output). tokio-postgres already forces
 //! `client_encoding=UTF8` in its startup packet.
 
+mod conn;
 pub mod conninfo;
 pub mod tls;
 
@@ -15,7 +21,10 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
-pub use conninfo::{ConnParams, ConninfoError, PasswordSource, ResolvedConn, SslMode};
+pub use conn::{Conn, PgError, Sql, Tx, copy_between};
+pub use conninfo::{
+    ConnParams, ConninfoError, Env, PasswordSource, ResolvedConn, SslMode, process_env,
+};
 
 /// Settings sent in the startup packet of every connection. The last one
 /// keeps pgleap able to tear down on a source that `cutover --terminate`
@@ -90,7 +99,7 @@ impl fmt::Display for PgVersion {
 
 /// Opens a connection; the I/O task runs on the current tokio runtime and
 /// logs server notices through tracing.
-pub async fn connect(conn: &ResolvedConn) -> Result<Client, ConnectError> {
+async fn connect(conn: &ResolvedConn) -> Result<Client, ConnectError> {
     let target = conn.to_string();
     for warning in &conn.warnings {
         tracing::warn!("{warning}");
@@ -191,12 +200,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-/// The server's version.
-pub async fn server_version(client: &Client) -> Result<PgVersion, tokio_postgres::Error> {
-    let row = client.query_one("select current_setting('server_version_num')::int4", &[]).await?;
-    Ok(PgVersion(row.get::<_, i32>(0) as u32))
 }
 
 /// Quotes an identifier with the server's rules: always double-quoted, so

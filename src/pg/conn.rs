@@ -1,0 +1,270 @@
+//! A connection that knows its name, and the SQL surface shared by a
+//! connection and its transactions.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, CopyInSink, CopyOutStream, GenericClient, IsolationLevel, Row};
+
+use super::conninfo::{ConnParams, Env, PasswordSource, ResolveError, ResolvedConn};
+use super::{ConnectError, PgVersion, error_chain};
+
+/// A failure talking to one database, named by its catalog name.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("database \"{db}\": {source}")]
+    Resolve {
+        db: String,
+        #[source]
+        source: ResolveError,
+    },
+    #[error("database \"{db}\": {source}")]
+    Connect {
+        db: String,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("database \"{db}\": query failed: {}", query_detail(.context.as_deref(), .source))]
+    Query {
+        db: String,
+        /// What pgleap was doing, when the statement alone does not say.
+        context: Option<String>,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// The server's own message (not tokio-postgres's "db error: ..." wrapper),
+/// after what pgleap was doing.
+fn query_detail(context: Option<&str>, e: &tokio_postgres::Error) -> String {
+    let detail = server_message(e);
+    match context {
+        Some(what) => format!("{what}: {detail}"),
+        None => detail,
+    }
+}
+
+fn server_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => d.message().to_string(),
+        None => error_chain(e),
+    }
+}
+
+impl PgError {
+    /// The server's SQLSTATE, when the server sent one.
+    pub fn sqlstate(&self) -> Option<&SqlState> {
+        match self {
+            Self::Query { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+
+    /// The server's message alone, without the database's name.
+    pub fn message(&self) -> String {
+        match self {
+            Self::Query { source, .. } => server_message(source),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn db(&self) -> &str {
+        match self {
+            Self::Resolve { db, .. } | Self::Connect { db, .. } | Self::Query { db, .. } => db,
+        }
+    }
+
+    /// Says what pgleap was doing when the query failed.
+    pub fn context(mut self, what: &str) -> Self {
+        if let Self::Query { context, .. } = &mut self {
+            *context = Some(what.to_string());
+        }
+        self
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Self::Resolve { .. } => Some("check the file's path and permissions".into()),
+            Self::Connect { source, .. } => source.hint(),
+            Self::Query { .. } => None,
+        }
+    }
+}
+
+/// An open connection to a database of the catalog.
+pub struct Conn {
+    client: Client,
+    name: Arc<str>,
+    version: PgVersion,
+    resolved: ResolvedConn,
+}
+
+impl Conn {
+    /// Connects to a database given its parameters; `name` names it in
+    /// every error.
+    pub async fn connect(
+        name: &str,
+        params: &ConnParams,
+        password: &PasswordSource,
+        env: Env<'_>,
+    ) -> Result<Conn, PgError> {
+        let resolved = ResolvedConn::resolve(params, password, env)
+            .map_err(|source| PgError::Resolve { db: name.into(), source })?;
+        let client = super::connect(&resolved)
+            .await
+            .map_err(|source| PgError::Connect { db: name.into(), source })?;
+        let mut conn = Conn { client, name: name.into(), version: PgVersion(0), resolved };
+        let row = conn.query_one("select current_setting('server_version_num')::int4", &[]).await?;
+        conn.version = PgVersion(row.get::<_, i32>(0) as u32);
+        Ok(conn)
+    }
+
+    /// The catalog name of the database.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn version(&self) -> PgVersion {
+        self.version
+    }
+
+    /// Where it is connected (host, port, database, user; never a password).
+    pub fn endpoint(&self) -> String {
+        self.resolved.to_string()
+    }
+
+    pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
+        let name = self.name.clone();
+        match self.client.transaction().await {
+            Ok(tx) => Ok(Tx { tx, name }),
+            Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
+        }
+    }
+
+    /// A read-only REPEATABLE READ transaction: one snapshot for all it reads.
+    pub async fn snapshot(&mut self) -> Result<Tx<'_>, PgError> {
+        let name = self.name.clone();
+        let started = self
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await;
+        match started {
+            Ok(tx) => Ok(Tx { tx, name }),
+            Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
+        }
+    }
+}
+
+/// A transaction of a [`Conn`], with the same name.
+pub struct Tx<'a> {
+    tx: tokio_postgres::Transaction<'a>,
+    name: Arc<str>,
+}
+
+impl Tx<'_> {
+    pub async fn commit(self) -> Result<(), PgError> {
+        let db = self.name.to_string();
+        self.tx.commit().await.map_err(|source| PgError::Query { db, context: None, source })
+    }
+
+    pub async fn rollback(self) -> Result<(), PgError> {
+        let db = self.name.to_string();
+        self.tx.rollback().await.map_err(|source| PgError::Query { db, context: None, source })
+    }
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// Running SQL on a named connection or transaction; every failure carries
+/// the database's name and the server's error.
+pub trait Sql: Sync {
+    fn client(&self) -> &Client;
+    fn db(&self) -> &str;
+
+    fn error(&self, source: tokio_postgres::Error) -> PgError {
+        PgError::Query { db: self.db().to_string(), context: None, source }
+    }
+
+    async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, PgError> {
+        self.client().query(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, PgError> {
+        self.client().query_one(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, PgError> {
+        self.client().query_opt(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, PgError> {
+        self.client().execute(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    /// Runs one or more statements without parameters.
+    async fn batch_execute(&self, sql: &str) -> Result<(), PgError> {
+        self.client().batch_execute(sql).await.map_err(|e| self.error(e))
+    }
+
+    async fn copy_out(&self, sql: &str) -> Result<CopyOutStream, PgError> {
+        self.client().copy_out(sql).await.map_err(|e| self.error(e))
+    }
+
+    async fn copy_in(&self, sql: &str) -> Result<CopyInSink<Bytes>, PgError> {
+        self.client().copy_in(sql).await.map_err(|e| self.error(e))
+    }
+
+    /// Whether a relation of this name (quoted, qualified) exists.
+    async fn relation_exists(&self, name: &str) -> Result<bool, PgError> {
+        Ok(self.query_one("select to_regclass($1) is not null", &[&name]).await?.get(0))
+    }
+}
+
+impl Sql for Conn {
+    fn client(&self) -> &Client {
+        &self.client
+    }
+    fn db(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Sql for Tx<'_> {
+    fn client(&self) -> &Client {
+        GenericClient::client(&self.tx)
+    }
+    fn db(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Streams `copy (...) to stdout` on `from` into `copy ... from stdin` on
+/// `to`, without decoding: memory stays bounded by the sink's buffer.
+/// Returns the rows written and the bytes forwarded, reporting the bytes as
+/// they pass.
+pub async fn copy_between(
+    from: &impl Sql,
+    copy_out: &str,
+    to: &impl Sql,
+    copy_in: &str,
+    on_bytes: &dyn Fn(u64),
+) -> Result<(u64, u64), PgError> {
+    let out = from.copy_out(copy_out).await?;
+    let sink = to.copy_in(copy_in).await?;
+    let mut out = std::pin::pin!(out);
+    let mut sink = std::pin::pin!(sink);
+    let mut bytes = 0u64;
+    while let Some(chunk) = out.try_next().await.map_err(|e| from.error(e))? {
+        bytes += chunk.len() as u64;
+        on_bytes(chunk.len() as u64);
+        sink.feed(chunk).await.map_err(|e| to.error(e))?;
+    }
+    let rows = sink.as_mut().finish().await.map_err(|e| to.error(e))?;
+    Ok((rows, bytes))
+}

@@ -1,0 +1,290 @@
+//! The applying session: one sync applied to one target, over two
+//! connections that stay open, with the plan read and the target prepared
+//! once. The daemon's workers, `kick`, verify, cutover and upgrade all apply
+//! through it.
+//!
+//! Opening a session does not copy anything; [`Session::ensure_initial_copy`]
+//! is the explicit step that runs the sync's initial copy the first time.
+
+use std::time::{Duration, Instant};
+
+use crate::apply::{self, BatchStats, Plan};
+use crate::catalog::{Catalog, OneTimeCopy, RoundOutcome, Sync};
+use crate::copy;
+use crate::error::{Error, Result};
+use crate::pg::{Conn, Env, Sql};
+use crate::route::{DbConn, SyncRoute};
+use crate::target;
+
+/// How long a failed attempt waits before the next, while catching up.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// A connected applier of one sync to one target.
+pub struct Session {
+    pub src: Conn,
+    pub tgt: Conn,
+    pub plan: Plan,
+    /// The snapshot of the last batch applied, once known.
+    pub prev: Option<String>,
+    pub replica_role: bool,
+    sync: Sync,
+    source: DbConn,
+    target: DbConn,
+    /// Set when a failure may have left a connection unusable.
+    broken: bool,
+}
+
+impl Session {
+    /// Connects to the sync's source and `target`, reads the installed
+    /// capture and prepares the target.
+    pub async fn connect(route: &SyncRoute, target: &DbConn, env: Env<'_>) -> Result<Session> {
+        route.check_active()?;
+        let src = route.source.connect(env).await?;
+        let mut tgt = target.connect(env).await?;
+        let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
+        let replica_role = target::prepare(&mut tgt, &plan).await?;
+        let prev = apply::applied_snapshot(&tgt, &plan).await?;
+        Ok(Session {
+            src,
+            tgt,
+            plan,
+            prev,
+            replica_role,
+            sync: route.sync.clone(),
+            source: route.source.clone(),
+            target: target.clone(),
+            broken: false,
+        })
+    }
+
+    /// [`Session::connect`], then the initial copy if it is due.
+    pub async fn open(
+        route: &SyncRoute,
+        target: &DbConn,
+        jobs: usize,
+        env: Env<'_>,
+    ) -> Result<Session> {
+        let mut session = Session::connect(route, target, env).await?;
+        session.ensure_initial_copy(jobs, env).await?;
+        Ok(session)
+    }
+
+    /// [`Session::open`], retried like a batch by [`Session::catch_up`]
+    /// (failures recorded, until the deadline) — for the callers that wait.
+    pub async fn open_retrying(
+        catalog: &mut Catalog,
+        route: &SyncRoute,
+        target: &DbConn,
+        jobs: usize,
+        deadline: Option<Instant>,
+        env: Env<'_>,
+    ) -> Result<Session> {
+        loop {
+            let started = Instant::now();
+            match Session::open(route, target, jobs, env).await {
+                Ok(session) => return Ok(session),
+                Err(e) => {
+                    let millis = started.elapsed().as_millis() as i64;
+                    record(catalog, route.name(), &target.name, Err(&e), millis);
+                    retry_or_fail(e, deadline, route.name(), &target.name).await?;
+                }
+            }
+        }
+    }
+
+    pub fn sync_name(&self) -> &str {
+        &self.sync.name
+    }
+
+    pub fn target_name(&self) -> &str {
+        self.tgt.name()
+    }
+
+    /// Runs the initial copy the sync asks for with `jobs` workers, unless
+    /// the target has applied something already.
+    pub async fn ensure_initial_copy(&mut self, jobs: usize, env: Env<'_>) -> Result<()> {
+        if self.prev.is_some() || self.sync.onetimecopy == OneTimeCopy::Never {
+            return Ok(());
+        }
+        // One initial copy per sync at a time (the daemon and a kick may
+        // both get here); the loser finds the copy done when it gets the
+        // lock. A session lock: released at unlock or disconnect.
+        let lock = (apply::COPY_LOCK_CLASS, self.plan.sync_id);
+        self.tgt.execute("select pg_advisory_lock($1, $2)", &[&lock.0, &lock.1]).await?;
+        self.prev = apply::applied_snapshot(&self.tgt, &self.plan).await?;
+        if self.prev.is_none() {
+            let mode = self.sync.onetimecopy;
+            let (handoff, _) =
+                copy::initial_copy(&self.source, &self.target, &self.plan, mode, jobs, env).await?;
+            let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
+            apply::set_applied_snapshot(&self.tgt, &self.plan, &start).await?;
+            if self.replica_role {
+                // Triggers and foreign keys cannot fire under replica role,
+                // so they need not wait for cutover. Foreign keys stay NOT
+                // VALID until cutover: parts copied under different
+                // snapshots (a resumed copy) may disagree until the changes
+                // between are applied.
+                let missing = target::missing(&self.src, &self.tgt, &self.plan).await?;
+                target::create_missing(&self.tgt, &missing).await?;
+            }
+            self.prev = Some(start);
+        }
+        self.tgt.execute("select pg_advisory_unlock($1, $2)", &[&lock.0, &lock.1]).await?;
+        Ok(())
+    }
+
+    /// Applies one batch.
+    pub async fn batch(&mut self) -> Result<BatchStats> {
+        let stats = apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan).await?;
+        self.prev = Some(stats.snapshot.clone());
+        Ok(stats)
+    }
+
+    pub async fn has_changes(&self) -> Result<bool> {
+        self.plan.has_changes(&self.src, self.prev.as_deref()).await
+    }
+
+    /// The source's current snapshot: what "everything committed so far" is.
+    pub async fn source_snapshot(&self) -> Result<String> {
+        Ok(self.src.query_one("select txid_current_snapshot()::text", &[]).await?.get(0))
+    }
+
+    /// Changes waiting on the source for this target, and the age in
+    /// seconds of the oldest.
+    pub async fn pending(&self) -> Result<(i64, f64)> {
+        apply::pending(&self.src, &self.plan, self.tgt.name()).await
+    }
+
+    /// Applies batches until the target has every transaction visible in the
+    /// source snapshot `until`. A failure is recorded and, with a deadline,
+    /// retried (on new connections) until the deadline passes.
+    pub async fn catch_up(
+        &mut self,
+        catalog: &mut Catalog,
+        until: &str,
+        deadline: Option<Instant>,
+        env: Env<'_>,
+    ) -> Result<BatchStats> {
+        loop {
+            let started = Instant::now();
+            let attempt = self.batch_covering(until, env).await;
+            let millis = started.elapsed().as_millis() as i64;
+            record(catalog, &self.sync.name, &self.target.name, attempt.as_ref(), millis);
+            let e = match attempt {
+                Ok(stats) => return Ok(stats),
+                Err(e) => e,
+            };
+            self.broken = true;
+            retry_or_fail(e, deadline, &self.sync.name, &self.target.name).await?;
+        }
+    }
+
+    async fn batch_covering(&mut self, until: &str, env: Env<'_>) -> Result<BatchStats> {
+        if self.broken {
+            self.reconnect(env).await?;
+        }
+        let stats = self.batch().await?;
+        if !apply::covers(&self.src, &stats.snapshot, until).await? {
+            return Err(Error::invalid("batch did not reach the kick's snapshot", ""));
+        }
+        Ok(stats)
+    }
+
+    /// Replaces both connections after a failure.
+    async fn reconnect(&mut self, env: Env<'_>) -> Result<()> {
+        let src = self.source.connect(env).await?;
+        let mut tgt = self.target.connect(env).await?;
+        self.replica_role = target::prepare(&mut tgt, &self.plan).await?;
+        self.prev = apply::applied_snapshot(&tgt, &self.plan).await?;
+        self.src = src;
+        self.tgt = tgt;
+        self.broken = false;
+        Ok(())
+    }
+}
+
+/// After a failed attempt: waits and returns Ok (try again) while the
+/// deadline allows; without a deadline, or once it has passed, returns the
+/// error to report.
+async fn retry_or_fail(
+    e: Error,
+    deadline: Option<Instant>,
+    sync: &str,
+    target: &str,
+) -> Result<()> {
+    match deadline {
+        Some(d) if Instant::now() < d => {
+            tracing::info!(sync, target, "kick: {e}; retrying");
+            tokio::time::sleep(RETRY_PAUSE).await;
+            Ok(())
+        }
+        Some(_) => Err(Error::KickTimeout {
+            sync: sync.into(),
+            target: target.into(),
+            last: e.to_string(),
+        }),
+        None => Err(e),
+    }
+}
+
+/// Records how a round ended, for `status`.
+pub fn record(
+    catalog: &mut Catalog,
+    sync: &str,
+    target: &str,
+    result: std::result::Result<&BatchStats, &Error>,
+    millis: i64,
+) {
+    let outcome = match result {
+        Ok(s) => RoundOutcome::Good {
+            millis: s.millis,
+            inserts: s.inserts as i64,
+            deletes: s.deletes as i64,
+        },
+        Err(e) => RoundOutcome::Bad {
+            millis,
+            error: &e.to_string(),
+            sqlstate: e.sqlstate().map(|c| c.code()),
+        },
+    };
+    // Status is informative; a busy catalog must not stop replication.
+    if let Err(e) = catalog.record_round(sync, target, outcome) {
+        tracing::warn!(sync, target, "cannot record the round: {e}");
+    }
+}
+
+/// Runs batches for every target of `sync` now, in this process (safe next
+/// to a running daemon: appliers of one sync are serialised on the target).
+/// With `wait`, retries until each target has every transaction committed
+/// on the source before the call, or the time is up.
+pub async fn kick(
+    catalog: &mut Catalog,
+    sync: &str,
+    wait: Option<Duration>,
+    jobs: usize,
+    env: Env<'_>,
+) -> Result<Vec<(String, BatchStats)>> {
+    let route = SyncRoute::load(catalog, sync)?;
+    let deadline = wait.map(|w| Instant::now() + w);
+    // Everything committed before this snapshot must reach the targets.
+    let until: String = route
+        .source
+        .connect(env)
+        .await?
+        .query_one("select txid_current_snapshot()::text", &[])
+        .await?
+        .get(0);
+    let mut results = Vec::new();
+    for target in &route.targets {
+        let mut session =
+            Session::open_retrying(catalog, &route, target, jobs, deadline, env).await?;
+        let stats = session.catch_up(catalog, &until, deadline, env).await?;
+        results.push((target.name.clone(), stats));
+    }
+    Ok(results)
+}
+
+/// Parallel copy workers unless told otherwise: one per core.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}

@@ -1,0 +1,327 @@
+//! The target's side of a sync: pgleap's bookkeeping there, and the one
+//! home of its foreign keys and triggers while the sync runs.
+//!
+//! User triggers and foreign keys must not fire while rows are applied.
+//! Where the role may set `session_replication_role = replica`, the applying
+//! session does, and nothing is touched. Otherwise the foreign keys touching
+//! the synced tables are recorded and dropped, and the enabled user triggers
+//! recorded and disabled (`<schema>.set_aside`); cutover and teardown put
+//! them back.
+//!
+//! Foreign keys and triggers the source has and the target lacks (a schema
+//! copied by pgleap has none of them) are created from the source's own
+//! definitions: at cutover, or right after the initial copy under replica
+//! role. Foreign keys are always added NOT VALID first and validated later,
+//! which scans without blocking writes.
+
+use tokio_postgres::error::SqlState;
+
+use crate::apply::Plan;
+use crate::capture;
+use crate::error::{Error, Result};
+use crate::pg::{Conn, Sql, quote_ident, quote_literal};
+
+/// A foreign key or trigger of one table, as its definition reads.
+#[derive(Debug, Clone)]
+pub struct Definition {
+    /// The table, quoted and qualified.
+    pub table: String,
+    pub name: String,
+    pub definition: String,
+}
+
+/// A foreign key to validate: (table, name).
+pub type Unvalidated = (String, String);
+
+fn table_list(plan: &Plan) -> Vec<&str> {
+    plan.tables.iter().map(|t| t.table.as_str()).collect()
+}
+
+/// Foreign keys on `tables` (and, with `referencing`, those of other tables
+/// pointing at them).
+async fn foreign_keys(c: &impl Sql, tables: &[&str], referencing: bool) -> Result<Vec<Definition>> {
+    let rows = c
+        .query(
+            "select conrelid::regclass::text, conname::text, pg_get_constraintdef(oid)
+             from pg_constraint
+             where contype = 'f'
+               and (conrelid = any(select unnest($1::text[])::regclass)
+                    or ($2 and confrelid = any(select unnest($1::text[])::regclass)))",
+            &[&tables, &referencing],
+        )
+        .await?;
+    Ok(rows.iter().map(definition).collect())
+}
+
+/// User triggers on `tables` (only the enabled ones with `enabled_only`);
+/// pgleap's own are never included.
+async fn user_triggers(
+    c: &impl Sql,
+    tables: &[&str],
+    enabled_only: bool,
+) -> Result<Vec<Definition>> {
+    let rows = c
+        .query(
+            "select tgrelid::regclass::text, tgname::text, pg_get_triggerdef(oid)
+             from pg_trigger
+             where tgrelid = any(select unnest($1::text[])::regclass)
+               and not tgisinternal and tgname not like 'pgleap\\_%'
+               and (not $2 or tgenabled <> 'D')",
+            &[&tables, &enabled_only],
+        )
+        .await?;
+    Ok(rows.iter().map(definition).collect())
+}
+
+fn definition(r: &tokio_postgres::Row) -> Definition {
+    Definition { table: r.get(0), name: r.get(1), definition: r.get(2) }
+}
+
+/// Creates pgleap's bookkeeping on a target and makes sure triggers and
+/// foreign keys will not fire during apply. Returns whether the session runs
+/// with `session_replication_role = replica`.
+pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
+    let s = quote_ident(&plan.schema);
+    tgt.batch_execute(&format!(
+        "create schema if not exists {s};
+         create table if not exists {s}.applied (
+             sync text primary key,
+             snapshot text not null,
+             applied_at timestamptz not null default now());
+         create table if not exists {s}.set_aside (
+             sync text not null,
+             kind text not null check (kind in ('foreign key', 'trigger')),
+             table_name text not null,
+             name text not null,
+             definition text not null,
+             primary key (sync, kind, table_name, name));"
+    ))
+    .await
+    .map_err(|e| {
+        if e.sqlstate() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            Error::invalid(
+                format!(
+                    "database \"{}\": cannot create schema {}: {}",
+                    e.db(),
+                    plan.schema,
+                    e.message()
+                ),
+                "pgleap needs CREATE on the target database",
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    for t in &plan.tables {
+        if !tgt.relation_exists(&t.table).await? {
+            return Err(Error::invalid(
+                format!("table {} does not exist in target database \"{}\"", t.display, tgt.name()),
+                "create the schema on the target first (pg_dump --schema-only | psql)",
+            ));
+        }
+    }
+    // Marks this session as pgleap's applier: a cutover fence lets it
+    // through (a rollback sync writes into the fenced old server).
+    tgt.batch_execute("set pgleap.applying = on").await?;
+    match tgt.batch_execute("set session_replication_role = replica").await {
+        Ok(()) => return Ok(true),
+        Err(e) if e.sqlstate() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
+        Err(e) => return Err(e.into()),
+    }
+    set_aside(tgt, plan).await?;
+    Ok(false)
+}
+
+/// Records and drops the foreign keys touching the synced tables, and
+/// records and disables their enabled user triggers.
+async fn set_aside(tgt: &mut Conn, plan: &Plan) -> Result<()> {
+    let s = quote_ident(&plan.schema);
+    let tables = table_list(plan);
+    let db = tgt.name().to_string();
+    let tx = tgt.transaction().await?;
+    let fks = foreign_keys(&tx, &tables, true).await?;
+    let triggers = user_triggers(&tx, &tables, true).await?;
+    for (items, kind) in [(&fks, "foreign key"), (&triggers, "trigger")] {
+        for d in items {
+            tx.execute(
+                &format!(
+                    "insert into {s}.set_aside (sync, kind, table_name, name, definition)
+                     values ($1, $2, $3, $4, $5) on conflict do nothing"
+                ),
+                &[&plan.sync, &kind, &d.table, &d.name, &d.definition],
+            )
+            .await?;
+            let (table, name) = (&d.table, quote_ident(&d.name));
+            let ddl = if kind == "foreign key" {
+                format!("alter table {table} drop constraint {name}")
+            } else {
+                format!("alter table {table} disable trigger {name}")
+            };
+            tx.batch_execute(&ddl).await?;
+            tracing::info!("{db}: {kind} {} on {table} set aside until cutover", d.name);
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Puts back what [`prepare`] set aside: foreign keys are added NOT VALID
+/// (validated here when `validate`, else returned for the caller to validate
+/// later), triggers re-enabled.
+pub async fn restore(
+    tgt: &Conn,
+    schema: &str,
+    sync: &str,
+    validate: bool,
+) -> Result<Vec<Unvalidated>> {
+    let s = quote_ident(schema);
+    if !tgt.relation_exists(&format!("{s}.set_aside")).await? {
+        return Ok(Vec::new());
+    }
+    let mut to_validate = Vec::new();
+    let rows = tgt
+        .query(
+            &format!(
+                "select kind, table_name, name, definition from {s}.set_aside
+                 where sync = $1 order by kind desc"
+            ),
+            &[&sync],
+        )
+        .await?;
+    for r in &rows {
+        let (kind, table, name, def): (&str, &str, &str, &str) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        if kind == "foreign key" {
+            to_validate.push(add_foreign_key_not_valid(tgt, table, name, def).await?);
+        } else {
+            tgt.batch_execute(&format!("alter table {table} enable trigger {}", quote_ident(name)))
+                .await?;
+        }
+        tgt.execute(
+            &format!("delete from {s}.set_aside where sync = $1 and kind = $2 and name = $3"),
+            &[&sync, &kind, &name],
+        )
+        .await?;
+    }
+    if validate {
+        validate_foreign_keys(tgt, &to_validate).await?;
+        to_validate.clear();
+    }
+    Ok(to_validate)
+}
+
+/// Adds a foreign key without checking the rows (a quick catalog change);
+/// returns it for [`validate_foreign_keys`].
+async fn add_foreign_key_not_valid(
+    tgt: &Conn,
+    table: &str,
+    name: &str,
+    definition: &str,
+) -> Result<Unvalidated> {
+    tgt.batch_execute(&format!(
+        "alter table {table} add constraint {} {definition} not valid",
+        quote_ident(name)
+    ))
+    .await?;
+    Ok((table.to_string(), name.to_string()))
+}
+
+/// Validates foreign keys added NOT VALID: this scans, but takes only a
+/// SHARE UPDATE EXCLUSIVE lock, so writes go on meanwhile.
+pub async fn validate_foreign_keys(tgt: &Conn, fks: &[Unvalidated]) -> Result<()> {
+    for (table, name) in fks {
+        tgt.batch_execute(&format!(
+            "alter table {table} validate constraint {}",
+            quote_ident(name)
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Foreign keys on the synced tables of the target not validated yet.
+pub async fn not_validated(tgt: &Conn, plan: &Plan) -> Result<Vec<Unvalidated>> {
+    let rows = tgt
+        .query(
+            "select conrelid::regclass::text, conname::text from pg_constraint
+             where contype = 'f' and not convalidated
+               and conrelid = any(select unnest($1::text[])::regclass)",
+            &[&table_list(plan)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Foreign keys and triggers the source has on the sync's tables and the
+/// target lacks.
+pub struct Missing {
+    pub foreign_keys: Vec<Definition>,
+    pub triggers: Vec<Definition>,
+}
+
+pub async fn missing(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<Missing> {
+    let tables = table_list(plan);
+    let mut out = Missing { foreign_keys: Vec::new(), triggers: Vec::new() };
+    for d in foreign_keys(src, &tables, false).await? {
+        let exists: bool = tgt
+            .query_one(
+                "select exists (select 1 from pg_constraint
+                                where conrelid = $1::text::regclass and conname = $2)",
+                &[&d.table, &d.name],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            out.foreign_keys.push(d);
+        }
+    }
+    for d in user_triggers(src, &tables, false).await? {
+        let exists: bool = tgt
+            .query_one(
+                "select exists (select 1 from pg_trigger
+                                where tgrelid = $1::text::regclass and tgname = $2)",
+                &[&d.table, &d.name],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            out.triggers.push(d);
+        }
+    }
+    Ok(out)
+}
+
+/// Creates what [`missing`] found: foreign keys NOT VALID (returned, to be
+/// validated), triggers as the source defines them.
+pub async fn create_missing(tgt: &Conn, missing: &Missing) -> Result<Vec<Unvalidated>> {
+    let mut added = Vec::new();
+    for d in &missing.foreign_keys {
+        added.push(add_foreign_key_not_valid(tgt, &d.table, &d.name, &d.definition).await?);
+    }
+    for d in &missing.triggers {
+        tgt.batch_execute(&d.definition).await?;
+    }
+    Ok(added)
+}
+
+/// Removes pgleap's bookkeeping for `sync` from a target, after restoring
+/// whatever was set aside.
+pub async fn remove(tgt: &mut Conn, schema: &str, sync: &str) -> Result<()> {
+    restore(tgt, schema, sync, true).await?;
+    let s = quote_ident(schema);
+    if !tgt.relation_exists(&format!("{s}.applied")).await? {
+        return Ok(());
+    }
+    tgt.batch_execute(&format!(
+        "delete from {s}.applied where sync = {lit};
+         do $$ begin
+             if to_regclass('{s}.copy_units') is not null then
+                 delete from {s}.copy_units where sync = {lit};
+             end if;
+         end $$;",
+        lit = quote_literal(sync)
+    ))
+    .await?;
+    capture::drop_schema_if_unused(tgt, schema, "applied", &["applied", "set_aside", "copy_units"])
+        .await
+}
