@@ -8,11 +8,18 @@
 //! predicts the fence and `cutover` measures it. The baseline is the time
 //! of `pg_dump -Fc` + `pg_restore -j 2` of the same database: with
 //! dump/restore, writes must stop for all of it.
+//!
+//! `PGLEAP_BENCH_ROUNDS` (default 3) interleaved rounds; each figure is the
+//! median with the range. With `PGLEAP_BENCH_BASELINE_BIN=PATH` (another
+//! build of pgleap, e.g. the previous commit's), every cutover is also run
+//! with that binary in the same round, so a change to the fence path is
+//! measured against what it replaced.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::{OWNER, Pgleap, TestDb, cluster, finish, pgbench, tool};
@@ -22,11 +29,14 @@ fn knob(name: &str, default: u64) -> u64 {
 }
 
 /// Returns (predicted ms, measured ms).
-fn fence_under_load(scale: u64, load: &[&str], label: &str) -> (f64, f64) {
+fn fence_under_load(scale: u64, load: &[&str], label: &str, bin: Option<&Path>) -> (f64, f64) {
     let src = TestDb::new(cluster(12), &format!("fence{label}src"));
     let dst = TestDb::new(cluster(17), &format!("fence{label}dst"));
     finish(pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).spawn().unwrap());
-    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let mut p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    if let Some(bin) = bin {
+        p = p.binary(bin);
+    }
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.add_sync(&["--onetimecopy", "always"]);
@@ -48,11 +58,21 @@ fn fence_under_load(scale: u64, load: &[&str], label: &str) -> (f64, f64) {
     (dry["fence_ms"].as_f64().unwrap(), real["fence_ms"].as_f64().unwrap())
 }
 
-fn main() {
-    let scale = knob("PGLEAP_BENCH_SCALE", 10);
-    let rate = knob("PGLEAP_BENCH_RATE", 200).to_string();
+/// Median and range of a series, formatted in seconds from milliseconds.
+fn seconds(ms: &[f64]) -> String {
+    let mut v = ms.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!("{:.2} [{:.2}–{:.2}]", v[v.len() / 2] / 1000.0, v[0] / 1000.0, v[v.len() - 1] / 1000.0)
+}
 
-    eprintln!("baseline: pg_dump -Fc + pg_restore -j 2 of pgbench scale {scale} ...");
+fn median(ms: &[f64]) -> f64 {
+    let mut v = ms.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Write downtime of `pg_dump -Fc` + `pg_restore -j 2`, in ms.
+fn dump_restore(scale: u64) -> f64 {
     let src = TestDb::new(cluster(12), "fencebaselinesrc");
     let dst = TestDb::new(cluster(17), "fencebaselinedst");
     finish(pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).spawn().unwrap());
@@ -84,27 +104,59 @@ fn main() {
         .status()
         .unwrap();
     assert!(dumped.success() && restored.success());
-    let baseline_ms = started.elapsed().as_secs_f64() * 1000.0;
     let _ = std::fs::remove_file(&file);
+    started.elapsed().as_secs_f64() * 1000.0
+}
 
-    eprintln!("cutover under pgbench at {rate} tps ...");
-    let rated = fence_under_load(scale, &["-R", &rate], "rated");
-    eprintln!("cutover under unthrottled pgbench ...");
-    let full = fence_under_load(scale, &[], "full");
+fn main() {
+    let scale = knob("PGLEAP_BENCH_SCALE", 10);
+    let rate = knob("PGLEAP_BENCH_RATE", 200).to_string();
+    let rounds = knob("PGLEAP_BENCH_ROUNDS", 3);
+    let baseline_bin = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN").map(PathBuf::from);
+    let mut bins: Vec<(&str, Option<&Path>)> = vec![("this build", None)];
+    if let Some(b) = &baseline_bin {
+        bins.push(("baseline build", Some(b.as_path())));
+    }
+    let loads: [(String, Vec<&str>); 2] =
+        [(format!("{rate} tps"), vec!["-R", &rate]), ("unthrottled".to_string(), vec![])];
 
-    println!("## Cutover write downtime (PostgreSQL 12 to 17, pgbench scale {scale}, 4 clients)\n");
+    let mut dump_ms = Vec::new();
+    // (load, binary) -> (predicted, measured) per round.
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); loads.len() * bins.len()];
+    for round in 1..=rounds {
+        eprintln!("round {round}: pg_dump -Fc + pg_restore -j 2 of pgbench scale {scale} ...");
+        dump_ms.push(dump_restore(scale));
+        for (l, (load, args)) in loads.iter().enumerate() {
+            for (b, (bin_label, bin)) in bins.iter().enumerate() {
+                eprintln!("round {round}: cutover under pgbench at {load} ({bin_label}) ...");
+                let label = format!("l{l}b{b}");
+                runs[l * bins.len() + b].push(fence_under_load(scale, args, &label, *bin));
+            }
+        }
+    }
+
+    let baseline = median(&dump_ms);
+    println!(
+        "## Cutover write downtime (PostgreSQL 12 to 17, pgbench scale {scale}, 4 clients, \
+         median [range] of {rounds} interleaved rounds)\n"
+    );
     println!("| migration | load | write downtime, s | ratio to dump/restore |");
     println!("|---|---|---|---|");
     println!(
-        "| pg_dump -Fc + pg_restore -j 2 (baseline) | writes stopped | {:.2} | 1.000 |",
-        baseline_ms / 1000.0
+        "| pg_dump -Fc + pg_restore -j 2 (baseline) | writes stopped | {} | 1.000 |",
+        seconds(&dump_ms)
     );
-    for (load, (dry, real)) in [(format!("{rate} tps"), rated), ("unthrottled".to_string(), full)] {
-        println!(
-            "| pgleap cutover (dry run predicted {:.2} s) | {load} | {:.2} | {:.3} |",
-            dry / 1000.0,
-            real / 1000.0,
-            real / baseline_ms
-        );
+    for (l, (load, _)) in loads.iter().enumerate() {
+        for (b, (bin_label, _)) in bins.iter().enumerate() {
+            let series = &runs[l * bins.len() + b];
+            let dry: Vec<f64> = series.iter().map(|r| r.0).collect();
+            let real: Vec<f64> = series.iter().map(|r| r.1).collect();
+            println!(
+                "| pgleap cutover, {bin_label} (dry run predicted {}) | {load} | {} | {:.3} |",
+                seconds(&dry),
+                seconds(&real),
+                median(&real) / baseline
+            );
+        }
     }
 }

@@ -124,6 +124,8 @@ impl std::fmt::Display for Outcome {
 /// variables. Every run is checked for leaked passwords.
 pub struct Pgleap {
     home: tempfile::TempDir,
+    /// The binary run: this build's, unless a benchmark compares another.
+    bin: PathBuf,
     pub catalog: PathBuf,
     env: Vec<(String, String)>,
     secrets: Vec<String>,
@@ -133,7 +135,8 @@ impl Pgleap {
     pub fn new() -> Pgleap {
         let home = tempfile::tempdir().unwrap();
         let catalog = home.path().join("catalog.db");
-        Pgleap { home, catalog, env: Vec::new(), secrets: Vec::new() }
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_pgleap"));
+        Pgleap { home, bin, catalog, env: Vec::new(), secrets: Vec::new() }
     }
 
     /// A runner whose PGPASSWORD is the owner's password on `cluster`.
@@ -190,12 +193,18 @@ impl Pgleap {
         self
     }
 
+    /// Runs another pgleap binary (a benchmark's baseline build).
+    pub fn binary(mut self, bin: &std::path::Path) -> Pgleap {
+        self.bin = bin.to_path_buf();
+        self
+    }
+
     pub fn home(&self) -> &std::path::Path {
         self.home.path()
     }
 
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgleap"));
+        let mut cmd = Command::new(&self.bin);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", self.home.path())
