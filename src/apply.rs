@@ -25,6 +25,7 @@ use std::time::Instant;
 use crate::capture;
 use crate::catalog::{RelGroup, Sync};
 use crate::error::{Error, Result};
+use crate::large_objects::{self, Pass};
 use crate::pg::{Conn, Sql, Tx, copy_between, qualified, quote_ident, quote_literal};
 
 /// Advisory lock class for "one applier per sync on this target" ('pglp').
@@ -56,6 +57,8 @@ pub struct Plan {
     pub schema: String,
     pub tables: Vec<TablePlan>,
     pub sequences: Vec<String>,
+    /// Whether the database's large objects are synced too.
+    pub large_objects: bool,
 }
 
 /// What one batch did.
@@ -64,6 +67,8 @@ pub struct BatchStats {
     pub inserts: u64,
     pub deletes: u64,
     pub truncates: u64,
+    /// What the batch's large-object pass did, if it ran one.
+    pub large_objects: Option<large_objects::PassStats>,
     /// The source snapshot the target now reflects.
     pub snapshot: String,
     pub millis: i64,
@@ -119,7 +124,14 @@ impl Plan {
             .filter(|m| m.kind == "sequence")
             .map(|m| qualified(&m.schema, &m.name))
             .collect();
-        Ok(Plan { sync: sync.name.clone(), sync_id, schema: schema.clone(), tables, sequences })
+        Ok(Plan {
+            sync: sync.name.clone(),
+            sync_id,
+            schema: schema.clone(),
+            tables,
+            sequences,
+            large_objects: relgroup.large_objects,
+        })
     }
 
     /// The SQL condition selecting deltas not yet applied after `prev`.
@@ -184,12 +196,22 @@ pub async fn applied_snapshot(tgt: &Conn, plan: &Plan) -> Result<Option<String>>
 
 /// Applies one batch: everything the source committed since the target's
 /// last batch, as of one source snapshot.
-pub async fn apply_batch(src: &mut Conn, tgt: &mut Conn, plan: &Plan) -> Result<BatchStats> {
+/// With `lo`, the batch also runs a large-object pass of that kind.
+pub async fn apply_batch(
+    src: &mut Conn,
+    tgt: &mut Conn,
+    plan: &Plan,
+    lo: Option<Pass>,
+) -> Result<BatchStats> {
     let started = Instant::now();
     let target_name = tgt.name().to_string();
     let s = quote_ident(&plan.schema);
     let (stx, ttx) = begin_batch(src, tgt, plan).await?;
     let mut stats = apply_within(&stx, &ttx, plan).await?;
+    if let Some(mode) = lo.filter(|_| plan.large_objects) {
+        let pass = large_objects::pass(&stx, &ttx, &plan.schema, &plan.sync, mode).await?;
+        stats.large_objects = Some(pass);
+    }
     ttx.commit().await?;
     stx.commit().await?;
 

@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 /// Bumped when the schema below changes; older files are migrated in `open`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 create table if not exists meta (key text primary key, value text not null);
@@ -47,6 +47,7 @@ create table if not exists dbgroup_member (
 create table if not exists relgroup (
     name text primary key,
     db text not null references db(name),
+    large_objects integer not null default 0,
     created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 create table if not exists relgroup_member (
@@ -67,6 +68,7 @@ create table if not exists sync (
     autokick integer not null,
     capture_schema text not null,
     retired integer not null default 0,
+    lo_interval integer not null default 10,  -- seconds between large-object passes
     created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 -- Each cutover's measured write downtime.
@@ -239,6 +241,8 @@ pub struct RelGroup {
     pub name: String,
     pub db: String,
     pub members: Vec<Relation>,
+    /// Whether the database's large objects are migrated with it.
+    pub large_objects: bool,
     pub created_at: String,
 }
 
@@ -285,6 +289,9 @@ pub struct Sync {
     #[serde(skip)]
     pub retired: bool,
     pub created_at: String,
+    /// Seconds between two large-object passes of the daemon (0: every
+    /// round).
+    pub lo_interval: u32,
 }
 
 /// How a round of a sync ended, as status shows it.
@@ -317,6 +324,26 @@ pub struct DbRecord<'a> {
     pub password_file: Option<&'a str>,
     pub password: Option<&'a SecretString>,
     pub server_version: &'a str,
+}
+
+/// Brings a catalog written by an older pgleap to this schema: columns
+/// added since are added with their defaults.
+fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = tx.prepare(&format!("select name from pragma_table_info('{table}')"))?;
+        let names =
+            stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(names.iter().any(|n| n == column))
+    };
+    if !has("relgroup", "large_objects")? {
+        tx.execute_batch(
+            "alter table relgroup add column large_objects integer not null default 0",
+        )?;
+    }
+    if !has("sync", "lo_interval")? {
+        tx.execute_batch("alter table sync add column lo_interval integer not null default 10")?;
+    }
+    Ok(())
 }
 
 pub struct Catalog {
@@ -355,9 +382,10 @@ impl Catalog {
         let mut catalog = Catalog { conn, path: path.to_path_buf() };
         catalog.write(|tx| {
             tx.execute_batch(SCHEMA)?;
+            migrate(tx)?;
             tx.execute(
                 "insert into meta (key, value) values ('schema_version', ?1)
-                 on conflict (key) do nothing",
+                 on conflict (key) do update set value = excluded.value",
                 params![SCHEMA_VERSION.to_string()],
             )?;
             Ok(())
@@ -638,7 +666,13 @@ impl Catalog {
 
     // ---- relgroups ----
 
-    pub fn add_relgroup(&mut self, name: &str, db: &str, members: &[Relation]) -> Result<()> {
+    pub fn add_relgroup(
+        &mut self,
+        name: &str,
+        db: &str,
+        members: &[Relation],
+        large_objects: bool,
+    ) -> Result<()> {
         self.write(|tx| {
             if exists(tx, "relgroup", name)? {
                 return Err(already(ObjectKind::RelGroup, name));
@@ -646,7 +680,10 @@ impl Catalog {
             if !exists(tx, "db", db)? {
                 return Err(not_found(ObjectKind::Db, db));
             }
-            tx.execute("insert into relgroup (name, db) values (?1, ?2)", params![name, db])?;
+            tx.execute(
+                "insert into relgroup (name, db, large_objects) values (?1, ?2, ?3)",
+                params![name, db, large_objects],
+            )?;
             let mut stmt = tx.prepare(
                 "insert into relgroup_member
                    (relgroup, schema_name, rel_name, kind, key_columns, est_bytes, est_rows)
@@ -683,7 +720,7 @@ impl Catalog {
             .conn
             .prepare(
                 "select g.name, g.db, g.created_at, m.schema_name, m.rel_name, m.kind,
-                        m.key_columns, m.est_bytes, m.est_rows
+                        m.key_columns, m.est_bytes, m.est_rows, g.large_objects
                  from relgroup g left join relgroup_member m on m.relgroup = g.name
                  where ?1 is null or g.name = ?1
                  order by g.name, m.kind = 'sequence', m.schema_name, m.rel_name",
@@ -703,14 +740,16 @@ impl Catalog {
                     }),
                     None => None,
                 };
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, member))
+                let group: (String, String, String, bool) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(9)?);
+                Ok((group, member))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.sqlite(e))?;
         let mut groups: Vec<RelGroup> = Vec::new();
-        for (name, db, created_at, member) in rows {
+        for ((name, db, created_at, large_objects), member) in rows {
             if groups.last().is_none_or(|g| g.name != name) {
-                groups.push(RelGroup { name, db, members: Vec::new(), created_at });
+                groups.push(RelGroup { name, db, members: Vec::new(), large_objects, created_at });
             }
             if let Some(m) = member {
                 groups.last_mut().unwrap().members.push(m);
@@ -751,15 +790,17 @@ impl Catalog {
                 return Err(not_found(ObjectKind::DbGroup, &sync.dbgroup));
             }
             tx.execute(
-                "insert into sync (name, relgroup, dbgroup, onetimecopy, autokick, capture_schema)
-                 values (?1, ?2, ?3, ?4, ?5, ?6)",
+                "insert into sync
+                   (name, relgroup, dbgroup, onetimecopy, autokick, capture_schema, lo_interval)
+                 values (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     sync.name,
                     sync.relgroup,
                     sync.dbgroup,
                     sync.onetimecopy.as_str(),
                     sync.autokick,
-                    sync.capture_schema
+                    sync.capture_schema,
+                    sync.lo_interval
                 ],
             )?;
             Ok(())
@@ -771,13 +812,15 @@ impl Catalog {
         name: &str,
         onetimecopy: Option<OneTimeCopy>,
         autokick: Option<bool>,
+        lo_interval: Option<u32>,
     ) -> Result<()> {
         self.write(|tx| {
             let n = tx.execute(
                 "update sync set onetimecopy = coalesce(?2, onetimecopy),
-                                 autokick = coalesce(?3, autokick)
+                                 autokick = coalesce(?3, autokick),
+                                 lo_interval = coalesce(?4, lo_interval)
                  where name = ?1",
-                params![name, onetimecopy.map(OneTimeCopy::as_str), autokick],
+                params![name, onetimecopy.map(OneTimeCopy::as_str), autokick, lo_interval],
             )?;
             if n == 0 {
                 return Err(not_found(ObjectKind::Sync, name));
@@ -801,7 +844,7 @@ impl Catalog {
             .conn
             .prepare(
                 "select name, relgroup, dbgroup, onetimecopy, autokick, capture_schema, retired,
-                        created_at
+                        created_at, lo_interval
                  from sync
                  where ?1 is null or name = ?1 order by name",
             )
@@ -818,6 +861,7 @@ impl Catalog {
                     capture_schema: r.get(5)?,
                     retired: r.get(6)?,
                     created_at: r.get(7)?,
+                    lo_interval: r.get(8)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -971,6 +1015,35 @@ mod tests {
             password: None,
             server_version: "17.0",
         }
+    }
+
+    #[test]
+    fn a_catalog_of_the_first_schema_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The relgroup and sync tables as schema version 1 wrote them.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "create table db (name text primary key, conninfo text not null,
+                     password_file text, password text, server_version text,
+                     created_at text not null default '');
+                 create table relgroup (name text primary key, db text not null,
+                     created_at text not null default '');
+                 create table sync (name text primary key, relgroup text not null,
+                     dbgroup text not null, onetimecopy text not null, autokick integer not null,
+                     capture_schema text not null, retired integer not null default 0,
+                     created_at text not null default '');
+                 insert into db (name, conninfo) values ('a', 'host=h');
+                 insert into relgroup (name, db) values ('r', 'a');
+                 insert into sync (name, relgroup, dbgroup, onetimecopy, autokick, capture_schema)
+                     values ('s', 'r', 'g', 'always', 1, 'pgleap');",
+            )
+            .unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert!(!c.relgroup("r").unwrap().large_objects);
+        assert_eq!(c.sync("s").unwrap().lo_interval, 10);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use std::time::Instant;
 use crate::apply::{Plan, TablePlan};
 use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
+use crate::large_objects;
 use crate::pg::{Conn, Env, Sql, Tx, copy_between, quote_ident, quote_literal};
 use crate::progress::Progress;
 use crate::route::DbConn;
@@ -37,6 +38,8 @@ use crate::schema;
 const SPLIT_ROWS: i64 = 200_000;
 /// Ranges per worker for a split table.
 const RANGES_PER_JOB: i64 = 4;
+/// Large objects per initial-copy unit.
+const LARGE_OBJECTS_PER_UNIT: i64 = 1000;
 
 /// What the copy did.
 #[derive(Debug, Default, Clone)]
@@ -49,7 +52,8 @@ pub struct CopyStats {
 
 struct Unit {
     id: i32,
-    table: usize,
+    /// The index of the table in the plan; `None` for large objects.
+    table: Option<usize>,
     predicate: String,
 }
 
@@ -101,9 +105,9 @@ pub async fn initial_copy(
     }
     let est_rows: i64 = queue
         .iter()
-        .map(|u| {
+        .filter_map(|u| {
             let parts = queue.iter().filter(|o| o.table == u.table).count().max(1) as i64;
-            plan.tables[u.table].est_rows / parts
+            Some(plan.tables[u.table?].est_rows / parts)
         })
         .sum();
     let run = CopyRun {
@@ -159,7 +163,10 @@ async fn pending_units(tgt: &Conn, plan: &Plan) -> Result<VecDeque<Unit>> {
         .iter()
         .filter_map(|r| {
             let table: &str = r.get(1);
-            let index = plan.tables.iter().position(|t| t.table == table)?;
+            let index = match table {
+                large_objects::UNIT_NAME => None,
+                _ => Some(plan.tables.iter().position(|t| t.table == table)?),
+            };
             Some(Unit { id: r.get(0), table: index, predicate: r.get(2) })
         })
         .collect())
@@ -272,6 +279,19 @@ async fn plan_units(
             .await?;
         }
     }
+    if plan.large_objects {
+        for p in large_objects::unit_predicates(src, LARGE_OBJECTS_PER_UNIT).await? {
+            unit += 1;
+            tx.execute(
+                &format!(
+                    "insert into {s}.copy_units (sync, unit, table_name, predicate)
+                     values ($1, $2, $3, $4)"
+                ),
+                &[&plan.sync, &unit, &large_objects::UNIT_NAME, &p],
+            )
+            .await?;
+        }
+    }
     if !to_empty.is_empty() {
         tx.batch_execute(&format!("truncate {}", to_empty.join(", "))).await?;
     }
@@ -355,8 +375,9 @@ impl CopyRun<'_> {
         stx.batch_execute(&format!("set transaction snapshot {}", quote_literal(self.exported)))
             .await?;
         while let Some(unit) = self.next_unit() {
-            if self.copy_unit(&stx, &mut tgt, &unit).await? {
-                self.build_indexes_if_last(&stx, &mut tgt, &self.plan.tables[unit.table]).await?;
+            let copied = self.copy_unit(&stx, &mut tgt, &unit).await?;
+            if let Some(table) = unit.table.filter(|_| copied) {
+                self.build_indexes_if_last(&stx, &mut tgt, &self.plan.tables[table]).await?;
             }
         }
         stx.commit().await?;
@@ -366,20 +387,33 @@ impl CopyRun<'_> {
     /// Loads one unit and marks it done, in one target transaction. Returns
     /// false if another worker had copied it meanwhile.
     async fn copy_unit(&self, stx: &Tx<'_>, tgt: &mut Conn, unit: &Unit) -> Result<bool> {
-        let t = &self.plan.tables[unit.table];
         let ttx = tgt.transaction().await?;
-        let bar = self.progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
-        let (rows, bytes) = copy_between(
-            stx,
-            &format!(
-                "copy (select {} from {} where {}) to stdout",
-                t.columns, t.table, unit.predicate
-            ),
-            &ttx,
-            &format!("copy {} ({}) from stdin", t.table, t.columns),
-            &|n| self.progress.advance(&bar, n),
-        )
-        .await?;
+        let (rows, bytes, bar) = match unit.table {
+            Some(table) => {
+                let t = &self.plan.tables[table];
+                let bar = self.progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
+                let (rows, bytes) = copy_between(
+                    stx,
+                    &format!(
+                        "copy (select {} from {} where {}) to stdout",
+                        t.columns, t.table, unit.predicate
+                    ),
+                    &ttx,
+                    &format!("copy {} ({}) from stdin", t.table, t.columns),
+                    &|n| self.progress.advance(&bar, n),
+                )
+                .await?;
+                (rows, bytes, bar)
+            }
+            None => {
+                let bar = self.progress.start_unit(&format!("large objects ({})", unit.predicate));
+                let (schema, sync) = (&self.plan.schema, &self.plan.sync);
+                let (objects, bytes) =
+                    large_objects::copy_unit(stx, &ttx, schema, sync, &unit.predicate).await?;
+                self.progress.advance(&bar, bytes);
+                (objects, bytes, bar)
+            }
+        };
         let marked = ttx
             .execute(
                 &format!(

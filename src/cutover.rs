@@ -62,6 +62,9 @@ pub struct CutoverReport {
     pub foreign_keys: usize,
     pub triggers: usize,
     pub tables: usize,
+    /// The last large-object pass, inside the fence (its time counts in
+    /// `fence_ms`), when the sync carries large objects.
+    pub large_objects_ms: Option<i64>,
     /// The sync back to the old server, when armed.
     pub rollback_sync: Option<String>,
 }
@@ -132,12 +135,14 @@ pub async fn cutover_with(
         foreign_keys: switched.to_validate.len(),
         triggers: switched.triggers,
         tables: session.plan.tables.len(),
+        large_objects_ms: switched.large_objects_ms,
         rollback_sync: opts.rollback_sync.clone(),
     })
 }
 
 /// What happened inside the fence.
 struct Switched {
+    large_objects_ms: Option<i64>,
     sequences: usize,
     triggers: usize,
     to_validate: Vec<Unvalidated>,
@@ -151,9 +156,7 @@ async fn switch(
     opts: &CutoverOptions,
     env: Env<'_>,
 ) -> Result<Switched> {
-    // Everything committed before the fence: the last batch contains it all.
-    let until = session.source_snapshot().await?;
-    session.catch_up(catalog, &until, Some(Instant::now() + ROUND_LIMIT), env).await?;
+    let large_objects_ms = drain(catalog, session, env).await?;
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     for (seq, value) in &sequences {
         session
@@ -177,7 +180,28 @@ async fn switch(
     if let Some(back) = &opts.rollback_sync {
         arm_rollback(catalog, back, session).await?;
     }
-    Ok(Switched { sequences: sequences.len(), triggers: missing.triggers.len(), to_validate })
+    Ok(Switched {
+        large_objects_ms,
+        sequences: sequences.len(),
+        triggers: missing.triggers.len(),
+        to_validate,
+    })
+}
+
+/// Applies everything committed on the source so far (inside the fence:
+/// everything), then brings every large object up to date. Returns the
+/// time of the large-object pass, if the sync has one.
+async fn drain(catalog: &mut Catalog, session: &mut Session, env: Env<'_>) -> Result<Option<i64>> {
+    let until = session.source_snapshot().await?;
+    session.catch_up(catalog, &until, Some(Instant::now() + ROUND_LIMIT), env).await?;
+    if !session.plan.large_objects {
+        return Ok(None);
+    }
+    // Large objects have no trigger to say what changed: one more batch
+    // looks at every one of them.
+    let started = Instant::now();
+    session.batch_with_all_large_objects().await?;
+    Ok(Some(started.elapsed().as_millis() as i64))
 }
 
 /// Everything but the fence, timed: a prediction of the fence.
@@ -187,8 +211,7 @@ async fn dry_run(
     env: Env<'_>,
 ) -> Result<CutoverReport> {
     let started = Instant::now();
-    let until = session.source_snapshot().await?;
-    session.catch_up(catalog, &until, Some(Instant::now() + ROUND_LIMIT), env).await?;
+    let large_objects_ms = drain(catalog, session, env).await?;
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
     // Timed for the prediction; the source still moves, so counts may
@@ -203,6 +226,7 @@ async fn dry_run(
         foreign_keys: missing.foreign_keys.len(),
         triggers: missing.triggers.len(),
         tables: session.plan.tables.len(),
+        large_objects_ms,
         rollback_sync: None,
     })
 }
@@ -229,6 +253,7 @@ async fn arm_rollback(catalog: &mut Catalog, back: &str, session: &mut Session) 
     let selection = Selection {
         tables: plan.tables.iter().map(|t| t.table.clone()).collect(),
         sequences: plan.sequences.clone(),
+        large_objects: Some(plan.large_objects),
         ..Default::default()
     };
     let spec = SyncSpec {
@@ -240,6 +265,7 @@ async fn arm_rollback(catalog: &mut Catalog, back: &str, session: &mut Session) 
         // The old server is usually the older major.
         allow_downgrade: true,
         capture_schema: plan.schema.clone(),
+        lo_interval: 10,
     };
     let result = async {
         objects::add_relgroup_on(catalog, back, &session.tgt, &selection).await?;

@@ -32,6 +32,8 @@ pub struct Selection {
     /// Refuse tables without a usable key instead of replicating them by
     /// whole-row images.
     pub refuse_keyless: bool,
+    /// Take the database's large objects too; `None`: if it has any.
+    pub large_objects: Option<bool>,
 }
 
 impl Selection {
@@ -165,7 +167,11 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
     }
     oids.sort_unstable();
     oids.dedup();
+    relations(client, &oids).await
+}
 
+/// The relations of these oids, with their keys and sizes.
+async fn relations(client: &Conn, oids: &[u32]) -> Result<Vec<Relation>> {
     let rows = client
         .query(
             "select n.nspname::text, c.relname::text, c.relkind::text,
@@ -203,7 +209,7 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
             &[&oids],
         )
         .await?;
-    let relations: Vec<Relation> = rows
+    Ok(rows
         .iter()
         .map(|r| Relation {
             schema: r.get(0),
@@ -218,8 +224,7 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
             est_bytes: r.get(4),
             est_rows: r.get(5),
         })
-        .collect();
-    Ok(relations)
+        .collect())
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -15,6 +15,7 @@
 //! - `target`: pgleap's bookkeeping on a target; its foreign keys and
 //!   triggers while the sync runs.
 //! - `schema`: staged schema copy with pg_dump/pg_restore; indexes.
+//! - `large_objects`: large objects copied, synced by passes, compared.
 //! - `copy`: the initial copy, parallel, from one exported snapshot.
 //! - `session`: one sync applied to one target over open connections; kick.
 //! - `objects`: declaring databases, dbgroups, relgroups and syncs.
@@ -37,6 +38,7 @@ mod cutover;
 mod daemon;
 mod error;
 mod inventory;
+mod large_objects;
 mod objects;
 mod pg;
 mod progress;

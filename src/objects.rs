@@ -241,7 +241,11 @@ pub async fn add_relgroup_on(
 ) -> Result<RelGroup> {
     check_free(catalog, catalog::ObjectKind::RelGroup, name)?;
     let members = inventory::resolve(conn, selection).await?;
-    catalog.add_relgroup(name, conn.name(), &members)?;
+    let large_objects = match selection.large_objects {
+        Some(wanted) => wanted,
+        None => crate::large_objects::any(conn).await?,
+    };
+    catalog.add_relgroup(name, conn.name(), &members, large_objects)?;
     Ok(catalog.relgroup(name)?)
 }
 
@@ -270,6 +274,8 @@ pub struct SyncSpec {
     pub allow_downgrade: bool,
     /// Where pgleap's objects go on the servers.
     pub capture_schema: String,
+    /// Seconds between two large-object passes of the daemon.
+    pub lo_interval: u32,
 }
 
 impl SyncSpec {
@@ -283,6 +289,7 @@ impl SyncSpec {
             capture_schema: self.capture_schema.clone(),
             retired: false,
             created_at: String::new(),
+            lo_interval: self.lo_interval,
         }
     }
 }

@@ -138,7 +138,10 @@ pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools
 
     let (conninfo, password) = job.source.for_child(env)?;
     let mut cmd = Command::new(tools.bin.join("pg_dump"));
+    // Large objects are the initial copy's and the sync's (and only those
+    // the role can read): pg_dump would create every one, empty.
     cmd.args(["--section=pre-data", "--format=custom", "--no-owner", "--no-privileges"])
+        .arg("--no-blobs")
         .arg(format!("--exclude-schema={}", quote_ident(job.exclude_schema)))
         .arg("--file")
         .arg(&dump);

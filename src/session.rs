@@ -12,6 +12,7 @@ use crate::apply::{self, BatchStats, Plan};
 use crate::catalog::{Catalog, OneTimeCopy, RoundOutcome, Sync};
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::large_objects::Pass;
 use crate::pg::{Conn, Env, Sql};
 use crate::route::{DbConn, SyncRoute};
 use crate::target;
@@ -32,6 +33,10 @@ pub struct Session {
     target: DbConn,
     /// Set when a failure may have left a connection unusable.
     broken: bool,
+    /// When the last large-object pass ran, and where the next one goes on
+    /// digesting.
+    last_lo_pass: Option<Instant>,
+    lo_cursor: u32,
 }
 
 impl Session {
@@ -54,6 +59,8 @@ impl Session {
             source: route.source.clone(),
             target: target.clone(),
             broken: false,
+            last_lo_pass: None,
+            lo_cursor: 0,
         })
     }
 
@@ -133,11 +140,34 @@ impl Session {
         Ok(())
     }
 
-    /// Applies one batch.
+    /// Applies one batch; every `lo_interval` seconds it also runs an
+    /// incremental large-object pass.
     pub async fn batch(&mut self) -> Result<BatchStats> {
-        let stats = apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan).await?;
+        let lo = self.large_objects_due().then_some(Pass::After(self.lo_cursor));
+        self.batch_with(lo).await
+    }
+
+    /// Applies one batch with a full large-object pass: every object
+    /// brought exactly to the batch's snapshot (cutover's last pass).
+    pub async fn batch_with_all_large_objects(&mut self) -> Result<BatchStats> {
+        self.batch_with(Some(Pass::Full)).await
+    }
+
+    async fn batch_with(&mut self, lo: Option<Pass>) -> Result<BatchStats> {
+        let stats = apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?;
         self.prev = Some(stats.snapshot.clone());
+        if let Some(pass) = &stats.large_objects {
+            self.last_lo_pass = Some(Instant::now());
+            self.lo_cursor = pass.cursor;
+        }
         Ok(stats)
+    }
+
+    /// Whether a large-object pass is due: large objects change without a
+    /// trace in the deltas, so they are looked at on a clock.
+    pub fn large_objects_due(&self) -> bool {
+        let interval = Duration::from_secs(self.sync.lo_interval.into());
+        self.plan.large_objects && self.last_lo_pass.is_none_or(|t| t.elapsed() >= interval)
     }
 
     pub async fn has_changes(&self) -> Result<bool> {

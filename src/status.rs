@@ -17,6 +17,10 @@ pub struct SyncStatus {
     pub relgroup: String,
     pub autokick: bool,
     pub onetimecopy: String,
+    /// Whether the sync carries the database's large objects.
+    pub large_objects: bool,
+    /// Seconds between two large-object passes of the daemon.
+    pub lo_interval: u32,
     pub tables: Vec<String>,
     pub targets: Vec<TargetStatus>,
     /// Why pending changes and lag could not be read, if they could not.
@@ -89,6 +93,8 @@ pub async fn gather(
             relgroup: sync.relgroup.clone(),
             autokick: sync.autokick,
             onetimecopy: sync.onetimecopy.as_str().into(),
+            large_objects: route.relgroup.large_objects,
+            lo_interval: sync.lo_interval,
             tables,
             targets,
             source_error,

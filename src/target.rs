@@ -19,6 +19,7 @@ use tokio_postgres::error::SqlState;
 use crate::apply::Plan;
 use crate::capture;
 use crate::error::{Error, Result};
+use crate::large_objects;
 use crate::pg::{Conn, Sql, quote_ident, quote_literal};
 
 /// A foreign key or trigger of one table, as its definition reads.
@@ -94,7 +95,9 @@ pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
              table_name text not null,
              name text not null,
              definition text not null,
-             primary key (sync, kind, table_name, name));"
+             primary key (sync, kind, table_name, name));
+         {};",
+        large_objects::state_table(&plan.schema)
     ))
     .await
     .map_err(|e| {
@@ -261,31 +264,23 @@ pub struct Missing {
 
 pub async fn missing(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<Missing> {
     let tables = table_list(plan);
-    let mut out = Missing { foreign_keys: Vec::new(), triggers: Vec::new() };
-    for d in foreign_keys(src, &tables, false).await? {
-        let exists: bool = tgt
-            .query_one(
-                "select exists (select 1 from pg_constraint
-                                where conrelid = $1::text::regclass and conname = $2)",
-                &[&d.table, &d.name],
-            )
-            .await?
-            .get(0);
-        if !exists {
-            out.foreign_keys.push(d);
-        }
-    }
-    for d in user_triggers(src, &tables, false).await? {
-        let exists: bool = tgt
-            .query_one(
-                "select exists (select 1 from pg_trigger
-                                where tgrelid = $1::text::regclass and tgname = $2)",
-                &[&d.table, &d.name],
-            )
-            .await?
-            .get(0);
-        if !exists {
-            out.triggers.push(d);
+    let fk_exists = "select exists (select 1 from pg_constraint
+                                    where conrelid = $1::text::regclass and conname = $2)";
+    let trigger_exists = "select exists (select 1 from pg_trigger
+                                         where tgrelid = $1::text::regclass and tgname = $2)";
+    Ok(Missing {
+        foreign_keys: absent(tgt, fk_exists, foreign_keys(src, &tables, false).await?).await?,
+        triggers: absent(tgt, trigger_exists, user_triggers(src, &tables, false).await?).await?,
+    })
+}
+
+/// Those of `items` the target does not have, by `exists` (a query of the
+/// table and the name).
+async fn absent(tgt: &Conn, exists: &str, items: Vec<Definition>) -> Result<Vec<Definition>> {
+    let mut out = Vec::new();
+    for d in items {
+        if !tgt.query_one(exists, &[&d.table, &d.name]).await?.get::<_, bool>(0) {
+            out.push(d);
         }
     }
     Ok(out)
@@ -318,10 +313,13 @@ pub async fn remove(tgt: &mut Conn, schema: &str, sync: &str) -> Result<()> {
              if to_regclass('{s}.copy_units') is not null then
                  delete from {s}.copy_units where sync = {lit};
              end if;
+             if to_regclass('{s}.large_objects') is not null then
+                 delete from {s}.large_objects where sync = {lit};
+             end if;
          end $$;",
         lit = quote_literal(sync)
     ))
     .await?;
-    capture::drop_schema_if_unused(tgt, schema, "applied", &["applied", "set_aside", "copy_units"])
-        .await
+    let tables = ["applied", "set_aside", "copy_units", "large_objects"];
+    capture::drop_schema_if_unused(tgt, schema, "applied", &tables).await
 }

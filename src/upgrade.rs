@@ -53,6 +53,11 @@ pub struct Preflight {
     pub target_replica_role: bool,
     pub size_bytes: i64,
     pub estimated_copy_seconds: f64,
+    /// Large objects on the source, and how many of them (with the first
+    /// oids) the role cannot read, so cannot copy.
+    pub large_objects: bool,
+    pub unreadable_large_objects: i64,
+    pub unreadable_large_object_oids: Vec<u32>,
 }
 
 impl Preflight {
@@ -129,6 +134,9 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         Err(e) => Some(e.to_string()),
     };
     let size_bytes: i64 = tables.iter().map(|r| r.est_bytes).sum();
+    let large_objects = crate::large_objects::any(&src).await?;
+    let (unreadable_large_objects, unreadable_large_object_oids) =
+        crate::large_objects::unreadable(&src).await?;
     Ok(Preflight {
         source_version: src.version().to_string(),
         target_version: tgt.version().to_string(),
@@ -146,6 +154,9 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         target_replica_role,
         size_bytes,
         estimated_copy_seconds: size_bytes as f64 / 1e6 / ASSUMED_MB_PER_S,
+        large_objects,
+        unreadable_large_objects,
+        unreadable_large_object_oids,
     })
 }
 
@@ -226,6 +237,17 @@ async fn step_preflight(
             "preflight: {} table(s) without a usable key, replicated by whole rows: {}",
             pre.keyless.len(),
             pre.keyless.join(", ")
+        ));
+    }
+    if pre.unreadable_large_objects > 0 {
+        let oids: Vec<String> =
+            pre.unreadable_large_object_oids.iter().map(|o| o.to_string()).collect();
+        say(&format!(
+            "preflight: {} large object(s) the role cannot read are not migrated (oids {}{}); \
+             grant SELECT on them (GRANT SELECT ON LARGE OBJECT ...) or run as their owner",
+            pre.unreadable_large_objects,
+            oids.join(", "),
+            if pre.unreadable_large_objects > oids.len() as i64 { ", ..." } else { "" }
         ));
     }
     if let Some(e) = pre.refusal() {
@@ -316,6 +338,7 @@ async fn step_capture(
                 autokick: true,
                 allow_downgrade: false,
                 capture_schema: "pgleap".into(),
+                lo_interval: 10,
             };
             objects::add_sync(catalog, &spec, env).await?;
             say("installed change capture on the source");

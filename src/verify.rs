@@ -15,11 +15,14 @@ use serde::Serialize;
 use crate::apply::{self, Plan, TablePlan};
 use crate::catalog::Catalog;
 use crate::error::Result;
+use crate::large_objects;
 use crate::pg::{Env, Sql};
 use crate::route::SyncRoute;
 use crate::session::Session;
 
 const BUCKETS: i32 = 64;
+/// How the large objects are named in a report (and in `--table`).
+const LARGE_OBJECTS: &str = "large objects";
 /// How many differing keys a report names per table.
 const SHOWN_KEYS: usize = 10;
 
@@ -135,6 +138,16 @@ pub async fn compare(
         }
         out.push(compare_table(src, tgt, t).await?);
     }
+    if plan.large_objects && (only.is_empty() || only.iter().any(|o| o == LARGE_OBJECTS)) {
+        let (source_rows, target_rows, differing_keys) = large_objects::compare(src, tgt).await?;
+        out.push(TableReport {
+            table: LARGE_OBJECTS.into(),
+            source_rows,
+            target_rows,
+            equal: differing_keys.is_empty() && source_rows == target_rows,
+            differing_keys,
+        });
+    }
     Ok(out)
 }
 
@@ -180,6 +193,10 @@ pub async fn verify_sync(
 pub async fn compare_live(session: &mut Session, only: &[String]) -> Result<Vec<TableReport>> {
     let (stx, ttx) = apply::begin_batch(&mut session.src, &mut session.tgt, &session.plan).await?;
     apply::apply_within(&stx, &ttx, &session.plan).await?;
+    if session.plan.large_objects {
+        let (schema, sync) = (&session.plan.schema, &session.plan.sync);
+        large_objects::pass(&stx, &ttx, schema, sync, large_objects::Pass::Full).await?;
+    }
     let reports = compare(&stx, &ttx, &session.plan, only).await?;
     ttx.commit().await?;
     stx.commit().await?;

@@ -24,6 +24,8 @@ mod schema;
 mod keyless;
 // Verify.
 mod verify;
+// Large objects.
+mod large_objects;
 // Cutover.
 mod cutover;
 // The one-command upgrade.

@@ -327,6 +327,13 @@ pub enum RelGroupCommand {
         /// (allow), or refuse them.
         #[arg(long, value_enum, default_value = "allow")]
         keyless: KeylessArg,
+        /// Migrate the database's large objects too (the default when it
+        /// has any).
+        #[arg(long, overrides_with = "no_large_objects")]
+        large_objects: bool,
+        /// Leave the database's large objects out.
+        #[arg(long)]
+        no_large_objects: bool,
     },
     /// List relgroups.
     List(ListArgs),
@@ -403,6 +410,11 @@ pub enum SyncCommand {
         /// The schema pgleap creates on the servers for its own objects.
         #[arg(long, default_value = "pgleap", value_name = "SCHEMA")]
         capture_schema: String,
+        /// Seconds between two passes over the large objects (0: every
+        /// round); each pass finds created and unlinked objects and
+        /// re-digests a bounded number of the others.
+        #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+        large_objects_every: u32,
     },
     /// List syncs.
     List(ListArgs),
@@ -415,6 +427,8 @@ pub enum SyncCommand {
         onetimecopy: Option<OneTimeCopyArg>,
         #[arg(long, value_enum)]
         autokick: Option<OnOff>,
+        #[arg(long, value_name = "SECONDS")]
+        large_objects_every: Option<u32>,
     },
     /// Remove a sync and everything it created on its servers (as teardown).
     Remove(RemoveArgs),
@@ -535,6 +549,8 @@ async fn relgroup(catalog: &mut Catalog, cmd: RelGroupCommand) -> Result<()> {
             exclude_tables,
             sequences,
             keyless,
+            large_objects,
+            no_large_objects,
         } => {
             let selection = Selection {
                 refuse_keyless: matches!(keyless, KeylessArg::Refuse),
@@ -545,6 +561,11 @@ async fn relgroup(catalog: &mut Catalog, cmd: RelGroupCommand) -> Result<()> {
                 tables,
                 exclude_tables,
                 sequences,
+                large_objects: if no_large_objects {
+                    Some(false)
+                } else {
+                    large_objects.then_some(true)
+                },
             };
             let group = objects::add_relgroup(catalog, &name, &db, &selection, ENV).await?;
             let tables = group.members.iter().filter(|m| m.kind != "sequence").count();
@@ -581,6 +602,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
             autokick,
             allow_downgrade,
             capture_schema,
+            large_objects_every,
         } => {
             let spec = SyncSpec {
                 name: name.clone(),
@@ -590,6 +612,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
                 autokick: autokick.into(),
                 allow_downgrade,
                 capture_schema,
+                lo_interval: large_objects_every,
             };
             objects::add_sync(catalog, &spec, ENV).await?;
             println!("added sync \"{name}\"; capture is installed on the source");
@@ -601,14 +624,15 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
             let dbgroup = catalog.dbgroup(&sync.dbgroup)?;
             render::sync(&sync, &relgroup, &dbgroup, args.json);
         }
-        SyncCommand::Update { name, onetimecopy, autokick } => {
-            if onetimecopy.is_none() && autokick.is_none() {
+        SyncCommand::Update { name, onetimecopy, autokick, large_objects_every } => {
+            if onetimecopy.is_none() && autokick.is_none() && large_objects_every.is_none() {
                 return Err(Error::invalid(
                     format!("nothing to change for sync \"{name}\""),
-                    "give --onetimecopy and/or --autokick",
+                    "give --onetimecopy, --autokick and/or --large-objects-every",
                 ));
             }
-            catalog.update_sync(&name, onetimecopy.map(Into::into), autokick.map(Into::into))?;
+            let (onetimecopy, autokick) = (onetimecopy.map(Into::into), autokick.map(Into::into));
+            catalog.update_sync(&name, onetimecopy, autokick, large_objects_every)?;
             println!("updated sync \"{name}\"");
         }
         SyncCommand::Remove(args) => {

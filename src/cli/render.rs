@@ -116,6 +116,7 @@ pub fn relgroup(g: &RelGroup, as_json: bool) {
         return json(g);
     }
     println!("relgroup \"{}\" of database \"{}\"", g.name, g.db);
+    println!("large objects: {}", if g.large_objects { "included" } else { "not included" });
     let mut t = table(&["relation", "kind", "key", "est. rows", "est. size"]);
     for m in &g.members {
         t.add_row(vec![
@@ -224,6 +225,14 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             }
             println!("autokick:    {}", if s.autokick { "on" } else { "off" });
             println!("onetimecopy: {}", s.onetimecopy);
+            println!(
+                "large objects: {}",
+                if s.large_objects {
+                    format!("synced (a pass every {} s)", s.lo_interval)
+                } else {
+                    "not synced".to_string()
+                }
+            );
             if let Some(e) = &s.source_error {
                 println!("source:      unreachable ({e})");
             }
@@ -336,6 +345,9 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
             r.foreign_keys,
             r.triggers
         );
+        if let Some(ms) = r.large_objects_ms {
+            println!("the fence included the last large-object pass: {:.3} s", ms as f64 / 1000.0);
+        }
         if let Some(back) = &r.rollback_sync {
             println!(
                 "rollback sync \"{back}\" captures on \"{}\" and replicates back; \

@@ -194,6 +194,7 @@ impl Pgleap {
     }
 
     /// Runs another pgleap binary (a benchmark's baseline build).
+    #[allow(dead_code)] // Used by benches/cutover.rs, not by the tests.
     pub fn binary(mut self, bin: &std::path::Path) -> Pgleap {
         self.bin = bin.to_path_buf();
         self
