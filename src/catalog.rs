@@ -75,7 +75,8 @@ create table if not exists sync (
 create table if not exists cutover (
     sync text not null,
     at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
-    fence_ms integer not null
+    fence_ms integer not null,
+    rollback_sync text              -- the sync back, when one was armed
 );
 -- What the last rounds of a sync did, per target: written by whoever ran
 -- the round (daemon or kick), read by status.
@@ -339,6 +340,9 @@ fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         tx.execute_batch(
             "alter table relgroup add column large_objects integer not null default 0",
         )?;
+    }
+    if !has("cutover", "rollback_sync")? {
+        tx.execute_batch("alter table cutover add column rollback_sync text")?;
     }
     if !has("sync", "lo_interval")? {
         tx.execute_batch("alter table sync add column lo_interval integer not null default 10")?;
@@ -869,14 +873,32 @@ impl Catalog {
         Ok(rows)
     }
 
-    pub fn record_cutover(&mut self, sync: &str, fence_ms: i64) -> Result<()> {
+    pub fn record_cutover(
+        &mut self,
+        sync: &str,
+        fence_ms: i64,
+        rollback_sync: Option<&str>,
+    ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                "insert into cutover (sync, fence_ms) values (?1, ?2)",
-                params![sync, fence_ms],
+                "insert into cutover (sync, fence_ms, rollback_sync) values (?1, ?2, ?3)",
+                params![sync, fence_ms, rollback_sync],
             )?;
             Ok(())
         })
+    }
+
+    /// The sync back armed when `sync` was cut over, if one was.
+    pub fn rollback_sync_of(&self, sync: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "select rollback_sync from cutover where sync = ?1 and rollback_sync is not null
+                 order by rowid desc limit 1",
+                params![sync],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sqlite(e))
     }
 
     pub fn retire_sync(&mut self, name: &str) -> Result<()> {

@@ -34,6 +34,7 @@ use crate::objects::{self, SyncSpec};
 use crate::pg::{Conn, Env, Sql, qualified, quote_ident, quote_literal};
 use crate::route::SyncRoute;
 use crate::session::Session;
+use crate::switch::{Switch, SwitchPlan};
 use crate::target::{self, Unvalidated};
 
 /// How long the catch-up before the fence may take.
@@ -41,6 +42,7 @@ const CATCH_UP_LIMIT: Duration = Duration::from_secs(3600);
 /// How long one round of applying may retry failures.
 const ROUND_LIMIT: Duration = Duration::from_secs(600);
 
+#[derive(Clone)]
 pub struct CutoverOptions {
     pub max_lag: Duration,
     pub terminate: bool,
@@ -49,6 +51,11 @@ pub struct CutoverOptions {
     /// Arm a sync back to the old server under this name, before the new
     /// one can take writes.
     pub rollback_sync: Option<String>,
+    /// How the application moves: poolers and/or a command.
+    pub switch: SwitchPlan,
+    /// For a rollback: the fence the cutover left on the old server (the
+    /// target now), lifted at the switch point.
+    pub lift_fence: Option<Plan>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +74,9 @@ pub struct CutoverReport {
     pub large_objects_ms: Option<i64>,
     /// The sync back to the old server, when armed.
     pub rollback_sync: Option<String>,
+    /// How long the poolers held the clients' queries (from PAUSE to
+    /// RESUME), when the switch went through poolers.
+    pub paused_ms: Option<i64>,
 }
 
 /// Cuts a sync over to its one target.
@@ -102,28 +112,54 @@ pub async fn cutover_with(
         check_rollback_name(catalog, back)?;
     }
     let moved_to = format!("pgleap database \"{target}\" ({})", catalog.db(&target)?.conninfo);
+    let to = route.sole_target()?.resolve(env)?;
 
+    // The clients' pause starts here: the poolers hold their new queries.
+    let paused_at = Instant::now();
+    let mut pooler = Switch::pause(&opts.switch, env).await?;
     let started = Instant::now();
-    fence(&mut session.src, &session.plan, &moved_to).await?;
-    if opts.terminate {
-        read_only(&session.src, true).await?;
+    let result = async {
+        fence(&mut session.src, &session.plan, &moved_to).await?;
+        if opts.terminate {
+            read_only(&session.src, true).await?;
+        }
+        let switched = switch(catalog, session, opts, env).await?;
+        pooler.repoint(&opts.switch, &to, route.name(), &target).await?;
+        if let Some(old) = &opts.lift_fence {
+            // A rollback: the fence the cutover left on the old server comes
+            // off last, once nothing else can fail.
+            unfence(&mut session.tgt, old).await?;
+            reset_read_only(&session.tgt).await?;
+        }
+        Ok::<_, Error>(switched)
     }
-    let switched = match switch(catalog, session, opts, env).await {
-        Ok(v) => v,
+    .await;
+    let switched = match result {
+        Ok(switched) => switched,
         Err(e) => {
             tracing::warn!("cutover failed before the switch; unfencing the source: {e}");
             if opts.terminate {
                 let _ = read_only(&session.src, false).await;
             }
             let _ = unfence(&mut session.src, &session.plan).await;
+            pooler.abort(env).await;
             return Err(e);
         }
     };
     let fence_ms = started.elapsed().as_millis() as i64;
-    catalog.record_cutover(route.name(), fence_ms)?;
+    let resumed = pooler.resume().await;
+    let paused_ms =
+        (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
+    catalog.record_cutover(route.name(), fence_ms, opts.rollback_sync.as_deref())?;
     catalog.retire_sync(route.name())?;
     if opts.rollback_sync.is_some() && crate::daemon::running_pid(catalog.path()).is_none() {
         crate::daemon::start_detached(catalog.path())?;
+    }
+    if let Err(e) = resumed {
+        return Err(Error::invalid(
+            format!("cut over, but a pooler did not resume: {e}"),
+            "run RESUME on its admin console: its clients wait until then",
+        ));
     }
     target::validate_foreign_keys(&session.tgt, &switched.to_validate).await?;
     Ok(CutoverReport {
@@ -137,6 +173,7 @@ pub async fn cutover_with(
         tables: session.plan.tables.len(),
         large_objects_ms: switched.large_objects_ms,
         rollback_sync: opts.rollback_sync.clone(),
+        paused_ms,
     })
 }
 
@@ -228,6 +265,7 @@ async fn dry_run(
         tables: session.plan.tables.len(),
         large_objects_ms,
         rollback_sync: None,
+        paused_ms: None,
     })
 }
 
@@ -345,6 +383,57 @@ async fn unfence(src: &mut Conn, plan: &Plan) -> Result<()> {
     }
     ddl.push_str(&format!("drop function if exists {}();", fence_function(plan)));
     capture::with_lock_retries(src, "unfencing the source", &ddl).await
+}
+
+/// Moves the application back to the old server after a cutover armed with
+/// `--rollback-sync`: a cutover of the sync back (fence the new server,
+/// drain, sequences, deferred schema, the poolers or the command pointed at
+/// the old server), whose last step lifts the fence the first cutover left
+/// on the old server.
+pub async fn rollback(
+    catalog: &mut Catalog,
+    sync_name: &str,
+    opts: &CutoverOptions,
+    env: Env<'_>,
+) -> Result<CutoverReport> {
+    let forward = SyncRoute::load(catalog, sync_name)?;
+    if !forward.sync.retired {
+        return Err(Error::invalid(
+            format!("sync \"{sync_name}\" was not cut over: there is nothing to roll back"),
+            format!("pgleap cutover {sync_name} --rollback-sync NAME moves to the new server"),
+        ));
+    }
+    let Some(back_name) = catalog.rollback_sync_of(sync_name)? else {
+        return Err(Error::invalid(
+            format!(
+                "sync \"{sync_name}\" was cut over without --rollback-sync: nothing replicates \
+                 the new server's writes back to the old one"
+            ),
+            "going back now would lose them; migrate back with a new sync instead",
+        ));
+    };
+    let back = SyncRoute::load(catalog, &back_name)?;
+    let old = back.sole_target()?;
+    let deadline = Some(Instant::now() + ROUND_LIMIT);
+    let mut session = Session::open_retrying(catalog, &back, old, 1, deadline, env).await?;
+    let old_fence = Plan::load(&session.tgt, &forward.sync, &forward.relgroup).await?;
+    let opts = CutoverOptions { lift_fence: Some(old_fence), rollback_sync: None, ..opts.clone() };
+    cutover_with(catalog, &back, &mut session, &opts, env).await
+}
+
+/// Undoes `--terminate`'s read-only default, where it is set.
+async fn reset_read_only(db: &Conn) -> Result<()> {
+    let set: bool = db
+        .query_one(
+            "select exists (select 1 from pg_db_role_setting s
+                            join pg_database d on d.oid = s.setdatabase
+                            where d.datname = current_database() and s.setrole = 0
+                              and 'default_transaction_read_only=on' = any(s.setconfig))",
+            &[],
+        )
+        .await?
+        .get(0);
+    if set { read_only(db, false).await } else { Ok(()) }
 }
 
 /// Ends other sessions and makes new transactions read-only (or undoes it).

@@ -22,7 +22,10 @@
 //! - `daemon`: the process: workers, signals, pid and log files.
 //! - `status`: what each sync is doing.
 //! - `verify`: source and target compared by digests.
-//! - `cutover`: fence, drain, finish the target, measure the downtime.
+//! - `switch`: moving the application inside the fence: PgBouncer or a
+//!   command.
+//! - `cutover`: fence, drain, finish the target, measure the downtime;
+//!   rollback.
 //! - `upgrade`: the whole job in one resumable command.
 //! - `cli`: the command line over all of the above.
 //!
@@ -46,6 +49,7 @@ mod route;
 mod schema;
 mod session;
 mod status;
+mod switch;
 mod target;
 mod upgrade;
 mod verify;

@@ -33,11 +33,17 @@ impl DbConn {
         Ok(Conn::connect(&self.name, &self.params, &self.password, env).await?)
     }
 
+    /// Where the settings lead (host, port, dbname, user), without
+    /// connecting.
+    pub fn resolve(&self, env: Env<'_>) -> Result<ResolvedConn> {
+        Ok(ResolvedConn::resolve(&self.params, &self.password, env)
+            .map_err(|source| PgError::Resolve { db: self.name.clone(), source })?)
+    }
+
     /// For a child process (pg_dump, pg_restore): the connection string,
     /// which never holds a password, and the password for its environment.
     pub fn for_child(&self, env: Env<'_>) -> Result<(String, Option<String>)> {
-        let resolved = ResolvedConn::resolve(&self.params, &self.password, env)
-            .map_err(|source| PgError::Resolve { db: self.name.clone(), source })?;
+        let resolved = self.resolve(env)?;
         Ok((self.params.to_conninfo_string(), resolved.password().map(str::to_string)))
     }
 }

@@ -37,6 +37,8 @@ pub struct UpgradeOptions {
     pub jobs: usize,
     pub cutover: CutoverMode,
     pub max_lag: Duration,
+    /// How the application moves at the cutover.
+    pub switch: crate::switch::SwitchPlan,
 }
 
 #[derive(Debug, Serialize)]
@@ -202,6 +204,8 @@ pub async fn upgrade(
             sequence_margin: 0,
             dry_run: false,
             rollback_sync: None,
+            switch: opts.switch.clone(),
+            lift_fence: None,
         };
         Some(cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?)
     } else {

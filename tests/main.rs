@@ -28,5 +28,7 @@ mod verify;
 mod large_objects;
 // Cutover.
 mod cutover;
+// The switch through PgBouncer or a command, and rollback.
+mod switch;
 // The one-command upgrade.
 mod upgrade;

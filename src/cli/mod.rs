@@ -111,6 +111,22 @@ pub enum Command {
         /// the old one, capturing before the new server takes writes.
         #[arg(long, value_name = "NAME")]
         rollback_sync: Option<String>,
+        #[command(flatten)]
+        switch: SwitchArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// After a cutover with --rollback-sync: move the writes back to the old
+    /// server (fence the new one, drain the sync back, sequences, switch the
+    /// poolers or run the command, lift the old server's fence).
+    Rollback {
+        /// The sync that was cut over.
+        sync: String,
+        /// Catch up until the oldest pending change is younger than this.
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        max_lag: u64,
+        #[command(flatten)]
+        switch: SwitchArgs,
         #[arg(long)]
         json: bool,
     },
@@ -136,6 +152,8 @@ pub enum Command {
         /// Cutover waits until the oldest pending change is younger than this.
         #[arg(long, default_value_t = 5, value_name = "SECONDS")]
         max_lag: u64,
+        #[command(flatten)]
+        switch: SwitchArgs,
     },
     /// Remove everything a sync created on its servers, and the sync.
     Teardown { sync: String },
@@ -167,6 +185,70 @@ impl Command {
     /// Whether this command runs the daemon (which logs at info by default).
     pub fn is_daemon(&self) -> bool {
         matches!(self, Command::Start { foreground: true })
+    }
+}
+
+/// How the application moves at the switch point (cutover, rollback,
+/// upgrade).
+#[derive(Debug, Args, Default)]
+pub struct SwitchArgs {
+    /// A PgBouncer admin console (connection string, dbname pgbouncer) whose
+    /// database --pgbouncer-db is paused before the fence, pointed at the new
+    /// server inside it, and resumed after (repeatable).
+    #[arg(long = "pgbouncer", value_name = "ADMIN_CONNSTR")]
+    pub pgbouncers: Vec<String>,
+    /// The pooler's database name that clients use.
+    #[arg(long, value_name = "NAME")]
+    pub pgbouncer_db: Option<String>,
+    /// The pooler's ini file, in the order of --pgbouncer (default: the file
+    /// it reports in SHOW CONFIG).
+    #[arg(long = "pgbouncer-ini", value_name = "PATH")]
+    pub pgbouncer_inis: Vec<PathBuf>,
+    /// A shell command run inside the fence after the drain, with PGHOST,
+    /// PGPORT, PGDATABASE and PGUSER of the new server (never a password);
+    /// a non-zero exit aborts and unfences.
+    #[arg(long, value_name = "CMD")]
+    pub switch_command: Option<String>,
+    /// How long the switch command may run.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub switch_timeout: u64,
+    /// How long PAUSE may wait for the pooler's transactions in flight.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub pause_timeout: u64,
+}
+
+impl SwitchArgs {
+    fn plan(self) -> Result<crate::switch::SwitchPlan> {
+        if !self.pgbouncers.is_empty() && self.pgbouncer_db.is_none() {
+            return Err(Error::invalid(
+                "--pgbouncer needs --pgbouncer-db",
+                "give the database name the application connects to in the pooler",
+            ));
+        }
+        if self.pgbouncer_inis.len() > self.pgbouncers.len() {
+            return Err(Error::invalid(
+                "more --pgbouncer-ini than --pgbouncer",
+                "give one ini file per pooler, in the same order",
+            ));
+        }
+        let db = self.pgbouncer_db.unwrap_or_default();
+        let inis = self.pgbouncer_inis;
+        let bouncers = self
+            .pgbouncers
+            .into_iter()
+            .enumerate()
+            .map(|(i, admin)| crate::switch::Bouncer {
+                admin,
+                db: db.clone(),
+                ini: inis.get(i).cloned(),
+            })
+            .collect();
+        Ok(crate::switch::SwitchPlan {
+            bouncers,
+            command: self.switch_command,
+            pause_timeout: Duration::from_secs(self.pause_timeout),
+            command_timeout: Duration::from_secs(self.switch_timeout),
+        })
     }
 }
 
@@ -449,7 +531,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Verify { sync, tables, no_kick, json } => {
             verify(c, sync, &tables, no_kick, json).await
         }
-        cmd @ Command::Cutover { .. } => cutover(c, cmd).await,
+        cmd @ (Command::Cutover { .. } | Command::Rollback { .. }) => cutover(c, cmd).await,
         cmd @ Command::Upgrade { .. } => upgrade(c, cmd).await,
         Command::Teardown { sync } => {
             objects::teardown(c, &sync, ENV).await?;
@@ -685,35 +767,51 @@ async fn verify(
     Ok(())
 }
 
-/// `pgleap cutover`
+/// `pgleap cutover` and `pgleap rollback`
 async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
-    let Command::Cutover {
-        sync,
-        max_lag,
-        terminate,
-        sequence_margin,
-        dry_run,
-        rollback_sync,
-        json,
-    } = cmd
-    else {
-        unreachable!("dispatched on Command::Cutover")
+    let (report, json) = match cmd {
+        Command::Cutover {
+            sync,
+            max_lag,
+            terminate,
+            sequence_margin,
+            dry_run,
+            rollback_sync,
+            switch,
+            json,
+        } => {
+            let opts = crate::cutover::CutoverOptions {
+                max_lag: Duration::from_secs(max_lag),
+                terminate,
+                sequence_margin,
+                dry_run,
+                rollback_sync,
+                switch: switch.plan()?,
+                lift_fence: None,
+            };
+            (crate::cutover::cutover(catalog, &sync, &opts, ENV).await?, json)
+        }
+        Command::Rollback { sync, max_lag, switch, json } => {
+            let opts = crate::cutover::CutoverOptions {
+                max_lag: Duration::from_secs(max_lag),
+                terminate: false,
+                sequence_margin: 0,
+                dry_run: false,
+                rollback_sync: None,
+                switch: switch.plan()?,
+                lift_fence: None,
+            };
+            (crate::cutover::rollback(catalog, &sync, &opts, ENV).await?, json)
+        }
+        _ => unreachable!("dispatched on Command::Cutover and Command::Rollback"),
     };
-    let opts = crate::cutover::CutoverOptions {
-        max_lag: Duration::from_secs(max_lag),
-        terminate,
-        sequence_margin,
-        dry_run,
-        rollback_sync,
-    };
-    let report = crate::cutover::cutover(catalog, &sync, &opts, ENV).await?;
     render::cutover(&report, json);
     Ok(())
 }
 
 /// `pgleap upgrade`
 async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
-    let Command::Upgrade { source, target, name, jobs, cutover, max_lag } = cmd else {
+    let Command::Upgrade { source, target, name, jobs, cutover, max_lag, switch } = cmd else {
         unreachable!("dispatched on Command::Upgrade")
     };
     let parse = |what: &str, s: &str| {
@@ -730,6 +828,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
             CutoverArg::Never => crate::upgrade::CutoverMode::Never,
         },
         max_lag: Duration::from_secs(max_lag),
+        switch: switch.plan()?,
     };
     let say = |line: &str| println!("{line}");
     let report = crate::upgrade::upgrade(catalog, &opts, &say, &render::confirm, ENV).await?;

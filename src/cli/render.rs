@@ -345,6 +345,13 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
             r.foreign_keys,
             r.triggers
         );
+        if let Some(ms) = r.paused_ms {
+            println!(
+                "the poolers held the clients' queries for {:.3} s and sent them to \"{}\"",
+                ms as f64 / 1000.0,
+                r.target
+            );
+        }
         if let Some(ms) = r.large_objects_ms {
             println!("the fence included the last large-object pass: {:.3} s", ms as f64 / 1000.0);
         }

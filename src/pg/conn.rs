@@ -113,7 +113,7 @@ impl Conn {
     ) -> Result<Conn, PgError> {
         let resolved = ResolvedConn::resolve(params, password, env)
             .map_err(|source| PgError::Resolve { db: name.into(), source })?;
-        let client = super::connect(&resolved)
+        let client = super::connect(&resolved, super::Startup::Pinned)
             .await
             .map_err(|source| PgError::Connect { db: name.into(), source })?;
         let mut conn = Conn { client, name: name.into(), version: PgVersion(0), resolved };

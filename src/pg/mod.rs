@@ -13,6 +13,7 @@
 
 mod conn;
 pub mod conninfo;
+mod console;
 pub mod tls;
 
 use std::fmt;
@@ -25,6 +26,7 @@ pub use conn::{Conn, PgError, Sql, Tx, copy_between};
 pub use conninfo::{
     ConnParams, ConninfoError, Env, PasswordSource, ResolvedConn, SslMode, process_env,
 };
+pub use console::Console;
 
 /// Settings sent in the startup packet of every connection. The last one
 /// keeps pgleap able to tear down on a source that `cutover --terminate`
@@ -97,9 +99,18 @@ impl fmt::Display for PgVersion {
     }
 }
 
+/// What a connection's startup packet carries besides the login.
+#[derive(Clone, Copy, PartialEq)]
+enum Startup {
+    /// The pinned session settings: every connection to a database.
+    Pinned,
+    /// Nothing more: a pooler's admin console refuses unknown parameters.
+    Plain,
+}
+
 /// Opens a connection; the I/O task runs on the current tokio runtime and
 /// logs server notices through tracing.
-async fn connect(conn: &ResolvedConn) -> Result<Client, ConnectError> {
+async fn connect(conn: &ResolvedConn, startup: Startup) -> Result<Client, ConnectError> {
     let target = conn.to_string();
     for warning in &conn.warnings {
         tracing::warn!("{warning}");
@@ -132,7 +143,9 @@ async fn connect(conn: &ResolvedConn) -> Result<Client, ConnectError> {
         Some(user) => format!("{user} {SESSION_OPTIONS}"),
         None => SESSION_OPTIONS.to_string(),
     };
-    config.options(&options);
+    if startup == Startup::Pinned {
+        config.options(&options);
+    }
     config.connect_timeout(conn.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
     // libpq ignores sslmode on a unix socket; tokio-postgres would fail.
     let ssl_mode = match conn.sslmode {

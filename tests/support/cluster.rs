@@ -84,7 +84,7 @@ fn get(major: u32, tls: bool) -> &'static Cluster {
     })
 }
 
-fn base_dir() -> PathBuf {
+pub(crate) fn base_dir() -> PathBuf {
     std::env::temp_dir().join("pgleap-tests")
 }
 
@@ -150,7 +150,7 @@ fn dirs_cache() -> PathBuf {
 }
 
 /// The unprivileged user servers run as when we are root.
-fn server_user() -> Option<(u32, u32)> {
+pub(crate) fn server_user() -> Option<(u32, u32)> {
     if unsafe { libc::geteuid() } != 0 {
         return None;
     }
@@ -166,13 +166,13 @@ fn server_user() -> Option<(u32, u32)> {
     panic!("running as root, and neither a postgres nor a nobody user exists to run servers");
 }
 
-fn chown(path: &Path, owner: Option<(u32, u32)>) {
+pub(crate) fn chown(path: &Path, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
