@@ -9,6 +9,14 @@
 //! of `pg_dump -Fc` + `pg_restore -j 2` of the same database: with
 //! dump/restore, writes must stop for all of it.
 //!
+//! Client-visible outage: a probe client writing at 200 TPS and one writing
+//! as fast as it can record every write's time and outcome, while a
+//! database at the same scale is cut over and rolled back through a real
+//! PgBouncer, and cut over with the fence alone (clients connected to the
+//! old server directly: they get the fence's error until repointed). The
+//! figure is the longest gap between two acknowledged writes, and the
+//! number of client errors.
+//!
 //! `PGLEAP_BENCH_ROUNDS` (default 3) interleaved rounds; each figure is the
 //! median with the range. With `PGLEAP_BENCH_BASELINE_BIN=PATH` (another
 //! build of pgleap, e.g. the previous commit's), every cutover is also run
@@ -22,6 +30,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use support::pooler::{APP_USER, Bouncer, Probe, ProbeLog, app_role};
 use support::{OWNER, Pgleap, TestDb, cluster, finish, pgbench, tool};
 
 fn knob(name: &str, default: u64) -> u64 {
@@ -56,6 +65,86 @@ fn fence_under_load(scale: u64, load: &[&str], label: &str, bin: Option<&Path>) 
     assert_eq!(src.sql().value(digest), dst.sql().value(digest));
     p.run(&["teardown", "s"]).ok();
     (dry["fence_ms"].as_f64().unwrap(), real["fence_ms"].as_f64().unwrap())
+}
+
+/// What the probe clients saw during one switch: the longest gap between
+/// acknowledged writes (ms, the worse of the two clients), their errors,
+/// and the fence pgleap reported (ms).
+#[derive(Clone, Copy, Default)]
+struct Outage {
+    gap_ms: f64,
+    errors: usize,
+    fence_ms: f64,
+}
+
+fn outage(logs: &[&ProbeLog], from: Instant, to: Instant, report: &serde_json::Value) -> Outage {
+    Outage {
+        gap_ms: logs
+            .iter()
+            .map(|l| l.longest_gap(from, to).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max),
+        errors: logs
+            .iter()
+            .map(|l| l.errors.iter().filter(|(t, _)| *t >= from && *t <= to).count())
+            .sum(),
+        fence_ms: report["fence_ms"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// A database at `scale` synced 12 -> 17 with the probes writing; returns
+/// (cutover, rollback) through PgBouncer, or (cutover, nothing) with the
+/// fence alone.
+fn client_outage(scale: u64, through_pooler: bool) -> (Outage, Option<Outage>) {
+    let label = if through_pooler { "bouncer" } else { "fenceonly" };
+    let src = TestDb::new(cluster(12), &format!("outage{label}src"));
+    let dst = TestDb::new(cluster(17), &format!("outage{label}dst"));
+    finish(pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).spawn().unwrap());
+    app_role(&src);
+    app_role(&dst);
+    let probe_table = format!(
+        "create table if not exists probe (id bigserial primary key, client int not null);
+         grant select, insert on probe to {APP_USER};
+         grant usage on sequence probe_id_seq to {APP_USER};"
+    );
+    src.sql().exec(&probe_table);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
+    dst.sql().exec(&probe_table);
+    p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["kick", "s", "--wait", "600", "--jobs", "2"]).ok();
+    p.run(&["start"]).ok();
+    let bouncer = Bouncer::start(&src);
+    let (port, db) = match through_pooler {
+        true => (bouncer.port, "app".to_string()),
+        false => (src.cluster.port, src.name.clone()),
+    };
+    let rated = Probe::start(port, &db, 1, Some(Duration::from_millis(5)));
+    let flat = Probe::start(port, &db, 2, None);
+    std::thread::sleep(Duration::from_secs(3));
+    let admin = bouncer.admin();
+    let mut switch = vec!["--json", "--max-lag", "1"];
+    if through_pooler {
+        switch.extend(["--pgbouncer", admin.as_str(), "--pgbouncer-db", "app"]);
+    }
+    let cut_at = Instant::now();
+    let mut args = vec!["cutover", "s", "--rollback-sync", "back"];
+    args.extend(&switch);
+    let cut = p.run(&args).json();
+    std::thread::sleep(Duration::from_secs(3));
+    let back_at = Instant::now();
+    let back = through_pooler.then(|| {
+        let mut args = vec!["rollback", "s"];
+        args.extend(&switch);
+        let report = p.run(&args).json();
+        std::thread::sleep(Duration::from_secs(3));
+        report
+    });
+    let done_at = Instant::now();
+    let (rated, flat) = (rated.finish(), flat.finish());
+    p.run(&["stop"]).ok();
+    let logs = [&rated, &flat];
+    (outage(&logs, cut_at, back_at, &cut), back.map(|b| outage(&logs, back_at, done_at, &b)))
 }
 
 /// Median and range of a series, formatted in seconds from milliseconds.
@@ -121,11 +210,18 @@ fn main() {
         [(format!("{rate} tps"), vec!["-R", &rate]), ("unthrottled".to_string(), vec![])];
 
     let mut dump_ms = Vec::new();
+    let mut pooled: Vec<(Outage, Outage)> = Vec::new();
+    let mut fenced: Vec<Outage> = Vec::new();
     // (load, binary) -> (predicted, measured) per round.
     let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); loads.len() * bins.len()];
     for round in 1..=rounds {
         eprintln!("round {round}: pg_dump -Fc + pg_restore -j 2 of pgbench scale {scale} ...");
         dump_ms.push(dump_restore(scale));
+        eprintln!("round {round}: cutover and rollback through PgBouncer, probes writing ...");
+        let (cut, back) = client_outage(scale, true);
+        pooled.push((cut, back.unwrap()));
+        eprintln!("round {round}: cutover with the fence alone, probes writing ...");
+        fenced.push(client_outage(scale, false).0);
         for (l, (load, args)) in loads.iter().enumerate() {
             for (b, (bin_label, bin)) in bins.iter().enumerate() {
                 eprintln!("round {round}: cutover under pgbench at {load} ({bin_label}) ...");
@@ -159,4 +255,23 @@ fn main() {
             );
         }
     }
+
+    println!(
+        "\n## Client-visible outage (probes at 200 TPS and flat out; median [range] of {rounds} rounds)\n"
+    );
+    println!("| switch | longest gap between acknowledged writes, s | client errors | fence, s |");
+    println!("|---|---|---|---|");
+    println!(
+        "| pg_dump -Fc + pg_restore -j 2 (baseline) | {} (writes stopped) | every write | |",
+        seconds(&dump_ms)
+    );
+    let row = |label: &str, runs: &[Outage]| {
+        let gaps: Vec<f64> = runs.iter().map(|o| o.gap_ms).collect();
+        let fences: Vec<f64> = runs.iter().map(|o| o.fence_ms).collect();
+        let errors: Vec<String> = runs.iter().map(|o| o.errors.to_string()).collect();
+        println!("| {label} | {} | {} | {} |", seconds(&gaps), errors.join(", "), seconds(&fences));
+    };
+    row("cutover through PgBouncer", &pooled.iter().map(|r| r.0).collect::<Vec<_>>());
+    row("rollback through PgBouncer", &pooled.iter().map(|r| r.1).collect::<Vec<_>>());
+    row("cutover, fence alone (clients not repointed, 3 s window)", &fenced);
 }

@@ -47,6 +47,11 @@ pub struct TablePlan {
     pub(crate) column_names: Vec<String>,
     /// Estimated at `relgroup add`, to decide whether to split the copy.
     pub(crate) est_rows: i64,
+    /// For a keyless table, the snapshot its initial copy was taken in:
+    /// events of transactions visible in it are in the copy already, and
+    /// replaying them would duplicate rows (a resumed copy hands over at
+    /// an earlier snapshot than this table's).
+    pub(crate) copied_under: Option<String>,
 }
 
 /// Everything needed to apply one sync's batches.
@@ -59,7 +64,19 @@ pub struct Plan {
     pub sequences: Vec<String>,
     /// Whether the database's large objects are synced too.
     pub large_objects: bool,
+    /// Per table, the columns (names and types) when the plan was read;
+    /// every batch checks the source still has them.
+    shape: Vec<String>,
 }
+
+/// Each table's copied columns, names and types, as one line (by name:
+/// COPY names its columns, so their order does not matter).
+const SHAPE: &str = "select (select coalesce(string_agg(
+                 a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' order by a.attname), '')
+             from pg_attribute a
+             where a.attrelid = t.name::regclass and a.attnum > 0 and not a.attisdropped
+               and a.attgenerated = '')
+     from unnest($1::text[]) with ordinality t(name, n) order by t.n";
 
 /// What one batch did.
 #[derive(Debug, Clone, Default)]
@@ -116,6 +133,7 @@ impl Plan {
                 keys: c.key_columns.iter().map(|k| quote_ident(k)).collect(),
                 table,
                 columns,
+                copied_under: None,
             });
         }
         let sequences = relgroup
@@ -124,14 +142,82 @@ impl Plan {
             .filter(|m| m.kind == "sequence")
             .map(|m| qualified(&m.schema, &m.name))
             .collect();
-        Ok(Plan {
+        let mut plan = Plan {
             sync: sync.name.clone(),
             sync_id,
             schema: schema.clone(),
             tables,
             sequences,
             large_objects: relgroup.large_objects,
-        })
+            shape: Vec::new(),
+        };
+        plan.shape = plan.shape_on(src).await?;
+        Ok(plan)
+    }
+
+    /// Reads, from the target, the snapshots the keyless tables' initial
+    /// copies were taken in (see [`TablePlan::copied_under`]).
+    pub async fn note_copies(&mut self, tgt: &Conn) -> Result<()> {
+        let units = format!("{}.copy_units", quote_ident(&self.schema));
+        if !tgt.relation_exists(&units).await? {
+            return Ok(());
+        }
+        let rows = tgt
+            .query(
+                &format!(
+                    "select table_name, snapshot from {units}
+                     where sync = $1 and done and snapshot is not null"
+                ),
+                &[&self.sync],
+            )
+            .await?;
+        for t in self.tables.iter_mut().filter(|t| t.keys.is_empty()) {
+            t.copied_under = rows.iter().find(|r| r.get::<_, &str>(0) == t.table).map(|r| r.get(1));
+        }
+        Ok(())
+    }
+
+    async fn shape_on(&self, c: &impl Sql) -> Result<Vec<String>> {
+        let tables: Vec<&str> = self.tables.iter().map(|t| t.table.as_str()).collect();
+        Ok(c.query(SHAPE, &[&tables]).await?.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Refuses a target whose tables lack some of the source's columns
+    /// (names and types): the sync was set up with them, so the source's
+    /// schema changed since, and rows applied now would lose the change.
+    /// Extra columns on the target are fine.
+    pub async fn check_target(&self, tgt: &Conn) -> Result<()> {
+        let theirs = self.shape_on(tgt).await?;
+        let mut changed = Vec::new();
+        for (t, (ours, theirs)) in self.tables.iter().zip(self.shape.iter().zip(&theirs)) {
+            let have: Vec<&str> = theirs.split(", ").collect();
+            let lacking: Vec<&str> =
+                ours.split(", ").filter(|c| !c.is_empty() && !have.contains(c)).collect();
+            if !lacking.is_empty() {
+                changed.push(format!("{} (the target lacks: {})", t.display, lacking.join(", ")));
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::SchemaChanged { sync: self.sync.clone(), tables: changed })
+    }
+
+    /// Refuses to apply rows to tables whose columns changed on the source
+    /// since the plan was read: the rows would silently lose the change.
+    async fn check_shape(&self, stx: &Tx<'_>) -> Result<()> {
+        let now = self.shape_on(stx).await?;
+        let changed: Vec<String> = self
+            .tables
+            .iter()
+            .zip(now.iter().zip(&self.shape))
+            .filter(|(_, (now, then))| now != then)
+            .map(|(t, (now, then))| format!("{} (was: {then}; now: {now})", t.display))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::SchemaChanged { sync: self.sync.clone(), tables: changed })
     }
 
     /// The SQL condition selecting deltas not yet applied after `prev`.
@@ -254,6 +340,7 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
         .await?
         .map(|r| r.get(0));
     stats.snapshot = stx.query_one("select txid_current_snapshot()::text", &[]).await?.get(0);
+    plan.check_shape(stx).await?;
     let cond = Plan::pending(prev.as_deref());
 
     for t in &plan.tables {
@@ -357,6 +444,13 @@ async fn apply_keyless(
     cond: &str,
     stats: &mut BatchStats,
 ) -> Result<()> {
+    let cond = match &t.copied_under {
+        Some(copy) => format!(
+            "{cond} and not txid_visible_in_snapshot(_pgleap_txid, {}::txid_snapshot)",
+            quote_literal(copy)
+        ),
+        None => cond.to_string(),
+    };
     let last_truncate: Option<i64> = stx
         .query_one(
             &format!(

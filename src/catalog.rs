@@ -148,6 +148,8 @@ pub enum CatalogError {
     AlreadyExists { kind: ObjectKind, name: String },
     #[error("{kind} \"{name}\" is in use by {}", users.join(", "))]
     InUse { kind: ObjectKind, name: String, users: Vec<String>, force_allowed: bool },
+    #[error("catalog {path} has schema version {version}, newer than this pgleap knows")]
+    Newer { path: PathBuf, version: i64 },
 }
 
 impl CatalogError {
@@ -164,7 +166,34 @@ impl CatalogError {
                 Some(format!("remove those first, or add --force to take the {kind} out of them"))
             }
             Self::InUse { .. } => Some("remove those first".into()),
-            Self::Sqlite { .. } | Self::Create { .. } => None,
+            Self::Create { path, .. } => Some(format!(
+                "check that the directory of {} exists or can be created, and is writable by \
+                 this user; or choose another file with --catalog PATH (PGLEAP_CATALOG)",
+                path.display()
+            )),
+            Self::Sqlite { path, source } => Some(match source.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    "another pgleap process holds the catalog for long: retry when it is done"
+                        .into()
+                }
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                    format!(
+                        "{} is not a pgleap catalog, or is damaged: point --catalog at the right \
+                         file, or restore it from a backup (it only names databases, groups and \
+                         syncs: recreating them with pgleap db/dbgroup/relgroup/sync add works too)",
+                        path.display()
+                    )
+                }
+                Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied)
+                | Some(rusqlite::ErrorCode::CannotOpen) => format!(
+                    "check that {} and its directory are readable and writable by this user",
+                    path.display()
+                ),
+                _ => "see the message above; --catalog PATH chooses another file".into(),
+            }),
+            Self::Newer { version, .. } => Some(format!(
+                "this catalog was written by a newer pgleap (schema {version}); use that version"
+            )),
         }
     }
 }
@@ -385,6 +414,24 @@ impl Catalog {
         conn.pragma_update(None, "synchronous", "normal").map_err(sqlite)?;
         let mut catalog = Catalog { conn, path: path.to_path_buf() };
         catalog.write(|tx| {
+            let found: Option<String> = tx
+                .query_row("select value from meta where key = 'schema_version'", [], |r| r.get(0))
+                .optional()
+                .or_else(|e| match e {
+                    // A new file has no meta table yet.
+                    rusqlite::Error::SqliteFailure(_, Some(m)) if m.contains("no such table") => {
+                        Ok(None)
+                    }
+                    e => Err(e),
+                })?;
+            if let Some(version) = found.and_then(|v| v.parse::<i64>().ok())
+                && version > SCHEMA_VERSION
+            {
+                return Err(WriteError::Catalog(CatalogError::Newer {
+                    path: path.to_path_buf(),
+                    version,
+                }));
+            }
             tx.execute_batch(SCHEMA)?;
             migrate(tx)?;
             tx.execute(

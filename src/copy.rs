@@ -128,11 +128,11 @@ pub async fn initial_copy(
     for r in results {
         r?;
     }
-    if total > 0 {
-        // Catches what the workers did not (tables copied in an earlier,
-        // interrupted run); cheap when everything exists.
-        build_indexes(source, target, plan, jobs, env).await?;
-    }
+    // Catches what the workers did not: tables whose last part was copied
+    // by a process that died before building their indexes, or whose build
+    // failed. Runs whenever the copy is not recorded as handed off yet,
+    // even with every part done; cheap when everything exists.
+    build_indexes(source, target, plan, jobs, env).await?;
     let mut stats = run.stats.into_inner().unwrap();
     stats.millis = started.elapsed().as_millis() as i64;
     if total > 0 {

@@ -88,6 +88,8 @@ pub async fn cutover(
 ) -> Result<CutoverReport> {
     let route = SyncRoute::load(catalog, sync_name)?;
     let target = route.sole_target()?;
+    // A cut-over sync is refused at once, before anything is touched.
+    route.check_active()?;
     let deadline = Some(Instant::now() + ROUND_LIMIT);
     let mut session = Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
     cutover_with(catalog, &route, &mut session, opts, env).await
@@ -138,10 +140,7 @@ pub async fn cutover_with(
         Ok(switched) => switched,
         Err(e) => {
             tracing::warn!("cutover failed before the switch; unfencing the source: {e}");
-            if opts.terminate {
-                let _ = read_only(&session.src, false).await;
-            }
-            let _ = unfence(&mut session.src, &session.plan).await;
+            undo(catalog, session, opts).await;
             pooler.abort(env).await;
             return Err(e);
         }
@@ -177,6 +176,36 @@ pub async fn cutover_with(
     })
 }
 
+/// Puts everything back as the sync had it after a failure before the
+/// switch point: the source unfenced (and writable by default again), the
+/// target's foreign keys and triggers set aside again (they would fire
+/// during the next batches), the sync back removed. Best effort: the
+/// original error is the one reported.
+async fn undo(catalog: &mut Catalog, session: &mut Session, opts: &CutoverOptions) {
+    if opts.terminate {
+        let _ = read_only(&session.src, false).await;
+    }
+    if let Err(e) = unfence(&mut session.src, &session.plan).await {
+        tracing::error!(
+            "could not unfence the source: {e}; run pgleap cutover again or unfence by hand"
+        );
+    }
+    if !session.replica_role
+        && let Err(e) = target::prepare(&mut session.tgt, &session.plan).await
+    {
+        tracing::error!("could not set the target's foreign keys and triggers aside again: {e}");
+    }
+    if let Some(back) = &opts.rollback_sync
+        && catalog.sync(back).is_ok()
+    {
+        // It did not exist before this cutover (checked up front).
+        let _ = capture::remove(&mut session.tgt, &session.plan.schema, back).await;
+        let _ = catalog.remove_sync(back);
+        let _ = catalog.remove_dbgroup(back);
+        let _ = catalog.remove_relgroup(back);
+    }
+}
+
 /// What happened inside the fence.
 struct Switched {
     large_objects_ms: Option<i64>,
@@ -194,6 +223,9 @@ async fn switch(
     env: Env<'_>,
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
+    // Before anything on the target changes: a refusal here leaves it as
+    // the sync had it.
+    counts_equal(&session.src, &session.tgt, &session.plan).await?;
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     for (seq, value) in &sequences {
         session
@@ -208,7 +240,6 @@ async fn switch(
     let mut to_validate = target::restore(&session.tgt, schema, &session.plan.sync, false).await?;
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
     to_validate.extend(target::create_missing(&session.tgt, &missing).await?);
-    counts_equal(&session.src, &session.tgt, &session.plan).await?;
     // Foreign keys added NOT VALID earlier (under replica role, after the
     // initial copy) are validated with the others.
     to_validate.extend(target::not_validated(&session.tgt, &session.plan).await?);

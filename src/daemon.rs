@@ -42,26 +42,31 @@ pub fn log_file(catalog: &Path) -> PathBuf {
     catalog.with_extension("log")
 }
 
-/// Whether a process runs. A killed daemon whose parent does not reap it
-/// (PID 1 of a container often does not) stays a zombie, which `kill(pid,
-/// 0)` still reports; /proc tells.
-fn alive(pid: i32) -> bool {
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => {
-            stat.rsplit_once(')').is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        }
-        Err(_) => true,
-    }
-}
-
-/// The pid of the running daemon of this catalog, if any.
+/// The pid of the running daemon of this catalog, if any. The daemon holds
+/// an exclusive lock on its pid file for as long as it runs, so a file
+/// nobody holds locked is stale whatever pid it names (that pid may belong
+/// to another process by now): it is removed, and never signalled.
 pub fn running_pid(catalog: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file(catalog)).ok()?.trim().parse().ok()?;
-    alive(pid).then_some(pid)
+    use nix::fcntl::{Flock, FlockArg};
+    let path = pid_file(catalog);
+    let file = std::fs::File::open(&path).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(free) => {
+            let stale = std::fs::read_to_string(&path).unwrap_or_default();
+            if !stale.trim().is_empty() {
+                tracing::warn!(
+                    "removed the stale pid file {} (pid {}: no pgleap daemon holds it)",
+                    path.display(),
+                    stale.trim()
+                );
+                let _ = std::fs::remove_file(&path);
+            }
+            drop(free);
+            None
+        }
+        // Held: a daemon runs. It writes its pid right after locking.
+        Err(_) => std::fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    }
 }
 
 /// Runs batches for one sync and target until cancelled.
@@ -169,31 +174,64 @@ async fn sleep_or_cancel(token: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-/// Removes the pid file when the daemon ends, however it ends normally.
-struct PidFile(PathBuf);
+/// The daemon's pid file, locked while it runs and removed when it ends
+/// (the lock goes with the process however it ends).
+struct PidFile {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
 
 impl PidFile {
     fn acquire(catalog: &Path) -> Result<PidFile> {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::io::Write;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let path = pid_file(catalog);
-        if let Some(pid) = running_pid(catalog) {
-            return Err(Error::invalid(
-                format!("the daemon for catalog {} already runs (pid {pid})", catalog.display()),
-                "stop it first with pgleap stop",
-            ));
-        }
-        std::fs::write(&path, format!("{}\n", std::process::id())).map_err(|e| {
+        let failed = |e: std::io::Error| {
             Error::invalid(
                 format!("cannot write the pid file {}: {e}", path.display()),
                 "check the permissions of the catalog's directory",
             )
-        })?;
-        Ok(PidFile(path))
+        };
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(failed)?;
+            let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err(_) => {
+                    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                    return Err(Error::invalid(
+                        format!(
+                            "the daemon for catalog {} already runs (pid {})",
+                            catalog.display(),
+                            pid.trim()
+                        ),
+                        "stop it first with pgleap stop",
+                    ));
+                }
+            };
+            // A `status` may have removed the file as stale between our open
+            // and our lock: then the lock is on a file nobody sees.
+            let same = std::fs::metadata(&path)
+                .is_ok_and(|m| lock.metadata().is_ok_and(|l| l.ino() == m.ino()));
+            if !same {
+                continue;
+            }
+            lock.set_len(0).map_err(failed)?;
+            writeln!(lock, "{}", std::process::id()).map_err(failed)?;
+            return Ok(PidFile { path, _lock: lock });
+        }
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -206,9 +244,15 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                // A closed terminal or a `systemctl reload` must not stop the
+                // sync: the catalog is re-read every 2 s anyway.
+                _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload, the catalog is re-read every 2 s"),
+            }
         }
         tracing::info!("stopping: letting batches in flight finish");
         signals.cancel();
@@ -287,7 +331,10 @@ pub fn start_detached(catalog_path: &Path) -> Result<i32> {
     }
     let log_path = log_file(catalog_path);
     let open_log = || {
-        std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true).mode(0o600);
+        options.open(&log_path).map_err(|e| {
             Error::invalid(format!("cannot open the log file {}: {e}", log_path.display()), "")
         })
     };
@@ -336,7 +383,8 @@ pub fn stop(catalog_path: &Path, timeout: Duration) -> Result<Option<i32>> {
     let target = nix::unistd::Pid::from_raw(pid);
     let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + timeout;
-    while alive(pid) {
+    // The lock goes when the process does (even as an unreaped zombie).
+    while running_pid(catalog_path) == Some(pid) {
         if Instant::now() > deadline {
             return Err(Error::invalid(
                 format!("the daemon (pid {pid}) did not stop within {timeout:?}"),

@@ -23,6 +23,13 @@ pub enum Error {
     /// `kick --wait` ran out of time.
     #[error("sync \"{sync}\": target \"{target}\" did not catch up in time (last error: {last})")]
     KickTimeout { sync: String, target: String, last: String },
+    /// A captured table's columns changed on the source during the sync.
+    #[error(
+        "sync \"{sync}\" stopped: columns changed on the source: {}; nothing more is applied \
+         until the target matches",
+        tables.join("; ")
+    )]
+    SchemaChanged { sync: String, tables: Vec<String> },
     /// `verify` ran and found differences.
     #[error("verify found differences in {tables} table(s) of sync \"{sync}\"")]
     Differences { sync: String, tables: usize },
@@ -34,6 +41,35 @@ pub enum Error {
 impl Error {
     pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
         Self::Invalid { message: message.into(), hint: Some(hint.into()) }
+    }
+
+    /// Whether the same step may succeed if tried again: a connection lost
+    /// or refused, a server starting or shutting down, a lock or
+    /// serialization conflict, a server out of resources. Everything else
+    /// (a retired sync, a missing table or column, a permission) fails the
+    /// same way every time, and is reported at once.
+    pub fn is_transient(&self) -> bool {
+        use crate::pg::ConnectError;
+        match self {
+            Self::Pg(PgError::Connect { source, .. }) => {
+                matches!(source, ConnectError::Unreachable { .. } | ConnectError::Other { .. })
+            }
+            Self::Pg(PgError::Query { source, .. }) => match source.code() {
+                // No SQLSTATE: the connection itself failed.
+                None => true,
+                Some(code) => {
+                    let code = code.code();
+                    ["08", "40", "53", "57P"].iter().any(|class| code.starts_with(class))
+                        || code == "55P03"
+                        || code == "55006"
+                }
+            },
+            Self::Catalog(CatalogError::Sqlite { source, .. }) => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            _ => false,
+        }
     }
 
     /// The server's SQLSTATE, when a query failed on the server.
@@ -66,6 +102,11 @@ impl Error {
             Self::Differences { sync, .. } => Some(format!(
                 "the keys above differ; if the source is still written, run pgleap kick {sync} \
                  --wait and verify again"
+            )),
+            Self::SchemaChanged { sync, .. } => Some(format!(
+                "make the same change on the target (ALTER TABLE ... as on the source; a column \
+                 added with a default gets that default on the target's rows too), then \
+                 pgleap kick {sync} --wait 60; pgleap status {sync} shows the sync bad until then"
             )),
             Self::KickTimeout { sync, .. } => {
                 Some(format!("pgleap status {sync} shows the last error of each target"))

@@ -296,7 +296,7 @@ impl SyncSpec {
 
 /// What identifies one database of one running server, as far as a
 /// non-superuser can see: same port, same start time, same database oid.
-async fn fingerprint(conn: &Conn) -> Result<String> {
+pub(crate) async fn fingerprint(conn: &Conn) -> Result<String> {
     let row = conn
         .query_one(
             "select current_setting('port') || '/' || pg_postmaster_start_time()::text || '/' ||
@@ -389,13 +389,18 @@ pub async fn add_sync_on(
 /// aside), then the sync itself from the catalog.
 pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result<()> {
     let route = SyncRoute::load(catalog, name)?;
+    // Every server must answer before anything changes: a refused teardown
+    // writes nothing.
+    let mut src = route.source.connect(env).await?;
+    let mut targets = Vec::new();
+    for target in &route.targets {
+        targets.push(target.connect(env).await?);
+    }
     catalog.retire_sync(name)?;
     let schema = &route.sync.capture_schema;
-    let mut src = route.source.connect(env).await?;
     capture::remove(&mut src, schema, name).await?;
-    for target in &route.targets {
-        let mut tgt = target.connect(env).await?;
-        target::remove(&mut tgt, schema, name).await?;
+    for tgt in &mut targets {
+        target::remove(tgt, schema, name).await?;
     }
     catalog.remove_sync(name)?;
     Ok(())

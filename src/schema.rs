@@ -133,8 +133,13 @@ pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools
     let dst = job.target.connect(env).await?;
     check_extensions(&src, &dst).await?;
     let tools = find_tools(src.version().major(), job.pg_bin)?;
-    let dir = tempdir()?;
-    let dump = dir.join("pre-data.dump");
+    // A directory of its own, with a name nobody can guess, mode 0700,
+    // removed however this function ends (the dump is SQL the target will
+    // run: nobody else may swap it).
+    let dir = tempfile::Builder::new().prefix("pgleap-schema-").tempdir().map_err(|e| {
+        Error::invalid(format!("cannot create a temporary directory: {e}"), "check TMPDIR")
+    })?;
+    let dump = dir.path().join("pre-data.dump");
 
     let (conninfo, password) = job.source.for_child(env)?;
     let mut cmd = Command::new(tools.bin.join("pg_dump"));
@@ -153,22 +158,14 @@ pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools
 
     let (conninfo, password) = job.target.for_child(env)?;
     let mut cmd = Command::new(tools.bin.join("pg_restore"));
+    // One transaction: a conflict half-way leaves nothing behind.
     cmd.args(["--section=pre-data", "--no-owner", "--no-privileges", "--exit-on-error"])
+        .arg("--single-transaction")
         .arg("--dbname")
         .arg(conninfo)
         .arg(&dump);
-    let result = run(cmd, password, &job.target.name, "pg_restore");
-    let _ = std::fs::remove_dir_all(&dir);
-    result?;
+    run(cmd, password, &job.target.name, "pg_restore")?;
     Ok(tools)
-}
-
-fn tempdir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("pgleap-schema-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        Error::invalid(format!("cannot create {}: {e}", dir.display()), "check TMPDIR")
-    })?;
-    Ok(dir)
 }
 
 /// Runs a client tool with the password in its environment only.
@@ -184,7 +181,8 @@ fn run(mut cmd: Command, password: Option<String>, db: &str, what: &str) -> Resu
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(Error::invalid(
             format!("{what} failed for database \"{db}\": {}", stderr.trim()),
-            "the message above is the tool's own; nothing after the failing step was created",
+            "the message above is the tool's own; nothing was created on the target (one \
+             transaction)",
         ));
     }
     Ok(())
@@ -238,28 +236,36 @@ pub async fn post_data(src: &impl Sql, table: &str) -> Result<Vec<PostData>> {
 pub async fn create_missing(tgt: &impl Sql, table: &str, items: &[PostData]) -> Result<usize> {
     let mut created = 0;
     for item in items {
-        let exists: bool = if item.is_constraint {
-            tgt.query_one(
-                "select exists (select 1 from pg_constraint
-                                where conrelid = $1::text::regclass and conname = $2)",
-                &[&table, &item.name],
-            )
-            .await
-        } else {
-            tgt.query_one(
-                "select exists (select 1 from pg_index i join pg_class c on c.oid = i.indexrelid
-                                where i.indrelid = $1::text::regclass and c.relname = $2)",
-                &[&table, &item.name],
-            )
-            .await
-        }?
-        .get(0);
-        if !exists {
+        if !exists(tgt, table, item).await? {
             tgt.batch_execute(&item.sql).await?;
             created += 1;
         }
     }
     Ok(created)
+}
+
+/// The names of the source table's indexes and key constraints that the
+/// target's table lacks.
+pub async fn missing_on_target(src: &impl Sql, tgt: &impl Sql, table: &str) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for item in post_data(src, table).await? {
+        if !exists(tgt, table, &item).await? {
+            missing.push(item.name);
+        }
+    }
+    Ok(missing)
+}
+
+/// Whether the target's table has an index or constraint of this name.
+async fn exists(tgt: &impl Sql, table: &str, item: &PostData) -> Result<bool> {
+    let sql = if item.is_constraint {
+        "select exists (select 1 from pg_constraint
+                        where conrelid = $1::text::regclass and conname = $2)"
+    } else {
+        "select exists (select 1 from pg_index i join pg_class c on c.oid = i.indexrelid
+                        where i.indrelid = $1::text::regclass and c.relname = $2)"
+    };
+    Ok(tgt.query_one(sql, &[&table, &item.name]).await?.get(0))
 }
 
 /// Creates on the target the indexes and key constraints of every table of

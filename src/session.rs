@@ -46,8 +46,10 @@ impl Session {
         route.check_active()?;
         let src = route.source.connect(env).await?;
         let mut tgt = target.connect(env).await?;
-        let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
+        let mut plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
         let replica_role = target::prepare(&mut tgt, &plan).await?;
+        plan.check_target(&tgt).await?;
+        plan.note_copies(&tgt).await?;
         let prev = apply::applied_snapshot(&tgt, &plan).await?;
         Ok(Session {
             src,
@@ -135,6 +137,7 @@ impl Session {
                 target::create_missing(&self.tgt, &missing).await?;
             }
             self.prev = Some(start);
+            self.plan.note_copies(&self.tgt).await?;
         }
         self.tgt.execute("select pg_advisory_unlock($1, $2)", &[&lock.0, &lock.1]).await?;
         Ok(())
@@ -213,11 +216,14 @@ impl Session {
         if self.broken {
             self.reconnect(env).await?;
         }
-        let stats = self.batch().await?;
-        if !apply::covers(&self.src, &stats.snapshot, until).await? {
-            return Err(Error::invalid("batch did not reach the kick's snapshot", ""));
+        loop {
+            // A batch's snapshot is taken after `until`, so it covers it;
+            // the check keeps that true whatever the caller passed.
+            let stats = self.batch().await?;
+            if apply::covers(&self.src, &stats.snapshot, until).await? {
+                return Ok(stats);
+            }
         }
-        Ok(stats)
     }
 
     /// Replaces both connections after a failure.
@@ -225,6 +231,7 @@ impl Session {
         let src = self.source.connect(env).await?;
         let mut tgt = self.target.connect(env).await?;
         self.replica_role = target::prepare(&mut tgt, &self.plan).await?;
+        self.plan.check_target(&tgt).await?;
         self.prev = apply::applied_snapshot(&tgt, &self.plan).await?;
         self.src = src;
         self.tgt = tgt;
@@ -234,14 +241,17 @@ impl Session {
 }
 
 /// After a failed attempt: waits and returns Ok (try again) while the
-/// deadline allows; without a deadline, or once it has passed, returns the
-/// error to report.
+/// deadline allows and the error may go away; otherwise returns the error
+/// to report (a permanent one at once, with its own hint).
 async fn retry_or_fail(
     e: Error,
     deadline: Option<Instant>,
     sync: &str,
     target: &str,
 ) -> Result<()> {
+    if !e.is_transient() {
+        return Err(e);
+    }
     match deadline {
         Some(d) if Instant::now() < d => {
             tracing::info!(sync, target, "kick: {e}; retrying");

@@ -83,7 +83,7 @@ fn definition(r: &tokio_postgres::Row) -> Definition {
 /// with `session_replication_role = replica`.
 pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
     let s = quote_ident(&plan.schema);
-    tgt.batch_execute(&format!(
+    let ddl = format!(
         "create schema if not exists {s};
          create table if not exists {s}.applied (
              sync text primary key,
@@ -98,9 +98,25 @@ pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
              primary key (sync, kind, table_name, name));
          {};",
         large_objects::state_table(&plan.schema)
-    ))
-    .await
-    .map_err(|e| {
+    );
+    let created = match tgt.batch_execute(&ddl).await {
+        // "if not exists" is not atomic: another applier of the sync (the
+        // daemon and a kick) created the same object at the same moment.
+        // It exists now; the second try finds it.
+        Err(e)
+            if [
+                SqlState::UNIQUE_VIOLATION,
+                SqlState::DUPLICATE_SCHEMA,
+                SqlState::DUPLICATE_TABLE,
+            ]
+            .iter()
+            .any(|c| e.sqlstate() == Some(c)) =>
+        {
+            tgt.batch_execute(&ddl).await
+        }
+        other => other,
+    };
+    created.map_err(|e| {
         if e.sqlstate() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             Error::invalid(
                 format!(

@@ -15,7 +15,7 @@ use crate::catalog::{Catalog, CatalogError, OneTimeCopy};
 use crate::error::{Error, Result};
 use crate::inventory::{self, Selection, display_name};
 use crate::objects::{self, DbSpec, SyncSpec};
-use crate::pg::{Conn, ConnParams, Env, PasswordSource, Sql};
+use crate::pg::{Conn, ConnParams, Env, PasswordSource, ResolvedConn, Sql};
 use crate::route::{DbConn, SyncRoute};
 use crate::session::Session;
 use crate::{cutover, schema, verify};
@@ -60,6 +60,11 @@ pub struct Preflight {
     pub large_objects: bool,
     pub unreadable_large_objects: i64,
     pub unreadable_large_object_oids: Vec<u32>,
+    /// How many of the source's tables the target has already (a schema
+    /// restored beforehand has all of them; schema copy needs none).
+    pub target_tables: usize,
+    /// Tables the target has with other columns than the source's.
+    pub mismatched_tables: Vec<String>,
 }
 
 impl Preflight {
@@ -81,13 +86,27 @@ impl Preflight {
         if !self.target_can_create_schema {
             problems.push("the role may not create a schema in the target database".into());
         }
+        if self.target_tables > 0 && self.target_tables < self.tables {
+            problems.push(format!(
+                "the target has {} of the source's {} tables: it needs all of them (a schema \
+                 restored beforehand) or none (pgleap copies the schema)",
+                self.target_tables, self.tables
+            ));
+        }
+        if !self.mismatched_tables.is_empty() {
+            problems.push(format!(
+                "tables on the target have other columns than on the source: {}",
+                self.mismatched_tables.join("; ")
+            ));
+        }
         if problems.is_empty() {
             return None;
         }
         Some(Error::invalid(
             format!("preflight: {}", problems.join("; ")),
-            "grant what is missing (table ownership, CREATE on the databases, the extensions on \
-             the target) and run upgrade again; nothing was created",
+            "fix what is named (grant table ownership, CREATE on the databases, the extensions \
+             on the target; drop or fix the target's tables) and run upgrade again; nothing was \
+             created",
         ))
     }
 }
@@ -104,6 +123,12 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
                 src.version()
             ),
             "upgrade moves to the same or a newer major",
+        ));
+    }
+    if crate::objects::fingerprint(&src).await? == crate::objects::fingerprint(&tgt).await? {
+        return Err(Error::invalid(
+            "the source and the target are the same database on the same server",
+            "point --target at the new server; nothing was created",
         ));
     }
     let sel = Selection { all_tables: true, all_sequences: true, ..Default::default() };
@@ -136,6 +161,11 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         Err(e) => Some(e.to_string()),
     };
     let size_bytes: i64 = tables.iter().map(|r| r.est_bytes).sum();
+    let named: Vec<(String, String)> = tables
+        .iter()
+        .map(|r| (crate::pg::qualified(&r.schema, &r.name), display_name(&r.schema, &r.name)))
+        .collect();
+    let (present, mismatched_tables) = compare_tables(&src, &tgt, &named).await?;
     let large_objects = crate::large_objects::any(&src).await?;
     let (unreadable_large_objects, unreadable_large_object_oids) =
         crate::large_objects::unreadable(&src).await?;
@@ -159,7 +189,45 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         large_objects,
         unreadable_large_objects,
         unreadable_large_object_oids,
+        target_tables: present.len(),
+        mismatched_tables,
     })
+}
+
+/// Which of `tables` (quoted names, and names as shown) the target has,
+/// and those of them whose columns (names and types, in order) differ from
+/// the source's.
+async fn compare_tables(
+    src: &Conn,
+    tgt: &Conn,
+    tables: &[(String, String)],
+) -> Result<(Vec<String>, Vec<String>)> {
+    let columns = "select t, (select string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', '
+                                        order by a.attnum)
+                           from pg_attribute a
+                           where a.attrelid = to_regclass(t) and a.attnum > 0 and not a.attisdropped)
+                   from unnest($1::text[]) t where to_regclass(t) is not null";
+    let quoted: Vec<&str> = tables.iter().map(|(q, _)| q.as_str()).collect();
+    let read = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, Option<String>)> {
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let on_source = read(src.query(columns, &[&quoted]).await?);
+    let on_target = read(tgt.query(columns, &[&quoted]).await?);
+    let shown =
+        |q: &str| tables.iter().find(|(t, _)| t == q).map_or(q.to_string(), |t| t.1.clone());
+    let mut mismatched = Vec::new();
+    for (table, cols) in &on_target {
+        let source = on_source.iter().find(|(t, _)| t == table).and_then(|(_, c)| c.clone());
+        if source != *cols {
+            mismatched.push(format!(
+                "{} (target: {}; source: {})",
+                shown(table),
+                cols.as_deref().unwrap_or("no columns"),
+                source.as_deref().unwrap_or("no columns")
+            ));
+        }
+    }
+    Ok((on_target.into_iter().map(|(t, _)| t).collect(), mismatched))
 }
 
 /// What happened, for the final report.
@@ -270,6 +338,28 @@ async fn step_declare(
 ) -> Result<(DbConn, DbConn)> {
     let name = &opts.name;
     let (source, target) = (format!("{name}_source"), format!("{name}_target"));
+    // A rerun resumes the same job: entries left by a run against other
+    // servers are refused before anything is written.
+    for (db, params) in [(&source, &opts.source), (&target, &opts.target)] {
+        if catalog.db(db).is_ok() {
+            let known = DbConn::from_catalog(catalog, db)?.resolve(env)?.to_string();
+            let given = ResolvedConn::resolve(params, &PasswordSource::default(), env)
+                .map_err(|source| crate::pg::PgError::Resolve { db: db.clone(), source })?
+                .to_string();
+            if known != given {
+                return Err(Error::invalid(
+                    format!(
+                        "upgrade \"{name}\" was started with database \"{db}\" at {known}, \
+                         not {given}"
+                    ),
+                    format!(
+                        "use another --name for these servers, or remove the earlier run \
+                         (pgleap teardown {name}, then pgleap db remove {db} --force)"
+                    ),
+                ));
+            }
+        }
+    }
     for (db, params) in [(&source, &opts.source), (&target, &opts.target)] {
         if catalog.db(db).is_err() {
             let spec =

@@ -34,6 +34,9 @@ pub struct TableReport {
     pub equal: bool,
     /// Keys (as text) whose rows differ or exist on one side only.
     pub differing_keys: Vec<String>,
+    /// Indexes and key constraints the source's table has and the target's
+    /// lacks.
+    pub missing: Vec<String>,
 }
 
 fn md5_int(expr: &str) -> String {
@@ -89,12 +92,14 @@ async fn bucket_rows(c: &impl Sql, t: &TablePlan, bucket: i32) -> Result<Vec<(St
 pub async fn compare_table(src: &impl Sql, tgt: &impl Sql, t: &TablePlan) -> Result<TableReport> {
     let (a, b) = futures_util::future::try_join(buckets(src, t), buckets(tgt, t)).await?;
     let count = |v: &[(i32, i64, String)]| v.iter().map(|x| x.1).sum::<i64>();
+    let missing = crate::schema::missing_on_target(src, tgt, &t.table).await?;
     let mut report = TableReport {
         table: t.display.clone(),
         source_rows: count(&a),
         target_rows: count(&b),
-        equal: a == b,
+        equal: a == b && missing.is_empty(),
         differing_keys: Vec::new(),
+        missing,
     };
     if report.equal {
         return Ok(report);
@@ -146,6 +151,7 @@ pub async fn compare(
             target_rows,
             equal: differing_keys.is_empty() && source_rows == target_rows,
             differing_keys,
+            missing: Vec::new(),
         });
     }
     Ok(out)

@@ -32,3 +32,5 @@ mod cutover;
 mod switch;
 // The one-command upgrade.
 mod upgrade;
+// Faults and bad input.
+mod faults;

@@ -56,8 +56,8 @@ fn acknowledged(logs: &[&ProbeLog]) -> BTreeSet<i64> {
 #[test]
 fn clients_see_a_pause_not_an_error_at_cutover_and_rollback_through_pgbouncer() {
     let (src, dst, p, bouncer) = setup("bounce");
-    let rated = Probe::start(bouncer.port, 1, Some(Duration::from_millis(5)));
-    let flat = Probe::start(bouncer.port, 2, None);
+    let rated = Probe::start(bouncer.port, "app", 1, Some(Duration::from_millis(5)));
+    let flat = Probe::start(bouncer.port, "app", 2, None);
     std::thread::sleep(Duration::from_secs(2));
 
     let admin = bouncer.admin();
@@ -113,7 +113,7 @@ fn clients_see_a_pause_not_an_error_at_cutover_and_rollback_through_pgbouncer() 
 fn a_failing_switch_or_an_unreachable_pooler_leaves_the_old_server_taking_writes() {
     let (src, dst, p, bouncer) = setup("noswitch");
     let before = std::fs::read_to_string(&bouncer.ini).unwrap();
-    let rated = Probe::start(bouncer.port, 1, Some(Duration::from_millis(5)));
+    let rated = Probe::start(bouncer.port, "app", 1, Some(Duration::from_millis(5)));
     std::thread::sleep(Duration::from_secs(1));
     let admin = bouncer.admin();
 

@@ -384,7 +384,12 @@ pub fn verify(reports: &[(String, Vec<crate::verify::TableReport>)], as_json: bo
                 r.source_rows.to_string(),
                 r.target_rows.to_string(),
                 if r.equal { "equal" } else { "DIFFERENT" }.to_string(),
-                r.differing_keys.join("; "),
+                r.differing_keys
+                    .iter()
+                    .cloned()
+                    .chain(r.missing.iter().map(|m| format!("missing on the target: {m}")))
+                    .collect::<Vec<_>>()
+                    .join("; "),
             ]);
         }
         println!("target \"{target}\"");

@@ -111,10 +111,12 @@ pub struct ProbeLog {
 }
 
 impl ProbeLog {
-    /// The longest time between two acknowledged writes in a window.
+    /// The longest time without an acknowledged write in a window (its
+    /// ends count: a client that never succeeds again has the whole rest).
     pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
-        let times: Vec<Instant> =
-            self.ok.iter().map(|(t, _)| *t).filter(|t| *t >= from && *t <= to).collect();
+        let mut times = vec![from];
+        times.extend(self.ok.iter().map(|(t, _)| *t).filter(|t| *t >= from && *t <= to));
+        times.push(to);
         times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
     }
 }
@@ -127,12 +129,15 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn start(port: u16, client: i32, every: Option<Duration>) -> Probe {
+    /// Writes to database `dbname` on `127.0.0.1:port` (a pooler, or a
+    /// server directly).
+    pub fn start(port: u16, dbname: &str, client: i32, every: Option<Duration>) -> Probe {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let dbname = dbname.to_string();
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(probe(port, client, every, flag))
+            rt.block_on(probe(port, &dbname, client, every, flag))
         });
         Probe { stop, handle }
     }
@@ -143,10 +148,16 @@ impl Probe {
     }
 }
 
-async fn probe(port: u16, client: i32, every: Option<Duration>, stop: Arc<AtomicBool>) -> ProbeLog {
+async fn probe(
+    port: u16,
+    dbname: &str,
+    client: i32,
+    every: Option<Duration>,
+    stop: Arc<AtomicBool>,
+) -> ProbeLog {
     let mut log = ProbeLog::default();
     let mut config = tokio_postgres::Config::new();
-    config.host("127.0.0.1").port(port).dbname("app").user(APP_USER);
+    config.host("127.0.0.1").port(port).dbname(dbname).user(APP_USER).password(APP_PASSWORD);
     let mut conn: Option<tokio_postgres::Client> = None;
     // Simple-protocol statements only: named prepared statements do not
     // survive transaction pooling.

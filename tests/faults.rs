@@ -1,0 +1,281 @@
+//! Faults and bad input: refusals that leave nothing behind, no hangs, a
+//! pid file that cannot point at a stranger, schema changes that stop the
+//! sync loudly, and convergence after crashes at random points.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench};
+
+/// Everything a refused command must leave as it was: the catalog's
+/// objects, and the relations of both databases.
+fn state(p: &Pgleap, dbs: &[&TestDb]) -> String {
+    let mut out = String::new();
+    for noun in ["db", "dbgroup", "relgroup", "sync"] {
+        out.push_str(p.run(&[noun, "list", "--json"]).ok());
+    }
+    for db in dbs {
+        out.push_str(&db.cluster.superuser(&db.name).value(
+            "select coalesce(string_agg(n.nspname || '.' || c.relname || ':' || c.relnatts, ',' \
+                                        order by 1), '')
+             from pg_class c join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')",
+        ));
+    }
+    out
+}
+
+#[test]
+fn refusals_come_at_once_and_leave_nothing_behind() {
+    let src = TestDb::new(cluster(12), "badsrc");
+    let dst = TestDb::new(cluster(17), "baddst");
+    src.sql().exec(
+        "create table a (id int primary key, v text);
+         create table b (id int primary key, w int);
+         insert into a values (1, 'x'); insert into b values (1, 1);",
+    );
+    dst.sql().exec("create table b (id int primary key, other text)");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let before = state(&p, &[&src, &dst]);
+    let timed = |args: &[&str], needles: &[&str]| {
+        let started = Instant::now();
+        let out = p.run(args);
+        out.fails_with(needles);
+        assert_eq!(out.code, 2, "{out}");
+        assert!(out.stderr.contains("hint:"), "no hint: {out}");
+        assert!(started.elapsed() < Duration::from_secs(30), "took {:?}: {out}", started.elapsed());
+    };
+
+    // The target is the source.
+    timed(
+        &["upgrade", "--source", &src.dsn(), "--target", &src.dsn(), "--cutover", "auto"],
+        &["same database on the same server"],
+    );
+    // The target has a table of the same name with other columns.
+    timed(
+        &["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"],
+        &[
+            "other columns",
+            "public.b (target: id integer, other text; source: id integer, w integer)",
+        ],
+    );
+    assert_eq!(state(&p, &[&src, &dst]), before, "a refused upgrade wrote something");
+
+    // Schema copy onto a conflicting table: one transaction, nothing left.
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
+    let with_dbs = state(&p, &[&src, &dst]);
+    timed(&["schema", "copy", "--from", "src", "--to", "dst"], &["pg_restore failed", "\"b\""]);
+    assert_eq!(state(&p, &[&src, &dst]), with_dbs, "schema copy left part of the schema");
+
+    // A switch that cannot be set up is refused before anything else.
+    timed(&["cutover", "missing", "--pgbouncer", "host=x"], &["--pgbouncer needs --pgbouncer-db"]);
+}
+
+#[test]
+fn a_cut_over_sync_is_refused_at_once_by_cutover_and_kick() {
+    let src = TestDb::new(cluster(15), "cutagainsrc");
+    let dst = TestDb::new(cluster(17), "cutagaindst");
+    let schema = "create table t (id int primary key)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["cutover", "s"]).ok();
+    for args in [&["cutover", "s"][..], &["kick", "s", "--wait", "60"][..]] {
+        let started = Instant::now();
+        p.run(args).fails_with(&["was cut over", "pgleap teardown s"]);
+        assert!(started.elapsed() < Duration::from_secs(10), "{args:?} waited");
+    }
+    p.run(&["teardown", "s"]).ok();
+}
+
+#[test]
+fn catalog_errors_say_what_to_do() {
+    let p = Pgleap::new();
+    std::fs::write(&p.catalog, b"this is not a catalog, just bytes that are long enough").unwrap();
+    let out = p.run(&["db", "list"]);
+    out.fails_with(&["not a pgleap catalog"]);
+    let blocked = p.home().join("a-file");
+    std::fs::write(&blocked, "").unwrap();
+    let inside = blocked.join("catalog.db");
+    let out = p.run(&["--catalog", inside.to_str().unwrap(), "db", "list"]);
+    out.fails_with(&["cannot create the catalog", "--catalog PATH"]);
+}
+
+#[test]
+fn a_stale_pid_file_is_never_signalled_and_sighup_keeps_the_daemon() {
+    let p = Pgleap::new();
+    let pid_file = p.catalog.with_extension("pid");
+    let mut stranger = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    std::fs::write(&pid_file, format!("{}\n", stranger.id())).unwrap();
+    let status = p.run(&["status"]);
+    assert!(status.ok().contains("daemon: not running"), "{status}");
+    assert!(status.stderr.contains("stale pid file"), "{status}");
+    std::fs::write(&pid_file, format!("{}\n", stranger.id())).unwrap();
+    assert!(p.run(&["stop"]).ok().contains("not running"));
+    assert!(stranger.try_wait().unwrap().is_none(), "pgleap signalled a process it did not start");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+
+    p.run(&["start"]).ok();
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&pid_file, &p.catalog.with_extension("log")] {
+        let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(p.run(&["status"]).ok().contains(&format!("running (pid {pid})")));
+    p.run(&["start"]).fails_with(&["already runs"]);
+    p.run(&["stop"]).ok();
+    assert!(!pid_file.exists());
+}
+
+#[test]
+fn a_column_added_on_the_source_stops_the_sync_until_the_target_has_it() {
+    let src = TestDb::new(cluster(12), "ddlsrc");
+    let dst = TestDb::new(cluster(17), "ddldst");
+    let schema = "create table t (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec("insert into t select g, 'v' from generate_series(1, 100) g");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["start"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+
+    let alter = "alter table t add column extra int not null default 7";
+    src.sql().exec(alter);
+    src.sql().exec("update t set extra = id where id <= 10");
+    let stopped = p.run(&["kick", "s", "--wait", "60"]);
+    stopped.fails_with(&["columns changed on the source", "t (the target lacks: extra integer)"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = p.run(&["status", "s", "--json"]).json();
+        if status["syncs"][0]["targets"][0]["state"] == "bad" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon still says good: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    dst.sql().exec(alter);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    let q = "select * from t order by id";
+    assert_eq!(dst.sql().rows(q), src.sql().rows(q));
+    p.run(&["stop"]).ok();
+}
+
+fn kill_daemon(p: &Pgleap) {
+    let pid_file = p.catalog.with_extension("pid");
+    if let Ok(pid) = std::fs::read_to_string(&pid_file)
+        && let Ok(pid) = pid.trim().parse::<i32>()
+    {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// A pseudo-random sequence without a crate: the fault points differ from
+/// run to run (the seed is printed on failure).
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn converges_after_faults(major: u32) {
+    let src = TestDb::new(cluster(major), &format!("fault{major}src"));
+    let dst = TestDb::new(cluster(17), &format!("fault{major}dst"));
+    finish(pgbench(&src, &["-i", "-q", "-s", "3"]).spawn().unwrap());
+    src.sql().exec(
+        "create table big (id bigint primary key, grp int not null, note text);
+         create index big_grp on big (grp);
+         insert into big select g, g % 97, md5(g::text) from generate_series(1, 300000) g;
+         analyze big;
+         create table evt (id serial primary key, round int not null);",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
+    p.add_sync(&["--onetimecopy", "always"]);
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64
+            | 1;
+    let mut dice = Dice(seed);
+    let mut load = pgbench(&src, &["-n", "-c", "2", "-R", "100", "-T", "120"]).spawn().unwrap();
+    let admin = |db: &TestDb| db.cluster.superuser("postgres");
+    let mut faults = Vec::new();
+    for round in 0..12 {
+        // Running already after a fault that spared it.
+        let _ = p.run(&["start"]);
+        std::thread::sleep(Duration::from_millis(200 + dice.below(1500)));
+        let fault = match dice.below(4) {
+            0 | 1 => {
+                kill_daemon(&p);
+                "kill -9 of the daemon"
+            }
+            2 => {
+                let _ = admin(&dst).try_exec(&format!(
+                    "select pg_terminate_backend(pid) from pg_stat_activity
+                     where datname = '{}' and application_name = 'pgleap'",
+                    dst.name
+                ));
+                "pgleap's target backends terminated"
+            }
+            _ => {
+                let _ = admin(&src).try_exec(&format!(
+                    "select pg_terminate_backend(pid) from pg_stat_activity
+                     where datname = '{}' and application_name = 'pgleap'",
+                    src.name
+                ));
+                "pgleap's source backends terminated"
+            }
+        };
+        faults.push(format!("{round}: {fault}"));
+        src.sql().exec(&format!(
+            "update big set note = 'round {round}' where id % 1000 = {};
+             insert into big values ({}, 1, 'new');
+             insert into evt (round) select {round} from generate_series(1, 5)",
+            round,
+            400_000 + round
+        ));
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    let _ = p.run(&["start"]);
+    let context = format!("seed {seed}, faults {faults:?}");
+    p.run(&["kick", "s", "--wait", "300"]).ok();
+    let verify = p.run(&["verify", "s", "--json"]);
+    assert_eq!(verify.code, 0, "{context}\n{verify}");
+    let objects = |sql: &Sql| {
+        sql.rows(
+            "select c.relname, i.relname, x.indisvalid from pg_index x
+             join pg_class c on c.oid = x.indrelid join pg_class i on i.oid = x.indexrelid
+             join pg_namespace n on n.oid = c.relnamespace where n.nspname = 'public'
+             order by 1, 2",
+        )
+    };
+    assert_eq!(objects(&dst.sql()), objects(&src.sql()), "{context}");
+    let seq = "select last_value from evt_id_seq";
+    assert_eq!(dst.sql().value(seq), src.sql().value(seq), "{context}");
+    p.run(&["stop"]).ok();
+}
+
+#[test]
+fn converges_after_faults_at_random_points_pg12_to_pg17() {
+    converges_after_faults(12);
+}
+
+#[test]
+fn converges_after_faults_at_random_points_pg15_to_pg17() {
+    converges_after_faults(15);
+}
