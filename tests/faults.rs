@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench};
+use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench, private_cluster};
 
 /// Everything a refused command must leave as it was: the catalog's
 /// objects, and the relations of both databases.
@@ -192,8 +192,9 @@ impl Dice {
 }
 
 fn converges_after_faults(major: u32) {
-    let src = TestDb::new(cluster(major), &format!("fault{major}src"));
-    let dst = TestDb::new(cluster(17), &format!("fault{major}dst"));
+    // Servers of its own: the faults include restarts.
+    let src = TestDb::new(private_cluster(major), &format!("fault{major}src"));
+    let dst = TestDb::new(private_cluster(17), &format!("fault{major}dst"));
     finish(pgbench(&src, &["-i", "-q", "-s", "3"]).spawn().unwrap());
     src.sql().exec(
         "create table big (id bigint primary key, grp int not null, note text);
@@ -213,12 +214,27 @@ fn converges_after_faults(major: u32) {
     let mut dice = Dice(seed);
     let mut load = pgbench(&src, &["-n", "-c", "2", "-R", "100", "-T", "120"]).spawn().unwrap();
     let admin = |db: &TestDb| db.cluster.superuser("postgres");
+    // A transaction held open across many batches, committed half-way.
+    let long = src.sql();
+    long.exec("begin; insert into evt (round) values (-1)");
     let mut faults = Vec::new();
-    for round in 0..12 {
+    for round in 0..14 {
         // Running already after a fault that spared it.
         let _ = p.run(&["start"]);
         std::thread::sleep(Duration::from_millis(200 + dice.below(1500)));
-        let fault = match dice.below(4) {
+        if round == 7 {
+            // Gone if a restart ended it: either way the sync must agree.
+            let _ = long.try_exec("commit");
+        }
+        let fault = match dice.below(6) {
+            4 => {
+                src.cluster.restart();
+                "source restarted"
+            }
+            5 => {
+                dst.cluster.restart();
+                "target restarted"
+            }
             0 | 1 => {
                 kill_daemon(&p);
                 "kill -9 of the daemon"
