@@ -463,11 +463,12 @@ impl CopyRun<'_> {
             return Ok(());
         }
         let items = schema::post_data(stx, &t.table).await?;
-        let itx = tgt.transaction().await?;
         // Two workers finishing a table's last parts at once: one builds.
-        itx.execute("select pg_advisory_xact_lock(hashtext($1))", &[&t.table]).await?;
-        let created = schema::create_missing(&itx, &t.table, &items).await?;
-        itx.commit().await?;
+        // Not in a transaction, so that a build that loses a race with
+        // another session can see the other's index and go on.
+        tgt.execute("select pg_advisory_lock(hashtext($1))", &[&t.table]).await?;
+        let created = schema::create_missing(&*tgt, &t.table, &items).await?;
+        tgt.execute("select pg_advisory_unlock(hashtext($1))", &[&t.table]).await?;
         if created > 0 {
             tracing::debug!(table = t.display, created, "indexes built after the load");
         }

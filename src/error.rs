@@ -62,6 +62,7 @@ impl Error {
                     ["08", "40", "53", "57P"].iter().any(|class| code.starts_with(class))
                         || code == "55P03"
                         || code == "55006"
+                        || concurrent_create(code, source)
                 }
             },
             Self::Catalog(CatalogError::Sqlite { source, .. }) => matches!(
@@ -114,6 +115,17 @@ impl Error {
             Self::Invalid { hint, .. } => hint.clone().filter(|h| !h.is_empty()),
         }
     }
+}
+
+/// Two sessions creating the same object at once: a backend of a killed
+/// pgleap still building an index, or the daemon and a kick preparing the
+/// same target. The loser sees a duplicate (or a unique violation on a
+/// system catalog); the object exists when it tries again, and pgleap
+/// creates only what is missing.
+fn concurrent_create(code: &str, e: &tokio_postgres::Error) -> bool {
+    matches!(code, "42P07" | "42710" | "42P06")
+        || (code == "23505"
+            && e.as_db_error().and_then(|d| d.constraint()).is_some_and(|c| c.starts_with("pg_")))
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

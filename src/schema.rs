@@ -236,9 +236,17 @@ pub async fn post_data(src: &impl Sql, table: &str) -> Result<Vec<PostData>> {
 pub async fn create_missing(tgt: &impl Sql, table: &str, items: &[PostData]) -> Result<usize> {
     let mut created = 0;
     for item in items {
-        if !exists(tgt, table, item).await? {
-            tgt.batch_execute(&item.sql).await?;
-            created += 1;
+        if exists(tgt, table, item).await? {
+            continue;
+        }
+        match tgt.batch_execute(&item.sql).await {
+            Ok(()) => created += 1,
+            // Built meanwhile by another session (a backend of a killed
+            // pgleap finishing its CREATE INDEX): what was wanted exists.
+            Err(_) if exists(tgt, table, item).await.unwrap_or(false) => {
+                tracing::info!(table, name = item.name, "built by another session meanwhile");
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(created)
