@@ -47,11 +47,33 @@ pub struct TablePlan {
     pub(crate) column_names: Vec<String>,
     /// Estimated at `relgroup add`, to decide whether to split the copy.
     pub(crate) est_rows: i64,
+    /// A partitioned table is read and written whole (its partitions hold
+    /// its rows); any other table as itself alone, never with its
+    /// inheritance children, which are tables of the relgroup of their own.
+    pub(crate) partitioned: bool,
     /// For a keyless table, the snapshot its initial copy was taken in:
     /// events of transactions visible in it are in the copy already, and
     /// replaying them would duplicate rows (a resumed copy hands over at
     /// an earlier snapshot than this table's).
     pub(crate) copied_under: Option<String>,
+}
+
+impl TablePlan {
+    /// The table as it is named in FROM, DELETE and TRUNCATE.
+    pub(crate) fn rel(&self) -> String {
+        if self.partitioned { self.table.clone() } else { format!("only {}", self.table) }
+    }
+
+    /// ` (columns)` after a table name in COPY and INSERT; nothing for a
+    /// table without copied columns (none at all, or only generated ones).
+    pub(crate) fn column_list(&self) -> String {
+        if self.columns.is_empty() { String::new() } else { format!(" ({})", self.columns) }
+    }
+
+    /// `copy TABLE (columns) from stdin`.
+    pub(crate) fn copy_in(&self) -> String {
+        format!("copy {}{} from stdin", self.table, self.column_list())
+    }
 }
 
 /// Everything needed to apply one sync's batches.
@@ -110,7 +132,7 @@ impl Plan {
             let table = qualified(&c.schema, &c.name);
             let names: Vec<String> = src
                 .query_one(
-                    "select array_agg(attname::text order by attnum)
+                    "select coalesce(array_agg(attname::text order by attnum), '{}')
                      from pg_attribute
                      where attrelid = $1::text::regclass and attnum > 0
                        and not attisdropped and attgenerated = ''",
@@ -120,11 +142,9 @@ impl Plan {
                 .get(0);
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
-            let est_rows = relgroup
-                .members
-                .iter()
-                .find(|m| m.schema == c.schema && m.name == c.name)
-                .map_or(0, |m| m.est_rows);
+            let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
+            let est_rows = member.map_or(0, |m| m.est_rows);
+            let partitioned = member.is_some_and(|m| m.kind == "partitioned table");
             tables.push(TablePlan {
                 column_names,
                 display: crate::inventory::display_name(&c.schema, &c.name),
@@ -134,6 +154,7 @@ impl Plan {
                 table,
                 columns,
                 copied_under: None,
+                partitioned,
             });
         }
         let sequences = relgroup
@@ -179,7 +200,7 @@ impl Plan {
 
     async fn shape_on(&self, c: &impl Sql) -> Result<Vec<String>> {
         let tables: Vec<&str> = self.tables.iter().map(|t| t.table.as_str()).collect();
-        Ok(c.query(SHAPE, &[&tables]).await?.iter().map(|r| r.get(0)).collect())
+        Ok(c.query_qualified(SHAPE, &[&tables]).await?.iter().map(|r| r.get(0)).collect())
     }
 
     /// Refuses a target whose tables lack some of the source's columns
@@ -364,7 +385,7 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
         }
         let keys = t.keys.join(", ");
         if truncated {
-            ttx.batch_execute(&format!("truncate {}", t.table)).await?;
+            ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
             stats.truncates += 1;
         } else {
             ttx.batch_execute(&format!(
@@ -394,7 +415,7 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
                 .execute(
                     &format!(
                         "delete from {} t using pg_temp.pgleap_keys k where {}",
-                        t.table,
+                        t.rel(),
                         matches.join(" and ")
                     ),
                     &[],
@@ -407,11 +428,11 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
                 "copy (select {cols} from {table} where ({keys}) in
                        (select {keys} from {delta} where {cond} and not _pgleap_truncated)) to stdout",
                 cols = t.columns,
-                table = t.table,
+                table = t.rel(),
                 delta = t.delta
             ),
             ttx,
-            &format!("copy {} ({}) from stdin", t.table, t.columns),
+            &t.copy_in(),
         )
         .await?;
     }
@@ -462,7 +483,7 @@ async fn apply_keyless(
         .await?
         .get(0);
     if last_truncate.is_some() {
-        ttx.batch_execute(&format!("truncate {}", t.table)).await?;
+        ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
         stats.truncates += 1;
     }
     let events = format!(
@@ -492,33 +513,48 @@ async fn apply_keyless(
                 t.delta
             ),
             ttx,
-            &format!("copy {} ({cols}) from stdin", t.table),
+            &t.copy_in(),
         )
         .await?;
         return Ok(());
     }
+    // The event columns, then the table's (which may be none).
+    let with_cols = |events: &str| {
+        if cols.is_empty() { events.to_string() } else { format!("{events}, {cols}") }
+    };
     ttx.batch_execute(&format!(
         "drop table if exists pg_temp.pgleap_events;
          create temp table pgleap_events on commit drop as
-             select null::int8 as _pgleap_seq, null::\"char\" as _pgleap_op, {cols} from {} limit 0",
-        t.table
+             select {} from {} limit 0",
+        with_cols("null::int8 as _pgleap_seq, null::\"char\" as _pgleap_op"),
+        t.rel()
     ))
     .await?;
     copy_rows(
         stx,
         &format!(
-            "copy (select _pgleap_seq, _pgleap_op, {cols} from {} where {events}) to stdout",
+            "copy (select {} from {} where {events}) to stdout",
+            with_cols("_pgleap_seq, _pgleap_op"),
             t.delta
         ),
         ttx,
-        &format!("copy pg_temp.pgleap_events (_pgleap_seq, _pgleap_op, {cols}) from stdin"),
+        &format!(
+            "copy pg_temp.pgleap_events ({}) from stdin",
+            with_cols("_pgleap_seq, _pgleap_op")
+        ),
     )
     .await?;
-    let values: Vec<String> = t.column_names.iter().map(|c| format!("r.{c}")).collect();
+    let insert = if cols.is_empty() {
+        format!("insert into {} default values", t.table)
+    } else {
+        let values: Vec<String> = t.column_names.iter().map(|c| format!("r.{c}")).collect();
+        format!("insert into {} ({cols}) values ({})", t.table, values.join(", "))
+    };
     let matches: Vec<String> = t
         .column_names
         .iter()
         .map(|c| format!("x.{c}::text is not distinct from r.{c}::text"))
+        .chain(std::iter::once("true".to_string()))
         .collect();
     ttx.batch_execute(&format!(
         "do $pgleap$
@@ -526,7 +562,7 @@ async fn apply_keyless(
          begin
              for r in select * from pg_temp.pgleap_events order by _pgleap_seq loop
                  if r._pgleap_op = 'I' then
-                     insert into {table} ({cols}) values ({values});
+                     {insert};
                  else
                      delete from {table}
                      where (tableoid, ctid) = (select x.tableoid, x.ctid from {table} x
@@ -534,8 +570,7 @@ async fn apply_keyless(
                  end if;
              end loop;
          end $pgleap$",
-        table = t.table,
-        values = values.join(", "),
+        table = t.rel(),
         matches = matches.join(" and "),
     ))
     .await?;

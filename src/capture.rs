@@ -170,10 +170,29 @@ async fn install_table(
         )
         .await?;
     let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut ddl = if rel.key_columns.is_empty() {
-        keyless_capture(&table, &delta, &function, sync_id, &columns)
-    } else {
-        keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
+    // A statement naming an inheritance parent changes its children's rows
+    // too, but fires statement triggers of the parent only (with the
+    // children's rows in its transition tables): each table of an
+    // inheritance tree captures its own rows with row triggers, which fire
+    // on the table that holds the row.
+    let inherited: bool = client
+        .query_one(
+            "select exists (select 1 from pg_inherits i join pg_class c on c.oid = i.inhrelid
+                            where (i.inhparent = $1::text::regclass
+                                   or i.inhrelid = $1::text::regclass)
+                              and not c.relispartition)",
+            &[&table],
+        )
+        .await?
+        .get(0);
+    let mut ddl = match (rel.key_columns.is_empty(), inherited) {
+        (true, _) => keyless_capture(&table, &delta, &function, sync_id, &columns),
+        (false, false) => {
+            keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
+        }
+        (false, true) => {
+            keyed_row_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
+        }
     };
     let key_array: Vec<String> = rel.key_columns.iter().map(|k| quote_literal(k)).collect();
     ddl.push_str(&format!(
@@ -188,6 +207,71 @@ async fn install_table(
     with_lock_retries(client, &what, &ddl).await
 }
 
+/// The delta table of a keyed table: the key columns with their own types.
+fn keyed_delta(delta: &str, key_columns: &[String], columns: &[(String, String)]) -> String {
+    let key_defs: Vec<String> = key_columns
+        .iter()
+        .map(|k| {
+            let ty = columns.iter().find(|(n, _)| n == k).map_or("text", |(_, t)| t.as_str());
+            format!("{} {ty}", quote_ident(k))
+        })
+        .collect();
+    format!(
+        "create table {delta} (
+             _pgleap_txid int8 not null,
+             _pgleap_at timestamptz not null default now(),
+             _pgleap_truncated bool not null default false,
+             {});
+         create index on {delta} (_pgleap_txid);\n",
+        key_defs.join(", ")
+    )
+}
+
+/// Row-level capture of a keyed table in an inheritance tree: the old and
+/// new keys of each row, into the delta of the table that holds it.
+fn keyed_row_capture(
+    table: &str,
+    delta: &str,
+    function: &str,
+    sync_id: i32,
+    key_columns: &[String],
+    columns: &[(String, String)],
+) -> String {
+    let keys: Vec<String> = key_columns.iter().map(|k| quote_ident(k)).collect();
+    let image =
+        |rec: &str| keys.iter().map(|k| format!("{rec}.{k}")).collect::<Vec<_>>().join(", ");
+    let [_, _, _, (row_trigger, _), (trunc_trigger, _), _] = trigger_names(sync_id);
+    format!(
+        "{table_ddl}
+         create function {function}() returns trigger
+         language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
+         #variable_conflict use_column
+         begin
+             if tg_op = 'TRUNCATE' then
+                 insert into {delta} (_pgleap_txid, _pgleap_truncated) values (txid_current(), true);
+                 return null;
+             end if;
+             if tg_op in ('UPDATE', 'DELETE') then
+                 insert into {delta} (_pgleap_txid, {list}) values (txid_current(), {old});
+             end if;
+             if tg_op in ('UPDATE', 'INSERT') then
+                 insert into {delta} (_pgleap_txid, {list}) values (txid_current(), {new});
+             end if;
+             return null;
+         end $pgleap$;
+         create trigger {row} after insert or update or delete on {table}
+             for each row execute function {function}();
+         create trigger {trunc} after truncate on {table}
+             for each statement execute function {function}();\n",
+        table_ddl = keyed_delta(delta, key_columns, columns),
+        list = keys.join(", "),
+        old = image("old"),
+        new = image("new"),
+        row = quote_ident(&row_trigger),
+        trunc = quote_ident(&trunc_trigger),
+    )
+}
+
 /// Statement-level capture of a keyed table: the keys of the changed rows.
 fn keyed_capture(
     table: &str,
@@ -199,20 +283,8 @@ fn keyed_capture(
 ) -> String {
     let key_list: String =
         key_columns.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
-    let key_defs: Vec<String> = key_columns
-        .iter()
-        .map(|k| {
-            let ty = columns.iter().find(|(n, _)| n == k).map_or("text", |(_, t)| t.as_str());
-            format!("{} {ty}", quote_ident(k))
-        })
-        .collect();
     let mut ddl = format!(
-        "create table {delta} (
-             _pgleap_txid int8 not null,
-             _pgleap_at timestamptz not null default now(),
-             _pgleap_truncated bool not null default false,
-             {});
-         create index on {delta} (_pgleap_txid);
+        "{table_ddl}
          create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
          #variable_conflict use_column
@@ -234,7 +306,7 @@ fn keyed_capture(
              end if;
              return null;
          end $pgleap$;\n",
-        key_defs.join(", ")
+        table_ddl = keyed_delta(delta, key_columns, columns),
     );
     for (trigger, event) in trigger_names(sync_id) {
         let referencing = match event {
@@ -264,12 +336,12 @@ fn keyless_capture(
     sync_id: i32,
     columns: &[(String, String)],
 ) -> String {
+    // Each part starts with its comma: a table may have no copied column
+    // at all (none, or only generated ones), and its rows still count.
     let names: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
-    let defs: Vec<String> =
-        columns.iter().map(|(n, t)| format!("{} {t}", quote_ident(n))).collect();
-    let list = names.join(", ");
-    let image =
-        |rec: &str| names.iter().map(|n| format!("{rec}.{n}")).collect::<Vec<_>>().join(", ");
+    let defs: String = columns.iter().map(|(n, t)| format!(", {} {t}", quote_ident(n))).collect();
+    let list: String = names.iter().map(|n| format!(", {n}")).collect();
+    let image = |rec: &str| names.iter().map(|n| format!(", {rec}.{n}")).collect::<String>();
     let [_, _, _, (row_trigger, _), (trunc_trigger, _), _] = trigger_names(sync_id);
     format!(
         "create table {delta} (
@@ -277,8 +349,7 @@ fn keyless_capture(
              _pgleap_at timestamptz not null default now(),
              _pgleap_truncated bool not null default false,
              _pgleap_seq bigserial,
-             _pgleap_op \"char\" not null,
-             {defs});
+             _pgleap_op \"char\" not null{defs});
          create index on {delta} (_pgleap_txid);
          create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
@@ -290,12 +361,12 @@ fn keyless_capture(
                  return null;
              end if;
              if tg_op in ('UPDATE', 'DELETE') then
-                 insert into {delta} (_pgleap_txid, _pgleap_op, {list})
-                 values (txid_current(), 'D', {old});
+                 insert into {delta} (_pgleap_txid, _pgleap_op{list})
+                 values (txid_current(), 'D'{old});
              end if;
              if tg_op in ('UPDATE', 'INSERT') then
-                 insert into {delta} (_pgleap_txid, _pgleap_op, {list})
-                 values (txid_current(), 'I', {new});
+                 insert into {delta} (_pgleap_txid, _pgleap_op{list})
+                 values (txid_current(), 'I'{new});
              end if;
              return null;
          end $pgleap$;
@@ -303,7 +374,6 @@ fn keyless_capture(
              for each row execute function {function}();
          create trigger {trunc} after truncate on {table}
              for each statement execute function {function}();\n",
-        defs = defs.join(", "),
         old = image("old"),
         new = image("new"),
         row = quote_ident(&row_trigger),

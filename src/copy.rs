@@ -249,7 +249,7 @@ async fn plan_units(
     let mut to_empty = Vec::new();
     for t in &plan.tables {
         let has_rows: bool =
-            tx.query_one(&format!("select exists (select 1 from {})", t.table), &[]).await?.get(0);
+            tx.query_one(&format!("select exists (select 1 from {})", t.rel()), &[]).await?.get(0);
         if has_rows && mode == OneTimeCopy::IfEmpty {
             // Kept as the target has it: a done unit without a snapshot.
             unit += 1;
@@ -264,7 +264,7 @@ async fn plan_units(
             continue;
         }
         if has_rows {
-            to_empty.push(t.table.clone());
+            to_empty.push(t.rel());
         }
         let predicates = split(src, t, jobs).await?.unwrap_or_else(|| vec!["true".to_string()]);
         for p in predicates {
@@ -306,20 +306,22 @@ async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<St
         return Ok(None);
     }
     let key = &t.keys[0];
+    // The type first: min() and a cast to int8 do not exist for every key
+    // type (uuid, text, ...); such tables are copied whole.
+    let ty = src
+        .query_opt(&format!("select pg_typeof({key})::text from {} limit 1", t.rel()), &[])
+        .await?
+        .map(|r| r.get::<_, String>(0));
+    if !matches!(ty.as_deref(), Some("smallint" | "integer" | "bigint")) {
+        return Ok(None);
+    }
     let row = src
-        .query_one(
-            &format!(
-                "select pg_typeof(min({key}))::text, min({key})::int8, max({key})::int8 from {}",
-                t.table
-            ),
-            &[],
-        )
+        .query_one(&format!("select min({key})::int8, max({key})::int8 from {}", t.rel()), &[])
         .await?;
-    let ty: String = row.get(0);
-    let (Some(lo), Some(hi)) = (row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)) else {
+    let (Some(lo), Some(hi)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) else {
         return Ok(None);
     };
-    if !matches!(ty.as_str(), "smallint" | "integer" | "bigint") || hi <= lo {
+    if hi <= lo {
         return Ok(None);
     }
     let n = (jobs as i64 * RANGES_PER_JOB).min(hi - lo);
@@ -396,10 +398,12 @@ impl CopyRun<'_> {
                     stx,
                     &format!(
                         "copy (select {} from {} where {}) to stdout",
-                        t.columns, t.table, unit.predicate
+                        t.columns,
+                        t.rel(),
+                        unit.predicate
                     ),
                     &ttx,
-                    &format!("copy {} ({}) from stdin", t.table, t.columns),
+                    &t.copy_in(),
                     &|n| self.progress.advance(&bar, n),
                 )
                 .await?;

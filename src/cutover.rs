@@ -499,7 +499,7 @@ async fn read_sequences(src: &Conn, sequences: &[String]) -> Result<Vec<(String,
 
 async fn counts_equal(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<()> {
     for t in &plan.tables {
-        let q = format!("select count(*) from {}", t.table);
+        let q = format!("select count(*) from {}", t.rel());
         let a: i64 = src.query_one(&q, &[]).await?.get(0);
         let b: i64 = tgt.query_one(&q, &[]).await?.get(0);
         if a != b {

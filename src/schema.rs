@@ -200,7 +200,7 @@ pub struct PostData {
 /// the source (`table` quoted and qualified).
 pub async fn post_data(src: &impl Sql, table: &str) -> Result<Vec<PostData>> {
     let rows = src
-        .query(
+        .query_qualified(
             "select c.conname::text, pg_get_constraintdef(c.oid), true
              from pg_constraint c
              where c.conrelid = $1::text::regclass and c.contype in ('p', 'u', 'x')

@@ -42,7 +42,7 @@ fn table_list(plan: &Plan) -> Vec<&str> {
 /// pointing at them).
 async fn foreign_keys(c: &impl Sql, tables: &[&str], referencing: bool) -> Result<Vec<Definition>> {
     let rows = c
-        .query(
+        .query_qualified(
             "select conrelid::regclass::text, conname::text, pg_get_constraintdef(oid)
              from pg_constraint
              where contype = 'f'
@@ -62,7 +62,7 @@ async fn user_triggers(
     enabled_only: bool,
 ) -> Result<Vec<Definition>> {
     let rows = c
-        .query(
+        .query_qualified(
             "select tgrelid::regclass::text, tgname::text, pg_get_triggerdef(oid)
              from pg_trigger
              where tgrelid = any(select unnest($1::text[])::regclass)
@@ -261,7 +261,7 @@ pub async fn validate_foreign_keys(tgt: &Conn, fks: &[Unvalidated]) -> Result<()
 /// Foreign keys on the synced tables of the target not validated yet.
 pub async fn not_validated(tgt: &Conn, plan: &Plan) -> Result<Vec<Unvalidated>> {
     let rows = tgt
-        .query(
+        .query_qualified(
             "select conrelid::regclass::text, conname::text from pg_constraint
              where contype = 'f' and not convalidated
                and conrelid = any(select unnest($1::text[])::regclass)",

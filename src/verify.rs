@@ -68,7 +68,7 @@ async fn buckets(c: &impl Sql, t: &TablePlan) -> Result<Vec<(i32, i64, String)>>
         "select ({bucket} % {BUCKETS})::int4 b, count(*), sum({row})::text
          from {table} t group by 1 order by 1",
         row = md5_int(&row_text(t)),
-        table = t.table,
+        table = t.rel(),
     );
     let rows = c.query(&sql, &[]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
@@ -81,7 +81,7 @@ async fn bucket_rows(c: &impl Sql, t: &TablePlan, bucket: i32) -> Result<Vec<(St
         key = key_text(t),
         row = row_text(t),
         bucket = md5_int(&key_text(t)),
-        table = t.table,
+        table = t.rel(),
         b = bucket,
     );
     let rows = c.query(&sql, &[]).await?;

@@ -22,6 +22,8 @@ mod copy;
 mod schema;
 // Tables without a key.
 mod keyless;
+// Inheritance trees, tables without columns, keys that cannot be split.
+mod shapes;
 // Verify.
 mod verify;
 // Large objects.

@@ -220,6 +220,18 @@ pub trait Sql: Sync {
         self.client().copy_in(sql).await.map_err(|e| self.error(e))
     }
 
+    /// Runs a query that prints definitions (`pg_get_indexdef`, ...) under
+    /// an empty search_path, so that every name in them comes out
+    /// schema-qualified: the target's search_path may differ.
+    async fn query_qualified(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, PgError> {
+        self.batch_execute("set search_path = ''").await?;
+        let rows = self.query(sql, params).await;
+        let reset = self.batch_execute("reset search_path").await;
+        let rows = rows?;
+        reset?;
+        Ok(rows)
+    }
+
     /// Whether a relation of this name (quoted, qualified) exists.
     async fn relation_exists(&self, name: &str) -> Result<bool, PgError> {
         Ok(self.query_one("select to_regclass($1) is not null", &[&name]).await?.get(0))
