@@ -56,23 +56,28 @@ fn acknowledged(logs: &[&ProbeLog]) -> BTreeSet<i64> {
 #[test]
 fn clients_see_a_pause_not_an_error_at_cutover_and_rollback_through_pgbouncer() {
     let (src, dst, p, bouncer) = setup("bounce");
+    // A second pooler in front of the same database: both move together.
+    let second = Bouncer::start(&src);
     let rated = Probe::start(bouncer.port, "app", 1, Some(Duration::from_millis(5)));
-    let flat = Probe::start(bouncer.port, "app", 2, None);
+    let flat = Probe::start(second.port, "app", 2, None);
     std::thread::sleep(Duration::from_secs(2));
 
-    let admin = bouncer.admin();
-    let switch = ["--pgbouncer", admin.as_str(), "--pgbouncer-db", "app"];
+    let (admin, admin2) = (bouncer.admin(), second.admin());
+    let switch =
+        ["--pgbouncer", admin.as_str(), "--pgbouncer", admin2.as_str(), "--pgbouncer-db", "app"];
     let cut_at = Instant::now();
     let mut args = vec!["cutover", "s", "--json", "--rollback-sync", "back"];
     args.extend(switch);
     let cut = p.run(&args).json();
     assert!(cut["paused_ms"].as_i64().unwrap() >= cut["fence_ms"].as_i64().unwrap(), "{cut}");
-    let ini = std::fs::read_to_string(&bouncer.ini).unwrap();
-    assert!(
-        ini.contains(&format!("port={} dbname={} user={APP_USER}", dst.cluster.port, dst.name)),
-        "{ini}"
-    );
-    assert!(ini.starts_with(";; written by the tests\n[databases]\n"), "{ini}");
+    for ini in [&bouncer.ini, &second.ini] {
+        let ini = std::fs::read_to_string(ini).unwrap();
+        assert!(
+            ini.contains(&format!("port={} dbname={} user={APP_USER}", dst.cluster.port, dst.name)),
+            "{ini}"
+        );
+        assert!(ini.starts_with(";; written by the tests\n[databases]\n"), "{ini}");
+    }
     std::thread::sleep(Duration::from_secs(2));
     let moved = dst.sql().value("select count(*) from probe where at > now() - interval '1 s'");
     assert_ne!(moved, "0", "the clients write to the new server");
