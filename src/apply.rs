@@ -97,7 +97,7 @@ const SHAPE: &str = "select (select coalesce(string_agg(
                  a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' order by a.attname), '')
              from pg_attribute a
              where a.attrelid = t.name::regclass and a.attnum > 0 and not a.attisdropped
-               and a.attgenerated = '')
+               {not_generated})
      from unnest($1::text[]) with ordinality t(name, n) order by t.n";
 
 /// What one batch did.
@@ -132,10 +132,13 @@ impl Plan {
             let table = qualified(&c.schema, &c.name);
             let names: Vec<String> = src
                 .query_one(
-                    "select coalesce(array_agg(attname::text order by attnum), '{}')
-                     from pg_attribute
-                     where attrelid = $1::text::regclass and attnum > 0
-                       and not attisdropped and attgenerated = ''",
+                    &format!(
+                        "select coalesce(array_agg(a.attname::text order by a.attnum), '{{}}')
+                         from pg_attribute a
+                         where a.attrelid = $1::text::regclass and a.attnum > 0
+                           and not a.attisdropped {}",
+                        src.not_generated()
+                    ),
                     &[&table],
                 )
                 .await?
@@ -200,7 +203,8 @@ impl Plan {
 
     async fn shape_on(&self, c: &impl Sql) -> Result<Vec<String>> {
         let tables: Vec<&str> = self.tables.iter().map(|t| t.table.as_str()).collect();
-        Ok(c.query_qualified(SHAPE, &[&tables]).await?.iter().map(|r| r.get(0)).collect())
+        let sql = SHAPE.replace("{not_generated}", c.not_generated());
+        Ok(c.query_qualified(&sql, &[&tables]).await?.iter().map(|r| r.get(0)).collect())
     }
 
     /// Refuses a target whose tables lack some of the source's columns

@@ -161,11 +161,14 @@ async fn install_table(
     let function = qualified(schema, &format!("f{sync_id}_{n}"));
     let columns = client
         .query(
-            "select a.attname::text, format_type(a.atttypid, a.atttypmod)
-             from pg_attribute a
-             where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
-               and a.attgenerated = ''
-             order by a.attnum",
+            &format!(
+                "select a.attname::text, format_type(a.atttypid, a.atttypmod)
+                 from pg_attribute a
+                 where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
+                   {}
+                 order by a.attnum",
+                client.not_generated()
+            ),
             &[&table],
         )
         .await?;
@@ -174,13 +177,16 @@ async fn install_table(
     // too, but fires statement triggers of the parent only (with the
     // children's rows in its transition tables): each table of an
     // inheritance tree captures its own rows with row triggers, which fire
-    // on the table that holds the row.
+    // on the table that holds the row. So does a partition captured by
+    // itself (PostgreSQL 10 sources, whose partitioned tables take no row
+    // trigger).
     let inherited: bool = client
         .query_one(
             "select exists (select 1 from pg_inherits i join pg_class c on c.oid = i.inhrelid
                             where (i.inhparent = $1::text::regclass
                                    or i.inhrelid = $1::text::regclass)
-                              and not c.relispartition)",
+                              and not c.relispartition)
+                 or (select relispartition from pg_class where oid = $1::text::regclass)",
             &[&table],
         )
         .await?
@@ -260,9 +266,9 @@ fn keyed_row_capture(
              return null;
          end $pgleap$;
          create trigger {row} after insert or update or delete on {table}
-             for each row execute function {function}();
+             for each row execute procedure {function}();
          create trigger {trunc} after truncate on {table}
-             for each statement execute function {function}();\n",
+             for each statement execute procedure {function}();\n",
         table_ddl = keyed_delta(delta, key_columns, columns),
         list = keys.join(", "),
         old = image("old"),
@@ -318,7 +324,7 @@ fn keyed_capture(
         };
         ddl.push_str(&format!(
             "create trigger {} after {event} on {table} {referencing}
-             for each statement execute function {function}();\n",
+             for each statement execute procedure {function}();\n",
             quote_ident(&trigger)
         ));
     }
@@ -371,9 +377,9 @@ fn keyless_capture(
              return null;
          end $pgleap$;
          create trigger {row} after insert or update or delete on {table}
-             for each row execute function {function}();
+             for each row execute procedure {function}();
          create trigger {trunc} after truncate on {table}
-             for each statement execute function {function}();\n",
+             for each statement execute procedure {function}();\n",
         old = image("old"),
         new = image("new"),
         row = quote_ident(&row_trigger),

@@ -399,7 +399,7 @@ async fn fence(src: &mut Conn, plan: &Plan, moved_to: &str) -> Result<()> {
         ddl.push_str(&format!(
             "drop trigger if exists {trigger} on {table};
              create trigger {trigger} before insert or update or delete or truncate on {table}
-                 for each statement execute function {function}();\n",
+                 for each statement execute procedure {function}();\n",
             table = t.table
         ));
     }

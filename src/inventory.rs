@@ -140,16 +140,23 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
             .collect();
         let rows = client
             .query(
-                "select c.oid
+                &format!(
+                    "select c.oid
                  from pg_class c join pg_namespace n on n.oid = c.relnamespace
                  where c.relkind::text = any($1::text[])
-                   and not c.relispartition
+                   and {}
                    and n.nspname !~ '^pg_'
                    and n.nspname <> all($2::text[])
                    and ($3::text[] is null or n.nspname = any($3::text[]))
                    and not exists (select 1 from pg_depend d
                                    where d.classid = 'pg_class'::regclass
                                      and d.objid = c.oid and d.deptype = 'e')",
+                    if whole_partitions(client) {
+                        "c.relkind <> 'p'"
+                    } else {
+                        "not c.relispartition"
+                    }
+                ),
                 &[&kinds, &excluded, &schemas],
             )
             .await?;
@@ -172,43 +179,10 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
 
 /// The relations of these oids, with their keys and sizes.
 async fn relations(client: &Conn, oids: &[u32]) -> Result<Vec<Relation>> {
-    let rows = client
-        .query(
-            "select n.nspname::text, c.relname::text, c.relkind::text,
-                    coalesce((select array_agg(a.attname::text order by k.ord)
-                              from unnest(i.indkey::int2[]) with ordinality k(attnum, ord)
-                              join pg_attribute a on a.attrelid = c.oid and a.attnum = k.attnum
-                              where k.ord <= i.indnkeyatts), '{}'::text[]),
-                    (case when c.relkind = 'p'
-                          then (select coalesce(sum(pg_total_relation_size(t.relid)), 0)
-                                from pg_partition_tree(c.oid) t)
-                          else pg_total_relation_size(c.oid) end)::int8,
-                    (case when c.relkind = 'p'
-                          then (select coalesce(sum(greatest(pc.reltuples, 0)), 0)
-                                from pg_partition_tree(c.oid) t
-                                join pg_class pc on pc.oid = t.relid where t.isleaf)
-                          when c.relkind = 'S' then 0
-                          else greatest(c.reltuples, 0) end)::int8
-             from pg_class c
-             join pg_namespace n on n.oid = c.relnamespace
-             left join lateral (
-                 select i.indkey, i.indnkeyatts
-                 from pg_index i
-                 where i.indrelid = c.oid and i.indisunique and i.indisvalid
-                   and (i.indisprimary
-                        or (i.indimmediate and i.indpred is null and i.indexprs is null
-                            and not exists (
-                                select 1 from unnest(i.indkey::int2[]) k(attnum)
-                                left join pg_attribute a
-                                       on a.attrelid = c.oid and a.attnum = k.attnum
-                                where a.attnum is null or not a.attnotnull)))
-                 order by i.indisprimary desc, i.indnkeyatts, i.indexrelid
-                 limit 1) i on c.relkind <> 'S'
-             where c.oid = any($1::oid[])
-             order by c.relkind = 'S', n.nspname, c.relname",
-            &[&oids],
-        )
-        .await?;
+    // Key columns apart from INCLUDE columns: PostgreSQL 11 and later.
+    let nkeys = if client.version().major() >= 11 { "indnkeyatts" } else { "indnatts" };
+    let sql = RELATIONS.replace("{nkeys}", nkeys);
+    let rows = client.query(&sql, &[&oids]).await?;
     Ok(rows
         .iter()
         .map(|r| Relation {
@@ -227,10 +201,61 @@ async fn relations(client: &Conn, oids: &[u32]) -> Result<Vec<Relation>> {
         .collect())
 }
 
+/// Each relation with its key (primary key, else the narrowest usable
+/// unique index) and size; a partitioned table's size is its partitions'
+/// (walked through pg_inherits, which every supported major has).
+const RELATIONS: &str = "select n.nspname::text, c.relname::text, c.relkind::text,
+                    coalesce((select array_agg(a.attname::text order by k.ord)
+                              from unnest(i.indkey::int2[]) with ordinality k(attnum, ord)
+                              join pg_attribute a on a.attrelid = c.oid and a.attnum = k.attnum
+                              where k.ord <= i.{nkeys}), '{}'::text[]),
+                    (case when c.relkind = 'p'
+                          then (with recursive tree(relid) as (
+                                    select c.oid
+                                    union all
+                                    select h.inhrelid from pg_inherits h
+                                    join tree on h.inhparent = tree.relid)
+                                select coalesce(sum(pg_total_relation_size(relid)), 0) from tree)
+                          else pg_total_relation_size(c.oid) end)::int8,
+                    (case when c.relkind = 'p'
+                          then (with recursive tree(relid) as (
+                                    select c.oid
+                                    union all
+                                    select h.inhrelid from pg_inherits h
+                                    join tree on h.inhparent = tree.relid)
+                                select coalesce(sum(greatest(pc.reltuples, 0)), 0) from tree
+                                join pg_class pc on pc.oid = tree.relid where pc.relkind <> 'p')
+                          when c.relkind = 'S' then 0
+                          else greatest(c.reltuples, 0) end)::int8
+             from pg_class c
+             join pg_namespace n on n.oid = c.relnamespace
+             left join lateral (
+                 select i.indkey, i.{nkeys}
+                 from pg_index i
+                 where i.indrelid = c.oid and i.indisunique and i.indisvalid
+                   and (i.indisprimary
+                        or (i.indimmediate and i.indpred is null and i.indexprs is null
+                            and not exists (
+                                select 1 from unnest(i.indkey::int2[]) k(attnum)
+                                left join pg_attribute a
+                                       on a.attrelid = c.oid and a.attnum = k.attnum
+                                where a.attnum is null or not a.attnotnull)))
+                 order by i.indisprimary desc, i.{nkeys}, i.indexrelid
+                 limit 1) i on c.relkind <> 'S'
+             where c.oid = any($1::oid[])
+             order by c.relkind = 'S', n.nspname, c.relname";
+
 #[derive(Clone, Copy, PartialEq)]
 enum Wanted {
     Table,
     Sequence,
+}
+
+/// Whether partitions are replicated one by one instead of through their
+/// partitioned table: on PostgreSQL 10, which has no row triggers (nor
+/// keys) on partitioned tables.
+fn whole_partitions(client: &Conn) -> bool {
+    client.version().major() < 11
 }
 
 /// Resolves a name as the server would (`to_regclass`-style: quoting, case
@@ -241,7 +266,14 @@ async fn lookup(client: &Conn, name: &str, wanted: Wanted) -> Result<u32> {
         .query_one(
             "select c.oid, c.relkind::text, c.relispartition,
                     case when c.relispartition
-                         then pg_partition_root(c.oid)::regclass::text end
+                         then (with recursive up(relid) as (
+                                   select c.oid
+                                   union all
+                                   select h.inhparent from pg_inherits h
+                                   join up on h.inhrelid = up.relid)
+                               select u.relid::regclass::text from up u
+                               join pg_class pc on pc.oid = u.relid
+                               where not pc.relispartition limit 1) end
              from pg_class c where c.oid = $1::text::regclass",
             &[&name],
         )
@@ -267,6 +299,14 @@ async fn lookup(client: &Conn, name: &str, wanted: Wanted) -> Result<u32> {
     let kind: &str = row.get(1);
     let is_partition: bool = row.get(2);
     match (wanted, kind) {
+        // PostgreSQL 10 puts no row trigger on a partitioned table: its
+        // partitions are replicated as the tables they are.
+        (Wanted::Table, "p") if whole_partitions(client) => Err(Error::invalid(
+            format!("{name} is a partitioned table of PostgreSQL 10"),
+            "PostgreSQL 10 cannot capture through a partitioned table: name its partitions with \
+             --table (--all-tables and --schema take them by themselves)",
+        )),
+        (Wanted::Table, "r") if is_partition && whole_partitions(client) => Ok(oid),
         (Wanted::Table, "r" | "p") if is_partition => Err(Error::invalid(
             format!("{name} is a partition of {}", row.get::<_, String>(3)),
             format!(

@@ -294,6 +294,30 @@ impl SyncSpec {
     }
 }
 
+/// The oldest source pgleap can capture from: statement triggers with
+/// transition tables, and partitioned tables, came with PostgreSQL 10.
+const OLDEST_SOURCE: u32 = 10;
+
+/// Refuses a source older than pgleap can capture from, by its version
+/// rather than by a catalog query failing half-way.
+pub(crate) fn check_supported_source(src: &Conn) -> Result<()> {
+    if src.version().major() >= OLDEST_SOURCE {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!(
+            "database \"{}\" runs PostgreSQL {}; pgleap captures changes from PostgreSQL \
+             {OLDEST_SOURCE} or newer",
+            src.name(),
+            src.version()
+        ),
+        format!(
+            "upgrade it to {OLDEST_SOURCE} or newer in place first (pg_upgrade), or move it with \
+             pg_dump | pg_restore"
+        ),
+    ))
+}
+
 /// What identifies one database of one running server, as far as a
 /// non-superuser can see: same port, same start time, same database oid.
 pub(crate) async fn fingerprint(conn: &Conn) -> Result<String> {
@@ -329,6 +353,7 @@ pub async fn add_sync_on(
 ) -> Result<()> {
     check_free(catalog, catalog::ObjectKind::Sync, &spec.name)?;
     let relgroup = catalog.relgroup(&spec.relgroup)?;
+    check_supported_source(src)?;
     let source = src.name().to_string();
     if relgroup.db != source {
         return Err(Error::invalid(

@@ -151,15 +151,19 @@ pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
     }
     // Available, not created yet, and not creatable by this role: an
     // extension that needs a superuser and is not trusted.
+    // Trusted extensions (any role with CREATE may create them): 13 and later.
+    let trusted = if dst.version().major() >= 13 { "v.trusted" } else { "false" };
     let needs_admin: Vec<String> = dst
         .query(
-            "select e.name::text from pg_available_extensions e
-             where e.name = any($1::text[]) and e.installed_version is null
-               and not (select rolsuper from pg_roles where rolname = current_user)
-               and exists (select 1 from pg_available_extension_versions v
-                           where v.name = e.name and v.version = e.default_version
-                             and v.superuser and not v.trusted)
-             order by 1",
+            &format!(
+                "select e.name::text from pg_available_extensions e
+                 where e.name = any($1::text[]) and e.installed_version is null
+                   and not (select rolsuper from pg_roles where rolname = current_user)
+                   and exists (select 1 from pg_available_extension_versions v
+                               where v.name = e.name and v.version = e.default_version
+                                 and v.superuser and not {trusted})
+                 order by 1"
+            ),
             &[&used],
         )
         .await?

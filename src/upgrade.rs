@@ -135,6 +135,7 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
             "upgrade moves to the same or a newer major",
         ));
     }
+    crate::objects::check_supported_source(&src)?;
     if crate::objects::fingerprint(&src).await? == crate::objects::fingerprint(&tgt).await? {
         return Err(Error::invalid(
             "the source and the target are the same database on the same server",

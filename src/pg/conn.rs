@@ -127,26 +127,22 @@ impl Conn {
         &self.name
     }
 
-    pub fn version(&self) -> PgVersion {
-        self.version
-    }
-
     /// Where it is connected (host, port, database, user; never a password).
     pub fn endpoint(&self) -> String {
         self.resolved.to_string()
     }
 
     pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
-        let name = self.name.clone();
+        let (name, version) = (self.name.clone(), self.version);
         match self.client.transaction().await {
-            Ok(tx) => Ok(Tx { tx, name }),
+            Ok(tx) => Ok(Tx { tx, name, version }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
 
     /// A read-only REPEATABLE READ transaction: one snapshot for all it reads.
     pub async fn snapshot(&mut self) -> Result<Tx<'_>, PgError> {
-        let name = self.name.clone();
+        let (name, version) = (self.name.clone(), self.version);
         let started = self
             .client
             .build_transaction()
@@ -155,7 +151,7 @@ impl Conn {
             .start()
             .await;
         match started {
-            Ok(tx) => Ok(Tx { tx, name }),
+            Ok(tx) => Ok(Tx { tx, name, version }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
@@ -165,6 +161,7 @@ impl Conn {
 pub struct Tx<'a> {
     tx: tokio_postgres::Transaction<'a>,
     name: Arc<str>,
+    version: PgVersion,
 }
 
 impl Tx<'_> {
@@ -186,6 +183,13 @@ type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 pub trait Sql: Sync {
     fn client(&self) -> &Client;
     fn db(&self) -> &str;
+    fn version(&self) -> PgVersion;
+
+    /// `and a.attgenerated = ''` (alias `a` for pg_attribute): leaves out
+    /// generated columns, which PostgreSQL has since 12.
+    fn not_generated(&self) -> &'static str {
+        if self.version().major() >= 12 { "and a.attgenerated = ''" } else { "" }
+    }
 
     fn error(&self, source: tokio_postgres::Error) -> PgError {
         PgError::Query { db: self.db().to_string(), context: None, source }
@@ -245,6 +249,9 @@ impl Sql for Conn {
     fn db(&self) -> &str {
         &self.name
     }
+    fn version(&self) -> PgVersion {
+        self.version
+    }
 }
 
 impl Sql for Tx<'_> {
@@ -253,6 +260,9 @@ impl Sql for Tx<'_> {
     }
     fn db(&self) -> &str {
         &self.name
+    }
+    fn version(&self) -> PgVersion {
+        self.version
     }
 }
 
