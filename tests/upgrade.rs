@@ -326,3 +326,8 @@ fn upgrade_shapes_from_pg15_to_pg18() {
 fn upgrade_shapes_from_pg17_to_pg18() {
     upgrade_shapes(17, 18);
 }
+
+#[test]
+fn upgrade_shapes_from_pg17_to_pg17() {
+    upgrade_shapes(17, 17);
+}
