@@ -138,7 +138,7 @@ pub async fn install(
     for (i, rel) in tables.enumerate() {
         if let Err(e) = install_table(client, schema, sync_id, i as i32 + 1, rel).await {
             // Best effort: the original error is the one worth reporting.
-            if let Err(cleanup) = remove(client, schema, sync).await {
+            if let Err(cleanup) = remove(client, schema, sync, false).await {
                 tracing::warn!("cleanup after failed install: {cleanup}");
             }
             return Err(e);
@@ -434,6 +434,29 @@ pub(crate) async fn with_lock_retries(client: &mut Conn, what: &str, ddl: &str) 
     unreachable!("the last attempt returns")
 }
 
+/// Undoes `--terminate`'s read-only default, where it is set.
+pub async fn reset_read_only(db: &Conn) -> Result<()> {
+    let set: bool = db
+        .query_one(
+            "select exists (select 1 from pg_db_role_setting s
+                            join pg_database d on d.oid = s.setdatabase
+                            where d.datname = current_database() and s.setrole = 0
+                              and 'default_transaction_read_only=on' = any(s.setconfig))",
+            &[],
+        )
+        .await?
+        .get(0);
+    if set {
+        let name: String = db.query_one("select current_database()", &[]).await?.get(0);
+        db.batch_execute(&format!(
+            "alter database {} reset default_transaction_read_only",
+            quote_ident(&name)
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 /// The captured tables of an installed sync, in installation order.
 pub async fn captured(
     client: &Conn,
@@ -474,10 +497,14 @@ pub async fn captured(
 /// Removes a sync's capture from its source: triggers, functions, delta
 /// tables, bookkeeping rows, and the schema once no sync uses it. Objects
 /// pgleap did not create are never touched.
-pub async fn remove(client: &mut Conn, schema: &str, sync: &str) -> Result<()> {
+/// With `keep_fence`, a cut-over sync's fence (its trigger on each table and
+/// its function) stays: the old server goes on refusing writes.
+pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: bool) -> Result<()> {
     let Some((sync_id, _)) = captured(client, schema, sync).await? else {
         return Ok(());
     };
+    let fence = fence_trigger(sync_id);
+    let fence_function = format!("f{sync_id}_fence");
     let s = quote_ident(schema);
     // Tables whose installation failed half-way have triggers but no
     // relations row; find every table carrying this sync's triggers.
@@ -494,6 +521,9 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str) -> Result<()> {
         let table = qualified(row.get(0), row.get(1));
         let mut ddl = String::new();
         for (trigger, _) in trigger_names(sync_id) {
+            if keep_fence && trigger == fence {
+                continue;
+            }
             ddl.push_str(&format!(
                 "drop trigger if exists {} on {table};\n",
                 quote_ident(&trigger)
@@ -510,7 +540,11 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str) -> Result<()> {
         )
         .await?;
     for f in &functions {
-        ddl.push_str(&format!("drop function {}();\n", qualified(schema, f.get(0))));
+        let name: &str = f.get(0);
+        if keep_fence && name == fence_function {
+            continue;
+        }
+        ddl.push_str(&format!("drop function {}();\n", qualified(schema, name)));
     }
     let deltas = client
         .query(

@@ -327,7 +327,8 @@ pub struct Sync {
 /// How a round of a sync ended, as status shows it.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct SyncState {
-    pub sync: String,
+    /// Shown by the status entry that holds it, not twice.
+    #[serde(skip)]
     pub target: String,
     /// "good" or "bad".
     pub state: String,
@@ -935,6 +936,17 @@ impl Catalog {
         })
     }
 
+    /// Whether `sync` was cut over.
+    pub fn was_cut_over(&self, sync: &str) -> Result<bool> {
+        self.conn
+            .query_row(
+                "select exists (select 1 from cutover where sync = ?1)",
+                params![sync],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sqlite(e))
+    }
+
     /// The sync back armed when `sync` was cut over, if one was.
     pub fn rollback_sync_of(&self, sync: &str) -> Result<Option<String>> {
         self.conn
@@ -1008,7 +1020,6 @@ impl Catalog {
         let rows = stmt
             .query_map(params![sync], |r| {
                 Ok(SyncState {
-                    sync: r.get(0)?,
                     target: r.get(1)?,
                     state: r.get(2)?,
                     last_good: r.get(3)?,

@@ -131,7 +131,7 @@ pub async fn cutover_with(
             // A rollback: the fence the cutover left on the old server comes
             // off last, once nothing else can fail.
             unfence(&mut session.tgt, old).await?;
-            reset_read_only(&session.tgt).await?;
+            capture::reset_read_only(&session.tgt).await?;
         }
         Ok::<_, Error>(switched)
     }
@@ -199,7 +199,7 @@ async fn undo(catalog: &mut Catalog, session: &mut Session, opts: &CutoverOption
         && catalog.sync(back).is_ok()
     {
         // It did not exist before this cutover (checked up front).
-        let _ = capture::remove(&mut session.tgt, &session.plan.schema, back).await;
+        let _ = capture::remove(&mut session.tgt, &session.plan.schema, back, false).await;
         let _ = catalog.remove_sync(back);
         let _ = catalog.remove_dbgroup(back);
         let _ = catalog.remove_relgroup(back);
@@ -450,21 +450,6 @@ pub async fn rollback(
     let old_fence = Plan::load(&session.tgt, &forward.sync, &forward.relgroup).await?;
     let opts = CutoverOptions { lift_fence: Some(old_fence), rollback_sync: None, ..opts.clone() };
     cutover_with(catalog, &back, &mut session, &opts, env).await
-}
-
-/// Undoes `--terminate`'s read-only default, where it is set.
-async fn reset_read_only(db: &Conn) -> Result<()> {
-    let set: bool = db
-        .query_one(
-            "select exists (select 1 from pg_db_role_setting s
-                            join pg_database d on d.oid = s.setdatabase
-                            where d.datname = current_database() and s.setrole = 0
-                              and 'default_transaction_read_only=on' = any(s.setconfig))",
-            &[],
-        )
-        .await?
-        .get(0);
-    if set { read_only(db, false).await } else { Ok(()) }
 }
 
 /// Ends other sessions and makes new transactions read-only (or undoes it).

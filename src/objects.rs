@@ -403,7 +403,7 @@ pub async fn add_sync_on(
     let schema = &spec.capture_schema;
     capture::install(src, schema, &spec.name, &relgroup.members, &target_names).await?;
     if let Err(e) = catalog.add_sync(&spec.record()) {
-        let _ = capture::remove(src, schema, &spec.name).await;
+        let _ = capture::remove(src, schema, &spec.name, false).await;
         return Err(e.into());
     }
     Ok(())
@@ -412,7 +412,15 @@ pub async fn add_sync_on(
 /// Removes every object a sync created on its servers (capture on the
 /// source; bookkeeping on the targets, after putting back what was set
 /// aside), then the sync itself from the catalog.
-pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result<()> {
+/// After a cutover the old server's fence stays (and its read-only default,
+/// if `--terminate` set one), so that it does not silently take writes
+/// again; `unfence` removes them too. Returns whether the fence was kept.
+pub async fn teardown(
+    catalog: &mut Catalog,
+    name: &str,
+    unfence: bool,
+    env: Env<'_>,
+) -> Result<bool> {
     let route = SyncRoute::load(catalog, name)?;
     // Every server must answer before anything changes: a refused teardown
     // writes nothing.
@@ -421,12 +429,16 @@ pub async fn teardown(catalog: &mut Catalog, name: &str, env: Env<'_>) -> Result
     for target in &route.targets {
         targets.push(target.connect(env).await?);
     }
+    let keep_fence = catalog.was_cut_over(name)? && !unfence;
     catalog.retire_sync(name)?;
     let schema = &route.sync.capture_schema;
-    capture::remove(&mut src, schema, name).await?;
+    capture::remove(&mut src, schema, name, keep_fence).await?;
+    if unfence {
+        capture::reset_read_only(&src).await?;
+    }
     for tgt in &mut targets {
         target::remove(tgt, schema, name).await?;
     }
     catalog.remove_sync(name)?;
-    Ok(())
+    Ok(keep_fence)
 }

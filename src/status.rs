@@ -34,6 +34,8 @@ pub struct TargetStatus {
     pub last: SyncState,
     pub pending: Option<i64>,
     pub lag_seconds: Option<f64>,
+    /// After a cutover: where the writes go now.
+    pub writes_go_to: Option<String>,
 }
 
 /// Status of the named sync, or of every sync.
@@ -51,7 +53,13 @@ pub async fn gather(
         let route = SyncRoute::resolve(catalog, sync)?;
         let sync = &route.sync;
         let source = route.source.name.clone();
-        let states = catalog.sync_states(&sync.name)?;
+        let cut_over = sync.retired && catalog.was_cut_over(&sync.name)?;
+        let mut states = catalog.sync_states(&sync.name)?;
+        if cut_over {
+            for s in &mut states {
+                s.state = "cut over".into();
+            }
+        }
         let live = async {
             let src = route.source.connect(env).await?;
             let plan = Plan::load(&src, sync, &route.relgroup).await?;
@@ -77,13 +85,13 @@ pub async fn gather(
                 target: target.to_string(),
                 last: states.iter().find(|s| s.target == target).cloned().unwrap_or_else(|| {
                     SyncState {
-                        sync: sync.name.clone(),
                         target: target.to_string(),
                         state: "new".into(),
                         ..Default::default()
                     }
                 }),
                 pending: pending.as_ref().map(|p| p[i].0),
+                writes_go_to: cut_over.then(|| target.to_string()),
                 lag_seconds: pending.as_ref().map(|p| p[i].1),
             })
             .collect();

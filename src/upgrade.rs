@@ -303,8 +303,18 @@ pub async fn upgrade(
         };
         Some(cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?)
     } else {
+        // Nothing may stop following the source: without the daemon the
+        // target falls behind from here on.
+        let following = match crate::daemon::running_pid(catalog.path()) {
+            Some(pid) => format!("the daemon (pid {pid}) follows the source"),
+            None => {
+                let pid = crate::daemon::start_detached(catalog.path())?;
+                format!("started the daemon (pid {pid}): it follows the source")
+            }
+        };
         say(&format!(
-            "the sync is in place: pgleap start follows the source; pgleap cutover {name} when ready"
+            "the sync is in place and {following}; pgleap status {name} shows the lag; \
+             pgleap cutover {name} when ready"
         ));
         None
     };

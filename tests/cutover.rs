@@ -135,3 +135,45 @@ fn cutover_terminate_ends_sessions_and_makes_the_source_read_only_pg15_to_pg17()
     assert_eq!(dst.sql().value("select last_value from t_id_seq"), "1010");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// After a cutover, status says so and where the writes go; teardown keeps
+/// the old server's fence (and --terminate's read-only default) unless told
+/// --unfence, so the old server never takes writes again by surprise.
+#[test]
+fn after_cutover_status_says_so_and_teardown_keeps_the_fence_unless_unfenced_pg15_to_pg17() {
+    for unfence in [false, true] {
+        let src = TestDb::new(cluster(15), "keepsrc");
+        let dst = TestDb::new(cluster(17), "keepdst");
+        let schema = "create table t (id serial primary key, v text)";
+        src.sql().exec(schema);
+        dst.sql().exec(schema);
+        src.sql().exec("insert into t (v) values ('a'), ('b')");
+        let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+        p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+        p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+        p.run(&["cutover", "s", "--terminate"]).ok();
+
+        let status = p.run(&["status", "s", "--json"]);
+        assert_eq!(status.stdout.matches("\"target\"").count(), 1, "{status}");
+        let target = &status.json()["syncs"][0]["targets"][0];
+        assert_eq!(target["state"], "cut over", "{status}");
+        assert_eq!(target["writes_go_to"], "dst", "{status}");
+
+        let mut args = vec!["teardown", "s"];
+        if unfence {
+            args.push("--unfence");
+        }
+        let out = p.run(&args);
+        let insert = "insert into t (v) values ('after teardown')";
+        if unfence {
+            assert!(!out.ok().contains("keeps refusing writes"), "{out}");
+            assert_eq!(src.sql().value("show default_transaction_read_only"), "off");
+            src.sql().exec(insert);
+        } else {
+            assert!(out.ok().contains("keeps refusing writes"), "{out}");
+            assert_eq!(src.sql().value("show default_transaction_read_only"), "on");
+            let refused = src.sql().try_exec(&format!("set transaction read write; {insert}"));
+            assert!(refused.unwrap_err().contains("moved to"), "the fence is gone");
+        }
+    }
+}

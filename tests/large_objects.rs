@@ -165,6 +165,8 @@ fn preflight_names_the_large_objects_the_role_cannot_read_and_relgroup_can_leave
         text.contains("1 large object(s) the role cannot read") && text.contains(&secret),
         "{out}"
     );
+    // Without a cutover, the daemon follows the source from here on.
+    assert!(text.contains("started the daemon"), "{out}");
     assert_eq!(dst.sql().value("select count(*) from pg_largeobject_metadata"), "0");
 
     p.run(&[

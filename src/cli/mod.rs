@@ -160,7 +160,13 @@ pub enum Command {
         switch: SwitchArgs,
     },
     /// Remove everything a sync created on its servers, and the sync.
-    Teardown { sync: String },
+    Teardown {
+        sync: String,
+        /// After a cutover: also remove the old server's fence (and the
+        /// read-only default of --terminate), so that it takes writes again.
+        #[arg(long)]
+        unfence: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -537,9 +543,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         cmd @ (Command::Cutover { .. } | Command::Rollback { .. }) => cutover(c, cmd).await,
         cmd @ Command::Upgrade { .. } => upgrade(c, cmd).await,
-        Command::Teardown { sync } => {
-            objects::teardown(c, &sync, ENV).await?;
+        Command::Teardown { sync, unfence } => {
+            let fenced = objects::teardown(c, &sync, unfence, ENV).await?;
             println!("removed sync \"{sync}\" and its objects on the servers");
+            if fenced {
+                println!(
+                    "the old server keeps refusing writes to the migrated tables (its fence stays, \
+                     in the capture schema); pgleap never reopens it silently: drop that schema \
+                     (drop schema pgleap cascade) on the old server when it may take writes again"
+                );
+            }
             Ok(())
         }
         cmd => {
@@ -722,7 +735,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
             println!("updated sync \"{name}\"");
         }
         SyncCommand::Remove(args) => {
-            objects::teardown(catalog, &args.name, ENV).await?;
+            objects::teardown(catalog, &args.name, false, ENV).await?;
             println!("removed sync \"{}\" and its objects on the servers", args.name);
         }
     }
