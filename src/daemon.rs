@@ -83,6 +83,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
     let mut backoff = Duration::from_secs(1);
     let mut interval = MIN_POLL;
     let mut last_batch: Option<Instant> = None;
+    let mut summary = Summary::default();
     tracing::info!(sync, target, "worker started");
     loop {
         if token.is_cancelled() {
@@ -130,17 +131,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         .await;
         match step {
             Ok(Some(stats)) => {
-                if stats.inserts + stats.deletes + stats.truncates > 0 {
-                    tracing::info!(
-                        sync,
-                        target,
-                        inserts = stats.inserts,
-                        deletes = stats.deletes,
-                        truncates = stats.truncates,
-                        ms = stats.millis,
-                        "batch applied"
-                    );
-                }
+                summary.add(&sync, &target, &stats);
                 session::record(&mut catalog, &sync, &target, Ok(&stats), 0);
                 last_batch = Some(Instant::now());
                 backoff = Duration::from_secs(1);
@@ -164,6 +155,55 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         }
     }
     tracing::info!(sync, target, "worker stopped");
+}
+
+/// How often a worker logs what it applied (each batch is logged at debug
+/// level only: at 100 TPS a line per batch is millions a day).
+const SUMMARY: Duration = Duration::from_secs(60);
+
+/// What a worker applied since its last summary line.
+#[derive(Default)]
+struct Summary {
+    since: Option<Instant>,
+    batches: u64,
+    inserts: u64,
+    deletes: u64,
+    truncates: u64,
+}
+
+impl Summary {
+    fn add(&mut self, sync: &str, target: &str, s: &BatchStats) {
+        tracing::debug!(
+            sync,
+            target,
+            inserts = s.inserts,
+            deletes = s.deletes,
+            truncates = s.truncates,
+            ms = s.millis,
+            "batch applied"
+        );
+        let since = *self.since.get_or_insert_with(Instant::now);
+        self.batches += 1;
+        self.inserts += s.inserts;
+        self.deletes += s.deletes;
+        self.truncates += s.truncates;
+        if since.elapsed() < SUMMARY {
+            return;
+        }
+        if self.inserts + self.deletes + self.truncates > 0 {
+            tracing::info!(
+                sync,
+                target,
+                batches = self.batches,
+                inserts = self.inserts,
+                deletes = self.deletes,
+                truncates = self.truncates,
+                seconds = since.elapsed().as_secs(),
+                "applied"
+            );
+        }
+        *self = Summary { since: Some(Instant::now()), ..Default::default() };
+    }
 }
 
 /// Sleeps; returns true when cancelled instead.
@@ -235,11 +275,91 @@ impl Drop for PidFile {
     }
 }
 
-/// Runs the daemon in this process until SIGTERM or SIGINT.
+/// Runs the daemon in this process until SIGTERM or SIGINT. Under systemd
+/// (`Type=notify`) it says READY=1 once its workers run, keeps a STATUS=
+/// line, and pings the watchdog when `WatchdogSec` is set.
 pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
     let _pid = PidFile::acquire(catalog_path)?;
     let token = CancellationToken::new();
-    let signals = token.clone();
+    let hangup = std::sync::Arc::new(tokio::sync::Notify::new());
+    spawn_signal_handler(token.clone(), hangup.clone());
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let stop = token.clone();
+        tokio::spawn(async move {
+            while !sleep_or_cancel(&stop, period / 2).await {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    tracing::info!(pid = std::process::id(), catalog = %catalog_path.display(), "daemon started");
+
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let mut workers: Vec<Worker> = Vec::new();
+            let mut ready = false;
+            loop {
+                reconcile(catalog_path, &token, &mut workers);
+                if !ready {
+                    ready = true;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                }
+                let status = format!("{} worker(s) applying", workers.len());
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(RELOAD) => {}
+                    _ = hangup.notified() => tracing::info!("SIGHUP: catalog re-read"),
+                }
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            for (.., handle) in workers {
+                let _ = handle.await;
+            }
+        })
+        .await;
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// A running worker: its sync and target, its stop token, its task.
+type Worker = (String, String, CancellationToken, tokio::task::JoinHandle<()>);
+
+/// Starts a worker for every (sync, target) the catalog has and no worker
+/// runs for, and stops those whose sync is gone or retired.
+fn reconcile(catalog_path: &Path, token: &CancellationToken, workers: &mut Vec<Worker>) {
+    let wanted = match Catalog::open(catalog_path).map_err(Error::from).and_then(|c| pairs(&c)) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("cannot read the catalog: {e}");
+            workers.iter().map(|(s, t, ..)| (s.clone(), t.clone())).collect()
+        }
+    };
+    workers.retain(|(s, t, child, handle)| {
+        let keep = wanted.contains(&(s.clone(), t.clone())) && !handle.is_finished();
+        if !keep {
+            child.cancel();
+        }
+        keep
+    });
+    for (s, t) in wanted {
+        if !workers.iter().any(|(ws, wt, ..)| *ws == s && *wt == t) {
+            let child = token.child_token();
+            let handle = tokio::task::spawn_local(worker(
+                catalog_path.to_path_buf(),
+                s.clone(),
+                t.clone(),
+                child.clone(),
+            ));
+            workers.push((s, t, child, handle));
+        }
+    }
+}
+
+/// SIGTERM and SIGINT stop the daemon (batches in flight finish); SIGHUP
+/// (a closed terminal, `systemctl reload`) only makes it re-read the
+/// catalog at once.
+fn spawn_signal_handler(token: CancellationToken, hangup: std::sync::Arc<tokio::sync::Notify>) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
@@ -249,62 +369,12 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                // A closed terminal or a `systemctl reload` must not stop the
-                // sync: the catalog is re-read every 2 s anyway.
-                _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload, the catalog is re-read every 2 s"),
+                _ = hup.recv() => hangup.notify_one(),
             }
         }
+        token.cancel();
         tracing::info!("stopping: letting batches in flight finish");
-        signals.cancel();
     });
-    tracing::info!(pid = std::process::id(), catalog = %catalog_path.display(), "daemon started");
-
-    let local = tokio::task::LocalSet::new();
-    local
-        .run_until(async {
-            let mut workers: Vec<(String, String, CancellationToken, tokio::task::JoinHandle<()>)> =
-                Vec::new();
-            loop {
-                let wanted = match Catalog::open(catalog_path)
-                    .map_err(Error::from)
-                    .and_then(|c| pairs(&c))
-                {
-                    Ok(w) => w,
-                    Err(e) => {
-                        tracing::warn!("cannot read the catalog: {e}");
-                        workers.iter().map(|(s, t, ..)| (s.clone(), t.clone())).collect()
-                    }
-                };
-                workers.retain(|(s, t, child, handle)| {
-                    let keep = wanted.contains(&(s.clone(), t.clone())) && !handle.is_finished();
-                    if !keep {
-                        child.cancel();
-                    }
-                    keep
-                });
-                for (s, t) in wanted {
-                    if !workers.iter().any(|(ws, wt, ..)| *ws == s && *wt == t) {
-                        let child = token.child_token();
-                        let handle = tokio::task::spawn_local(worker(
-                            catalog_path.to_path_buf(),
-                            s.clone(),
-                            t.clone(),
-                            child.clone(),
-                        ));
-                        workers.push((s, t, child, handle));
-                    }
-                }
-                if sleep_or_cancel(&token, RELOAD).await {
-                    break;
-                }
-            }
-            for (.., handle) in workers {
-                let _ = handle.await;
-            }
-        })
-        .await;
-    tracing::info!("daemon stopped");
-    Ok(())
 }
 
 /// Every (sync, target) pair of the catalog.

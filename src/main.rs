@@ -10,8 +10,9 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = pgleap::cli::Cli::parse();
     let default = match cli.verbose {
-        // The daemon's log is its record of what it did.
-        0 if cli.command.is_daemon() => "info",
+        // The daemon's log is its record of what it did. Server notices
+        // (logged by tokio-postgres) say nothing to the user.
+        0 if cli.command.is_daemon() => "info,tokio_postgres=warn",
         // pgleap's own info lines are its progress reports off a TTY.
         0 => "warn,pgleap=info",
         1 => "pgleap=debug,info",
@@ -24,6 +25,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr must not stop anything: the subscriber would
+        // report its own write error with eprintln!, which panics there
+        // (and a panicking signal task never stopped the daemon).
+        .log_internal_errors(false)
         .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

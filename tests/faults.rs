@@ -295,3 +295,44 @@ fn converges_after_faults_at_random_points_pg12_to_pg17() {
 fn converges_after_faults_at_random_points_pg15_to_pg17() {
     converges_after_faults(15);
 }
+
+/// Under systemd: READY=1 on the notify socket once the workers run;
+/// SIGTERM stops the daemon even when its stderr is a closed pipe.
+#[test]
+fn the_daemon_behaves_as_a_systemd_service() {
+    use std::os::unix::net::UnixDatagram;
+    let p = Pgleap::new();
+    let socket_path = p.home().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut daemon = p
+        .command()
+        .env("NOTIFY_SOCKET", &socket_path)
+        .args(["start", "--foreground"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut got = String::new();
+    while !got.contains("READY=1") {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("no READY=1 on NOTIFY_SOCKET");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // The reading end goes away, as with a dead log pipe.
+    drop(daemon.stderr.take());
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(daemon.try_wait().unwrap().is_none(), "SIGHUP stopped the daemon");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the daemon");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
