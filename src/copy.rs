@@ -80,7 +80,8 @@ pub async fn initial_copy(
              done bool not null default false,
              snapshot text,
              rows int8,
-             primary key (sync, unit))"
+             primary key (sync, unit));
+         alter table {s}.copy_units add column if not exists done_at timestamptz"
     ))
     .await?;
 
@@ -421,7 +422,7 @@ impl CopyRun<'_> {
         let marked = ttx
             .execute(
                 &format!(
-                    "update {}.copy_units set done = true, snapshot = $3, rows = $4
+                    "update {}.copy_units set done = true, snapshot = $3, rows = $4, done_at = now()
                      where sync = $1 and unit = $2 and not done",
                     quote_ident(&self.plan.schema)
                 ),

@@ -30,6 +30,9 @@ pub enum Error {
         tables.join("; ")
     )]
     SchemaChanged { sync: String, tables: Vec<String> },
+    /// `status` or `ready` found a sync that needs attention, or not ready.
+    #[error("{message}")]
+    NotReady { message: String, hint: String },
     /// `verify` ran and found differences.
     #[error("verify found differences in {tables} table(s) of sync \"{sync}\"")]
     Differences { sync: String, tables: usize },
@@ -85,7 +88,7 @@ impl Error {
     /// 2 for errors.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::KickTimeout { .. } | Self::Differences { .. } => 1,
+            Self::KickTimeout { .. } | Self::Differences { .. } | Self::NotReady { .. } => 1,
             _ => 2,
         }
     }
@@ -113,6 +116,7 @@ impl Error {
                 Some(format!("pgleap status {sync} shows the last error of each target"))
             }
             Self::Invalid { hint, .. } => hint.clone().filter(|h| !h.is_empty()),
+            Self::NotReady { hint, .. } => Some(hint.clone()),
         }
     }
 }

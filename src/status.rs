@@ -1,14 +1,19 @@
 //! What each sync is doing: the last rounds (from the catalog, written by
-//! whoever ran them) and, live from the source, the changes still waiting
-//! and how old the oldest is. Works whether or not the daemon runs.
+//! whoever ran them), live from the source the changes still waiting and
+//! how old the oldest is, and from each target how far the initial copy
+//! is; from all of it one phase per (sync, target). Works whether or not
+//! the daemon runs.
 
 use serde::Serialize;
 
 use crate::apply::{self, Plan};
 use crate::catalog::{Catalog, SyncState};
 use crate::error::Result;
-use crate::pg::Env;
-use crate::route::SyncRoute;
+use crate::pg::{Conn, Env, Sql, quote_ident};
+use crate::route::{DbConn, SyncRoute};
+
+/// Lag above which a sync is catching up rather than streaming.
+const STREAMING_LAG: f64 = 10.0;
 
 #[derive(Debug, Serialize)]
 pub struct SyncStatus {
@@ -36,12 +41,100 @@ pub struct TargetStatus {
     pub lag_seconds: Option<f64>,
     /// After a cutover: where the writes go now.
     pub writes_go_to: Option<String>,
+    /// waiting for daemon, copying (N%, ETA), building indexes, catching
+    /// up, streaming, paused, bad, cut over, unreachable.
+    pub phase: String,
+    /// Whether the target has its initial copy and applies changes.
+    pub copied: bool,
 }
 
-/// Status of the named sync, or of every sync.
+impl TargetStatus {
+    /// Whether the phase needs someone: a bad sync, a target that cannot
+    /// be read, or nobody applying while autokick is on.
+    pub fn needs_attention(&self) -> bool {
+        self.phase == "bad" || self.phase == "waiting for daemon" || self.phase == "unreachable"
+    }
+}
+
+/// How far a target's initial copy is.
+struct CopyProgress {
+    units: i64,
+    done: i64,
+    /// Seconds since the first unit was done.
+    elapsed: f64,
+    /// Whether change apply has started (the copy is handed over).
+    applied: bool,
+}
+
+async fn copy_progress(tgt: &Conn, schema: &str, sync: &str) -> Result<CopyProgress> {
+    let s = quote_ident(schema);
+    let mut p = CopyProgress { units: 0, done: 0, elapsed: 0.0, applied: false };
+    if tgt.relation_exists(&format!("{s}.applied")).await? {
+        let sql = format!("select 1 from {s}.applied where sync = $1");
+        p.applied = tgt.query_opt(&sql, &[&sync]).await?.is_some();
+    }
+    if tgt.relation_exists(&format!("{s}.copy_units")).await? {
+        let row = tgt
+            .query_one(
+                &format!(
+                    "select count(*), count(*) filter (where done),
+                            coalesce(extract(epoch from now() - min(done_at)), 0)::float8
+                     from {s}.copy_units where sync = $1"
+                ),
+                &[&sync],
+            )
+            .await?;
+        (p.units, p.done, p.elapsed) = (row.get(0), row.get(1), row.get(2));
+    }
+    Ok(p)
+}
+
+/// The phase of one (sync, target).
+fn phase(
+    cut_over: bool,
+    autokick: bool,
+    daemon: bool,
+    last: &SyncState,
+    copy: Option<&CopyProgress>,
+    lag: Option<f64>,
+) -> String {
+    if cut_over {
+        return "cut over".into();
+    }
+    let Some(copy) = copy else { return "unreachable".into() };
+    if last.state == "bad" {
+        return "bad".into();
+    }
+    if !copy.applied && copy.units > 0 && copy.done < copy.units {
+        let ratio = copy.done as f64 / copy.units as f64;
+        let eta = (copy.done > 0 && copy.elapsed > 0.0)
+            .then(|| copy.elapsed / copy.done as f64 * (copy.units - copy.done) as f64);
+        return match eta {
+            Some(eta) => format!("copying ({:.0}%, ETA {eta:.0}s)", ratio * 100.0),
+            None => format!("copying ({:.0}%)", ratio * 100.0),
+        };
+    }
+    if !copy.applied && copy.units > 0 {
+        return "building indexes".into();
+    }
+    if !autokick {
+        return "paused (autokick off)".into();
+    }
+    if !daemon {
+        return "waiting for daemon".into();
+    }
+    match lag {
+        Some(l) if l <= STREAMING_LAG && copy.applied => "streaming".into(),
+        _ => "catching up".into(),
+    }
+}
+
+/// Status of the named sync, or of every sync; `daemon`: whether the
+/// daemon runs.
 pub async fn gather(
     catalog: &Catalog,
     only: Option<&str>,
+    daemon: bool,
     env: Env<'_>,
 ) -> Result<Vec<SyncStatus>> {
     let syncs = match only {
@@ -76,25 +169,24 @@ pub async fn gather(
             }
             Err(e) => (Vec::new(), None, Some(e.to_string())),
         };
-        let targets = route
-            .targets
-            .iter()
-            .map(|t| t.name.as_str())
-            .enumerate()
-            .map(|(i, target)| TargetStatus {
+        let mut targets = Vec::new();
+        for (i, db) in route.targets.iter().enumerate() {
+            let target = db.name.as_str();
+            let last = states.iter().find(|s| s.target == target).cloned().unwrap_or_else(|| {
+                SyncState { target: target.to_string(), state: "new".into(), ..Default::default() }
+            });
+            let copy = read_copy(db, &sync.capture_schema, &sync.name, env).await;
+            let lag = pending.as_ref().map(|p| p[i].1);
+            targets.push(TargetStatus {
+                copied: copy.as_ref().is_some_and(|c| c.applied),
                 target: target.to_string(),
-                last: states.iter().find(|s| s.target == target).cloned().unwrap_or_else(|| {
-                    SyncState {
-                        target: target.to_string(),
-                        state: "new".into(),
-                        ..Default::default()
-                    }
-                }),
+                phase: phase(cut_over, sync.autokick, daemon, &last, copy.as_ref(), lag),
+                last,
                 pending: pending.as_ref().map(|p| p[i].0),
                 writes_go_to: cut_over.then(|| target.to_string()),
-                lag_seconds: pending.as_ref().map(|p| p[i].1),
-            })
-            .collect();
+                lag_seconds: lag,
+            });
+        }
         out.push(SyncStatus {
             name: sync.name.clone(),
             source,
@@ -109,4 +201,47 @@ pub async fn gather(
         });
     }
     Ok(out)
+}
+
+/// Why `sync` cannot be cut over now (nothing: it can).
+pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Some(e) = &sync.source_error {
+        reasons.push(format!("the source cannot be read: {e}"));
+    }
+    for t in &sync.targets {
+        let name = &t.target;
+        match t.phase.as_str() {
+            "cut over" => reasons.push(format!("it was cut over to {name} already")),
+            "bad" => reasons.push(format!(
+                "the last round to {name} failed: {}",
+                t.last.last_error.as_deref().unwrap_or("see pgleap status")
+            )),
+            "unreachable" => reasons.push(format!("{name} cannot be reached")),
+            p if p.starts_with("copying") || p == "building indexes" => {
+                reasons.push(format!("the initial copy to {name} is not done ({p})"))
+            }
+            _ if !t.copied => reasons.push(format!(
+                "nothing was applied to {name} yet: its initial copy has not run (pgleap start)"
+            )),
+            _ => {}
+        }
+        match t.lag_seconds {
+            Some(lag) if lag > max_lag => {
+                reasons.push(format!("{name} is {lag:.1} s behind (at most {max_lag:.0} s)"))
+            }
+            None => reasons.push(format!("the lag of {name} cannot be read")),
+            _ => {}
+        }
+    }
+    if sync.targets.len() != 1 {
+        reasons.push(format!("it has {} targets; cutover moves to one", sync.targets.len()));
+    }
+    reasons
+}
+
+/// The target's copy progress, or None when it cannot be read.
+async fn read_copy(db: &DbConn, schema: &str, sync: &str, env: Env<'_>) -> Option<CopyProgress> {
+    let tgt = db.connect(env).await.ok()?;
+    copy_progress(&tgt, schema, sync).await.ok()
 }

@@ -154,8 +154,11 @@ fn a_column_added_on_the_source_stops_the_sync_until_the_target_has_it() {
     stopped.fails_with(&["columns changed on the source", "t (the target lacks: extra integer)"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = p.run(&["status", "s", "--json"]).json();
-        if status["syncs"][0]["targets"][0]["state"] == "bad" {
+        let out = p.run(&["status", "s", "--json"]);
+        let status = out.json_any();
+        if status["syncs"][0]["targets"][0]["phase"] == "bad" {
+            // A sync that needs attention: status exits 1.
+            assert_eq!(out.code, 1, "{out}");
             break;
         }
         assert!(Instant::now() < deadline, "the daemon still says good: {status}");

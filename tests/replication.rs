@@ -378,3 +378,52 @@ fn daemon_recovers_from_a_source_restart_and_killed_backends_pg17() {
     assert_same(&src.sql(), &d, SMALL_TABLES);
     p.run(&["teardown", "s"]).ok();
 }
+
+/// Status tells the phase of each sync and exits 1 when one needs someone;
+/// `ready` answers whether a cutover can start now.
+#[test]
+fn status_phases_exit_codes_and_ready_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "phasesrc");
+    let dst = TestDb::new(cluster(17), "phasedst");
+    let schema = "create table t (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec("insert into t select g, 'v' from generate_series(1, 1000) g");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always"]);
+    let phase = |out: &crate::support::Outcome| {
+        out.json_any()["syncs"][0]["targets"][0]["phase"].as_str().unwrap().to_string()
+    };
+
+    // Autokick on and no daemon: nothing follows the source.
+    let waiting = p.run(&["status", "s", "--json"]);
+    assert_eq!(phase(&waiting), "waiting for daemon", "{waiting}");
+    assert_eq!(waiting.code, 1, "{waiting}");
+    let not_ready = p.run(&["ready", "s"]);
+    assert_eq!(not_ready.code, 1, "{not_ready}");
+    assert!(
+        not_ready.stdout.contains("not ready: the lag of dst cannot be read")
+            || not_ready.stdout.contains("not ready:"),
+        "{not_ready}"
+    );
+
+    p.run(&["start"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    let streaming = p.run(&["status", "s", "--json"]);
+    assert_eq!(phase(&streaming), "streaming", "{streaming}");
+    assert_eq!(streaming.code, 0, "{streaming}");
+    let ready = p.run(&["ready", "s"]);
+    assert!(ready.ok().contains("is ready to cut over"), "{ready}");
+    let text = p.run(&["status"]).ok().to_string();
+    assert!(text.contains("streaming"), "{text}");
+
+    p.run(&["stop"]).ok();
+    p.run(&["cutover", "s"]).ok();
+    let done = p.run(&["status", "s", "--json"]);
+    assert_eq!(phase(&done), "cut over", "{done}");
+    assert_eq!(done.code, 0, "{done}");
+    let again = p.run(&["ready", "s"]);
+    assert_eq!(again.code, 1, "{again}");
+    assert!(again.stdout.contains("it was cut over to dst already"), "{again}");
+}

@@ -62,11 +62,23 @@ pub enum Command {
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         timeout: u64,
     },
-    /// Show what the syncs are doing (last rounds, pending changes, lag).
+    /// Show what the syncs are doing (phase, last rounds, pending changes,
+    /// lag); exit 1 when one needs attention (bad, unreachable, or nothing
+    /// applying while autokick is on).
     Status {
         sync: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Refresh every SECONDS until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// Can SYNC be cut over now? Says why not, exit 0 (yes) or 1 (no).
+    Ready {
+        sync: String,
+        /// The lag a cutover accepts (it catches up the rest inside).
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        max_lag: u64,
     },
     /// Apply a sync's pending changes now.
     Kick {
@@ -857,6 +869,26 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
     Ok(())
 }
 
+/// Exit 1 when a sync needs someone.
+fn attention(status: &[status::SyncStatus]) -> Result<()> {
+    let needy: Vec<String> = status
+        .iter()
+        .flat_map(|s| {
+            s.targets
+                .iter()
+                .filter(|t| t.needs_attention())
+                .map(move |t| format!("{} to {}: {}", s.name, t.target, t.phase))
+        })
+        .collect();
+    if needy.is_empty() {
+        return Ok(());
+    }
+    Err(Error::NotReady {
+        message: format!("needs attention: {}", needy.join("; ")),
+        hint: "pgleap start runs the daemon; pgleap status SYNC shows the last error".into(),
+    })
+}
+
 /// `pgleap start|stop|status|kick`: the daemon and what it does.
 async fn daemon(path: &Path, cmd: Command) -> Result<()> {
     match cmd {
@@ -869,10 +901,41 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
             Some(pid) => println!("stopped the daemon (pid {pid})"),
             None => println!("the daemon is not running"),
         },
-        Command::Status { sync, json } => {
+        Command::Status { sync, json, watch } => loop {
             let catalog = Catalog::open(path)?;
-            let status = status::gather(&catalog, sync.as_deref(), ENV).await?;
-            render::status(&status, daemon::running_pid(path), sync.is_some(), json);
+            let pid = daemon::running_pid(path);
+            let status = status::gather(&catalog, sync.as_deref(), pid.is_some(), ENV).await?;
+            match watch {
+                Some(seconds) => {
+                    // Clears a terminal; off one, the snapshots follow each other.
+                    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    render::status(&status, pid, sync.is_some(), json);
+                    tokio::time::sleep(Duration::from_secs(seconds.max(1))).await;
+                }
+                None => {
+                    render::status(&status, pid, sync.is_some(), json);
+                    return attention(&status);
+                }
+            }
+        },
+        Command::Ready { sync, max_lag } => {
+            let catalog = Catalog::open(path)?;
+            let pid = daemon::running_pid(path);
+            let status = status::gather(&catalog, Some(&sync), pid.is_some(), ENV).await?;
+            let reasons = status::not_ready(&status[0], max_lag as f64);
+            if reasons.is_empty() {
+                println!("sync \"{sync}\" is ready to cut over: pgleap cutover {sync}");
+            } else {
+                for r in &reasons {
+                    println!("not ready: {r}");
+                }
+                return Err(Error::NotReady {
+                    message: format!("sync \"{sync}\" is not ready to cut over"),
+                    hint: "the reasons are above".into(),
+                });
+            }
         }
         Command::Kick { sync, wait, jobs } => {
             let mut catalog = Catalog::open(path)?;

@@ -238,7 +238,7 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             }
             for t in &s.targets {
                 let l = &t.last;
-                println!("target:      {} ({})", t.target, l.state);
+                println!("target:      {} ({}; last round {})", t.target, t.phase, l.state);
                 println!(
                     "  last good: {} took {}, {} inserts, {} deletes",
                     l.last_good.as_deref().unwrap_or("never"),
@@ -272,6 +272,7 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
     let mut t = table(&[
         "name",
         "target",
+        "phase",
         "state",
         "last good",
         "time",
@@ -287,6 +288,7 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             t.add_row(vec![
                 s.name.clone(),
                 tg.target.clone(),
+                tg.phase.clone(),
                 l.state.clone(),
                 l.last_good.clone().unwrap_or_default(),
                 millis(l.last_good_ms),

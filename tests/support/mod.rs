@@ -98,6 +98,12 @@ impl Outcome {
         &self.stderr
     }
 
+    /// The JSON on stdout whatever the exit code (`status` exits 1 when a
+    /// sync needs attention, and still prints it).
+    pub fn json_any(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{self}"))
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(self.ok()).unwrap_or_else(|e| panic!("not JSON ({e}):\n{self}"))
     }
