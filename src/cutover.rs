@@ -152,7 +152,7 @@ pub async fn cutover_with(
     catalog.record_cutover(route.name(), fence_ms, opts.rollback_sync.as_deref())?;
     catalog.retire_sync(route.name())?;
     if opts.rollback_sync.is_some() && crate::daemon::running_pid(catalog.path()).is_none() {
-        crate::daemon::start_detached(catalog.path())?;
+        crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
     }
     if let Err(e) = resumed {
         return Err(Error::invalid(

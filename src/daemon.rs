@@ -132,6 +132,12 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         match step {
             Ok(Some(stats)) => {
                 summary.add(&sync, &target, &stats);
+                let labels = [("sync", sync.clone()), ("target", target.clone())];
+                metrics::counter!("pgleap_applied_rows_total", &labels)
+                    .increment(stats.inserts + stats.deletes);
+                metrics::histogram!("pgleap_batch_duration_seconds", &labels)
+                    .record(stats.millis as f64 / 1000.0);
+                metrics::gauge!("pgleap_sync_state", &labels).set(1.0);
                 session::record(&mut catalog, &sync, &target, Ok(&stats), 0);
                 last_batch = Some(Instant::now());
                 backoff = Duration::from_secs(1);
@@ -140,6 +146,12 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             Ok(None) => interval = (interval * 2).min(MAX_POLL),
             Err(e) => {
                 tracing::warn!(sync, target, "batch failed, retrying in {backoff:?}: {e}");
+                let code = e.sqlstate().map_or("none".to_string(), |c| c.code().to_string());
+                let labels = [("sync", sync.clone()), ("target", target.clone())];
+                metrics::gauge!("pgleap_sync_state", &labels).set(0.0);
+                metrics::counter!("pgleap_errors_total", "sync" => sync.clone(),
+                    "target" => target.clone(), "sqlstate" => code)
+                .increment(1);
                 let millis = started.elapsed().as_millis() as i64;
                 session::record(&mut catalog, &sync, &target, Err(&e), millis);
                 session = None;
@@ -278,9 +290,22 @@ impl Drop for PidFile {
 /// Runs the daemon in this process until SIGTERM or SIGINT. Under systemd
 /// (`Type=notify`) it says READY=1 once its workers run, keeps a STATUS=
 /// line, and pings the watchdog when `WatchdogSec` is set.
-pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
+pub async fn run_foreground(
+    catalog_path: &Path,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let _pid = PidFile::acquire(catalog_path)?;
     let token = CancellationToken::new();
+    let board = match listen {
+        Some(addr) => match (crate::web::bind(addr).await, crate::web::Board::new()) {
+            (Some(listener), Some(board)) => {
+                tokio::spawn(crate::web::serve(listener, board.clone(), token.clone()));
+                Some(board)
+            }
+            _ => None,
+        },
+        None => None,
+    };
     let hangup = std::sync::Arc::new(tokio::sync::Notify::new());
     spawn_signal_handler(token.clone(), hangup.clone());
     if let Some(period) = sd_notify::watchdog_enabled() {
@@ -298,6 +323,9 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
         .run_until(async {
             let mut workers: Vec<Worker> = Vec::new();
             let mut ready = false;
+            if let Some(board) = board {
+                tokio::task::spawn_local(sample(catalog_path.to_path_buf(), board, token.clone()));
+            }
             loop {
                 reconcile(catalog_path, &token, &mut workers);
                 if !ready {
@@ -320,6 +348,53 @@ pub async fn run_foreground(catalog_path: &Path) -> Result<()> {
         .await;
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Where the daemon serves its status page and metrics unless told
+/// (`--listen`, `PGLEAP_LISTEN`; `off` for nowhere).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+/// The listen setting a daemon started by another command inherits.
+pub fn listen_setting() -> String {
+    std::env::var("PGLEAP_LISTEN").unwrap_or_else(|_| DEFAULT_LISTEN.to_string())
+}
+
+/// Parses a listen setting: an address, or `off`.
+pub fn parse_listen(value: &str) -> Result<Option<std::net::SocketAddr>> {
+    if value == "off" {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| {
+        Error::invalid(
+            format!("invalid --listen address \"{value}\""),
+            format!("give HOST:PORT with an IP address (default {DEFAULT_LISTEN}), or off"),
+        )
+    })
+}
+
+/// How often the status page's snapshot and the gauges are refreshed.
+const SAMPLE: Duration = Duration::from_secs(5);
+
+/// Refreshes the status page's snapshot and the lag and pending gauges.
+async fn sample(
+    catalog_path: PathBuf,
+    board: std::sync::Arc<crate::web::Board>,
+    stop: CancellationToken,
+) {
+    loop {
+        match Catalog::open(&catalog_path) {
+            Ok(catalog) => {
+                match crate::status::gather(&catalog, None, true, &crate::pg::process_env).await {
+                    Ok(syncs) => board.sample(&syncs),
+                    Err(e) => tracing::debug!("status sample: {e}"),
+                }
+            }
+            Err(e) => tracing::debug!("status sample: {e}"),
+        }
+        if sleep_or_cancel(&stop, SAMPLE).await {
+            return;
+        }
+    }
 }
 
 /// A running worker: its sync and target, its stop token, its task.
@@ -391,7 +466,7 @@ fn pairs(catalog: &Catalog) -> Result<Vec<(String, String)>> {
 
 /// Starts the daemon in the background and waits until it has written its
 /// pid file. Returns its pid.
-pub fn start_detached(catalog_path: &Path) -> Result<i32> {
+pub fn start_detached(catalog_path: &Path, listen: &str) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     if let Some(pid) = running_pid(catalog_path) {
         return Err(Error::invalid(
@@ -413,7 +488,7 @@ pub fn start_detached(catalog_path: &Path) -> Result<i32> {
     let mut child = std::process::Command::new(exe)
         .arg("--catalog")
         .arg(catalog_path)
-        .args(["start", "--foreground"])
+        .args(["start", "--foreground", "--listen", listen])
         .stdin(std::process::Stdio::null())
         .stdout(open_log()?)
         .stderr(open_log()?)

@@ -27,6 +27,7 @@
 //! - `cutover`: fence, drain, finish the target, measure the downtime;
 //!   rollback.
 //! - `upgrade`: the whole job in one resumable command.
+//! - `web`: the daemon's metrics and status page.
 //! - `cli`: the command line over all of the above.
 //!
 //! Only the command line and the error type are public: the binary is the
@@ -53,5 +54,6 @@ mod switch;
 mod target;
 mod upgrade;
 mod verify;
+mod web;
 
 pub use error::{Error, Result};

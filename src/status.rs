@@ -46,6 +46,8 @@ pub struct TargetStatus {
     pub phase: String,
     /// Whether the target has its initial copy and applies changes.
     pub copied: bool,
+    /// The share of the initial copy's parts done, while it runs.
+    pub copy_ratio: Option<f64>,
 }
 
 impl TargetStatus {
@@ -179,6 +181,10 @@ pub async fn gather(
             let lag = pending.as_ref().map(|p| p[i].1);
             targets.push(TargetStatus {
                 copied: copy.as_ref().is_some_and(|c| c.applied),
+                copy_ratio: copy
+                    .as_ref()
+                    .filter(|c| c.units > 0)
+                    .map(|c| if c.applied { 1.0 } else { c.done as f64 / c.units as f64 }),
                 target: target.to_string(),
                 phase: phase(cut_over, sync.autokick, daemon, &last, copy.as_ref(), lag),
                 last,

@@ -308,7 +308,10 @@ pub async fn upgrade(
         let following = match crate::daemon::running_pid(catalog.path()) {
             Some(pid) => format!("the daemon (pid {pid}) follows the source"),
             None => {
-                let pid = crate::daemon::start_detached(catalog.path())?;
+                let pid = crate::daemon::start_detached(
+                    catalog.path(),
+                    &crate::daemon::listen_setting(),
+                )?;
                 format!("started the daemon (pid {pid}): it follows the source")
             }
         };

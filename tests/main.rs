@@ -36,3 +36,5 @@ mod switch;
 mod upgrade;
 // Faults and bad input.
 mod faults;
+// The daemon's status page and metrics.
+mod web;

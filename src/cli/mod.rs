@@ -55,6 +55,11 @@ pub enum Command {
         /// Stay in the foreground and log to stderr (for systemd).
         #[arg(long)]
         foreground: bool,
+        /// Where to serve the status page (/), /metrics and /api/status;
+        /// `off` for nowhere.
+        #[arg(long, env = "PGLEAP_LISTEN", default_value = daemon::DEFAULT_LISTEN,
+              value_name = "ADDR")]
+        listen: String,
     },
     /// Stop the sync daemon; the batch in flight commits or rolls back.
     Stop {
@@ -206,7 +211,7 @@ pub enum SchemaCommand {
 impl Command {
     /// Whether this command runs the daemon (which logs at info by default).
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Start { foreground: true })
+        matches!(self, Command::Start { foreground: true, .. })
     }
 }
 
@@ -892,9 +897,12 @@ fn attention(status: &[status::SyncStatus]) -> Result<()> {
 /// `pgleap start|stop|status|kick`: the daemon and what it does.
 async fn daemon(path: &Path, cmd: Command) -> Result<()> {
     match cmd {
-        Command::Start { foreground: true } => daemon::run_foreground(path).await?,
-        Command::Start { foreground: false } => {
-            let pid = daemon::start_detached(path)?;
+        Command::Start { foreground: true, listen } => {
+            daemon::run_foreground(path, daemon::parse_listen(&listen)?).await?
+        }
+        Command::Start { foreground: false, listen } => {
+            daemon::parse_listen(&listen)?;
+            let pid = daemon::start_detached(path, &listen)?;
             println!("started the daemon (pid {pid}); log: {}", daemon::log_file(path).display());
         }
         Command::Stop { timeout } => match daemon::stop(path, Duration::from_secs(timeout))? {

@@ -172,7 +172,7 @@ pub(crate) fn chown(path: &Path, owner: Option<(u32, u32)>) {
     }
 }
 
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use cluster::{Cluster, OWNER, cluster, private_cluster, tls_cluster};
+pub use cluster::{Cluster, OWNER, cluster, free_port, private_cluster, tls_cluster};
 pub use sql::Sql;
 
 /// Defines one test per major (12, 15 and 17), named after it
@@ -217,7 +217,10 @@ impl Pgleap {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", self.home.path())
             .env("USER", "pgleap-test")
-            .env("PGLEAP_CATALOG", &self.catalog);
+            .env("PGLEAP_CATALOG", &self.catalog)
+            // Many daemons run at once in the tests: no status page unless
+            // a test asks for one.
+            .env("PGLEAP_LISTEN", "off");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

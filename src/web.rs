@@ -1,0 +1,188 @@
+//! What the daemon shows over HTTP: `/metrics` (Prometheus), `/api/status`
+//! (what `status --json` prints) and `/`, a self-contained status page
+//! (no script, no CDN) with each sync's phase, progress, last error and its
+//! lag over the last hour as a chart.
+//!
+//! The daemon's sampler refreshes a snapshot every few seconds (status of
+//! every sync, and the lag history); the handlers only read it, so a slow
+//! server never holds up a scrape, and the page is as fresh as the last
+//! sample.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::status::SyncStatus;
+
+/// How much lag history the page charts.
+const HISTORY: Duration = Duration::from_secs(3600);
+
+/// Per (sync, target): (unix seconds, lag seconds), oldest first.
+type LagHistory = BTreeMap<(String, String), VecDeque<(u64, f64)>>;
+
+/// What the handlers serve, refreshed by the sampler.
+pub struct Board {
+    metrics: PrometheusHandle,
+    status: Mutex<serde_json::Value>,
+    lag: Mutex<LagHistory>,
+}
+
+impl Board {
+    /// Installs the process's metrics recorder.
+    pub fn new() -> Option<Arc<Board>> {
+        let builder = PrometheusBuilder::new()
+            .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            .ok()?;
+        let metrics = builder.install_recorder().ok()?;
+        Some(Arc::new(Board {
+            metrics,
+            status: Mutex::new(serde_json::json!({"daemon_pid": std::process::id(), "syncs": []})),
+            lag: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
+    /// Takes a new sample: the gauges, the status snapshot, the history.
+    pub fn sample(&self, syncs: &[SyncStatus]) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut lag = self.lag.lock().unwrap();
+        for s in syncs {
+            for t in &s.targets {
+                let labels = [("sync", s.name.clone()), ("target", t.target.clone())];
+                if let Some(l) = t.lag_seconds {
+                    metrics::gauge!("pgleap_lag_seconds", &labels).set(l);
+                    let series = lag.entry((s.name.clone(), t.target.clone())).or_default();
+                    series.push_back((now, l));
+                    while series.front().is_some_and(|(at, _)| now - at > HISTORY.as_secs()) {
+                        series.pop_front();
+                    }
+                }
+                if let Some(p) = t.pending {
+                    metrics::gauge!("pgleap_pending_changes", &labels).set(p as f64);
+                }
+                if let Some(r) = t.copy_ratio {
+                    metrics::gauge!("pgleap_copy_progress_ratio", &labels).set(r);
+                }
+            }
+        }
+        *self.status.lock().unwrap() =
+            serde_json::json!({"daemon_pid": std::process::id(), "syncs": syncs});
+    }
+}
+
+/// Serves the board on `listener` until the token is cancelled.
+pub async fn serve(listener: tokio::net::TcpListener, board: Arc<Board>, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(prometheus))
+        .route("/api/status", get(api_status))
+        .with_state(board);
+    let shutdown = async move { stop.cancelled().await };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::warn!("the status page stopped: {e}");
+    }
+}
+
+/// Binds `addr`; a busy port is logged, not fatal (the sync matters more).
+pub async fn bind(addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            let bound = l.local_addr().map_or(addr, |a| a);
+            tracing::info!("status page and metrics on http://{bound}/");
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!("cannot listen on {addr}: {e}; no status page or metrics");
+            None
+        }
+    }
+}
+
+async fn prometheus(State(board): State<Arc<Board>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], board.metrics.render())
+}
+
+async fn api_status(State(board): State<Arc<Board>>) -> impl IntoResponse {
+    axum::Json(board.status.lock().unwrap().clone())
+}
+
+async fn page(State(board): State<Arc<Board>>) -> Html<String> {
+    let status = board.status.lock().unwrap().clone();
+    let lag = board.lag.lock().unwrap().clone();
+    let mut rows = String::new();
+    for s in status["syncs"].as_array().into_iter().flatten() {
+        let sync = s["name"].as_str().unwrap_or_default();
+        for t in s["targets"].as_array().into_iter().flatten() {
+            let target = t["target"].as_str().unwrap_or_default();
+            let series = lag.get(&(sync.to_string(), target.to_string()));
+            rows.push_str(&format!(
+                "<section class=\"sync\"><h2>{} &rarr; {}</h2>\
+                 <p class=\"phase\">{}</p><dl><dt>lag</dt><dd>{}</dd><dt>pending</dt><dd>{}</dd>\
+                 <dt>last error</dt><dd>{}</dd></dl>{}</section>",
+                escape(sync),
+                escape(target),
+                escape(t["phase"].as_str().unwrap_or("?")),
+                t["lag_seconds"].as_f64().map_or("?".into(), |l| format!("{l:.1} s")),
+                t["pending"].as_i64().map_or("?".into(), |p| p.to_string()),
+                escape(t["last_error"].as_str().unwrap_or("none")),
+                chart(series),
+            ));
+        }
+    }
+    if rows.is_empty() {
+        rows.push_str("<p>No sync yet.</p>");
+    }
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" \
+         content=\"5\"><title>pgleap</title><style>body{{font:14px sans-serif;margin:2em}}\
+         .sync{{border:1px solid #ccc;padding:1em;margin:1em 0}}.phase{{font-weight:bold}}\
+         dl{{display:grid;grid-template-columns:8em auto}}svg{{background:#f8f8f8}}</style>\
+         </head><body><h1>pgleap</h1>{rows}</body></html>"
+    ))
+}
+
+/// The lag over the last hour as an inline SVG line chart.
+fn chart(series: Option<&VecDeque<(u64, f64)>>) -> String {
+    let (w, h) = (600.0, 120.0);
+    let Some(series) = series.filter(|s| !s.is_empty()) else {
+        return "<p class=\"nochart\">no lag sampled yet</p>".into();
+    };
+    // From the first sample kept (at most an hour ago) to the last.
+    let end = series.back().map_or(0, |p| p.0) as f64;
+    let start = series.front().map_or(0, |p| p.0) as f64;
+    let span = (end - start).max(1.0);
+    let top = series.iter().map(|p| p.1).fold(1.0_f64, f64::max);
+    let points: Vec<String> = series
+        .iter()
+        .map(|(at, l)| {
+            let x = (*at as f64 - start) / span * w;
+            let y = h - 2.0 - l / top * (h - 20.0);
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    format!(
+        "<svg class=\"lag\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
+         role=\"img\" aria-label=\"lag over the last {minutes:.0} minutes, up to {top:.1} s\">\
+         <line x1=\"0\" y1=\"{base}\" x2=\"{w}\" y2=\"{base}\" stroke=\"#999\"/>\
+         <polyline fill=\"none\" stroke=\"#2a6\" stroke-width=\"2\" points=\"{}\"/>\
+         <text x=\"4\" y=\"12\">lag, up to {top:.1} s</text>\
+         <text x=\"{tx}\" y=\"{ty}\" text-anchor=\"end\">last {minutes:.0} min</text></svg>",
+        points.join(" "),
+        minutes = (span / 60.0).ceil(),
+        base = h - 2.0,
+        tx = w - 4.0,
+        ty = 12,
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
