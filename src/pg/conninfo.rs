@@ -37,6 +37,47 @@ const KEYWORDS: &[&str] = &[
     "target_session_attrs",
     "keepalives",
     "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "service",
+    "fallback_application_name",
+    "client_encoding",
+    "gssencmode",
+    "channel_binding",
+    "sslsni",
+    "load_balance_hosts",
+];
+
+/// libpq keywords pgleap does not implement: refused by name rather than
+/// silently ignored, since each changes how or to what one connects.
+const UNSUPPORTED: &[&str] = &[
+    "require_auth",
+    "replication",
+    "requiressl",
+    "sslnegotiation",
+    "sslcompression",
+    "sslpassword",
+    "sslcertmode",
+    "sslcrl",
+    "sslcrldir",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+];
+
+/// Values of keywords pgleap honours only in part (libpq's others would
+/// change the connection's meaning).
+const ACCEPTED_VALUES: &[(&str, &[&str])] = &[
+    ("target_session_attrs", &["any", "read-write"]),
+    ("client_encoding", &["UTF8", "utf8", "UTF-8", "utf-8", "auto"]),
+    ("gssencmode", &["disable", "prefer"]),
+    ("channel_binding", &["disable", "prefer", "require"]),
+    ("load_balance_hosts", &["disable", "random"]),
+    ("sslsni", &["1"]),
 ];
 
 /// The `PG*` environment variables that fill a missing keyword, in libpq's
@@ -55,6 +96,12 @@ const ENV_FALLBACKS: &[(&str, &str)] = &[
     ("application_name", "PGAPPNAME"),
     ("options", "PGOPTIONS"),
     ("target_session_attrs", "PGTARGETSESSIONATTRS"),
+    ("client_encoding", "PGCLIENTENCODING"),
+    ("gssencmode", "PGGSSENCMODE"),
+    ("channel_binding", "PGCHANNELBINDING"),
+    ("load_balance_hosts", "PGLOADBALANCEHOSTS"),
+    ("tcp_user_timeout", "PGTCPUSERTIMEOUT"),
+    ("service", "PGSERVICE"),
 ];
 
 /// Reads an environment variable; a seam so tests of resolution need no
@@ -79,6 +126,14 @@ pub enum ConninfoError {
     SslMode(String),
     #[error("invalid port \"{0}\"")]
     Port(String),
+    #[error("connection option \"{0}\" is a libpq option pgleap does not support")]
+    Unsupported(String),
+    #[error("connection option {0}={1} is not supported (pgleap takes {2})")]
+    UnsupportedValue(String, String, String),
+    #[error("service \"{0}\" is not defined in {1}")]
+    NoService(String, String),
+    #[error("sslrootcert=system needs sslmode=verify-full (not {0})")]
+    SystemRootsNeedVerifyFull(String),
 }
 
 /// libpq's `sslmode`, all six of them.
@@ -152,10 +207,8 @@ impl ConnParams {
         } else {
             parse_key_value(trimmed)?
         };
-        for key in params.values.keys() {
-            if !KEYWORDS.contains(&key.as_str()) {
-                return Err(ConninfoError::UnknownKeyword(key.clone()));
-            }
+        for (key, value) in &params.values {
+            check_keyword(key, value)?;
         }
         if let Some(mode) = params.get("sslmode") {
             SslMode::parse(mode)?;
@@ -176,8 +229,11 @@ impl ConnParams {
 
     /// Sets a keyword; an empty value removes it, as libpq treats it.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConninfoError> {
-        if !KEYWORDS.contains(&key) {
+        if value.is_empty() && !KEYWORDS.contains(&key) {
             return Err(ConninfoError::UnknownKeyword(key.to_string()));
+        }
+        if !value.is_empty() {
+            check_keyword(key, value)?;
         }
         if key == "sslmode" {
             SslMode::parse(value)?;
@@ -219,6 +275,103 @@ impl ConnParams {
     pub fn to_conninfo_string(&self) -> String {
         self.without_password().to_string()
     }
+}
+
+/// Refuses what pgleap does not honour, by name: an unknown keyword, a
+/// libpq keyword it does not implement, a value of one it honours in part.
+fn check_keyword(key: &str, value: &str) -> Result<(), ConninfoError> {
+    if UNSUPPORTED.contains(&key) {
+        return Err(ConninfoError::Unsupported(key.to_string()));
+    }
+    if !KEYWORDS.contains(&key) {
+        return Err(ConninfoError::UnknownKeyword(key.to_string()));
+    }
+    if let Some((_, ok)) = ACCEPTED_VALUES.iter().find(|(k, _)| *k == key)
+        && !ok.contains(&value)
+    {
+        return Err(ConninfoError::UnsupportedValue(key.into(), value.into(), ok.join(", ")));
+    }
+    Ok(())
+}
+
+/// Reads the `service` section of a pg_service.conf file: its keywords.
+fn service_section(text: &str, service: &str) -> Option<Vec<(String, String)>> {
+    let mut inside = false;
+    let mut found = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('[') && line.ends_with(']') {
+            inside = line[1..line.len() - 1].trim() == service;
+            found |= inside;
+            continue;
+        }
+        if inside && let Some((k, v)) = line.split_once('=') {
+            out.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    found.then_some(out)
+}
+
+/// Fills, from the service named by `service` (or `PGSERVICE`), the
+/// keywords the string did not give: libpq's order is the string, then the
+/// service file, then the environment. The per-user file
+/// (`PGSERVICEFILE`, else `~/.pg_service.conf`) is read before the system
+/// one (`PGSYSCONFDIR/pg_service.conf`, else Debian's
+/// /etc/postgresql-common/pg_service.conf).
+fn fill_from_service(
+    p: &mut ConnParams,
+    env: Env<'_>,
+    home: Option<&Path>,
+) -> Result<(), ConninfoError> {
+    let Some(service) = p.get("service").map(str::to_string).or_else(|| env("PGSERVICE")) else {
+        return Ok(());
+    };
+    let mut files: Vec<PathBuf> = Vec::new();
+    match env("PGSERVICEFILE") {
+        Some(f) => files.push(PathBuf::from(f)),
+        None => files.extend(home.map(|h| h.join(".pg_service.conf"))),
+    }
+    match env("PGSYSCONFDIR") {
+        Some(d) => files.push(PathBuf::from(d).join("pg_service.conf")),
+        None => files.push(PathBuf::from("/etc/postgresql-common/pg_service.conf")),
+    }
+    for file in &files {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        if let Some(entries) = service_section(&text, &service) {
+            for (k, v) in entries {
+                check_keyword(&k, &v)?;
+                if k != "service" && !p.values.contains_key(&k) {
+                    p.values.insert(k, v);
+                }
+            }
+            p.values.remove("service");
+            return Ok(());
+        }
+    }
+    let searched: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    Err(ConninfoError::NoService(service, searched.join(" or ")))
+}
+
+/// A number of seconds, as libpq's keepalive keywords take them.
+fn seconds(v: Option<&str>) -> Option<std::time::Duration> {
+    v.and_then(|v| v.parse::<u64>().ok()).map(std::time::Duration::from_secs)
+}
+
+/// The system's trust store, for `sslrootcert=system`: `SSL_CERT_FILE`, else
+/// the usual bundle of the distribution.
+fn system_roots(env: Env<'_>) -> PathBuf {
+    if let Some(f) = env("SSL_CERT_FILE") {
+        return PathBuf::from(f);
+    }
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"))
 }
 
 /// Quotes a value for a key/value connection string when it needs it.
@@ -423,8 +576,31 @@ pub struct ResolvedConn {
     pub connect_timeout: Option<std::time::Duration>,
     pub application_name: String,
     pub options: Option<String>,
+    /// `target_session_attrs=read-write`: skip hosts whose sessions are
+    /// read-only (a standby).
+    pub read_write: bool,
+    /// Keepalives, TCP user timeout, channel binding, host load balancing,
+    /// as libpq spells them (already checked).
+    pub keepalives: Option<bool>,
+    pub keepalives_idle: Option<std::time::Duration>,
+    pub keepalives_interval: Option<std::time::Duration>,
+    pub keepalives_count: Option<u32>,
+    pub tcp_user_timeout: Option<std::time::Duration>,
+    pub channel_binding: Option<String>,
+    pub load_balance_hosts: bool,
     /// Set when a password file or `.pgpass` was skipped, to say why.
     pub warnings: Vec<String>,
+}
+
+impl ResolvedConn {
+    /// `user@host:port/dbname` for one host of the list.
+    pub fn describe(&self, host: &str, port: u16) -> String {
+        if host.starts_with('/') {
+            format!("{}@[{}]:{}/{}", self.user, host, port, self.dbname)
+        } else {
+            format!("{}@{}:{}/{}", self.user, host, port, self.dbname)
+        }
+    }
 }
 
 impl fmt::Display for ResolvedConn {
@@ -464,8 +640,9 @@ impl ResolvedConn {
         env: Env<'_>,
     ) -> Result<Self, ResolveError> {
         let mut p = params.clone();
-        p.fill_from_env(env);
         let home = env("HOME").map(PathBuf::from).or_else(dirs::home_dir);
+        fill_from_service(&mut p, env, home.as_deref())?;
+        p.fill_from_env(env);
 
         let os_user =
             env("USER").or_else(|| env("LOGNAME")).unwrap_or_else(|| "postgres".to_string());
@@ -482,7 +659,20 @@ impl ResolvedConn {
                 .collect::<Result<_, _>>()?,
             None => vec![5432],
         };
-        let sslmode = SslMode::parse(p.get("sslmode").unwrap_or("prefer"))?;
+        // sslrootcert=system: the system's trust store, and verify-full
+        // (libpq's rule: anything weaker would make trusting it pointless).
+        let system = p.get("sslrootcert") == Some("system");
+        let default_mode = if system { "verify-full" } else { "prefer" };
+        let sslmode = SslMode::parse(p.get("sslmode").unwrap_or(default_mode))?;
+        if system && sslmode != SslMode::VerifyFull {
+            return Err(ConninfoError::SystemRootsNeedVerifyFull(
+                p.get("sslmode").unwrap_or_default().to_string(),
+            )
+            .into());
+        }
+        if system {
+            p.values.insert("sslrootcert".into(), system_roots(env).display().to_string());
+        }
         let postgresql_dir = home.as_ref().map(|h| h.join(".postgresql"));
         let file_or_default = |key: &str, default: &str| -> Option<PathBuf> {
             match p.get(key) {
@@ -511,8 +701,24 @@ impl ResolvedConn {
             sslcert,
             sslkey,
             connect_timeout,
-            application_name: p.get("application_name").unwrap_or("pgleap").to_string(),
+            application_name: p
+                .get("application_name")
+                .or(p.get("fallback_application_name"))
+                .unwrap_or("pgleap")
+                .to_string(),
             options: p.get("options").map(str::to_string),
+            read_write: p.get("target_session_attrs") == Some("read-write"),
+            keepalives: p.get("keepalives").map(|v| v != "0"),
+            keepalives_idle: seconds(p.get("keepalives_idle")),
+            keepalives_interval: seconds(p.get("keepalives_interval")),
+            keepalives_count: p.get("keepalives_count").and_then(|v| v.parse().ok()),
+            tcp_user_timeout: p
+                .get("tcp_user_timeout")
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|ms| *ms > 0)
+                .map(std::time::Duration::from_millis),
+            channel_binding: p.get("channel_binding").map(str::to_string),
+            load_balance_hosts: p.get("load_balance_hosts") == Some("random"),
             warnings: Vec::new(),
         };
 
@@ -576,10 +782,6 @@ impl ResolvedConn {
             }
         }
         None
-    }
-
-    pub fn is_unix_socket(&self) -> bool {
-        self.hostaddr.is_none() && self.hosts.first().is_some_and(|h| h.starts_with('/'))
     }
 
     pub fn password(&self) -> Option<&str> {
@@ -731,6 +933,6 @@ mod tests {
             .unwrap();
         assert_eq!(r.ports, vec![5432]);
         assert_eq!(r.sslmode, SslMode::Prefer);
-        assert!(r.is_unix_socket());
+        assert!(r.hostaddr.is_none() && r.hosts[0].starts_with('/'));
     }
 }

@@ -55,6 +55,8 @@ pub enum ConnectError {
     TlsConfig(#[from] tls::TlsError),
     #[error("connection to {target} failed: {detail}")]
     Other { target: String, detail: String },
+    #[error("no host answered: {attempts}")]
+    NoHost { attempts: String },
 }
 
 impl ConnectError {
@@ -76,6 +78,9 @@ impl ConnectError {
                 "check sslmode and sslrootcert (verify-full also checks the host name)".into()
             }
             Self::Other { .. } => return None,
+            Self::NoHost { .. } => "check each host above: address, port, that the server runs \
+                                    and accepts the connection"
+                .into(),
         })
     }
 }
@@ -109,30 +114,64 @@ enum Startup {
 }
 
 /// Opens a connection; the I/O task runs on the current tokio runtime and
-/// logs server notices through tracing.
+/// logs server notices through tracing. Several hosts are tried in order
+/// (shuffled with `load_balance_hosts=random`), libpq's way; when none
+/// answers, the error names each host and why.
 async fn connect(conn: &ResolvedConn, startup: Startup) -> Result<Client, ConnectError> {
-    let target = conn.to_string();
     for warning in &conn.warnings {
         tracing::warn!("{warning}");
     }
-    let mut config = Config::new();
-    for host in &conn.hosts {
-        if host.starts_with('/') {
-            config.host_path(host);
-        } else {
-            config.host(host);
+    let mut order: Vec<usize> = (0..conn.hosts.len()).collect();
+    if conn.load_balance_hosts {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize);
+        let n = order.len().max(1);
+        order.rotate_left(seed % n);
+    }
+    let mut failures = Vec::new();
+    let mut last = None;
+    for i in order {
+        let host = &conn.hosts[i];
+        // libpq: one port for every host, or one port per host.
+        let port = conn.ports.get(i).or(conn.ports.first()).copied().unwrap_or(5432);
+        let target = conn.describe(host, port);
+        match connect_host(conn, startup, host, port, &target).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                failures.push(format!("{target}: {e}"));
+                last = Some(e);
+            }
         }
+    }
+    match (failures.len(), last) {
+        (1, Some(e)) => Err(e),
+        _ => Err(ConnectError::NoHost { attempts: failures.join("; ") }),
+    }
+}
+
+/// One host of a connection string.
+async fn connect_host(
+    conn: &ResolvedConn,
+    startup: Startup,
+    host: &str,
+    port: u16,
+    target: &str,
+) -> Result<Client, ConnectError> {
+    let mut config = Config::new();
+    if host.starts_with('/') {
+        config.host_path(host);
+    } else {
+        config.host(host);
     }
     if let Some(addr) = &conn.hostaddr {
         let ip = addr.parse().map_err(|_| ConnectError::Other {
-            target: target.clone(),
+            target: target.to_string(),
             detail: format!("invalid hostaddr \"{addr}\""),
         })?;
         config.hostaddr(ip);
     }
-    for port in &conn.ports {
-        config.port(*port);
-    }
+    config.port(port);
     config.dbname(&conn.dbname);
     config.user(&conn.user);
     if let Some(pw) = conn.password() {
@@ -147,9 +186,10 @@ async fn connect(conn: &ResolvedConn, startup: Startup) -> Result<Client, Connec
         config.options(&options);
     }
     config.connect_timeout(conn.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
+    tune(&mut config, conn);
     // libpq ignores sslmode on a unix socket; tokio-postgres would fail.
     let ssl_mode = match conn.sslmode {
-        _ if conn.is_unix_socket() => tokio_postgres::config::SslMode::Disable,
+        _ if host.starts_with('/') => tokio_postgres::config::SslMode::Disable,
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
@@ -158,13 +198,56 @@ async fn connect(conn: &ResolvedConn, startup: Startup) -> Result<Client, Connec
     };
     config.ssl_mode(ssl_mode);
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(conn)?);
-    let (client, connection) = config.connect(tls).await.map_err(|e| classify(e, conn, &target))?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| classify(e, conn, target))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("connection closed: {e}");
         }
     });
+    if conn.read_write && startup == Startup::Pinned {
+        // target_session_attrs=read-write: a standby cannot take writes
+        // (pgleap's own sessions override a read-only default).
+        let standby = client
+            .query_one("select pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| classify(e, conn, target))?;
+        if standby.get::<_, bool>(0) {
+            return Err(ConnectError::Other {
+                target: target.to_string(),
+                detail: "the server is a standby (target_session_attrs=read-write)".into(),
+            });
+        }
+    }
     Ok(client)
+}
+
+/// Keepalives, TCP user timeout and channel binding, as the string says.
+fn tune(config: &mut Config, conn: &ResolvedConn) {
+    use tokio_postgres::config::ChannelBinding;
+    if let Some(on) = conn.keepalives {
+        config.keepalives(on);
+    }
+    if let Some(d) = conn.keepalives_idle {
+        config.keepalives_idle(d);
+    }
+    if let Some(d) = conn.keepalives_interval {
+        config.keepalives_interval(d);
+    }
+    if let Some(n) = conn.keepalives_count {
+        config.keepalives_retries(n);
+    }
+    if let Some(d) = conn.tcp_user_timeout {
+        config.tcp_user_timeout(d);
+    }
+    match conn.channel_binding.as_deref() {
+        Some("disable") => {
+            config.channel_binding(ChannelBinding::Disable);
+        }
+        Some("require") => {
+            config.channel_binding(ChannelBinding::Require);
+        }
+        _ => {}
+    }
 }
 
 fn classify(e: tokio_postgres::Error, conn: &ResolvedConn, target: &str) -> ConnectError {
