@@ -522,6 +522,18 @@ async fn apply_keyless(
         .await?;
         return Ok(());
     }
+    replay(stx, ttx, t, &events).await?;
+    stats.inserts += inserts as u64;
+    stats.deletes += deletes as u64;
+    Ok(())
+}
+
+/// Replays a keyless table's events (`events`: their condition on the
+/// delta table) in order: each insert, and each delete of exactly one
+/// matching row, by one server-side loop over the events COPYed to a temp
+/// table.
+async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Result<()> {
+    let cols = &t.columns;
     // The event columns, then the table's (which may be none).
     let with_cols = |events: &str| {
         if cols.is_empty() { events.to_string() } else { format!("{events}, {cols}") }
@@ -578,8 +590,6 @@ async fn apply_keyless(
         matches = matches.join(" and "),
     ))
     .await?;
-    stats.inserts += inserts as u64;
-    stats.deletes += deletes as u64;
     Ok(())
 }
 

@@ -262,6 +262,28 @@ pub struct UpgradeReport {
     pub preflight: Preflight,
     pub tables_equal: bool,
     pub cutover: Option<cutover::CutoverReport>,
+    /// Each step and how long it took, in seconds.
+    pub steps: Vec<(String, f64)>,
+    /// What to do next.
+    pub next: Vec<String>,
+}
+
+/// Times the steps of a run.
+struct Clock {
+    at: Instant,
+    steps: Vec<(String, f64)>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock { at: Instant::now(), steps: Vec::new() }
+    }
+
+    /// Ends a step started when the previous one ended.
+    fn lap(&mut self, step: &str) {
+        self.steps.push((step.to_string(), self.at.elapsed().as_secs_f64()));
+        self.at = Instant::now();
+    }
 }
 
 /// Runs the job; `say` reports each step, `confirm` asks before a cutover
@@ -273,14 +295,20 @@ pub async fn upgrade(
     confirm: &dyn Fn(&str) -> bool,
     env: Env<'_>,
 ) -> Result<UpgradeReport> {
+    let mut clock = Clock::new();
     let pre = step_preflight(opts, say, env).await?;
+    clock.lap("preflight");
     let name = &opts.name;
     let (source, target) = step_declare(catalog, opts, say, env).await?;
     step_schema(catalog, name, &source, &target, opts.pg_bin.as_deref(), say, env).await?;
+    clock.lap("catalog and schema");
     step_capture(catalog, name, say, env).await?;
+    clock.lap("capture");
     let route = SyncRoute::load(catalog, name)?;
     let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
+    clock.lap("initial copy and catch-up");
     let differing = step_verify(&mut session, say).await?;
+    clock.lap("verify");
     let go = match opts.cutover {
         CutoverMode::Auto => differing.is_empty(),
         CutoverMode::Never => false,
@@ -301,7 +329,9 @@ pub async fn upgrade(
             switch: opts.switch.clone(),
             lift_fence: None,
         };
-        Some(cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?)
+        let report = cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?;
+        clock.lap("cutover");
+        Some(report)
     } else {
         // Nothing may stop following the source: without the daemon the
         // target falls behind from here on.
@@ -321,7 +351,28 @@ pub async fn upgrade(
         ));
         None
     };
-    Ok(UpgradeReport { preflight: pre, tables_equal: true, cutover: cut })
+    let next = match &cut {
+        Some(_) if opts.switch.bouncers.is_empty() && opts.switch.command.is_none() => vec![
+            format!(
+                "point the application at the new server (pgleap db show {name}_target); the \
+                 old one refuses writes with an error naming it"
+            ),
+            format!(
+                "pgleap teardown {name} removes pgleap's objects (the old server stays fenced)"
+            ),
+        ],
+        Some(_) => vec![
+            "the application already writes to the new server".into(),
+            format!(
+                "pgleap teardown {name} removes pgleap's objects (the old server stays fenced)"
+            ),
+        ],
+        None => vec![
+            format!("pgleap ready {name} says when a cutover can start"),
+            format!("pgleap cutover {name} switches (add --pgbouncer or --switch-command)"),
+        ],
+    };
+    Ok(UpgradeReport { preflight: pre, tables_equal: true, cutover: cut, steps: clock.steps, next })
 }
 
 /// Reports what the servers hold and refuses what cannot work, before

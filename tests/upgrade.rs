@@ -31,6 +31,9 @@ fn upgrade_with_auto_cutover_under_load_pg12_to_pg17() {
     ]);
     let text = out.ok();
     for expected in [
+        "initial copy and catch-up",
+        "write downtime: ",
+        "next: point the application at the new server",
         "preflight: PostgreSQL 12.",
         "-> 17.",
         "replicated by whole rows: public.pgbench_history",

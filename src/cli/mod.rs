@@ -871,6 +871,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
     if let Some(c) = &report.cutover {
         render::cutover(c, false);
     }
+    render::upgrade_summary(&report);
     Ok(())
 }
 

@@ -367,6 +367,22 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
     }
 }
 
+/// The end of `upgrade`: each step's time, the write downtime, what next.
+pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport) {
+    let mut t = table(&["step", "time"]);
+    for (step, seconds) in &r.steps {
+        t.add_row(vec![step.clone(), format!("{seconds:.1} s")]);
+    }
+    println!("{t}");
+    match &r.cutover {
+        Some(c) => println!("write downtime: {:.3} s", c.fence_ms as f64 / 1000.0),
+        None => println!("write downtime: none yet (not cut over)"),
+    }
+    for n in &r.next {
+        println!("next: {n}");
+    }
+}
+
 pub fn verify(reports: &[(String, Vec<crate::verify::TableReport>)], as_json: bool) {
     if as_json {
         #[derive(Serialize)]
