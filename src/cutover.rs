@@ -108,6 +108,8 @@ pub async fn cutover_with(
     let target = route.sole_target()?.name.clone();
     catch_up(catalog, session, opts.max_lag, env).await?;
     if opts.dry_run {
+        // The poolers are checked, not paused.
+        crate::switch::check(&opts.switch, env).await?;
         return dry_run(catalog, session, env).await;
     }
     if let Some(back) = &opts.rollback_sync {

@@ -135,9 +135,43 @@ impl Switch {
     }
 }
 
+/// Checks, without pausing anything, that every pooler answers, has the
+/// database, and has an ini file pgleap may rewrite (a dry run's part).
+pub async fn check(plan: &SwitchPlan, env: Env<'_>) -> Result<()> {
+    for bouncer in &plan.bouncers {
+        let (_, ini) = inspect(bouncer, env).await?;
+        std::fs::OpenOptions::new().append(true).open(&ini).map_err(|e| ini_error(&ini, e))?;
+    }
+    Ok(())
+}
+
 /// Connects to one pooler's console, finds its ini file, and pauses the
 /// database; a PAUSE that does not finish in time is called off.
 async fn pause_one(bouncer: &Bouncer, timeout: Duration, env: Env<'_>) -> Result<Paused> {
+    let (console, ini) = inspect(bouncer, env).await?;
+    let name = console.name().to_string();
+    let pause = format!("PAUSE {}", console_word(&bouncer.db));
+    match tokio::time::timeout(timeout, console.command(&pause)).await {
+        Ok(result) => result?,
+        Err(_) => {
+            resume_anyway(bouncer, &console, env).await;
+            return Err(Error::invalid(
+                format!(
+                    "{name}: PAUSE {} did not finish within {timeout:?}: transactions stayed open",
+                    bouncer.db
+                ),
+                "nothing was switched; retry when long transactions have ended, or raise \
+                 --pause-timeout",
+            ));
+        }
+    }
+    tracing::info!(pooler = name, db = bouncer.db, "paused");
+    Ok(Paused { console, bouncer: bouncer.clone(), ini, original: None })
+}
+
+/// Connects to a pooler's console, finds its ini file, and checks that it
+/// has the database.
+async fn inspect(bouncer: &Bouncer, env: Env<'_>) -> Result<(Console, PathBuf)> {
     let name = format!("pgbouncer {}", redacted(&bouncer.admin));
     let params = ConnParams::parse(&bouncer.admin)
         .map_err(|source| Error::Conninfo { db: name.clone(), source })?;
@@ -166,23 +200,7 @@ async fn pause_one(bouncer: &Bouncer, timeout: Duration, env: Env<'_>) -> Result
             "give the name clients connect to with --pgbouncer-db",
         ));
     }
-    let pause = format!("PAUSE {}", console_word(&bouncer.db));
-    match tokio::time::timeout(timeout, console.command(&pause)).await {
-        Ok(result) => result?,
-        Err(_) => {
-            resume_anyway(bouncer, &console, env).await;
-            return Err(Error::invalid(
-                format!(
-                    "{name}: PAUSE {} did not finish within {timeout:?}: transactions stayed open",
-                    bouncer.db
-                ),
-                "nothing was switched; retry when long transactions have ended, or raise \
-                 --pause-timeout",
-            ));
-        }
-    }
-    tracing::info!(pooler = name, db = bouncer.db, "paused");
-    Ok(Paused { console, bouncer: bouncer.clone(), ini, original: None })
+    Ok((console, ini))
 }
 
 /// Resumes a database, on a new console connection if the first one is

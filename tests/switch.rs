@@ -121,6 +121,10 @@ fn a_failing_switch_or_an_unreachable_pooler_leaves_the_old_server_taking_writes
     let rated = Probe::start(bouncer.port, "app", 1, Some(Duration::from_millis(5)));
     std::thread::sleep(Duration::from_secs(1));
     let admin = bouncer.admin();
+    // A rehearsal checks the pooler without pausing it.
+    let rehearsal = ["cutover", "s", "--dry-run", "--pgbouncer", &admin, "--pgbouncer-db"];
+    p.run(&[&rehearsal[..], &["app"]].concat()).ok();
+    p.run(&[&rehearsal[..], &["nope"]].concat()).fails_with(&["has no database \"nope\""]);
 
     let failed = p.run(&[
         "cutover",
