@@ -90,6 +90,30 @@ fn upgrade_resumes_when_run_again_pg15_to_pg17() {
     p.run(&["teardown", "upgrade"]).ok();
 }
 
+/// Writes `statements(i)` in one transaction every 20 ms until the fence
+/// refuses them; returns how many went through.
+fn writes_until_fenced(
+    sql: Sql,
+    statements: impl Fn(u64) -> String + Send + 'static,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        for i in 0.. {
+            match sql.try_exec(&format!("begin; {} commit;", statements(i))) {
+                // The fence: the source moved.
+                Err(e) if e.contains("moved to") => return i,
+                // Taking the fence's locks can deadlock with this
+                // transaction; an application retries.
+                Err(e) if e.contains("deadlock") => {}
+                Err(e) => panic!("{e}"),
+                Ok(()) => {}
+            }
+            let _ = sql.try_exec("rollback");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        unreachable!()
+    })
+}
+
 const SHAPES: &str = "
     create schema kinds;
     create type kinds.state as enum ('open', 'closed');
@@ -131,31 +155,14 @@ fn upgrade_pg17_to_pg18_with_the_installed_pg_dump_under_writes() {
     too_old.fails_with(&["needs pg_dump 17 or newer", "found: 15 in /usr/lib/postgresql/15/bin"]);
     assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
 
-    let writer = {
-        let sql = src.sql();
-        std::thread::spawn(move || {
-            for i in 0.. {
-                let write = sql.try_exec(&format!(
-                    "begin;
-                     insert into ticket (s, note) values ('open', 'w{i}');
-                     update animal set name = name || '.' where id = {};
-                     insert into nothing default values;
-                     commit;",
-                    i % 100 + 1
-                ));
-                match write {
-                    // The fence: the source moved.
-                    Err(e) if e.contains("moved to") => return i,
-                    Err(e) if e.contains("deadlock") => {}
-                    Err(e) => panic!("{e}"),
-                    Ok(()) => {}
-                }
-                let _ = sql.try_exec("rollback");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            unreachable!()
-        })
-    };
+    let writer = writes_until_fenced(src.sql(), |i| {
+        format!(
+            "insert into ticket (s, note) values ('open', 'w{i}');
+             update animal set name = name || '.' where id = {};
+             insert into nothing default values;",
+            i % 100 + 1
+        )
+    });
     let out =
         p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"]);
     let text = out.ok();
@@ -240,31 +247,15 @@ fn upgrade_shapes(major: u32, target: u32) {
     }
     src.sql().exec(&schema);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    let writer = {
-        let sql = src.sql();
-        std::thread::spawn(move || {
-            for i in 0.. {
-                let write = sql.try_exec(&format!(
-                    "begin;
-                     insert into ticket (s, note) values ('open', 'w{i}');
-                     update animal set name = name || '.' where id = {};
-                     insert into events values ({i} + 1000, date '2001-01-01');
-                     insert into nothing default values;
-                     commit;",
-                    i % 100 + 1
-                ));
-                match write {
-                    Err(e) if e.contains("moved to") => return i,
-                    Err(e) if e.contains("deadlock") => {}
-                    Err(e) => panic!("{e}"),
-                    Ok(()) => {}
-                }
-                let _ = sql.try_exec("rollback");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            unreachable!()
-        })
-    };
+    let writer = writes_until_fenced(src.sql(), |i| {
+        format!(
+            "insert into ticket (s, note) values ('open', 'w{i}');
+             update animal set name = name || '.' where id = {};
+             insert into events values ({i} + 1000, date '2001-01-01');
+             insert into nothing default values;",
+            i % 100 + 1
+        )
+    });
     let out =
         p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"]);
     assert!(out.ok().contains(&format!("preflight: PostgreSQL {major}.")), "{out}");
