@@ -301,9 +301,56 @@ async fn plan_units(
     Ok(())
 }
 
-/// Key ranges for a large table with a single integer key, else None.
+/// Ranges for a large keyed table: of its integer key, else (sources 14
+/// and later, which scan TID ranges) of its physical blocks; None for a
+/// table copied whole. A keyless table is never split: its replay skips
+/// the events its copy holds by the one snapshot of its one part.
 async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
-    if t.keys.len() != 1 || t.est_rows < SPLIT_ROWS || jobs < 2 {
+    if t.keys.is_empty() || t.est_rows < SPLIT_ROWS || jobs < 2 {
+        return Ok(None);
+    }
+    if let Some(ranges) = key_ranges(src, t, jobs).await? {
+        return Ok(Some(ranges));
+    }
+    block_ranges(src, t, jobs).await
+}
+
+/// Ranges of blocks (`ctid`), which any table has whatever its key: a TID
+/// range scan reads only its blocks (PostgreSQL 14 and later). Partitioned
+/// tables are left whole (each partition has its own blocks).
+async fn block_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
+    if src.version().major() < 14 || t.partitioned {
+        return Ok(None);
+    }
+    let blocks: i64 = src
+        .query_one(
+            "select (pg_relation_size($1::text::regclass)
+                     / current_setting('block_size')::int8)::int8",
+            &[&t.table],
+        )
+        .await?
+        .get(0);
+    let n = (jobs as i64 * RANGES_PER_JOB).min(blocks);
+    if n < 2 {
+        return Ok(None);
+    }
+    let step = blocks / n + 1;
+    let tid = |block: i64| format!("'({block},0)'::tid");
+    let mut ranges = Vec::new();
+    for i in 0..n {
+        let (from, to) = (i * step, (i + 1) * step);
+        // Open at the end: the last range takes the blocks added since.
+        ranges.push(match i == n - 1 {
+            true => format!("ctid >= {}", tid(from)),
+            false => format!("ctid >= {} and ctid < {}", tid(from), tid(to)),
+        });
+    }
+    Ok(Some(ranges))
+}
+
+/// Key ranges for a table with a single integer key, else None.
+async fn key_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
+    if t.keys.len() != 1 {
         return Ok(None);
     }
     let key = &t.keys[0];
