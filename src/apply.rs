@@ -86,15 +86,24 @@ pub struct Plan {
     pub sequences: Vec<String>,
     /// Whether the database's large objects are synced too.
     pub large_objects: bool,
-    /// Per table, the columns (names and types) when the plan was read;
-    /// every batch checks the source still has them.
+    /// Per table, the columns (names and types) when the plan was read,
+    /// to compare with the target's.
     shape: Vec<String>,
+    /// The same by type oid: what every batch compares with the source's,
+    /// in one query that needs no search_path.
+    shape_ids: Vec<String>,
 }
+
+/// How a column is described in a shape: by type name (fully qualified,
+/// read under an empty search_path) to compare servers, by type oid to
+/// compare one server with itself.
+const BY_NAME: &str = "format_type(a.atttypid, a.atttypmod)";
+const BY_OID: &str = "a.atttypid::text || '(' || a.atttypmod::text || ')'";
 
 /// Each table's copied columns, names and types, as one line (by name:
 /// COPY names its columns, so their order does not matter).
 const SHAPE: &str = "select (select coalesce(string_agg(
-                 a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' order by a.attname), '')
+                 a.attname || ' ' || {type}, ', ' order by a.attname), '')
              from pg_attribute a
              where a.attrelid = t.name::regclass and a.attnum > 0 and not a.attisdropped
                {not_generated})
@@ -174,8 +183,10 @@ impl Plan {
             sequences,
             large_objects: relgroup.large_objects,
             shape: Vec::new(),
+            shape_ids: Vec::new(),
         };
-        plan.shape = plan.shape_on(src).await?;
+        plan.shape = plan.shape_on(src, BY_NAME).await?;
+        plan.shape_ids = plan.shape_on(src, BY_OID).await?;
         Ok(plan)
     }
 
@@ -201,10 +212,14 @@ impl Plan {
         Ok(())
     }
 
-    async fn shape_on(&self, c: &impl Sql) -> Result<Vec<String>> {
+    async fn shape_on(&self, c: &impl Sql, types: &str) -> Result<Vec<String>> {
         let tables: Vec<&str> = self.tables.iter().map(|t| t.table.as_str()).collect();
-        let sql = SHAPE.replace("{not_generated}", c.not_generated());
-        Ok(c.query_qualified(&sql, &[&tables]).await?.iter().map(|r| r.get(0)).collect())
+        let sql = SHAPE.replace("{not_generated}", c.not_generated()).replace("{type}", types);
+        let rows = match types {
+            BY_OID => c.query(&sql, &[&tables]).await?,
+            _ => c.query_qualified(&sql, &[&tables]).await?,
+        };
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Refuses a target whose tables lack some of the source's columns
@@ -212,7 +227,7 @@ impl Plan {
     /// schema changed since, and rows applied now would lose the change.
     /// Extra columns on the target are fine.
     pub async fn check_target(&self, tgt: &Conn) -> Result<()> {
-        let theirs = self.shape_on(tgt).await?;
+        let theirs = self.shape_on(tgt, BY_NAME).await?;
         let mut changed = Vec::new();
         for (t, (ours, theirs)) in self.tables.iter().zip(self.shape.iter().zip(&theirs)) {
             let have: Vec<&str> = theirs.split(", ").collect();
@@ -231,7 +246,11 @@ impl Plan {
     /// Refuses to apply rows to tables whose columns changed on the source
     /// since the plan was read: the rows would silently lose the change.
     async fn check_shape(&self, stx: &Tx<'_>) -> Result<()> {
-        let now = self.shape_on(stx).await?;
+        if self.shape_on(stx, BY_OID).await? == self.shape_ids {
+            return Ok(());
+        }
+        // Changed: the type names, for the message.
+        let now = self.shape_on(stx, BY_NAME).await?;
         let changed: Vec<String> = self
             .tables
             .iter()
