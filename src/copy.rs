@@ -134,6 +134,11 @@ pub async fn initial_copy(
     // failed. Runs whenever the copy is not recorded as handed off yet,
     // even with every part done; cheap when everything exists.
     build_indexes(source, target, plan, jobs, env).await?;
+    if total > 0 {
+        // The first queries on the new server must not run blind: every
+        // table gets statistics before it can be cut over to.
+        analyze(target, plan, jobs, env).await?;
+    }
     let mut stats = run.stats.into_inner().unwrap();
     stats.millis = started.elapsed().as_millis() as i64;
     if total > 0 {
@@ -231,6 +236,32 @@ async fn build_indexes(
     for r in futures_util::future::join_all(builders).await {
         r?;
     }
+    Ok(())
+}
+
+/// Analyzes every table of the plan on the target, several at once.
+async fn analyze(target: &DbConn, plan: &Plan, jobs: usize, env: Env<'_>) -> Result<()> {
+    let started = Instant::now();
+    let queue = Mutex::new(plan.tables.iter().collect::<VecDeque<_>>());
+    let workers = (0..jobs.max(1)).map(|_| async {
+        let tgt = target.connect(env).await?;
+        loop {
+            // The guard must go before the await: another worker of this
+            // task takes the lock meanwhile.
+            let Some(t) = queue.lock().unwrap().pop_front() else { break };
+            tgt.batch_execute(&format!("analyze {}", t.table)).await?;
+        }
+        Ok::<_, Error>(())
+    });
+    for r in futures_util::future::join_all(workers).await {
+        r?;
+    }
+    tracing::info!(
+        sync = plan.sync,
+        tables = plan.tables.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "tables analyzed on the target"
+    );
     Ok(())
 }
 

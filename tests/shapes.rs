@@ -78,6 +78,9 @@ fn a_large_table_keyed_by_uuid_is_copied_pg15_to_pg17() {
     p.run(&["kick", "s", "--wait", "120", "--jobs", "2"]).ok();
     let digest = "select count(*), md5(string_agg(id::text || body, ',' order by id)) from doc";
     assert_eq!(dst.sql().rows(digest), src.sql().rows(digest));
+    // With statistics from the start (an ANALYZE, not autovacuum's).
+    let analyzed = "select last_analyze is not null from pg_stat_user_tables where relname = 'doc'";
+    assert_eq!(dst.sql().value(analyzed), "t");
     // Copied in parallel, by ranges of blocks (its key is no integer).
     let parts =
         dst.sql().value("select count(*) from pgleap.copy_units where predicate like 'ctid >= %'");
