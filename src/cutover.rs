@@ -88,8 +88,8 @@ pub async fn cutover(
 ) -> Result<CutoverReport> {
     let route = SyncRoute::load(catalog, sync_name)?;
     let target = route.sole_target()?;
-    // A cut-over sync is refused at once, before anything is touched.
-    route.check_active()?;
+    // A cut-over sync is refused by the session at once (a permanent
+    // error), before anything is touched.
     let deadline = Some(Instant::now() + ROUND_LIMIT);
     let mut session = Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
     cutover_with(catalog, &route, &mut session, opts, env).await

@@ -151,7 +151,7 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
                    and not exists (select 1 from pg_depend d
                                    where d.classid = 'pg_class'::regclass
                                      and d.objid = c.oid and d.deptype = 'e')",
-                    if whole_partitions(client) {
+                    if partitions_one_by_one(client) {
                         "c.relkind <> 'p'"
                     } else {
                         "not c.relispartition"
@@ -254,7 +254,7 @@ enum Wanted {
 /// Whether partitions are replicated one by one instead of through their
 /// partitioned table: on PostgreSQL 10, which has no row triggers (nor
 /// keys) on partitioned tables.
-fn whole_partitions(client: &Conn) -> bool {
+fn partitions_one_by_one(client: &Conn) -> bool {
     client.version().major() < 11
 }
 
@@ -301,12 +301,12 @@ async fn lookup(client: &Conn, name: &str, wanted: Wanted) -> Result<u32> {
     match (wanted, kind) {
         // PostgreSQL 10 puts no row trigger on a partitioned table: its
         // partitions are replicated as the tables they are.
-        (Wanted::Table, "p") if whole_partitions(client) => Err(Error::invalid(
+        (Wanted::Table, "p") if partitions_one_by_one(client) => Err(Error::invalid(
             format!("{name} is a partitioned table of PostgreSQL 10"),
             "PostgreSQL 10 cannot capture through a partitioned table: name its partitions with \
              --table (--all-tables and --schema take them by themselves)",
         )),
-        (Wanted::Table, "r") if is_partition && whole_partitions(client) => Ok(oid),
+        (Wanted::Table, "r") if is_partition && partitions_one_by_one(client) => Ok(oid),
         (Wanted::Table, "r" | "p") if is_partition => Err(Error::invalid(
             format!("{name} is a partition of {}", row.get::<_, String>(3)),
             format!(

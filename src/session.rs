@@ -47,10 +47,8 @@ impl Session {
         let src = route.source.connect(env).await?;
         let mut tgt = target.connect(env).await?;
         let mut plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
-        let replica_role = target::prepare(&mut tgt, &plan).await?;
-        plan.check_target(&tgt).await?;
+        let (replica_role, prev) = ready_target(&mut tgt, &plan).await?;
         plan.note_copies(&tgt).await?;
-        let prev = apply::applied_snapshot(&tgt, &plan).await?;
         Ok(Session {
             src,
             tgt,
@@ -137,8 +135,12 @@ impl Session {
                 target::create_missing(&self.tgt, &missing).await?;
             }
             self.prev = Some(start);
-            self.plan.note_copies(&self.tgt).await?;
         }
+        // Whoever copied (this session, or another that held the lock
+        // meanwhile), the keyless tables' copy snapshots are known now; read
+        // before the copy, they could be missing, and the first batches
+        // would replay rows the copy already holds.
+        self.plan.note_copies(&self.tgt).await?;
         self.tgt.execute("select pg_advisory_unlock($1, $2)", &[&lock.0, &lock.1]).await?;
         Ok(())
     }
@@ -230,14 +232,22 @@ impl Session {
     async fn reconnect(&mut self, env: Env<'_>) -> Result<()> {
         let src = self.source.connect(env).await?;
         let mut tgt = self.target.connect(env).await?;
-        self.replica_role = target::prepare(&mut tgt, &self.plan).await?;
-        self.plan.check_target(&tgt).await?;
-        self.prev = apply::applied_snapshot(&tgt, &self.plan).await?;
+        (self.replica_role, self.prev) = ready_target(&mut tgt, &self.plan).await?;
         self.src = src;
         self.tgt = tgt;
         self.broken = false;
         Ok(())
     }
+}
+
+/// Prepares a freshly connected target for `plan` (bookkeeping; triggers
+/// and foreign keys that must not fire), refuses it if it lacks the
+/// source's columns, and reads where apply goes on from: (replica role,
+/// last applied snapshot).
+async fn ready_target(tgt: &mut Conn, plan: &Plan) -> Result<(bool, Option<String>)> {
+    let replica_role = target::prepare(tgt, plan).await?;
+    plan.check_target(tgt).await?;
+    Ok((replica_role, apply::applied_snapshot(tgt, plan).await?))
 }
 
 /// After a failed attempt: waits and returns Ok (try again) while the

@@ -260,7 +260,6 @@ async fn compare_tables(
 #[derive(Debug, Serialize)]
 pub struct UpgradeReport {
     pub preflight: Preflight,
-    pub tables_equal: bool,
     pub cutover: Option<cutover::CutoverReport>,
     /// Each step and how long it took, in seconds.
     pub steps: Vec<(String, f64)>,
@@ -372,7 +371,7 @@ pub async fn upgrade(
             format!("pgleap cutover {name} switches (add --pgbouncer or --switch-command)"),
         ],
     };
-    Ok(UpgradeReport { preflight: pre, tables_equal: true, cutover: cut, steps: clock.steps, next })
+    Ok(UpgradeReport { preflight: pre, cutover: cut, steps: clock.steps, next })
 }
 
 /// Reports what the servers hold and refuses what cannot work, before

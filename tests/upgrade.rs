@@ -114,34 +114,14 @@ fn writes_until_fenced(
     })
 }
 
-const SHAPES: &str = "
-    create schema kinds;
-    create type kinds.state as enum ('open', 'closed');
-    create table ticket (id serial primary key, s kinds.state not null, note text);
-    create index ticket_open on ticket (id) where s = 'open';
-    create table animal (id serial primary key, name text not null);
-    create table dog (breed text) inherits (animal);
-    alter table dog add primary key (id);
-    create table nothing ();
-    create table computed (g int generated always as (7) stored);
-    insert into ticket (s) select case when g % 2 = 0 then 'open' else 'closed' end::kinds.state
-    from generate_series(1, 200) g;
-    insert into animal (name) select 'a' || g from generate_series(1, 50) g;
-    insert into dog (name, breed) select 'd' || g, 'x' from generate_series(1, 50) g;
-    insert into nothing default values;
-    insert into computed default values;";
-
-/// A 17 source needs pg_dump 17 or newer: the one scripts/install-pg
-/// installs (18) is found by itself, and a --pg-bin too old is refused in
-/// preflight, before anything is written.
+/// A 17 source needs pg_dump 17 or newer: a --pg-bin too old is refused
+/// in preflight, before anything is written (the one scripts/install-pg
+/// installs, 18, is found by itself: `upgrade_shapes_from_pg17_to_pg18`).
 #[test]
-fn upgrade_pg17_to_pg18_with_the_installed_pg_dump_under_writes() {
+fn a_pg_dump_too_old_for_the_source_is_refused_in_preflight_pg17_to_pg18() {
     let src = TestDb::new(cluster(17), "up18src");
     let dst = TestDb::new(cluster(18), "up18dst");
-    src.cluster
-        .superuser("postgres")
-        .exec(&format!("alter database \"{}\" set search_path = public, kinds", src.name));
-    src.sql().exec(SHAPES);
+    src.sql().exec("create table t (id int primary key)");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     let too_old = p.run(&[
         "upgrade",
@@ -154,28 +134,7 @@ fn upgrade_pg17_to_pg18_with_the_installed_pg_dump_under_writes() {
     ]);
     too_old.fails_with(&["needs pg_dump 17 or newer", "found: 15 in /usr/lib/postgresql/15/bin"]);
     assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
-
-    let writer = writes_until_fenced(src.sql(), |i| {
-        format!(
-            "insert into ticket (s, note) values ('open', 'w{i}');
-             update animal set name = name || '.' where id = {};
-             insert into nothing default values;",
-            i % 100 + 1
-        )
-    });
-    let out =
-        p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"]);
-    let text = out.ok();
-    assert!(text.contains("copied with pg_dump 18"), "{out}");
-    assert!(text.contains("writes were fenced for"), "{out}");
-    assert!(writer.join().unwrap() > 0, "no write went through during the upgrade");
-    let (s, d) = (src.sql(), dst.sql());
-    for table in ["ticket", "animal", "dog", "nothing", "computed"] {
-        let q = format!("select t::text from only {table} t order by 1");
-        assert_eq!(d.rows(&q), s.rows(&q), "{table}");
-    }
-    let index = "select pg_get_indexdef('public.ticket_open'::regclass)";
-    assert!(d.value(index).contains("kinds.state"), "{}", d.value(index));
+    assert_eq!(dst.sql().value("select count(*) from pg_tables where schemaname = 'public'"), "0");
 }
 
 /// An extension only a superuser can create: named in preflight with the
@@ -204,8 +163,9 @@ fn an_extension_the_role_cannot_create_is_named_then_accepted_once_created_pg15_
     );
 }
 
-/// The schema above without what 10 and 11 lack (generated columns).
-const SHAPES_OLD: &str = "
+/// The schema every source major has (generated columns are added for 12
+/// and later).
+const SHAPES: &str = "
     create schema kinds;
     create type kinds.state as enum ('open', 'closed');
     create table ticket (id serial primary key, s kinds.state not null, note text);
@@ -234,7 +194,7 @@ fn upgrade_shapes(major: u32, target: u32) {
     src.cluster
         .superuser("postgres")
         .exec(&format!("alter database \"{}\" set search_path = public, kinds", src.name));
-    let mut schema = SHAPES_OLD.to_string();
+    let mut schema = SHAPES.to_string();
     if major == 10 {
         // PostgreSQL 10 has no keys on partitioned tables: its partitions do.
         schema = schema.replace(", primary key (id, at)) partition by", ") partition by")
@@ -258,7 +218,12 @@ fn upgrade_shapes(major: u32, target: u32) {
     });
     let out =
         p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"]);
-    assert!(out.ok().contains(&format!("preflight: PostgreSQL {major}.")), "{out}");
+    let text = out.ok();
+    assert!(text.contains(&format!("preflight: PostgreSQL {major}.")), "{out}");
+    if major == 17 {
+        // No pg_dump of the machine's own (15) can dump 17.
+        assert!(text.contains("copied with pg_dump 18"), "{out}");
+    }
     assert!(writer.join().unwrap() > 0, "no write went through during the upgrade");
     let (s, d) = (src.sql(), dst.sql());
     let mut tables = vec!["ticket", "animal", "dog", "nothing", "events"];
