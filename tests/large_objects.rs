@@ -138,6 +138,9 @@ fn large_objects_copied_synced_cut_over_and_verified_pg12_to_pg17() {
 
     let equal = p.run(&["verify", "s", "--json"]);
     assert_eq!(equal.code, 0, "{equal}");
+    let only = p.run(&["verify", "s", "--table", "large objects", "--json"]).json();
+    assert_eq!(only[0]["tables"].as_array().unwrap().len(), 1, "{only}");
+    assert_eq!(only[0]["tables"][0]["table"], "large objects", "{only}");
     dst.sql().exec(&format!("select lo_put({granted}, 0, 'X')"));
     let planted = p.run(&["verify", "s", "--json"]);
     assert_eq!(planted.code, 1, "{planted}");
