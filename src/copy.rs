@@ -28,6 +28,7 @@ use std::time::Instant;
 use crate::apply::{Plan, TablePlan};
 use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
+use crate::fidelity;
 use crate::large_objects;
 use crate::pg::{Conn, Env, Sql, Tx, copy_between, quote_ident, quote_literal};
 use crate::progress::Progress;
@@ -139,6 +140,7 @@ pub async fn initial_copy(
         // table gets statistics before it can be cut over to.
         analyze(target, plan, jobs, env).await?;
     }
+    complete_schema(source, target, plan, env).await?;
     let mut stats = run.stats.into_inner().unwrap();
     stats.millis = started.elapsed().as_millis() as i64;
     if total > 0 {
@@ -235,6 +237,25 @@ async fn build_indexes(
     });
     for r in futures_util::future::join_all(builders).await {
         r?;
+    }
+    Ok(())
+}
+
+/// Creates what the target still lacks of what belongs before the data
+/// and after it (see `fidelity`): indexes and constraints of partitions,
+/// NOT VALID checks, materialized views populated and indexed, policies,
+/// privileges, comments, settings, statistics of partitions. What cannot
+/// be created is logged; cutover refuses to switch while it is missing.
+async fn complete_schema(source: &DbConn, target: &DbConn, plan: &Plan, env: Env<'_>) -> Result<()> {
+    let src = source.connect(env).await?;
+    let tgt = target.connect(env).await?;
+    let tables = plan.tables.iter().map(|t| t.table.clone()).collect();
+    let scope = fidelity::Scope::of_tables(tables, &plan.schema);
+    let differences = fidelity::compare(&src, &tgt, &scope).await?;
+    for d in fidelity::create(&tgt, differences, fidelity::Stage::AfterData).await? {
+        if d.stage < fidelity::Stage::Cutover {
+            tracing::warn!(sync = plan.sync, "{}", fidelity::describe(&d));
+        }
     }
     Ok(())
 }

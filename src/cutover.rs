@@ -29,6 +29,7 @@ use crate::apply::Plan;
 use crate::capture;
 use crate::catalog::{Catalog, ObjectKind, OneTimeCopy};
 use crate::error::{Error, Result};
+use crate::fidelity::{self, Difference, Stage};
 use crate::inventory::Selection;
 use crate::objects::{self, SyncSpec};
 use crate::pg::{Conn, Env, Sql, qualified, quote_ident, quote_literal};
@@ -56,6 +57,8 @@ pub struct CutoverOptions {
     /// For a rollback: the fence the cutover left on the old server (the
     /// target now), lifted at the switch point.
     pub lift_fence: Option<Plan>,
+    /// Switch even with schema objects missing on the target.
+    pub allow_schema_differences: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,6 +110,7 @@ pub async fn cutover_with(
 ) -> Result<CutoverReport> {
     let target = route.sole_target()?.name.clone();
     catch_up(catalog, session, opts.max_lag, env).await?;
+    let at_switch = settle_schema(session, opts.allow_schema_differences).await?;
     if opts.dry_run {
         // The poolers are checked, not paused.
         crate::switch::check(&opts.switch, env).await?;
@@ -127,7 +131,7 @@ pub async fn cutover_with(
         if opts.terminate {
             read_only(&session.src, true).await?;
         }
-        let switched = switch(catalog, session, opts, env).await?;
+        let switched = switch(catalog, session, opts, &at_switch, env).await?;
         pooler.repoint(&opts.switch, &to, route.name(), &target).await?;
         if let Some(old) = &opts.lift_fence {
             // A rollback: the fence the cutover left on the old server comes
@@ -142,7 +146,7 @@ pub async fn cutover_with(
         Ok(switched) => switched,
         Err(e) => {
             tracing::warn!("cutover failed before the switch; unfencing the source: {e}");
-            undo(catalog, session, opts).await;
+            undo(catalog, session, opts, &at_switch).await;
             pooler.abort(env).await;
             return Err(e);
         }
@@ -183,9 +187,21 @@ pub async fn cutover_with(
 /// target's foreign keys and triggers set aside again (they would fire
 /// during the next batches), the sync back removed. Best effort: the
 /// original error is the one reported.
-async fn undo(catalog: &mut Catalog, session: &mut Session, opts: &CutoverOptions) {
+async fn undo(
+    catalog: &mut Catalog,
+    session: &mut Session,
+    opts: &CutoverOptions,
+    at_switch: &[Difference],
+) {
     if opts.terminate {
         let _ = read_only(&session.src, false).await;
+    }
+    // Forced, row security would filter the sync's own writes.
+    for d in at_switch.iter().filter(|d| d.kind == fidelity::FORCED_ROW_SECURITY) {
+        let _ = session
+            .tgt
+            .batch_execute(&format!("alter table {} no force row level security", d.name))
+            .await;
     }
     if let Err(e) = unfence(&mut session.src, &session.plan).await {
         tracing::error!(
@@ -216,12 +232,49 @@ struct Switched {
     to_validate: Vec<Unvalidated>,
 }
 
+/// Before the fence: creates what the target still lacks of what belongs
+/// before the switch, and refuses to go on while a required object is
+/// missing or different (unless allowed). Returns what the fence itself
+/// creates besides foreign keys and triggers (forced row security).
+async fn settle_schema(session: &Session, allow: bool) -> Result<Vec<Difference>> {
+    let plan = &session.plan;
+    let tables = plan.tables.iter().map(|t| t.table.clone()).collect();
+    let scope = fidelity::Scope::of_tables(tables, &plan.schema);
+    let differences = fidelity::compare(&session.src, &session.tgt, &scope).await?;
+    let left = fidelity::create(&session.tgt, differences, Stage::AfterData).await?;
+    let (at_switch, blocking): (Vec<_>, Vec<_>) =
+        left.into_iter().partition(|d| d.stage == Stage::Cutover);
+    if !blocking.is_empty() {
+        let shown: Vec<String> = blocking.iter().take(5).map(fidelity::describe).collect();
+        let more = blocking.len().saturating_sub(shown.len());
+        let message = format!(
+            "the target lacks or differs in {} schema object(s): {}{}",
+            blocking.len(),
+            shown.join("; "),
+            if more > 0 { format!("; and {more} more") } else { String::new() }
+        );
+        if !allow {
+            return Err(Error::invalid(
+                format!("cutover refused: {message}"),
+                format!(
+                    "create them on the target (pgleap verify {} lists them all), or pass \
+                     --allow-schema-differences to switch anyway; nothing was fenced",
+                    plan.sync
+                ),
+            ));
+        }
+        tracing::warn!("switching with --allow-schema-differences: {message}");
+    }
+    Ok(at_switch)
+}
+
 /// Inside the fence, up to the switch point: drain, sequences, deferred
 /// schema, counts, and the sync back if asked for.
 async fn switch(
     catalog: &mut Catalog,
     session: &mut Session,
     opts: &CutoverOptions,
+    at_switch: &[Difference],
     env: Env<'_>,
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
@@ -249,6 +302,14 @@ async fn switch(
     to_validate.dedup();
     if let Some(back) = &opts.rollback_sync {
         arm_rollback(catalog, back, session).await?;
+    }
+    // Last: once forced, row security applies to pgleap's own writes.
+    let failed = fidelity::create(&session.tgt, at_switch.to_vec(), Stage::Cutover).await?;
+    if let Some(d) = failed.iter().find(|d| d.create_failed()) {
+        return Err(Error::invalid(
+            format!("cutover: could not create {}", fidelity::describe(d)),
+            "the source was unfenced; fix what is named on the target and run cutover again",
+        ));
     }
     Ok(Switched {
         large_objects_ms,

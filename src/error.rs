@@ -34,8 +34,10 @@ pub enum Error {
     #[error("{message}")]
     NotReady { message: String, hint: String },
     /// `verify` ran and found differences.
-    #[error("verify found differences in {tables} table(s) of sync \"{sync}\"")]
-    Differences { sync: String, tables: usize },
+    #[error(
+        "verify found differences in {tables} table(s) and {objects} schema object(s) of sync \"{sync}\""
+    )]
+    Differences { sync: String, tables: usize, objects: usize },
     /// A request that cannot be carried out as given.
     #[error("{message}")]
     Invalid { message: String, hint: Option<String> },
@@ -103,10 +105,15 @@ impl Error {
                     .into(),
             ),
             Self::Pg(e) => e.hint(),
-            Self::Differences { sync, .. } => Some(format!(
+            Self::Differences { sync, tables, .. } if *tables > 0 => Some(format!(
                 "the keys above differ; if the source is still written, run pgleap kick {sync} \
                  --wait and verify again"
             )),
+            Self::Differences { .. } => Some(
+                "create the objects listed above on the target (pgleap schema copy creates what \
+                 it can; a role that is missing: CREATE ROLE ... on the target), then verify again"
+                    .into(),
+            ),
             Self::SchemaChanged { sync, .. } => Some(format!(
                 "make the same change on the target (ALTER TABLE ... as on the source; a column \
                  added with a default gets that default on the target's rows too), then \

@@ -41,6 +41,7 @@ mod copy;
 mod cutover;
 mod daemon;
 mod error;
+mod fidelity;
 mod inventory;
 mod large_objects;
 mod objects;

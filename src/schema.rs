@@ -10,15 +10,22 @@
 //! - Foreign keys and triggers are left for cutover: created earlier they
 //!   would fire during the load and the sync.
 //!
+//! - Then what pg_dump's pre-data leaves out (see `fidelity`): privileges
+//!   for roles the target has, row security and policies, comments,
+//!   database settings; roles the target lacks are named (or created
+//!   NOLOGIN with `create_roles`).
+//!
 //! Extensions the source uses and the target cannot install are named
 //! before anything is created. Ownership goes to the target user
-//! (`--no-owner`); privileges are not copied (the roles usually differ).
+//! (`--no-owner`); privileges are granted by pgleap itself, so that a role
+//! missing on the target fails one grant, not the whole restore.
 //! Passwords reach pg_dump/pg_restore through PGPASSWORD, never argv.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Error, Result};
+use crate::fidelity::{self, Difference, Scope, Stage};
 use crate::inventory::{self, Selection};
 use crate::pg::{Conn, Env, Sql, quote_ident};
 use crate::route::DbConn;
@@ -233,10 +240,83 @@ pub struct SchemaCopy<'a> {
     pub pg_bin: Option<&'a Path>,
     /// pgleap's own schema on the source, never copied.
     pub exclude_schema: &'a str,
+    /// Create the roles the source's privileges and policies name and the
+    /// target lacks (NOLOGIN, without a password).
+    pub create_roles: bool,
 }
 
-/// Copies the pre-data section of the source's schema to the target.
-pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools> {
+/// What `schema copy` did beyond pg_dump's part.
+pub struct SchemaCopied {
+    pub tools: PgTools,
+    /// Roles created (`create_roles`), or named for the user to create.
+    pub created_roles: Vec<String>,
+    pub missing_roles: Vec<String>,
+    /// Pre-data objects still missing or different on the target, with
+    /// the reason where pgleap tried.
+    pub left: Vec<Difference>,
+}
+
+impl SchemaCopied {
+    /// One line per role created or missing and per object not copied.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for role in &self.created_roles {
+            out.push(format!("created role {role} on the target (NOLOGIN, no password)"));
+        }
+        for role in &self.missing_roles {
+            out.push(format!(
+                "role {role} does not exist on the target: its grants and policies are not \
+                 created; run there {}; (or pass --create-roles)",
+                fidelity::create_role_sql(role, false)
+            ));
+        }
+        for d in &self.left {
+            out.push(format!("not copied: {}", fidelity::describe(d)));
+        }
+        out
+    }
+}
+
+/// Copies the pre-data section of the source's schema to the target, then
+/// what pg_dump leaves out or cannot know: roles (when asked), privileges,
+/// row security and policies, comments, database settings.
+pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<SchemaCopied> {
+    let tools = run_pg_dump(job, env).await?;
+    let src = job.source.connect(env).await?;
+    let dst = job.target.connect(env).await?;
+    let scope = Scope {
+        schemas: job.schemas.to_vec(),
+        tables: None,
+        exclude: vec![job.exclude_schema.to_string()],
+    };
+    let (created_roles, missing_roles) = if job.create_roles {
+        (create_missing_roles(&src, &dst, &scope).await?, Vec::new())
+    } else {
+        (Vec::new(), fidelity::missing_roles(&src, &dst, &scope).await?)
+    };
+    let differences = fidelity::compare(&src, &dst, &scope).await?;
+    let left = fidelity::create(&dst, differences, Stage::PreData).await?;
+    let left = left.into_iter().filter(|d| d.stage == Stage::PreData).collect();
+    Ok(SchemaCopied { tools, created_roles, missing_roles, left })
+}
+
+/// Creates on the target, NOLOGIN and without a password, the roles the
+/// source's grants, policies and settings name; returns them.
+pub async fn create_missing_roles(src: &Conn, dst: &Conn, scope: &Scope) -> Result<Vec<String>> {
+    let roles = fidelity::missing_roles(src, dst, scope).await?;
+    for role in &roles {
+        dst.batch_execute(&fidelity::create_role_sql(role, false)).await.map_err(|e| {
+            Error::invalid(
+                format!("cannot create role {role} on target \"{}\": {}", dst.name(), e.message()),
+                "--create-roles needs CREATEROLE on the target; or create the roles there first",
+            )
+        })?;
+    }
+    Ok(roles)
+}
+
+/// pg_dump's pre-data section, restored in one transaction.
+async fn run_pg_dump(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools> {
     let src = job.source.connect(env).await?;
     let dst = job.target.connect(env).await?;
     check_extensions(&src, &dst).await?;

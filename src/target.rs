@@ -38,24 +38,41 @@ fn table_list(plan: &Plan) -> Vec<&str> {
     plan.tables.iter().map(|t| t.table.as_str()).collect()
 }
 
-/// Foreign keys on `tables` (and, with `referencing`, those of other tables
-/// pointing at them).
+/// The tables (quoted names, `$1`) with their partitions and inheritance
+/// children, as a CTE `tree(oid)`: a partition's own foreign keys and
+/// triggers fire during apply like its parent's.
+const TREE: &str = "with recursive tree(oid) as (
+                        select unnest($1::text[])::regclass::oid
+                        union
+                        select i.inhrelid from pg_inherits i join tree on i.inhparent = tree.oid)";
+
+/// Foreign keys on `tables` and their partitions (and, with `referencing`,
+/// those of other tables pointing at them). A key a partition inherits
+/// from its parent's is the parent's: created and dropped with it.
 async fn foreign_keys(c: &impl Sql, tables: &[&str], referencing: bool) -> Result<Vec<Definition>> {
     let rows = c
         .query_qualified(
-            "select conrelid::regclass::text, conname::text, pg_get_constraintdef(oid)
-             from pg_constraint
-             where contype = 'f'
-               and (conrelid = any(select unnest($1::text[])::regclass)
-                    or ($2 and confrelid = any(select unnest($1::text[])::regclass)))",
+            &format!(
+                "{TREE}
+                 select k.conrelid::regclass::text, k.conname::text, pg_get_constraintdef(k.oid)
+                 from pg_constraint k
+                 where k.contype = 'f'
+                   and (k.conrelid in (select oid from tree)
+                        or ($2 and k.confrelid in (select oid from tree)))
+                   and not exists (select 1 from pg_inherits i join pg_constraint p
+                                     on p.conrelid = i.inhparent and p.conname = k.conname
+                                    and p.contype = 'f'
+                                   where i.inhrelid = k.conrelid)"
+            ),
             &[&tables, &referencing],
         )
         .await?;
     Ok(rows.iter().map(definition).collect())
 }
 
-/// User triggers on `tables` (only the enabled ones with `enabled_only`);
-/// pgleap's own are never included.
+/// User triggers on `tables` and their partitions (only the enabled ones
+/// with `enabled_only`); pgleap's own are never included, nor the clones a
+/// partition gets of its parent's (internal before 13).
 async fn user_triggers(
     c: &impl Sql,
     tables: &[&str],
@@ -63,11 +80,17 @@ async fn user_triggers(
 ) -> Result<Vec<Definition>> {
     let rows = c
         .query_qualified(
-            "select tgrelid::regclass::text, tgname::text, pg_get_triggerdef(oid)
-             from pg_trigger
-             where tgrelid = any(select unnest($1::text[])::regclass)
-               and not tgisinternal and tgname not like 'pgleap\\_%'
-               and (not $2 or tgenabled <> 'D')",
+            &format!(
+                "{TREE}
+                 select t.tgrelid::regclass::text, t.tgname::text, pg_get_triggerdef(t.oid)
+                 from pg_trigger t
+                 where t.tgrelid in (select oid from tree)
+                   and not t.tgisinternal and t.tgname not like 'pgleap\\_%'
+                   and (not $2 or t.tgenabled <> 'D')
+                   and not exists (select 1 from pg_inherits i join pg_trigger p
+                                     on p.tgrelid = i.inhparent and p.tgname = t.tgname
+                                   where i.inhrelid = t.tgrelid)"
+            ),
             &[&tables, &enabled_only],
         )
         .await?;
@@ -262,9 +285,11 @@ pub async fn validate_foreign_keys(tgt: &Conn, fks: &[Unvalidated]) -> Result<()
 pub async fn not_validated(tgt: &Conn, plan: &Plan) -> Result<Vec<Unvalidated>> {
     let rows = tgt
         .query_qualified(
-            "select conrelid::regclass::text, conname::text from pg_constraint
-             where contype = 'f' and not convalidated
-               and conrelid = any(select unnest($1::text[])::regclass)",
+            &format!(
+                "{TREE}
+                 select conrelid::regclass::text, conname::text from pg_constraint
+                 where contype = 'f' and not convalidated and conrelid in (select oid from tree)"
+            ),
             &[&table_list(plan)],
         )
         .await?;

@@ -18,7 +18,7 @@ use crate::objects::{self, DbSpec, SyncSpec};
 use crate::pg::{Conn, ConnParams, Env, PasswordSource, ResolvedConn, Sql};
 use crate::route::{DbConn, SyncRoute};
 use crate::session::Session;
-use crate::{cutover, schema, verify};
+use crate::{cutover, fidelity, schema, verify};
 
 /// Copy speed assumed for the estimate, from docs/BENCHMARKS.md (2 cores).
 const ASSUMED_MB_PER_S: f64 = 40.0;
@@ -41,6 +41,10 @@ pub struct UpgradeOptions {
     pub switch: crate::switch::SwitchPlan,
     /// Where pg_dump and pg_restore are, if not found by themselves.
     pub pg_bin: Option<std::path::PathBuf>,
+    /// Create the roles the source's grants and policies name (NOLOGIN).
+    pub create_roles: bool,
+    /// Cut over even with schema objects missing on the target.
+    pub allow_schema_differences: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +76,11 @@ pub struct Preflight {
     pub pg_dump: Option<String>,
     #[serde(skip)]
     pub tools_problem: Option<String>,
+    /// Roles the source's grants, policies and settings name that the
+    /// target lacks.
+    pub missing_roles: Vec<String>,
+    /// Tables with forced row security the role cannot read whole.
+    pub forced_row_security: Vec<String>,
 }
 
 impl Preflight {
@@ -107,6 +116,14 @@ impl Preflight {
             problems.push(format!(
                 "tables on the target have other columns than on the source: {}",
                 self.mismatched_tables.join("; ")
+            ));
+        }
+        if !self.forced_row_security.is_empty() {
+            problems.push(format!(
+                "row level security is forced on {} and applies to the role, which would read \
+                 only the rows its policies let through: the role needs BYPASSRLS (ALTER ROLE \
+                 ... BYPASSRLS, run by a superuser) for the move",
+                self.forced_row_security.join(", ")
             ));
         }
         if problems.is_empty() {
@@ -190,6 +207,9 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     } else {
         (None, None)
     };
+    let scope = fidelity::Scope { exclude: vec!["pgleap".into()], ..Default::default() };
+    let missing_roles = fidelity::missing_roles(&src, &tgt, &scope).await?;
+    let forced_row_security = fidelity::forced_row_security(&src).await?;
     let large_objects = crate::large_objects::any(&src).await?;
     let (unreadable_large_objects, unreadable_large_object_oids) =
         crate::large_objects::unreadable(&src).await?;
@@ -217,6 +237,8 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         mismatched_tables,
         pg_dump,
         tools_problem,
+        missing_roles,
+        forced_row_security,
     })
 }
 
@@ -299,7 +321,8 @@ pub async fn upgrade(
     clock.lap("preflight");
     let name = &opts.name;
     let (source, target) = step_declare(catalog, opts, say, env).await?;
-    step_schema(catalog, name, &source, &target, opts.pg_bin.as_deref(), say, env).await?;
+    let pg_bin = opts.pg_bin.as_deref();
+    step_schema(catalog, name, &source, &target, pg_bin, opts.create_roles, say, env).await?;
     clock.lap("catalog and schema");
     step_capture(catalog, name, say, env).await?;
     clock.lap("capture");
@@ -316,7 +339,7 @@ pub async fn upgrade(
         }
     };
     if !differing.is_empty() {
-        return Err(Error::Differences { sync: name.clone(), tables: differing.len() });
+        return Err(Error::Differences { sync: name.clone(), tables: differing.len(), objects: 0 });
     }
     let cut = if go {
         let copts = cutover::CutoverOptions {
@@ -327,6 +350,7 @@ pub async fn upgrade(
             rollback_sync: None,
             switch: opts.switch.clone(),
             lift_fence: None,
+            allow_schema_differences: opts.allow_schema_differences,
         };
         let report = cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?;
         clock.lap("cutover");
@@ -414,6 +438,23 @@ async fn step_preflight(
             if pre.unreadable_large_objects > oids.len() as i64 { ", ..." } else { "" }
         ));
     }
+    if !pre.missing_roles.is_empty() {
+        let what = if opts.create_roles {
+            "created NOLOGIN without a password (--create-roles)".to_string()
+        } else {
+            let commands: Vec<String> =
+                pre.missing_roles.iter().map(|r| fidelity::create_role_sql(r, false)).collect();
+            format!(
+                "their grants and policies are not created unless they exist: run on the target \
+                 {}; (or pass --create-roles)",
+                commands.join("; ")
+            )
+        };
+        say(&format!(
+            "preflight: the target lacks role(s) {}: {what}",
+            pre.missing_roles.join(", ")
+        ));
+    }
     if let Some(e) = pre.refusal() {
         return Err(e);
     }
@@ -482,6 +523,7 @@ async fn step_schema(
     source: &DbConn,
     target: &DbConn,
     pg_bin: Option<&std::path::Path>,
+    create_roles: bool,
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<()> {
@@ -489,14 +531,32 @@ async fn step_schema(
     if let Some(m) = relgroup.members.iter().find(|m| m.kind != "sequence") {
         let tgt = target.connect(env).await?;
         if tgt.relation_exists(&crate::pg::qualified(&m.schema, &m.name)).await? {
+            // A schema restored beforehand: the roles are still wanted.
+            if create_roles {
+                let src = source.connect(env).await?;
+                let scope = fidelity::Scope { exclude: vec!["pgleap".into()], ..Default::default() };
+                for role in schema::create_missing_roles(&src, &tgt, &scope).await? {
+                    say(&format!("created role {role} on the target (NOLOGIN, no password)"));
+                }
+            }
             return Ok(());
         }
     } else {
         return Ok(());
     }
-    let job = schema::SchemaCopy { source, target, schemas: &[], pg_bin, exclude_schema: "pgleap" };
-    schema::copy_pre_data(&job, env).await?;
+    let job = schema::SchemaCopy {
+        source,
+        target,
+        schemas: &[],
+        pg_bin,
+        exclude_schema: "pgleap",
+        create_roles,
+    };
+    let copied = schema::copy_pre_data(&job, env).await?;
     say("copied the schema (indexes follow the data; foreign keys and triggers at cutover)");
+    for line in copied.lines() {
+        say(&line);
+    }
     Ok(())
 }
 

@@ -15,8 +15,9 @@ use serde::Serialize;
 use crate::apply::{self, Plan, TablePlan};
 use crate::catalog::Catalog;
 use crate::error::Result;
+use crate::fidelity::{self, Difference};
 use crate::large_objects;
-use crate::pg::{Env, Sql};
+use crate::pg::{Conn, Env, Sql};
 use crate::route::SyncRoute;
 use crate::session::Session;
 
@@ -129,6 +130,42 @@ pub async fn compare_table(src: &impl Sql, tgt: &impl Sql, t: &TablePlan) -> Res
     Ok(report)
 }
 
+/// What verify found for one target.
+#[derive(Debug, Serialize)]
+pub struct TargetReport {
+    pub target: String,
+    pub tables: Vec<TableReport>,
+    /// Schema objects missing or different on the target. Before cutover,
+    /// those that cutover creates (foreign keys, triggers, forced row
+    /// security) are left out.
+    pub schema: Vec<Difference>,
+}
+
+impl TargetReport {
+    pub fn differing_tables(&self) -> usize {
+        self.tables.iter().filter(|r| !r.equal).count()
+    }
+}
+
+/// The schema objects of a plan's tables (and of their schemas) that the
+/// target lacks or has different; with `cut_over` false, those the cutover
+/// creates are not counted.
+pub async fn compare_schema(
+    src: &Conn,
+    tgt: &Conn,
+    plan: &Plan,
+    cut_over: bool,
+) -> Result<Vec<Difference>> {
+    let tables = plan.tables.iter().map(|t| t.table.clone()).collect();
+    let scope = fidelity::Scope::of_tables(tables, &plan.schema);
+    let differences = fidelity::compare(src, tgt, &scope).await?;
+    Ok(if cut_over {
+        differences
+    } else {
+        fidelity::blocking(&differences).into_iter().cloned().collect()
+    })
+}
+
 /// Compares the tables of a plan (those named in `only`, or all).
 pub async fn compare(
     src: &impl Sql,
@@ -170,26 +207,31 @@ pub async fn verify_sync(
     only: &[String],
     live: bool,
     env: Env<'_>,
-) -> Result<Vec<(String, Vec<TableReport>)>> {
+) -> Result<Vec<TargetReport>> {
     let route = SyncRoute::load(catalog, sync)?;
-    let live = live && !route.sync.retired;
+    let cut_over = route.sync.retired;
+    let live = live && !cut_over;
     let mut out = Vec::new();
     for target in &route.targets {
-        let reports = if live {
+        let (tables, schema) = if live {
             // The first batch also runs the initial copy, if one is due.
             let deadline = Some(Instant::now() + Duration::from_secs(300));
             let mut session =
                 Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
             let until = session.source_snapshot().await?;
             session.catch_up(catalog, &until, deadline, env).await?;
-            compare_live(&mut session, only).await?
+            let tables = compare_live(&mut session, only).await?;
+            (tables, compare_schema(&session.src, &session.tgt, &session.plan, false).await?)
         } else {
             let src = route.source.connect(env).await?;
             let tgt = target.connect(env).await?;
             let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
-            compare(&src, &tgt, &plan, only).await?
+            let tables = compare(&src, &tgt, &plan, only).await?;
+            (tables, compare_schema(&src, &tgt, &plan, cut_over).await?)
         };
-        out.push((target.name.clone(), reports));
+        // Asked about some tables only: the schema is not what was asked.
+        let schema = if only.is_empty() { schema } else { Vec::new() };
+        out.push(TargetReport { target: target.name.clone(), tables, schema });
     }
     Ok(out)
 }

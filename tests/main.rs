@@ -20,6 +20,8 @@ mod replication;
 mod copy;
 // Schema copy.
 mod schema;
+// Every object, statistics, privileges.
+mod fidelity;
 // Tables without a key.
 mod keyless;
 // Inheritance trees, tables without columns, keys that cannot be split.

@@ -1,7 +1,7 @@
 //! `pgleap upgrade`: the whole job in one command, resumable, refusing
 //! early what cannot work.
 
-use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench};
+use crate::support::{Pgleap, Sql, TestDb, cluster, finish, pgbench, writes_until_fenced};
 
 fn multiset(sql: &Sql, table: &str) -> Vec<Vec<Option<String>>> {
     sql.rows(&format!("select t::text from {table} t order by 1"))
@@ -88,30 +88,6 @@ fn upgrade_resumes_when_run_again_pg15_to_pg17() {
         assert_eq!(multiset(&src.sql(), table), multiset(&dst.sql(), table), "{table}");
     }
     p.run(&["teardown", "upgrade"]).ok();
-}
-
-/// Writes `statements(i)` in one transaction every 20 ms until the fence
-/// refuses them; returns how many went through.
-fn writes_until_fenced(
-    sql: Sql,
-    statements: impl Fn(u64) -> String + Send + 'static,
-) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        for i in 0.. {
-            match sql.try_exec(&format!("begin; {} commit;", statements(i))) {
-                // The fence: the source moved.
-                Err(e) if e.contains("moved to") => return i,
-                // Taking the fence's locks can deadlock with this
-                // transaction; an application retries.
-                Err(e) if e.contains("deadlock") => {}
-                Err(e) => panic!("{e}"),
-                Ok(()) => {}
-            }
-            let _ = sql.try_exec("rollback");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        unreachable!()
-    })
 }
 
 /// A 17 source needs pg_dump 17 or newer: a --pg-bin too old is refused
@@ -237,8 +213,17 @@ fn upgrade_shapes(major: u32, target: u32) {
     }
     let seq = "select last_value from ticket_id_seq";
     assert_eq!(d.value(seq), s.value(seq));
-    let index = "select pg_get_indexdef('public.ticket_open'::regclass)";
+    // Read without a search_path: the target's database has the source's
+    // (public, kinds), under which the definition prints unqualified.
+    let index = "set search_path = ''; select pg_get_indexdef('public.ticket_open'::regclass)";
     assert!(d.value(index).contains("kinds.state"), "{}", d.value(index));
+    let settings = "select array_to_string(setconfig, ',') from pg_db_role_setting
+                    where setdatabase = (select oid from pg_database where datname = current_database())";
+    assert_eq!(d.value(settings), s.value(settings));
+    // Every object of the source, compared by definition across the two
+    // majors, is on the target.
+    let verify = p.run(&["verify", "upgrade"]);
+    assert!(verify.ok().contains("schema: every object equal"), "{verify}");
 }
 
 #[test]

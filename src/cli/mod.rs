@@ -128,6 +128,10 @@ pub enum Command {
         /// the old one, capturing before the new server takes writes.
         #[arg(long, value_name = "NAME")]
         rollback_sync: Option<String>,
+        /// Switch even though schema objects are missing or different on
+        /// the target (verify lists them).
+        #[arg(long)]
+        allow_schema_differences: bool,
         #[command(flatten)]
         switch: SwitchArgs,
         #[arg(long)]
@@ -173,6 +177,14 @@ pub enum Command {
         /// and what scripts/install-pg client installed).
         #[arg(long, value_name = "DIR")]
         pg_bin: Option<PathBuf>,
+        /// Create the roles the source's grants and policies name and the
+        /// target lacks (NOLOGIN, no password).
+        #[arg(long)]
+        create_roles: bool,
+        /// Cut over even though schema objects are missing or different on
+        /// the target.
+        #[arg(long)]
+        allow_schema_differences: bool,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -205,6 +217,10 @@ pub enum SchemaCommand {
         /// Also create indexes and key constraints now (when no initial copy follows).
         #[arg(long)]
         with_indexes: bool,
+        /// Create the roles that the source's grants and policies name and
+        /// the target lacks (NOLOGIN, no password).
+        #[arg(long)]
+        create_roles: bool,
     },
 }
 
@@ -761,7 +777,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
 
 /// `pgleap schema copy`
 async fn schema(catalog: &mut Catalog, cmd: SchemaCommand) -> Result<()> {
-    let SchemaCommand::Copy { from, to, schemas, pg_bin, with_indexes } = cmd;
+    let SchemaCommand::Copy { from, to, schemas, pg_bin, with_indexes, create_roles } = cmd;
     let source = DbConn::from_catalog(catalog, &from)?;
     let target = DbConn::from_catalog(catalog, &to)?;
     let job = crate::schema::SchemaCopy {
@@ -770,13 +786,15 @@ async fn schema(catalog: &mut Catalog, cmd: SchemaCommand) -> Result<()> {
         schemas: &schemas,
         pg_bin: pg_bin.as_deref(),
         exclude_schema: "pgleap",
+        create_roles,
     };
-    let tools = crate::schema::copy_pre_data(&job, ENV).await?;
+    let copied = crate::schema::copy_pre_data(&job, ENV).await?;
     println!(
         "copied the schema of \"{from}\" to \"{to}\" (pg_dump {} in {})",
-        tools.major,
-        tools.bin.display()
+        copied.tools.major,
+        copied.tools.bin.display()
     );
+    render::schema_copied(&copied);
     if with_indexes {
         let n = crate::schema::create_indexes_like(&source, &target, &schemas, ENV).await?;
         println!("created {n} indexes and key constraints");
@@ -794,9 +812,10 @@ async fn verify(
 ) -> Result<()> {
     let reports = crate::verify::verify_sync(catalog, &sync, tables, !no_kick, ENV).await?;
     render::verify(&reports, json);
-    let differing = reports.iter().flat_map(|(_, r)| r).filter(|r| !r.equal).count();
-    if differing > 0 {
-        return Err(Error::Differences { sync, tables: differing });
+    let tables = reports.iter().map(|r| r.differing_tables()).sum();
+    let objects = reports.iter().map(|r| r.schema.len()).sum();
+    if tables + objects > 0 {
+        return Err(Error::Differences { sync, tables, objects });
     }
     Ok(())
 }
@@ -811,6 +830,7 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
             sequence_margin,
             dry_run,
             rollback_sync,
+            allow_schema_differences,
             switch,
             json,
         } => {
@@ -822,6 +842,7 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 rollback_sync,
                 switch: switch.plan()?,
                 lift_fence: None,
+                allow_schema_differences,
             };
             (crate::cutover::cutover(catalog, &sync, &opts, ENV).await?, json)
         }
@@ -834,6 +855,9 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 rollback_sync: None,
                 switch: switch.plan()?,
                 lift_fence: None,
+                // Going back must not depend on the old server's schema
+                // matching objects created since.
+                allow_schema_differences: true,
             };
             (crate::cutover::rollback(catalog, &sync, &opts, ENV).await?, json)
         }
@@ -845,7 +869,18 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
 
 /// `pgleap upgrade`
 async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
-    let Command::Upgrade { source, target, name, jobs, cutover, max_lag, pg_bin, switch } = cmd
+    let Command::Upgrade {
+        source,
+        target,
+        name,
+        jobs,
+        cutover,
+        max_lag,
+        pg_bin,
+        switch,
+        create_roles,
+        allow_schema_differences,
+    } = cmd
     else {
         unreachable!("dispatched on Command::Upgrade")
     };
@@ -865,6 +900,8 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         max_lag: Duration::from_secs(max_lag),
         switch: switch.plan()?,
         pg_bin,
+        create_roles,
+        allow_schema_differences,
     };
     let say = |line: &str| println!("{line}");
     let report = crate::upgrade::upgrade(catalog, &opts, &say, &render::confirm, ENV).await?;

@@ -383,18 +383,19 @@ pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport) {
     }
 }
 
-pub fn verify(reports: &[(String, Vec<crate::verify::TableReport>)], as_json: bool) {
-    if as_json {
-        #[derive(Serialize)]
-        struct Shown<'a> {
-            target: &'a str,
-            tables: &'a [crate::verify::TableReport],
-        }
-        let shown: Vec<Shown> =
-            reports.iter().map(|(t, r)| Shown { target: t, tables: r }).collect();
-        return json(&shown);
+/// What `schema copy` (and the upgrade's schema step) adds to pg_dump's
+/// part: roles, and the objects it could not create.
+pub fn schema_copied(c: &crate::schema::SchemaCopied) {
+    for line in c.lines() {
+        println!("{line}");
     }
-    for (target, tables) in reports {
+}
+
+pub fn verify(reports: &[crate::verify::TargetReport], as_json: bool) {
+    if as_json {
+        return json(&reports);
+    }
+    for crate::verify::TargetReport { target, tables, schema } in reports {
         let mut t = table(&["table", "source rows", "target rows", "result", "differing keys"]);
         for r in tables {
             t.add_row(vec![
@@ -412,6 +413,12 @@ pub fn verify(reports: &[(String, Vec<crate::verify::TableReport>)], as_json: bo
         }
         println!("target \"{target}\"");
         println!("{t}");
+        if schema.is_empty() {
+            println!("schema: every object equal");
+        }
+        for d in schema {
+            println!("schema: {}", crate::fidelity::describe(d));
+        }
     }
 }
 

@@ -28,12 +28,15 @@ pub use conninfo::{
 };
 pub use console::Console;
 
-/// Settings sent in the startup packet of every connection. The last one
-/// keeps pgleap able to tear down on a source that `cutover --terminate`
-/// made read-only by default.
+/// Settings sent in the startup packet of every connection.
+/// `default_transaction_read_only=off` keeps pgleap able to tear down on a
+/// source that `cutover --terminate` made read-only by default;
+/// `row_security=off` makes a table whose row security applies to pgleap's
+/// role (FORCE ROW LEVEL SECURITY, without BYPASSRLS) fail loudly instead
+/// of returning fewer rows.
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 \
                                -c TimeZone=UTC -c bytea_output=hex \
-                               -c default_transaction_read_only=off";
+                               -c default_transaction_read_only=off -c row_security=off";
 
 /// A libpq connect_timeout is infinite by default; a migration tool that
 /// hangs on a firewalled host is worse than one that says so.

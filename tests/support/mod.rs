@@ -291,3 +291,27 @@ pub fn finish(child: std::process::Child) {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Writes `statements(i)` in one transaction every 20 ms until the fence
+/// refuses them; returns how many went through.
+pub fn writes_until_fenced(
+    sql: Sql,
+    statements: impl Fn(u64) -> String + Send + 'static,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        for i in 0.. {
+            match sql.try_exec(&format!("begin; {} commit;", statements(i))) {
+                // The fence: the source moved.
+                Err(e) if e.contains("moved to") => return i,
+                // Taking the fence's locks can deadlock with this
+                // transaction; an application retries.
+                Err(e) if e.contains("deadlock") => {}
+                Err(e) => panic!("{e}"),
+                Ok(()) => {}
+            }
+            let _ = sql.try_exec("rollback");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        unreachable!()
+    })
+}
