@@ -179,14 +179,18 @@ async fn install_table(
     // inheritance tree captures its own rows with row triggers, which fire
     // on the table that holds the row. So does a partition captured by
     // itself (PostgreSQL 10 sources, whose partitioned tables take no row
-    // trigger).
+    // trigger). A partitioned table too: a statement may name one of its
+    // partitions, which fires no statement trigger of the parent, while
+    // the parent's row triggers are cloned to every partition, present and
+    // future (PostgreSQL 11 and later).
     let inherited: bool = client
         .query_one(
             "select exists (select 1 from pg_inherits i join pg_class c on c.oid = i.inhrelid
                             where (i.inhparent = $1::text::regclass
                                    or i.inhrelid = $1::text::regclass)
                               and not c.relispartition)
-                 or (select relispartition from pg_class where oid = $1::text::regclass)",
+                 or (select relispartition or relkind = 'p' from pg_class
+                     where oid = $1::text::regclass)",
             &[&table],
         )
         .await?

@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 /// Bumped when the schema below changes; older files are migrated in `open`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 create table if not exists meta (key text primary key, value text not null);
@@ -48,6 +48,7 @@ create table if not exists relgroup (
     name text primary key,
     db text not null references db(name),
     large_objects integer not null default 0,
+    whole_schemas text not null default '[]', -- JSON: schemas taken whole (* for all)
     created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 create table if not exists relgroup_member (
@@ -69,6 +70,7 @@ create table if not exists sync (
     capture_schema text not null,
     retired integer not null default 0,
     lo_interval integer not null default 10,  -- seconds between large-object passes
+    paused text,                    -- why apply stopped (a schema change), until resumed
     created_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 -- Each cutover's measured write downtime.
@@ -273,6 +275,9 @@ pub struct RelGroup {
     pub members: Vec<Relation>,
     /// Whether the database's large objects are migrated with it.
     pub large_objects: bool,
+    /// The schemas it took whole (`--schema`; "*" for `--all-tables`):
+    /// tables created there later are reported as not captured.
+    pub whole_schemas: Vec<String>,
     pub created_at: String,
 }
 
@@ -322,6 +327,10 @@ pub struct Sync {
     /// Seconds between two large-object passes of the daemon (0: every
     /// round).
     pub lo_interval: u32,
+    /// Why apply stopped, when it did: a schema change on the source that
+    /// pgleap cannot follow by itself. Nothing is applied until `sync
+    /// resume`.
+    pub paused: Option<String>,
 }
 
 /// How a round of a sync ended, as status shows it.
@@ -376,6 +385,12 @@ fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     }
     if !has("sync", "lo_interval")? {
         tx.execute_batch("alter table sync add column lo_interval integer not null default 10")?;
+    }
+    if !has("relgroup", "whole_schemas")? {
+        tx.execute_batch("alter table relgroup add column whole_schemas text not null default '[]'")?;
+    }
+    if !has("sync", "paused")? {
+        tx.execute_batch("alter table sync add column paused text")?;
     }
     Ok(())
 }
@@ -724,6 +739,7 @@ impl Catalog {
         db: &str,
         members: &[Relation],
         large_objects: bool,
+        whole_schemas: &[String],
     ) -> Result<()> {
         self.write(|tx| {
             if exists(tx, "relgroup", name)? {
@@ -732,9 +748,11 @@ impl Catalog {
             if !exists(tx, "db", db)? {
                 return Err(not_found(ObjectKind::Db, db));
             }
+            let whole = serde_json::to_string(whole_schemas).expect("strings serialize");
             tx.execute(
-                "insert into relgroup (name, db, large_objects) values (?1, ?2, ?3)",
-                params![name, db, large_objects],
+                "insert into relgroup (name, db, large_objects, whole_schemas)
+                 values (?1, ?2, ?3, ?4)",
+                params![name, db, large_objects, whole],
             )?;
             let mut stmt = tx.prepare(
                 "insert into relgroup_member
@@ -772,7 +790,7 @@ impl Catalog {
             .conn
             .prepare(
                 "select g.name, g.db, g.created_at, m.schema_name, m.rel_name, m.kind,
-                        m.key_columns, m.est_bytes, m.est_rows, g.large_objects
+                        m.key_columns, m.est_bytes, m.est_rows, g.large_objects, g.whole_schemas
                  from relgroup g left join relgroup_member m on m.relgroup = g.name
                  where ?1 is null or g.name = ?1
                  order by g.name, m.kind = 'sequence', m.schema_name, m.rel_name",
@@ -792,16 +810,24 @@ impl Catalog {
                     }),
                     None => None,
                 };
-                let group: (String, String, String, bool) =
-                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(9)?);
+                let group: (String, String, String, bool, String) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(9)?, r.get(10)?);
                 Ok((group, member))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.sqlite(e))?;
         let mut groups: Vec<RelGroup> = Vec::new();
-        for ((name, db, created_at, large_objects), member) in rows {
+        for ((name, db, created_at, large_objects, whole), member) in rows {
             if groups.last().is_none_or(|g| g.name != name) {
-                groups.push(RelGroup { name, db, members: Vec::new(), large_objects, created_at });
+                let whole_schemas = serde_json::from_str(&whole).unwrap_or_default();
+                groups.push(RelGroup {
+                    name,
+                    db,
+                    members: Vec::new(),
+                    large_objects,
+                    whole_schemas,
+                    created_at,
+                });
             }
             if let Some(m) = member {
                 groups.last_mut().unwrap().members.push(m);
@@ -896,7 +922,7 @@ impl Catalog {
             .conn
             .prepare(
                 "select name, relgroup, dbgroup, onetimecopy, autokick, capture_schema, retired,
-                        created_at, lo_interval
+                        created_at, lo_interval, paused
                  from sync
                  where ?1 is null or name = ?1 order by name",
             )
@@ -914,6 +940,7 @@ impl Catalog {
                     retired: r.get(6)?,
                     created_at: r.get(7)?,
                     lo_interval: r.get(8)?,
+                    paused: r.get(9)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -963,6 +990,17 @@ impl Catalog {
     pub fn retire_sync(&mut self, name: &str) -> Result<()> {
         self.write(|tx| {
             if tx.execute("update sync set retired = 1 where name = ?1", params![name])? == 0 {
+                return Err(not_found(ObjectKind::Sync, name));
+            }
+            Ok(())
+        })
+    }
+
+    /// Stops apply of `sync` (`reason: Some`) or lets it go on (`None`).
+    pub fn set_paused(&mut self, name: &str, reason: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            if tx.execute("update sync set paused = ?2 where name = ?1", params![name, reason])? == 0
+            {
                 return Err(not_found(ObjectKind::Sync, name));
             }
             Ok(())

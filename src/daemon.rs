@@ -91,7 +91,8 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         }
         let autokick = match catalog.sync(&sync) {
             Ok(s) if s.retired => break,
-            Ok(s) => s.autokick,
+            // Paused by a schema change: nothing is applied until resumed.
+            Ok(s) => s.autokick && s.paused.is_none(),
             Err(CatalogError::NotFound { .. }) => break,
             Err(e) => {
                 tracing::warn!(sync, "catalog: {e}");
@@ -99,7 +100,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             }
         };
         if !autokick {
-            // Deltas accumulate until `pgleap kick`.
+            // Deltas accumulate until `pgleap kick` (or `sync resume`).
             session = None;
             if sleep_or_cancel(&token, Duration::from_millis(500)).await {
                 break;

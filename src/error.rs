@@ -30,6 +30,9 @@ pub enum Error {
         tables.join("; ")
     )]
     SchemaChanged { sync: String, tables: Vec<String> },
+    /// The sync was paused by a schema change and not resumed yet.
+    #[error("sync \"{sync}\" is paused: {reason}")]
+    Paused { sync: String, reason: String },
     /// `status` or `ready` found a sync that needs attention, or not ready.
     #[error("{message}")]
     NotReady { message: String, hint: String },
@@ -114,10 +117,10 @@ impl Error {
                  it can; a role that is missing: CREATE ROLE ... on the target), then verify again"
                     .into(),
             ),
-            Self::SchemaChanged { sync, .. } => Some(format!(
-                "make the same change on the target (ALTER TABLE ... as on the source; a column \
-                 added with a default gets that default on the target's rows too), then \
-                 pgleap kick {sync} --wait 60; pgleap status {sync} shows the sync bad until then"
+            Self::SchemaChanged { sync, .. } | Self::Paused { sync, .. } => Some(format!(
+                "make the same change on the target (ALTER TABLE ... as on the source), then \
+                 pgleap sync resume {sync}; nothing is applied until then (changes keep being \
+                 captured on the source)"
             )),
             Self::KickTimeout { sync, .. } => {
                 Some(format!("pgleap status {sync} shows the last error of each target"))

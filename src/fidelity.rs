@@ -112,7 +112,7 @@ pub async fn create(
     mut differences: Vec<Difference>,
     stage: Stage,
 ) -> Result<Vec<Difference>> {
-    differences.sort_by(|a, b| (a.stage, a.rank).cmp(&(b.stage, b.rank)));
+    differences.sort_by_key(|d| (d.stage, d.rank));
     let mut left = Vec::new();
     for mut d in differences {
         let Some(sql) = d.create.clone().filter(|_| d.stage <= stage) else {

@@ -15,6 +15,10 @@
 //! - `target`: pgleap's bookkeeping on a target; its foreign keys and
 //!   triggers while the sync runs.
 //! - `schema`: staged schema copy with pg_dump/pg_restore; indexes.
+//! - `fidelity`: every object of both sides compared by definition, and
+//!   created on the target at the stage where it belongs.
+//! - `evolve`: schema changes on the source during a sync: followed, or
+//!   the sync paused.
 //! - `large_objects`: large objects copied, synced by passes, compared.
 //! - `copy`: the initial copy, parallel, from one exported snapshot.
 //! - `session`: one sync applied to one target over open connections; kick.
@@ -41,6 +45,7 @@ mod copy;
 mod cutover;
 mod daemon;
 mod error;
+mod evolve;
 mod fidelity;
 mod inventory;
 mod large_objects;

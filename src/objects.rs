@@ -245,7 +245,9 @@ pub async fn add_relgroup_on(
         Some(wanted) => wanted,
         None => crate::large_objects::any(conn).await?,
     };
-    catalog.add_relgroup(name, conn.name(), &members, large_objects)?;
+    let whole_schemas =
+        if selection.all_tables { vec!["*".to_string()] } else { selection.schemas.clone() };
+    catalog.add_relgroup(name, conn.name(), &members, large_objects, &whole_schemas)?;
     Ok(catalog.relgroup(name)?)
 }
 
@@ -290,6 +292,7 @@ impl SyncSpec {
             retired: false,
             created_at: String::new(),
             lo_interval: self.lo_interval,
+            paused: None,
         }
     }
 }

@@ -115,6 +115,9 @@ impl SyncRoute {
                 format!("pgleap teardown {} removes what is left of it", self.sync.name),
             ));
         }
+        if let Some(reason) = &self.sync.paused {
+            return Err(Error::Paused { sync: self.sync.name.clone(), reason: reason.clone() });
+        }
         Ok(())
     }
 }

@@ -8,10 +8,13 @@
 
 use std::time::{Duration, Instant};
 
+use tokio_postgres::error::SqlState;
+
 use crate::apply::{self, BatchStats, Plan};
-use crate::catalog::{Catalog, OneTimeCopy, RoundOutcome, Sync};
+use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::evolve;
 use crate::large_objects::Pass;
 use crate::pg::{Conn, Env, Sql};
 use crate::route::{DbConn, SyncRoute};
@@ -29,6 +32,7 @@ pub struct Session {
     pub prev: Option<String>,
     pub replica_role: bool,
     sync: Sync,
+    relgroup: RelGroup,
     source: DbConn,
     target: DbConn,
     /// Set when a failure may have left a connection unusable.
@@ -47,7 +51,7 @@ impl Session {
         let src = route.source.connect(env).await?;
         let mut tgt = target.connect(env).await?;
         let mut plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
-        let (replica_role, prev) = ready_target(&mut tgt, &plan).await?;
+        let (replica_role, prev) = ready_target(&src, &mut tgt, &plan).await?;
         plan.note_copies(&tgt).await?;
         Ok(Session {
             src,
@@ -56,6 +60,7 @@ impl Session {
             prev,
             replica_role,
             sync: route.sync.clone(),
+            relgroup: route.relgroup.clone(),
             source: route.source.clone(),
             target: target.clone(),
             broken: false,
@@ -159,7 +164,28 @@ impl Session {
     }
 
     async fn batch_with(&mut self, lo: Option<Pass>) -> Result<BatchStats> {
-        let stats = apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?;
+        let stats = match apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await {
+            Err(Error::SchemaChanged { .. }) => {
+                // Columns changed on the source: followed when they can be
+                // (the target gets them and the plan is read again), else
+                // the refusal pauses the sync.
+                evolve::follow(&self.src, &mut self.tgt, &self.plan).await?;
+                self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
+                self.plan.note_copies(&self.tgt).await?;
+                self.plan.check_target(&self.tgt).await?;
+                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?
+            }
+            Err(e) if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
+                && e.to_string().contains("no partition") =>
+            {
+                // A row for a partition the source got since.
+                if evolve::create_partitions(&self.src, &mut self.tgt, &self.plan).await?.is_empty() {
+                    return Err(e);
+                }
+                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?
+            }
+            other => other?,
+        };
         self.prev = Some(stats.snapshot.clone());
         if let Some(pass) = &stats.large_objects {
             self.last_lo_pass = Some(Instant::now());
@@ -232,7 +258,7 @@ impl Session {
     async fn reconnect(&mut self, env: Env<'_>) -> Result<()> {
         let src = self.source.connect(env).await?;
         let mut tgt = self.target.connect(env).await?;
-        (self.replica_role, self.prev) = ready_target(&mut tgt, &self.plan).await?;
+        (self.replica_role, self.prev) = ready_target(&src, &mut tgt, &self.plan).await?;
         self.src = src;
         self.tgt = tgt;
         self.broken = false;
@@ -241,11 +267,15 @@ impl Session {
 }
 
 /// Prepares a freshly connected target for `plan` (bookkeeping; triggers
-/// and foreign keys that must not fire), refuses it if it lacks the
-/// source's columns, and reads where apply goes on from: (replica role,
+/// and foreign keys that must not fire), adds the columns the source got
+/// since that can be added safely and refuses it if it still lacks some
+/// of the source's, and reads where apply goes on from: (replica role,
 /// last applied snapshot).
-async fn ready_target(tgt: &mut Conn, plan: &Plan) -> Result<(bool, Option<String>)> {
+async fn ready_target(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<(bool, Option<String>)> {
     let replica_role = target::prepare(tgt, plan).await?;
+    if plan.check_target(tgt).await.is_err() {
+        evolve::follow(src, tgt, plan).await?;
+    }
     plan.check_target(tgt).await?;
     Ok((replica_role, apply::applied_snapshot(tgt, plan).await?))
 }
@@ -301,6 +331,16 @@ pub fn record(
     if let Err(e) = catalog.record_round(sync, target, outcome) {
         tracing::warn!(sync, target, "cannot record the round: {e}");
     }
+    // A schema change pgleap cannot follow stops the sync until someone
+    // says the target matches again (`sync resume`): retrying would not
+    // help, and a later plan read from the changed source could look fine
+    // while the target holds a column the source dropped.
+    if let Err(e @ Error::SchemaChanged { .. }) = result {
+        tracing::error!(sync, target, "paused: {e}");
+        if let Err(e) = catalog.set_paused(sync, Some(&e.to_string())) {
+            tracing::error!(sync, "cannot record the pause: {e}");
+        }
+    }
 }
 
 /// Runs batches for every target of `sync` now, in this process (safe next
@@ -332,6 +372,36 @@ pub async fn kick(
         results.push((target.name.clone(), stats));
     }
     Ok(results)
+}
+
+/// Lets a sync paused by a schema change go on, once every target's
+/// tables have the source's columns again (and no column the source no
+/// longer has). Returns why it was paused.
+pub async fn resume(catalog: &mut Catalog, sync: &str, env: Env<'_>) -> Result<String> {
+    let mut route = SyncRoute::load(catalog, sync)?;
+    let Some(reason) = route.sync.paused.take() else {
+        return Err(Error::invalid(
+            format!("sync \"{sync}\" is not paused"),
+            format!("pgleap status {sync} shows what it does"),
+        ));
+    };
+    for target in &route.targets {
+        let session = Session::connect(&route, target, env).await?;
+        let extra = evolve::extra_columns(&session.src, &session.tgt, &session.plan).await?;
+        if !extra.is_empty() {
+            return Err(Error::invalid(
+                format!(
+                    "sync \"{sync}\" stays paused: target \"{}\" has columns the source no longer \
+                     has: {}",
+                    target.name,
+                    extra.join(", ")
+                ),
+                "drop (or rename) them on the target as on the source, then resume again",
+            ));
+        }
+    }
+    catalog.set_paused(sync, None)?;
+    Ok(reason)
 }
 
 /// Parallel copy workers unless told otherwise: one per core.

@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::apply::{self, Plan};
-use crate::catalog::{Catalog, SyncState};
+use crate::catalog::{Catalog, Sync, SyncState};
 use crate::error::Result;
 use crate::pg::{Conn, Env, Sql, quote_ident};
 use crate::route::{DbConn, SyncRoute};
@@ -30,6 +30,12 @@ pub struct SyncStatus {
     pub targets: Vec<TargetStatus>,
     /// Why pending changes and lag could not be read, if they could not.
     pub source_error: Option<String>,
+    /// Why apply is paused (a schema change), until `sync resume`.
+    pub paused: Option<String>,
+    /// Tables the sync does not carry although the relgroup took their
+    /// schema whole (created since), and partitions of its partitioned
+    /// tables the target lacks.
+    pub not_captured: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,7 +60,10 @@ impl TargetStatus {
     /// Whether the phase needs someone: a bad sync, a target that cannot
     /// be read, or nobody applying while autokick is on.
     pub fn needs_attention(&self) -> bool {
-        self.phase == "bad" || self.phase == "waiting for daemon" || self.phase == "unreachable"
+        self.phase == "bad"
+            || self.phase == "waiting for daemon"
+            || self.phase == "unreachable"
+            || self.phase == PAUSED
     }
 }
 
@@ -91,10 +100,12 @@ async fn copy_progress(tgt: &Conn, schema: &str, sync: &str) -> Result<CopyProgr
     Ok(p)
 }
 
+const PAUSED: &str = "paused: schema changed";
+
 /// The phase of one (sync, target).
 fn phase(
     cut_over: bool,
-    autokick: bool,
+    sync: &Sync,
     daemon: bool,
     last: &SyncState,
     copy: Option<&CopyProgress>,
@@ -103,6 +114,10 @@ fn phase(
     if cut_over {
         return "cut over".into();
     }
+    if sync.paused.is_some() {
+        return PAUSED.into();
+    }
+    let autokick = sync.autokick;
     let Some(copy) = copy else { return "unreachable".into() };
     if last.state == "bad" {
         return "bad".into();
@@ -162,14 +177,24 @@ pub async fn gather(
             for target in &route.targets {
                 pending.push(apply::pending(&src, &plan, &target.name).await?);
             }
-            Ok::<_, crate::Error>((plan, pending))
+            let mut not_captured =
+                crate::evolve::not_captured(&src, &route.relgroup, &sync.capture_schema).await?;
+            if let Some(target) = route.targets.first()
+                && let Ok(tgt) = target.connect(env).await
+            {
+                not_captured.extend(crate::evolve::missing_partitions(&src, &tgt, &plan).await?);
+            }
+            Ok::<_, crate::Error>((plan, pending, not_captured))
         }
         .await;
-        let (tables, pending, source_error) = match live {
-            Ok((plan, pending)) => {
-                (plan.tables.iter().map(|t| t.display.clone()).collect(), Some(pending), None)
-            }
-            Err(e) => (Vec::new(), None, Some(e.to_string())),
+        let (tables, pending, source_error, not_captured) = match live {
+            Ok((plan, pending, not_captured)) => (
+                plan.tables.iter().map(|t| t.display.clone()).collect(),
+                Some(pending),
+                None,
+                not_captured,
+            ),
+            Err(e) => (Vec::new(), None, Some(e.to_string()), Vec::new()),
         };
         let mut targets = Vec::new();
         for (i, db) in route.targets.iter().enumerate() {
@@ -186,7 +211,7 @@ pub async fn gather(
                     .filter(|c| c.units > 0)
                     .map(|c| if c.applied { 1.0 } else { c.done as f64 / c.units as f64 }),
                 target: target.to_string(),
-                phase: phase(cut_over, sync.autokick, daemon, &last, copy.as_ref(), lag),
+                phase: phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
                 last,
                 pending: pending.as_ref().map(|p| p[i].0),
                 writes_go_to: cut_over.then(|| target.to_string()),
@@ -204,6 +229,8 @@ pub async fn gather(
             tables,
             targets,
             source_error,
+            paused: sync.paused.clone(),
+            not_captured,
         });
     }
     Ok(out)
@@ -222,6 +249,10 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
             "bad" => reasons.push(format!(
                 "the last round to {name} failed: {}",
                 t.last.last_error.as_deref().unwrap_or("see pgleap status")
+            )),
+            PAUSED => reasons.push(format!(
+                "it is paused: {}",
+                sync.paused.as_deref().unwrap_or("a schema change")
             )),
             "unreachable" => reasons.push(format!("{name} cannot be reached")),
             p if p.starts_with("copying") || p == "building indexes" => {

@@ -321,8 +321,7 @@ pub async fn upgrade(
     clock.lap("preflight");
     let name = &opts.name;
     let (source, target) = step_declare(catalog, opts, say, env).await?;
-    let pg_bin = opts.pg_bin.as_deref();
-    step_schema(catalog, name, &source, &target, pg_bin, opts.create_roles, say, env).await?;
+    step_schema(catalog, name, &source, &target, opts, say, env).await?;
     clock.lap("catalog and schema");
     step_capture(catalog, name, say, env).await?;
     clock.lap("capture");
@@ -522,11 +521,11 @@ async fn step_schema(
     name: &str,
     source: &DbConn,
     target: &DbConn,
-    pg_bin: Option<&std::path::Path>,
-    create_roles: bool,
+    opts: &UpgradeOptions,
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<()> {
+    let (pg_bin, create_roles) = (opts.pg_bin.as_deref(), opts.create_roles);
     let relgroup = catalog.relgroup(name)?;
     if let Some(m) = relgroup.members.iter().find(|m| m.kind != "sequence") {
         let tgt = target.connect(env).await?;

@@ -22,6 +22,8 @@ mod copy;
 mod schema;
 // Every object, statistics, privileges.
 mod fidelity;
+// Schema changes during the sync.
+mod ddl;
 // Tables without a key.
 mod keyless;
 // Inheritance trees, tables without columns, keys that cannot be split.

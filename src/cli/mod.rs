@@ -557,6 +557,9 @@ pub enum SyncCommand {
     },
     /// Remove a sync and everything it created on its servers (as teardown).
     Remove(RemoveArgs),
+    /// Let a sync paused by a schema change go on, once the target was
+    /// changed the same way.
+    Resume { name: String },
 }
 
 /// Runs a parsed command line: opens the catalog and hands the command to
@@ -770,6 +773,13 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
         SyncCommand::Remove(args) => {
             objects::teardown(catalog, &args.name, false, ENV).await?;
             println!("removed sync \"{}\" and its objects on the servers", args.name);
+        }
+        SyncCommand::Resume { name } => {
+            let reason = session::resume(catalog, &name, ENV).await?;
+            println!(
+                "resumed sync \"{name}\" (it was paused: {reason}); the daemon applies what \
+                 waited, or pgleap kick {name}"
+            );
         }
     }
     Ok(())

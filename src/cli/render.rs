@@ -236,6 +236,13 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             if let Some(e) = &s.source_error {
                 println!("source:      unreachable ({e})");
             }
+            if let Some(reason) = &s.paused {
+                println!("paused:      {reason}");
+                println!("             change the target the same way, then pgleap sync resume {}", s.name);
+            }
+            for n in &s.not_captured {
+                println!("not synced:  {n}");
+            }
             for t in &s.targets {
                 let l = &t.last;
                 println!("target:      {} ({}; last round {})", t.target, t.phase, l.state);
@@ -303,6 +310,14 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
         }
     }
     println!("{t}");
+    for s in syncs {
+        if let Some(reason) = &s.paused {
+            println!("{}: {reason}; then pgleap sync resume {}", s.name, s.name);
+        }
+        for n in &s.not_captured {
+            println!("{}: {n}", s.name);
+        }
+    }
 }
 
 /// Asks a yes/no question on the terminal; without one, the answer is no.

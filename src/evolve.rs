@@ -1,0 +1,295 @@
+//! Schema changes on the source while a sync runs.
+//!
+//! Every batch compares the captured tables' columns with those the plan
+//! was read with (`apply`). When they differ, [`follow`] looks at what
+//! changed against the target:
+//!
+//! - columns added with no default or a literal one are added to the
+//!   target the same way (existing rows get the same value on both sides:
+//!   NULL or that literal), and the sync goes on with the new columns;
+//! - anything else (a column dropped, renamed or retyped, an identity or
+//!   computed default) is refused: the sync pauses (see `session::record`)
+//!   until the target is changed the same way and `pgleap sync resume`.
+//!
+//! Partitions created on the source under a captured partitioned table are
+//! created on the target from the source's bounds, and their rows copied,
+//! when a batch needs them ([`create_partitions`]). Tables created later in
+//! a schema a relgroup took whole are only reported ([`not_captured`]):
+//! capturing them is a new relgroup's job.
+
+use crate::apply::Plan;
+use crate::catalog::RelGroup;
+use crate::error::{Error, Result};
+use crate::pg::{Conn, Sql, copy_between, quote_ident};
+
+/// A column of the source as the target must get it.
+struct Column {
+    name: String,
+    /// `type [collate c] [default d] [not null]`, qualified.
+    definition: String,
+    /// Why it cannot be added by pgleap, if it cannot.
+    unsafe_because: Option<&'static str>,
+}
+
+/// The reasons [`source_columns`] gives, as static text.
+fn why(reason: &str) -> &'static str {
+    match reason {
+        "an identity column" => "an identity column",
+        "a generated column" => "a generated column",
+        _ => "its default is not a literal (rows would differ)",
+    }
+}
+
+/// A default that gives every existing row the same value on both servers:
+/// a literal, possibly cast.
+const LITERAL_DEFAULT: &str = r#"^(('([^']|'')*')|(-?[0-9]+(\.[0-9]+)?)|true|false|NULL)(::[a-zA-Z0-9_ ."\[\](),]+)?$"#;
+
+async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
+    let generated = if src.version().major() >= 12 { "a.attgenerated <> ''" } else { "false" };
+    let rows = src
+        .query_qualified(
+            &format!(
+                "select a.attname::text,
+                        concat_ws(' ', format_type(a.atttypid, a.atttypmod),
+                          case when a.attcollation <> t.typcollation
+                               then 'collate ' || (select quote_ident(n.nspname) || '.' ||
+                                                          quote_ident(l.collname)
+                                                   from pg_collation l join pg_namespace n
+                                                     on n.oid = l.collnamespace
+                                                   where l.oid = a.attcollation) end,
+                          'default ' || pg_get_expr(d.adbin, d.adrelid),
+                          case when a.attnotnull then 'not null' end),
+                        case when a.attidentity <> '' then 'an identity column'
+                             when {generated} then 'a generated column'
+                             when d.adbin is not null
+                                  and pg_get_expr(d.adbin, d.adrelid) !~ $2
+                               then 'its default is not a literal (rows would differ)'
+                        end
+                 from pg_attribute a
+                 join pg_type t on t.oid = a.atttypid
+                 left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+                 where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
+                 order by a.attnum"
+            ),
+            &[&table, &LITERAL_DEFAULT],
+        )
+        .await?;
+    let columns = rows
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            definition: r.get(1),
+            unsafe_because: r.get::<_, Option<&str>>(2).map(why),
+        })
+        .collect();
+    Ok(columns)
+}
+
+/// The columns of `table` on one side: (name, type).
+async fn columns_of(tgt: &Conn, table: &str) -> Result<Vec<(String, String)>> {
+    let rows = tgt
+        .query_qualified(
+            "select a.attname::text, format_type(a.atttypid, a.atttypmod) from pg_attribute a
+             where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped",
+            &[&table],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Follows a change of the captured tables' columns: adds to the target
+/// the columns that can be added safely and returns what it did; refuses
+/// (`SchemaChanged`, naming each table and change) when anything else
+/// changed. Nothing is changed on the target unless every change can be
+/// followed.
+pub async fn follow(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
+    let mut additions = Vec::new();
+    let mut refused = Vec::new();
+    for t in &plan.tables {
+        let now = source_columns(src, &t.table).await?;
+        let theirs = columns_of(tgt, &t.table).await?;
+        let mut changes = Vec::new();
+        for old in &t.column_names {
+            if !now.iter().any(|c| quote_ident(&c.name) == *old) {
+                changes.push(format!("column {old} was dropped or renamed"));
+            }
+        }
+        for c in &now {
+            let ty = c.definition.split(" collate ").next().unwrap_or_default();
+            match theirs.iter().find(|(n, _)| *n == c.name) {
+                Some((_, their_type)) if !ty.starts_with(their_type.as_str()) => changes
+                    .push(format!("column {} is {their_type} on the target, {ty} on the source",
+                                  quote_ident(&c.name))),
+                Some(_) => {}
+                None => match c.unsafe_because {
+                    Some(why) => changes.push(format!(
+                        "column {} was added ({}), which pgleap cannot add: {why}",
+                        quote_ident(&c.name),
+                        c.definition
+                    )),
+                    None => additions.push(format!(
+                        "alter table {} add column {} {}",
+                        t.table,
+                        quote_ident(&c.name),
+                        c.definition
+                    )),
+                },
+            }
+        }
+        if !changes.is_empty() {
+            refused.push(format!("{}: {}", t.display, changes.join(", ")));
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Error::SchemaChanged { sync: plan.sync.clone(), tables: refused });
+    }
+    if !additions.is_empty() {
+        let tx = tgt.transaction().await?;
+        for sql in &additions {
+            tx.batch_execute(sql).await?;
+        }
+        tx.commit().await?;
+        for sql in &additions {
+            tracing::warn!(sync = plan.sync, "schema change followed on the target: {sql}");
+        }
+    }
+    Ok(additions)
+}
+
+/// Columns the target's tables have and the source's do not (a column
+/// dropped or renamed on the source), as `table.column`.
+pub async fn extra_columns(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for t in &plan.tables {
+        let ours = columns_of(src, &t.table).await?;
+        for (name, _) in columns_of(tgt, &t.table).await? {
+            if !ours.iter().any(|(n, _)| *n == name) {
+                out.push(format!("{}.{}", t.display, quote_ident(&name)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Partitions (at any depth) of the plan's partitioned tables, as
+/// (partition, immediate parent, `partition of` clause), parents first.
+async fn partitions(c: &impl Sql, plan: &Plan) -> Result<Vec<(String, String, String, bool)>> {
+    let roots: Vec<&str> =
+        plan.tables.iter().filter(|t| t.partitioned).map(|t| t.table.as_str()).collect();
+    if roots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .query_qualified(
+            "with recursive tree(oid, parent, depth) as (
+                 select i.inhrelid, i.inhparent, 1 from pg_inherits i
+                 where i.inhparent = any(select unnest($1::text[])::regclass::oid)
+                 union all
+                 select i.inhrelid, i.inhparent, tree.depth + 1
+                 from pg_inherits i join tree on i.inhparent = tree.oid)
+             select tree.oid::regclass::text, tree.parent::regclass::text,
+                    pg_get_expr(c.relpartbound, c.oid) ||
+                      case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid)
+                           else '' end,
+                    c.relkind = 'r'
+             from tree join pg_class c on c.oid = tree.oid
+             where c.relispartition
+             order by tree.depth, 1",
+            &[&roots],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+}
+
+/// Partitions of the plan's partitioned tables that the source has and the
+/// target lacks, and those the target has that are no longer partitions on
+/// the source (detached): one line each, for status.
+pub async fn missing_partitions(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<Vec<String>> {
+    let ours = partitions(src, plan).await?;
+    let theirs = partitions(tgt, plan).await?;
+    let mut out = Vec::new();
+    for (name, parent, _, _) in &ours {
+        if !theirs.iter().any(|(n, ..)| n == name) {
+            out.push(format!("partition {name} of {parent} is missing on the target"));
+        }
+    }
+    for (name, parent, _, _) in &theirs {
+        if !ours.iter().any(|(n, ..)| n == name) {
+            out.push(format!("partition {name} of {parent} is no longer one on the source"));
+        }
+    }
+    Ok(out)
+}
+
+/// Creates on the target the partitions the source has under the plan's
+/// partitioned tables and the target lacks, and copies their rows (a table
+/// attached with rows brings rows no trigger saw). Changes to those rows
+/// after the copy are in the deltas, applied by key on top, so a keyed
+/// table ends exact; a keyless one gets the partition only (its replay
+/// would duplicate copied rows). Returns the partitions created.
+pub async fn create_partitions(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
+    let theirs = partitions(tgt, plan).await?;
+    let mut created = Vec::new();
+    for (name, parent, bound, leaf) in partitions(src, plan).await? {
+        if theirs.iter().any(|(n, ..)| *n == name) || tgt.relation_exists(&name).await? {
+            continue;
+        }
+        let root = plan.tables.iter().find(|t| {
+            t.partitioned && (t.table == parent || created.iter().any(|c: &String| *c == parent))
+        });
+        let tx = tgt.transaction().await?;
+        tx.batch_execute(&format!("create table {name} partition of {parent} {bound}")).await?;
+        if leaf && let Some(root) = root.filter(|r| !r.keys.is_empty()) {
+            let cols = &root.columns;
+            let out = format!("copy (select {cols} from only {name}) to stdout");
+            let into = format!("copy {name} ({cols}) from stdin");
+            copy_between(src, &out, &tx, &into, &|_| {}).await?;
+        }
+        tx.commit().await?;
+        tracing::warn!(sync = plan.sync, "new partition {name} of {parent} created on the target");
+        created.push(name);
+    }
+    Ok(created)
+}
+
+/// Tables in the schemas a relgroup took whole that it does not carry
+/// (created since), one line each, for status. Partitions and inheritance
+/// children of members are carried with them.
+pub async fn not_captured(src: &Conn, relgroup: &RelGroup, pgleap_schema: &str) -> Result<Vec<String>> {
+    if relgroup.whole_schemas.is_empty() {
+        return Ok(Vec::new());
+    }
+    let members: Vec<String> = relgroup
+        .members
+        .iter()
+        .filter(|m| m.kind != "sequence")
+        .map(|m| crate::pg::qualified(&m.schema, &m.name))
+        .collect();
+    let all = relgroup.whole_schemas.iter().any(|s| s == "*");
+    let rows = src
+        .query_qualified(
+            "with recursive carried(oid) as (
+                 select to_regclass(m)::oid from unnest($1::text[]) m
+                 union
+                 select i.inhrelid from pg_inherits i join carried on i.inhparent = carried.oid)
+             select c.oid::regclass::text from pg_class c
+             join pg_namespace n on n.oid = c.relnamespace
+             where c.relkind in ('r', 'p') and not c.relispartition
+               and ($2 or n.nspname = any($3))
+               and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname <> $4
+               and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'
+               and c.oid not in (select oid from carried where oid is not null)
+               and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass
+                               and d.objid = c.oid and d.deptype = 'e')
+             order by 1",
+            &[&members, &all, &relgroup.whole_schemas, &pgleap_schema],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let table: String = r.get(0);
+            format!("table {table} is not captured (created after relgroup {})", relgroup.name)
+        })
+        .collect())
+}
