@@ -17,6 +17,8 @@
 //! a schema a relgroup took whole are only reported ([`not_captured`]):
 //! capturing them is a new relgroup's job.
 
+use std::collections::BTreeMap;
+
 use crate::apply::Plan;
 use crate::catalog::RelGroup;
 use crate::error::{Error, Result};
@@ -97,19 +99,72 @@ async fn columns_of(tgt: &Conn, table: &str) -> Result<Vec<(String, String)>> {
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Follows a change of the captured tables' columns: adds to the target
-/// the columns that can be added safely and returns what it did; refuses
-/// (`SchemaChanged`, naming each table and change) when anything else
-/// changed. Nothing is changed on the target unless every change can be
-/// followed.
-pub async fn follow(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
+/// Per table (quoted, qualified), its copied columns (quoted): what a
+/// sync applies, recorded on the target so that a change made while no
+/// pgleap process watched is still noticed.
+pub type Columns = BTreeMap<String, Vec<String>>;
+
+/// The plan's columns, as [`Columns`].
+pub fn columns(plan: &Plan) -> Columns {
+    plan.tables.iter().map(|t| (t.table.clone(), t.column_names.clone())).collect()
+}
+
+/// The columns recorded on the target for the plan's sync (tables never
+/// recorded are left out).
+pub async fn recorded(tgt: &Conn, plan: &Plan) -> Result<Columns> {
+    let rows = tgt
+        .query(
+            &format!(
+                "select table_name, columns from {}.columns where sync = $1",
+                quote_ident(&plan.schema)
+            ),
+            &[&plan.sync],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let names = serde_json::from_str(r.get::<_, &str>(1)).ok()?;
+            Some((r.get::<_, String>(0), names))
+        })
+        .collect())
+}
+
+/// Records the plan's columns on the target.
+pub async fn record(tgt: &Conn, plan: &Plan) -> Result<()> {
+    let s = quote_ident(&plan.schema);
+    for (table, names) in columns(plan) {
+        let names = serde_json::to_string(&names).expect("strings serialize");
+        tgt.execute(
+            &format!(
+                "insert into {s}.columns (sync, table_name, columns) values ($1, $2, $3)
+                 on conflict (sync, table_name) do update set columns = excluded.columns"
+            ),
+            &[&plan.sync, &table, &names],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Follows a change of the captured tables' columns since `before` (the
+/// columns applied until now): adds to the target the columns that can be
+/// added safely and returns what it did; refuses (`SchemaChanged`, naming
+/// each table and change) when anything else changed. Nothing is changed
+/// on the target unless every change can be followed.
+pub async fn follow(
+    src: &Conn,
+    tgt: &mut Conn,
+    plan: &Plan,
+    before: &Columns,
+) -> Result<Vec<String>> {
     let mut additions = Vec::new();
     let mut refused = Vec::new();
     for t in &plan.tables {
         let now = source_columns(src, &t.table).await?;
         let theirs = columns_of(tgt, &t.table).await?;
         let mut changes = Vec::new();
-        for old in &t.column_names {
+        for old in before.get(&t.table).unwrap_or(&t.column_names) {
             if !now.iter().any(|c| quote_ident(&c.name) == *old) {
                 changes.push(format!("column {old} was dropped or renamed"));
             }
@@ -171,9 +226,20 @@ pub async fn extra_columns(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<Vec<St
     Ok(out)
 }
 
-/// Partitions (at any depth) of the plan's partitioned tables, as
-/// (partition, immediate parent, `partition of` clause), parents first.
-async fn partitions(c: &impl Sql, plan: &Plan) -> Result<Vec<(String, String, String, bool)>> {
+/// A partition of one of the plan's partitioned tables.
+struct Partition {
+    name: String,
+    parent: String,
+    /// `FOR VALUES ...` (and `PARTITION BY ...` for a partitioned one).
+    bound: String,
+    leaf: bool,
+    /// The plan's table it belongs to, as the plan names it.
+    root: String,
+}
+
+/// Partitions (at any depth) of the plan's partitioned tables, parents
+/// first.
+async fn partitions(c: &impl Sql, plan: &Plan) -> Result<Vec<Partition>> {
     let roots: Vec<&str> =
         plan.tables.iter().filter(|t| t.partitioned).map(|t| t.table.as_str()).collect();
     if roots.is_empty() {
@@ -181,24 +247,33 @@ async fn partitions(c: &impl Sql, plan: &Plan) -> Result<Vec<(String, String, St
     }
     let rows = c
         .query_qualified(
-            "with recursive tree(oid, parent, depth) as (
-                 select i.inhrelid, i.inhparent, 1 from pg_inherits i
-                 where i.inhparent = any(select unnest($1::text[])::regclass::oid)
+            "with recursive tree(oid, parent, depth, root) as (
+                 select i.inhrelid, i.inhparent, 1, r.name from pg_inherits i
+                 join unnest($1::text[]) r(name) on i.inhparent = r.name::regclass
                  union all
-                 select i.inhrelid, i.inhparent, tree.depth + 1
+                 select i.inhrelid, i.inhparent, tree.depth + 1, tree.root
                  from pg_inherits i join tree on i.inhparent = tree.oid)
              select tree.oid::regclass::text, tree.parent::regclass::text,
                     pg_get_expr(c.relpartbound, c.oid) ||
                       case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid)
                            else '' end,
-                    c.relkind = 'r'
+                    c.relkind = 'r', tree.root
              from tree join pg_class c on c.oid = tree.oid
              where c.relispartition
              order by tree.depth, 1",
             &[&roots],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| Partition {
+            name: r.get(0),
+            parent: r.get(1),
+            bound: r.get(2),
+            leaf: r.get(3),
+            root: r.get(4),
+        })
+        .collect())
 }
 
 /// Partitions of the plan's partitioned tables that the source has and the
@@ -208,14 +283,17 @@ pub async fn missing_partitions(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<V
     let ours = partitions(src, plan).await?;
     let theirs = partitions(tgt, plan).await?;
     let mut out = Vec::new();
-    for (name, parent, _, _) in &ours {
-        if !theirs.iter().any(|(n, ..)| n == name) {
-            out.push(format!("partition {name} of {parent} is missing on the target"));
+    for p in &ours {
+        if !theirs.iter().any(|t| t.name == p.name) {
+            out.push(format!("partition {} of {} is missing on the target", p.name, p.parent));
         }
     }
-    for (name, parent, _, _) in &theirs {
-        if !ours.iter().any(|(n, ..)| n == name) {
-            out.push(format!("partition {name} of {parent} is no longer one on the source"));
+    for p in &theirs {
+        if !ours.iter().any(|o| o.name == p.name) {
+            out.push(format!(
+                "partition {} of {} is no longer one on the source",
+                p.name, p.parent
+            ));
         }
     }
     Ok(out)
@@ -230,13 +308,11 @@ pub async fn missing_partitions(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<V
 pub async fn create_partitions(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
     let theirs = partitions(tgt, plan).await?;
     let mut created = Vec::new();
-    for (name, parent, bound, leaf) in partitions(src, plan).await? {
-        if theirs.iter().any(|(n, ..)| *n == name) || tgt.relation_exists(&name).await? {
+    for Partition { name, parent, bound, leaf, root } in partitions(src, plan).await? {
+        if theirs.iter().any(|t| t.name == name) || tgt.relation_exists(&name).await? {
             continue;
         }
-        let root = plan.tables.iter().find(|t| {
-            t.partitioned && (t.table == parent || created.iter().any(|c: &String| *c == parent))
-        });
+        let root = plan.tables.iter().find(|t| t.table == root);
         let tx = tgt.transaction().await?;
         tx.batch_execute(&format!("create table {name} partition of {parent} {bound}")).await?;
         if leaf && let Some(root) = root.filter(|r| !r.keys.is_empty()) {

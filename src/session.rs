@@ -47,11 +47,20 @@ impl Session {
     /// Connects to the sync's source and `target`, reads the installed
     /// capture and prepares the target.
     pub async fn connect(route: &SyncRoute, target: &DbConn, env: Env<'_>) -> Result<Session> {
+        Session::connect_with(route, target, Columns::Recorded, env).await
+    }
+
+    async fn connect_with(
+        route: &SyncRoute,
+        target: &DbConn,
+        before: Columns,
+        env: Env<'_>,
+    ) -> Result<Session> {
         route.check_active()?;
         let src = route.source.connect(env).await?;
         let mut tgt = target.connect(env).await?;
         let mut plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
-        let (replica_role, prev) = ready_target(&src, &mut tgt, &plan).await?;
+        let (replica_role, prev) = ready_target(&src, &mut tgt, &plan, before).await?;
         plan.note_copies(&tgt).await?;
         Ok(Session {
             src,
@@ -169,10 +178,12 @@ impl Session {
                 // Columns changed on the source: followed when they can be
                 // (the target gets them and the plan is read again), else
                 // the refusal pauses the sync.
-                evolve::follow(&self.src, &mut self.tgt, &self.plan).await?;
+                let before = evolve::columns(&self.plan);
+                evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
                 self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
                 self.plan.note_copies(&self.tgt).await?;
                 self.plan.check_target(&self.tgt).await?;
+                evolve::record(&self.tgt, &self.plan).await?;
                 apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?
             }
             Err(e) if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
@@ -258,7 +269,8 @@ impl Session {
     async fn reconnect(&mut self, env: Env<'_>) -> Result<()> {
         let src = self.source.connect(env).await?;
         let mut tgt = self.target.connect(env).await?;
-        (self.replica_role, self.prev) = ready_target(&src, &mut tgt, &self.plan).await?;
+        (self.replica_role, self.prev) =
+            ready_target(&src, &mut tgt, &self.plan, Columns::Recorded).await?;
         self.src = src;
         self.tgt = tgt;
         self.broken = false;
@@ -266,17 +278,54 @@ impl Session {
     }
 }
 
+/// What the columns of a sync's tables are compared with on connect.
+#[derive(Clone, Copy, PartialEq)]
+enum Columns {
+    /// Those recorded on the target at the last connect: a change made
+    /// while nobody watched is followed or refused as if seen live.
+    Recorded,
+    /// The target's as they are now (`sync resume`: someone changed it).
+    Target,
+}
+
 /// Prepares a freshly connected target for `plan` (bookkeeping; triggers
-/// and foreign keys that must not fire), adds the columns the source got
-/// since that can be added safely and refuses it if it still lacks some
-/// of the source's, and reads where apply goes on from: (replica role,
-/// last applied snapshot).
-async fn ready_target(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<(bool, Option<String>)> {
+/// and foreign keys that must not fire), follows the column changes of the
+/// source since `before` (or refuses them), refuses a target that still
+/// lacks some of the source's columns, records the columns now applied,
+/// and reads where apply goes on from: (replica role, last applied
+/// snapshot).
+async fn ready_target(
+    src: &Conn,
+    tgt: &mut Conn,
+    plan: &Plan,
+    before: Columns,
+) -> Result<(bool, Option<String>)> {
     let replica_role = target::prepare(tgt, plan).await?;
-    if plan.check_target(tgt).await.is_err() {
-        evolve::follow(src, tgt, plan).await?;
+    if before == Columns::Recorded {
+        let recorded = evolve::recorded(tgt, plan).await?;
+        let now = evolve::columns(plan);
+        let changed = recorded.iter().any(|(t, names)| now.get(t) != Some(names));
+        if changed || plan.check_target(tgt).await.is_err() {
+            evolve::follow(src, tgt, plan, &recorded).await?;
+        }
     }
     plan.check_target(tgt).await?;
+    if before == Columns::Target {
+        let extra = evolve::extra_columns(src, tgt, plan).await?;
+        if !extra.is_empty() {
+            return Err(Error::invalid(
+                format!(
+                    "sync \"{}\" stays paused: target \"{}\" has columns the source no longer \
+                     has: {}",
+                    plan.sync,
+                    tgt.name(),
+                    extra.join(", ")
+                ),
+                "drop (or rename) them on the target as on the source, then resume again",
+            ));
+        }
+    }
+    evolve::record(tgt, plan).await?;
     Ok((replica_role, apply::applied_snapshot(tgt, plan).await?))
 }
 
@@ -386,19 +435,7 @@ pub async fn resume(catalog: &mut Catalog, sync: &str, env: Env<'_>) -> Result<S
         ));
     };
     for target in &route.targets {
-        let session = Session::connect(&route, target, env).await?;
-        let extra = evolve::extra_columns(&session.src, &session.tgt, &session.plan).await?;
-        if !extra.is_empty() {
-            return Err(Error::invalid(
-                format!(
-                    "sync \"{sync}\" stays paused: target \"{}\" has columns the source no longer \
-                     has: {}",
-                    target.name,
-                    extra.join(", ")
-                ),
-                "drop (or rename) them on the target as on the source, then resume again",
-            ));
-        }
+        Session::connect_with(&route, target, Columns::Target, env).await?;
     }
     catalog.set_paused(sync, None)?;
     Ok(reason)

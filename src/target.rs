@@ -112,6 +112,11 @@ pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
              sync text primary key,
              snapshot text not null,
              applied_at timestamptz not null default now());
+         create table if not exists {s}.columns (
+             sync text not null,
+             table_name text not null,
+             columns text not null,
+             primary key (sync, table_name));
          create table if not exists {s}.set_aside (
              sync text not null,
              kind text not null check (kind in ('foreign key', 'trigger')),
@@ -357,10 +362,13 @@ pub async fn remove(tgt: &mut Conn, schema: &str, sync: &str) -> Result<()> {
              if to_regclass('{s}.large_objects') is not null then
                  delete from {s}.large_objects where sync = {lit};
              end if;
+             if to_regclass('{s}.columns') is not null then
+                 delete from {s}.columns where sync = {lit};
+             end if;
          end $$;",
         lit = quote_literal(sync)
     ))
     .await?;
-    let tables = ["applied", "set_aside", "copy_units", "large_objects"];
+    let tables = ["applied", "set_aside", "copy_units", "large_objects", "columns"];
     capture::drop_schema_if_unused(tgt, schema, "applied", &tables).await
 }

@@ -43,6 +43,117 @@ fn writes_straight_into_a_partition_are_applied_pg15_to_pg17() {
     equal(&src, &dst, "m");
 }
 
+#[test]
+fn a_column_added_with_a_literal_default_is_added_on_the_target_and_the_sync_goes_on_pg15_to_pg17() {
+    let (p, src, dst) = synced("ddladd");
+    src.sql().exec(
+        "alter table t add column extra int not null default 7;
+         alter table t add column note text;
+         update t set extra = id, note = 'n' where id <= 10;
+         insert into t values (1000, 'new', 1, 'x')",
+    );
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "t");
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    assert!(status["syncs"][0]["paused"].is_null(), "{status}");
+}
+
+/// The sync pauses, `status` and `kick` say why and what to do, nothing is
+/// applied meanwhile; `sync resume` refuses while the target still differs,
+/// then the sync goes on and ends equal.
+fn pauses_until_the_target_matches(
+    label: &str,
+    on_source: &str,
+    on_target: Option<&str>,
+    named: &str,
+) {
+    let (p, src, dst) = synced(label);
+    src.sql().exec(on_source);
+    src.sql().exec("insert into t (id) values (5000)");
+    let out = p.run(&["kick", "s", "--wait", "30"]);
+    out.fails_with(&["columns changed on the source", named, "pgleap sync resume s"]);
+    let status = p.run(&["status", "s", "--json"]);
+    assert_eq!(status.code, 1, "{status}");
+    let json = status.json_any();
+    assert_eq!(json["syncs"][0]["targets"][0]["phase"], "paused: schema changed", "{json}");
+    assert!(json["syncs"][0]["paused"].as_str().unwrap().contains(named), "{json}");
+    p.run(&["kick", "s"]).fails_with(&["sync \"s\" is paused", named]);
+    assert_eq!(dst.sql().value("select count(*) from t where id = 5000"), "0");
+    if on_source.contains("drop column") {
+        p.run(&["sync", "resume", "s"]).fails_with(&["stays paused", "public.t.\"v\""]);
+    } else {
+        p.run(&["sync", "resume", "s"]).fails_with(&["columns changed on the source"]);
+    }
+    // A column whose values the target cannot compute: the table needs a
+    // new copy, not a resume.
+    let Some(on_target) = on_target else { return };
+    dst.sql().exec(on_target);
+    assert!(p.run(&["sync", "resume", "s"]).ok().contains("resumed sync \"s\""));
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "t");
+}
+
+#[test]
+fn a_dropped_column_pauses_the_sync_pg15_to_pg17() {
+    let drop = "alter table t drop column v";
+    pauses_until_the_target_matches("ddldrop", drop, Some(drop), "column \"v\" was dropped or renamed");
+}
+
+#[test]
+fn a_renamed_column_pauses_the_sync_pg15_to_pg17() {
+    let rename = "alter table t rename column v to w";
+    pauses_until_the_target_matches("ddlren", rename, Some(rename), "column \"v\" was dropped or renamed");
+}
+
+#[test]
+fn a_retyped_column_pauses_the_sync_pg15_to_pg17() {
+    let retype = "alter table t alter column v type varchar(20)";
+    pauses_until_the_target_matches(
+        "ddltype",
+        retype,
+        Some(retype),
+        "column \"v\" is text on the target, character varying(20) on the source",
+    );
+}
+
+#[test]
+fn a_column_with_a_volatile_default_pauses_the_sync_pg15_to_pg17() {
+    // Each row got its own value on the source: the target cannot compute
+    // the same ones.
+    pauses_until_the_target_matches(
+        "ddlvol",
+        "alter table t add column r float8 default random()",
+        None,
+        "its default is not a literal",
+    );
+}
+
+#[test]
+fn new_partitions_are_created_and_copied_and_new_tables_reported_pg15_to_pg17() {
+    let (p, src, dst) = synced("ddlnew");
+    src.sql().exec(
+        "create table m_2001 partition of m for values from ('2001-01-01') to ('2002-01-01');
+         insert into m values (2000, '2001-03-01', 'routed');
+         create table m_2002 (id int not null, at date not null, v text);
+         insert into m_2002 values (3000, '2002-05-05', 'was there before the attach');
+         alter table m attach partition m_2002 for values from ('2002-01-01') to ('2003-01-01');
+         insert into m_2002 values (3001, '2002-06-06', 'after');
+         create table newcomer (id int primary key);",
+    );
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "m");
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    let not_captured = status["syncs"][0]["not_captured"].to_string();
+    assert!(not_captured.contains("table public.newcomer is not captured"), "{status}");
+    src.sql().exec("alter table m detach partition m_2000");
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    let not_captured = status["syncs"][0]["not_captured"].to_string();
+    assert!(
+        not_captured.contains("partition public.m_2000 of public.m is no longer one on the source"),
+        "{status}"
+    );
+}
+
 #[allow(dead_code)]
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
