@@ -313,7 +313,7 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
     let schemas = schemas(c, scope).await?;
     let major = c.version().major();
     let mut out = Vec::new();
-    let kinds: [(&str, String, Stage); 16] = [
+    let kinds: [(&str, String, Stage); 17] = [
         ("schema", SCHEMAS.into(), Stage::PreData),
         ("extension", EXTENSIONS.into(), Stage::PreData),
         ("table", tables_sql(major), Stage::PreData),
@@ -328,6 +328,7 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
         ("setting", SETTINGS.into(), Stage::PreData),
         ("index", INDEXES.into(), Stage::AfterData),
         ("constraint", CONSTRAINTS.into(), Stage::AfterData),
+        ("replica identity", REPLICA_IDENTITY.into(), Stage::AfterData),
         ("materialized view data", MATVIEW_DATA.into(), Stage::AfterData),
         ("trigger", triggers_sql(major), Stage::Cutover),
     ];
@@ -383,16 +384,24 @@ fn tables_sql(major: u32) -> String {
                    else 'inherits ' || (select string_agg(i.inhparent::regclass::text, ', '
                                                           order by i.inhseqno)
                                         from pg_inherits i where i.inhrelid = c.oid) end,
-              'with ' || (select string_agg(o, ', ' order by o) from unnest(c.reloptions) o),
-              case c.relreplident when 'f' then 'replica identity full'
-                                  when 'n' then 'replica identity nothing'
-                                  when 'i' then 'replica identity ' ||
-                                    (select i.indexrelid::regclass::text from pg_index i
-                                     where i.indrelid = c.oid and i.indisreplident) end),
+              'with ' || (select string_agg(o, ', ' order by o) from unnest(c.reloptions) o)),
             null::text, 0
      from pg_class c where c.oid = any($1) and c.relkind in ('r', 'p', 'f')"
         .into()
 }
+
+/// A replica identity other than the default: FULL and NOTHING come with
+/// pg_dump's pre-data, USING INDEX needs the index, so after the data.
+const REPLICA_IDENTITY: &str = "
+    select c.oid::regclass::text, r.identity,
+           'alter table ' || c.oid::regclass::text || ' replica identity ' || r.identity, 4
+    from pg_class c,
+         lateral (select case c.relreplident when 'f' then 'full' when 'n' then 'nothing'
+                    when 'i' then 'using index ' ||
+                      (select quote_ident(ic.relname) from pg_index i
+                       join pg_class ic on ic.oid = i.indexrelid
+                       where i.indrelid = c.oid and i.indisreplident) end) r(identity)
+    where c.oid = any($1) and c.relkind in ('r', 'p') and c.relreplident <> 'd'";
 
 fn columns_sql(major: u32) -> String {
     let generated = if major >= 12 { "a.attgenerated" } else { "''" };

@@ -59,6 +59,8 @@ pub const FIXTURE: &str = r#"
     create index payment_paid on payment (paid);
     alter table customer add constraint name_not_blank check (name <> '') not valid;
     alter table customer replica identity full;
+    create unique index rental_id_at on "Sales Data"."Rental" (id, at);
+    alter table "Sales Data"."Rental" replica identity using index rental_id_at;
 
     insert into customer select g, 'c' || g, 'happy', g, case when g % 2 = 0 then 'a' else 'b' end
         from generate_series(1, 300) g;
@@ -134,6 +136,11 @@ fn objects(sql: &Sql) -> Vec<Vec<Option<String>>> {
          select 'rls', relname, relrowsecurity::text || relforcerowsecurity::text
            from pg_class where relrowsecurity
          union all
+         select 'replica identity', relname, relreplident::text
+           from pg_class where relreplident <> 'd' and relkind = 'r'
+            and relnamespace in (select oid from pg_namespace
+                                 where nspname in ('public', 'Sales Data'))
+         union all
          select 'matview', matviewname, ispopulated::text from pg_matviews
          union all
          select 'acl', c.oid::regclass::text || ' ' || a.grantee::regrole::text,
@@ -182,6 +189,10 @@ fn upgrade_keeps_every_object(major: u32) {
         "the missing role is not named:\n{out}"
     );
     assert!(writer.join().unwrap() > 0, "no write went through during the upgrade");
+    assert!(
+        text.contains("verify: every object of the source on the target, every table analyzed"),
+        "{out}"
+    );
     let (s, d) = (src.sql(), dst.sql());
     assert_eq!(objects(&d), objects(&s));
     // The materialized view is populated (in `objects`), as of its refresh
