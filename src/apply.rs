@@ -137,6 +137,19 @@ impl Plan {
             ));
         };
         let mut tables = Vec::new();
+        let mut gone = Vec::new();
+        for c in &captured {
+            let table = qualified(&c.schema, &c.name);
+            if !src.relation_exists(&table).await? {
+                gone.push(format!(
+                    "{}: the table was dropped or renamed",
+                    crate::inventory::display_name(&c.schema, &c.name)
+                ));
+            }
+        }
+        if !gone.is_empty() {
+            return Err(Error::SchemaChanged { sync: sync.name.clone(), tables: gone });
+        }
         for c in captured {
             let table = qualified(&c.schema, &c.name);
             let names: Vec<String> = src

@@ -387,7 +387,9 @@ fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         tx.execute_batch("alter table sync add column lo_interval integer not null default 10")?;
     }
     if !has("relgroup", "whole_schemas")? {
-        tx.execute_batch("alter table relgroup add column whole_schemas text not null default '[]'")?;
+        tx.execute_batch(
+            "alter table relgroup add column whole_schemas text not null default '[]'",
+        )?;
     }
     if !has("sync", "paused")? {
         tx.execute_batch("alter table sync add column paused text")?;
@@ -999,7 +1001,8 @@ impl Catalog {
     /// Stops apply of `sync` (`reason: Some`) or lets it go on (`None`).
     pub fn set_paused(&mut self, name: &str, reason: Option<&str>) -> Result<()> {
         self.write(|tx| {
-            if tx.execute("update sync set paused = ?2 where name = ?1", params![name, reason])? == 0
+            if tx.execute("update sync set paused = ?2 where name = ?1", params![name, reason])?
+                == 0
             {
                 return Err(not_found(ObjectKind::Sync, name));
             }

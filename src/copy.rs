@@ -246,7 +246,12 @@ async fn build_indexes(
 /// NOT VALID checks, materialized views populated and indexed, policies,
 /// privileges, comments, settings, statistics of partitions. What cannot
 /// be created is logged; cutover refuses to switch while it is missing.
-async fn complete_schema(source: &DbConn, target: &DbConn, plan: &Plan, env: Env<'_>) -> Result<()> {
+async fn complete_schema(
+    source: &DbConn,
+    target: &DbConn,
+    plan: &Plan,
+    env: Env<'_>,
+) -> Result<()> {
     let src = source.connect(env).await?;
     let tgt = target.connect(env).await?;
     let tables = plan.tables.iter().map(|t| t.table.clone()).collect();

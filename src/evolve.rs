@@ -44,7 +44,8 @@ fn why(reason: &str) -> &'static str {
 
 /// A default that gives every existing row the same value on both servers:
 /// a literal, possibly cast.
-const LITERAL_DEFAULT: &str = r#"^(('([^']|'')*')|(-?[0-9]+(\.[0-9]+)?)|true|false|NULL)(::[a-zA-Z0-9_ ."\[\](),]+)?$"#;
+const LITERAL_DEFAULT: &str =
+    r#"^(('([^']|'')*')|(-?[0-9]+(\.[0-9]+)?)|true|false|NULL)(::[a-zA-Z0-9_ ."\[\](),]+)?$"#;
 
 async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
     let generated = if src.version().major() >= 12 { "a.attgenerated <> ''" } else { "false" };
@@ -172,9 +173,12 @@ pub async fn follow(
         for c in &now {
             let ty = c.definition.split(" collate ").next().unwrap_or_default();
             match theirs.iter().find(|(n, _)| *n == c.name) {
-                Some((_, their_type)) if !ty.starts_with(their_type.as_str()) => changes
-                    .push(format!("column {} is {their_type} on the target, {ty} on the source",
-                                  quote_ident(&c.name))),
+                Some((_, their_type)) if !ty.starts_with(their_type.as_str()) => {
+                    changes.push(format!(
+                        "column {} is {their_type} on the target, {ty} on the source",
+                        quote_ident(&c.name)
+                    ))
+                }
                 Some(_) => {}
                 None => match c.unsafe_because {
                     Some(why) => changes.push(format!(
@@ -331,7 +335,11 @@ pub async fn create_partitions(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Resul
 /// Tables in the schemas a relgroup took whole that it does not carry
 /// (created since), one line each, for status. Partitions and inheritance
 /// children of members are carried with them.
-pub async fn not_captured(src: &Conn, relgroup: &RelGroup, pgleap_schema: &str) -> Result<Vec<String>> {
+pub async fn not_captured(
+    src: &Conn,
+    relgroup: &RelGroup,
+    pgleap_schema: &str,
+) -> Result<Vec<String>> {
     if relgroup.whole_schemas.is_empty() {
         return Ok(Vec::new());
     }

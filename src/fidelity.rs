@@ -334,7 +334,9 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
     ];
     for (kind, sql, stage) in kinds {
         // Typed here: not every query uses both parameters.
-        let sql = format!("select * from ({sql}) q where $1::oid[] is not null and $2::text[] is not null");
+        let sql = format!(
+            "select * from ({sql}) q where $1::oid[] is not null and $2::text[] is not null"
+        );
         for r in c.query_qualified(&sql, &[&oids, &schemas]).await? {
             let (name, mut definition, create, rank): (String, String, Option<String>, i32) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
@@ -343,13 +345,23 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
             let stage = match r.try_get::<_, Option<&str>>(4) {
                 Ok(Some("after-data")) => Stage::AfterData,
                 Ok(Some("cutover")) => Stage::Cutover,
-                _ if kind == "constraint" && definition.starts_with("FOREIGN KEY") => Stage::Cutover,
+                _ if kind == "constraint" && definition.starts_with("FOREIGN KEY") => {
+                    Stage::Cutover
+                }
                 _ => stage,
             };
             if kind.ends_with("view") {
                 definition = unqualified(&definition);
             }
-            out.push(Object { kind, name, definition, stage, create, rank: rank as u8, revoke: None });
+            out.push(Object {
+                kind,
+                name,
+                definition,
+                stage,
+                create,
+                rank: rank as u8,
+                revoke: None,
+            });
         }
     }
     out.extend(row_security(c, &oids).await?);
@@ -762,7 +774,9 @@ async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Result<Vec<Ob
             let (on, tail) = object.rsplit_once(" on ").unwrap_or(("", &object));
             (
                 format!("default {object}: {privilege} to {to}"),
-                format!("alter default privileges {on} grant {privilege} on {tail} to {to}{option}"),
+                format!(
+                    "alter default privileges {on} grant {privilege} on {tail} to {to}{option}"
+                ),
                 format!("alter default privileges {on} revoke {privilege} on {tail} from {to}"),
             )
         } else {
@@ -861,7 +875,9 @@ fn unqualified(def: &str) -> String {
             }
             i = (i + 1).min(chars.len());
         } else if c.is_alphabetic() || c == '_' {
-            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$') {
+            while i < chars.len()
+                && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$')
+            {
                 i += 1;
             }
         } else {
@@ -884,10 +900,7 @@ pub fn describe(d: &Difference) -> String {
     let what = match d.problem {
         "missing" => format!("{} {} is missing on the target", d.kind, d.name),
         "extra" => format!("{} {} is granted on the target only", d.kind, d.name),
-        _ => format!(
-            "{} {} differs: source {:?}, target {:?}",
-            d.kind, d.name, d.source, d.target
-        ),
+        _ => format!("{} {} differs: source {:?}, target {:?}", d.kind, d.name, d.source, d.target),
     };
     match &d.reason {
         Some(r) => format!("{what} (not created: {r})"),

@@ -186,11 +186,13 @@ impl Session {
                 evolve::record(&self.tgt, &self.plan).await?;
                 apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?
             }
-            Err(e) if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
-                && e.to_string().contains("no partition") =>
+            Err(e)
+                if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
+                    && e.to_string().contains("no partition") =>
             {
                 // A row for a partition the source got since.
-                if evolve::create_partitions(&self.src, &mut self.tgt, &self.plan).await?.is_empty() {
+                if evolve::create_partitions(&self.src, &mut self.tgt, &self.plan).await?.is_empty()
+                {
                     return Err(e);
                 }
                 apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?

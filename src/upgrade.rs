@@ -533,7 +533,8 @@ async fn step_schema(
             // A schema restored beforehand: the roles are still wanted.
             if create_roles {
                 let src = source.connect(env).await?;
-                let scope = fidelity::Scope { exclude: vec!["pgleap".into()], ..Default::default() };
+                let scope =
+                    fidelity::Scope { exclude: vec!["pgleap".into()], ..Default::default() };
                 for role in schema::create_missing_roles(&src, &tgt, &scope).await? {
                     say(&format!("created role {role} on the target (NOLOGIN, no password)"));
                 }
@@ -627,8 +628,7 @@ async fn step_verify(session: &mut Session, say: &dyn Fn(&str)) -> Result<Vec<St
     // The objects: what the cutover creates itself (foreign keys, triggers,
     // forced row security) is not counted; the cutover refuses while
     // anything else is missing.
-    let objects =
-        verify::compare_schema(&session.src, &session.tgt, &session.plan, false).await?;
+    let objects = verify::compare_schema(&session.src, &session.tgt, &session.plan, false).await?;
     if objects.is_empty() {
         say("verify: every object of the source on the target, every table analyzed");
     }

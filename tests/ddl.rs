@@ -2,8 +2,6 @@
 //! itself (columns added with a constant default, new partitions), and what
 //! pauses the sync until the target matches (`sync resume`).
 
-use std::time::{Duration, Instant};
-
 use crate::support::{Pgleap, TestDb, cluster};
 
 fn equal(src: &TestDb, dst: &TestDb, table: &str) {
@@ -36,15 +34,18 @@ fn synced(label: &str) -> (Pgleap, TestDb, TestDb) {
 #[test]
 fn writes_straight_into_a_partition_are_applied_pg15_to_pg17() {
     let (p, src, dst) = synced("ddlpart");
-    src.sql().exec("insert into m_2000 values (1000, '2000-06-01', 'direct');
+    src.sql().exec(
+        "insert into m_2000 values (1000, '2000-06-01', 'direct');
                     update m_2000 set v = 'changed' where id = 5;
-                    delete from m_2000 where id = 6;");
+                    delete from m_2000 where id = 6;",
+    );
     p.run(&["kick", "s", "--wait", "60"]).ok();
     equal(&src, &dst, "m");
 }
 
 #[test]
-fn a_column_added_with_a_literal_default_is_added_on_the_target_and_the_sync_goes_on_pg15_to_pg17() {
+fn a_column_added_with_a_literal_default_is_added_on_the_target_and_the_sync_goes_on_pg15_to_pg17()
+{
     let (p, src, dst) = synced("ddladd");
     src.sql().exec(
         "alter table t add column extra int not null default 7;
@@ -96,13 +97,23 @@ fn pauses_until_the_target_matches(
 #[test]
 fn a_dropped_column_pauses_the_sync_pg15_to_pg17() {
     let drop = "alter table t drop column v";
-    pauses_until_the_target_matches("ddldrop", drop, Some(drop), "column \"v\" was dropped or renamed");
+    pauses_until_the_target_matches(
+        "ddldrop",
+        drop,
+        Some(drop),
+        "column \"v\" was dropped or renamed",
+    );
 }
 
 #[test]
 fn a_renamed_column_pauses_the_sync_pg15_to_pg17() {
     let rename = "alter table t rename column v to w";
-    pauses_until_the_target_matches("ddlren", rename, Some(rename), "column \"v\" was dropped or renamed");
+    pauses_until_the_target_matches(
+        "ddlren",
+        rename,
+        Some(rename),
+        "column \"v\" was dropped or renamed",
+    );
 }
 
 #[test]
@@ -154,11 +165,17 @@ fn new_partitions_are_created_and_copied_and_new_tables_reported_pg15_to_pg17() 
     );
 }
 
-#[allow(dead_code)]
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+#[test]
+fn a_dropped_or_renamed_table_pauses_the_sync_pg15_to_pg17() {
+    let (p, src, dst) = synced("ddltab");
+    src.sql().exec("alter table t rename to t_old");
+    p.run(&["kick", "s", "--wait", "30"])
+        .fails_with(&["public.t: the table was dropped or renamed", "sync resume s"]);
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    assert_eq!(status["syncs"][0]["targets"][0]["phase"], "paused: schema changed", "{status}");
+    // Renamed back: the sync goes on.
+    src.sql().exec("alter table t_old rename to t; insert into t values (7000, 'back')");
+    p.run(&["sync", "resume", "s"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "t");
 }

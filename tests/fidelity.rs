@@ -103,10 +103,9 @@ fn with_fixture(major: u32, target: u32, label: &str) -> (Pgleap, TestDb, TestDb
     let auditor = format!("pgleap_auditor_{label}");
     roles(&src, &dst, &auditor);
     src.sql().exec(&FIXTURE.replace("pgleap_auditor", &auditor));
-    src.cluster.superuser("postgres").exec(&format!(
-        "alter database \"{}\" set search_path = public, \"Sales Data\"",
-        src.name
-    ));
+    src.cluster
+        .superuser("postgres")
+        .exec(&format!("alter database \"{}\" set search_path = public, \"Sales Data\"", src.name));
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     (p, src, dst)
 }
@@ -257,7 +256,10 @@ fn verify_names_missing_objects_and_cutover_waits_for_them_pg15_to_pg17() {
         "--allow-schema-differences",
     ]);
     assert!(src.sql().try_exec("insert into customer values (9999, 'x', 'ok', 1, 'a')").is_ok());
-    assert_eq!(d.value("select count(*) from pg_indexes where indexname = 'payment_2000_customer'"), "1");
+    assert_eq!(
+        d.value("select count(*) from pg_indexes where indexname = 'payment_2000_customer'"),
+        "1"
+    );
     let out = p.run(&["cutover", "s", "--allow-schema-differences"]);
     assert!(out.ok().contains("the source now refuses writes"), "{out}");
     let out = p.run(&["verify", "s"]);

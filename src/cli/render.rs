@@ -238,7 +238,10 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             }
             if let Some(reason) = &s.paused {
                 println!("paused:      {reason}");
-                println!("             change the target the same way, then pgleap sync resume {}", s.name);
+                println!(
+                    "             change the target the same way, then pgleap sync resume {}",
+                    s.name
+                );
             }
             for n in &s.not_captured {
                 println!("not synced:  {n}");
