@@ -8,9 +8,10 @@
 //! therefore picked up by the batch after it commits, however late: the
 //! classic "sequence gap" loss cannot happen.
 //!
-//! Applying is state-based and idempotent: for every changed key, the
-//! target's row is deleted and the source's current row (if any) is copied
-//! in, streaming with COPY from source to target. The whole batch is one
+//! Applying is state-based and idempotent: every changed key is staged on
+//! the target with the source's current row (or none), streaming with COPY
+//! from source to target, and the target's rows are brought to that state
+//! set-based: vanished keys deleted, present ones updated or inserted. The whole batch is one
 //! target transaction, which also records the batch's snapshot on the target
 //! (`<schema>.applied`): the data and the progress marker commit together,
 //! so a crash anywhere leaves either the old state and old marker, or both
@@ -21,6 +22,8 @@
 //! `target` module's job, done when a session opens.
 
 use std::time::Instant;
+
+use tokio_postgres::error::SqlState;
 
 use crate::capture;
 use crate::catalog::{RelGroup, Sync};
@@ -73,6 +76,16 @@ impl TablePlan {
     /// `copy TABLE (columns) from stdin`.
     pub(crate) fn copy_in(&self) -> String {
         format!("copy {}{} from stdin", self.table, self.column_list())
+    }
+
+    /// The session temp table staging this table's changed rows: named
+    /// after the table and its columns, so a plan read again after a
+    /// column change gets a table of the new shape.
+    fn staging(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&self.table, &self.columns).hash(&mut h);
+        format!("pg_temp.pgleap_rows_{:016x}", h.finish())
     }
 }
 
@@ -419,58 +432,22 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
         if changes == 0 && !truncated {
             continue;
         }
-        let keys = t.keys.join(", ");
+        let step = Instant::now();
         if truncated {
             ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
             stats.truncates += 1;
-        } else {
-            ttx.batch_execute(&format!(
-                "drop table if exists pg_temp.pgleap_keys;
-                 create temp table pgleap_keys on commit drop as
-                     select {keys} from {} limit 0",
-                t.table
-            ))
-            .await?;
-            let keys_copied = copy_rows(
-                stx,
-                &format!(
-                    "copy (select distinct {keys} from {} where {cond} and not _pgleap_truncated) to stdout",
-                    t.delta
-                ),
-                ttx,
-                &format!("copy pg_temp.pgleap_keys ({keys}) from stdin"),
-            )
-            .await?;
-            if keys_copied > 1000 {
-                // Without statistics the planner takes the temp table for
-                // tiny and joins with index lookups per key.
-                ttx.batch_execute("analyze pg_temp.pgleap_keys").await?;
-            }
-            let matches: Vec<String> = t.keys.iter().map(|k| format!("t.{k} = k.{k}")).collect();
-            stats.deletes += ttx
-                .execute(
-                    &format!(
-                        "delete from {} t using pg_temp.pgleap_keys k where {}",
-                        t.rel(),
-                        matches.join(" and ")
-                    ),
-                    &[],
-                )
-                .await?;
         }
-        stats.inserts += copy_rows(
-            stx,
-            &format!(
-                "copy (select {cols} from {table} where ({keys}) in
-                       (select {keys} from {delta} where {cond} and not _pgleap_truncated)) to stdout",
-                cols = t.columns,
-                table = t.rel(),
-                delta = t.delta
-            ),
-            ttx,
-            &t.copy_in(),
-        )
-        .await?;
+        let (inserts, deletes) = apply_keyed(stx, ttx, t, &cond, changes, truncated).await?;
+        stats.inserts += inserts;
+        stats.deletes += deletes;
+        tracing::debug!(
+            table = t.display,
+            changes,
+            inserts,
+            deletes,
+            ms = step.elapsed().as_millis() as u64,
+            "applied"
+        );
     }
 
     for seq in &plan.sequences {
@@ -488,6 +465,146 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     )
     .await?;
     Ok(stats)
+}
+
+/// Brings a keyed table's changed keys (`cond` on its delta) to the
+/// source's state, set-based: one COPY stages each changed key with the
+/// source's row, or none if it is gone, into a session temp table; then
+/// one DELETE of the vanished keys, one UPDATE of those the target has,
+/// one INSERT of the others. Unchanged indexes and HOT updates do the rest
+/// (delete-and-reinsert of every changed row made each insert check its
+/// key against the row just deleted). A key change that collides with
+/// another unique index mid-statement (two rows swapping a value) falls
+/// back to delete-and-insert of every changed key. Returns (rows written,
+/// rows deleted).
+async fn apply_keyed(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    t: &TablePlan,
+    cond: &str,
+    changes: i64,
+    truncated: bool,
+) -> Result<(u64, u64)> {
+    let staging = t.staging();
+    // The delta tables have no statistics (they churn too fast to keep
+    // any), so the planner guesses 200 changed keys and looks each up by
+    // index: for a backlog that is a large share of the table, one hash
+    // join over a scan of it is many times faster.
+    let hash_join = changes > 10_000 && changes.saturating_mul(50) > t.est_rows;
+    let cols = &t.columns;
+    let t0 = Instant::now();
+    ttx.batch_execute(&format!(
+        "set local client_min_messages = warning;
+         create temp table if not exists {staging} on commit delete rows as
+             select true as _pgleap_present{sep}{cols} from {table} limit 0",
+        sep = if cols.is_empty() { "" } else { ", " },
+        table = t.rel(),
+    ))
+    .await?;
+    // Key columns from the delta (a vanished row has only its key), the
+    // others from the table.
+    let select: Vec<String> = t
+        .column_names
+        .iter()
+        .map(|c| if t.keys.contains(c) { format!("k.{c}") } else { format!("t.{c}") })
+        .collect();
+    let on = |a: &str, b: &str| -> String {
+        t.keys.iter().map(|k| format!("{a}.{k} = {b}.{k}")).collect::<Vec<_>>().join(" and ")
+    };
+    if hash_join {
+        stx.batch_execute("set local enable_nestloop = off").await?;
+    }
+    let staged = copy_rows(
+        stx,
+        &format!(
+            "copy (select t.{first} is not null{sep}{select}
+                   from (select distinct {keys} from {delta}
+                         where {cond} and not _pgleap_truncated) k
+                   left join {table} t on {on}) to stdout",
+            first = t.keys[0],
+            sep = if select.is_empty() { "" } else { ", " },
+            select = select.join(", "),
+            keys = t.keys.join(", "),
+            delta = t.delta,
+            table = t.rel(),
+            on = on("t", "k"),
+        ),
+        ttx,
+        &format!(
+            "copy {staging} (_pgleap_present{sep}{cols}) from stdin",
+            sep = if cols.is_empty() { "" } else { ", " }
+        ),
+    )
+    .await?;
+    if hash_join {
+        stx.batch_execute("set local enable_nestloop = on").await?;
+    }
+    tracing::debug!(table = t.display, staged, ms = t0.elapsed().as_millis() as u64, "staged");
+    if staged == 0 {
+        return Ok((0, 0));
+    }
+    if staged > 1000 {
+        // Without statistics the planner takes the temp table for tiny and
+        // joins with index lookups per key.
+        ttx.batch_execute(&format!("analyze {staging}")).await?;
+    }
+    let rel = t.rel();
+    let insert = format!(
+        "insert into {table}{list} select {cols} from {staging} s
+         where s._pgleap_present and not exists (select 1 from {rel} t where {on})",
+        table = t.table,
+        list = t.column_list(),
+        on = on("t", "s"),
+    );
+    if truncated {
+        return Ok((ttx.execute(&insert, &[]).await?, 0));
+    }
+    let deleted = ttx
+        .execute(
+            &format!(
+                "delete from {rel} t using {staging} s where {} and not s._pgleap_present",
+                on("t", "s")
+            ),
+            &[],
+        )
+        .await?;
+    let others: Vec<String> = t
+        .column_names
+        .iter()
+        .filter(|c| !t.keys.contains(c))
+        .map(|c| format!("{c} = s.{c}"))
+        .collect();
+    ttx.batch_execute("savepoint pgleap_upsert").await?;
+    let upsert = async {
+        let mut written = 0;
+        if !others.is_empty() {
+            written += ttx
+                .execute(
+                    &format!(
+                        "update {rel} t set {} from {staging} s where {} and s._pgleap_present",
+                        others.join(", "),
+                        on("t", "s")
+                    ),
+                    &[],
+                )
+                .await?;
+        }
+        tracing::debug!(table = t.display, ms = t0.elapsed().as_millis() as u64, "updated");
+        written += ttx.execute(&insert, &[]).await?;
+        Ok::<_, crate::pg::PgError>(written)
+    }
+    .await;
+    match upsert {
+        Ok(written) => Ok((written, deleted)),
+        Err(e) if e.sqlstate() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            ttx.batch_execute("rollback to savepoint pgleap_upsert").await?;
+            let removed = ttx
+                .execute(&format!("delete from {rel} t using {staging} s where {}", on("t", "s")), &[])
+                .await?;
+            Ok((ttx.execute(&insert, &[]).await?, deleted + removed))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Replays a keyless table's row images in the order they happened: after
