@@ -61,10 +61,11 @@ fn copy_baseline(src: &TestDb, dst: &TestDb, rows: u64) -> f64 {
          create table copy_baseline (like pgbench_accounts including all);",
     );
     let started = Instant::now();
-    let mut out = psql(src, &format!("\\copy (select * from pgbench_accounts limit {rows}) to stdout"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut out =
+        psql(src, &format!("\\copy (select * from pgbench_accounts limit {rows}) to stdout"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     let status = psql(dst, "\\copy copy_baseline from stdin")
         .stdin(out.stdout.take().unwrap())
         .status()

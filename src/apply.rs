@@ -125,6 +125,7 @@ const SHAPE: &str = "select (select coalesce(string_agg(
 /// What one batch did.
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
+    /// Rows written: inserted, or updated in place.
     pub inserts: u64,
     pub deletes: u64,
     pub truncates: u64,
@@ -549,8 +550,10 @@ async fn apply_keyed(
         ttx.batch_execute(&format!("analyze {staging}")).await?;
     }
     let rel = t.rel();
+    // OVERRIDING SYSTEM VALUE: an identity column GENERATED ALWAYS takes
+    // the source's values, as COPY would.
     let insert = format!(
-        "insert into {table}{list} select {cols} from {staging} s
+        "insert into {table}{list} overriding system value select {cols} from {staging} s
          where s._pgleap_present and not exists (select 1 from {rel} t where {on})",
         table = t.table,
         list = t.column_list(),
@@ -596,10 +599,18 @@ async fn apply_keyed(
     .await;
     match upsert {
         Ok(written) => Ok((written, deleted)),
-        Err(e) if e.sqlstate() == Some(&SqlState::UNIQUE_VIOLATION) => {
+        // Another unique index collided mid-statement, or an identity
+        // column GENERATED ALWAYS outside the key refuses an UPDATE.
+        Err(e)
+            if e.sqlstate() == Some(&SqlState::UNIQUE_VIOLATION)
+                || e.sqlstate() == Some(&SqlState::GENERATED_ALWAYS) =>
+        {
             ttx.batch_execute("rollback to savepoint pgleap_upsert").await?;
             let removed = ttx
-                .execute(&format!("delete from {rel} t using {staging} s where {}", on("t", "s")), &[])
+                .execute(
+                    &format!("delete from {rel} t using {staging} s where {}", on("t", "s")),
+                    &[],
+                )
                 .await?;
             Ok((ttx.execute(&insert, &[]).await?, deleted + removed))
         }

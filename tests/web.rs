@@ -66,13 +66,13 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
     src.sql().exec("update big set note = 'changed' where id <= 500");
     let applied = eventually("applied rows in /metrics", || {
         let (_, body) = get(port, "/metrics")?;
-        metric(&body, "pgleap_applied_rows_total", "sync=\"s\"").filter(|r| *r >= 1000.0)
+        metric(&body, "pgleap_applied_rows_total", "sync=\"s\"").filter(|r| *r >= 500.0)
     });
     let after = eventually("more copy bytes or the same", || {
         let (_, body) = get(port, "/metrics")?;
         metric(&body, "pgleap_copy_bytes_total", "sync=\"s\"")
     });
-    assert!(after >= during && applied >= 1000.0);
+    assert!(after >= during && applied >= 500.0);
     let (_, body) = get(port, "/metrics").unwrap();
     for name in ["pgleap_batch_duration_seconds_bucket", "pgleap_sync_state", "pgleap_lag_seconds"]
     {

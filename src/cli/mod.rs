@@ -1000,7 +1000,7 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
             let results = session::kick(&mut catalog, &sync, wait, jobs, ENV).await?;
             for (target, stats) in results {
                 println!(
-                    "kicked sync \"{sync}\" to \"{target}\": {} inserts, {} deletes, {} truncates in {} ms",
+                    "kicked sync \"{sync}\" to \"{target}\": {} rows written, {} deleted, {} truncates in {} ms",
                     stats.inserts, stats.deletes, stats.truncates, stats.millis
                 );
             }

@@ -250,7 +250,7 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                 let l = &t.last;
                 println!("target:      {} ({}; last round {})", t.target, t.phase, l.state);
                 println!(
-                    "  last good: {} took {}, {} inserts, {} deletes",
+                    "  last good: {} took {}, {} rows written, {} deleted",
                     l.last_good.as_deref().unwrap_or("never"),
                     millis(l.last_good_ms),
                     l.last_inserts.unwrap_or(0),
