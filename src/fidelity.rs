@@ -195,6 +195,26 @@ pub async fn forced_row_security(c: &Conn) -> Result<Vec<String>> {
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Functions in a language only a superuser may create functions in (C,
+/// untrusted procedural languages): pg_restore of the schema would fail on
+/// them as a table owner. One line each, with the language.
+pub async fn untrusted_functions(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
+    let schemas = schemas(c, scope).await?;
+    let rows = c
+        .query_qualified(
+            "select p.oid::regprocedure::text || ' (language ' || l.lanname || ')'
+             from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+             join pg_language l on l.oid = p.prolang
+             where n.nspname = any($1) and not l.lanpltrusted
+               and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
+                               and d.objid = p.oid and d.deptype = 'e')
+             order by 1",
+            &[&schemas],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// The command that creates a role the target lacks: without a password
 /// (pgleap cannot read one), NOLOGIN unless `login`.
 pub fn create_role_sql(role: &str, login: bool) -> String {
@@ -313,7 +333,7 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
     let schemas = schemas(c, scope).await?;
     let major = c.version().major();
     let mut out = Vec::new();
-    let kinds: [(&str, String, Stage); 17] = [
+    let kinds: [(&str, String, Stage); 18] = [
         ("schema", SCHEMAS.into(), Stage::PreData),
         ("extension", EXTENSIONS.into(), Stage::PreData),
         ("table", tables_sql(major), Stage::PreData),
@@ -326,6 +346,7 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
         ("policy", POLICIES.into(), Stage::PreData),
         ("comment", COMMENTS.into(), Stage::PreData),
         ("setting", SETTINGS.into(), Stage::PreData),
+        ("event trigger", EVENT_TRIGGERS.into(), Stage::PreData),
         ("index", INDEXES.into(), Stage::AfterData),
         ("constraint", CONSTRAINTS.into(), Stage::AfterData),
         ("replica identity", REPLICA_IDENTITY.into(), Stage::AfterData),
@@ -609,6 +630,25 @@ const SETTINGS: &str = "
                   'reset ' || quote_ident(name)),
            9
     from s where name <> 'default_transaction_read_only'";
+
+/// Event triggers of the database (pg_dump puts them in its post-data
+/// section, which schema copy does not restore). Creating one needs a
+/// superuser: for a table owner it is named, with the server's refusal.
+const EVENT_TRIGGERS: &str = "
+    select quote_ident(e.evtname),
+           concat_ws(' ', 'on', e.evtevent, 'tags', array_to_string(e.evttags, ', '),
+                     'execute', e.evtfoid::regprocedure::text, 'enabled', e.evtenabled),
+           format('create event trigger %I on %I%s execute procedure %s()', e.evtname,
+                  e.evtevent,
+                  case when e.evttags is not null
+                       then ' when tag in (' || (select string_agg(quote_literal(t), ', ')
+                                                 from unnest(e.evttags) t) || ')'
+                       else '' end,
+                  e.evtfoid::regproc::text),
+           2
+    from pg_event_trigger e
+    where not exists (select 1 from pg_depend d where d.classid = 'pg_event_trigger'::regclass
+                      and d.objid = e.oid and d.deptype = 'e')";
 
 /// Indexes of tables at every level, partitions first so that the parent's
 /// index attaches them (created plainly it cascades to partitions that

@@ -81,6 +81,9 @@ pub struct Preflight {
     pub missing_roles: Vec<String>,
     /// Tables with forced row security the role cannot read whole.
     pub forced_row_security: Vec<String>,
+    /// Functions the schema copy cannot create as this role (C or an
+    /// untrusted language), when pgleap copies the schema.
+    pub untrusted_functions: Vec<String>,
 }
 
 impl Preflight {
@@ -116,6 +119,14 @@ impl Preflight {
             problems.push(format!(
                 "tables on the target have other columns than on the source: {}",
                 self.mismatched_tables.join("; ")
+            ));
+        }
+        if !self.untrusted_functions.is_empty() {
+            problems.push(format!(
+                "the schema has functions only a superuser can create on the target: {}; have an \
+                 administrator restore the schema (pg_dump --schema-only | psql) before the \
+                 upgrade, which then copies only the data",
+                self.untrusted_functions.join(", ")
             ));
         }
         if !self.forced_row_security.is_empty() {
@@ -210,6 +221,15 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     let scope = fidelity::Scope { exclude: vec!["pgleap".into()], ..Default::default() };
     let missing_roles = fidelity::missing_roles(&src, &tgt, &scope).await?;
     let forced_row_security = fidelity::forced_row_security(&src).await?;
+    let target_is_superuser: bool = tgt
+        .query_one("select rolsuper from pg_roles where rolname = current_user", &[])
+        .await?
+        .get(0);
+    let untrusted_functions = if present.is_empty() && !target_is_superuser {
+        fidelity::untrusted_functions(&src, &scope).await?
+    } else {
+        Vec::new()
+    };
     let large_objects = crate::large_objects::any(&src).await?;
     let (unreadable_large_objects, unreadable_large_object_oids) =
         crate::large_objects::unreadable(&src).await?;
@@ -239,6 +259,7 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         tools_problem,
         missing_roles,
         forced_row_security,
+        untrusted_functions,
     })
 }
 

@@ -266,3 +266,39 @@ fn verify_names_missing_objects_and_cutover_waits_for_them_pg15_to_pg17() {
     assert_eq!(out.code, 1, "{out}");
     assert!(out.to_string().contains("total(integer,integer) differs"), "{out}");
 }
+
+/// What only a superuser can create is named before anything is written
+/// (a function in an untrusted language: the schema restore would fail),
+/// or by schema copy with the server's refusal (an event trigger), and
+/// cutover waits for it.
+#[test]
+fn objects_only_a_superuser_can_create_are_named_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "fidsusrc");
+    let dst = TestDb::new(cluster(17), "fidsudst");
+    src.sql().exec("create table t (id int primary key)");
+    let admin = src.cluster.superuser(&src.name);
+    admin.exec(
+        "create function public.c_abs(int4) returns int4 language internal as 'int4abs';
+         create function public.audit_ddl() returns event_trigger language plpgsql as
+             $$ begin null; end $$;
+         create event trigger audit_ddl on ddl_command_end execute procedure public.audit_ddl();",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"])
+        .fails_with(&[
+            "functions only a superuser can create on the target",
+            "public.c_abs(integer) (language internal)",
+        ]);
+    assert_eq!(src.sql().value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
+
+    admin.exec("drop function public.c_abs(int4)");
+    p.declare(&src, &dst, &["--all-tables"]);
+    let out = p.run(&["schema", "copy", "--from", "src", "--to", "dst"]);
+    assert!(
+        out.ok().contains("not copied: event trigger audit_ddl is missing on the target (not created: permission denied"),
+        "{out}"
+    );
+    p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["cutover", "s"]).fails_with(&["cutover refused", "event trigger audit_ddl"]);
+    admin.exec("drop event trigger audit_ddl");
+}
