@@ -353,12 +353,14 @@ pub async fn applied_snapshot(tgt: &Conn, plan: &Plan) -> Result<Option<String>>
 
 /// Applies one batch: everything the source committed since the target's
 /// last batch, as of one source snapshot.
-/// With `lo`, the batch also runs a large-object pass of that kind.
+/// With `lo`, the batch also runs a large-object pass of that kind; with
+/// `purge_due`, it purges the deltas every target has applied.
 pub async fn apply_batch(
     src: &mut Conn,
     tgt: &mut Conn,
     plan: &Plan,
     lo: Option<Pass>,
+    purge_due: bool,
 ) -> Result<BatchStats> {
     let started = Instant::now();
     let target_name = tgt.name().to_string();
@@ -373,9 +375,14 @@ pub async fn apply_batch(
     stx.commit().await?;
 
     // Not atomic with the target, and need not be: the target's marker is
-    // the truth; this one only decides what may be purged, and a stale
-    // value purges less.
-    src.execute(
+    // the truth; this one only decides what may be purged (and what status
+    // calls pending), and a stale value purges less. So it is written
+    // without waiting for the WAL flush, and with the purge, when due, in
+    // the same source transaction: bookkeeping costs the source one
+    // commit per batch, not one per table.
+    let tx = src.transaction().await?;
+    tx.batch_execute("set local synchronous_commit = off").await?;
+    tx.execute(
         &format!(
             "update {s}.consumer set snapshot = $3, updated_at = now()
              where sync_id = $1 and target = $2"
@@ -383,7 +390,10 @@ pub async fn apply_batch(
         &[&plan.sync_id, &target_name, &stats.snapshot],
     )
     .await?;
-    purge(src, plan).await?;
+    if purge_due {
+        purge(&tx, plan).await?;
+    }
+    tx.commit().await?;
     stats.millis = started.elapsed().as_millis() as i64;
     Ok(stats)
 }
@@ -414,23 +424,13 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     plan.check_shape(stx).await?;
     let cond = Plan::pending(prev.as_deref());
 
-    for t in &plan.tables {
-        if t.keys.is_empty() {
-            apply_keyless(stx, ttx, t, &cond, &mut stats).await?;
+    let counts = pending_counts(stx, plan, &cond).await?;
+    for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
+        if changes == 0 && !truncated {
             continue;
         }
-        let row = stx
-            .query_one(
-                &format!(
-                    "select count(*) filter (where not _pgleap_truncated), coalesce(bool_or(_pgleap_truncated), false)
-                     from {} where {cond}",
-                    t.delta
-                ),
-                &[],
-            )
-            .await?;
-        let (changes, truncated): (i64, bool) = (row.get(0), row.get(1));
-        if changes == 0 && !truncated {
+        if t.keys.is_empty() {
+            apply_keyless(stx, ttx, t, &cond, &mut stats).await?;
             continue;
         }
         let step = Instant::now();
@@ -466,6 +466,49 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     )
     .await?;
     Ok(stats)
+}
+
+/// Per table of the plan, in order: the changes pending in the batch and
+/// whether one was a TRUNCATE. One query for all tables: most batches
+/// touch few of them.
+async fn pending_counts(stx: &Tx<'_>, plan: &Plan, cond: &str) -> Result<Vec<(i64, bool)>> {
+    if plan.tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<String> = plan
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "select {i} as i, count(*) filter (where not _pgleap_truncated) as n,
+                        coalesce(bool_or(_pgleap_truncated), false) as truncated
+                 from {} where {}",
+                t.delta,
+                keyless_cond(t, cond)
+            )
+        })
+        .collect();
+    let rows = stx
+        .query(
+            &format!("select n, truncated from ({}) x order by i", parts.join(" union all ")),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A keyless table's pending events: those of `cond`, less those its
+/// initial copy already holds (see [`TablePlan::copied_under`]). Keyed
+/// tables: `cond` itself.
+fn keyless_cond(t: &TablePlan, cond: &str) -> String {
+    match &t.copied_under {
+        Some(copy) if t.keys.is_empty() => format!(
+            "{cond} and not txid_visible_in_snapshot(_pgleap_txid, {}::txid_snapshot)",
+            quote_literal(copy)
+        ),
+        _ => cond.to_string(),
+    }
 }
 
 /// Brings a keyed table's changed keys (`cond` on its delta) to the
@@ -629,13 +672,7 @@ async fn apply_keyless(
     cond: &str,
     stats: &mut BatchStats,
 ) -> Result<()> {
-    let cond = match &t.copied_under {
-        Some(copy) => format!(
-            "{cond} and not txid_visible_in_snapshot(_pgleap_txid, {}::txid_snapshot)",
-            quote_literal(copy)
-        ),
-        None => cond.to_string(),
-    };
+    let cond = keyless_cond(t, cond);
     let last_truncate: Option<i64> = stx
         .query_one(
             &format!(
@@ -758,7 +795,7 @@ async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Resu
 /// visible, for every target. Deltas above it wait for a later batch; a
 /// target that has applied nothing yet keeps everything. One index range
 /// delete per table, with the bound computed once.
-async fn purge(src: &Conn, plan: &Plan) -> Result<()> {
+async fn purge(src: &Tx<'_>, plan: &Plan) -> Result<()> {
     let row = src
         .query_one(
             &format!(
@@ -774,9 +811,12 @@ async fn purge(src: &Conn, plan: &Plan) -> Result<()> {
     let Some(bound) = bound.filter(|_| !someone_behind) else {
         return Ok(());
     };
-    for t in &plan.tables {
-        src.execute(&format!("delete from {} where _pgleap_txid < $1", t.delta), &[&bound]).await?;
-    }
+    let deletes: Vec<String> = plan
+        .tables
+        .iter()
+        .map(|t| format!("delete from {} where _pgleap_txid < {bound}", t.delta))
+        .collect();
+    src.batch_execute(&deletes.join(";\n")).await?;
     Ok(())
 }
 

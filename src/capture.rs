@@ -232,7 +232,7 @@ fn keyed_delta(delta: &str, key_columns: &[String], columns: &[(String, String)]
              _pgleap_at timestamptz not null default now(),
              _pgleap_truncated bool not null default false,
              {});
-         create index on {delta} (_pgleap_txid);\n",
+         create index on {delta} using brin (_pgleap_txid);\n",
         key_defs.join(", ")
     )
 }
@@ -360,7 +360,7 @@ fn keyless_capture(
              _pgleap_truncated bool not null default false,
              _pgleap_seq bigserial,
              _pgleap_op \"char\" not null{defs});
-         create index on {delta} (_pgleap_txid);
+         create index on {delta} using brin (_pgleap_txid);
          create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
          #variable_conflict use_column

@@ -22,6 +22,8 @@ use crate::target;
 
 /// How long a failed attempt waits before the next, while catching up.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How often a session purges the deltas every target has applied.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 /// A connected applier of one sync to one target.
 pub struct Session {
@@ -41,6 +43,8 @@ pub struct Session {
     /// digesting.
     last_lo_pass: Option<Instant>,
     lo_cursor: u32,
+    /// When this session last purged applied deltas on the source.
+    last_purge: Option<Instant>,
 }
 
 impl Session {
@@ -75,6 +79,7 @@ impl Session {
             broken: false,
             last_lo_pass: None,
             lo_cursor: 0,
+            last_purge: None,
         })
     }
 
@@ -173,7 +178,12 @@ impl Session {
     }
 
     async fn batch_with(&mut self, lo: Option<Pass>) -> Result<BatchStats> {
-        let stats = match apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await {
+        // Purging deletes on the source: once a second is enough to keep
+        // the deltas small, and spares a busy source a delete per batch.
+        let purge = self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY);
+        let stats = match apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge)
+            .await
+        {
             Err(Error::SchemaChanged { .. }) => {
                 // Columns changed on the source: followed when they can be
                 // (the target gets them and the plan is read again), else
@@ -184,7 +194,7 @@ impl Session {
                 self.plan.note_copies(&self.tgt).await?;
                 self.plan.check_target(&self.tgt).await?;
                 evolve::record(&self.tgt, &self.plan).await?;
-                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?
+                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
             }
             Err(e)
                 if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
@@ -195,10 +205,13 @@ impl Session {
                 {
                     return Err(e);
                 }
-                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo).await?
+                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
             }
             other => other?,
         };
+        if purge {
+            self.last_purge = Some(Instant::now());
+        }
         self.prev = Some(stats.snapshot.clone());
         if let Some(pass) = &stats.large_objects {
             self.last_lo_pass = Some(Instant::now());
