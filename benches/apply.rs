@@ -16,23 +16,15 @@
 //! `PGLEAP_BENCH_ROUNDS` rounds (default 3) with the range. Apply timings
 //! per step are in the debug log (`PGLEAP_BENCH_LOG=1` prints them).
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Instant;
 
+use common::{knob, median_range};
 use support::{OWNER, Pgleap, TestDb, cluster, copy_database, tool};
-
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median_range(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
 
 /// Seconds for `kick --wait` to apply what the source holds now.
 fn kick(p: &Pgleap) -> f64 {

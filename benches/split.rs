@@ -4,17 +4,15 @@
 //! bench --bench split`; `PGLEAP_BENCH_SPLIT_ROWS`, default 2,000,000;
 //! `PGLEAP_BENCH_ROUNDS`, default 3).
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Instant;
 
+use common::{knob, median_range};
 use support::{Pgleap, TestDb, cluster};
-
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Seconds for schema copy + initial copy (indexes included) with `jobs`.
 fn copy(src: &TestDb, jobs: &str, round: u64) -> f64 {
@@ -30,12 +28,6 @@ fn copy(src: &TestDb, jobs: &str, round: u64) -> f64 {
     assert_eq!(dst.sql().value(count), src.sql().value(count));
     p.run(&["teardown", "s"]).ok();
     seconds
-}
-
-fn median_range(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn main() {

@@ -11,23 +11,15 @@
 //! Ratios to the same round's no-capture run; median of
 //! `PGLEAP_BENCH_ROUNDS` (default 3) with the range.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Instant;
 
+use common::{knob, median_range};
 use support::{Pgleap, TestDb, cluster, copy_database};
-
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median_range(v: &[f64]) -> (f64, f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
 
 /// pgbench's TPC-B-like script: transactions per second.
 fn tps(db: &TestDb, seconds: u64, clients: u64) -> f64 {

@@ -530,68 +530,11 @@ async fn apply_keyed(
     truncated: bool,
 ) -> Result<(u64, u64)> {
     let staging = t.staging();
-    // The delta tables have no statistics (they churn too fast to keep
-    // any), so the planner guesses 200 changed keys and looks each up by
-    // index: for a backlog that is a large share of the table, one hash
-    // join over a scan of it is many times faster.
-    let hash_join = changes > 10_000 && changes.saturating_mul(50) > t.est_rows;
-    let cols = &t.columns;
-    let t0 = Instant::now();
-    ttx.batch_execute(&format!(
-        "set local client_min_messages = warning;
-         create temp table if not exists {staging} on commit delete rows as
-             select true as _pgleap_present{sep}{cols} from {table} limit 0",
-        sep = if cols.is_empty() { "" } else { ", " },
-        table = t.rel(),
-    ))
-    .await?;
-    // Key columns from the delta (a vanished row has only its key), the
-    // others from the table.
-    let select: Vec<String> = t
-        .column_names
-        .iter()
-        .map(|c| if t.keys.contains(c) { format!("k.{c}") } else { format!("t.{c}") })
-        .collect();
-    let on = |a: &str, b: &str| -> String {
-        t.keys.iter().map(|k| format!("{a}.{k} = {b}.{k}")).collect::<Vec<_>>().join(" and ")
-    };
-    if hash_join {
-        stx.batch_execute("set local enable_nestloop = off").await?;
-    }
-    let staged = copy_rows(
-        stx,
-        &format!(
-            "copy (select t.{first} is not null{sep}{select}
-                   from (select distinct {keys} from {delta}
-                         where {cond} and not _pgleap_truncated) k
-                   left join {table} t on {on}) to stdout",
-            first = t.keys[0],
-            sep = if select.is_empty() { "" } else { ", " },
-            select = select.join(", "),
-            keys = t.keys.join(", "),
-            delta = t.delta,
-            table = t.rel(),
-            on = on("t", "k"),
-        ),
-        ttx,
-        &format!(
-            "copy {staging} (_pgleap_present{sep}{cols}) from stdin",
-            sep = if cols.is_empty() { "" } else { ", " }
-        ),
-    )
-    .await?;
-    if hash_join {
-        stx.batch_execute("set local enable_nestloop = on").await?;
-    }
-    tracing::debug!(table = t.display, staged, ms = t0.elapsed().as_millis() as u64, "staged");
-    if staged == 0 {
+    if stage(stx, ttx, t, cond, changes).await? == 0 {
         return Ok((0, 0));
     }
-    if staged > 1000 {
-        // Without statistics the planner takes the temp table for tiny and
-        // joins with index lookups per key.
-        ttx.batch_execute(&format!("analyze {staging}")).await?;
-    }
+    let on = |a: &str, b: &str| key_match(t, a, b);
+    let cols = &t.columns;
     let rel = t.rel();
     // OVERRIDING SYSTEM VALUE: an identity column GENERATED ALWAYS takes
     // the source's values, as COPY would.
@@ -635,7 +578,6 @@ async fn apply_keyed(
                 )
                 .await?;
         }
-        tracing::debug!(table = t.display, ms = t0.elapsed().as_millis() as u64, "updated");
         written += ttx.execute(&insert, &[]).await?;
         Ok::<_, crate::pg::PgError>(written)
     }
@@ -659,6 +601,75 @@ async fn apply_keyed(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `a.k = b.k and ...` over the table's key columns.
+fn key_match(t: &TablePlan, a: &str, b: &str) -> String {
+    t.keys.iter().map(|k| format!("{a}.{k} = {b}.{k}")).collect::<Vec<_>>().join(" and ")
+}
+
+/// Stages a keyed table's changed keys (`cond` on its delta) on the
+/// target, each with the source's current row or, for a vanished row, its
+/// key alone; returns how many.
+async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i64) -> Result<u64> {
+    let staging = t.staging();
+    // The delta tables have no statistics (they churn too fast to keep
+    // any), so the planner guesses 200 changed keys and looks each up by
+    // index: for a backlog that is a large share of the table, one hash
+    // join over a scan of it is many times faster.
+    let hash_join = changes > 10_000 && changes.saturating_mul(50) > t.est_rows;
+    let cols = &t.columns;
+    let t0 = Instant::now();
+    ttx.batch_execute(&format!(
+        "set local client_min_messages = warning;
+         create temp table if not exists {staging} on commit delete rows as
+             select true as _pgleap_present{sep}{cols} from {table} limit 0",
+        sep = if cols.is_empty() { "" } else { ", " },
+        table = t.rel(),
+    ))
+    .await?;
+    // Key columns from the delta (a vanished row has only its key), the
+    // others from the table.
+    let select: Vec<String> = t
+        .column_names
+        .iter()
+        .map(|c| if t.keys.contains(c) { format!("k.{c}") } else { format!("t.{c}") })
+        .collect();
+    if hash_join {
+        stx.batch_execute("set local enable_nestloop = off").await?;
+    }
+    let staged = copy_rows(
+        stx,
+        &format!(
+            "copy (select t.{first} is not null{sep}{select}
+                   from (select distinct {keys} from {delta}
+                         where {cond} and not _pgleap_truncated) k
+                   left join {table} t on {on}) to stdout",
+            first = t.keys[0],
+            sep = if select.is_empty() { "" } else { ", " },
+            select = select.join(", "),
+            keys = t.keys.join(", "),
+            delta = t.delta,
+            table = t.rel(),
+            on = key_match(t, "t", "k"),
+        ),
+        ttx,
+        &format!(
+            "copy {staging} (_pgleap_present{sep}{cols}) from stdin",
+            sep = if cols.is_empty() { "" } else { ", " }
+        ),
+    )
+    .await?;
+    if hash_join {
+        stx.batch_execute("set local enable_nestloop = on").await?;
+    }
+    tracing::debug!(table = t.display, staged, ms = t0.elapsed().as_millis() as u64, "staged");
+    if staged > 1000 {
+        // Without statistics the planner takes the temp table for tiny and
+        // joins with index lookups per key.
+        ttx.batch_execute(&format!("analyze {staging}")).await?;
+    }
+    Ok(staged)
 }
 
 /// Replays a keyless table's row images in the order they happened: after
