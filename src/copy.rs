@@ -99,6 +99,8 @@ pub async fn initial_copy(
         .get(0);
     if planned == 0 {
         plan_units(&ctx, &mut tgt, plan, mode, jobs, &snapshot).await?;
+    } else {
+        restart_partial_keyless(&mut tgt, plan).await?;
     }
     let queue = pending_units(&tgt, plan).await?;
     let total = queue.len();
@@ -153,6 +155,46 @@ pub async fn initial_copy(
         );
     }
     Ok((handoff(&tgt, plan).await?, stats))
+}
+
+/// A keyless table's parts must all be copied under one snapshot: its
+/// replay skips exactly the events that snapshot saw, and rows have no key
+/// to make a second copy of one harmless. So a keyless table copied in part
+/// by an interrupted run is emptied and copied again whole, in this run.
+async fn restart_partial_keyless(tgt: &mut Conn, plan: &Plan) -> Result<()> {
+    let s = quote_ident(&plan.schema);
+    for t in plan.tables.iter().filter(|t| t.keys.is_empty()) {
+        let tx = tgt.transaction().await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "select count(*) filter (where done), count(*) from {s}.copy_units
+                     where sync = $1 and table_name = $2"
+                ),
+                &[&plan.sync, &t.table],
+            )
+            .await?;
+        let (done, total): (i64, i64) = (row.get(0), row.get(1));
+        if done == 0 || done == total {
+            continue;
+        }
+        tx.batch_execute(&format!("truncate {}", t.rel())).await?;
+        tx.execute(
+            &format!(
+                "update {s}.copy_units set done = false, snapshot = null, rows = null
+                 where sync = $1 and table_name = $2"
+            ),
+            &[&plan.sync, &t.table],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(
+            sync = plan.sync,
+            table = t.display,
+            "keyless table copied in part before an interruption: copying it again whole"
+        );
+    }
+    Ok(())
 }
 
 /// The units not copied yet, in order.
@@ -363,12 +405,17 @@ async fn plan_units(
 /// table copied whole. A keyless table is never split: its replay skips
 /// the events its copy holds by the one snapshot of its one part.
 async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
-    if t.keys.is_empty() || t.est_rows < SPLIT_ROWS || jobs < 2 {
+    if t.est_rows < SPLIT_ROWS || jobs < 2 {
         return Ok(None);
     }
-    if let Some(ranges) = key_ranges(src, t, jobs).await? {
+    if !t.keys.is_empty()
+        && let Some(ranges) = key_ranges(src, t, jobs).await?
+    {
         return Ok(Some(ranges));
     }
+    // Any other table, keyless ones too, by ranges of blocks (14+); a
+    // keyless table's parts are redone together if a run is interrupted
+    // (see `restart_partial_keyless`).
     block_ranges(src, t, jobs).await
 }
 
