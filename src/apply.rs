@@ -50,6 +50,8 @@ pub struct TablePlan {
     pub(crate) column_names: Vec<String>,
     /// Estimated at `relgroup add`, to decide whether to split the copy.
     pub(crate) est_rows: i64,
+    /// The same in bytes (on the source's disk), for the copy's progress.
+    pub(crate) est_bytes: i64,
     /// A partitioned table is read and written whole (its partitions hold
     /// its rows); any other table as itself alone, never with its
     /// inheritance children, which are tables of the relgroup of their own.
@@ -183,11 +185,13 @@ impl Plan {
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
             let est_rows = member.map_or(0, |m| m.est_rows);
+            let est_bytes = member.map_or(0, |m| m.est_bytes);
             let partitioned = member.is_some_and(|m| m.kind == "partitioned table");
             tables.push(TablePlan {
                 column_names,
                 display: crate::inventory::display_name(&c.schema, &c.name),
                 est_rows,
+                est_bytes,
                 delta: qualified(schema, &c.delta),
                 keys: c.key_columns.iter().map(|k| quote_ident(k)).collect(),
                 table,

@@ -107,11 +107,11 @@ pub async fn initial_copy(
     if total > 0 {
         tracing::info!(sync = plan.sync, units = total, jobs, "initial copy starting");
     }
-    let est_rows: i64 = queue
+    let est_bytes: i64 = queue
         .iter()
         .filter_map(|u| {
             let parts = queue.iter().filter(|o| o.table == u.table).count().max(1) as i64;
-            Some(plan.tables[u.table?].est_rows / parts)
+            Some(plan.tables[u.table?].est_bytes / parts)
         })
         .sum();
     let run = CopyRun {
@@ -122,13 +122,12 @@ pub async fn initial_copy(
         snapshot: &snapshot,
         queue: Mutex::new(queue),
         stats: Mutex::new(CopyStats::default()),
-        progress: Progress::new("initial copy", total as u64, est_rows.max(0) as u64),
+        progress: Progress::new("initial copy", total as u64, est_bytes.max(0) as u64),
         env,
     };
     let workers = (0..jobs.max(1).min(total.max(1))).map(|_| run.worker());
     let results = futures_util::future::join_all(workers).await;
     ctx.commit().await?;
-    run.progress.finish();
     for r in results {
         r?;
     }
@@ -136,13 +135,17 @@ pub async fn initial_copy(
     // by a process that died before building their indexes, or whose build
     // failed. Runs whenever the copy is not recorded as handed off yet,
     // even with every part done; cheap when everything exists.
+    run.progress.phase("indexes and key constraints");
     build_indexes(source, target, plan, jobs, env).await?;
     if total > 0 {
         // The first queries on the new server must not run blind: every
         // table gets statistics before it can be cut over to.
+        run.progress.phase("analyze");
         analyze(target, plan, jobs, env).await?;
     }
+    run.progress.phase("other schema objects");
     complete_schema(source, target, plan, env).await?;
+    run.progress.finish();
     let mut stats = run.stats.into_inner().unwrap();
     stats.millis = started.elapsed().as_millis() as i64;
     if total > 0 {

@@ -1,9 +1,10 @@
 //! The one progress reporter: bars on a terminal, log lines otherwise.
 //!
 //! On a TTY, indicatif draws one bar per running unit of work and a total
-//! (rows, bytes, rate, ETA). Without one (a pipe, a log file, systemd), a
-//! line is logged every few seconds and when a unit finishes, so a long copy
-//! is never silent.
+//! that moves with the bytes as they flow (against the estimated size, with
+//! the rate, an ETA and the phase). Without one (a pipe, a log file,
+//! systemd), a line with the same is logged every few seconds, when a unit
+//! finishes and when the phase changes, so a long copy is never silent.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -13,7 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 const LOG_EVERY: Duration = Duration::from_secs(5);
 const TOTAL_TEMPLATE: &str =
-    "{prefix} [{bar:30}] {human_pos}/{human_len} rows {msg} ({per_sec}, eta {eta})";
+    "{prefix} {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})";
 const UNIT_TEMPLATE: &str = "  {spinner} {prefix}: {bytes} ({bytes_per_sec})";
 
 struct Counters {
@@ -26,7 +27,7 @@ struct Counters {
 pub struct Progress {
     what: String,
     units: u64,
-    est_rows: u64,
+    est_bytes: u64,
     started: Instant,
     counters: Mutex<Counters>,
     bars: Option<(MultiProgress, ProgressBar)>,
@@ -39,23 +40,24 @@ pub struct Unit {
 }
 
 impl Progress {
-    /// `units` pieces of work estimated at `est_rows` rows in all.
-    pub fn new(what: &str, units: u64, est_rows: u64) -> Progress {
+    /// `units` pieces of work estimated at `est_bytes` bytes in all.
+    pub fn new(what: &str, units: u64, est_bytes: u64) -> Progress {
         let bars = std::io::stderr().is_terminal().then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-            let total = multi.add(ProgressBar::new(est_rows.max(1)));
+            let total = multi.add(ProgressBar::new(est_bytes.max(1)));
             total.set_style(
                 ProgressStyle::with_template(TOTAL_TEMPLATE)
                     .expect("valid template, see the tests")
                     .progress_chars("=> "),
             );
             total.set_prefix(what.to_string());
+            total.set_message(format!("data: 0/{units} parts"));
             (multi, total)
         });
         Progress {
             what: what.to_string(),
             units,
-            est_rows,
+            est_bytes,
             started: Instant::now(),
             counters: Mutex::new(Counters {
                 units_done: 0,
@@ -85,6 +87,11 @@ impl Progress {
         if let Some(bar) = &unit.bar {
             bar.inc(bytes);
         }
+        if let Some((_, total)) = &self.bars {
+            // The estimate is the source's size on disk: the stream may
+            // outgrow it, and the bar then just stays full.
+            total.inc(bytes);
+        }
         let mut c = self.counters.lock().unwrap();
         c.bytes += bytes;
         if self.bars.is_none() && c.last_log.elapsed() >= LOG_EVERY {
@@ -102,8 +109,7 @@ impl Progress {
         c.rows += rows;
         match &self.bars {
             Some((_, total)) => {
-                total.set_position(c.rows.min(self.est_rows.max(1)));
-                total.set_message(format!("{}/{} parts", c.units_done, self.units));
+                total.set_message(format!("data: {}/{} parts", c.units_done, self.units));
             }
             None => tracing::info!(
                 "{}: {} done ({} rows); {}/{} parts",
@@ -118,16 +124,31 @@ impl Progress {
 
     fn log_line(&self, c: &Counters) {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = c.bytes as f64 / secs / 1e6;
+        let rate = c.bytes as f64 / secs;
+        let eta = match self.est_bytes.checked_sub(c.bytes) {
+            Some(left) if rate > 0.0 && c.units_done < self.units => {
+                format!(", eta {:.0} s", left as f64 / rate)
+            }
+            _ => String::new(),
+        };
         tracing::info!(
-            "{}: {}/{} parts, {} rows, {:.1} MB, {:.1} MB/s",
+            "{}: data: {}/{} parts, {} rows, {:.1} of about {:.1} MB, {:.1} MB/s{eta}",
             self.what,
             c.units_done,
             self.units,
             c.rows,
             c.bytes as f64 / 1e6,
-            rate
+            self.est_bytes as f64 / 1e6,
+            rate / 1e6
         );
+    }
+
+    /// The data is in; what runs now (indexes, analyze, ...).
+    pub fn phase(&self, name: &str) {
+        match &self.bars {
+            Some((_, total)) => total.set_message(name.to_string()),
+            None => tracing::info!("{}: {name}", self.what),
+        }
     }
 
     pub fn finish(&self) {

@@ -326,7 +326,18 @@ fn uuid_keyed_and_keyless_tables_are_split_and_resume_exactly_pg15_to_pg17() {
     let done = d.value(done_log).parse::<i32>().unwrap();
     assert!(done > 0 && done < parts("log"), "log not in part: {done} of {}", parts("log"));
     src.sql().exec("insert into log values (2, 'after'); delete from doc where body is null");
-    p.run(&["kick", "s", "--wait", "120", "--jobs", "2"]).ok();
+    let out = p.run(&["kick", "s", "--wait", "120", "--jobs", "2"]);
+    out.ok();
+    // Off a terminal, the progress is logged with the rate and the phases.
+    for expected in [
+        "keyless table copied in part before an interruption",
+        "initial copy: data: ",
+        " MB/s",
+        "initial copy: indexes and key constraints",
+        "initial copy: analyze",
+    ] {
+        assert!(out.stderr.contains(expected), "missing {expected:?}:\n{out}");
+    }
     let (s, d) = (src.sql(), dst.sql());
     for q in [
         "select count(*), md5(string_agg(id::text || body, ',' order by id)) from doc",
