@@ -350,7 +350,11 @@ async fn plan_units(
     let tx = tgt.transaction().await?;
     let mut unit = 0;
     let mut to_empty = Vec::new();
-    for t in &plan.tables {
+    // Biggest first: units are taken in order, and a big table started
+    // last would leave the other workers idle at the end.
+    let mut tables: Vec<&TablePlan> = plan.tables.iter().collect();
+    tables.sort_by_key(|t| std::cmp::Reverse(t.est_bytes));
+    for t in tables {
         let has_rows: bool =
             tx.query_one(&format!("select exists (select 1 from {})", t.rel()), &[]).await?.get(0);
         if has_rows && mode == OneTimeCopy::IfEmpty {
