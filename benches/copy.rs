@@ -14,6 +14,7 @@
 //!   into tables without indexes (no network hop from the source, no index
 //!   builds).
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
@@ -21,11 +22,8 @@ mod support;
 use std::process::Stdio;
 use std::time::Instant;
 
+use common::{knob, median_range};
 use support::{OWNER, Pgleap, TestDb, cluster, tool};
-
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn conn_args(db: &TestDb) -> Vec<String> {
     vec![
@@ -78,30 +76,73 @@ fn main() {
         .unwrap();
     let mb = bytes as f64 / 1e6;
     let target = cluster(17);
-    let mut results: Vec<(&str, f64)> = Vec::new();
+    let rounds = knob("PGLEAP_BENCH_ROUNDS", 3);
+    let names = [
+        "pgleap (schema copy + onetimecopy, 2 jobs)",
+        "pg_dump -Fc + pg_restore -j 2",
+        "pg_dump | psql (the recipe's way)",
+        "ceiling: \\copy from local files, no indexes",
+    ];
+    let files = tempfile::tempdir().unwrap();
+    export_tables(&src, &tables, files.path());
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    for round in 1..=rounds {
+        eprintln!("round {round}: pgleap ...");
+        runs[0].push(pgleap_copy(&src, target, round));
+        eprintln!("round {round}: pg_dump -Fc, pg_restore -j 2 ...");
+        runs[1].push(dump_restore(&src, target, round));
+        eprintln!("round {round}: pg_dump | psql ...");
+        runs[2].push(dump_psql(&src, target, round));
+        eprintln!("round {round}: ceiling ...");
+        runs[3].push(ceiling(&src, target, &tables, files.path(), round));
+    }
+    println!(
+        "## Initial copy, PostgreSQL 12 to 17 (pgbench scale {scale} + {wide_rows} wide rows, \
+         {mb:.0} MB on disk, {rounds} rounds)\n"
+    );
+    println!(
+        "| method | seconds, median [range] | MB/s | time vs pg_dump \\| psql, median [range] |"
+    );
+    println!("|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let (m, lo, hi) = median_range(&runs[i]);
+        let ratios: Vec<f64> = runs[i].iter().zip(&runs[2]).map(|(a, b)| a / b).collect();
+        let (rm, rlo, rhi) = median_range(&ratios);
+        println!(
+            "| {name} | {m:.1} [{lo:.1}-{hi:.1}] | {:.1} | {rm:.2} [{rlo:.2}-{rhi:.2}] |",
+            mb / m
+        );
+    }
+}
 
-    // pgleap.
-    let dst = TestDb::new(target, "copybench_pgleap");
+/// Seconds for pgleap's schema copy and initial copy into a new database.
+fn pgleap_copy(src: &TestDb, target: &'static support::Cluster, round: u64) -> f64 {
+    let dst = TestDb::new(target, &format!("copybench_pgleap{round}"));
     let p = Pgleap::for_clusters(&[src.cluster, target]);
-    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
-    eprintln!("pgleap ...");
+    p.declare(src, &dst, &["--all-tables", "--all-sequences"]);
     let started = Instant::now();
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
-    p.run(&["kick", "s", "--wait", "3600", "--jobs", "2"]).ok();
-    results.push(("pgleap (schema copy + onetimecopy, 2 jobs)", started.elapsed().as_secs_f64()));
+    let out = p.run(&["kick", "s", "--wait", "3600", "--jobs", "2"]);
+    let secs = started.elapsed().as_secs_f64();
+    if std::env::var_os("PGLEAP_BENCH_LOG").is_some() {
+        eprintln!("{out}");
+    }
+    out.ok();
     let count = "select count(*) from pgbench_accounts";
     assert_eq!(src.sql().value(count), dst.sql().value(count));
     p.run(&["sync", "remove", "s"]).ok();
+    secs
+}
 
-    // pg_dump -Fc | pg_restore -j 2.
-    let dst = TestDb::new(target, "copybench_restore");
+/// Seconds for pg_dump -Fc to a file, then pg_restore -j 2.
+fn dump_restore(src: &TestDb, target: &'static support::Cluster, round: u64) -> f64 {
+    let dst = TestDb::new(target, &format!("copybench_restore{round}"));
     let file = std::env::temp_dir().join(format!("pgleap-copybench-{}.dump", std::process::id()));
-    eprintln!("pg_dump -Fc, pg_restore -j 2 ...");
     let started = Instant::now();
     check(
         tool("pg_dump")
-            .args(conn_args(&src))
+            .args(conn_args(src))
             .args(["-Fc", "--no-owner", "-f"])
             .arg(&file)
             .arg(&src.name)
@@ -120,15 +161,17 @@ fn main() {
             .unwrap(),
         "pg_restore",
     );
-    results.push(("pg_dump -Fc + pg_restore -j 2", started.elapsed().as_secs_f64()));
+    let secs = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&file);
+    secs
+}
 
-    // pg_dump | psql.
-    let dst = TestDb::new(target, "copybench_psql");
-    eprintln!("pg_dump | psql ...");
+/// Seconds for pg_dump piped into psql.
+fn dump_psql(src: &TestDb, target: &'static support::Cluster, round: u64) -> f64 {
+    let dst = TestDb::new(target, &format!("copybench_psql{round}"));
     let started = Instant::now();
     let mut dump = tool("pg_dump")
-        .args(conn_args(&src))
+        .args(conn_args(src))
         .args(["--no-owner", &src.name])
         .env("PGPASSWORD", &src.cluster.owner_password)
         .stdout(Stdio::piped())
@@ -146,13 +189,36 @@ fn main() {
         "psql",
     );
     check(dump.wait().unwrap(), "pg_dump");
-    results.push(("pg_dump | psql (the recipe's way)", started.elapsed().as_secs_f64()));
+    started.elapsed().as_secs_f64()
+}
 
-    // Ceiling: local files into unindexed tables.
-    let dst = TestDb::new(target, "copybench_ceiling");
-    let dir = tempfile::tempdir().unwrap();
+/// The tables' rows as local files, for the ceiling.
+fn export_tables(src: &TestDb, tables: &[&str], dir: &std::path::Path) {
+    for t in tables {
+        let f = dir.join(t);
+        check(
+            tool("psql")
+                .args(conn_args(src))
+                .args(["-q", "-d", &src.name, "-c", &format!("\\copy {t} to '{}'", f.display())])
+                .env("PGPASSWORD", &src.cluster.owner_password)
+                .status()
+                .unwrap(),
+            "\\copy to",
+        );
+    }
+}
+
+/// Seconds to load the local files into tables without indexes.
+fn ceiling(
+    src: &TestDb,
+    target: &'static support::Cluster,
+    tables: &[&str],
+    dir: &std::path::Path,
+    round: u64,
+) -> f64 {
+    let dst = TestDb::new(target, &format!("copybench_ceiling{round}"));
     let mut dump_schema = tool("pg_dump")
-        .args(conn_args(&src))
+        .args(conn_args(src))
         .args(["--section=pre-data", "--no-owner", &src.name])
         .env("PGPASSWORD", &src.cluster.owner_password)
         .stdout(Stdio::piped())
@@ -170,22 +236,9 @@ fn main() {
         "psql (pre-data)",
     );
     check(dump_schema.wait().unwrap(), "pg_dump (pre-data)");
-    for t in tables {
-        let f = dir.path().join(t);
-        check(
-            tool("psql")
-                .args(conn_args(&src))
-                .args(["-q", "-d", &src.name, "-c", &format!("\\copy {t} to '{}'", f.display())])
-                .env("PGPASSWORD", &src.cluster.owner_password)
-                .status()
-                .unwrap(),
-            "\\copy to",
-        );
-    }
-    eprintln!("ceiling: \\copy from local files ...");
     let started = Instant::now();
     for t in tables {
-        let f = dir.path().join(t);
+        let f = dir.join(t);
         check(
             tool("psql")
                 .args(conn_args(&dst))
@@ -196,15 +249,5 @@ fn main() {
             "\\copy from",
         );
     }
-    results.push(("ceiling: \\copy from local files, no indexes", started.elapsed().as_secs_f64()));
-
-    let recipe = results[2].1;
-    println!(
-        "## Initial copy, PostgreSQL 12 to 17 (pgbench scale {scale} + {wide_rows} wide rows, {mb:.0} MB on disk)\n"
-    );
-    println!("| method | seconds | MB/s | speed vs pg_dump \\| psql |");
-    println!("|---|---|---|---|");
-    for (name, secs) in &results {
-        println!("| {name} | {secs:.1} | {:.1} | {:.2} |", mb / secs, recipe / secs);
-    }
+    started.elapsed().as_secs_f64()
 }
