@@ -336,7 +336,7 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
     let kinds: [(&str, String, Stage); 18] = [
         ("schema", SCHEMAS.into(), Stage::PreData),
         ("extension", EXTENSIONS.into(), Stage::PreData),
-        ("table", tables_sql(major), Stage::PreData),
+        ("table", TABLES.into(), Stage::PreData),
         ("column", columns_sql(major), Stage::PreData),
         ("view", VIEWS.into(), Stage::PreData),
         ("materialized view", MATVIEWS.into(), Stage::PreData),
@@ -402,10 +402,10 @@ const SCHEMAS: &str = "
 const EXTENSIONS: &str = "
     select quote_ident(extname), '', null::text, 0 from pg_extension where extname <> 'plpgsql'";
 
-fn tables_sql(major: u32) -> String {
-    // Partitioning: 10 and later, which every supported source is.
-    let _ = major;
-    "select c.oid::regclass::text,
+/// Tables: kind, persistence, partitioning (10 and later, as every
+/// supported source), inheritance, storage options.
+const TABLES: &str = "
+    select c.oid::regclass::text,
             concat_ws(' ',
               case c.relkind when 'p' then 'partitioned by ' || pg_get_partkeydef(c.oid)
                              when 'f' then 'foreign' end,
@@ -419,9 +419,7 @@ fn tables_sql(major: u32) -> String {
                                         from pg_inherits i where i.inhrelid = c.oid) end,
               'with ' || (select string_agg(o, ', ' order by o) from unnest(c.reloptions) o)),
             null::text, 0
-     from pg_class c where c.oid = any($1) and c.relkind in ('r', 'p', 'f')"
-        .into()
-}
+     from pg_class c where c.oid = any($1) and c.relkind in ('r', 'p', 'f')";
 
 /// A replica identity other than the default: FULL and NOTHING come with
 /// pg_dump's pre-data, USING INDEX needs the index, so after the data.
