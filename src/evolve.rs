@@ -187,7 +187,7 @@ pub async fn follow(
                         c.definition
                     )),
                     None => additions.push(format!(
-                        "alter table {} add column {} {}",
+                        "alter table {} add column if not exists {} {}",
                         t.table,
                         quote_ident(&c.name),
                         c.definition
@@ -203,6 +203,8 @@ pub async fn follow(
         return Err(Error::SchemaChanged { sync: plan.sync.clone(), tables: refused });
     }
     if !additions.is_empty() {
+        // IF NOT EXISTS: the daemon and a kick may follow the same change
+        // at once.
         let tx = tgt.transaction().await?;
         for sql in &additions {
             tx.batch_execute(sql).await?;
