@@ -61,6 +61,9 @@ pub struct TablePlan {
     /// replaying them would duplicate rows (a resumed copy hands over at
     /// an earlier snapshot than this table's).
     pub(crate) copied_under: Option<String>,
+    /// The copied columns with their base types, as the staging table of
+    /// the set-based apply declares them.
+    staging_columns: String,
 }
 
 impl TablePlan {
@@ -86,7 +89,7 @@ impl TablePlan {
     fn staging(&self) -> String {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&self.table, &self.columns).hash(&mut h);
+        (&self.table, &self.staging_columns).hash(&mut h);
         format!("pg_temp.pgleap_rows_{:016x}", h.finish())
     }
 }
@@ -168,19 +171,37 @@ impl Plan {
         }
         for c in captured {
             let table = qualified(&c.schema, &c.name);
-            let names: Vec<String> = src
-                .query_one(
+            // The copied columns, and how the staging table of the
+            // set-based apply declares them: by their base types (a domain
+            // with NOT NULL or a check would refuse a vanished row's
+            // NULLs), read under an empty search_path, so qualified.
+            let row = src
+                .query_qualified(
                     &format!(
-                        "select coalesce(array_agg(a.attname::text order by a.attnum), '{{}}')
-                         from pg_attribute a
-                         where a.attrelid = $1::text::regclass and a.attnum > 0
-                           and not a.attisdropped {}",
+                        "with recursive cols as (
+                             select a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod
+                             from pg_attribute a
+                             where a.attrelid = $1::text::regclass and a.attnum > 0
+                               and not a.attisdropped {}),
+                         base as (
+                             select attnum, attname, typ, typmod from cols
+                             union all
+                             select b.attnum, b.attname, t.typbasetype, t.typtypmod
+                             from base b join pg_type t on t.oid = b.typ
+                             where t.typtype = 'd')
+                         select coalesce(array_agg(b.attname::text order by b.attnum), '{{}}'),
+                                coalesce(string_agg(quote_ident(b.attname) || ' ' ||
+                                                    format_type(b.typ, b.typmod), ', '
+                                                    order by b.attnum), '')
+                         from base b join pg_type t on t.oid = b.typ
+                         where t.typtype <> 'd'",
                         src.not_generated()
                     ),
                     &[&table],
                 )
-                .await?
-                .get(0);
+                .await?;
+            let row = &row[0];
+            let (names, staging_columns): (Vec<String>, String) = (row.get(0), row.get(1));
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
@@ -198,6 +219,7 @@ impl Plan {
                 columns,
                 copied_under: None,
                 partitioned,
+                staging_columns,
             });
         }
         let sequences = relgroup
@@ -626,10 +648,10 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     let t0 = Instant::now();
     ttx.batch_execute(&format!(
         "set local client_min_messages = warning;
-         create temp table if not exists {staging} on commit delete rows as
-             select true as _pgleap_present{sep}{cols} from {table} limit 0",
+         create temp table if not exists {staging} (
+             _pgleap_present bool{sep}{defs}) on commit delete rows",
         sep = if cols.is_empty() { "" } else { ", " },
-        table = t.rel(),
+        defs = t.staging_columns,
     ))
     .await?;
     // Key columns from the delta (a vanished row has only its key), the

@@ -432,7 +432,11 @@ fn status_phases_exit_codes_and_ready_pg15_to_pg17() {
 fn rows_swapping_a_unique_value_and_mixed_changes_apply_in_one_batch_pg15_to_pg17() {
     let src = TestDb::new(cluster(15), "swapsrc");
     let dst = TestDb::new(cluster(17), "swapdst");
-    let schema = "create table u (id int primary key, email text not null unique, n int);
+    // A domain with NOT NULL and a check on a non-key column: a deleted
+    // row's staged NULL must not trip it.
+    let schema = "create domain label as text not null check (value <> '');
+                  create table u (id int primary key, email text not null unique, n int,
+                                  l label not null default 'x');
                   insert into u select g, 'e' || g, g from generate_series(1, 1000) g;";
     src.sql().exec(schema);
     dst.sql().exec(schema);
@@ -453,7 +457,7 @@ fn rows_swapping_a_unique_value_and_mixed_changes_apply_in_one_batch_pg15_to_pg1
         "delete from u where id % 10 = 0;
          update u set n = -n where id % 10 = 1;
          update u set id = id + 5000 where id % 10 = 2;
-         insert into u select g, 'new' || g, g from generate_series(2001, 2100) g;",
+         insert into u select g, 'new' || g, g, 'y' from generate_series(2001, 2100) g;",
     );
     p.run(&["kick", "s", "--wait", "60"]).ok();
     assert_same(&src.sql(), &dst.sql(), &[("u", "id")]);
