@@ -103,9 +103,13 @@ fn with_fixture(major: u32, target: u32, label: &str) -> (Pgleap, TestDb, TestDb
     let auditor = format!("pgleap_auditor_{label}");
     roles(&src, &dst, &auditor);
     src.sql().exec(&FIXTURE.replace("pgleap_auditor", &auditor));
-    src.cluster
-        .superuser("postgres")
+    let admin = src.cluster.superuser("postgres");
+    admin
         .exec(&format!("alter database \"{}\" set search_path = public, \"Sales Data\"", src.name));
+    // A role's setting in this database: the migrating role may set it on
+    // the target once it has ADMIN on the role (it has on those it
+    // creates).
+    admin.exec(&format!("alter role {auditor} in database \"{}\" set work_mem = '8MB'", src.name));
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     (p, src, dst)
 }
@@ -152,7 +156,9 @@ fn objects(sql: &Sql) -> Vec<Vec<Option<String>>> {
          select 'comment', objoid::regclass::text || objsubid, description
            from pg_description where classoid = 'pg_class'::regclass
          union all
-         select 'setting', '', array_to_string(setconfig, ',') from pg_db_role_setting
+         select 'setting', coalesce((select rolname from pg_roles where oid = setrole), ''),
+                array_to_string(setconfig, ',')
+           from pg_db_role_setting
           where setdatabase = (select oid from pg_database where datname = current_database())
          order by 1, 2;
          reset search_path",
@@ -224,7 +230,9 @@ fn upgrade_keeps_every_object_pg15_to_pg17() {
 #[test]
 fn verify_names_missing_objects_and_cutover_waits_for_them_pg15_to_pg17() {
     let (p, src, dst) = with_fixture(15, 17, "fidv");
-    dst.cluster.superuser("postgres").exec("create role pgleap_auditor_fidv nologin");
+    dst.cluster.superuser("postgres").exec(&format!(
+        "create role pgleap_auditor_fidv nologin; grant pgleap_auditor_fidv to {OWNER} with admin option"
+    ));
     p.declare(&src, &dst, &["--all-tables"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.add_sync(&["--onetimecopy", "always"]);
