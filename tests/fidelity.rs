@@ -167,8 +167,8 @@ fn objects(sql: &Sql) -> Vec<Vec<Option<String>>> {
 
 /// `upgrade --cutover auto` of the fixture under writes; every object on
 /// the target as on the source, statistics everywhere, verify clean.
-fn upgrade_keeps_every_object(major: u32) {
-    let (p, src, dst) = with_fixture(major, 17, &format!("fid{major}"));
+fn upgrade_keeps_every_object(major: u32, target: u32) {
+    let (p, src, dst) = with_fixture(major, target, &format!("fid{major}to{target}"));
     let writer = writes_until_fenced(src.sql(), |i| {
         format!(
             "insert into public.customer values ({i} + 1000, 'w{i}', 'sad', 1, 'a');
@@ -190,7 +190,7 @@ fn upgrade_keeps_every_object(major: u32) {
     println!("{out}");
     let text = out.ok();
     assert!(
-        text.contains(&format!("the target lacks role(s) pgleap_auditor_fid{major}")),
+        text.contains(&format!("the target lacks role(s) pgleap_auditor_fid{major}to{target}")),
         "the missing role is not named:\n{out}"
     );
     assert!(writer.join().unwrap() > 0, "no write went through during the upgrade");
@@ -217,12 +217,17 @@ fn upgrade_keeps_every_object(major: u32) {
 
 #[test]
 fn upgrade_keeps_every_object_pg12_to_pg17() {
-    upgrade_keeps_every_object(12);
+    upgrade_keeps_every_object(12, 17);
 }
 
 #[test]
 fn upgrade_keeps_every_object_pg15_to_pg17() {
-    upgrade_keeps_every_object(15);
+    upgrade_keeps_every_object(15, 17);
+}
+
+#[test]
+fn upgrade_keeps_every_object_pg17_to_pg18() {
+    upgrade_keeps_every_object(17, 18);
 }
 
 /// Verify names each object missing on the target, and cutover refuses to
