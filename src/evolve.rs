@@ -27,19 +27,12 @@ use crate::pg::{Conn, Sql, copy_between, quote_ident};
 /// A column of the source as the target must get it.
 struct Column {
     name: String,
+    /// Its type, qualified (`format_type`).
+    ty: String,
     /// `type [collate c] [default d] [not null]`, qualified.
     definition: String,
     /// Why it cannot be added by pgleap, if it cannot.
-    unsafe_because: Option<&'static str>,
-}
-
-/// The reasons [`source_columns`] gives, as static text.
-fn why(reason: &str) -> &'static str {
-    match reason {
-        "an identity column" => "an identity column",
-        "a generated column" => "a generated column",
-        _ => "its default is not a literal (rows would differ)",
-    }
+    unsafe_because: Option<String>,
 }
 
 /// A default that gives every existing row the same value on both servers:
@@ -52,7 +45,7 @@ async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
     let rows = src
         .query_qualified(
             &format!(
-                "select a.attname::text,
+                "select a.attname::text, format_type(a.atttypid, a.atttypmod),
                         concat_ws(' ', format_type(a.atttypid, a.atttypmod),
                           case when a.attcollation <> t.typcollation
                                then 'collate ' || (select quote_ident(n.nspname) || '.' ||
@@ -81,8 +74,9 @@ async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
         .iter()
         .map(|r| Column {
             name: r.get(0),
-            definition: r.get(1),
-            unsafe_because: r.get::<_, Option<&str>>(2).map(why),
+            ty: r.get(1),
+            definition: r.get(2),
+            unsafe_because: r.get(3),
         })
         .collect();
     Ok(columns)
@@ -171,16 +165,14 @@ pub async fn follow(
             }
         }
         for c in &now {
-            let ty = c.definition.split(" collate ").next().unwrap_or_default();
             match theirs.iter().find(|(n, _)| *n == c.name) {
-                Some((_, their_type)) if !ty.starts_with(their_type.as_str()) => {
-                    changes.push(format!(
-                        "column {} is {their_type} on the target, {ty} on the source",
-                        quote_ident(&c.name)
-                    ))
-                }
+                Some((_, their_type)) if *their_type != c.ty => changes.push(format!(
+                    "column {} is {their_type} on the target, {} on the source",
+                    quote_ident(&c.name),
+                    c.ty
+                )),
                 Some(_) => {}
-                None => match c.unsafe_because {
+                None => match &c.unsafe_because {
                     Some(why) => changes.push(format!(
                         "column {} was added ({}), which pgleap cannot add: {why}",
                         quote_ident(&c.name),

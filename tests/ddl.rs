@@ -179,3 +179,23 @@ fn a_dropped_or_renamed_table_pauses_the_sync_pg15_to_pg17() {
     p.run(&["kick", "s", "--wait", "60"]).ok();
     equal(&src, &dst, "t");
 }
+
+/// A longer varchar is a retype too (the type names share a prefix).
+#[test]
+fn a_widened_varchar_pauses_the_sync_pg15_to_pg17() {
+    let (p, src, dst) = synced("ddlwide");
+    src.sql()
+        .exec("alter table t add column code varchar(20); update t set code = 'c' where id = 1");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "t");
+    let widen = "alter table t alter column code type varchar(200)";
+    src.sql().exec(widen);
+    src.sql().exec("update t set code = repeat('x', 150) where id = 2");
+    p.run(&["kick", "s", "--wait", "30"]).fails_with(&[
+        "column \"code\" is character varying(20) on the target, character varying(200) on the source",
+    ]);
+    dst.sql().exec(widen);
+    p.run(&["sync", "resume", "s"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "t");
+}
