@@ -11,27 +11,27 @@
 //!   settings; a sync's relgroup, source and targets).
 //! - `inventory`: what a source database holds (tables, keys, sizes).
 //! - `capture`: triggers and delta tables on the source.
+//! - `large_objects`: large objects copied, synced by passes, compared.
 //! - `apply`: snapshot-delimited batches applied to a target.
 //! - `target`: pgleap's bookkeeping on a target; its foreign keys and
 //!   triggers while the sync runs.
-//! - `schema`: staged schema copy with pg_dump/pg_restore; indexes.
 //! - `fidelity`: every object of both sides compared by definition, and
 //!   created on the target at the stage where it belongs.
+//! - `schema`: staged schema copy with pg_dump/pg_restore; indexes.
 //! - `evolve`: schema changes on the source during a sync: followed, or
 //!   the sync paused.
-//! - `large_objects`: large objects copied, synced by passes, compared.
 //! - `copy`: the initial copy, parallel, from one exported snapshot.
 //! - `session`: one sync applied to one target over open connections; kick.
 //! - `objects`: declaring databases, dbgroups, relgroups and syncs.
-//! - `daemon`: the process: workers, signals, pid and log files.
 //! - `status`: what each sync is doing.
+//! - `web`: the daemon's metrics and status page.
+//! - `daemon`: the process: workers, signals, pid and log files.
 //! - `verify`: source and target compared by digests.
 //! - `switch`: moving the application inside the fence: PgBouncer or a
 //!   command.
 //! - `cutover`: fence, drain, finish the target, measure the downtime;
 //!   rollback.
 //! - `upgrade`: the whole job in one resumable command.
-//! - `web`: the daemon's metrics and status page.
 //! - `cli`: the command line over all of the above.
 //!
 //! Only the command line and the error type are public: the binary is the
