@@ -104,6 +104,9 @@ pub struct Plan {
     pub sequences: Vec<String>,
     /// Whether the database's large objects are synced too.
     pub large_objects: bool,
+    /// Where TRUNCATEs naming one partition are recorded, when the sync
+    /// captures a partitioned table.
+    partition_truncates: Option<String>,
     /// Per table, the columns (names and types) when the plan was read,
     /// to compare with the target's.
     shape: Vec<String>,
@@ -228,6 +231,8 @@ impl Plan {
             .filter(|m| m.kind == "sequence")
             .map(|m| qualified(&m.schema, &m.name))
             .collect();
+        let truncates = capture::partition_truncates(schema, sync_id);
+        let partition_truncates = src.relation_exists(&truncates).await?.then_some(truncates);
         let mut plan = Plan {
             sync: sync.name.clone(),
             sync_id,
@@ -235,6 +240,7 @@ impl Plan {
             tables,
             sequences,
             large_objects: relgroup.large_objects,
+            partition_truncates,
             shape: Vec::new(),
             shape_ids: Vec::new(),
         };
@@ -341,7 +347,9 @@ impl Plan {
         let probes: Vec<String> = self
             .tables
             .iter()
-            .map(|t| format!("exists (select 1 from {} where {cond})", t.delta))
+            .map(|t| &t.delta)
+            .chain(&self.partition_truncates)
+            .map(|delta| format!("exists (select 1 from {delta} where {cond})"))
             .collect();
         let row = src.query_one(&format!("select {}", probes.join(" or ")), &[]).await?;
         Ok(row.get(0))
@@ -450,6 +458,9 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     plan.check_shape(stx).await?;
     let cond = Plan::pending(prev.as_deref());
 
+    if let Some(truncates) = &plan.partition_truncates {
+        stats.truncates += truncate_partitions(stx, ttx, truncates, &cond).await?;
+    }
     let counts = pending_counts(stx, plan, &cond).await?;
     for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
         if changes == 0 && !truncated {
@@ -492,6 +503,29 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     )
     .await?;
     Ok(stats)
+}
+
+/// Empties on the target the partitions TRUNCATEd by name on the source in
+/// the batch (those the target has); the batch's changes, applied after,
+/// bring back what was written to them since. Returns how many.
+async fn truncate_partitions(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    truncates: &str,
+    cond: &str,
+) -> Result<u64> {
+    let rows = stx
+        .query(&format!("select distinct schema_name, rel_name from {truncates} where {cond}"), &[])
+        .await?;
+    let mut done = 0;
+    for r in &rows {
+        let partition = qualified(r.get(0), r.get(1));
+        if ttx.relation_exists(&partition).await? {
+            ttx.batch_execute(&format!("truncate {partition}")).await?;
+            done += 1;
+        }
+    }
+    Ok(done)
 }
 
 /// Per table of the plan, in order: the changes pending in the batch and
@@ -851,7 +885,9 @@ async fn purge(src: &Tx<'_>, plan: &Plan) -> Result<()> {
     let deletes: Vec<String> = plan
         .tables
         .iter()
-        .map(|t| format!("delete from {} where _pgleap_txid < {bound}", t.delta))
+        .map(|t| &t.delta)
+        .chain(&plan.partition_truncates)
+        .map(|delta| format!("delete from {delta} where _pgleap_txid < {bound}"))
         .collect();
     src.batch_execute(&deletes.join(";\n")).await?;
     Ok(())

@@ -54,7 +54,7 @@ pub struct Captured {
 
 /// Every trigger name a sync may create on a table: the statement
 /// triggers of keyed tables, the row trigger of keyless ones, and TRUNCATE.
-fn trigger_names(sync_id: i32) -> [(String, &'static str); 6] {
+fn trigger_names(sync_id: i32) -> [(String, &'static str); 7] {
     [
         (format!("pgleap_{sync_id}_ins"), "insert"),
         (format!("pgleap_{sync_id}_upd"), "update"),
@@ -62,7 +62,60 @@ fn trigger_names(sync_id: i32) -> [(String, &'static str); 6] {
         (format!("pgleap_{sync_id}_row"), "row"),
         (format!("pgleap_{sync_id}_trunc"), "truncate"),
         (fence_trigger(sync_id), "fence"),
+        (format!("pgleap_{sync_id}_ptrunc"), "partition truncate"),
     ]
+}
+
+/// Where a sync records TRUNCATEs naming one partition of a captured
+/// partitioned table (a delta table: removed with the others).
+pub fn partition_truncates(schema: &str, sync_id: i32) -> String {
+    qualified(schema, &format!("d{sync_id}_partitions"))
+}
+
+/// TRUNCATE naming one partition fires that partition's statement
+/// triggers only, and PostgreSQL clones none from the parent: `partition`
+/// gets one that records its name, and apply empties that partition on
+/// the target before the batch's changes (which, state-based, then bring
+/// back what was written to it after). Idempotent.
+pub async fn capture_partition_truncates(
+    client: &Conn,
+    schema: &str,
+    sync_id: i32,
+    partition: &str,
+) -> Result<()> {
+    let delta = partition_truncates(schema, sync_id);
+    let function = qualified(schema, &format!("f{sync_id}_ptrunc"));
+    let trigger = format!("pgleap_{sync_id}_ptrunc");
+    let exists: bool = client
+        .query_one(
+            "select exists (select 1 from pg_trigger
+                            where tgrelid = $1::text::regclass and tgname = $2)",
+            &[&partition, &trigger],
+        )
+        .await?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    client
+        .batch_execute(&format!(
+            "create table if not exists {delta} (
+                 _pgleap_txid int8 not null,
+                 schema_name text not null,
+                 rel_name text not null);
+             create or replace function {function}() returns trigger
+             language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
+             begin
+                 insert into {delta} (_pgleap_txid, schema_name, rel_name)
+                 values (txid_current(), tg_table_schema, tg_table_name);
+                 return null;
+             end $pgleap$;
+             create trigger {} after truncate on {partition}
+                 for each statement execute procedure {function}();",
+            quote_ident(&trigger)
+        ))
+        .await?;
+    Ok(())
 }
 
 /// The trigger that refuses writes on the source after cutover.
@@ -214,7 +267,23 @@ async fn install_table(
         key_array.join(", "),
     ));
     let what = format!("installing capture on {table}");
-    with_lock_retries(client, &what, &ddl).await
+    with_lock_retries(client, &what, &ddl).await?;
+    if rel.kind == "partitioned table" {
+        let partitions = client
+            .query_qualified(
+                "with recursive tree(oid) as (
+                     select inhrelid from pg_inherits where inhparent = $1::text::regclass
+                     union
+                     select i.inhrelid from pg_inherits i join tree on i.inhparent = tree.oid)
+                 select oid::regclass::text from tree",
+                &[&table],
+            )
+            .await?;
+        for p in &partitions {
+            capture_partition_truncates(client, schema, sync_id, p.get(0)).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The delta table of a keyed table: the key columns with their own types.
@@ -250,7 +319,7 @@ fn keyed_row_capture(
     let keys: Vec<String> = key_columns.iter().map(|k| quote_ident(k)).collect();
     let image =
         |rec: &str| keys.iter().map(|k| format!("{rec}.{k}")).collect::<Vec<_>>().join(", ");
-    let [_, _, _, (row_trigger, _), (trunc_trigger, _), _] = trigger_names(sync_id);
+    let [_, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(sync_id);
     format!(
         "{table_ddl}
          create function {function}() returns trigger
@@ -352,7 +421,7 @@ fn keyless_capture(
     let defs: String = columns.iter().map(|(n, t)| format!(", {} {t}", quote_ident(n))).collect();
     let list: String = names.iter().map(|n| format!(", {n}")).collect();
     let image = |rec: &str| names.iter().map(|n| format!(", {rec}.{n}")).collect::<String>();
-    let [_, _, _, (row_trigger, _), (trunc_trigger, _), _] = trigger_names(sync_id);
+    let [_, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(sync_id);
     format!(
         "create table {delta} (
              _pgleap_txid int8 not null,

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 
 use crate::apply::Plan;
+use crate::capture;
 use crate::catalog::RelGroup;
 use crate::error::{Error, Result};
 use crate::pg::{Conn, Sql, copy_between, quote_ident};
@@ -321,6 +322,15 @@ pub async fn create_partitions(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Resul
         }
         tx.commit().await?;
         tracing::warn!(sync = plan.sync, "new partition {name} of {parent} created on the target");
+        // Its own TRUNCATEs on the source, from now on (see capture).
+        if let Err(e) =
+            capture::capture_partition_truncates(src, &plan.schema, plan.sync_id, &name).await
+        {
+            tracing::error!(
+                sync = plan.sync,
+                "TRUNCATE naming partition {name} is not captured on the source: {e}"
+            );
+        }
         created.push(name);
     }
     Ok(created)

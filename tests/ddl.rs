@@ -199,3 +199,25 @@ fn a_widened_varchar_pauses_the_sync_pg15_to_pg17() {
     p.run(&["kick", "s", "--wait", "60"]).ok();
     equal(&src, &dst, "t");
 }
+
+/// TRUNCATE naming one partition (an existing one, and one created during
+/// the sync) empties that partition on the target, and rows written to it
+/// after, in the same batch, come back.
+#[test]
+fn a_truncated_partition_is_emptied_on_the_target_pg15_to_pg17() {
+    let (p, src, dst) = synced("ddltrunc");
+    src.sql().exec(
+        "truncate m_2000;
+         insert into m values (7, '2000-02-02', 'after the truncate');
+         create table m_2001 partition of m for values from ('2001-01-01') to ('2002-01-01');
+         insert into m select g, date '2001-01-01' + g, 'n' from generate_series(1, 50) g;",
+    );
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "m");
+    src.sql().exec("truncate m_2001; insert into m values (8, '2001-03-03', 'x')");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    equal(&src, &dst, "m");
+    p.run(&["teardown", "s"]).ok();
+    let left = "select count(*) from pg_trigger where tgname like 'pgleap%'";
+    assert_eq!(src.sql().value(left), "0");
+}
