@@ -1,410 +1,27 @@
-//! Schema fidelity: the objects of a database, kind by kind, as definitions
-//! that compare across major versions; what the target lacks or has
-//! different; and what pgleap creates, at the stage where it belongs.
-//!
-//! Every object is read from the catalog by the server's own deparsing
-//! functions (`pg_get_indexdef`, `pg_get_constraintdef`, `pg_identify_object`
-//! ...) under an empty search_path, so names come out qualified and quoted
-//! by the server's rules on both sides. Stages:
-//!
-//! - pre-data: created by `schema copy` (pg_dump) or by pgleap right after
-//!   it: policies and the row-security flag, comments, privileges, database
-//!   settings. The owner bypasses row security unless it is forced, so the
-//!   copy and the sync are not affected.
-//! - after the data: indexes at every level of a partition tree and on
-//!   materialized views, key and check constraints (NOT VALID kept NOT
-//!   VALID), materialized views populated, statistics.
-//! - at cutover, inside the fence: foreign keys and triggers (they would
-//!   fire during apply; see `target`), and FORCE ROW LEVEL SECURITY (it
-//!   would filter pgleap's own writes).
+//! Each kind of object as a catalog query (and the few read in Rust):
+//! its name, its definition as the server deparses it, and how pgleap
+//! creates it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use serde::Serialize;
-
+use super::{FORCED_ROW_SECURITY, Object, PRIVILEGE, Side, Stage};
 use crate::error::Result;
 use crate::pg::{Conn, Sql, quote_ident};
-
-/// When an object is created on the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Stage {
-    PreData,
-    AfterData,
-    Cutover,
-}
-
-/// One object of one side.
-#[derive(Debug, Clone)]
-struct Object {
-    kind: &'static str,
-    /// Qualified and quoted by the server; unique within the kind.
-    name: String,
-    definition: String,
-    stage: Stage,
-    /// How pgleap creates it on the target, when it does.
-    create: Option<String>,
-    /// Order among creations (lower first), after the stage.
-    rank: u8,
-    /// How a privilege is taken back when the target grants it and the
-    /// source does not.
-    revoke: Option<String>,
-}
-
-/// What the target lacks or has different.
-#[derive(Debug, Clone, Serialize)]
-pub struct Difference {
-    pub kind: &'static str,
-    pub name: String,
-    /// `missing`, `different` or `extra` (a privilege the source does not
-    /// grant).
-    pub problem: &'static str,
-    pub source: String,
-    pub target: String,
-    pub stage: Stage,
-    /// Why pgleap did not create it, once it tried (or cannot).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip)]
-    create: Option<String>,
-    #[serde(skip)]
-    rank: u8,
-}
-
-/// Which objects are compared: the schemas (all user schemas when empty)
-/// and, within them, the tables (all when `None`) with their partitions
-/// and inheritance children. pgleap's own schemas are left out.
-#[derive(Debug, Clone, Default)]
-pub struct Scope {
-    pub schemas: Vec<String>,
-    pub tables: Option<Vec<String>>,
-    pub exclude: Vec<String>,
-}
-
-impl Difference {
-    /// Whether pgleap tried to create it and the server refused.
-    pub fn create_failed(&self) -> bool {
-        self.reason.is_some()
-    }
-}
-
-impl Scope {
-    /// A sync's tables (quoted, qualified) and their schemas, without
-    /// pgleap's own schema.
-    pub fn of_tables(tables: Vec<String>, pgleap_schema: &str) -> Scope {
-        Scope { schemas: Vec::new(), tables: Some(tables), exclude: vec![pgleap_schema.into()] }
-    }
-}
-
-/// Compares the two databases within `scope`.
-pub async fn compare(src: &Conn, tgt: &Conn, scope: &Scope) -> Result<Vec<Difference>> {
-    let source = inventory(src, scope, Side::Source).await?;
-    let target = inventory(tgt, scope, Side::Target).await?;
-    Ok(diff(source, target))
-}
-
-/// Creates on the target what pgleap creates of `differences`, up to
-/// `stage`; returns those still missing or different, each with the reason
-/// when creating it failed. Each creation is one statement: a failure
-/// leaves nothing half-made and does not stop the others.
-pub async fn create(
-    tgt: &Conn,
-    mut differences: Vec<Difference>,
-    stage: Stage,
-) -> Result<Vec<Difference>> {
-    differences.sort_by_key(|d| (d.stage, d.rank));
-    let mut left = Vec::new();
-    for mut d in differences {
-        let Some(sql) = d.create.clone().filter(|_| d.stage <= stage) else {
-            left.push(d);
-            continue;
-        };
-        match tgt.batch_execute(&sql).await {
-            Ok(()) => tracing::info!(kind = d.kind, name = d.name, "created on the target"),
-            Err(e) => {
-                d.reason = Some(e.message().to_string());
-                left.push(d);
-            }
-        }
-    }
-    Ok(left)
-}
-
-/// Differences that must be settled before a switch: everything but what
-/// the cutover itself creates.
-pub fn blocking(differences: &[Difference]) -> Vec<&Difference> {
-    differences.iter().filter(|d| d.stage < Stage::Cutover).collect()
-}
-
-/// Roles named by the source's privileges, policies and settings that the
-/// target lacks.
-pub async fn missing_roles(src: &Conn, tgt: &Conn, scope: &Scope) -> Result<Vec<String>> {
-    let oids = relations(src, scope).await?;
-    let schemas = schemas(src, scope).await?;
-    let rows = src
-        .query(
-            "select distinct r.rolname::text from pg_roles r
-             where r.rolname <> current_user and (
-               exists (select 1 from pg_class c, aclexplode(c.relacl) a
-                       where c.oid = any($1) and a.grantee = r.oid)
-               or exists (select 1 from pg_attribute t, aclexplode(t.attacl) a
-                          where t.attrelid = any($1) and a.grantee = r.oid)
-               or exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace,
-                                 aclexplode(p.proacl) a
-                          where n.nspname = any($2) and a.grantee = r.oid)
-               or exists (select 1 from pg_namespace n, aclexplode(n.nspacl) a
-                          where n.nspname = any($2) and a.grantee = r.oid)
-               or exists (select 1 from pg_policy p where p.polrelid = any($1)
-                          and r.oid = any(p.polroles))
-               or exists (select 1 from pg_default_acl d, aclexplode(d.defaclacl) a
-                          where a.grantee = r.oid or d.defaclrole = r.oid)
-               or exists (select 1 from pg_db_role_setting s
-                          where s.setrole = r.oid and s.setdatabase =
-                                (select oid from pg_database where datname = current_database())))
-             order by 1",
-            &[&oids, &schemas],
-        )
-        .await?;
-    let wanted: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let present: Vec<String> = tgt
-        .query("select rolname::text from pg_roles where rolname = any($1)", &[&wanted])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(wanted.into_iter().filter(|r| !present.contains(r)).collect())
-}
-
-/// Tables whose row security applies to this role (forced on a table it
-/// owns, and the role does not bypass row security): pgleap could not read
-/// them whole. Its sessions run with `row_security = off`, so reading one
-/// fails instead of returning fewer rows.
-pub async fn forced_row_security(c: &Conn) -> Result<Vec<String>> {
-    let rows = c
-        .query_qualified(
-            "select c.oid::regclass::text from pg_class c
-             join pg_namespace n on n.oid = c.relnamespace
-             where c.relrowsecurity and c.relforcerowsecurity and c.relkind in ('r', 'p')
-               and n.nspname not in ('pg_catalog', 'information_schema')
-               and not exists (select 1 from pg_roles r where r.rolname = current_user
-                               and (r.rolsuper or r.rolbypassrls))
-             order by 1",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Functions in a language only a superuser may create functions in (C,
-/// untrusted procedural languages): pg_restore of the schema would fail on
-/// them as a table owner. One line each, with the language.
-pub async fn untrusted_functions(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
-    let schemas = schemas(c, scope).await?;
-    let rows = c
-        .query_qualified(
-            "select p.oid::regprocedure::text || ' (language ' || l.lanname || ')'
-             from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-             join pg_language l on l.oid = p.prolang
-             where n.nspname = any($1) and not l.lanpltrusted
-               and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
-                               and d.objid = p.oid and d.deptype = 'e')
-             order by 1",
-            &[&schemas],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The command that creates a role the target lacks: without a password
-/// (pgleap cannot read one), NOLOGIN unless `login`.
-pub fn create_role_sql(role: &str, login: bool) -> String {
-    format!("CREATE ROLE {} {}", quote_ident(role), if login { "LOGIN" } else { "NOLOGIN" })
-}
-
-fn diff(source: Vec<Object>, target: Vec<Object>) -> Vec<Difference> {
-    let key = |o: &Object| (o.kind, o.name.clone());
-    let target: BTreeMap<_, Object> = target.into_iter().map(|o| (key(&o), o)).collect();
-    let source_keys: BTreeSet<_> = source.iter().map(key).collect();
-    let mut out = Vec::new();
-    for s in source {
-        let (problem, target_def) = match target.get(&key(&s)) {
-            None => ("missing", String::new()),
-            Some(t) if t.definition != s.definition => ("different", t.definition.clone()),
-            Some(_) => continue,
-        };
-        out.push(Difference {
-            kind: s.kind,
-            name: s.name,
-            problem,
-            source: s.definition,
-            target: target_def,
-            stage: s.stage,
-            reason: None,
-            create: s.create,
-            rank: s.rank,
-        });
-    }
-    // A privilege the target grants and the source does not is a hole, not
-    // a detail: only PUBLIC's are reported (every new function and type
-    // grants to PUBLIC); grants to named roles on the target are taken as
-    // the administrator's.
-    for (k, t) in target {
-        if t.kind == PRIVILEGE && t.name.ends_with(" to PUBLIC") && !source_keys.contains(&k) {
-            out.push(Difference {
-                kind: t.kind,
-                name: t.name,
-                problem: "extra",
-                source: String::new(),
-                target: t.definition,
-                stage: Stage::PreData,
-                reason: None,
-                create: t.revoke,
-                rank: t.rank,
-            });
-        }
-    }
-    out
-}
-
-const PRIVILEGE: &str = "privilege";
-pub const FORCED_ROW_SECURITY: &str = "forced row level security";
-
-#[derive(Clone, Copy, PartialEq)]
-enum Side {
-    Source,
-    Target,
-}
-
-/// The schemas in scope.
-async fn schemas(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
-    let tables = scope.tables.clone().unwrap_or_default();
-    let rows = c
-        .query(
-            "select n.nspname::text from pg_namespace n
-             where n.nspname <> all($2)
-               and n.nspname not in ('pg_catalog', 'information_schema')
-               and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp\\_%'
-               and n.nspname not like 'pg\\_toast\\_temp\\_%'
-               and not exists (select 1 from pg_depend d
-                               where d.classid = 'pg_namespace'::regclass and d.objid = n.oid
-                                 and d.deptype = 'e')
-               and (case when $3 then n.oid in (select c.relnamespace from pg_class c
-                                                where c.oid = any(select to_regclass(t)::oid
-                                                                  from unnest($4::text[]) t))
-                         when cardinality($1::text[]) > 0 then n.nspname = any($1)
-                         else true end)
-             order by 1",
-            &[&scope.schemas, &scope.exclude, &scope.tables.is_some(), &tables],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// The relations in scope: tables (with their partitions and children),
-/// views, materialized views, sequences; none belonging to an extension.
-async fn relations(c: &Conn, scope: &Scope) -> Result<Vec<u32>> {
-    let schemas = schemas(c, scope).await?;
-    let tables = scope.tables.clone().unwrap_or_default();
-    let rows = c
-        .query(
-            "with recursive base as (
-                 select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
-                 where n.nspname = any($1) and c.relkind in ('r', 'p', 'f')
-                   and (not $2 or c.oid = any(select to_regclass(t)::oid
-                                              from unnest($3::text[]) t))
-                 union
-                 select i.inhrelid from pg_inherits i join base b on i.inhparent = b.oid)
-             select oid from base
-             union
-             select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
-             where n.nspname = any($1) and c.relkind in ('v', 'm', 'S')
-               and not exists (select 1 from pg_depend d
-                               where d.classid = 'pg_class'::regclass and d.objid = c.oid
-                                 and d.deptype in ('e', 'i'))",
-            &[&schemas, &scope.tables.is_some(), &tables],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Every object in scope, read from one side.
-async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
-    let oids = relations(c, scope).await?;
-    let schemas = schemas(c, scope).await?;
-    let major = c.version().major();
-    let mut out = Vec::new();
-    let kinds: [(&str, String, Stage); 18] = [
-        ("schema", SCHEMAS.into(), Stage::PreData),
-        ("extension", EXTENSIONS.into(), Stage::PreData),
-        ("table", TABLES.into(), Stage::PreData),
-        ("column", columns_sql(major), Stage::PreData),
-        ("view", VIEWS.into(), Stage::PreData),
-        ("materialized view", MATVIEWS.into(), Stage::PreData),
-        ("sequence", SEQUENCES.into(), Stage::PreData),
-        ("type", TYPES.into(), Stage::PreData),
-        ("function", functions_sql(major), Stage::PreData),
-        ("policy", POLICIES.into(), Stage::PreData),
-        ("comment", COMMENTS.into(), Stage::PreData),
-        ("setting", SETTINGS.into(), Stage::PreData),
-        ("event trigger", EVENT_TRIGGERS.into(), Stage::PreData),
-        ("index", INDEXES.into(), Stage::AfterData),
-        ("constraint", CONSTRAINTS.into(), Stage::AfterData),
-        ("replica identity", REPLICA_IDENTITY.into(), Stage::AfterData),
-        ("materialized view data", MATVIEW_DATA.into(), Stage::AfterData),
-        ("trigger", triggers_sql(major), Stage::Cutover),
-    ];
-    for (kind, sql, stage) in kinds {
-        // Typed here: not every query uses both parameters.
-        let sql = format!(
-            "select * from ({sql}) q where $1::oid[] is not null and $2::text[] is not null"
-        );
-        for r in c.query_qualified(&sql, &[&oids, &schemas]).await? {
-            let (name, mut definition, create, rank): (String, String, Option<String>, i32) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
-            // Check and key constraints come after the data; foreign keys
-            // at cutover. A comment comes with its object.
-            let stage = match r.try_get::<_, Option<&str>>(4) {
-                Ok(Some("after-data")) => Stage::AfterData,
-                Ok(Some("cutover")) => Stage::Cutover,
-                _ if kind == "constraint" && definition.starts_with("FOREIGN KEY") => {
-                    Stage::Cutover
-                }
-                _ => stage,
-            };
-            if kind.ends_with("view") {
-                definition = unqualified(&definition);
-            }
-            out.push(Object {
-                kind,
-                name,
-                definition,
-                stage,
-                create,
-                rank: rank as u8,
-                revoke: None,
-            });
-        }
-    }
-    out.extend(row_security(c, &oids).await?);
-    out.extend(privileges(c, &oids, &schemas).await?);
-    out.extend(statistics(c, &oids, side).await?);
-    Ok(out)
-}
 
 // Each query returns (name, definition, create, rank), over the relations
 // in scope ($1, oids) and the schemas in scope ($2, names). `create` is
 // null for what pgleap leaves to pg_dump (pre-data objects) or to `target`
 // (foreign keys and triggers).
 
-const SCHEMAS: &str = "
+pub(super) const SCHEMAS: &str = "
     select quote_ident(nspname), '', null::text, 0 from pg_namespace where nspname = any($2)";
 
-const EXTENSIONS: &str = "
+pub(super) const EXTENSIONS: &str = "
     select quote_ident(extname), '', null::text, 0 from pg_extension where extname <> 'plpgsql'";
 
 /// Tables: kind, persistence, partitioning (10 and later, as every
 /// supported source), inheritance, storage options.
-const TABLES: &str = "
+pub(super) const TABLES: &str = "
     select c.oid::regclass::text,
             concat_ws(' ',
               case c.relkind when 'p' then 'partitioned by ' || pg_get_partkeydef(c.oid)
@@ -423,7 +40,7 @@ const TABLES: &str = "
 
 /// A replica identity other than the default: FULL and NOTHING come with
 /// pg_dump's pre-data, USING INDEX needs the index, so after the data.
-const REPLICA_IDENTITY: &str = "
+pub(super) const REPLICA_IDENTITY: &str = "
     select c.oid::regclass::text, r.identity,
            'alter table ' || c.oid::regclass::text || ' replica identity ' || r.identity, 4
     from pg_class c,
@@ -434,7 +51,7 @@ const REPLICA_IDENTITY: &str = "
                        where i.indrelid = c.oid and i.indisreplident) end) r(identity)
     where c.oid = any($1) and c.relkind in ('r', 'p') and c.relreplident <> 'd'";
 
-fn columns_sql(major: u32) -> String {
+pub(super) fn columns_sql(major: u32) -> String {
     let generated = if major >= 12 { "a.attgenerated" } else { "''" };
     format!(
         "select a.attrelid::regclass::text || '.' || quote_ident(a.attname),
@@ -462,26 +79,26 @@ fn columns_sql(major: u32) -> String {
     )
 }
 
-const VIEWS: &str = "
+pub(super) const VIEWS: &str = "
     select c.oid::regclass::text,
            concat_ws(' ', 'with ' || array_to_string(c.reloptions, ', '),
                      pg_get_viewdef(c.oid)),
            null::text, 0
     from pg_class c where c.oid = any($1) and c.relkind = 'v'";
 
-const MATVIEWS: &str = "
+pub(super) const MATVIEWS: &str = "
     select c.oid::regclass::text, pg_get_viewdef(c.oid), null::text, 0
     from pg_class c where c.oid = any($1) and c.relkind = 'm'";
 
 /// Populated the way the source's is; refreshed after the indexes (rank),
 /// materialized views built on others after those (oid order).
-const MATVIEW_DATA: &str = "
+pub(super) const MATVIEW_DATA: &str = "
     select c.oid::regclass::text, 'populated',
            'refresh materialized view ' || c.oid::regclass::text, 8
     from pg_class c where c.oid = any($1) and c.relkind = 'm' and c.relispopulated
     order by c.oid";
 
-const SEQUENCES: &str = "
+pub(super) const SEQUENCES: &str = "
     select c.oid::regclass::text,
            concat_ws(' ', format_type(s.seqtypid, null), 'start', s.seqstart,
                      'increment', s.seqincrement, 'minvalue', s.seqmin, 'maxvalue', s.seqmax,
@@ -497,7 +114,7 @@ const SEQUENCES: &str = "
     from pg_class c join pg_sequence s on s.seqrelid = c.oid
     where c.oid = any($1) and c.relkind = 'S'";
 
-const TYPES: &str = "
+pub(super) const TYPES: &str = "
     select t.oid::regtype::text,
            case t.typtype
              when 'e' then 'enum ' || (select string_agg(quote_literal(e.enumlabel), ', '
@@ -524,7 +141,7 @@ const TYPES: &str = "
       and not exists (select 1 from pg_depend d where d.classid = 'pg_type'::regclass
                       and d.objid = t.oid and d.deptype = 'e')";
 
-fn functions_sql(major: u32) -> String {
+pub(super) fn functions_sql(major: u32) -> String {
     // prokind: 11 and later; SQL-standard bodies (prosqlbody): 14 and later.
     let kind = if major >= 11 {
         "p.prokind::text"
@@ -555,7 +172,7 @@ fn functions_sql(major: u32) -> String {
 }
 
 /// Policies: roles and expressions as `pg_policies` deparses them.
-const POLICIES: &str = "
+pub(super) const POLICIES: &str = "
     select quote_ident(p.policyname) || ' on ' || c.oid::regclass::text,
            concat_ws(' ', p.permissive, 'for', p.cmd, 'to',
                      (select string_agg(case when r = 'public' then 'PUBLIC'
@@ -576,7 +193,7 @@ const POLICIES: &str = "
 
 /// Comments on every object in scope, with the statement that sets them
 /// (the object's identity as the server writes it).
-const COMMENTS: &str = "
+pub(super) const COMMENTS: &str = "
     select o.type || ' ' || o.identity, d.description,
            case when o.type in ('table', 'view', 'materialized view', 'sequence', 'index',
                                 'foreign table', 'function', 'procedure', 'aggregate', 'type',
@@ -606,7 +223,7 @@ const COMMENTS: &str = "
 /// is left out: it is what `cutover --terminate` sets on the old server.
 /// A value is set in the session first and stored `FROM CURRENT`, so it is
 /// parsed exactly as the server parses the setting (lists included).
-const SETTINGS: &str = "
+pub(super) const SETTINGS: &str = "
     with s as (
       select r.rolname, split_part(cfg, '=', 1) as name,
              substr(cfg, length(split_part(cfg, '=', 1)) + 2) as value
@@ -632,7 +249,7 @@ const SETTINGS: &str = "
 /// Event triggers of the database (pg_dump puts them in its post-data
 /// section, which schema copy does not restore). Creating one needs a
 /// superuser: for a table owner it is named, with the server's refusal.
-const EVENT_TRIGGERS: &str = "
+pub(super) const EVENT_TRIGGERS: &str = "
     select quote_ident(e.evtname),
            concat_ws(' ', 'on', e.evtevent, 'tags', array_to_string(e.evttags, ', '),
                      'execute', e.evtfoid::regprocedure::text, 'enabled', e.evtenabled),
@@ -651,7 +268,7 @@ const EVENT_TRIGGERS: &str = "
 /// Indexes of tables at every level, partitions first so that the parent's
 /// index attaches them (created plainly it cascades to partitions that
 /// lack one). Constraint indexes come with their constraint.
-const INDEXES: &str = "
+pub(super) const INDEXES: &str = "
     select i.indexrelid::regclass::text,
            replace(pg_get_indexdef(i.indexrelid), ' ON ONLY ', ' ON '),
            case when not exists (select 1 from pg_constraint k
@@ -664,7 +281,7 @@ const INDEXES: &str = "
 
 /// Constraints defined on the table itself (those a partition inherits come
 /// with its parent's). Not-null constraints (18) are the columns'.
-const CONSTRAINTS: &str = "
+pub(super) const CONSTRAINTS: &str = "
     select quote_ident(k.conname) || ' on ' || k.conrelid::regclass::text,
            pg_get_constraintdef(k.oid),
            case when k.contype <> 'f' and k.conislocal
@@ -677,7 +294,7 @@ const CONSTRAINTS: &str = "
     from pg_constraint k join pg_class c on c.oid = k.conrelid
     where k.conrelid = any($1) and k.contype in ('c', 'f', 'p', 'u', 'x')";
 
-fn triggers_sql(major: u32) -> String {
+pub(super) fn triggers_sql(major: u32) -> String {
     // 13 and later mark the triggers a partition inherits with tgparentid;
     // earlier majors mark them internal.
     let own = if major >= 13 { "and t.tgparentid = 0" } else { "" };
@@ -694,7 +311,7 @@ fn triggers_sql(major: u32) -> String {
 
 /// Row security: enabled before the data (the owner is not subject to it),
 /// forced at cutover (forced, it would filter pgleap's own writes).
-async fn row_security(c: &Conn, oids: &[u32]) -> Result<Vec<Object>> {
+pub(super) async fn row_security(c: &Conn, oids: &[u32]) -> Result<Vec<Object>> {
     let rows = c
         .query_qualified(
             "select c.oid::regclass::text, c.relrowsecurity, c.relforcerowsecurity
@@ -730,7 +347,7 @@ async fn row_security(c: &Conn, oids: &[u32]) -> Result<Vec<Object>> {
 /// on relations, columns, functions, schemas and types in scope, and
 /// default privileges. Defaults count as granted (a new function is
 /// executable by PUBLIC unless revoked).
-async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Result<Vec<Object>> {
+pub(super) async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Result<Vec<Object>> {
     let rows = c
         .query_qualified(
             "select 'table', c.oid::regclass::text, a.grantee, a.privilege_type, a.is_grantable,
@@ -840,7 +457,7 @@ async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Result<Vec<Ob
 /// Tables and materialized views with statistics. The source's are all
 /// expected (whether the source has analyzed them or not); on the target a
 /// table counts once analyzed.
-async fn statistics(c: &Conn, oids: &[u32], side: Side) -> Result<Vec<Object>> {
+pub(super) async fn statistics(c: &Conn, oids: &[u32], side: Side) -> Result<Vec<Object>> {
     let analyzed = if side == Side::Source {
         "true".to_string()
     } else {
@@ -882,7 +499,7 @@ async fn statistics(c: &Conn, oids: &[u32], side: Side) -> Result<Vec<Object>> {
 /// A view's definition without the qualifiers of names (`t.col`,
 /// `public.t`): 16 and later leave out what earlier majors wrote when a
 /// query reads one relation. Literals are kept as they are.
-fn unqualified(def: &str) -> String {
+pub(super) fn unqualified(def: &str) -> String {
     let chars: Vec<char> = def.chars().collect();
     let mut out = String::with_capacity(def.len());
     let mut i = 0;
@@ -931,19 +548,6 @@ fn unqualified(def: &str) -> String {
         }
     }
     out
-}
-
-/// One line per difference, for reports.
-pub fn describe(d: &Difference) -> String {
-    let what = match d.problem {
-        "missing" => format!("{} {} is missing on the target", d.kind, d.name),
-        "extra" => format!("{} {} is granted on the target only", d.kind, d.name),
-        _ => format!("{} {} differs: source {:?}, target {:?}", d.kind, d.name, d.source, d.target),
-    };
-    match &d.reason {
-        Some(r) => format!("{what} (not created: {r})"),
-        None => what,
-    }
 }
 
 #[cfg(test)]
