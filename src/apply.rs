@@ -158,53 +158,62 @@ impl Plan {
                 format!("remove and add the sync again (pgleap sync remove {})", sync.name),
             ));
         };
-        let mut tables = Vec::new();
-        let mut gone = Vec::new();
-        for c in &captured {
-            let table = qualified(&c.schema, &c.name);
-            if !src.relation_exists(&table).await? {
-                gone.push(format!(
+        // One query for every table (plans are read on each connect and by
+        // status every few seconds): whether it still exists, its copied
+        // columns, and how the staging table of the set-based apply
+        // declares them: by their base types (a domain with NOT NULL or a
+        // check would refuse a vanished row's NULLs), read under an empty
+        // search_path, so qualified.
+        let names: Vec<String> = captured.iter().map(|c| qualified(&c.schema, &c.name)).collect();
+        let rows = src
+            .query_qualified(
+                &format!(
+                    "with recursive t as (
+                         select n, to_regclass(name) as rel from unnest($1::text[])
+                             with ordinality u(name, n)),
+                     cols as (
+                         select t.n, a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod
+                         from t join pg_attribute a on a.attrelid = t.rel
+                         where a.attnum > 0 and not a.attisdropped {}),
+                     base as (
+                         select n, attnum, attname, typ, typmod from cols
+                         union all
+                         select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod
+                         from base b join pg_type ty on ty.oid = b.typ
+                         where ty.typtype = 'd')
+                     select t.rel is not null,
+                            coalesce(array_agg(b.attname::text order by b.attnum)
+                                     filter (where b.n is not null), '{{}}'),
+                            coalesce(string_agg(quote_ident(b.attname) || ' ' ||
+                                                format_type(b.typ, b.typmod), ', '
+                                                order by b.attnum), '')
+                     from t
+                     left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd')
+                       on b.n = t.n
+                     group by t.n, t.rel order by t.n",
+                    src.not_generated()
+                ),
+                &[&names],
+            )
+            .await?;
+        let gone: Vec<String> = captured
+            .iter()
+            .zip(&rows)
+            .filter(|(_, r)| !r.get::<_, bool>(0))
+            .map(|(c, _)| {
+                format!(
                     "{}: the table was dropped or renamed",
                     crate::inventory::display_name(&c.schema, &c.name)
-                ));
-            }
-        }
+                )
+            })
+            .collect();
         if !gone.is_empty() {
             return Err(Error::SchemaChanged { sync: sync.name.clone(), tables: gone });
         }
-        for c in captured {
+        let mut tables = Vec::new();
+        for (c, row) in captured.into_iter().zip(&rows) {
             let table = qualified(&c.schema, &c.name);
-            // The copied columns, and how the staging table of the
-            // set-based apply declares them: by their base types (a domain
-            // with NOT NULL or a check would refuse a vanished row's
-            // NULLs), read under an empty search_path, so qualified.
-            let row = src
-                .query_qualified(
-                    &format!(
-                        "with recursive cols as (
-                             select a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod
-                             from pg_attribute a
-                             where a.attrelid = $1::text::regclass and a.attnum > 0
-                               and not a.attisdropped {}),
-                         base as (
-                             select attnum, attname, typ, typmod from cols
-                             union all
-                             select b.attnum, b.attname, t.typbasetype, t.typtypmod
-                             from base b join pg_type t on t.oid = b.typ
-                             where t.typtype = 'd')
-                         select coalesce(array_agg(b.attname::text order by b.attnum), '{{}}'),
-                                coalesce(string_agg(quote_ident(b.attname) || ' ' ||
-                                                    format_type(b.typ, b.typmod), ', '
-                                                    order by b.attnum), '')
-                         from base b join pg_type t on t.oid = b.typ
-                         where t.typtype <> 'd'",
-                        src.not_generated()
-                    ),
-                    &[&table],
-                )
-                .await?;
-            let row = &row[0];
-            let (names, staging_columns): (Vec<String>, String) = (row.get(0), row.get(1));
+            let (names, staging_columns): (Vec<String>, String) = (row.get(1), row.get(2));
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);

@@ -299,8 +299,7 @@ async fn complete_schema(
 ) -> Result<()> {
     let src = source.connect(env).await?;
     let tgt = target.connect(env).await?;
-    let tables = plan.tables.iter().map(|t| t.table.clone()).collect();
-    let scope = fidelity::Scope::of_tables(tables, &plan.schema);
+    let scope = fidelity::Scope::of_plan(plan);
     let differences = fidelity::compare(&src, &tgt, &scope).await?;
     for d in fidelity::create(&tgt, differences, fidelity::Stage::AfterData).await? {
         if d.stage < fidelity::Stage::Cutover {

@@ -238,8 +238,7 @@ struct Switched {
 /// creates besides foreign keys and triggers (forced row security).
 async fn settle_schema(session: &Session, allow: bool) -> Result<Vec<Difference>> {
     let plan = &session.plan;
-    let tables = plan.tables.iter().map(|t| t.table.clone()).collect();
-    let scope = fidelity::Scope::of_tables(tables, &plan.schema);
+    let scope = fidelity::Scope::of_plan(plan);
     let differences = fidelity::compare(&session.src, &session.tgt, &scope).await?;
     let left = fidelity::create(&session.tgt, differences, Stage::AfterData).await?;
     let (at_switch, blocking): (Vec<_>, Vec<_>) =

@@ -316,15 +316,20 @@ async fn ready_target(
     before: Columns,
 ) -> Result<(bool, Option<String>)> {
     let replica_role = target::prepare(tgt, plan).await?;
+    let recorded = evolve::recorded(tgt, plan).await?;
+    let now = evolve::columns(plan);
+    let mut target_matches = plan.check_target(tgt).await.is_ok();
     if before == Columns::Recorded {
-        let recorded = evolve::recorded(tgt, plan).await?;
-        let now = evolve::columns(plan);
         let changed = recorded.iter().any(|(t, names)| now.get(t) != Some(names));
-        if changed || plan.check_target(tgt).await.is_err() {
+        if changed || !target_matches {
             evolve::follow(src, tgt, plan, &recorded).await?;
+            target_matches = false;
         }
     }
-    plan.check_target(tgt).await?;
+    if !target_matches {
+        // The refusal, or the check after following a change.
+        plan.check_target(tgt).await?;
+    }
     if before == Columns::Target {
         let extra = evolve::extra_columns(src, tgt, plan).await?;
         if !extra.is_empty() {
@@ -340,7 +345,9 @@ async fn ready_target(
             ));
         }
     }
-    evolve::record(tgt, plan).await?;
+    if recorded != now {
+        evolve::record(tgt, plan).await?;
+    }
     Ok((replica_role, apply::applied_snapshot(tgt, plan).await?))
 }
 

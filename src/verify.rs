@@ -156,8 +156,7 @@ pub async fn compare_schema(
     plan: &Plan,
     cut_over: bool,
 ) -> Result<Vec<Difference>> {
-    let tables = plan.tables.iter().map(|t| t.table.clone()).collect();
-    let scope = fidelity::Scope::of_tables(tables, &plan.schema);
+    let scope = fidelity::Scope::of_plan(plan);
     let differences = fidelity::compare(src, tgt, &scope).await?;
     Ok(if cut_over {
         differences

@@ -9,8 +9,8 @@ use crate::pg::{Conn, Sql, quote_ident};
 /// Roles named by the source's privileges, policies and settings that the
 /// target lacks.
 pub async fn missing_roles(src: &Conn, tgt: &Conn, scope: &Scope) -> Result<Vec<String>> {
-    let oids = relations(src, scope).await?;
     let schemas = schemas(src, scope).await?;
+    let oids = relations(src, scope, &schemas).await?;
     let rows = src
         .query(
             "select distinct r.rolname::text from pg_roles r

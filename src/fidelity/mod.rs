@@ -28,6 +28,7 @@ use serde::Serialize;
 pub use checks::{create_role_sql, forced_row_security, missing_roles, untrusted_functions};
 use kinds::*;
 
+use crate::apply::Plan;
 use crate::error::Result;
 use crate::pg::{Conn, Sql};
 
@@ -95,10 +96,13 @@ impl Difference {
 }
 
 impl Scope {
-    /// A sync's tables (quoted, qualified) and their schemas, without
-    /// pgleap's own schema.
-    pub fn of_tables(tables: Vec<String>, pgleap_schema: &str) -> Scope {
-        Scope { schemas: Vec::new(), tables: Some(tables), exclude: vec![pgleap_schema.into()] }
+    /// A sync's tables and their schemas, without pgleap's own schema.
+    pub fn of_plan(plan: &Plan) -> Scope {
+        Scope {
+            schemas: Vec::new(),
+            tables: Some(plan.tables.iter().map(|t| t.table.clone()).collect()),
+            exclude: vec![plan.schema.clone()],
+        }
     }
 }
 
@@ -223,8 +227,7 @@ async fn schemas(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
 
 /// The relations in scope: tables (with their partitions and children),
 /// views, materialized views, sequences; none belonging to an extension.
-async fn relations(c: &Conn, scope: &Scope) -> Result<Vec<u32>> {
-    let schemas = schemas(c, scope).await?;
+async fn relations(c: &Conn, scope: &Scope, schemas: &[String]) -> Result<Vec<u32>> {
     let tables = scope.tables.clone().unwrap_or_default();
     let rows = c
         .query(
@@ -250,8 +253,8 @@ async fn relations(c: &Conn, scope: &Scope) -> Result<Vec<u32>> {
 
 /// Every object in scope, read from one side.
 async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
-    let oids = relations(c, scope).await?;
     let schemas = schemas(c, scope).await?;
+    let oids = relations(c, scope, &schemas).await?;
     let major = c.version().major();
     let mut out = Vec::new();
     let kinds: [(&str, String, Stage); 18] = [
