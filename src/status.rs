@@ -10,7 +10,7 @@ use crate::apply::{self, Plan};
 use crate::catalog::{Catalog, Sync, SyncState};
 use crate::error::Result;
 use crate::pg::{Conn, Env, Sql, quote_ident};
-use crate::route::{DbConn, SyncRoute};
+use crate::route::SyncRoute;
 
 /// Lag above which a sync is catching up rather than streaming.
 const STREAMING_LAG: f64 = 10.0;
@@ -177,32 +177,38 @@ pub async fn gather(
             for target in &route.targets {
                 pending.push(apply::pending(&src, &plan, &target.name).await?);
             }
-            let mut not_captured =
+            let not_captured =
                 crate::evolve::not_captured(&src, &route.relgroup, &sync.capture_schema).await?;
-            if let Some(target) = route.targets.first()
-                && let Ok(tgt) = target.connect(env).await
-            {
-                not_captured.extend(crate::evolve::missing_partitions(&src, &tgt, &plan).await?);
-            }
-            Ok::<_, crate::Error>((plan, pending, not_captured))
+            Ok::<_, crate::Error>((src, plan, pending, not_captured))
         }
         .await;
-        let (tables, pending, source_error, not_captured) = match live {
-            Ok((plan, pending, not_captured)) => (
-                plan.tables.iter().map(|t| t.display.clone()).collect(),
-                Some(pending),
-                None,
-                not_captured,
-            ),
-            Err(e) => (Vec::new(), None, Some(e.to_string()), Vec::new()),
+        let (live, pending, source_error, mut not_captured) = match live {
+            Ok((src, plan, pending, not_captured)) => {
+                (Some((src, plan)), Some(pending), None, not_captured)
+            }
+            Err(e) => (None, None, Some(e.to_string()), Vec::new()),
         };
+        let tables = live.as_ref().map_or_else(Vec::new, |(_, plan)| {
+            plan.tables.iter().map(|t| t.display.clone()).collect()
+        });
         let mut targets = Vec::new();
         for (i, db) in route.targets.iter().enumerate() {
             let target = db.name.as_str();
             let last = states.iter().find(|s| s.target == target).cloned().unwrap_or_else(|| {
                 SyncState { target: target.to_string(), state: "new".into(), ..Default::default() }
             });
-            let copy = read_copy(db, &sync.capture_schema, &sync.name, env).await;
+            // One connection per target: copy progress, and its partitions
+            // against the source's.
+            let tgt = db.connect(env).await.ok();
+            let copy = match &tgt {
+                Some(tgt) => copy_progress(tgt, &sync.capture_schema, &sync.name).await.ok(),
+                None => None,
+            };
+            if let (Some(tgt), Some((src, plan))) = (&tgt, &live)
+                && let Ok(missing) = crate::evolve::missing_partitions(src, tgt, plan).await
+            {
+                not_captured.extend(missing);
+            }
             let lag = pending.as_ref().map(|p| p[i].1);
             targets.push(TargetStatus {
                 copied: copy.as_ref().is_some_and(|c| c.applied),
@@ -275,10 +281,4 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
         reasons.push(format!("it has {} targets; cutover moves to one", sync.targets.len()));
     }
     reasons
-}
-
-/// The target's copy progress, or None when it cannot be read.
-async fn read_copy(db: &DbConn, schema: &str, sync: &str, env: Env<'_>) -> Option<CopyProgress> {
-    let tgt = db.connect(env).await.ok()?;
-    copy_progress(&tgt, schema, sync).await.ok()
 }
