@@ -78,7 +78,7 @@ pub fn partition_truncates(schema: &str, sync_id: i32) -> String {
 /// the target before the batch's changes (which, state-based, then bring
 /// back what was written to it after). Idempotent.
 pub async fn capture_partition_truncates(
-    client: &Conn,
+    client: &mut Conn,
     schema: &str,
     sync_id: i32,
     partition: &str,
@@ -97,9 +97,8 @@ pub async fn capture_partition_truncates(
     if exists {
         return Ok(());
     }
-    client
-        .batch_execute(&format!(
-            "create table if not exists {delta} (
+    let ddl = format!(
+        "create table if not exists {delta} (
                  _pgleap_txid int8 not null,
                  schema_name text not null,
                  rel_name text not null);
@@ -112,10 +111,10 @@ pub async fn capture_partition_truncates(
              end $pgleap$;
              create trigger {} after truncate on {partition}
                  for each statement execute procedure {function}();",
-            quote_ident(&trigger)
-        ))
-        .await?;
-    Ok(())
+        quote_ident(&trigger)
+    );
+    let what = format!("capturing TRUNCATE of partition {partition}");
+    with_lock_retries(client, &what, &ddl).await
 }
 
 /// The trigger that refuses writes on the source after cutover.

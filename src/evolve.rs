@@ -304,7 +304,7 @@ pub async fn missing_partitions(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<V
 /// after the copy are in the deltas, applied by key on top, so a keyed
 /// table ends exact; a keyless one gets the partition only (its replay
 /// would duplicate copied rows). Returns the partitions created.
-pub async fn create_partitions(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
+pub async fn create_partitions(src: &mut Conn, tgt: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
     let theirs = partitions(tgt, plan).await?;
     let mut created = Vec::new();
     for Partition { name, parent, bound, leaf, root } in partitions(src, plan).await? {
@@ -318,7 +318,7 @@ pub async fn create_partitions(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Resul
             let cols = &root.columns;
             let out = format!("copy (select {cols} from only {name}) to stdout");
             let into = format!("copy {name} ({cols}) from stdin");
-            copy_between(src, &out, &tx, &into, &|_| {}).await?;
+            copy_between(&*src, &out, &tx, &into, &|_| {}).await?;
         }
         tx.commit().await?;
         tracing::warn!(sync = plan.sync, "new partition {name} of {parent} created on the target");

@@ -181,34 +181,35 @@ impl Session {
         // Purging deletes on the source: once a second is enough to keep
         // the deltas small, and spares a busy source a delete per batch.
         let purge = self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY);
-        let stats = match apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge)
-            .await
-        {
-            Err(Error::SchemaChanged { .. }) => {
-                // Columns changed on the source: followed when they can be
-                // (the target gets them and the plan is read again), else
-                // the refusal pauses the sync.
-                let before = evolve::columns(&self.plan);
-                evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
-                self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
-                self.plan.note_copies(&self.tgt).await?;
-                self.plan.check_target(&self.tgt).await?;
-                evolve::record(&self.tgt, &self.plan).await?;
-                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
-            }
-            Err(e)
-                if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
-                    && e.to_string().contains("no partition") =>
-            {
-                // A row for a partition the source got since.
-                if evolve::create_partitions(&self.src, &mut self.tgt, &self.plan).await?.is_empty()
-                {
-                    return Err(e);
+        let stats =
+            match apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await {
+                Err(Error::SchemaChanged { .. }) => {
+                    // Columns changed on the source: followed when they can be
+                    // (the target gets them and the plan is read again), else
+                    // the refusal pauses the sync.
+                    let before = evolve::columns(&self.plan);
+                    evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
+                    self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
+                    self.plan.note_copies(&self.tgt).await?;
+                    self.plan.check_target(&self.tgt).await?;
+                    evolve::record(&self.tgt, &self.plan).await?;
+                    apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
                 }
-                apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
-            }
-            other => other?,
-        };
+                Err(e)
+                    if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
+                        && e.to_string().contains("no partition") =>
+                {
+                    // A row for a partition the source got since.
+                    if evolve::create_partitions(&mut self.src, &mut self.tgt, &self.plan)
+                        .await?
+                        .is_empty()
+                    {
+                        return Err(e);
+                    }
+                    apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
+                }
+                other => other?,
+            };
         if purge {
             self.last_purge = Some(Instant::now());
         }
