@@ -15,34 +15,15 @@
 //! (default 4). The servers are the test harness's: fsync is off, so the
 //! numbers show CPU and lock costs, not disk.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Instant;
 
+use common::{knob, tps};
 use support::{OWNER, Pgleap, TestDb, cluster, copy_database, tool};
-
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn pgbench(db: &TestDb, args: &[&str]) -> String {
-    let out = support::pgbench(db, args).stdout(std::process::Stdio::piped()).output().unwrap();
-    assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs the TPC-B-like script and returns transactions per second.
-fn tps(db: &TestDb, seconds: u64, clients: u64) -> f64 {
-    let c = clients.to_string();
-    let out = pgbench(db, &["-n", "-c", &c, "-j", "2", "-T", &seconds.to_string()]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in pgbench output:\n{out}"))
-}
 
 /// Row-level capture, as Bucardo does it: one trigger call and one delta
 /// insert per row. Optionally with a NOTIFY per statement.
@@ -106,7 +87,8 @@ fn main() {
     let src = TestDb::new(cluster(12), "benchsrc");
     let dst = TestDb::new(cluster(17), "benchdst");
     eprintln!("loading pgbench scale {scale} into PostgreSQL 12 ...");
-    pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]);
+    let out = support::pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).output().unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
     // A table without a key, for the whole-row apply rate.
     src.sql().exec("create table bench_keyless (n int, v text)");
     copy_database(&src, &dst);

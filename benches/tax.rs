@@ -18,24 +18,8 @@ mod support;
 
 use std::time::Instant;
 
-use common::{knob, median_range};
+use common::{knob, median_range, tps};
 use support::{Pgleap, TestDb, cluster, copy_database};
-
-/// pgbench's TPC-B-like script: transactions per second.
-fn tps(db: &TestDb, seconds: u64, clients: u64) -> f64 {
-    let c = clients.to_string();
-    let out = support::pgbench(db, &["-n", "-c", &c, "-j", "2", "-T", &seconds.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "pgbench: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in pgbench output:\n{text}"))
-}
 
 /// Seconds for one UPDATE of every account.
 fn bulk(db: &TestDb) -> f64 {
