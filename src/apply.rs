@@ -423,19 +423,19 @@ pub async fn apply_batch(
     // without waiting for the WAL flush, and with the purge, when due, in
     // the same source transaction: bookkeeping costs the source one
     // commit per batch, not one per table.
-    let tx = src.transaction().await?;
-    tx.batch_execute("set local synchronous_commit = off").await?;
-    tx.execute(
-        &format!(
-            "update {s}.consumer set snapshot = $3, updated_at = now()
-             where sync_id = $1 and target = $2"
-        ),
-        &[&plan.sync_id, &target_name, &stats.snapshot],
-    )
-    .await?;
+    let mut bookkeeping = format!(
+        "set local synchronous_commit = off;
+         update {s}.consumer set snapshot = {}, updated_at = now()
+         where sync_id = {} and target = {};",
+        quote_literal(&stats.snapshot),
+        plan.sync_id,
+        quote_literal(&target_name)
+    );
     if purge_due {
-        purge(&tx, plan).await?;
+        bookkeeping.push_str(&purge(plan));
     }
+    let tx = src.transaction().await?;
+    tx.batch_execute(&bookkeeping).await?;
     tx.commit().await?;
     stats.millis = started.elapsed().as_millis() as i64;
     Ok(stats)
@@ -870,36 +870,25 @@ async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Resu
     Ok(())
 }
 
-/// Deletes the deltas every target has applied: those of transactions
-/// below the oldest target snapshot's xmin, which were finished, hence
-/// visible, for every target. Deltas above it wait for a later batch; a
-/// target that has applied nothing yet keeps everything. One index range
-/// delete per table, with the bound computed once.
-async fn purge(src: &Tx<'_>, plan: &Plan) -> Result<()> {
-    let row = src
-        .query_one(
-            &format!(
-                "select coalesce(bool_or(snapshot is null), true),
-                        min(txid_snapshot_xmin(snapshot::txid_snapshot))
-                 from {}.consumer where sync_id = $1",
-                quote_ident(&plan.schema)
-            ),
-            &[&plan.sync_id],
-        )
-        .await?;
-    let (someone_behind, bound): (bool, Option<i64>) = (row.get(0), row.get(1));
-    let Some(bound) = bound.filter(|_| !someone_behind) else {
-        return Ok(());
-    };
-    let deletes: Vec<String> = plan
-        .tables
+/// The statements purging the deltas every target has applied: those of
+/// transactions below the oldest target snapshot's xmin, which were
+/// finished, hence visible, for every target. Deltas above it wait for a
+/// later batch; while a target has applied nothing yet the bound is NULL,
+/// which deletes nothing.
+fn purge(plan: &Plan) -> String {
+    let bound = format!(
+        "(select case when bool_or(snapshot is null) then null
+                      else min(txid_snapshot_xmin(snapshot::txid_snapshot)) end
+          from {}.consumer where sync_id = {})",
+        quote_ident(&plan.schema),
+        plan.sync_id
+    );
+    plan.tables
         .iter()
         .map(|t| &t.delta)
         .chain(&plan.partition_truncates)
-        .map(|delta| format!("delete from {delta} where _pgleap_txid < {bound}"))
-        .collect();
-    src.batch_execute(&deletes.join(";\n")).await?;
-    Ok(())
+        .map(|delta| format!("delete from {delta} where _pgleap_txid < {bound};\n"))
+        .collect()
 }
 
 /// Streams a COPY out of the source's batch transaction into the target's;

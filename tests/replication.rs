@@ -463,3 +463,33 @@ fn rows_swapping_a_unique_value_and_mixed_changes_apply_in_one_batch_pg15_to_pg1
     p.run(&["kick", "s", "--wait", "60"]).ok();
     assert_same(&src.sql(), &dst.sql(), &[("u", "id")]);
 }
+
+/// Applied deltas are purged from the source; a target that has applied
+/// nothing yet keeps them all.
+#[test]
+fn applied_deltas_are_purged_and_kept_for_a_target_behind_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "purgesrc");
+    let dst = TestDb::new(cluster(17), "purgedst");
+    let schema = "create table p (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off"]);
+    let delta = src.sql().value("select 'pgleap.' || delta_table from pgleap.relations");
+    let pending = format!("select count(*) from {delta}");
+    src.sql().exec("insert into p select g, 'v' from generate_series(1, 100) g");
+    assert_eq!(src.sql().value(&pending), "100");
+    // A second target that has applied nothing: nothing may go.
+    src.sql().exec(
+        "insert into pgleap.consumer (sync_id, target) select id, 'behind' from pgleap.syncs",
+    );
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_same(&src.sql(), &dst.sql(), &[("p", "id")]);
+    assert_eq!(src.sql().value(&pending), "100", "deltas purged before every target had them");
+    src.sql().exec("delete from pgleap.consumer where target = 'behind'");
+    src.sql().exec("insert into p values (101, 'w')");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_eq!(src.sql().value(&pending), "0", "applied deltas were not purged");
+    assert_same(&src.sql(), &dst.sql(), &[("p", "id")]);
+}
