@@ -243,6 +243,13 @@ async fn handoff(tgt: &Conn, plan: &Plan) -> Result<Option<String>> {
     Ok(if skipped.unwrap_or(false) { None } else { earliest })
 }
 
+/// Index builds after the load sort every key: at the default 64MB a big
+/// table's sort spills to disk. Raised to 256MB per session (each worker
+/// builds one table's indexes at a time), never lowered from what the
+/// target's configuration gives.
+const INDEX_BUILD_MEMORY: &str = "select set_config('maintenance_work_mem', '256MB', false)
+     from pg_settings where name = 'maintenance_work_mem' and setting::int8 < 262144";
+
 /// Builds, for every table copied, the indexes and key constraints the
 /// source has and the target lacks, several tables at once. Loading first
 /// and indexing after is what makes a bulk load fast.
@@ -264,6 +271,7 @@ async fn build_indexes(
     let queue = Mutex::new(work);
     let builders = (0..jobs.max(1)).map(|_| async {
         let tgt = target.connect(env).await?;
+        tgt.batch_execute(INDEX_BUILD_MEMORY).await?;
         loop {
             let Some((t, items)) = queue.lock().unwrap().pop_front() else { break };
             let started = Instant::now();
@@ -372,7 +380,8 @@ async fn plan_units(
         if has_rows {
             to_empty.push(t.rel());
         }
-        let predicates = split(src, t, jobs).await?.unwrap_or_else(|| vec!["true".to_string()]);
+        let predicates =
+            split(src, t, jobs).await?.unwrap_or_else(|| vec![WHOLE_TABLE.to_string()]);
         for p in predicates {
             unit += 1;
             tx.execute(
@@ -490,13 +499,37 @@ async fn key_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<V
         let to = from + step;
         // Open at both ends, so the ranges cover every value.
         ranges.push(match (i, i == n - 1) {
-            (0, true) => "true".to_string(),
+            (0, true) => WHOLE_TABLE.to_string(),
             (0, false) => format!("{key} < {to}"),
             (_, true) => format!("{key} >= {from}"),
             _ => format!("{key} >= {from} and {key} < {to}"),
         });
     }
     Ok(Some(ranges))
+}
+
+/// The predicate of a unit that is a whole table.
+const WHOLE_TABLE: &str = "true";
+
+/// Whether a table copied whole may be emptied and loaded with COPY
+/// FREEZE in one transaction: a plain table (a partitioned one has no rows
+/// of its own to freeze) that the role may truncate and that no foreign
+/// key references (TRUNCATE would refuse). Asked before the transaction:
+/// COPY FREEZE refuses to run after other activity in it.
+async fn may_freeze(tgt: &Conn, t: &TablePlan) -> Result<bool> {
+    if t.partitioned {
+        return Ok(false);
+    }
+    let row = tgt
+        .query_one(
+            "select c.relkind = 'r' and has_table_privilege(c.oid, 'TRUNCATE')
+                    and not exists (select 1 from pg_constraint
+                                    where confrelid = c.oid and contype = 'f')
+             from pg_class c where c.oid = $1::text::regclass",
+            &[&t.table],
+        )
+        .await?;
+    Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
 }
 
 /// One initial copy in progress: what every worker shares.
@@ -531,6 +564,7 @@ impl CopyRun<'_> {
         // set this, they were set aside before the copy (target::prepare).
         let _ = tgt.batch_execute("set session_replication_role = replica").await;
         tgt.batch_execute("set pgleap.applying = on").await?;
+        tgt.batch_execute(INDEX_BUILD_MEMORY).await?;
         let stx = src.snapshot().await?;
         stx.batch_execute(&format!("set transaction snapshot {}", quote_literal(self.exported)))
             .await?;
@@ -547,11 +581,28 @@ impl CopyRun<'_> {
     /// Loads one unit and marks it done, in one target transaction. Returns
     /// false if another worker had copied it meanwhile.
     async fn copy_unit(&self, stx: &Tx<'_>, tgt: &mut Conn, unit: &Unit) -> Result<bool> {
+        let freeze = match unit.table {
+            Some(table) if unit.predicate == WHOLE_TABLE => {
+                may_freeze(tgt, &self.plan.tables[table]).await?
+            }
+            _ => false,
+        };
         let ttx = tgt.transaction().await?;
         let (rows, bytes, bar) = match unit.table {
             Some(table) => {
                 let t = &self.plan.tables[table];
                 let bar = self.progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
+                let copy_in = if freeze {
+                    // Emptied in this transaction, so the rows can be
+                    // written frozen (and, on 14+, all-visible): no
+                    // hint-bit rewrite of every page by the index builds
+                    // and ANALYZE that follow, and no anti-wraparound
+                    // vacuum of the whole table months after the switch.
+                    ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
+                    format!("{} (freeze)", t.copy_in())
+                } else {
+                    t.copy_in()
+                };
                 let (rows, bytes) = copy_between(
                     stx,
                     &format!(
@@ -561,7 +612,7 @@ impl CopyRun<'_> {
                         unit.predicate
                     ),
                     &ttx,
-                    &t.copy_in(),
+                    &copy_in,
                     &|n| self.progress.advance(&bar, n),
                 )
                 .await?;
