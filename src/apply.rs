@@ -64,6 +64,9 @@ pub struct TablePlan {
     /// The copied columns with their base types, as the staging table of
     /// the set-based apply declares them.
     staging_columns: String,
+    /// Whether the delta holds a statement's keys as arrays (see
+    /// `capture::keyed_capture`).
+    key_arrays: bool,
 }
 
 impl TablePlan {
@@ -81,6 +84,43 @@ impl TablePlan {
     /// `copy TABLE (columns) from stdin`.
     pub(crate) fn copy_in(&self) -> String {
         format!("copy {}{} from stdin", self.table, self.column_list())
+    }
+
+    /// The distinct keys changed by the delta rows of `cond`, as a query
+    /// whose columns are named after the keys.
+    fn changed_keys(&self, cond: &str) -> String {
+        let keys = self.keys.join(", ");
+        if !self.key_arrays {
+            return format!(
+                "select distinct {keys} from {} where {cond} and not _pgleap_truncated",
+                self.delta
+            );
+        }
+        let arrays: Vec<String> = self.keys.iter().map(|k| format!("d.{k}")).collect();
+        let unnested: Vec<String> = self.keys.iter().map(|k| format!("u.{k}")).collect();
+        format!(
+            "select distinct {} from {} d, unnest({}) as u({keys})
+             where {cond} and not d._pgleap_truncated",
+            unnested.join(", "),
+            self.delta,
+            arrays.join(", ")
+        )
+    }
+
+    /// How many changed keys (not distinct) the delta rows in scope hold,
+    /// as an aggregate over them: of the rows `filter` keeps, or all rows,
+    /// where a TRUNCATE counts one.
+    fn changes_count(&self, filter: Option<&str>) -> String {
+        match (self.key_arrays, filter) {
+            (false, Some(f)) => format!("count(*) filter (where {f})"),
+            (false, None) => "count(*)".to_string(),
+            (true, Some(f)) => {
+                format!("coalesce(sum(cardinality({})) filter (where {f}), 0)::int8", self.keys[0])
+            }
+            (true, None) => {
+                format!("coalesce(sum(coalesce(cardinality({}), 1)), 0)::int8", self.keys[0])
+            }
+        }
     }
 
     /// The session temp table staging this table's changed rows: named
@@ -232,6 +272,7 @@ impl Plan {
                 copied_under: None,
                 partitioned,
                 staging_columns,
+                key_arrays: c.key_arrays,
             });
         }
         let sequences = relgroup
@@ -550,9 +591,10 @@ async fn pending_counts(stx: &Tx<'_>, plan: &Plan, cond: &str) -> Result<Vec<(i6
         .enumerate()
         .map(|(i, t)| {
             format!(
-                "select {i} as i, count(*) filter (where not _pgleap_truncated) as n,
+                "select {i} as i, {} as n,
                         coalesce(bool_or(_pgleap_truncated), false) as truncated
                  from {} where {}",
+                t.changes_count(Some("not _pgleap_truncated")),
                 t.delta,
                 keyless_cond(t, cond)
             )
@@ -711,14 +753,12 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
         stx,
         &format!(
             "copy (select t.{first} is not null{sep}{select}
-                   from (select distinct {keys} from {delta}
-                         where {cond} and not _pgleap_truncated) k
+                   from ({keys}) k
                    left join {table} t on {on}) to stdout",
             first = t.keys[0],
             sep = if select.is_empty() { "" } else { ", " },
             select = select.join(", "),
-            keys = t.keys.join(", "),
-            delta = t.delta,
+            keys = t.changed_keys(cond),
             table = t.rel(),
             on = key_match(t, "t", "k"),
         ),
@@ -930,8 +970,9 @@ pub async fn pending(src: &Conn, plan: &Plan, target: &str) -> Result<(i64, f64)
         .iter()
         .map(|t| {
             format!(
-                "select count(*) n, min(_pgleap_at) oldest from {} d
+                "select {} n, min(_pgleap_at) oldest from {} d
                  where not coalesce(txid_visible_in_snapshot(d._pgleap_txid, {snapshot}), false)",
+                t.changes_count(None),
                 t.delta
             )
         })

@@ -50,6 +50,10 @@ pub struct Captured {
     pub name: String,
     pub delta: String,
     pub key_columns: Vec<String>,
+    /// Whether the delta holds each statement's keys as arrays (see
+    /// `keyed_capture`); deltas of row triggers, of keys whose type has no
+    /// array type, and of syncs installed before arrays hold one key a row.
+    pub key_arrays: bool,
 }
 
 /// Every trigger name a sync may create on a table: the statement
@@ -214,8 +218,8 @@ async fn install_table(
     let columns = client
         .query(
             &format!(
-                "select a.attname::text, format_type(a.atttypid, a.atttypmod)
-                 from pg_attribute a
+                "select a.attname::text, format_type(a.atttypid, a.atttypmod), t.typarray <> 0
+                 from pg_attribute a join pg_type t on t.oid = a.atttypid
                  where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
                    {}
                  order by a.attnum",
@@ -224,6 +228,12 @@ async fn install_table(
             &[&table],
         )
         .await?;
+    // Keys are recorded as arrays, one row per statement, where every key
+    // column's type has an array type (a domain's has none before 11).
+    let arrays = columns.iter().all(|r| {
+        let name: String = r.get(0);
+        r.get::<_, bool>(2) || !rel.key_columns.contains(&name)
+    });
     let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
     // A statement naming an inheritance parent changes its children's rows
     // too, but fires statement triggers of the parent only (with the
@@ -250,7 +260,7 @@ async fn install_table(
     let mut ddl = match (rel.key_columns.is_empty(), inherited) {
         (true, _) => keyless_capture(&table, &delta, &function, sync_id, &columns),
         (false, false) => {
-            keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
+            keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns, arrays)
         }
         (false, true) => {
             keyed_row_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
@@ -285,13 +295,19 @@ async fn install_table(
     Ok(())
 }
 
-/// The delta table of a keyed table: the key columns with their own types.
-fn keyed_delta(delta: &str, key_columns: &[String], columns: &[(String, String)]) -> String {
+/// The delta table of a keyed table: the key columns with their own types,
+/// or arrays of them (`arrays`: the keys of one statement in one row).
+fn keyed_delta(
+    delta: &str,
+    key_columns: &[String],
+    columns: &[(String, String)],
+    arrays: bool,
+) -> String {
     let key_defs: Vec<String> = key_columns
         .iter()
         .map(|k| {
             let ty = columns.iter().find(|(n, _)| n == k).map_or("text", |(_, t)| t.as_str());
-            format!("{} {ty}", quote_ident(k))
+            format!("{} {ty}{}", quote_ident(k), if arrays { "[]" } else { "" })
         })
         .collect();
     format!(
@@ -341,7 +357,7 @@ fn keyed_row_capture(
              for each row execute procedure {function}();
          create trigger {trunc} after truncate on {table}
              for each statement execute procedure {function}();\n",
-        table_ddl = keyed_delta(delta, key_columns, columns),
+        table_ddl = keyed_delta(delta, key_columns, columns, false),
         list = keys.join(", "),
         old = image("old"),
         new = image("new"),
@@ -351,6 +367,13 @@ fn keyed_row_capture(
 }
 
 /// Statement-level capture of a keyed table: the keys of the changed rows.
+/// With `arrays`, one delta row holds a statement's keys as arrays (one
+/// per key column), split into at most 64 rows by a hash of the key so
+/// that no array nears PostgreSQL's 1 GB limit however many rows the
+/// statement changed: a bulk statement writes a few rows instead of one
+/// per key (measured: docs/BENCHMARKS.md). An UPDATE records its old and
+/// its new keys without merging them (a key change is a delete of the old
+/// key and an insert of the new; apply reads distinct keys).
 fn keyed_capture(
     table: &str,
     delta: &str,
@@ -358,9 +381,22 @@ fn keyed_capture(
     sync_id: i32,
     key_columns: &[String],
     columns: &[(String, String)],
+    arrays: bool,
 ) -> String {
     let key_list: String =
         key_columns.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let keys_of = |transition: &str| {
+        if !arrays {
+            return format!("select pgleap_txid_, {key_list} from {transition}");
+        }
+        let aggregates: Vec<String> =
+            key_columns.iter().map(|k| format!("array_agg({})", quote_ident(k))).collect();
+        format!(
+            "select pgleap_txid_, {} from {transition} group by {}",
+            aggregates.join(", "),
+            chunk_of(key_columns, columns)
+        )
+    };
     let mut ddl = format!(
         "{table_ddl}
          create function {function}() returns trigger
@@ -370,21 +406,27 @@ fn keyed_capture(
              pgleap_txid_ int8 := txid_current();
          begin
              if tg_op = 'INSERT' then
-                 insert into {delta} (_pgleap_txid, {key_list})
-                 select pgleap_txid_, {key_list} from pgleap_new;
+                 insert into {delta} (_pgleap_txid, {key_list}) {new};
              elsif tg_op = 'UPDATE' then
-                 insert into {delta} (_pgleap_txid, {key_list})
-                 select pgleap_txid_, {key_list} from (select {key_list} from pgleap_new
-                                                       union select {key_list} from pgleap_old) k;
+                 insert into {delta} (_pgleap_txid, {key_list}) {update};
              elsif tg_op = 'DELETE' then
-                 insert into {delta} (_pgleap_txid, {key_list})
-                 select pgleap_txid_, {key_list} from pgleap_old;
+                 insert into {delta} (_pgleap_txid, {key_list}) {old};
              else
                  insert into {delta} (_pgleap_txid, _pgleap_truncated) values (pgleap_txid_, true);
              end if;
              return null;
          end $pgleap$;\n",
-        table_ddl = keyed_delta(delta, key_columns, columns),
+        table_ddl = keyed_delta(delta, key_columns, columns, arrays),
+        new = keys_of("pgleap_new"),
+        old = keys_of("pgleap_old"),
+        update = if arrays {
+            format!("{} union all {}", keys_of("pgleap_new"), keys_of("pgleap_old"))
+        } else {
+            format!(
+                "select pgleap_txid_, {key_list} from (select {key_list} from pgleap_new
+                                                       union select {key_list} from pgleap_old) k"
+            )
+        },
     );
     for (trigger, event) in trigger_names(sync_id) {
         let referencing = match event {
@@ -401,6 +443,25 @@ fn keyed_capture(
         ));
     }
     ddl
+}
+
+/// Which of (at most) 64 delta rows a key of one statement goes to: the
+/// key itself modulo 64 for a single integer key (no hashing), else a hash
+/// of its text form.
+fn chunk_of(key_columns: &[String], columns: &[(String, String)]) -> String {
+    let integer = |k: &String| {
+        columns
+            .iter()
+            .any(|(n, t)| n == k && matches!(t.as_str(), "smallint" | "integer" | "bigint"))
+    };
+    match key_columns {
+        [k] if integer(k) => format!("{} % 64", quote_ident(k)),
+        [k] => format!("hashtext({}::text) & 63", quote_ident(k)),
+        _ => {
+            let keys: Vec<String> = key_columns.iter().map(|k| quote_ident(k)).collect();
+            format!("hashtext(row({})::text) & 63", keys.join(", "))
+        }
+    }
 }
 
 /// Row-level capture of a keyless table: whole row images, in event order.
@@ -548,10 +609,15 @@ pub async fn captured(
     let rows = client
         .query(
             &format!(
-                "select schema_name, rel_name, delta_table, key_columns
-                 from {s}.relations where sync_id = $1 order by n"
+                "select r.schema_name, r.rel_name, r.delta_table, r.key_columns,
+                        coalesce((select t.typcategory = 'A'
+                                  from pg_attribute a join pg_type t on t.oid = a.atttypid
+                                  where a.attrelid = to_regclass(format('%I.%I', $2::text,
+                                                                        r.delta_table))
+                                    and a.attname = r.key_columns[1]), false)
+                 from {s}.relations r where r.sync_id = $1 order by r.n"
             ),
-            &[&sync_id],
+            &[&sync_id, &schema],
         )
         .await?;
     let tables = rows
@@ -561,6 +627,7 @@ pub async fn captured(
             name: r.get(1),
             delta: r.get(2),
             key_columns: r.get(3),
+            key_arrays: r.get(4),
         })
         .collect();
     Ok(Some((sync_id, tables)))

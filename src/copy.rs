@@ -35,8 +35,11 @@ use crate::progress::Progress;
 use crate::route::DbConn;
 use crate::schema;
 
-/// Tables estimated above this many rows are split into ranges.
+/// Tables estimated above this many rows, or this many bytes (wide rows:
+/// a table of few rows can still be the copy's longest part), are split
+/// into ranges.
 const SPLIT_ROWS: i64 = 200_000;
+const SPLIT_BYTES: i64 = 64 << 20;
 /// Ranges per worker for a split table.
 const RANGES_PER_JOB: i64 = 4;
 /// Large objects per initial-copy unit.
@@ -420,7 +423,7 @@ async fn plan_units(
 /// table copied whole. A keyless table is never split: its replay skips
 /// the events its copy holds by the one snapshot of its one part.
 async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
-    if t.est_rows < SPLIT_ROWS || jobs < 2 {
+    if (t.est_rows < SPLIT_ROWS && t.est_bytes < SPLIT_BYTES) || jobs < 2 {
         return Ok(None);
     }
     if !t.keys.is_empty()
