@@ -11,12 +11,15 @@
 //!   there; deltas visible in every target's snapshot are purged.
 //! - `d<sync>_<n>`: the delta table of one table: `_pgleap_txid` (of the
 //!   writing transaction), `_pgleap_at`, `_pgleap_truncated`, and the key
-//!   columns with their own names and types (no text round trip for keys).
-//!   The prefix keeps the bookkeeping columns clear of key names like `txid`.
+//!   columns with their own names and types (no text round trip for keys),
+//!   as arrays where a statement trigger records a statement's keys in a
+//!   few rows (see `keyed_capture`). The prefix keeps the bookkeeping
+//!   columns clear of key names like `txid`.
 //!
 //! Triggers are statement-level with transition tables (one per event, as
 //! PostgreSQL requires), so a statement that touches a million rows runs the
-//! trigger once and inserts its keys with one set-based INSERT. An UPDATE
+//! trigger once and inserts its keys with one set-based INSERT, as a few
+//! rows of arrays. An UPDATE
 //! records the old and the new keys (a primary-key change is a delete of the
 //! old key and an insert of the new). TRUNCATE records a marker row.
 //!

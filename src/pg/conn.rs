@@ -270,6 +270,11 @@ impl Sql for Tx<'_> {
 /// `to`, without decoding: memory stays bounded by the sink's buffer.
 /// Returns the rows written and the bytes forwarded, reporting the bytes as
 /// they pass.
+///
+/// The source sends one message per row; rows are gathered into messages
+/// of up to [`COPY_CHUNK`] bytes before they go on, and the bytes reported
+/// in steps of that size: per row, the sink's flushes and the progress
+/// counter cost more than the forwarding (measured: docs/BENCHMARKS.md).
 pub async fn copy_between(
     from: &impl Sql,
     copy_out: &str,
@@ -282,11 +287,24 @@ pub async fn copy_between(
     let mut out = std::pin::pin!(out);
     let mut sink = std::pin::pin!(sink);
     let mut bytes = 0u64;
-    while let Some(chunk) = out.try_next().await.map_err(|e| from.error(e))? {
+    let mut chunk = bytes::BytesMut::with_capacity(COPY_CHUNK);
+    while let Some(row) = out.try_next().await.map_err(|e| from.error(e))? {
+        chunk.extend_from_slice(&row);
+        if chunk.len() >= COPY_CHUNK {
+            bytes += chunk.len() as u64;
+            on_bytes(chunk.len() as u64);
+            sink.feed(chunk.split().freeze()).await.map_err(|e| to.error(e))?;
+            chunk.reserve(COPY_CHUNK);
+        }
+    }
+    if !chunk.is_empty() {
         bytes += chunk.len() as u64;
         on_bytes(chunk.len() as u64);
-        sink.feed(chunk).await.map_err(|e| to.error(e))?;
+        sink.feed(chunk.freeze()).await.map_err(|e| to.error(e))?;
     }
     let rows = sink.as_mut().finish().await.map_err(|e| to.error(e))?;
     Ok((rows, bytes))
 }
+
+/// How many bytes of rows one forwarded COPY message carries.
+const COPY_CHUNK: usize = 64 * 1024;
