@@ -13,12 +13,17 @@
 //! - The ingest ceiling: psql `\copy ... from` local files of the same data
 //!   into tables without indexes (no network hop from the source, no index
 //!   builds).
+//!
+//! With `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap, e.g. the
+//! previous commit's), each round also runs that build's copy, so a change
+//! is measured against what it replaced in the same run.
 
 mod common;
 #[path = "../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
@@ -77,18 +82,26 @@ fn main() {
     let mb = bytes as f64 / 1e6;
     let target = cluster(17);
     let rounds = knob("PGLEAP_BENCH_ROUNDS", 3);
-    let names = [
+    let baseline_bin = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN").map(PathBuf::from);
+    let mut names = vec![
         "pgleap (schema copy + onetimecopy, 2 jobs)",
         "pg_dump -Fc + pg_restore -j 2",
         "pg_dump | psql (the recipe's way)",
         "ceiling: \\copy from local files, no indexes",
     ];
+    if baseline_bin.is_some() {
+        names.push("pgleap, baseline build");
+    }
     let files = tempfile::tempdir().unwrap();
     export_tables(&src, &tables, files.path());
-    let mut runs: [Vec<f64>; 4] = Default::default();
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 1..=rounds {
         eprintln!("round {round}: pgleap ...");
-        runs[0].push(pgleap_copy(&src, target, round));
+        runs[0].push(pgleap_copy(&src, target, round, None));
+        if let Some(bin) = &baseline_bin {
+            eprintln!("round {round}: pgleap, baseline build ...");
+            runs[4].push(pgleap_copy(&src, target, round, Some(bin)));
+        }
         eprintln!("round {round}: pg_dump -Fc, pg_restore -j 2 ...");
         runs[1].push(dump_restore(&src, target, round));
         eprintln!("round {round}: pg_dump | psql ...");
@@ -116,9 +129,17 @@ fn main() {
 }
 
 /// Seconds for pgleap's schema copy and initial copy into a new database.
-fn pgleap_copy(src: &TestDb, target: &'static support::Cluster, round: u64) -> f64 {
+fn pgleap_copy(
+    src: &TestDb,
+    target: &'static support::Cluster,
+    round: u64,
+    bin: Option<&Path>,
+) -> f64 {
     let dst = TestDb::new(target, &format!("copybench_pgleap{round}"));
-    let p = Pgleap::for_clusters(&[src.cluster, target]);
+    let mut p = Pgleap::for_clusters(&[src.cluster, target]);
+    if let Some(bin) = bin {
+        p = p.binary(bin);
+    }
     p.declare(src, &dst, &["--all-tables", "--all-sequences"]);
     let started = Instant::now();
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();

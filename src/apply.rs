@@ -525,7 +525,24 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
             ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
             stats.truncates += 1;
         }
-        let (inserts, deletes) = apply_keyed(stx, ttx, t, &cond, changes, truncated).await?;
+        let (inserts, deletes) = if !truncated && reload_pays(ttx, t, changes).await? {
+            ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
+            let (rows, _) = copy_between(
+                stx,
+                &format!("copy (select {} from {}) to stdout", t.columns, t.rel()),
+                ttx,
+                &t.copy_in(),
+                &|_| {},
+            )
+            .await?;
+            // TRUNCATE forgot the table's statistics: the new server must
+            // not plan blind, and the next backlog needs the row count.
+            ttx.batch_execute(&format!("analyze {}", t.table)).await?;
+            tracing::debug!(table = t.display, changes, rows, "reloaded whole");
+            (rows, 0)
+        } else {
+            apply_keyed(stx, ttx, t, &cond, changes, truncated).await?
+        };
         stats.inserts += inserts;
         stats.deletes += deletes;
         tracing::debug!(
@@ -553,6 +570,44 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     )
     .await?;
     Ok(stats)
+}
+
+/// Fewer changed keys than this are always applied key by key.
+const RELOAD_MIN_CHANGES: i64 = 100_000;
+
+/// Whether a keyed table's backlog is better applied by emptying the table
+/// on the target and copying it whole from the batch's snapshot: when the
+/// changed keys (an updated row counts its old and its new key) reach half
+/// the rows the target holds. Updating a row in place costs about five
+/// times what COPY costs per row (docs/BENCHMARKS.md), so past about a
+/// quarter of the rows updated, reading the whole table is cheaper. Only
+/// where TRUNCATE is allowed (see [`truncatable`]) and the target's row
+/// count is known (analyzed).
+async fn reload_pays(ttx: &Tx<'_>, t: &TablePlan, changes: i64) -> Result<bool> {
+    if changes < RELOAD_MIN_CHANGES {
+        return Ok(false);
+    }
+    let rows: f32 = ttx
+        .query_one("select reltuples from pg_class where oid = $1::text::regclass", &[&t.table])
+        .await?
+        .get(0);
+    Ok(rows > 0.0 && changes as f32 >= rows / 2.0 && truncatable(ttx, t).await?)
+}
+
+/// Whether the role may empty `t` on the target with TRUNCATE: it has the
+/// privilege, and no foreign key references the table (a superuser target
+/// keeps its foreign keys during the sync, and TRUNCATE would refuse).
+pub(crate) async fn truncatable(c: &impl Sql, t: &TablePlan) -> Result<bool> {
+    let row = c
+        .query_one(
+            "select has_table_privilege(c.oid, 'TRUNCATE')
+                    and not exists (select 1 from pg_constraint
+                                    where confrelid = c.oid and contype = 'f')
+             from pg_class c where c.oid = $1::text::regclass",
+            &[&t.table],
+        )
+        .await?;
+    Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
 }
 
 /// Empties on the target the partitions TRUNCATEd by name on the source in

@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::apply::{Plan, TablePlan};
+use crate::apply::{Plan, TablePlan, truncatable};
 use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
 use crate::fidelity;
@@ -515,24 +515,11 @@ async fn key_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<V
 const WHOLE_TABLE: &str = "true";
 
 /// Whether a table copied whole may be emptied and loaded with COPY
-/// FREEZE in one transaction: a plain table (a partitioned one has no rows
-/// of its own to freeze) that the role may truncate and that no foreign
-/// key references (TRUNCATE would refuse). Asked before the transaction:
-/// COPY FREEZE refuses to run after other activity in it.
+/// FREEZE in one transaction: not a partitioned table (it has no rows of
+/// its own to freeze), and one the role may truncate. Asked before the
+/// transaction: COPY FREEZE refuses to run after other activity in it.
 async fn may_freeze(tgt: &Conn, t: &TablePlan) -> Result<bool> {
-    if t.partitioned {
-        return Ok(false);
-    }
-    let row = tgt
-        .query_one(
-            "select c.relkind = 'r' and has_table_privilege(c.oid, 'TRUNCATE')
-                    and not exists (select 1 from pg_constraint
-                                    where confrelid = c.oid and contype = 'f')
-             from pg_class c where c.oid = $1::text::regclass",
-            &[&t.table],
-        )
-        .await?;
-    Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+    Ok(!t.partitioned && truncatable(tgt, t).await?)
 }
 
 /// One initial copy in progress: what every worker shares.
