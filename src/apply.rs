@@ -525,7 +525,13 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
             ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
             stats.truncates += 1;
         }
-        let (inserts, deletes) = if !truncated && reload_pays(ttx, t, changes).await? {
+        let reload = !truncated && reload_pays(ttx, t, changes).await?;
+        if changes >= LARGE_BACKLOG {
+            // A catch-up can take minutes in one table: say so as it starts.
+            let how = if reload { "reloading the table whole" } else { "key by key" };
+            tracing::info!(table = t.display, changes, how, "applying a large backlog");
+        }
+        let (inserts, deletes) = if reload {
             ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
             let (rows, _) = copy_between(
                 stx,
@@ -538,21 +544,18 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
             // TRUNCATE forgot the table's statistics: the new server must
             // not plan blind, and the next backlog needs the row count.
             ttx.batch_execute(&format!("analyze {}", t.table)).await?;
-            tracing::debug!(table = t.display, changes, rows, "reloaded whole");
             (rows, 0)
         } else {
             apply_keyed(stx, ttx, t, &cond, changes, truncated).await?
         };
         stats.inserts += inserts;
         stats.deletes += deletes;
-        tracing::debug!(
-            table = t.display,
-            changes,
-            inserts,
-            deletes,
-            ms = step.elapsed().as_millis() as u64,
-            "applied"
-        );
+        let ms = step.elapsed().as_millis() as u64;
+        if changes >= LARGE_BACKLOG {
+            tracing::info!(table = t.display, changes, inserts, deletes, ms, "applied");
+        } else {
+            tracing::debug!(table = t.display, changes, inserts, deletes, ms, "applied");
+        }
     }
 
     for seq in &plan.sequences {
@@ -571,6 +574,10 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
     .await?;
     Ok(stats)
 }
+
+/// A table's backlog from this many changed keys is logged as it starts
+/// and ends (at info; smaller ones at debug).
+const LARGE_BACKLOG: i64 = RELOAD_MIN_CHANGES;
 
 /// Fewer changed keys than this are always applied key by key.
 const RELOAD_MIN_CHANGES: i64 = 100_000;

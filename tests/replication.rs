@@ -596,9 +596,10 @@ fn a_backlog_covering_most_of_a_table_reloads_it_pg15_to_pg17() {
          insert into big select g, 'new', g from generate_series(200001, 210000) g;
          update small set v = 'w' where id <= 10;",
     );
-    let out = p.run(&["-v", "kick", "s", "--wait", "60"]);
+    let out = p.run(&["kick", "s", "--wait", "60"]);
     out.ok();
-    assert!(out.stderr.contains("reloaded whole"), "big was not reloaded:\n{out}");
+    // Said as it starts: a large backlog can take minutes in one table.
+    assert!(out.stderr.contains("reloading the table whole"), "big was not reloaded:\n{out}");
     let tables = [("big", "id"), ("small", "id")];
     assert_same(&s, &dst.sql(), &tables);
     // TRUNCATE forgets statistics; the reload analyzes the table again.
@@ -606,8 +607,8 @@ fn a_backlog_covering_most_of_a_table_reloads_it_pg15_to_pg17() {
     let stats = "select reltuples between 110000 and 126000 from pg_class where relname = 'big'";
     assert_eq!(dst.sql().value(stats), "t", "big has no statistics after its reload");
     s.exec("update big set v = 'again' where id < 100");
-    let out = p.run(&["-v", "kick", "s", "--wait", "60"]);
+    let out = p.run(&["kick", "s", "--wait", "60"]);
     out.ok();
-    assert!(!out.stderr.contains("reloaded whole"), "a small batch reloaded big:\n{out}");
+    assert!(!out.stderr.contains("reloading"), "a small batch reloaded big:\n{out}");
     assert_same(&s, &dst.sql(), &tables);
 }
