@@ -32,7 +32,7 @@ use crate::large_objects::{self, Pass};
 use crate::pg::{Conn, Sql, Tx, copy_between, qualified, quote_ident, quote_literal};
 
 /// Advisory lock class for "one applier per sync on this target" ('pglp').
-const LOCK_CLASS: i32 = 0x70676c70;
+pub(crate) const LOCK_CLASS: i32 = 0x70676c70;
 /// Advisory lock class for "one initial copy per sync on this target" ('pglc').
 pub const COPY_LOCK_CLASS: i32 = 0x70676c63;
 
@@ -354,7 +354,7 @@ impl Plan {
 
     /// Refuses to apply rows to tables whose columns changed on the source
     /// since the plan was read: the rows would silently lose the change.
-    async fn check_shape(&self, stx: &Tx<'_>) -> Result<()> {
+    pub(crate) async fn check_shape(&self, stx: &Tx<'_>) -> Result<()> {
         if self.shape_on(stx, BY_OID).await? == self.shape_ids {
             return Ok(());
         }
@@ -385,6 +385,12 @@ impl Plan {
             }
             None => "true".into(),
         }
+    }
+
+    /// Whether TRUNCATEs naming one partition are captured (the sync has a
+    /// partitioned table).
+    pub(crate) fn has_partition_truncates(&self) -> bool {
+        self.partition_truncates.is_some()
     }
 
     /// Whether the source has deltas the snapshot `prev` did not see. Cheap:
@@ -438,19 +444,25 @@ pub async fn applied_snapshot(tgt: &Conn, plan: &Plan) -> Result<Option<String>>
 /// Applies one batch: everything the source committed since the target's
 /// last batch, as of one source snapshot.
 /// With `lo`, the batch also runs a large-object pass of that kind; with
-/// `purge_due`, it purges the deltas every target has applied.
+/// `purge_due`, it purges the deltas every target has applied; with
+/// `catch_up_at`, a batch that large is not applied (`None`: see
+/// [`crate::catchup`]).
 pub async fn apply_batch(
     src: &mut Conn,
     tgt: &mut Conn,
     plan: &Plan,
     lo: Option<Pass>,
     purge_due: bool,
-) -> Result<BatchStats> {
+    catch_up_at: Option<i64>,
+) -> Result<Option<BatchStats>> {
     let started = Instant::now();
     let target_name = tgt.name().to_string();
-    let s = quote_ident(&plan.schema);
     let (stx, ttx) = begin_batch(src, tgt, plan).await?;
-    let mut stats = apply_within(&stx, &ttx, plan).await?;
+    let Some(mut stats) = apply_within(&stx, &ttx, plan, catch_up_at).await? else {
+        ttx.rollback().await?;
+        stx.rollback().await?;
+        return Ok(None);
+    };
     if let Some(mode) = lo.filter(|_| plan.large_objects) {
         let pass = large_objects::pass(&stx, &ttx, &plan.schema, &plan.sync, mode).await?;
         stats.large_objects = Some(pass);
@@ -458,6 +470,21 @@ pub async fn apply_batch(
     ttx.commit().await?;
     stx.commit().await?;
 
+    record_consumer(src, plan, &target_name, &stats.snapshot, purge_due).await?;
+    stats.millis = started.elapsed().as_millis() as i64;
+    Ok(Some(stats))
+}
+
+/// Records on the source that `target` has applied `snapshot`, and purges
+/// the deltas every target has applied when `purge_due`.
+pub(crate) async fn record_consumer(
+    src: &mut Conn,
+    plan: &Plan,
+    target_name: &str,
+    snapshot: &str,
+    purge_due: bool,
+) -> Result<()> {
+    let s = quote_ident(&plan.schema);
     // Not atomic with the target, and need not be: the target's marker is
     // the truth; this one only decides what may be purged (and what status
     // calls pending), and a stale value purges less. So it is written
@@ -468,9 +495,9 @@ pub async fn apply_batch(
         "set local synchronous_commit = off;
          update {s}.consumer set snapshot = {}, updated_at = now()
          where sync_id = {} and target = {};",
-        quote_literal(&stats.snapshot),
+        quote_literal(snapshot),
         plan.sync_id,
-        quote_literal(&target_name)
+        quote_literal(target_name)
     );
     if purge_due {
         bookkeeping.push_str(&purge(plan));
@@ -478,8 +505,7 @@ pub async fn apply_batch(
     let tx = src.transaction().await?;
     tx.batch_execute(&bookkeeping).await?;
     tx.commit().await?;
-    stats.millis = started.elapsed().as_millis() as i64;
-    Ok(stats)
+    Ok(())
 }
 
 /// Opens a batch: the target transaction, holding the sync's applier lock,
@@ -496,8 +522,15 @@ pub async fn begin_batch<'a>(
 }
 
 /// Brings the target, inside `ttx`, to the state of the source in `stx`'s
-/// snapshot, and records that snapshot as applied (in `ttx` too).
-pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<BatchStats> {
+/// snapshot, and records that snapshot as applied (in `ttx` too). With
+/// `catch_up_at`, a batch of that many changed keys or more is left to
+/// [`crate::catchup`]: nothing is written and `None` returned.
+pub async fn apply_within(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    plan: &Plan,
+    catch_up_at: Option<i64>,
+) -> Result<Option<BatchStats>> {
     let s = quote_ident(&plan.schema);
     let mut stats = BatchStats::default();
     let prev: Option<String> = ttx
@@ -512,67 +545,98 @@ pub async fn apply_within(stx: &Tx<'_>, ttx: &Tx<'_>, plan: &Plan) -> Result<Bat
         stats.truncates += truncate_partitions(stx, ttx, truncates, &cond).await?;
     }
     let counts = pending_counts(stx, plan, &cond).await?;
-    for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
-        if changes == 0 && !truncated {
-            continue;
-        }
-        if t.keys.is_empty() {
-            apply_keyless(stx, ttx, t, &cond, &mut stats).await?;
-            continue;
-        }
-        let step = Instant::now();
-        if truncated {
-            ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
-            stats.truncates += 1;
-        }
-        let reload = !truncated && reload_pays(ttx, t, changes).await?;
-        if changes >= LARGE_BACKLOG {
-            // A catch-up can take minutes in one table: say so as it starts.
-            let how = if reload { "reloading the table whole" } else { "key by key" };
-            tracing::info!(table = t.display, changes, how, "applying a large backlog");
-        }
-        let (inserts, deletes) = if reload {
-            ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
-            let (rows, _) = copy_between(
-                stx,
-                &format!("copy (select {} from {}) to stdout", t.columns, t.rel()),
-                ttx,
-                &t.copy_in(),
-                &|_| {},
-            )
-            .await?;
-            // TRUNCATE forgot the table's statistics: the new server must
-            // not plan blind, and the next backlog needs the row count.
-            ttx.batch_execute(&format!("analyze {}", t.table)).await?;
-            (rows, 0)
-        } else {
-            apply_keyed(stx, ttx, t, &cond, changes, truncated).await?
-        };
-        stats.inserts += inserts;
-        stats.deletes += deletes;
-        let ms = step.elapsed().as_millis() as u64;
-        if changes >= LARGE_BACKLOG {
-            tracing::info!(table = t.display, changes, inserts, deletes, ms, "applied");
-        } else {
-            tracing::debug!(table = t.display, changes, inserts, deletes, ms, "applied");
-        }
+    let keyed: i64 =
+        plan.tables.iter().zip(&counts).filter(|(t, _)| !t.keys.is_empty()).map(|(_, c)| c.0).sum();
+    if catch_up_at.is_some_and(|n| keyed >= n) && !plan.has_partition_truncates() {
+        return Ok(None);
     }
+    for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
+        apply_table(stx, ttx, t, &cond, changes, truncated, &mut stats).await?;
+    }
+    finish_batch(stx, ttx, plan, &stats.snapshot).await?;
+    Ok(Some(stats))
+}
 
+/// Brings one table, inside `ttx`, to the state of the source in `stx`'s
+/// snapshot: the changes of `cond` on its delta, of which `changes` keys
+/// (or events), and whether one was a TRUNCATE, as [`pending_counts`] says.
+pub(crate) async fn apply_table(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    t: &TablePlan,
+    cond: &str,
+    changes: i64,
+    truncated: bool,
+    stats: &mut BatchStats,
+) -> Result<()> {
+    if changes == 0 && !truncated {
+        return Ok(());
+    }
+    if t.keys.is_empty() {
+        return apply_keyless(stx, ttx, t, cond, stats).await;
+    }
+    let step = Instant::now();
+    if truncated {
+        ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
+        stats.truncates += 1;
+    }
+    let reload = !truncated && reload_pays(ttx, t, changes).await?;
+    if changes >= LARGE_BACKLOG {
+        // A catch-up can take minutes in one table: say so as it starts.
+        let how = if reload { "reloading the table whole" } else { "key by key" };
+        tracing::info!(table = t.display, changes, how, "applying a large backlog");
+    }
+    let (inserts, deletes) = if reload {
+        ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
+        let (rows, _) = copy_between(
+            stx,
+            &format!("copy (select {} from {}) to stdout", t.columns, t.rel()),
+            ttx,
+            &t.copy_in(),
+            &|_| {},
+        )
+        .await?;
+        // TRUNCATE forgot the table's statistics: the new server must not
+        // plan blind, and the next backlog needs the row count.
+        ttx.batch_execute(&format!("analyze {}", t.table)).await?;
+        (rows, 0)
+    } else {
+        apply_keyed(stx, ttx, t, cond, changes, truncated).await?
+    };
+    stats.inserts += inserts;
+    stats.deletes += deletes;
+    let ms = step.elapsed().as_millis() as u64;
+    if changes >= LARGE_BACKLOG {
+        tracing::info!(table = t.display, changes, inserts, deletes, ms, "applied");
+    } else {
+        tracing::debug!(table = t.display, changes, inserts, deletes, ms, "applied");
+    }
+    Ok(())
+}
+
+/// Ends a batch inside `ttx`: the relgroup's sequences as `stx` sees them,
+/// and `snapshot` recorded as applied.
+pub(crate) async fn finish_batch(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    plan: &Plan,
+    snapshot: &str,
+) -> Result<()> {
     for seq in &plan.sequences {
         let row = stx.query_one(&format!("select last_value, is_called from {seq}"), &[]).await?;
         let (value, called): (i64, bool) = (row.get(0), row.get(1));
         ttx.execute("select setval($1::text::regclass, $2, $3)", &[seq, &value, &called]).await?;
     }
-
     ttx.execute(
         &format!(
-            "insert into {s}.applied (sync, snapshot) values ($1, $2)
-             on conflict (sync) do update set snapshot = excluded.snapshot, applied_at = now()"
+            "insert into {}.applied (sync, snapshot) values ($1, $2)
+             on conflict (sync) do update set snapshot = excluded.snapshot, applied_at = now()",
+            quote_ident(&plan.schema)
         ),
-        &[&plan.sync, &stats.snapshot],
+        &[&plan.sync, &snapshot],
     )
     .await?;
-    Ok(stats)
+    Ok(())
 }
 
 /// A table's backlog from this many changed keys is logged as it starts
@@ -643,7 +707,7 @@ async fn truncate_partitions(
 /// Per table of the plan, in order: the changes pending in the batch and
 /// whether one was a TRUNCATE. One query for all tables: most batches
 /// touch few of them.
-async fn pending_counts(stx: &Tx<'_>, plan: &Plan, cond: &str) -> Result<Vec<(i64, bool)>> {
+pub(crate) async fn pending_counts(stx: &Tx<'_>, plan: &Plan, cond: &str) -> Result<Vec<(i64, bool)>> {
     if plan.tables.is_empty() {
         return Ok(Vec::new());
     }

@@ -330,7 +330,7 @@ async fn drain(catalog: &mut Catalog, session: &mut Session, env: Env<'_>) -> Re
     // Large objects have no trigger to say what changed: one more batch
     // looks at every one of them.
     let started = Instant::now();
-    session.batch_with_all_large_objects().await?;
+    session.batch_with_all_large_objects(env).await?;
     Ok(Some(started.elapsed().as_millis() as i64))
 }
 

@@ -125,7 +125,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             let s = session.as_mut().unwrap();
             let due = last_batch.is_none_or(|t| t.elapsed() >= HEARTBEAT);
             if due || s.large_objects_due() || s.has_changes().await? {
-                return Ok(Some(s.batch().await?));
+                return Ok(Some(s.batch(env).await?));
             }
             Ok(None)
         }

@@ -40,6 +40,7 @@
 mod apply;
 mod capture;
 mod catalog;
+mod catchup;
 pub mod cli;
 mod copy;
 mod cutover;

@@ -12,6 +12,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::apply::{self, BatchStats, Plan};
 use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
+use crate::catchup;
 use crate::copy;
 use crate::error::{Error, Result};
 use crate::evolve;
@@ -45,6 +46,8 @@ pub struct Session {
     lo_cursor: u32,
     /// When this session last purged applied deltas on the source.
     last_purge: Option<Instant>,
+    /// Workers of a catch-up (and of the initial copy).
+    jobs: usize,
 }
 
 impl Session {
@@ -80,6 +83,7 @@ impl Session {
             last_lo_pass: None,
             lo_cursor: 0,
             last_purge: None,
+            jobs: default_jobs(),
         })
     }
 
@@ -91,6 +95,7 @@ impl Session {
         env: Env<'_>,
     ) -> Result<Session> {
         let mut session = Session::connect(route, target, env).await?;
+        session.jobs = jobs;
         session.ensure_initial_copy(jobs, env).await?;
         Ok(session)
     }
@@ -166,23 +171,48 @@ impl Session {
 
     /// Applies one batch; every `lo_interval` seconds it also runs an
     /// incremental large-object pass.
-    pub async fn batch(&mut self) -> Result<BatchStats> {
+    pub async fn batch(&mut self, env: Env<'_>) -> Result<BatchStats> {
         let lo = self.large_objects_due().then_some(Pass::After(self.lo_cursor));
-        self.batch_with(lo).await
+        self.batch_with(lo, env).await
     }
 
     /// Applies one batch with a full large-object pass: every object
     /// brought exactly to the batch's snapshot (cutover's last pass).
-    pub async fn batch_with_all_large_objects(&mut self) -> Result<BatchStats> {
-        self.batch_with(Some(Pass::Full)).await
+    pub async fn batch_with_all_large_objects(&mut self, env: Env<'_>) -> Result<BatchStats> {
+        self.batch_with(Some(Pass::Full), env).await
     }
 
-    async fn batch_with(&mut self, lo: Option<Pass>) -> Result<BatchStats> {
+    /// One batch, or a catch-up when the backlog is large (see `catchup`).
+    async fn apply_once(
+        &mut self,
+        lo: Option<Pass>,
+        purge: bool,
+        env: Env<'_>,
+    ) -> Result<BatchStats> {
+        let (src, tgt, plan) = (&mut self.src, &mut self.tgt, &self.plan);
+        if let Some(stats) =
+            apply::apply_batch(src, tgt, plan, lo, purge, Some(catchup::CATCH_UP_KEYS)).await?
+        {
+            return Ok(stats);
+        }
+        let workers = catchup::Workers {
+            source: &self.source,
+            target: &self.target,
+            jobs: self.jobs,
+            env,
+        };
+        if let Some(stats) = catchup::run(src, tgt, plan, &workers, lo, purge).await? {
+            return Ok(stats);
+        }
+        let stats = apply::apply_batch(src, tgt, plan, lo, purge, None).await?;
+        Ok(stats.expect("a batch without a catch-up limit is always applied"))
+    }
+
+    async fn batch_with(&mut self, lo: Option<Pass>, env: Env<'_>) -> Result<BatchStats> {
         // Purging deletes on the source: once a second is enough to keep
         // the deltas small, and spares a busy source a delete per batch.
         let purge = self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY);
-        let stats =
-            match apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await {
+        let stats = match self.apply_once(lo, purge, env).await {
                 Err(Error::SchemaChanged { .. }) => {
                     // Columns changed on the source: followed when they can be
                     // (the target gets them and the plan is read again), else
@@ -193,7 +223,7 @@ impl Session {
                     self.plan.note_copies(&self.tgt).await?;
                     self.plan.check_target(&self.tgt).await?;
                     evolve::record(&self.tgt, &self.plan).await?;
-                    apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
+                    self.apply_once(lo, purge, env).await?
                 }
                 Err(e)
                     if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
@@ -206,7 +236,7 @@ impl Session {
                     {
                         return Err(e);
                     }
-                    apply::apply_batch(&mut self.src, &mut self.tgt, &self.plan, lo, purge).await?
+                    self.apply_once(lo, purge, env).await?
                 }
                 other => other?,
             };
@@ -274,7 +304,7 @@ impl Session {
         loop {
             // A batch's snapshot is taken after `until`, so it covers it;
             // the check keeps that true whatever the caller passed.
-            let stats = self.batch().await?;
+            let stats = self.batch(env).await?;
             if apply::covers(&self.src, &stats.snapshot, until).await? {
                 return Ok(stats);
             }

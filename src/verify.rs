@@ -239,7 +239,7 @@ pub async fn verify_sync(
 /// and both sides compared in the batch's two transactions.
 pub async fn compare_live(session: &mut Session, only: &[String]) -> Result<Vec<TableReport>> {
     let (stx, ttx) = apply::begin_batch(&mut session.src, &mut session.tgt, &session.plan).await?;
-    apply::apply_within(&stx, &ttx, &session.plan).await?;
+    apply::apply_within(&stx, &ttx, &session.plan, None).await?;
     if session.plan.large_objects {
         let (schema, sync) = (&session.plan.schema, &session.plan.sync);
         large_objects::pass(&stx, &ttx, schema, sync, large_objects::Pass::Full).await?;
