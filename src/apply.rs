@@ -446,7 +446,7 @@ pub async fn applied_snapshot(tgt: &Conn, plan: &Plan) -> Result<Option<String>>
 /// With `lo`, the batch also runs a large-object pass of that kind; with
 /// `purge_due`, it purges the deltas every target has applied; with
 /// `catch_up_at`, a batch that large is not applied (`None`: see
-/// [`crate::catchup`]).
+/// [`crate::backlog`]).
 pub async fn apply_batch(
     src: &mut Conn,
     tgt: &mut Conn,
@@ -524,7 +524,7 @@ pub async fn begin_batch<'a>(
 /// Brings the target, inside `ttx`, to the state of the source in `stx`'s
 /// snapshot, and records that snapshot as applied (in `ttx` too). With
 /// `catch_up_at`, a batch of that many changed keys or more is left to
-/// [`crate::catchup`]: nothing is written and `None` returned.
+/// [`crate::backlog`]: nothing is written and `None` returned.
 pub async fn apply_within(
     stx: &Tx<'_>,
     ttx: &Tx<'_>,

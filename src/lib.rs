@@ -38,9 +38,9 @@
 //! interface. See docs/ARCHITECTURE.md for the decisions behind them.
 
 mod apply;
+mod backlog;
 mod capture;
 mod catalog;
-mod catchup;
 pub mod cli;
 mod copy;
 mod cutover;

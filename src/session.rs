@@ -12,7 +12,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::apply::{self, BatchStats, Plan};
 use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
-use crate::catchup;
+use crate::backlog;
 use crate::copy;
 use crate::error::{Error, Result};
 use crate::evolve;
@@ -182,7 +182,7 @@ impl Session {
         self.batch_with(Some(Pass::Full), env).await
     }
 
-    /// One batch, or a catch-up when the backlog is large (see `catchup`).
+    /// One batch, or a catch-up when the backlog is large (see `backlog`).
     async fn apply_once(
         &mut self,
         lo: Option<Pass>,
@@ -191,17 +191,17 @@ impl Session {
     ) -> Result<BatchStats> {
         let (src, tgt, plan) = (&mut self.src, &mut self.tgt, &self.plan);
         if let Some(stats) =
-            apply::apply_batch(src, tgt, plan, lo, purge, Some(catchup::CATCH_UP_KEYS)).await?
+            apply::apply_batch(src, tgt, plan, lo, purge, Some(backlog::CATCH_UP_KEYS)).await?
         {
             return Ok(stats);
         }
-        let workers = catchup::Workers {
+        let workers = backlog::Workers {
             source: &self.source,
             target: &self.target,
             jobs: self.jobs,
             env,
         };
-        if let Some(stats) = catchup::run(src, tgt, plan, &workers, lo, purge).await? {
+        if let Some(stats) = backlog::run(src, tgt, plan, &workers, lo, purge).await? {
             return Ok(stats);
         }
         let stats = apply::apply_batch(src, tgt, plan, lo, purge, None).await?;

@@ -1,5 +1,5 @@
-//! Catch-up: a large backlog applied table by table, by several workers,
-//! each table in a target transaction of its own.
+//! A large backlog, applied as a catch-up: table by table, by several
+//! workers, each table in a target transaction of its own.
 //!
 //! A normal batch is one target transaction for every table (the target is
 //! always a snapshot of the source). A backlog of millions of keys — what
