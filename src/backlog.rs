@@ -37,7 +37,7 @@ use crate::apply::{
 };
 use crate::error::{Error, Result};
 use crate::large_objects::{self, Pass};
-use crate::pg::{Conn, Env, Sql, quote_ident, quote_literal};
+use crate::pg::{Conn, Env, Sql, quote_ident};
 use crate::route::DbConn;
 
 /// Changed keys (over every keyed table of a batch) from which the batch
@@ -92,9 +92,7 @@ async fn locked(
     let from = prev.clone().unwrap_or_default();
     let cond = Plan::pending(prev.as_deref());
     let ctx = src.snapshot().await?;
-    let row =
-        ctx.query_one("select pg_export_snapshot(), txid_current_snapshot()::text", &[]).await?;
-    let (exported, snapshot): (String, String) = (row.get(0), row.get(1));
+    let (exported, snapshot) = ctx.export_snapshot().await?;
     plan.check_shape(&ctx).await?;
     let counts = pending_counts(&ctx, plan, &cond).await?;
     let keyed: i64 =
@@ -204,9 +202,7 @@ impl Job<'_> {
         // the role may not say so, they were set aside).
         tgt.batch_execute("set pgleap.applying = on").await?;
         let _ = tgt.batch_execute("set session_replication_role = replica").await;
-        let stx = src.snapshot().await?;
-        stx.batch_execute(&format!("set transaction snapshot {}", quote_literal(self.exported)))
-            .await?;
+        let stx = src.imported_snapshot(self.exported).await?;
         let s = quote_ident(&self.plan.schema);
         loop {
             // The guard must go before the await: other workers take it.

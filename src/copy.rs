@@ -30,7 +30,7 @@ use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
 use crate::fidelity;
 use crate::large_objects;
-use crate::pg::{Conn, Env, Sql, Tx, copy_between, quote_ident, quote_literal};
+use crate::pg::{Conn, Env, Sql, Tx, copy_between, quote_ident};
 use crate::progress::Progress;
 use crate::route::DbConn;
 use crate::schema;
@@ -92,9 +92,7 @@ pub async fn initial_copy(
     // The coordinator holds the exported snapshot until every worker is done.
     let mut coordinator = source.connect(env).await?;
     let ctx = coordinator.snapshot().await?;
-    let row =
-        ctx.query_one("select pg_export_snapshot(), txid_current_snapshot()::text", &[]).await?;
-    let (exported, snapshot): (String, String) = (row.get(0), row.get(1));
+    let (exported, snapshot) = ctx.export_snapshot().await?;
 
     let planned: i64 = tgt
         .query_one(&format!("select count(*) from {s}.copy_units where sync = $1"), &[&plan.sync])
@@ -555,9 +553,7 @@ impl CopyRun<'_> {
         let _ = tgt.batch_execute("set session_replication_role = replica").await;
         tgt.batch_execute("set pgleap.applying = on").await?;
         tgt.batch_execute(INDEX_BUILD_MEMORY).await?;
-        let stx = src.snapshot().await?;
-        stx.batch_execute(&format!("set transaction snapshot {}", quote_literal(self.exported)))
-            .await?;
+        let stx = src.imported_snapshot(self.exported).await?;
         while let Some(unit) = self.next_unit() {
             let copied = self.copy_unit(&stx, &mut tgt, &unit).await?;
             if let Some(table) = unit.table.filter(|_| copied) {

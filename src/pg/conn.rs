@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, CopyInSink, CopyOutStream, GenericClient, IsolationLevel, Row};
 
 use super::conninfo::{ConnParams, Env, PasswordSource, ResolveError, ResolvedConn};
-use super::{ConnectError, PgVersion, error_chain};
+use super::{ConnectError, PgVersion, error_chain, quote_literal};
 
 /// A failure talking to one database, named by its catalog name.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +140,15 @@ impl Conn {
         }
     }
 
+    /// A [`Conn::snapshot`] transaction that sees what the transaction
+    /// that exported `exported` (see [`Tx::export_snapshot`]) sees: the
+    /// workers of one copy or catch-up read one snapshot.
+    pub async fn imported_snapshot(&mut self, exported: &str) -> Result<Tx<'_>, PgError> {
+        let tx = self.snapshot().await?;
+        tx.batch_execute(&format!("set transaction snapshot {}", quote_literal(exported))).await?;
+        Ok(tx)
+    }
+
     /// A read-only REPEATABLE READ transaction: one snapshot for all it reads.
     pub async fn snapshot(&mut self) -> Result<Tx<'_>, PgError> {
         let (name, version) = (self.name.clone(), self.version);
@@ -251,6 +260,18 @@ impl Sql for Conn {
     }
     fn version(&self) -> PgVersion {
         self.version
+    }
+}
+
+impl Tx<'_> {
+    /// Exports this transaction's snapshot for other sessions to import
+    /// ([`Conn::imported_snapshot`]): (the exported name, the same snapshot
+    /// as txid_snapshot text, which bounds what it saw of the deltas).
+    pub async fn export_snapshot(&self) -> Result<(String, String), PgError> {
+        let row = self
+            .query_one("select pg_export_snapshot(), txid_current_snapshot()::text", &[])
+            .await?;
+        Ok((row.get(0), row.get(1)))
     }
 }
 
