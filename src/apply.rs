@@ -1036,24 +1036,33 @@ async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Resu
     Ok(())
 }
 
-/// The statements purging the deltas every target has applied: those of
-/// transactions below the oldest target snapshot's xmin, which were
-/// finished, hence visible, for every target. Deltas above it wait for a
-/// later batch; while a target has applied nothing yet the bound is NULL,
-/// which deletes nothing.
+/// The deletes of the deltas every target has applied: those visible in
+/// every consumer's snapshot (a batch applies exactly what its snapshot
+/// sees). Not "below every snapshot's xmin": a long transaction anywhere
+/// on the source (a pg_dump, a report) holds xmin back, and the deltas
+/// would pile up for as long as it runs. The xmax bound lets the BRIN
+/// index skip the newer ranges. Nothing goes while a target has applied
+/// nothing (its snapshot is NULL).
 fn purge(plan: &Plan) -> String {
-    let bound = format!(
-        "(select case when bool_or(snapshot is null) then null
-                      else min(txid_snapshot_xmin(snapshot::txid_snapshot)) end
-          from {}.consumer where sync_id = {})",
-        quote_ident(&plan.schema),
-        plan.sync_id
-    );
+    let s = quote_ident(&plan.schema);
+    let id = plan.sync_id;
     plan.tables
         .iter()
         .map(|t| &t.delta)
         .chain(&plan.partition_truncates)
-        .map(|delta| format!("delete from {delta} where _pgleap_txid < {bound};\n"))
+        .map(|delta| {
+            format!(
+                "delete from {delta} d
+                 where d._pgleap_txid < (select min(txid_snapshot_xmax(snapshot::txid_snapshot))
+                                         from {s}.consumer where sync_id = {id})
+                   and not exists (
+                       select 1 from {s}.consumer c
+                       where c.sync_id = {id}
+                         and (c.snapshot is null
+                              or not txid_visible_in_snapshot(d._pgleap_txid,
+                                                              c.snapshot::txid_snapshot)));\n"
+            )
+        })
         .collect()
 }
 

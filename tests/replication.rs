@@ -464,7 +464,8 @@ fn rows_swapping_a_unique_value_and_mixed_changes_apply_in_one_batch_pg15_to_pg1
     assert_same(&src.sql(), &dst.sql(), &[("u", "id")]);
 }
 
-/// Applied deltas are purged from the source; a target that has applied
+/// Applied deltas are purged from the source, even while a long
+/// transaction holds the source's xmin back; a target that has applied
 /// nothing yet keeps them all.
 #[test]
 fn applied_deltas_are_purged_and_kept_for_a_target_behind_pg15_to_pg17() {
@@ -490,9 +491,14 @@ fn applied_deltas_are_purged_and_kept_for_a_target_behind_pg15_to_pg17() {
     assert_same(&src.sql(), &dst.sql(), &[("p", "id")]);
     assert_eq!(src.sql().value(&pending), "100", "deltas purged before every target had them");
     src.sql().exec("delete from pgleap.consumer where target = 'behind'");
+    // A long transaction that has written (or asked for its id, as here):
+    // every snapshot's xmin stays below every delta written from now on.
+    let long = src.sql();
+    long.exec("begin; select txid_current()");
     src.sql().exec("insert into p values (101, 'w')");
     p.run(&["kick", "s", "--wait", "60"]).ok();
     assert_eq!(src.sql().value(&pending), "0", "applied deltas were not purged");
+    long.exec("commit");
     assert_same(&src.sql(), &dst.sql(), &[("p", "id")]);
 }
 
