@@ -707,7 +707,11 @@ async fn truncate_partitions(
 /// Per table of the plan, in order: the changes pending in the batch and
 /// whether one was a TRUNCATE. One query for all tables: most batches
 /// touch few of them.
-pub(crate) async fn pending_counts(stx: &Tx<'_>, plan: &Plan, cond: &str) -> Result<Vec<(i64, bool)>> {
+pub(crate) async fn pending_counts(
+    stx: &Tx<'_>,
+    plan: &Plan,
+    cond: &str,
+) -> Result<Vec<(i64, bool)>> {
     if plan.tables.is_empty() {
         return Ok(Vec::new());
     }

@@ -32,8 +32,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::apply::{
-    self, BatchStats, LOCK_CLASS, Plan, apply_table, finish_batch, pending_counts,
-    record_consumer,
+    self, BatchStats, LOCK_CLASS, Plan, apply_table, finish_batch, pending_counts, record_consumer,
 };
 use crate::error::{Error, Result};
 use crate::large_objects::{self, Pass};

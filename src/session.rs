@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 
 use crate::apply::{self, BatchStats, Plan};
-use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
 use crate::backlog;
+use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
 use crate::copy;
 use crate::error::{Error, Result};
 use crate::evolve;
@@ -195,12 +195,8 @@ impl Session {
         {
             return Ok(stats);
         }
-        let workers = backlog::Workers {
-            source: &self.source,
-            target: &self.target,
-            jobs: self.jobs,
-            env,
-        };
+        let workers =
+            backlog::Workers { source: &self.source, target: &self.target, jobs: self.jobs, env };
         if let Some(stats) = backlog::run(src, tgt, plan, &workers, lo, purge).await? {
             return Ok(stats);
         }
@@ -213,33 +209,33 @@ impl Session {
         // the deltas small, and spares a busy source a delete per batch.
         let purge = self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY);
         let stats = match self.apply_once(lo, purge, env).await {
-                Err(Error::SchemaChanged { .. }) => {
-                    // Columns changed on the source: followed when they can be
-                    // (the target gets them and the plan is read again), else
-                    // the refusal pauses the sync.
-                    let before = evolve::columns(&self.plan);
-                    evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
-                    self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
-                    self.plan.note_copies(&self.tgt).await?;
-                    self.plan.check_target(&self.tgt).await?;
-                    evolve::record(&self.tgt, &self.plan).await?;
-                    self.apply_once(lo, purge, env).await?
-                }
-                Err(e)
-                    if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
-                        && e.to_string().contains("no partition") =>
+            Err(Error::SchemaChanged { .. }) => {
+                // Columns changed on the source: followed when they can be
+                // (the target gets them and the plan is read again), else
+                // the refusal pauses the sync.
+                let before = evolve::columns(&self.plan);
+                evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
+                self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
+                self.plan.note_copies(&self.tgt).await?;
+                self.plan.check_target(&self.tgt).await?;
+                evolve::record(&self.tgt, &self.plan).await?;
+                self.apply_once(lo, purge, env).await?
+            }
+            Err(e)
+                if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
+                    && e.to_string().contains("no partition") =>
+            {
+                // A row for a partition the source got since.
+                if evolve::create_partitions(&mut self.src, &mut self.tgt, &self.plan)
+                    .await?
+                    .is_empty()
                 {
-                    // A row for a partition the source got since.
-                    if evolve::create_partitions(&mut self.src, &mut self.tgt, &self.plan)
-                        .await?
-                        .is_empty()
-                    {
-                        return Err(e);
-                    }
-                    self.apply_once(lo, purge, env).await?
+                    return Err(e);
                 }
-                other => other?,
-            };
+                self.apply_once(lo, purge, env).await?
+            }
+            other => other?,
+        };
         if purge {
             self.last_purge = Some(Instant::now());
         }

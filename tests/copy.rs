@@ -389,9 +389,8 @@ fn whole_tables_are_loaded_frozen_superuser_target_pg15_to_pg17() {
     assert_eq!(d.value(fks), "1", "the superuser target's foreign key was set aside");
     // ANALYZE after the copy reads relallvisible from the visibility map
     // (the load may leave empty pages at the end, which are not counted).
-    let visible = |t: &str| {
-        d.value(&format!("select relallvisible > 0 from pg_class where relname = '{t}'"))
-    };
+    let visible =
+        |t: &str| d.value(&format!("select relallvisible > 0 from pg_class where relname = '{t}'"));
     assert_eq!(visible("plain"), "t", "plain was not loaded frozen");
     assert_eq!(visible("referencing"), "t", "referencing was not loaded frozen");
     assert_eq!(visible("referenced"), "f", "a referenced table cannot have been truncated");

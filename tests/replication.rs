@@ -538,7 +538,9 @@ fn bulk_statements(source_major: u32) {
     let rows = |table: &str| {
         s.value(&format!(
             "select count(*) from pgleap.{} d",
-            s.value(&format!("select delta_table from pgleap.relations where rel_name = '{table}'"))
+            s.value(&format!(
+                "select delta_table from pgleap.relations where rel_name = '{table}'"
+            ))
         ))
         .parse::<i64>()
         .unwrap()
@@ -622,7 +624,8 @@ fn a_backlog_covering_most_of_a_table_reloads_it_pg15_to_pg17() {
 /// Starts `kick` with `jobs` workers and kills it as soon as one table of
 /// its catch-up has committed.
 fn kill_after_first_table(p: &Pgleap, d: &Sql, jobs: &str) {
-    let mut kick = p.command().args(["kick", "s", "--wait", "120", "--jobs", jobs]).spawn().unwrap();
+    let mut kick =
+        p.command().args(["kick", "s", "--wait", "120", "--jobs", jobs]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let exists = d.value("select to_regclass('pgleap.caught_up') is not null");
