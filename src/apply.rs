@@ -387,12 +387,6 @@ impl Plan {
         }
     }
 
-    /// Whether TRUNCATEs naming one partition are captured (the sync has a
-    /// partitioned table).
-    pub(crate) fn has_partition_truncates(&self) -> bool {
-        self.partition_truncates.is_some()
-    }
-
     /// Whether the source has deltas the snapshot `prev` did not see. Cheap:
     /// one index probe per table.
     pub async fn has_changes(&self, src: &Conn, prev: Option<&str>) -> Result<bool> {
@@ -545,9 +539,9 @@ pub async fn apply_within(
         stats.truncates += truncate_partitions(stx, ttx, truncates, &cond).await?;
     }
     let counts = pending_counts(stx, plan, &cond).await?;
-    let keyed: i64 =
-        plan.tables.iter().zip(&counts).filter(|(t, _)| !t.keys.is_empty()).map(|(_, c)| c.0).sum();
-    if catch_up_at.is_some_and(|n| keyed >= n) && !plan.has_partition_truncates() {
+    if catch_up_at.is_some_and(|n| keyed_changes(plan, &counts) >= n)
+        && plan.partition_truncates.is_none()
+    {
         return Ok(None);
     }
     for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
@@ -555,6 +549,11 @@ pub async fn apply_within(
     }
     finish_batch(stx, ttx, plan, &stats.snapshot).await?;
     Ok(Some(stats))
+}
+
+/// The changed keys of a batch's keyed tables, from [`pending_counts`].
+pub(crate) fn keyed_changes(plan: &Plan, counts: &[(i64, bool)]) -> i64 {
+    plan.tables.iter().zip(counts).filter(|(t, _)| !t.keys.is_empty()).map(|(_, c)| c.0).sum()
 }
 
 /// Brings one table, inside `ttx`, to the state of the source in `stx`'s

@@ -32,9 +32,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::apply::{
-    self, BatchStats, LOCK_CLASS, Plan, apply_table, finish_batch, pending_counts, record_consumer,
+    self, BatchStats, LOCK_CLASS, Plan, apply_table, finish_batch, keyed_changes, pending_counts,
+    record_consumer,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::large_objects::{self, Pass};
 use crate::pg::{Conn, Env, Sql, quote_ident};
 use crate::route::DbConn;
@@ -51,10 +52,11 @@ pub struct Workers<'a> {
     pub env: Env<'a>,
 }
 
-/// Applies the pending changes as a catch-up (a normal batch found them to
-/// be [`CATCH_UP_KEYS`] or more), and returns its statistics; `None`
-/// (nothing done) if they are fewer by now, or the sync must go batch by
-/// batch.
+/// Applies the pending changes as a catch-up, and returns its statistics.
+/// Called when a normal batch found [`CATCH_UP_KEYS`] or more (which it
+/// never does for a sync capturing partition TRUNCATEs: they must be
+/// applied before their table's changes, in one transaction). The backlog
+/// cannot have shrunk since: deltas go only once this target applied them.
 pub async fn run(
     src: &mut Conn,
     tgt: &mut Conn,
@@ -62,12 +64,7 @@ pub async fn run(
     workers: &Workers<'_>,
     lo: Option<Pass>,
     purge_due: bool,
-) -> Result<Option<BatchStats>> {
-    // Partition TRUNCATEs must be applied before their table's changes, in
-    // the same transaction: such a sync always goes batch by batch.
-    if plan.has_partition_truncates() {
-        return Ok(None);
-    }
+) -> Result<BatchStats> {
     tgt.execute("select pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id]).await?;
     let result = locked(src, tgt, plan, workers, lo, purge_due).await;
     let unlocked =
@@ -84,7 +81,7 @@ async fn locked(
     workers: &Workers<'_>,
     lo: Option<Pass>,
     purge_due: bool,
-) -> Result<Option<BatchStats>> {
+) -> Result<BatchStats> {
     let started = Instant::now();
     let s = quote_ident(&plan.schema);
     let prev = apply::applied_snapshot(tgt, plan).await?;
@@ -94,12 +91,6 @@ async fn locked(
     let (exported, snapshot) = ctx.export_snapshot().await?;
     plan.check_shape(&ctx).await?;
     let counts = pending_counts(&ctx, plan, &cond).await?;
-    let keyed: i64 =
-        plan.tables.iter().zip(&counts).filter(|(t, _)| !t.keys.is_empty()).map(|(_, c)| c.0).sum();
-    if keyed < CATCH_UP_KEYS {
-        ctx.rollback().await?;
-        return Ok(None);
-    }
 
     tgt.batch_execute(&format!(
         "create table if not exists {s}.caught_up (
@@ -131,7 +122,7 @@ async fn locked(
     queue.sort_by_key(|&(_, changes, _)| std::cmp::Reverse(changes));
     tracing::info!(
         sync = plan.sync,
-        keys = keyed,
+        keys = keyed_changes(plan, &counts),
         tables = queue.len(),
         resumed = done.len(),
         jobs = workers.jobs,
@@ -167,7 +158,7 @@ async fn locked(
     stats.snapshot = snapshot;
     stats.millis = started.elapsed().as_millis() as i64;
     tracing::info!(sync = plan.sync, ms = stats.millis, "caught up");
-    Ok(Some(stats))
+    Ok(stats)
 }
 
 /// What every worker of one catch-up shares.
@@ -235,6 +226,6 @@ impl Job<'_> {
             st.truncates += table_stats.truncates;
         }
         stx.commit().await?;
-        Ok::<_, Error>(())
+        Ok(())
     }
 }

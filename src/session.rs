@@ -197,11 +197,7 @@ impl Session {
         }
         let workers =
             backlog::Workers { source: &self.source, target: &self.target, jobs: self.jobs, env };
-        if let Some(stats) = backlog::run(src, tgt, plan, &workers, lo, purge).await? {
-            return Ok(stats);
-        }
-        let stats = apply::apply_batch(src, tgt, plan, lo, purge, None).await?;
-        Ok(stats.expect("a batch without a catch-up limit is always applied"))
+        backlog::run(src, tgt, plan, &workers, lo, purge).await
     }
 
     async fn batch_with(&mut self, lo: Option<Pass>, env: Env<'_>) -> Result<BatchStats> {
