@@ -17,6 +17,8 @@
 //!   triggers while the sync runs.
 //! - `fidelity`: every object of both sides compared by definition, and
 //!   created on the target at the stage where it belongs.
+//! - `dump`: pg_dump, pg_restore and psql chosen for a source and target
+//!   pair; their script adapted to the target.
 //! - `schema`: staged schema copy with pg_dump/pg_restore; indexes.
 //! - `evolve`: schema changes on the source during a sync: followed, or
 //!   the sync paused.
@@ -45,6 +47,7 @@ pub mod cli;
 mod copy;
 mod cutover;
 mod daemon;
+mod dump;
 mod error;
 mod evolve;
 mod fidelity;

