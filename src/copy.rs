@@ -439,7 +439,7 @@ async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<St
 /// range scan reads only its blocks (PostgreSQL 14 and later). Partitioned
 /// tables are left whole (each partition has its own blocks).
 async fn block_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
-    if src.version().major() < 14 || t.partitioned {
+    if !src.version().has_tid_range_scans() || t.partitioned {
         return Ok(None);
     }
     let blocks: i64 = src

@@ -23,7 +23,7 @@ use crate::apply::Plan;
 use crate::capture;
 use crate::catalog::RelGroup;
 use crate::error::{Error, Result};
-use crate::pg::{Conn, Sql, copy_between, quote_ident};
+use crate::pg::{Conn, NamedQuery, PgVersion, Sql, copy_between, quote_ident};
 
 /// A column of the source as the target must get it.
 struct Column {
@@ -41,12 +41,12 @@ struct Column {
 const LITERAL_DEFAULT: &str =
     r#"^(('([^']|'')*')|(-?[0-9]+(\.[0-9]+)?)|true|false|NULL)(::[a-zA-Z0-9_ ."\[\](),]+)?$"#;
 
-async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
-    let generated = if src.version().major() >= 12 { "a.attgenerated <> ''" } else { "false" };
-    let rows = src
-        .query_qualified(
-            &format!(
-                "select a.attname::text, format_type(a.atttypid, a.atttypmod),
+/// A source table's columns ($1) as the schema-change check compares
+/// them; $2 is [`LITERAL_DEFAULT`].
+fn source_columns_sql(v: PgVersion) -> String {
+    let generated = if v.has_generated_columns() { "a.attgenerated <> ''" } else { "false" };
+    format!(
+        "select a.attname::text, format_type(a.atttypid, a.atttypmod),
                         concat_ws(' ', format_type(a.atttypid, a.atttypmod),
                           case when a.attcollation <> t.typcollation
                                then 'collate ' || (select quote_ident(n.nspname) || '.' ||
@@ -67,9 +67,17 @@ async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
                  left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
                  where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
                  order by a.attnum"
-            ),
-            &[&table, &LITERAL_DEFAULT],
-        )
+    )
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
+    vec![NamedQuery::new("evolve: source columns", source_columns_sql(v))]
+}
+
+async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
+    let rows = src
+        .query_qualified(&source_columns_sql(src.version()), &[&table, &LITERAL_DEFAULT])
         .await?;
     let columns = rows
         .iter()

@@ -14,7 +14,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::catalog::Relation;
 use crate::error::{Error, Result};
-use crate::pg::{Conn, Sql, quote_ident};
+use crate::pg::{Conn, NamedQuery, PgVersion, Sql, quote_ident};
 
 /// Schemas never replicated: the system's and pgleap's own.
 const SYSTEM_SCHEMAS: &[&str] = &["information_schema", "pgleap"];
@@ -177,12 +177,20 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
     relations(client, &oids).await
 }
 
+fn relations_sql(v: PgVersion) -> String {
+    let nkeys = if v.has_include_columns() { "indnkeyatts" } else { "indnatts" };
+    RELATIONS.replace("{nkeys}", nkeys)
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
+    vec![NamedQuery::new("inventory: relations", relations_sql(v))]
+}
+
 /// The relations of these oids, with their keys and sizes.
 async fn relations(client: &Conn, oids: &[u32]) -> Result<Vec<Relation>> {
     // Key columns apart from INCLUDE columns: PostgreSQL 11 and later.
-    let nkeys = if client.version().major() >= 11 { "indnkeyatts" } else { "indnatts" };
-    let sql = RELATIONS.replace("{nkeys}", nkeys);
-    let rows = client.query(&sql, &[&oids]).await?;
+    let rows = client.query(&relations_sql(client.version()), &[&oids]).await?;
     Ok(rows
         .iter()
         .map(|r| Relation {
@@ -255,7 +263,7 @@ enum Wanted {
 /// partitioned table: on PostgreSQL 10, which has no row triggers (nor
 /// keys) on partitioned tables.
 fn partitions_one_by_one(client: &Conn) -> bool {
-    client.version().major() < 11
+    !client.version().has_partitioned_row_triggers()
 }
 
 /// Resolves a name as the server would (`to_regclass`-style: quoting, case

@@ -13,7 +13,7 @@ use crate::capture;
 use crate::catalog::{self, Catalog, DbGroupMember, DbRecord, OneTimeCopy, RelGroup, Role};
 use crate::error::{Error, Result};
 use crate::inventory::{self, Selection};
-use crate::pg::{Conn, ConnParams, Env, PasswordSource, Sql};
+use crate::pg::{Conn, ConnParams, Env, NamedQuery, PasswordSource, Sql};
 use crate::route::{DbConn, SyncRoute};
 use crate::target;
 
@@ -444,4 +444,37 @@ pub async fn teardown(
     }
     catalog.remove_sync(name)?;
     Ok(keep_fence)
+}
+
+/// What `db check-queries` found: the server's version, how many catalog
+/// queries were prepared, and those the server refused with its message.
+pub struct QueryCheck {
+    pub server_version: String,
+    pub prepared: usize,
+    pub refused: Vec<(String, String)>,
+}
+
+/// Prepares (parses and plans, without running) every catalog query pgleap
+/// builds for this database's server version: a release whose catalog
+/// differs from what pgleap expects is found here, not half-way through a
+/// migration.
+pub async fn check_queries(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<QueryCheck> {
+    let conn = DbConn::from_catalog(catalog, name)?.connect(env).await?;
+    let v = conn.version();
+    let queries: Vec<NamedQuery> = [
+        crate::inventory::catalog_queries(v),
+        crate::fidelity::catalog_queries(v),
+        crate::schema::catalog_queries(v),
+        crate::evolve::catalog_queries(v),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut refused = Vec::new();
+    for q in &queries {
+        if let Err(e) = conn.prepare_only(&q.sql).await {
+            refused.push((q.name.clone(), e.message()));
+        }
+    }
+    Ok(QueryCheck { server_version: v.to_string(), prepared: queries.len(), refused })
 }

@@ -28,24 +28,45 @@ use crate::dump::{self, PgTools};
 use crate::error::{Error, Result};
 use crate::fidelity::{self, Difference, Scope, Stage};
 use crate::inventory::{self, Selection};
-use crate::pg::{Conn, Env, Sql, quote_ident};
+use crate::pg::{Conn, Env, NamedQuery, PgVersion, Sql, quote_ident};
 use crate::route::DbConn;
+
+/// Of the extensions $1, those not created yet on this server that only a
+/// superuser may create (13 and later: unless trusted).
+fn extensions_needing_admin_sql(v: PgVersion) -> String {
+    let trusted = if v.has_trusted_extensions() { "v.trusted" } else { "false" };
+    format!(
+        "select e.name::text from pg_available_extensions e
+         where e.name = any($1::text[]) and e.installed_version is null
+           and not (select rolsuper from pg_roles where rolname = current_user)
+           and exists (select 1 from pg_available_extension_versions v
+                       where v.name = e.name and v.version = e.default_version
+                         and v.superuser and not {trusted})
+         order by 1"
+    )
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("schema: extensions used", EXTENSIONS_USED),
+        NamedQuery::new("schema: extensions available", EXTENSIONS_AVAILABLE),
+        NamedQuery::new("schema: extensions needing a superuser", extensions_needing_admin_sql(v)),
+        NamedQuery::new("schema: indexes and key constraints", POST_DATA),
+    ]
+}
+
+const EXTENSIONS_USED: &str =
+    "select extname::text from pg_extension where extname <> 'plpgsql' order by 1";
+const EXTENSIONS_AVAILABLE: &str = "select name::text from pg_available_extensions";
 
 /// Refuses early if the source uses extensions the target cannot install.
 pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
     let (sdb, tdb) = (src.name(), dst.name());
-    let used: Vec<String> = src
-        .query("select extname::text from pg_extension where extname <> 'plpgsql' order by 1", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let available: Vec<String> = dst
-        .query("select name::text from pg_available_extensions", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let used: Vec<String> =
+        src.query(EXTENSIONS_USED, &[]).await?.iter().map(|r| r.get(0)).collect();
+    let available: Vec<String> =
+        dst.query(EXTENSIONS_AVAILABLE, &[]).await?.iter().map(|r| r.get(0)).collect();
     let missing: Vec<&String> = used.iter().filter(|e| !available.contains(e)).collect();
     if !missing.is_empty() {
         return Err(Error::invalid(
@@ -59,20 +80,8 @@ pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
     // Available, not created yet, and not creatable by this role: an
     // extension that needs a superuser and is not trusted.
     // Trusted extensions (any role with CREATE may create them): 13 and later.
-    let trusted = if dst.version().major() >= 13 { "v.trusted" } else { "false" };
     let needs_admin: Vec<String> = dst
-        .query(
-            &format!(
-                "select e.name::text from pg_available_extensions e
-                 where e.name = any($1::text[]) and e.installed_version is null
-                   and not (select rolsuper from pg_roles where rolname = current_user)
-                   and exists (select 1 from pg_available_extension_versions v
-                               where v.name = e.name and v.version = e.default_version
-                                 and v.superuser and not {trusted})
-                 order by 1"
-            ),
-            &[&used],
-        )
+        .query(&extensions_needing_admin_sql(dst.version()), &[&used])
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -290,24 +299,21 @@ pub struct PostData {
     is_constraint: bool,
 }
 
+const POST_DATA: &str = "select c.conname::text, pg_get_constraintdef(c.oid), true
+     from pg_constraint c
+     where c.conrelid = $1::text::regclass and c.contype in ('p', 'u', 'x')
+     union all
+     select ic.relname::text, pg_get_indexdef(i.indexrelid), false
+     from pg_index i join pg_class ic on ic.oid = i.indexrelid
+     where i.indrelid = $1::text::regclass
+       and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid
+                       and c.conrelid = i.indrelid and c.contype in ('p', 'u', 'x'))
+     order by 3 desc, 1";
+
 /// The indexes and primary-key/unique/exclusion constraints of a table on
 /// the source (`table` quoted and qualified).
 pub async fn post_data(src: &impl Sql, table: &str) -> Result<Vec<PostData>> {
-    let rows = src
-        .query_qualified(
-            "select c.conname::text, pg_get_constraintdef(c.oid), true
-             from pg_constraint c
-             where c.conrelid = $1::text::regclass and c.contype in ('p', 'u', 'x')
-             union all
-             select ic.relname::text, pg_get_indexdef(i.indexrelid), false
-             from pg_index i join pg_class ic on ic.oid = i.indexrelid
-             where i.indrelid = $1::text::regclass
-               and not exists (select 1 from pg_constraint c where c.conindid = i.indexrelid
-                               and c.conrelid = i.indrelid and c.contype in ('p', 'u', 'x'))
-             order by 3 desc, 1",
-            &[&table],
-        )
-        .await?;
+    let rows = src.query_qualified(POST_DATA, &[&table]).await?;
     Ok(rows
         .iter()
         .map(|r| {

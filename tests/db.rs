@@ -214,3 +214,19 @@ fn remove_is_refused_while_a_dbgroup_uses_it_unless_forced() {
         .collect();
     assert_eq!(names, ["a"]);
 }
+
+/// Every catalog query pgleap builds, as built for the server's version,
+/// is prepared by every major pgleap supports: a column or function that
+/// one release lacks fails here, naming the query.
+#[test]
+fn every_catalog_query_prepares_on_every_major() {
+    for major in [10, 11, 12, 15, 17, 18] {
+        let db = TestDb::new(cluster(major), &format!("queries{major}"));
+        let p = Pgleap::for_cluster(db.cluster);
+        p.run(&["db", "add", "d", "--dsn", &db.dsn()]).ok();
+        let out = p.run(&["db", "check-queries", "d"]);
+        let text = out.ok();
+        assert!(text.contains(&format!("PostgreSQL {major}.")), "{out}");
+        assert!(text.contains("prepared all"), "{out}");
+    }
+}

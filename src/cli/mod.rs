@@ -394,6 +394,9 @@ pub enum DbCommand {
         #[arg(long, conflicts_with = "store_password")]
         forget_password: bool,
     },
+    /// Prepare every catalog query pgleap builds for this database's server
+    /// version, without running any; exit 2 naming those it refuses.
+    CheckQueries { name: String },
     /// Remove a database.
     Remove {
         name: String,
@@ -643,6 +646,27 @@ async fn db(catalog: &mut Catalog, cmd: DbCommand) -> Result<()> {
             println!(
                 "updated database \"{}\": PostgreSQL {} at {}",
                 updated.name, updated.server_version, updated.target
+            );
+        }
+        DbCommand::CheckQueries { name } => {
+            let check = objects::check_queries(catalog, &name, ENV).await?;
+            for (query, message) in &check.refused {
+                println!("refused: {query}: {message}");
+            }
+            if !check.refused.is_empty() {
+                return Err(Error::invalid(
+                    format!(
+                        "PostgreSQL {} refused {} of pgleap's {} catalog queries",
+                        check.server_version,
+                        check.refused.len(),
+                        check.prepared
+                    ),
+                    "this server's release is not one pgleap supports yet; report the queries above",
+                ));
+            }
+            println!(
+                "PostgreSQL {} prepared all {} of pgleap's catalog queries",
+                check.server_version, check.prepared
             );
         }
         DbCommand::Remove { name, force } => {

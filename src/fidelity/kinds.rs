@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::{FORCED_ROW_SECURITY, Object, PRIVILEGE, Side, Stage};
 use crate::error::Result;
-use crate::pg::{Conn, Sql, quote_ident};
+use crate::pg::{Conn, PgVersion, Sql, quote_ident};
 
 // Each query returns (name, definition, create, rank), over the relations
 // in scope ($1, oids) and the schemas in scope ($2, names). `create` is
@@ -51,8 +51,8 @@ pub(super) const REPLICA_IDENTITY: &str = "
                        where i.indrelid = c.oid and i.indisreplident) end) r(identity)
     where c.oid = any($1) and c.relkind in ('r', 'p') and c.relreplident <> 'd'";
 
-pub(super) fn columns_sql(major: u32) -> String {
-    let generated = if major >= 12 { "a.attgenerated" } else { "''" };
+pub(super) fn columns_sql(v: PgVersion) -> String {
+    let generated = if v.has_generated_columns() { "a.attgenerated" } else { "''" };
     format!(
         "select a.attrelid::regclass::text || '.' || quote_ident(a.attname),
                 concat_ws(' ', format_type(a.atttypid, a.atttypmod),
@@ -141,14 +141,14 @@ pub(super) const TYPES: &str = "
       and not exists (select 1 from pg_depend d where d.classid = 'pg_type'::regclass
                       and d.objid = t.oid and d.deptype = 'e')";
 
-pub(super) fn functions_sql(major: u32) -> String {
+pub(super) fn functions_sql(v: PgVersion) -> String {
     // prokind: 11 and later; SQL-standard bodies (prosqlbody): 14 and later.
-    let kind = if major >= 11 {
+    let kind = if v.has_prokind() {
         "p.prokind::text"
     } else {
         "case when p.proisagg then 'a' when p.proiswindow then 'w' else 'f' end"
     };
-    let body = if major >= 14 {
+    let body = if v.has_sql_function_bodies() {
         "case when p.prosqlbody is not null then pg_get_functiondef(p.oid) else p.prosrc end"
     } else {
         "p.prosrc"
@@ -294,10 +294,10 @@ pub(super) const CONSTRAINTS: &str = "
     from pg_constraint k join pg_class c on c.oid = k.conrelid
     where k.conrelid = any($1) and k.contype in ('c', 'f', 'p', 'u', 'x')";
 
-pub(super) fn triggers_sql(major: u32) -> String {
+pub(super) fn triggers_sql(v: PgVersion) -> String {
     // 13 and later mark the triggers a partition inherits with tgparentid;
     // earlier majors mark them internal.
-    let own = if major >= 13 { "and t.tgparentid = 0" } else { "" };
+    let own = if v.has_tgparentid() { "and t.tgparentid = 0" } else { "" };
     format!(
         "select quote_ident(t.tgname) || ' on ' || t.tgrelid::regclass::text,
                 pg_get_triggerdef(t.oid) ||
@@ -458,27 +458,7 @@ pub(super) async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Re
 /// expected (whether the source has analyzed them or not); on the target a
 /// table counts once analyzed.
 pub(super) async fn statistics(c: &Conn, oids: &[u32], side: Side) -> Result<Vec<Object>> {
-    let analyzed = if side == Side::Source {
-        "true".to_string()
-    } else {
-        let reltuples = if c.version().major() >= 14 { "or c.reltuples >= 0" } else { "" };
-        format!(
-            "(pg_stat_get_last_analyze_time(c.oid) is not null
-              or pg_stat_get_last_autoanalyze_time(c.oid) is not null {reltuples}
-              or exists (select 1 from pg_stats s join pg_namespace n on n.nspname = s.schemaname
-                         where n.oid = c.relnamespace and s.tablename = c.relname))"
-        )
-    };
-    let rows = c
-        .query_qualified(
-            &format!(
-                "select c.oid::regclass::text from pg_class c
-                 where c.oid = any($1) and (c.relkind = 'r' or (c.relkind = 'm' and c.relispopulated))
-                   and {analyzed}"
-            ),
-            &[&oids],
-        )
-        .await?;
+    let rows = c.query_qualified(&statistics_sql(c.version(), side), &[&oids]).await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -494,6 +474,26 @@ pub(super) async fn statistics(c: &Conn, oids: &[u32], side: Side) -> Result<Vec
             }
         })
         .collect())
+}
+
+pub(super) fn statistics_sql(v: PgVersion, side: Side) -> String {
+    let analyzed = if side == Side::Source {
+        "true".to_string()
+    } else {
+        let reltuples = if v.has_unknown_reltuples() { "or c.reltuples >= 0" } else { "" };
+        format!(
+            "(pg_stat_get_last_analyze_time(c.oid) is not null
+              or pg_stat_get_last_autoanalyze_time(c.oid) is not null {reltuples}
+              or exists (select 1 from pg_stats s join pg_namespace n on n.nspname = s.schemaname
+                         where n.oid = c.relnamespace and s.tablename = c.relname))"
+        )
+    };
+    format!(
+        "select c.oid::regclass::text from pg_class c
+         where c.oid = any($1::oid[])
+           and (c.relkind = 'r' or (c.relkind = 'm' and c.relispopulated))
+           and {analyzed}"
+    )
 }
 
 /// A view's definition without the qualifiers of names (`t.col`,

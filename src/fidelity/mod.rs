@@ -31,6 +31,7 @@ use kinds::*;
 use crate::apply::Plan;
 use crate::error::Result;
 use crate::pg::{Conn, Sql};
+use crate::pg::{NamedQuery, PgVersion};
 
 /// When an object is created on the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -194,7 +195,7 @@ fn diff(source: Vec<Object>, target: Vec<Object>) -> Vec<Difference> {
 const PRIVILEGE: &str = "privilege";
 pub const FORCED_ROW_SECURITY: &str = "forced row level security";
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Side {
     Source,
     Target,
@@ -251,22 +252,19 @@ async fn relations(c: &Conn, scope: &Scope, schemas: &[String]) -> Result<Vec<u3
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Every object in scope, read from one side.
-async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
-    let schemas = schemas(c, scope).await?;
-    let oids = relations(c, scope, &schemas).await?;
-    let major = c.version().major();
-    let mut out = Vec::new();
-    let kinds: [(&str, String, Stage); 18] = [
+/// Each kind of object with its query (see `kinds`) and the stage at
+/// which it belongs on the target.
+fn kinds(v: PgVersion) -> Vec<(&'static str, String, Stage)> {
+    vec![
         ("schema", SCHEMAS.into(), Stage::PreData),
         ("extension", EXTENSIONS.into(), Stage::PreData),
         ("table", TABLES.into(), Stage::PreData),
-        ("column", columns_sql(major), Stage::PreData),
+        ("column", columns_sql(v), Stage::PreData),
         ("view", VIEWS.into(), Stage::PreData),
         ("materialized view", MATVIEWS.into(), Stage::PreData),
         ("sequence", SEQUENCES.into(), Stage::PreData),
         ("type", TYPES.into(), Stage::PreData),
-        ("function", functions_sql(major), Stage::PreData),
+        ("function", functions_sql(v), Stage::PreData),
         ("policy", POLICIES.into(), Stage::PreData),
         ("comment", COMMENTS.into(), Stage::PreData),
         ("setting", SETTINGS.into(), Stage::PreData),
@@ -275,14 +273,38 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
         ("constraint", CONSTRAINTS.into(), Stage::AfterData),
         ("replica identity", REPLICA_IDENTITY.into(), Stage::AfterData),
         ("materialized view data", MATVIEW_DATA.into(), Stage::AfterData),
-        ("trigger", triggers_sql(major), Stage::Cutover),
-    ];
-    for (kind, sql, stage) in kinds {
-        // Typed here: not every query uses both parameters.
-        let sql = format!(
-            "select * from ({sql}) q where $1::oid[] is not null and $2::text[] is not null"
-        );
-        for r in c.query_qualified(&sql, &[&oids, &schemas]).await? {
+        ("trigger", triggers_sql(v), Stage::Cutover),
+    ]
+}
+
+/// A kind's query with its parameters typed: not every query uses both
+/// ($1 the relations' oids, $2 the schemas' names).
+fn kind_query(sql: &str) -> String {
+    format!("select * from ({sql}) q where $1::oid[] is not null and $2::text[] is not null")
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
+    let mut out: Vec<NamedQuery> = kinds(v)
+        .into_iter()
+        .map(|(kind, sql, _)| NamedQuery::new(format!("fidelity: {kind}"), kind_query(&sql)))
+        .collect();
+    for side in [Side::Source, Side::Target] {
+        out.push(NamedQuery::new(
+            format!("fidelity: statistics ({side:?} side)"),
+            statistics_sql(v, side),
+        ));
+    }
+    out
+}
+
+/// Every object in scope, read from one side.
+async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
+    let schemas = schemas(c, scope).await?;
+    let oids = relations(c, scope, &schemas).await?;
+    let mut out = Vec::new();
+    for (kind, sql, stage) in kinds(c.version()) {
+        for r in c.query_qualified(&kind_query(&sql), &[&oids, &schemas]).await? {
             let (name, mut definition, create, rank): (String, String, Option<String>, i32) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
             // Check and key constraints come after the data; foreign keys

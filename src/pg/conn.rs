@@ -197,7 +197,7 @@ pub trait Sql: Sync {
     /// `and a.attgenerated = ''` (alias `a` for pg_attribute): leaves out
     /// generated columns, which PostgreSQL has since 12.
     fn not_generated(&self) -> &'static str {
-        if self.version().major() >= 12 { "and a.attgenerated = ''" } else { "" }
+        if self.version().has_generated_columns() { "and a.attgenerated = ''" } else { "" }
     }
 
     fn error(&self, source: tokio_postgres::Error) -> PgError {
@@ -243,6 +243,12 @@ pub trait Sql: Sync {
         let rows = rows?;
         reset?;
         Ok(rows)
+    }
+
+    /// Parses and plans a statement without running it: every table,
+    /// column and function it names must exist on this server.
+    async fn prepare_only(&self, sql: &str) -> Result<(), PgError> {
+        self.client().prepare(sql).await.map(|_| ()).map_err(|e| self.error(e))
     }
 
     /// Whether a relation of this name (quoted, qualified) exists.

@@ -88,6 +88,19 @@ impl ConnectError {
     }
 }
 
+/// A catalog query under a name, as built for one server version: what
+/// `pgleap db check-queries` prepares.
+pub struct NamedQuery {
+    pub name: String,
+    pub sql: String,
+}
+
+impl NamedQuery {
+    pub fn new(name: impl Into<String>, sql: impl Into<String>) -> Self {
+        Self { name: name.into(), sql: sql.into() }
+    }
+}
+
 /// A server's version, from `server_version_num`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PgVersion(pub u32);
@@ -98,6 +111,46 @@ impl PgVersion {
     }
     pub fn minor(self) -> u32 {
         self.0 % 10000
+    }
+
+    // What a server has, by the release that brought it: catalog SQL asks
+    // these, never a bare major number.
+
+    /// `pg_index.indnkeyatts` (INCLUDE columns): 11.
+    pub fn has_include_columns(self) -> bool {
+        self.major() >= 11
+    }
+    /// `pg_proc.prokind` (before: `proisagg`, `proiswindow`): 11.
+    pub fn has_prokind(self) -> bool {
+        self.major() >= 11
+    }
+    /// Row triggers and keys on partitioned tables: 11.
+    pub fn has_partitioned_row_triggers(self) -> bool {
+        self.major() >= 11
+    }
+    /// Generated columns (`pg_attribute.attgenerated`): 12.
+    pub fn has_generated_columns(self) -> bool {
+        self.major() >= 12
+    }
+    /// `pg_trigger.tgparentid` (before, a partition's clones were internal): 13.
+    pub fn has_tgparentid(self) -> bool {
+        self.major() >= 13
+    }
+    /// Extensions a non-superuser with CREATE may create: 13.
+    pub fn has_trusted_extensions(self) -> bool {
+        self.major() >= 13
+    }
+    /// SQL-standard function bodies (`pg_proc.prosqlbody`): 14.
+    pub fn has_sql_function_bodies(self) -> bool {
+        self.major() >= 14
+    }
+    /// TID range scans (`ctid >= ... and ctid < ...` reads only those blocks): 14.
+    pub fn has_tid_range_scans(self) -> bool {
+        self.major() >= 14
+    }
+    /// `reltuples = -1` for "never vacuumed or analyzed" (before: 0): 14.
+    pub fn has_unknown_reltuples(self) -> bool {
+        self.major() >= 14
     }
 }
 
