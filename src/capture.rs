@@ -649,20 +649,30 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
     let fence_function = format!("f{sync_id}_fence");
     let s = quote_ident(schema);
     // Tables whose installation failed half-way have triggers but no
-    // relations row; find every table carrying this sync's triggers.
+    // relations row; find every table carrying this sync's triggers. A
+    // trigger on a partitioned table is cloned to its partitions by the
+    // server (marked by tgparentid from 13, internal before); the clones
+    // go with it and cannot be dropped alone.
+    let own =
+        if client.version().has_tgparentid() { "t.tgparentid = 0" } else { "not t.tgisinternal" };
     let trigger_tables = client
         .query(
-            "select distinct n.nspname::text, c.relname::text
-             from pg_trigger t join pg_class c on c.oid = t.tgrelid
-             join pg_namespace n on n.oid = c.relnamespace
-             where t.tgname like $1",
+            &format!(
+                "select n.nspname::text, c.relname::text,
+                        array_agg(t.tgname::text order by t.tgname)
+                 from pg_trigger t join pg_class c on c.oid = t.tgrelid
+                 join pg_namespace n on n.oid = c.relnamespace
+                 where t.tgname like $1 and {own}
+                 group by 1, 2"
+            ),
             &[&format!("pgleap\\_{sync_id}\\_%")],
         )
         .await?;
     for row in &trigger_tables {
         let table = qualified(row.get(0), row.get(1));
+        let triggers: Vec<String> = row.get(2);
         let mut ddl = String::new();
-        for (trigger, _) in trigger_names(sync_id) {
+        for trigger in triggers {
             if keep_fence && trigger == fence {
                 continue;
             }
@@ -671,7 +681,9 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
                 quote_ident(&trigger)
             ));
         }
-        with_lock_retries(client, &format!("removing capture from {table}"), &ddl).await?;
+        if !ddl.is_empty() {
+            with_lock_retries(client, &format!("removing capture from {table}"), &ddl).await?;
+        }
     }
     let mut ddl = String::new();
     let functions = client

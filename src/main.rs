@@ -8,6 +8,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = pgleap::cli::Cli::parse();
     let default = match cli.verbose {
         // The daemon's log is its record of what it did. Server notices
@@ -48,4 +49,23 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// A reader that went away (`pgleap status | head`) ends the output, not
+/// the program with a panic: Rust ignores SIGPIPE, so `println!` panics on
+/// the closed pipe; that panic becomes a quiet exit 0, as for ripgrep.
+fn quiet_on_closed_pipe() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
 }

@@ -342,3 +342,20 @@ fn the_daemon_behaves_as_a_systemd_service() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Output into a pipe whose reader is gone (`pgleap db list --json | head`
+/// after head exited) ends quietly with exit 0, not a panic (exit 101).
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let db = TestDb::new(cluster(17), "pipe");
+    let p = Pgleap::for_cluster(db.cluster);
+    p.run(&["db", "add", "d", "--dsn", &db.dsn()]).ok();
+    for args in [&["db", "list", "--json"][..], &["status"][..], &["db", "list"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = p.command().args(args).stdout(writer).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -706,3 +706,38 @@ fn a_large_backlog_catches_up_table_by_table_and_resumes_after_a_kill_pg15_to_pg
     assert!(!out.stderr.contains("catching up"), "{out}");
     assert_same(&s, &d, &tables);
 }
+
+per_major! {
+    /// Teardown of a sync with a partitioned table whose partitions sort
+    /// before it (and are many, so no order of the catalog saves it):
+    /// the server's clones of the capture triggers on the partitions go
+    /// with the partitioned table's, and nothing of pgleap stays.
+    fn teardown_removes_capture_from_a_partitioned_table(major: u32) {
+        let src = TestDb::new(cluster(major), "tdpartsrc");
+        let dst = TestDb::new(cluster(17), "tdpartdst");
+        let mut schema = String::from(
+            "create table zz_events (id int, at int, v text, primary key (id, at))
+             partition by range (at);",
+        );
+        for i in 0..12 {
+            schema += &format!(
+                "create table aa_events_{i} partition of zz_events
+                 for values from ({}) to ({});",
+                i * 100,
+                (i + 1) * 100
+            );
+        }
+        schema += "insert into zz_events select g, g % 1200, 'v' from generate_series(1, 2400) g;";
+        src.sql().exec(&schema);
+        dst.sql().exec(&schema);
+        let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+        declare_sync(&p, &src, &dst, "off", &[]);
+        src.sql().exec("update zz_events set at = (at + 350) % 1200 where id % 7 = 0");
+        p.run(&["kick", "s", "--wait", "60"]).ok();
+        let q = "select * from zz_events order by id, at";
+        assert_eq!(dst.sql().rows(q), src.sql().rows(q));
+        p.run(&["teardown", "s"]).ok();
+        assert_no_pgleap_objects(&src.sql());
+        assert_no_pgleap_objects(&dst.sql());
+    }
+}
