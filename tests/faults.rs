@@ -64,7 +64,10 @@ fn refusals_come_at_once_and_leave_nothing_behind() {
     p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
     p.run(&["db", "add", "dst", "--dsn", &dst.dsn()]).ok();
     let with_dbs = state(&p, &[&src, &dst]);
-    timed(&["schema", "copy", "--from", "src", "--to", "dst"], &["pg_restore failed", "\"b\""]);
+    timed(
+        &["schema", "copy", "--from", "src", "--to", "dst"],
+        &["restoring the schema (psql) failed", "relation \"b\" already exists"],
+    );
     assert_eq!(state(&p, &[&src, &dst]), with_dbs, "schema copy left part of the schema");
 
     // A switch that cannot be set up is refused before anything else.
