@@ -613,8 +613,29 @@ pub(crate) async fn apply_table(
     Ok(())
 }
 
+/// `setval($1, $2, $3)` on sequence `seq` (quoted, qualified) only if that
+/// moves it forward: (value, is_called) past its own in the direction of
+/// its increment.
+fn forward_setval_sql(seq: &str) -> String {
+    format!(
+        "select setval($1::text::regclass, $2, $3)
+         from pg_sequence s, (select last_value, is_called from {seq}) cur
+         where s.seqrelid = $1::text::regclass
+           and case when s.seqincrement > 0
+                    then ($2::int8, $3::bool) > (cur.last_value, cur.is_called)
+                    else ($2::int8, not $3::bool) < (cur.last_value, not cur.is_called) end"
+    )
+}
+
 /// Ends a batch inside `ttx`: the relgroup's sequences as `stx` sees them,
 /// and `snapshot` recorded as applied.
+///
+/// A target's sequence only ever moves forward (in its increment's
+/// direction): a round that runs after the cutover has moved the
+/// application to the target (the daemon's last round of a sync being
+/// retired) must not set a sequence back under values the application
+/// has drawn there since. A source sequence reset backwards is therefore
+/// not followed; the cutover's own setting (plus its margin) is exact.
 pub(crate) async fn finish_batch(
     stx: &Tx<'_>,
     ttx: &Tx<'_>,
@@ -624,7 +645,7 @@ pub(crate) async fn finish_batch(
     for seq in &plan.sequences {
         let row = stx.query_one(&format!("select last_value, is_called from {seq}"), &[]).await?;
         let (value, called): (i64, bool) = (row.get(0), row.get(1));
-        ttx.execute("select setval($1::text::regclass, $2, $3)", &[seq, &value, &called]).await?;
+        ttx.execute(&forward_setval_sql(seq), &[seq, &value, &called]).await?;
     }
     ttx.execute(
         &format!(

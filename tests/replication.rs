@@ -741,3 +741,33 @@ per_major! {
         assert_no_pgleap_objects(&dst.sql());
     }
 }
+
+/// A round never sets a target's sequence back: after a cutover the
+/// application draws values on the target while the retired sync's last
+/// round may still run (a client saw "duplicate key" through PgBouncer
+/// when it did). Forward, in either direction of increment, it follows.
+#[test]
+fn a_round_moves_target_sequences_forward_only_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "seqfwdsrc");
+    let dst = TestDb::new(cluster(17), "seqfwddst");
+    let schema = "create table t (id int primary key);
+                  create sequence up; create sequence down increment -1;
+                  select nextval('up'), nextval('down');";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    declare_sync(&p, &src, &dst, "off", &[]);
+    let (s, d) = (src.sql(), dst.sql());
+    let state = "select (select last_value from up) || ' ' || (select last_value from down)";
+    // The application, on the target, is ahead of the source.
+    d.exec("select setval('up', 500), setval('down', -500)");
+    s.exec("select nextval('up'), nextval('down'); insert into t values (1)");
+    p.run(&["kick", "s", "--wait", "30"]).ok();
+    assert_eq!(d.value(state), "500 -500");
+    // The source moves past it: followed.
+    s.exec("select setval('up', 900), setval('down', -900); insert into t values (2)");
+    p.run(&["kick", "s", "--wait", "30"]).ok();
+    assert_eq!(d.value(state), "900 -900");
+    assert_eq!(d.value(state), s.value(state));
+    p.run(&["teardown", "s"]).ok();
+}
