@@ -29,7 +29,9 @@ use crate::capture;
 use crate::catalog::{RelGroup, Sync};
 use crate::error::{Error, Result};
 use crate::large_objects::{self, Pass};
-use crate::pg::{Conn, Sql, Tx, copy_between, qualified, quote_ident, quote_literal};
+use crate::pg::{
+    Conn, NamedQuery, PgVersion, Sql, Tx, copy_between, qualified, quote_ident, quote_literal,
+};
 
 /// Advisory lock class for "one applier per sync on this target" ('pglp').
 pub(crate) const LOCK_CLASS: i32 = 0x70676c70;
@@ -170,6 +172,52 @@ const SHAPE: &str = "select (select coalesce(string_agg(
                {not_generated})
      from unnest($1::text[]) with ordinality t(name, n) order by t.n";
 
+/// For each table named in $1 (quoted, qualified): whether it exists, its
+/// copied columns, and how a staging table declares them (by base types).
+fn plan_columns_sql(v: PgVersion) -> String {
+    format!(
+        "with recursive t as (
+             select n, to_regclass(name) as rel from unnest($1::text[])
+                 with ordinality u(name, n)),
+         cols as (
+             select t.n, a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod
+             from t join pg_attribute a on a.attrelid = t.rel
+             where a.attnum > 0 and not a.attisdropped {}),
+         base as (
+             select n, attnum, attname, typ, typmod from cols
+             union all
+             select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod
+             from base b join pg_type ty on ty.oid = b.typ
+             where ty.typtype = 'd')
+         select t.rel is not null,
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.n is not null), '{{}}'),
+                coalesce(string_agg(quote_ident(b.attname) || ' ' ||
+                                    format_type(b.typ, b.typmod), ', '
+                                    order by b.attnum), '')
+         from t
+         left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd')
+           on b.n = t.n
+         group by t.n, t.rel order by t.n",
+        crate::pg::not_generated(v)
+    )
+}
+
+fn shape_sql(v: PgVersion, types: &str) -> String {
+    SHAPE.replace("{not_generated}", crate::pg::not_generated(v)).replace("{type}", types)
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("apply: the plan's columns", plan_columns_sql(v)),
+        NamedQuery::new("apply: tables' shapes by type name", shape_sql(v, BY_NAME)),
+        NamedQuery::new("apply: tables' shapes by type oid", shape_sql(v, BY_OID)),
+        NamedQuery::new("apply: a table's estimated rows", RELTUPLES),
+        NamedQuery::new("apply: whether a table may be truncated", TRUNCATABLE),
+    ]
+}
+
 /// What one batch did.
 #[derive(Debug, Clone, Default)]
 pub struct BatchStats {
@@ -205,37 +253,7 @@ impl Plan {
         // check would refuse a vanished row's NULLs), read under an empty
         // search_path, so qualified.
         let names: Vec<String> = captured.iter().map(|c| qualified(&c.schema, &c.name)).collect();
-        let rows = src
-            .query_qualified(
-                &format!(
-                    "with recursive t as (
-                         select n, to_regclass(name) as rel from unnest($1::text[])
-                             with ordinality u(name, n)),
-                     cols as (
-                         select t.n, a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod
-                         from t join pg_attribute a on a.attrelid = t.rel
-                         where a.attnum > 0 and not a.attisdropped {}),
-                     base as (
-                         select n, attnum, attname, typ, typmod from cols
-                         union all
-                         select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod
-                         from base b join pg_type ty on ty.oid = b.typ
-                         where ty.typtype = 'd')
-                     select t.rel is not null,
-                            coalesce(array_agg(b.attname::text order by b.attnum)
-                                     filter (where b.n is not null), '{{}}'),
-                            coalesce(string_agg(quote_ident(b.attname) || ' ' ||
-                                                format_type(b.typ, b.typmod), ', '
-                                                order by b.attnum), '')
-                     from t
-                     left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd')
-                       on b.n = t.n
-                     group by t.n, t.rel order by t.n",
-                    src.not_generated()
-                ),
-                &[&names],
-            )
-            .await?;
+        let rows = src.query_qualified(&plan_columns_sql(src.version()), &[&names]).await?;
         let gone: Vec<String> = captured
             .iter()
             .zip(&rows)
@@ -323,7 +341,7 @@ impl Plan {
 
     async fn shape_on(&self, c: &impl Sql, types: &str) -> Result<Vec<String>> {
         let tables: Vec<&str> = self.tables.iter().map(|t| t.table.as_str()).collect();
-        let sql = SHAPE.replace("{not_generated}", c.not_generated()).replace("{type}", types);
+        let sql = shape_sql(c.version(), types);
         let rows = match types {
             BY_OID => c.query(&sql, &[&tables]).await?,
             _ => c.query_qualified(&sql, &[&tables]).await?,
@@ -678,10 +696,7 @@ async fn reload_pays(ttx: &Tx<'_>, t: &TablePlan, changes: i64) -> Result<bool> 
     if changes < RELOAD_MIN_CHANGES {
         return Ok(false);
     }
-    let rows: f32 = ttx
-        .query_one("select reltuples from pg_class where oid = $1::text::regclass", &[&t.table])
-        .await?
-        .get(0);
+    let rows: f32 = ttx.query_one(RELTUPLES, &[&t.table]).await?.get(0);
     Ok(rows > 0.0 && changes as f32 >= rows / 2.0 && truncatable(ttx, t).await?)
 }
 
@@ -689,15 +704,7 @@ async fn reload_pays(ttx: &Tx<'_>, t: &TablePlan, changes: i64) -> Result<bool> 
 /// privilege, and no foreign key references the table (a superuser target
 /// keeps its foreign keys during the sync, and TRUNCATE would refuse).
 pub(crate) async fn truncatable(c: &impl Sql, t: &TablePlan) -> Result<bool> {
-    let row = c
-        .query_one(
-            "select has_table_privilege(c.oid, 'TRUNCATE')
-                    and not exists (select 1 from pg_constraint
-                                    where confrelid = c.oid and contype = 'f')
-             from pg_class c where c.oid = $1::text::regclass",
-            &[&t.table],
-        )
-        .await?;
+    let row = c.query_one(TRUNCATABLE, &[&t.table]).await?;
     Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
 }
 
@@ -1149,3 +1156,12 @@ pub async fn pending(src: &Conn, plan: &Plan, target: &str) -> Result<(i64, f64)
         .await?;
     Ok((row.get(0), row.get(1)))
 }
+
+// The catalog queries of this module, named.
+
+const RELTUPLES: &str = "select reltuples from pg_class where oid = $1::text::regclass";
+
+const TRUNCATABLE: &str = "select has_table_privilege(c.oid, 'TRUNCATE')
+           and not exists (select 1 from pg_constraint
+                           where confrelid = c.oid and contype = 'f')
+    from pg_class c where c.oid = $1::text::regclass";

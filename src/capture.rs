@@ -39,7 +39,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::catalog::Relation;
 use crate::error::{Error, Result};
-use crate::pg::{Conn, PgError, Sql, qualified, quote_ident, quote_literal};
+use crate::pg::{Conn, NamedQuery, PgError, PgVersion, Sql, qualified, quote_ident, quote_literal};
 
 /// How long one DDL statement may wait for a table lock.
 const LOCK_TIMEOUT: &str = "2s";
@@ -93,14 +93,7 @@ pub async fn capture_partition_truncates(
     let delta = partition_truncates(schema, sync_id);
     let function = qualified(schema, &format!("f{sync_id}_ptrunc"));
     let trigger = format!("pgleap_{sync_id}_ptrunc");
-    let exists: bool = client
-        .query_one(
-            "select exists (select 1 from pg_trigger
-                            where tgrelid = $1::text::regclass and tgname = $2)",
-            &[&partition, &trigger],
-        )
-        .await?
-        .get(0);
+    let exists: bool = client.query_one(TRIGGER_EXISTS, &[&partition, &trigger]).await?.get(0);
     if exists {
         return Ok(());
     }
@@ -218,19 +211,7 @@ async fn install_table(
     let delta_name = format!("d{sync_id}_{n}");
     let delta = qualified(schema, &delta_name);
     let function = qualified(schema, &format!("f{sync_id}_{n}"));
-    let columns = client
-        .query(
-            &format!(
-                "select a.attname::text, format_type(a.atttypid, a.atttypmod), t.typarray <> 0
-                 from pg_attribute a join pg_type t on t.oid = a.atttypid
-                 where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
-                   {}
-                 order by a.attnum",
-                client.not_generated()
-            ),
-            &[&table],
-        )
-        .await?;
+    let columns = client.query(&columns_sql(client.version()), &[&table]).await?;
     // Keys are recorded as arrays, one row per statement, where every key
     // column's type has an array type (a domain's has none before 11).
     let arrays = columns.iter().all(|r| {
@@ -248,18 +229,7 @@ async fn install_table(
     // partitions, which fires no statement trigger of the parent, while
     // the parent's row triggers are cloned to every partition, present and
     // future (PostgreSQL 11 and later).
-    let inherited: bool = client
-        .query_one(
-            "select exists (select 1 from pg_inherits i join pg_class c on c.oid = i.inhrelid
-                            where (i.inhparent = $1::text::regclass
-                                   or i.inhrelid = $1::text::regclass)
-                              and not c.relispartition)
-                 or (select relispartition or relkind = 'p' from pg_class
-                     where oid = $1::text::regclass)",
-            &[&table],
-        )
-        .await?
-        .get(0);
+    let inherited: bool = client.query_one(IN_INHERITANCE_OR_PARTITIONS, &[&table]).await?.get(0);
     let mut ddl = match (rel.key_columns.is_empty(), inherited) {
         (true, _) => keyless_capture(&table, &delta, &function, sync_id, &columns),
         (false, false) => {
@@ -281,16 +251,7 @@ async fn install_table(
     let what = format!("installing capture on {table}");
     with_lock_retries(client, &what, &ddl).await?;
     if rel.kind == "partitioned table" {
-        let partitions = client
-            .query_qualified(
-                "with recursive tree(oid) as (
-                     select inhrelid from pg_inherits where inhparent = $1::text::regclass
-                     union
-                     select i.inhrelid from pg_inherits i join tree on i.inhparent = tree.oid)
-                 select oid::regclass::text from tree",
-                &[&table],
-            )
-            .await?;
+        let partitions = client.query_qualified(PARTITION_TREE, &[&table]).await?;
         for p in &partitions {
             capture_partition_truncates(client, schema, sync_id, p.get(0)).await?;
         }
@@ -572,16 +533,7 @@ pub(crate) async fn with_lock_retries(client: &mut Conn, what: &str, ddl: &str) 
 
 /// Undoes `--terminate`'s read-only default, where it is set.
 pub async fn reset_read_only(db: &Conn) -> Result<()> {
-    let set: bool = db
-        .query_one(
-            "select exists (select 1 from pg_db_role_setting s
-                            join pg_database d on d.oid = s.setdatabase
-                            where d.datname = current_database() and s.setrole = 0
-                              and 'default_transaction_read_only=on' = any(s.setconfig))",
-            &[],
-        )
-        .await?
-        .get(0);
+    let set: bool = db.query_one(READ_ONLY_DEFAULT, &[]).await?.get(0);
     if set {
         let name: String = db.query_one("select current_database()", &[]).await?.get(0);
         db.batch_execute(&format!(
@@ -649,24 +601,10 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
     let fence_function = format!("f{sync_id}_fence");
     let s = quote_ident(schema);
     // Tables whose installation failed half-way have triggers but no
-    // relations row; find every table carrying this sync's triggers. A
-    // trigger on a partitioned table is cloned to its partitions by the
-    // server (marked by tgparentid from 13, internal before); the clones
-    // go with it and cannot be dropped alone.
-    let own =
-        if client.version().has_tgparentid() { "t.tgparentid = 0" } else { "not t.tgisinternal" };
+    // relations row; find every table carrying this sync's triggers (not
+    // the server's clones of them on partitions).
     let trigger_tables = client
-        .query(
-            &format!(
-                "select n.nspname::text, c.relname::text,
-                        array_agg(t.tgname::text order by t.tgname)
-                 from pg_trigger t join pg_class c on c.oid = t.tgrelid
-                 join pg_namespace n on n.oid = c.relnamespace
-                 where t.tgname like $1 and {own}
-                 group by 1, 2"
-            ),
-            &[&format!("pgleap\\_{sync_id}\\_%")],
-        )
+        .query(&own_triggers_sql(client.version()), &[&format!("pgleap\\_{sync_id}\\_%")])
         .await?;
     for row in &trigger_tables {
         let table = qualified(row.get(0), row.get(1));
@@ -686,13 +624,7 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
         }
     }
     let mut ddl = String::new();
-    let functions = client
-        .query(
-            "select p.proname::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-             where n.nspname = $1 and p.proname like $2",
-            &[&schema, &format!("f{sync_id}\\_%")],
-        )
-        .await?;
+    let functions = client.query(SYNC_FUNCTIONS, &[&schema, &format!("f{sync_id}\\_%")]).await?;
     for f in &functions {
         let name: &str = f.get(0);
         if keep_fence && name == fence_function {
@@ -700,13 +632,7 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
         }
         ddl.push_str(&format!("drop function {}();\n", qualified(schema, name)));
     }
-    let deltas = client
-        .query(
-            "select c.relname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace
-             where n.nspname = $1 and c.relkind = 'r' and c.relname like $2",
-            &[&schema, &format!("d{sync_id}\\_%")],
-        )
-        .await?;
+    let deltas = client.query(SYNC_DELTA_TABLES, &[&schema, &format!("d{sync_id}\\_%")]).await?;
     for d in &deltas {
         ddl.push_str(&format!("drop table {};\n", qualified(schema, d.get(0))));
     }
@@ -742,4 +668,78 @@ pub async fn drop_schema_if_unused(
         tracing::info!("schema {schema} kept: {}", e.message());
     }
     Ok(())
+}
+
+// The catalog queries of this module, named.
+
+const TRIGGER_EXISTS: &str = "select exists (select 1 from pg_trigger
+    where tgrelid = $1::text::regclass and tgname = $2)";
+
+const IN_INHERITANCE_OR_PARTITIONS: &str =
+    "select exists (select 1 from pg_inherits i join pg_class c on c.oid = i.inhrelid
+               where (i.inhparent = $1::text::regclass
+                      or i.inhrelid = $1::text::regclass)
+                 and not c.relispartition)
+    or (select relispartition or relkind = 'p' from pg_class
+        where oid = $1::text::regclass)";
+
+const PARTITION_TREE: &str = "with recursive tree(oid) as (
+        select inhrelid from pg_inherits where inhparent = $1::text::regclass
+        union
+        select i.inhrelid from pg_inherits i join tree on i.inhparent = tree.oid)
+    select oid::regclass::text from tree";
+
+const READ_ONLY_DEFAULT: &str = "select exists (select 1 from pg_db_role_setting s
+    join pg_database d on d.oid = s.setdatabase
+    where d.datname = current_database() and s.setrole = 0
+      and 'default_transaction_read_only=on' = any(s.setconfig))";
+
+const SYNC_FUNCTIONS: &str =
+    "select p.proname::text from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+    where n.nspname = $1 and p.proname like $2";
+
+const SYNC_DELTA_TABLES: &str =
+    "select c.relname::text from pg_class c join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname = $1 and c.relkind = 'r' and c.relname like $2";
+
+/// A table's ($1) copied columns: name, type, whether the type has an
+/// array type.
+fn columns_sql(v: PgVersion) -> String {
+    format!(
+        "select a.attname::text, format_type(a.atttypid, a.atttypmod), t.typarray <> 0
+         from pg_attribute a join pg_type t on t.oid = a.atttypid
+         where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
+           {}
+         order by a.attnum",
+        crate::pg::not_generated(v)
+    )
+}
+
+/// The triggers named like $1, by table, that each table owns: a trigger
+/// on a partitioned table is cloned to its partitions by the server
+/// (marked by tgparentid from 13, internal before); the clones go with it
+/// and cannot be dropped alone.
+fn own_triggers_sql(v: PgVersion) -> String {
+    let own = if v.has_tgparentid() { "t.tgparentid = 0" } else { "not t.tgisinternal" };
+    format!(
+        "select n.nspname::text, c.relname::text, array_agg(t.tgname::text order by t.tgname)
+         from pg_trigger t join pg_class c on c.oid = t.tgrelid
+         join pg_namespace n on n.oid = c.relnamespace
+         where t.tgname like $1 and {own}
+         group by 1, 2"
+    )
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("capture: a table's columns", columns_sql(v)),
+        NamedQuery::new("capture: a sync's triggers", own_triggers_sql(v)),
+        NamedQuery::new("capture: partition TRUNCATE trigger exists", TRIGGER_EXISTS),
+        NamedQuery::new("capture: inheritance or partitioning", IN_INHERITANCE_OR_PARTITIONS),
+        NamedQuery::new("capture: partitions of a table", PARTITION_TREE),
+        NamedQuery::new("capture: read-only default", READ_ONLY_DEFAULT),
+        NamedQuery::new("capture: a sync's functions", SYNC_FUNCTIONS),
+        NamedQuery::new("capture: a sync's delta tables", SYNC_DELTA_TABLES),
+    ]
 }

@@ -30,7 +30,7 @@ use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
 use crate::fidelity;
 use crate::large_objects;
-use crate::pg::{Conn, Env, Sql, Tx, copy_between, quote_ident};
+use crate::pg::{Conn, Env, NamedQuery, Sql, Tx, copy_between, quote_ident};
 use crate::progress::Progress;
 use crate::route::DbConn;
 use crate::schema;
@@ -442,14 +442,7 @@ async fn block_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option
     if !src.version().has_tid_range_scans() || t.partitioned {
         return Ok(None);
     }
-    let blocks: i64 = src
-        .query_one(
-            "select (pg_relation_size($1::text::regclass)
-                     / current_setting('block_size')::int8)::int8",
-            &[&t.table],
-        )
-        .await?
-        .get(0);
+    let blocks: i64 = src.query_one(BLOCKS, &[&t.table]).await?.get(0);
     let n = (jobs as i64 * RANGES_PER_JOB).min(blocks);
     if n < 2 {
         return Ok(None);
@@ -675,4 +668,17 @@ impl CopyRun<'_> {
         }
         Ok(())
     }
+}
+
+// The catalog queries of this module, named.
+
+const BLOCKS: &str = "select (pg_relation_size($1::text::regclass)
+    / current_setting('block_size')::int8)::int8";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("copy: a table's blocks", BLOCKS),
+        NamedQuery::new("copy: index build memory", INDEX_BUILD_MEMORY),
+    ]
 }

@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::fidelity::{self, Difference, Stage};
 use crate::inventory::Selection;
 use crate::objects::{self, SyncSpec};
-use crate::pg::{Conn, Env, Sql, qualified, quote_ident, quote_literal};
+use crate::pg::{Conn, Env, NamedQuery, Sql, qualified, quote_ident, quote_literal};
 use crate::route::SyncRoute;
 use crate::session::Session;
 use crate::switch::{Switch, SwitchPlan};
@@ -524,13 +524,7 @@ async fn read_only(src: &Conn, on: bool) -> Result<()> {
     };
     src.batch_execute(&format!("alter database {} {setting}", quote_ident(&name))).await?;
     if on {
-        src.execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity
-             where datname = current_database() and pid <> pg_backend_pid()
-               and application_name <> 'pgleap'",
-            &[],
-        )
-        .await?;
+        src.execute(TERMINATE_OTHERS, &[]).await?;
     }
     Ok(())
 }
@@ -560,4 +554,15 @@ async fn counts_equal(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// The catalog queries of this module, named.
+
+const TERMINATE_OTHERS: &str = "select pg_terminate_backend(pid) from pg_stat_activity
+    where datname = current_database() and pid <> pg_backend_pid()
+      and application_name <> 'pgleap'";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![NamedQuery::new("cutover: end other sessions", TERMINATE_OTHERS)]
 }

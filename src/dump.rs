@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Error, Result};
-use crate::pg::{Conn, Sql};
+use crate::pg::{Conn, NamedQuery, Sql};
 
 /// pg_dump, pg_restore and psql of one installation.
 #[derive(Debug, Clone)]
@@ -377,12 +377,7 @@ async fn ask(
     tables: &BTreeSet<String>,
 ) -> Result<TargetKnows> {
     let names: Vec<String> = sets.iter().cloned().collect();
-    let settings = dst
-        .query("select name from pg_settings where name = any($1)", &[&names])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let settings = dst.query(SETTINGS_KNOWN, &[&names]).await?.iter().map(|r| r.get(0)).collect();
     let mut knows =
         TargetKnows { settings, column_options: BTreeMap::new(), table_options: BTreeMap::new() };
     if columns.is_empty() && tables.is_empty() {
@@ -418,6 +413,15 @@ async fn probe(dst: &Conn, sql: &str) -> Result<bool> {
     let ok = dst.batch_execute(sql).await.is_ok();
     dst.batch_execute(if ok { "release probe" } else { "rollback to probe" }).await?;
     Ok(ok)
+}
+
+// The catalog queries of this module, named.
+
+const SETTINGS_KNOWN: &str = "select name from pg_settings where name = any($1)";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![NamedQuery::new("dump: settings the server has", SETTINGS_KNOWN)]
 }
 
 #[cfg(test)]

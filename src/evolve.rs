@@ -72,7 +72,9 @@ fn source_columns_sql(v: PgVersion) -> String {
 
 /// The catalog queries of this module, for `pgleap db check-queries`.
 pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
-    vec![NamedQuery::new("evolve: source columns", source_columns_sql(v))]
+    let mut out = vec![NamedQuery::new("evolve: source columns", source_columns_sql(v))];
+    out.extend(static_catalog_queries());
+    out
 }
 
 async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
@@ -93,13 +95,7 @@ async fn source_columns(src: &Conn, table: &str) -> Result<Vec<Column>> {
 
 /// The columns of `table` on one side: (name, type).
 async fn columns_of(tgt: &Conn, table: &str) -> Result<Vec<(String, String)>> {
-    let rows = tgt
-        .query_qualified(
-            "select a.attname::text, format_type(a.atttypid, a.atttypmod) from pg_attribute a
-             where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped",
-            &[&table],
-        )
-        .await?;
+    let rows = tgt.query_qualified(COLUMNS_OF, &[&table]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -252,25 +248,7 @@ async fn partitions(c: &impl Sql, plan: &Plan) -> Result<Vec<Partition>> {
     if roots.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = c
-        .query_qualified(
-            "with recursive tree(oid, parent, depth, root) as (
-                 select i.inhrelid, i.inhparent, 1, r.name from pg_inherits i
-                 join unnest($1::text[]) r(name) on i.inhparent = r.name::regclass
-                 union all
-                 select i.inhrelid, i.inhparent, tree.depth + 1, tree.root
-                 from pg_inherits i join tree on i.inhparent = tree.oid)
-             select tree.oid::regclass::text, tree.parent::regclass::text,
-                    pg_get_expr(c.relpartbound, c.oid) ||
-                      case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid)
-                           else '' end,
-                    c.relkind = 'r', tree.root
-             from tree join pg_class c on c.oid = tree.oid
-             where c.relispartition
-             order by tree.depth, 1",
-            &[&roots],
-        )
-        .await?;
+    let rows = c.query_qualified(PARTITIONS, &[&roots]).await?;
     Ok(rows
         .iter()
         .map(|r| Partition {
@@ -363,23 +341,7 @@ pub async fn not_captured(
         .collect();
     let all = relgroup.whole_schemas.iter().any(|s| s == "*");
     let rows = src
-        .query_qualified(
-            "with recursive carried(oid) as (
-                 select to_regclass(m)::oid from unnest($1::text[]) m
-                 union
-                 select i.inhrelid from pg_inherits i join carried on i.inhparent = carried.oid)
-             select c.oid::regclass::text from pg_class c
-             join pg_namespace n on n.oid = c.relnamespace
-             where c.relkind in ('r', 'p') and not c.relispartition
-               and ($2 or n.nspname = any($3))
-               and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname <> $4
-               and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'
-               and c.oid not in (select oid from carried where oid is not null)
-               and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass
-                               and d.objid = c.oid and d.deptype = 'e')
-             order by 1",
-            &[&members, &all, &relgroup.whole_schemas, &pgleap_schema],
-        )
+        .query_qualified(NOT_CAPTURED, &[&members, &all, &relgroup.whole_schemas, &pgleap_schema])
         .await?;
     Ok(rows
         .iter()
@@ -388,4 +350,48 @@ pub async fn not_captured(
             format!("table {table} is not captured (created after relgroup {})", relgroup.name)
         })
         .collect())
+}
+
+// The catalog queries of this module, named.
+
+const COLUMNS_OF: &str =
+    "select a.attname::text, format_type(a.atttypid, a.atttypmod) from pg_attribute a
+    where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped";
+
+const PARTITIONS: &str = "with recursive tree(oid, parent, depth, root) as (
+        select i.inhrelid, i.inhparent, 1, r.name from pg_inherits i
+        join unnest($1::text[]) r(name) on i.inhparent = r.name::regclass
+        union all
+        select i.inhrelid, i.inhparent, tree.depth + 1, tree.root
+        from pg_inherits i join tree on i.inhparent = tree.oid)
+    select tree.oid::regclass::text, tree.parent::regclass::text,
+           pg_get_expr(c.relpartbound, c.oid) ||
+             case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid)
+                  else '' end,
+           c.relkind = 'r', tree.root
+    from tree join pg_class c on c.oid = tree.oid
+    where c.relispartition
+    order by tree.depth, 1";
+
+const NOT_CAPTURED: &str = "with recursive carried(oid) as (
+        select to_regclass(m)::oid from unnest($1::text[]) m
+        union
+        select i.inhrelid from pg_inherits i join carried on i.inhparent = carried.oid)
+    select c.oid::regclass::text from pg_class c
+    join pg_namespace n on n.oid = c.relnamespace
+    where c.relkind in ('r', 'p') and not c.relispartition
+      and ($2 or n.nspname = any($3))
+      and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname <> $4
+      and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'
+      and c.oid not in (select oid from carried where oid is not null)
+      and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass
+                      and d.objid = c.oid and d.deptype = 'e')
+    order by 1";
+
+fn static_catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("evolve: a table's columns", COLUMNS_OF),
+        NamedQuery::new("evolve: partitions of partitioned tables", PARTITIONS),
+        NamedQuery::new("evolve: tables not captured", NOT_CAPTURED),
+    ]
 }

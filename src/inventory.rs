@@ -108,8 +108,7 @@ pub async fn tables(client: &Conn, sel: &Selection) -> Result<Vec<(String, Strin
 async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
     let db = client.name();
     for schema in sel.schemas.iter().chain(&sel.exclude_schemas) {
-        let found =
-            client.query_opt("select 1 from pg_namespace where nspname = $1", &[schema]).await?;
+        let found = client.query_opt(NAMESPACE_EXISTS, &[schema]).await?;
         if found.is_none() {
             return Err(Error::invalid(
                 format!("schema \"{schema}\" does not exist in database \"{db}\""),
@@ -138,28 +137,8 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
             .map(|s| s.to_string())
             .chain(sel.exclude_schemas.iter().cloned())
             .collect();
-        let rows = client
-            .query(
-                &format!(
-                    "select c.oid
-                 from pg_class c join pg_namespace n on n.oid = c.relnamespace
-                 where c.relkind::text = any($1::text[])
-                   and {}
-                   and n.nspname !~ '^pg_'
-                   and n.nspname <> all($2::text[])
-                   and ($3::text[] is null or n.nspname = any($3::text[]))
-                   and not exists (select 1 from pg_depend d
-                                   where d.classid = 'pg_class'::regclass
-                                     and d.objid = c.oid and d.deptype = 'e')",
-                    if partitions_one_by_one(client) {
-                        "c.relkind <> 'p'"
-                    } else {
-                        "not c.relispartition"
-                    }
-                ),
-                &[&kinds, &excluded, &schemas],
-            )
-            .await?;
+        let rows =
+            client.query(&selection_sql(client.version()), &[&kinds, &excluded, &schemas]).await?;
         oids.extend(rows.iter().map(|r| r.get::<_, u32>(0)));
     }
     for name in &sel.tables {
@@ -177,6 +156,26 @@ async fn describe(client: &Conn, sel: &Selection) -> Result<Vec<Relation>> {
     relations(client, &oids).await
 }
 
+/// The relations of kinds $1 outside schemas $2 (and inside $3 if not
+/// null), not of an extension; partitions through their partitioned table,
+/// except on 10, where each partition is replicated on its own.
+fn selection_sql(v: PgVersion) -> String {
+    let partitions =
+        if v.has_partitioned_row_triggers() { "not c.relispartition" } else { "c.relkind <> 'p'" };
+    format!(
+        "select c.oid
+         from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where c.relkind::text = any($1::text[])
+           and {partitions}
+           and n.nspname !~ '^pg_'
+           and n.nspname <> all($2::text[])
+           and ($3::text[] is null or n.nspname = any($3::text[]))
+           and not exists (select 1 from pg_depend d
+                           where d.classid = 'pg_class'::regclass
+                             and d.objid = c.oid and d.deptype = 'e')"
+    )
+}
+
 fn relations_sql(v: PgVersion) -> String {
     let nkeys = if v.has_include_columns() { "indnkeyatts" } else { "indnatts" };
     RELATIONS.replace("{nkeys}", nkeys)
@@ -184,7 +183,12 @@ fn relations_sql(v: PgVersion) -> String {
 
 /// The catalog queries of this module, for `pgleap db check-queries`.
 pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
-    vec![NamedQuery::new("inventory: relations", relations_sql(v))]
+    let mut out = vec![
+        NamedQuery::new("inventory: relations", relations_sql(v)),
+        NamedQuery::new("inventory: a selection", selection_sql(v)),
+    ];
+    out.extend(static_catalog_queries());
+    out
 }
 
 /// The relations of these oids, with their keys and sizes.
@@ -270,23 +274,7 @@ fn partitions_one_by_one(client: &Conn) -> bool {
 /// folding, search_path), and checks what kind of relation it is.
 async fn lookup(client: &Conn, name: &str, wanted: Wanted) -> Result<u32> {
     let db = client.name();
-    let row = match client
-        .query_one(
-            "select c.oid, c.relkind::text, c.relispartition,
-                    case when c.relispartition
-                         then (with recursive up(relid) as (
-                                   select c.oid
-                                   union all
-                                   select h.inhparent from pg_inherits h
-                                   join up on h.inhrelid = up.relid)
-                               select u.relid::regclass::text from up u
-                               join pg_class pc on pc.oid = u.relid
-                               where not pc.relispartition limit 1) end
-             from pg_class c where c.oid = $1::text::regclass",
-            &[&name],
-        )
-        .await
-    {
+    let row = match client.query_one(LOOKUP, &[&name]).await {
         Ok(row) => row,
         Err(e) => {
             let code = e.sqlstate();
@@ -334,4 +322,27 @@ async fn lookup(client: &Conn, name: &str, wanted: Wanted) -> Result<u32> {
             "pgleap replicates tables and sequences only; views are part of the schema copy",
         )),
     }
+}
+
+// The catalog queries of this module, named.
+
+const NAMESPACE_EXISTS: &str = "select 1 from pg_namespace where nspname = $1";
+
+const LOOKUP: &str = "select c.oid, c.relkind::text, c.relispartition,
+           case when c.relispartition
+                then (with recursive up(relid) as (
+                          select c.oid
+                          union all
+                          select h.inhparent from pg_inherits h
+                          join up on h.inhrelid = up.relid)
+                      select u.relid::regclass::text from up u
+                      join pg_class pc on pc.oid = u.relid
+                      where not pc.relispartition limit 1) end
+    from pg_class c where c.oid = $1::text::regclass";
+
+fn static_catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("inventory: schema exists", NAMESPACE_EXISTS),
+        NamedQuery::new("inventory: a relation by name", LOOKUP),
+    ]
 }

@@ -22,7 +22,7 @@
 //! servers compute it identically.
 
 use crate::error::Result;
-use crate::pg::{Sql, Tx, copy_between, quote_ident};
+use crate::pg::{NamedQuery, Sql, Tx, copy_between, quote_ident};
 
 /// Bytes moved per `lo_get`/`lo_put`, and per digested piece.
 pub const CHUNK: i32 = 256 * 1024;
@@ -111,9 +111,7 @@ pub async fn pass(
     .await?;
     copy_between(
         stx,
-        &format!(
-            "copy (select m.oid, {META} from pg_largeobject_metadata m where {READABLE}) to stdout"
-        ),
+        &format!("copy ({}) to stdout", readable_metadata_sql("true")),
         ttx,
         "copy pg_temp.pgleap_lo (lo, meta) from stdin",
         &|_| {},
@@ -131,11 +129,7 @@ pub async fn pass(
         .await?;
     for row in &gone {
         let lo: u32 = row.get(0);
-        ttx.execute(
-            "select lo_unlink(m.oid) from pg_largeobject_metadata m where m.oid = $1",
-            &[&lo],
-        )
-        .await?;
+        ttx.execute(UNLINK, &[&lo]).await?;
         stats.unlinked += 1;
     }
     let changed = ttx
@@ -183,12 +177,7 @@ pub async fn pass(
 
 /// The digest of one object on the source, if it still exists there.
 async fn source_digest(stx: &Tx<'_>, lo: u32) -> Result<Option<String>> {
-    let row = stx
-        .query_opt(
-            &format!("select {} from pg_largeobject_metadata m where m.oid = $1", digest("m.oid")),
-            &[&lo],
-        )
-        .await?;
+    let row = stx.query_opt(&source_digest_sql(), &[&lo]).await?;
     Ok(row.map(|r| r.get(0)))
 }
 
@@ -203,8 +192,7 @@ async fn write(
     lo: u32,
     meta: &str,
 ) -> Result<u64> {
-    ttx.execute("select lo_unlink(m.oid) from pg_largeobject_metadata m where m.oid = $1", &[&lo])
-        .await?;
+    ttx.execute(UNLINK, &[&lo]).await?;
     ttx.execute("select lo_create($1)", &[&lo]).await?;
     let bytes = copy_content(stx, ttx, lo).await?;
     copy_privileges(stx, ttx, lo).await?;
@@ -241,16 +229,7 @@ async fn copy_content(stx: &Tx<'_>, ttx: &Tx<'_>, lo: u32) -> Result<u64> {
 /// then gives it to its owner, if the target has that role and this role
 /// may.
 async fn copy_privileges(stx: &Tx<'_>, ttx: &Tx<'_>, lo: u32) -> Result<()> {
-    let row = stx
-        .query_one(
-            "select pg_get_userbyid(m.lomowner),
-                    coalesce((select array_agg(coalesce(r.rolname, '') || '=' || a.privilege_type)
-                              from aclexplode(m.lomacl) a left join pg_roles r on r.oid = a.grantee
-                              where a.grantee <> m.lomowner), '{}')
-             from pg_largeobject_metadata m where m.oid = $1",
-            &[&lo],
-        )
-        .await?;
+    let row = stx.query_one(OWNER_AND_GRANTS, &[&lo]).await?;
     let (owner, grants): (String, Vec<String>) = (row.get(0), row.get(1));
     for grant in &grants {
         let Some((role, privilege)) = grant.split_once('=') else { continue };
@@ -282,25 +261,13 @@ async fn copy_privileges(stx: &Tx<'_>, ttx: &Tx<'_>, lo: u32) -> Result<()> {
 }
 
 async fn role_exists(c: &impl Sql, role: &str) -> Result<bool> {
-    Ok(c.query_one("select exists (select 1 from pg_roles where rolname = $1)", &[&role])
-        .await?
-        .get(0))
+    Ok(c.query_one(ROLE_EXISTS, &[&role]).await?.get(0))
 }
 
 /// Splits the readable objects into oid ranges of about `per_unit` objects
 /// for the initial copy; one unit (`true`) when there are few.
 pub async fn unit_predicates(stx: &Tx<'_>, per_unit: i64) -> Result<Vec<String>> {
-    let bounds = stx
-        .query(
-            &format!(
-                "select min(oid) from (
-                     select m.oid, (row_number() over (order by m.oid) - 1) / $1 part
-                     from pg_largeobject_metadata m where {READABLE}) x
-                 group by part order by 1"
-            ),
-            &[&per_unit],
-        )
-        .await?;
+    let bounds = stx.query(&unit_bounds_sql(), &[&per_unit]).await?;
     let bounds: Vec<u32> = bounds.iter().map(|r| r.get(0)).collect();
     if bounds.len() <= 1 {
         return Ok(vec!["true".to_string()]);
@@ -326,15 +293,8 @@ pub async fn copy_unit(
     predicate: &str,
 ) -> Result<(u64, u64)> {
     let state = format!("{}.large_objects", quote_ident(schema));
-    let rows = stx
-        .query(
-            &format!(
-                "select m.oid, {META} from pg_largeobject_metadata m
-                 where {READABLE} and {predicate} order by m.oid"
-            ),
-            &[],
-        )
-        .await?;
+    let rows =
+        stx.query(&format!("{} order by m.oid", readable_metadata_sql(predicate)), &[]).await?;
     let mut bytes = 0;
     for row in &rows {
         bytes += write(stx, ttx, &state, sync, row.get(0), row.get(1)).await?;
@@ -344,21 +304,13 @@ pub async fn copy_unit(
 
 /// Objects the role cannot read on the source: (count, the first oids).
 pub async fn unreadable(c: &impl Sql) -> Result<(i64, Vec<u32>)> {
-    let row = c
-        .query_one(
-            &format!(
-                "select count(*), coalesce((array_agg(m.oid order by m.oid))[1:10], '{{}}')
-                 from pg_largeobject_metadata m where not {READABLE}"
-            ),
-            &[],
-        )
-        .await?;
+    let row = c.query_one(&unreadable_sql(), &[]).await?;
     Ok((row.get(0), row.get(1)))
 }
 
 /// Whether the database has any large object.
 pub async fn any(c: &impl Sql) -> Result<bool> {
-    Ok(c.query_one("select exists (select 1 from pg_largeobject_metadata)", &[]).await?.get(0))
+    Ok(c.query_one(ANY, &[]).await?.get(0))
 }
 
 /// Number of buckets verify sums objects into.
@@ -371,12 +323,7 @@ const SHOWN: usize = 10;
 /// oids). Sums per bucket cross the wire; only differing buckets are read
 /// object by object.
 pub async fn compare(src: &impl Sql, tgt: &impl Sql) -> Result<(i64, i64, Vec<String>)> {
-    let per_bucket = format!(
-        "select (m.oid::int8 % {BUCKETS})::int8 b, count(*),
-                md5(string_agg(m.oid::text || ' ' || {META} || ' ' || {d}, ',' order by m.oid))
-         from pg_largeobject_metadata m where {READABLE} group by 1 order by 1",
-        d = digest("m.oid")
-    );
+    let per_bucket = per_bucket_sql();
     let (a, b) =
         futures_util::future::try_join(src.query(&per_bucket, &[]), tgt.query(&per_bucket, &[]))
             .await?;
@@ -391,11 +338,7 @@ pub async fn compare(src: &impl Sql, tgt: &impl Sql) -> Result<(i64, i64, Vec<St
     buckets.dedup();
     let mut differing = Vec::new();
     for bucket in buckets {
-        let objects = format!(
-            "select m.oid::text, {META} || ' ' || {d} from pg_largeobject_metadata m
-             where {READABLE} and m.oid::int8 % {BUCKETS} = {bucket} order by 1",
-            d = digest("m.oid")
-        );
+        let objects = bucket_objects_sql(bucket);
         let (ra, rb) =
             futures_util::future::try_join(src.query(&objects, &[]), tgt.query(&objects, &[]))
                 .await?;
@@ -413,4 +356,76 @@ pub async fn compare(src: &impl Sql, tgt: &impl Sql) -> Result<(i64, i64, Vec<St
     }
     differing.sort();
     Ok((count(&a), count(&b), differing))
+}
+
+// The catalog queries of this module, named.
+
+const UNLINK: &str = "select lo_unlink(m.oid) from pg_largeobject_metadata m where m.oid = $1";
+
+const OWNER_AND_GRANTS: &str = "select pg_get_userbyid(m.lomowner),
+        coalesce((select array_agg(coalesce(r.rolname, '') || '=' || a.privilege_type)
+                  from aclexplode(m.lomacl) a left join pg_roles r on r.oid = a.grantee
+                  where a.grantee <> m.lomowner), '{}')
+     from pg_largeobject_metadata m where m.oid = $1";
+
+const ROLE_EXISTS: &str = "select exists (select 1 from pg_roles where rolname = $1)";
+
+const ANY: &str = "select exists (select 1 from pg_largeobject_metadata)";
+
+/// The readable objects matching `predicate`, with their metadata.
+fn readable_metadata_sql(predicate: &str) -> String {
+    format!("select m.oid, {META} from pg_largeobject_metadata m where {READABLE} and {predicate}")
+}
+
+fn source_digest_sql() -> String {
+    format!("select {} from pg_largeobject_metadata m where m.oid = $1", digest("m.oid"))
+}
+
+fn unit_bounds_sql() -> String {
+    format!(
+        "select min(oid) from (
+             select m.oid, (row_number() over (order by m.oid) - 1) / $1 part
+             from pg_largeobject_metadata m where {READABLE}) x
+         group by part order by 1"
+    )
+}
+
+fn unreadable_sql() -> String {
+    format!(
+        "select count(*), coalesce((array_agg(m.oid order by m.oid))[1:10], '{{}}')
+         from pg_largeobject_metadata m where not {READABLE}"
+    )
+}
+
+fn per_bucket_sql() -> String {
+    format!(
+        "select (m.oid::int8 % {BUCKETS})::int8 b, count(*),
+                md5(string_agg(m.oid::text || ' ' || {META} || ' ' || {d}, ',' order by m.oid))
+         from pg_largeobject_metadata m where {READABLE} group by 1 order by 1",
+        d = digest("m.oid")
+    )
+}
+
+fn bucket_objects_sql(bucket: i64) -> String {
+    format!(
+        "select m.oid::text, {META} || ' ' || {d} from pg_largeobject_metadata m
+         where {READABLE} and m.oid::int8 % {BUCKETS} = {bucket} order by 1",
+        d = digest("m.oid")
+    )
+}
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("large objects: unlink", UNLINK),
+        NamedQuery::new("large objects: owner and grants", OWNER_AND_GRANTS),
+        NamedQuery::new("large objects: role exists", ROLE_EXISTS),
+        NamedQuery::new("large objects: any", ANY),
+        NamedQuery::new("large objects: readable metadata", readable_metadata_sql("true")),
+        NamedQuery::new("large objects: source digest", source_digest_sql()),
+        NamedQuery::new("large objects: copy unit bounds", unit_bounds_sql()),
+        NamedQuery::new("large objects: unreadable", unreadable_sql()),
+        NamedQuery::new("large objects: verify buckets", per_bucket_sql()),
+        NamedQuery::new("large objects: verify one bucket", bucket_objects_sql(0)),
+    ]
 }

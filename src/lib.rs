@@ -34,6 +34,8 @@
 //! - `cutover`: fence, drain, finish the target, measure the downtime;
 //!   rollback.
 //! - `upgrade`: the whole job in one resumable command.
+//! - `queries`: every catalog query above, gathered and prepared on a
+//!   server (`db check-queries`).
 //! - `cli`: the command line over all of the above.
 //!
 //! Only the command line and the error type are public: the binary is the
@@ -56,6 +58,7 @@ mod large_objects;
 mod objects;
 mod pg;
 mod progress;
+mod queries;
 mod route;
 mod schema;
 mod session;

@@ -324,13 +324,7 @@ pub(crate) fn check_supported_source(src: &Conn) -> Result<()> {
 /// What identifies one database of one running server, as far as a
 /// non-superuser can see: same port, same start time, same database oid.
 pub(crate) async fn fingerprint(conn: &Conn) -> Result<String> {
-    let row = conn
-        .query_one(
-            "select current_setting('port') || '/' || pg_postmaster_start_time()::text || '/' ||
-                    (select oid from pg_database where datname = current_database())::text",
-            &[],
-        )
-        .await?;
+    let row = conn.query_one(SERVER_IDENTITY, &[]).await?;
     Ok(row.get(0))
 }
 
@@ -446,35 +440,13 @@ pub async fn teardown(
     Ok(keep_fence)
 }
 
-/// What `db check-queries` found: the server's version, how many catalog
-/// queries were prepared, and those the server refused with its message.
-pub struct QueryCheck {
-    pub server_version: String,
-    pub prepared: usize,
-    pub refused: Vec<(String, String)>,
-}
+// The catalog queries of this module, named.
 
-/// Prepares (parses and plans, without running) every catalog query pgleap
-/// builds for this database's server version: a release whose catalog
-/// differs from what pgleap expects is found here, not half-way through a
-/// migration.
-pub async fn check_queries(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<QueryCheck> {
-    let conn = DbConn::from_catalog(catalog, name)?.connect(env).await?;
-    let v = conn.version();
-    let queries: Vec<NamedQuery> = [
-        crate::inventory::catalog_queries(v),
-        crate::fidelity::catalog_queries(v),
-        crate::schema::catalog_queries(v),
-        crate::evolve::catalog_queries(v),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let mut refused = Vec::new();
-    for q in &queries {
-        if let Err(e) = conn.prepare_only(&q.sql).await {
-            refused.push((q.name.clone(), e.message()));
-        }
-    }
-    Ok(QueryCheck { server_version: v.to_string(), prepared: queries.len(), refused })
+const SERVER_IDENTITY: &str =
+    "select current_setting('port') || '/' || pg_postmaster_start_time()::text || '/' ||
+    (select oid from pg_database where datname = current_database())::text";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![NamedQuery::new("objects: the server's identity", SERVER_IDENTITY)]
 }

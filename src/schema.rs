@@ -54,6 +54,9 @@ pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
         NamedQuery::new("schema: extensions needing a superuser", extensions_needing_admin_sql(v)),
         NamedQuery::new("schema: indexes and key constraints", POST_DATA),
     ]
+    .into_iter()
+    .chain(static_catalog_queries())
+    .collect()
 }
 
 const EXTENSIONS_USED: &str =
@@ -108,12 +111,7 @@ pub async fn check_extensions(src: &Conn, dst: &Conn) -> Result<()> {
 /// Extensions the target database has already: schema copy leaves them
 /// (and their comments, which only their owner may set) as they are.
 async fn installed_extensions(dst: &Conn) -> Result<Vec<String>> {
-    Ok(dst
-        .query("select extname::text from pg_extension", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    Ok(dst.query(INSTALLED_EXTENSIONS, &[]).await?.iter().map(|r| r.get(0)).collect())
 }
 
 /// The dump's table of contents without the entries of extensions the
@@ -398,4 +396,12 @@ pub async fn create_indexes_like(
         created += create_missing(&tgt, &table, &items).await?;
     }
     Ok(created)
+}
+
+// The catalog queries of this module, named.
+
+const INSTALLED_EXTENSIONS: &str = "select extname::text from pg_extension";
+
+fn static_catalog_queries() -> Vec<NamedQuery> {
+    vec![NamedQuery::new("schema: installed extensions", INSTALLED_EXTENSIONS)]
 }

@@ -20,7 +20,7 @@ use crate::apply::Plan;
 use crate::capture;
 use crate::error::{Error, Result};
 use crate::large_objects;
-use crate::pg::{Conn, Sql, quote_ident, quote_literal};
+use crate::pg::{Conn, NamedQuery, Sql, quote_ident, quote_literal};
 
 /// A foreign key or trigger of one table, as its definition reads.
 #[derive(Debug, Clone)]
@@ -50,23 +50,7 @@ const TREE: &str = "with recursive tree(oid) as (
 /// those of other tables pointing at them). A key a partition inherits
 /// from its parent's is the parent's: created and dropped with it.
 async fn foreign_keys(c: &impl Sql, tables: &[&str], referencing: bool) -> Result<Vec<Definition>> {
-    let rows = c
-        .query_qualified(
-            &format!(
-                "{TREE}
-                 select k.conrelid::regclass::text, k.conname::text, pg_get_constraintdef(k.oid)
-                 from pg_constraint k
-                 where k.contype = 'f'
-                   and (k.conrelid in (select oid from tree)
-                        or ($2 and k.confrelid in (select oid from tree)))
-                   and not exists (select 1 from pg_inherits i join pg_constraint p
-                                     on p.conrelid = i.inhparent and p.conname = k.conname
-                                    and p.contype = 'f'
-                                   where i.inhrelid = k.conrelid)"
-            ),
-            &[&tables, &referencing],
-        )
-        .await?;
+    let rows = c.query_qualified(&foreign_keys_sql(), &[&tables, &referencing]).await?;
     Ok(rows.iter().map(definition).collect())
 }
 
@@ -78,22 +62,7 @@ async fn user_triggers(
     tables: &[&str],
     enabled_only: bool,
 ) -> Result<Vec<Definition>> {
-    let rows = c
-        .query_qualified(
-            &format!(
-                "{TREE}
-                 select t.tgrelid::regclass::text, t.tgname::text, pg_get_triggerdef(t.oid)
-                 from pg_trigger t
-                 where t.tgrelid in (select oid from tree)
-                   and not t.tgisinternal and t.tgname not like 'pgleap\\_%'
-                   and (not $2 or t.tgenabled <> 'D')
-                   and not exists (select 1 from pg_inherits i join pg_trigger p
-                                     on p.tgrelid = i.inhparent and p.tgname = t.tgname
-                                   where i.inhrelid = t.tgrelid)"
-            ),
-            &[&tables, &enabled_only],
-        )
-        .await?;
+    let rows = c.query_qualified(&user_triggers_sql(), &[&tables, &enabled_only]).await?;
     Ok(rows.iter().map(definition).collect())
 }
 
@@ -288,16 +257,7 @@ pub async fn validate_foreign_keys(tgt: &Conn, fks: &[Unvalidated]) -> Result<()
 
 /// Foreign keys on the synced tables of the target not validated yet.
 pub async fn not_validated(tgt: &Conn, plan: &Plan) -> Result<Vec<Unvalidated>> {
-    let rows = tgt
-        .query_qualified(
-            &format!(
-                "{TREE}
-                 select conrelid::regclass::text, conname::text from pg_constraint
-                 where contype = 'f' and not convalidated and conrelid in (select oid from tree)"
-            ),
-            &[&table_list(plan)],
-        )
-        .await?;
+    let rows = tgt.query_qualified(&not_validated_sql(), &[&table_list(plan)]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -310,13 +270,9 @@ pub struct Missing {
 
 pub async fn missing(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<Missing> {
     let tables = table_list(plan);
-    let fk_exists = "select exists (select 1 from pg_constraint
-                                    where conrelid = $1::text::regclass and conname = $2)";
-    let trigger_exists = "select exists (select 1 from pg_trigger
-                                         where tgrelid = $1::text::regclass and tgname = $2)";
     Ok(Missing {
-        foreign_keys: absent(tgt, fk_exists, foreign_keys(src, &tables, false).await?).await?,
-        triggers: absent(tgt, trigger_exists, user_triggers(src, &tables, false).await?).await?,
+        foreign_keys: absent(tgt, FK_EXISTS, foreign_keys(src, &tables, false).await?).await?,
+        triggers: absent(tgt, TRIGGER_EXISTS, user_triggers(src, &tables, false).await?).await?,
     })
 }
 
@@ -371,4 +327,61 @@ pub async fn remove(tgt: &mut Conn, schema: &str, sync: &str) -> Result<()> {
     .await?;
     let tables = ["applied", "set_aside", "copy_units", "large_objects", "columns"];
     capture::drop_schema_if_unused(tgt, schema, "applied", &tables).await
+}
+
+// The catalog queries of this module, named. Each reads `tables` ($1)
+// with their partitions ([`TREE`]).
+
+fn foreign_keys_sql() -> String {
+    format!(
+        "{TREE}
+         select k.conrelid::regclass::text, k.conname::text, pg_get_constraintdef(k.oid)
+         from pg_constraint k
+         where k.contype = 'f'
+           and (k.conrelid in (select oid from tree)
+                or ($2 and k.confrelid in (select oid from tree)))
+           and not exists (select 1 from pg_inherits i join pg_constraint p
+                             on p.conrelid = i.inhparent and p.conname = k.conname
+                            and p.contype = 'f'
+                           where i.inhrelid = k.conrelid)"
+    )
+}
+
+fn user_triggers_sql() -> String {
+    format!(
+        "{TREE}
+         select t.tgrelid::regclass::text, t.tgname::text, pg_get_triggerdef(t.oid)
+         from pg_trigger t
+         where t.tgrelid in (select oid from tree)
+           and not t.tgisinternal and t.tgname not like 'pgleap\\_%'
+           and (not $2 or t.tgenabled <> 'D')
+           and not exists (select 1 from pg_inherits i join pg_trigger p
+                             on p.tgrelid = i.inhparent and p.tgname = t.tgname
+                           where i.inhrelid = t.tgrelid)"
+    )
+}
+
+fn not_validated_sql() -> String {
+    format!(
+        "{TREE}
+         select conrelid::regclass::text, conname::text from pg_constraint
+         where contype = 'f' and not convalidated and conrelid in (select oid from tree)"
+    )
+}
+
+const FK_EXISTS: &str = "select exists (select 1 from pg_constraint
+                                        where conrelid = $1::text::regclass and conname = $2)";
+
+const TRIGGER_EXISTS: &str = "select exists (select 1 from pg_trigger
+                                             where tgrelid = $1::text::regclass and tgname = $2)";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("target: foreign keys", foreign_keys_sql()),
+        NamedQuery::new("target: user triggers", user_triggers_sql()),
+        NamedQuery::new("target: foreign keys not validated", not_validated_sql()),
+        NamedQuery::new("target: foreign key exists", FK_EXISTS),
+        NamedQuery::new("target: trigger exists", TRIGGER_EXISTS),
+    ]
 }

@@ -15,7 +15,7 @@ use crate::catalog::{Catalog, CatalogError, OneTimeCopy};
 use crate::error::{Error, Result};
 use crate::inventory::{self, Selection, display_name};
 use crate::objects::{self, DbSpec, SyncSpec};
-use crate::pg::{Conn, ConnParams, Env, PasswordSource, ResolvedConn, Sql};
+use crate::pg::{Conn, ConnParams, Env, NamedQuery, PasswordSource, ResolvedConn, Sql};
 use crate::route::{DbConn, SyncRoute};
 use crate::session::Session;
 use crate::{cutover, fidelity, schema, verify};
@@ -175,17 +175,9 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     let tables: Vec<_> = relations.iter().filter(|r| r.kind != "sequence").collect();
     let names: Vec<String> =
         tables.iter().map(|r| crate::pg::qualified(&r.schema, &r.name)).collect();
-    let not_owned: Vec<String> = src
-        .query(
-            "select t from unnest($1::text[]) t join pg_class c on c.oid = t::regclass
-             where not pg_has_role(current_user, c.relowner, 'USAGE')",
-            &[&names],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let can_create = "select has_database_privilege(current_database(), 'CREATE')";
+    let not_owned: Vec<String> =
+        src.query(NOT_OWNED, &[&names]).await?.iter().map(|r| r.get(0)).collect();
+    let can_create = CAN_CREATE;
     let source_can_create_schema: bool = src.query_one(can_create, &[]).await?.get(0);
     let target_can_create_schema: bool = tgt.query_one(can_create, &[]).await?.get(0);
     let target_replica_role = tgt
@@ -222,10 +214,7 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
     let scope = fidelity::Scope { exclude: vec!["pgleap".into()], ..Default::default() };
     let missing_roles = fidelity::missing_roles(&src, &tgt, &scope).await?;
     let forced_row_security = fidelity::forced_row_security(&src).await?;
-    let target_is_superuser: bool = tgt
-        .query_one("select rolsuper from pg_roles where rolname = current_user", &[])
-        .await?
-        .get(0);
+    let target_is_superuser: bool = tgt.query_one(IS_SUPERUSER, &[]).await?.get(0);
     let untrusted_functions = if present.is_empty() && !target_is_superuser {
         fidelity::untrusted_functions(&src, &scope).await?
     } else {
@@ -272,11 +261,7 @@ async fn compare_tables(
     tgt: &Conn,
     tables: &[(String, String)],
 ) -> Result<(Vec<String>, Vec<String>)> {
-    let columns = "select t, (select string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', '
-                                        order by a.attnum)
-                           from pg_attribute a
-                           where a.attrelid = to_regclass(t) and a.attnum > 0 and not a.attisdropped)
-                   from unnest($1::text[]) t where to_regclass(t) is not null";
+    let columns = TABLE_COLUMNS;
     let quoted: Vec<&str> = tables.iter().map(|(q, _)| q.as_str()).collect();
     let read = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, Option<String>)> {
         rows.iter().map(|r| (r.get(0), r.get(1))).collect()
@@ -658,4 +643,30 @@ async fn step_verify(session: &mut Session, say: &dyn Fn(&str)) -> Result<Vec<St
         say(&format!("verify: {}", crate::fidelity::describe(d)));
     }
     Ok(differing)
+}
+
+// The catalog queries of this module, named.
+
+const NOT_OWNED: &str = "select t from unnest($1::text[]) t join pg_class c on c.oid = t::regclass
+    where not pg_has_role(current_user, c.relowner, 'USAGE')";
+
+const CAN_CREATE: &str = "select has_database_privilege(current_database(), 'CREATE')";
+
+const IS_SUPERUSER: &str = "select rolsuper from pg_roles where rolname = current_user";
+
+const TABLE_COLUMNS: &str =
+    "select t, (select string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', '
+                         order by a.attnum)
+            from pg_attribute a
+            where a.attrelid = to_regclass(t) and a.attnum > 0 and not a.attisdropped)
+    from unnest($1::text[]) t where to_regclass(t) is not null";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("upgrade: tables not owned", NOT_OWNED),
+        NamedQuery::new("upgrade: may create schemas", CAN_CREATE),
+        NamedQuery::new("upgrade: superuser", IS_SUPERUSER),
+        NamedQuery::new("upgrade: tables' columns", TABLE_COLUMNS),
+    ]
 }

@@ -649,7 +649,7 @@ async fn db(catalog: &mut Catalog, cmd: DbCommand) -> Result<()> {
             );
         }
         DbCommand::CheckQueries { name } => {
-            let check = objects::check_queries(catalog, &name, ENV).await?;
+            let check = crate::queries::check(catalog, &name, ENV).await?;
             for (query, message) in &check.refused {
                 println!("refused: {query}: {message}");
             }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::{FORCED_ROW_SECURITY, Object, PRIVILEGE, Side, Stage};
 use crate::error::Result;
-use crate::pg::{Conn, PgVersion, Sql, quote_ident};
+use crate::pg::{Conn, NamedQuery, PgVersion, Sql, quote_ident};
 
 // Each query returns (name, definition, create, rank), over the relations
 // in scope ($1, oids) and the schemas in scope ($2, names). `create` is
@@ -312,14 +312,7 @@ pub(super) fn triggers_sql(v: PgVersion) -> String {
 /// Row security: enabled before the data (the owner is not subject to it),
 /// forced at cutover (forced, it would filter pgleap's own writes).
 pub(super) async fn row_security(c: &Conn, oids: &[u32]) -> Result<Vec<Object>> {
-    let rows = c
-        .query_qualified(
-            "select c.oid::regclass::text, c.relrowsecurity, c.relforcerowsecurity
-             from pg_class c where c.oid = any($1)
-               and (c.relrowsecurity or c.relforcerowsecurity)",
-            &[&oids],
-        )
-        .await?;
+    let rows = c.query_qualified(ROW_SECURITY, &[&oids]).await?;
     let mut out = Vec::new();
     for r in rows {
         let (table, enabled, forced): (String, bool, bool) = (r.get(0), r.get(1), r.get(2));
@@ -348,56 +341,9 @@ pub(super) async fn row_security(c: &Conn, oids: &[u32]) -> Result<Vec<Object>> 
 /// default privileges. Defaults count as granted (a new function is
 /// executable by PUBLIC unless revoked).
 pub(super) async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Result<Vec<Object>> {
-    let rows = c
-        .query_qualified(
-            "select 'table', c.oid::regclass::text, a.grantee, a.privilege_type, a.is_grantable,
-                    case c.relkind when 'S' then 'sequence' else 'table' end, null::text
-             from pg_class c, aclexplode(coalesce(c.relacl, acldefault(
-                 (case c.relkind when 'S' then 's' else 'r' end)::\"char\", c.relowner))) a
-             where c.oid = any($1) and a.grantee <> c.relowner
-             union all
-             select 'column', t.attrelid::regclass::text || '.' || quote_ident(t.attname),
-                    a.grantee, a.privilege_type, a.is_grantable, 'table',
-                    quote_ident(t.attname)
-             from pg_attribute t join pg_class c on c.oid = t.attrelid, aclexplode(t.attacl) a
-             where t.attrelid = any($1) and a.grantee <> c.relowner and not t.attisdropped
-             union all
-             select 'function', p.oid::regprocedure::text, a.grantee, a.privilege_type,
-                    a.is_grantable, 'function', null
-             from pg_proc p join pg_namespace n on n.oid = p.pronamespace,
-                  aclexplode(coalesce(p.proacl, acldefault('f'::\"char\", p.proowner))) a
-             where n.nspname = any($2) and a.grantee <> p.proowner
-               and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
-                               and d.objid = p.oid and d.deptype = 'e')
-             union all
-             select 'schema', quote_ident(n.nspname), a.grantee, a.privilege_type,
-                    a.is_grantable, 'schema', null
-             from pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n'::\"char\", n.nspowner))) a
-             where n.nspname = any($2) and a.grantee <> n.nspowner
-             union all
-             select 'type', t.oid::regtype::text, a.grantee, a.privilege_type, a.is_grantable,
-                    'type', null
-             from pg_type t join pg_namespace n on n.oid = t.typnamespace,
-                  aclexplode(coalesce(t.typacl, acldefault('T'::\"char\", t.typowner))) a
-             where n.nspname = any($2) and t.typtype in ('e', 'd', 'r')
-               and a.grantee <> t.typowner
-             union all
-             select 'default', concat_ws(' ', 'for role ' || quote_ident(r.rolname),
-                                         'in schema ' || quote_ident(n.nspname), 'on',
-                                         case d.defaclobjtype when 'r' then 'tables'
-                                           when 'S' then 'sequences' when 'f' then 'functions'
-                                           when 'T' then 'types' when 'n' then 'schemas' end),
-                    a.grantee, a.privilege_type, a.is_grantable, '', null
-             from pg_default_acl d join pg_roles r on r.oid = d.defaclrole
-             left join pg_namespace n on n.oid = d.defaclnamespace,
-                  aclexplode(d.defaclacl) a
-             where a.grantee <> d.defaclrole
-               and (n.nspname is null or n.nspname = any($2))",
-            &[&oids, &schemas],
-        )
-        .await?;
+    let rows = c.query_qualified(PRIVILEGES, &[&oids, &schemas]).await?;
     let mut grantees: BTreeMap<u32, String> = BTreeMap::new();
-    for r in c.query("select oid, rolname::text from pg_roles", &[]).await? {
+    for r in c.query(ROLE_NAMES, &[]).await? {
         grantees.insert(r.get(0), quote_ident(r.get::<_, &str>(1)));
     }
     let mut out = Vec::new();
@@ -548,6 +494,68 @@ pub(super) fn unqualified(def: &str) -> String {
         }
     }
     out
+}
+
+// The catalog queries of this module, named.
+
+const ROW_SECURITY: &str = "select c.oid::regclass::text, c.relrowsecurity, c.relforcerowsecurity
+    from pg_class c where c.oid = any($1)
+      and (c.relrowsecurity or c.relforcerowsecurity)";
+
+const PRIVILEGES: &str =
+    "select 'table', c.oid::regclass::text, a.grantee, a.privilege_type, a.is_grantable,
+           case c.relkind when 'S' then 'sequence' else 'table' end, null::text
+    from pg_class c, aclexplode(coalesce(c.relacl, acldefault(
+        (case c.relkind when 'S' then 's' else 'r' end)::\"char\", c.relowner))) a
+    where c.oid = any($1) and a.grantee <> c.relowner
+    union all
+    select 'column', t.attrelid::regclass::text || '.' || quote_ident(t.attname),
+           a.grantee, a.privilege_type, a.is_grantable, 'table',
+           quote_ident(t.attname)
+    from pg_attribute t join pg_class c on c.oid = t.attrelid, aclexplode(t.attacl) a
+    where t.attrelid = any($1) and a.grantee <> c.relowner and not t.attisdropped
+    union all
+    select 'function', p.oid::regprocedure::text, a.grantee, a.privilege_type,
+           a.is_grantable, 'function', null
+    from pg_proc p join pg_namespace n on n.oid = p.pronamespace,
+         aclexplode(coalesce(p.proacl, acldefault('f'::\"char\", p.proowner))) a
+    where n.nspname = any($2) and a.grantee <> p.proowner
+      and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
+                      and d.objid = p.oid and d.deptype = 'e')
+    union all
+    select 'schema', quote_ident(n.nspname), a.grantee, a.privilege_type,
+           a.is_grantable, 'schema', null
+    from pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n'::\"char\", n.nspowner))) a
+    where n.nspname = any($2) and a.grantee <> n.nspowner
+    union all
+    select 'type', t.oid::regtype::text, a.grantee, a.privilege_type, a.is_grantable,
+           'type', null
+    from pg_type t join pg_namespace n on n.oid = t.typnamespace,
+         aclexplode(coalesce(t.typacl, acldefault('T'::\"char\", t.typowner))) a
+    where n.nspname = any($2) and t.typtype in ('e', 'd', 'r')
+      and a.grantee <> t.typowner
+    union all
+    select 'default', concat_ws(' ', 'for role ' || quote_ident(r.rolname),
+                                'in schema ' || quote_ident(n.nspname), 'on',
+                                case d.defaclobjtype when 'r' then 'tables'
+                                  when 'S' then 'sequences' when 'f' then 'functions'
+                                  when 'T' then 'types' when 'n' then 'schemas' end),
+           a.grantee, a.privilege_type, a.is_grantable, '', null
+    from pg_default_acl d join pg_roles r on r.oid = d.defaclrole
+    left join pg_namespace n on n.oid = d.defaclnamespace,
+         aclexplode(d.defaclacl) a
+    where a.grantee <> d.defaclrole
+      and (n.nspname is null or n.nspname = any($2))";
+
+const ROLE_NAMES: &str = "select oid, rolname::text from pg_roles";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(super) fn kind_catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("fidelity: row security", ROW_SECURITY),
+        NamedQuery::new("fidelity: privileges", PRIVILEGES),
+        NamedQuery::new("fidelity: role names", ROLE_NAMES),
+    ]
 }
 
 #[cfg(test)]

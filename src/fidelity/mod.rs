@@ -206,20 +206,7 @@ async fn schemas(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
     let tables = scope.tables.clone().unwrap_or_default();
     let rows = c
         .query(
-            "select n.nspname::text from pg_namespace n
-             where n.nspname <> all($2)
-               and n.nspname not in ('pg_catalog', 'information_schema')
-               and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp\\_%'
-               and n.nspname not like 'pg\\_toast\\_temp\\_%'
-               and not exists (select 1 from pg_depend d
-                               where d.classid = 'pg_namespace'::regclass and d.objid = n.oid
-                                 and d.deptype = 'e')
-               and (case when $3 then n.oid in (select c.relnamespace from pg_class c
-                                                where c.oid = any(select to_regclass(t)::oid
-                                                                  from unnest($4::text[]) t))
-                         when cardinality($1::text[]) > 0 then n.nspname = any($1)
-                         else true end)
-             order by 1",
+            SCHEMAS_IN_SCOPE,
             &[&scope.schemas, &scope.exclude, &scope.tables.is_some(), &tables],
         )
         .await?;
@@ -230,25 +217,7 @@ async fn schemas(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
 /// views, materialized views, sequences; none belonging to an extension.
 async fn relations(c: &Conn, scope: &Scope, schemas: &[String]) -> Result<Vec<u32>> {
     let tables = scope.tables.clone().unwrap_or_default();
-    let rows = c
-        .query(
-            "with recursive base as (
-                 select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
-                 where n.nspname = any($1) and c.relkind in ('r', 'p', 'f')
-                   and (not $2 or c.oid = any(select to_regclass(t)::oid
-                                              from unnest($3::text[]) t))
-                 union
-                 select i.inhrelid from pg_inherits i join base b on i.inhparent = b.oid)
-             select oid from base
-             union
-             select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
-             where n.nspname = any($1) and c.relkind in ('v', 'm', 'S')
-               and not exists (select 1 from pg_depend d
-                               where d.classid = 'pg_class'::regclass and d.objid = c.oid
-                                 and d.deptype in ('e', 'i'))",
-            &[&schemas, &scope.tables.is_some(), &tables],
-        )
-        .await?;
+    let rows = c.query(RELATIONS_IN_SCOPE, &[&schemas, &scope.tables.is_some(), &tables]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -295,6 +264,9 @@ pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
             statistics_sql(v, side),
         ));
     }
+    out.extend(static_catalog_queries());
+    out.extend(kind_catalog_queries());
+    out.extend(checks::catalog_queries());
     out
 }
 
@@ -348,4 +320,43 @@ pub fn describe(d: &Difference) -> String {
         Some(r) => format!("{what} (not created: {r})"),
         None => what,
     }
+}
+
+// The catalog queries of this module, named.
+
+const SCHEMAS_IN_SCOPE: &str = "select n.nspname::text from pg_namespace n
+    where n.nspname <> all($2)
+      and n.nspname not in ('pg_catalog', 'information_schema')
+      and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp\\_%'
+      and n.nspname not like 'pg\\_toast\\_temp\\_%'
+      and not exists (select 1 from pg_depend d
+                      where d.classid = 'pg_namespace'::regclass and d.objid = n.oid
+                        and d.deptype = 'e')
+      and (case when $3 then n.oid in (select c.relnamespace from pg_class c
+                                       where c.oid = any(select to_regclass(t)::oid
+                                                         from unnest($4::text[]) t))
+                when cardinality($1::text[]) > 0 then n.nspname = any($1)
+                else true end)
+    order by 1";
+
+const RELATIONS_IN_SCOPE: &str = "with recursive base as (
+        select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where n.nspname = any($1) and c.relkind in ('r', 'p', 'f')
+          and (not $2 or c.oid = any(select to_regclass(t)::oid
+                                     from unnest($3::text[]) t))
+        union
+        select i.inhrelid from pg_inherits i join base b on i.inhparent = b.oid)
+    select oid from base
+    union
+    select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname = any($1) and c.relkind in ('v', 'm', 'S')
+      and not exists (select 1 from pg_depend d
+                      where d.classid = 'pg_class'::regclass and d.objid = c.oid
+                        and d.deptype in ('e', 'i'))";
+
+fn static_catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("fidelity: schemas in scope", SCHEMAS_IN_SCOPE),
+        NamedQuery::new("fidelity: relations in scope", RELATIONS_IN_SCOPE),
+    ]
 }

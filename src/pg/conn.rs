@@ -194,12 +194,6 @@ pub trait Sql: Sync {
     fn db(&self) -> &str;
     fn version(&self) -> PgVersion;
 
-    /// `and a.attgenerated = ''` (alias `a` for pg_attribute): leaves out
-    /// generated columns, which PostgreSQL has since 12.
-    fn not_generated(&self) -> &'static str {
-        if self.version().has_generated_columns() { "and a.attgenerated = ''" } else { "" }
-    }
-
     fn error(&self, source: tokio_postgres::Error) -> PgError {
         PgError::Query { db: self.db().to_string(), context: None, source }
     }

@@ -101,6 +101,12 @@ impl NamedQuery {
     }
 }
 
+/// `and a.attgenerated = ''` (alias `a` for pg_attribute) where the
+/// server has generated columns: leaves them out.
+pub fn not_generated(v: PgVersion) -> &'static str {
+    if v.has_generated_columns() { "and a.attgenerated = ''" } else { "" }
+}
+
 /// A server's version, from `server_version_num`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PgVersion(pub u32);
