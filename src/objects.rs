@@ -394,6 +394,29 @@ pub async fn add_sync_on(
             "use a lowercase SQL identifier (letters, digits, '_')",
         ));
     }
+    if spec.onetimecopy == OneTimeCopy::Always {
+        let members: Vec<_> = relgroup.members.iter().filter(|m| m.kind != "sequence").collect();
+        let tables: Vec<String> =
+            members.iter().map(|m| crate::pg::qualified(&m.schema, &m.name)).collect();
+        let shown = |q: &str| {
+            let m = members.iter().zip(&tables).find(|(_, t)| *t == q).map(|(m, _)| m);
+            m.map_or(q.to_string(), |m| inventory::display_name(&m.schema, &m.name))
+        };
+        for tgt in targets {
+            let held = tables_with_rows(tgt, &tables).await?;
+            if !held.is_empty() {
+                let named: Vec<String> =
+                    held.iter().map(|(t, n)| format!("{} ({})", shown(t), rows_text(*n))).collect();
+                tracing::warn!(
+                    "sync \"{}\": the initial copy (onetimecopy always) replaces the rows target \
+                     \"{}\" holds in {}",
+                    spec.name,
+                    tgt.name(),
+                    named.join(", ")
+                );
+            }
+        }
+    }
     // Capture starts now: from here on every change of the source is
     // recorded. If anything later fails, it is removed again.
     let target_names: Vec<String> = targets.iter().map(|t| t.name().to_string()).collect();
@@ -449,4 +472,34 @@ const SERVER_IDENTITY: &str =
 /// The catalog queries of this module, for `pgleap db check-queries`.
 pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
     vec![NamedQuery::new("objects: the server's identity", SERVER_IDENTITY)]
+}
+
+/// How far a table's rows are counted to say that it holds some.
+pub const ROWS_COUNTED: i64 = 1_000_000;
+
+/// Those of `tables` (quoted, qualified) that exist on this database and
+/// hold rows, with their counts (counted up to [`ROWS_COUNTED`] + 1).
+pub async fn tables_with_rows(c: &Conn, tables: &[String]) -> Result<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for table in tables {
+        if !c.relation_exists(table).await? {
+            continue;
+        }
+        let sql =
+            format!("select count(*) from (select from {table} limit {}) x", ROWS_COUNTED + 1);
+        let n: i64 = c.query_one(&sql, &[]).await?.get(0);
+        if n > 0 {
+            out.push((table.clone(), n));
+        }
+    }
+    Ok(out)
+}
+
+/// "1 row", "10 rows", "over 1000000 rows".
+pub fn rows_text(n: i64) -> String {
+    match n {
+        n if n > ROWS_COUNTED => format!("over {ROWS_COUNTED} rows"),
+        1 => "1 row".into(),
+        n => format!("{n} rows"),
+    }
 }

@@ -45,6 +45,8 @@ pub struct UpgradeOptions {
     pub create_roles: bool,
     /// Cut over even with schema objects missing on the target.
     pub allow_schema_differences: bool,
+    /// Replace rows the target's tables hold before the first run.
+    pub overwrite_target: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +73,11 @@ pub struct Preflight {
     pub target_tables: usize,
     /// Tables the target has with other columns than the source's.
     pub mismatched_tables: Vec<String>,
+    /// Tables of the target that hold rows before the first run, with
+    /// their row counts (capped): the initial copy would replace them.
+    pub target_rows: Vec<(String, i64)>,
+    #[serde(skip)]
+    pub overwrite_target: bool,
     /// The pg_dump that will copy the schema (when the target has none of
     /// the tables), or why there is none.
     pub pg_dump: Option<String>,
@@ -115,6 +122,18 @@ impl Preflight {
         if let Some(p) = &self.tools_problem {
             problems.push(p.clone());
         }
+        if !self.target_rows.is_empty() && !self.overwrite_target {
+            let named: Vec<String> = self
+                .target_rows
+                .iter()
+                .map(|(t, n)| format!("{t} ({})", objects::rows_text(*n)))
+                .collect();
+            problems.push(format!(
+                "the target's tables hold rows, which the initial copy would replace: {}; check \
+                 --target (is it the new server?), or pass --overwrite-target to replace them",
+                named.join(", ")
+            ));
+        }
         if !self.mismatched_tables.is_empty() {
             problems.push(format!(
                 "tables on the target have other columns than on the source: {}",
@@ -149,7 +168,7 @@ impl Preflight {
     }
 }
 
-async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
+async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Result<Preflight> {
     let none = PasswordSource::default();
     let src = Conn::connect("source", &opts.source, &none, env).await?;
     let tgt = Conn::connect("target", &opts.target, &none, env).await?;
@@ -200,6 +219,15 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         .map(|r| (crate::pg::qualified(&r.schema, &r.name), display_name(&r.schema, &r.name)))
         .collect();
     let (present, mismatched_tables) = compare_tables(&src, &tgt, &named).await?;
+    // A rerun resumes its own copy: the rows are pgleap's.
+    let target_rows = if resuming {
+        Vec::new()
+    } else {
+        let shown =
+            |q: &str| named.iter().find(|(t, _)| t == q).map_or(q.to_string(), |t| t.1.clone());
+        let rows = objects::tables_with_rows(&tgt, &present).await?;
+        rows.into_iter().map(|(t, n)| (shown(&t), n)).collect()
+    };
     // Checked before anything is written: the schema copy needs a pg_dump
     // at least as new as the source.
     let (pg_dump, tools_problem) = if present.is_empty() {
@@ -245,6 +273,8 @@ async fn preflight(opts: &UpgradeOptions, env: Env<'_>) -> Result<Preflight> {
         unreadable_large_object_oids,
         target_tables: present.len(),
         mismatched_tables,
+        target_rows,
+        overwrite_target: opts.overwrite_target,
         pg_dump,
         tools_problem,
         missing_roles,
@@ -324,7 +354,8 @@ pub async fn upgrade(
     env: Env<'_>,
 ) -> Result<UpgradeReport> {
     let mut clock = Clock::new();
-    let pre = step_preflight(opts, say, env).await?;
+    let resuming = catalog.sync(&opts.name).is_ok();
+    let pre = step_preflight(opts, resuming, say, env).await?;
     clock.lap("preflight");
     let name = &opts.name;
     let (source, target) = step_declare(catalog, opts, say, env).await?;
@@ -408,10 +439,17 @@ pub async fn upgrade(
 /// anything is written.
 async fn step_preflight(
     opts: &UpgradeOptions,
+    resuming: bool,
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<Preflight> {
-    let pre = preflight(opts, env).await?;
+    if resuming {
+        say(&format!(
+            "resuming: upgrade \"{}\" was started before; its steps done are kept",
+            opts.name
+        ));
+    }
+    let pre = preflight(opts, resuming, env).await?;
     say(&format!(
         "preflight: PostgreSQL {} -> {}; {} tables, {} sequences, {:.1} MB, copy in about {:.0} s; \
          target triggers and foreign keys during sync: {}",

@@ -144,3 +144,36 @@ fn options_aliases_update_list_and_remove() {
     p.run(&["dbgroup", "remove", "g"]).ok();
     p.run(&["db", "remove", "dst"]).ok();
 }
+
+/// `sync add --onetimecopy always` onto target tables that hold rows says
+/// which it will empty, with their rows; onto empty ones it says nothing.
+#[test]
+fn onetimecopy_always_names_the_target_rows_it_replaces() {
+    let src = TestDb::new(cluster(17), "otcsrc");
+    let dst = TestDb::new(cluster(17), "otcdst");
+    let schema =
+        "create table full_one (id int primary key); create table empty_one (id int primary key);";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    dst.sql().exec("insert into full_one select generate_series(1, 3)");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    let out = p.run(&[
+        "sync",
+        "add",
+        "s",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "always",
+    ]);
+    out.ok();
+    assert!(
+        out.stderr.contains("replaces the rows target \"dst\" holds in public.full_one (3 rows)"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("empty_one"), "{out}");
+    p.run(&["teardown", "s"]).ok();
+}

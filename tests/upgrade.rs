@@ -319,3 +319,36 @@ fn options_only_the_source_release_knows_are_left_out_pg15_to_pg18() {
 fn upgrade_shapes_from_pg12_to_pg12() {
     upgrade_shapes(12, 12);
 }
+
+/// A target whose tables hold rows (a mistyped --target pointing at a live
+/// database) is refused before anything is written, naming the tables and
+/// their rows; --overwrite-target replaces them; a rerun of its own run is
+/// not refused (the rows are its copy's).
+#[test]
+fn a_target_holding_rows_is_refused_unless_overwrite_target_pg12_to_pg17() {
+    let src = TestDb::new(cluster(12), "ovwsrc");
+    let dst = TestDb::new(cluster(17), "ovwdst");
+    finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
+    finish(pgbench(&dst, &["-i", "-q", "-s", "1"]).spawn().unwrap());
+    dst.sql().exec("update pgbench_branches set bbalance = 42");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let args = ["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"];
+    p.run(&args).fails_with(&[
+        "the target's tables hold rows",
+        "public.pgbench_accounts (100000 rows)",
+        "public.pgbench_branches (1 row)",
+        "--overwrite-target",
+    ]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+    assert_eq!(src.sql().value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
+    assert_eq!(dst.sql().value("select sum(bbalance) from pgbench_branches"), "42");
+
+    let out = p.run(&[&args[..], &["--overwrite-target"]].concat());
+    assert!(out.ok().contains("the sync is in place"), "{out}");
+    assert_eq!(dst.sql().value("select sum(bbalance) from pgbench_branches"), "0");
+    // The rerun resumes, and says so.
+    let again = p.run(&args);
+    assert!(again.ok().contains("resuming: upgrade \"upgrade\" was started before"), "{again}");
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "upgrade"]).ok();
+}

@@ -185,6 +185,10 @@ pub enum Command {
         /// the target.
         #[arg(long)]
         allow_schema_differences: bool,
+        /// Replace the rows the target's tables hold already (refused
+        /// without it: a mistyped --target would lose its data).
+        #[arg(long)]
+        overwrite_target: bool,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -910,6 +914,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         switch,
         create_roles,
         allow_schema_differences,
+        overwrite_target,
     } = cmd
     else {
         unreachable!("dispatched on Command::Upgrade")
@@ -932,6 +937,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         pg_bin,
         create_roles,
         allow_schema_differences,
+        overwrite_target,
     };
     let say = |line: &str| println!("{line}");
     let report = crate::upgrade::upgrade(catalog, &opts, &say, &render::confirm, ENV).await?;
