@@ -80,6 +80,9 @@ pub struct CutoverReport {
     /// How long the poolers held the clients' queries (from PAUSE to
     /// RESUME), when the switch went through poolers.
     pub paused_ms: Option<i64>,
+    /// A dry run's schema objects the cutover would create on the target.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_create: Vec<String>,
 }
 
 /// Cuts a sync over to its one target.
@@ -110,11 +113,14 @@ pub async fn cutover_with(
 ) -> Result<CutoverReport> {
     let target = route.sole_target()?.name.clone();
     catch_up(catalog, session, opts.max_lag, env).await?;
-    let at_switch = settle_schema(session, opts.allow_schema_differences).await?;
+    let (at_switch, would_create) =
+        settle_schema(session, opts.allow_schema_differences, opts.dry_run).await?;
     if opts.dry_run {
         // The poolers are checked, not paused.
         crate::switch::check(&opts.switch, env).await?;
-        return dry_run(catalog, session, env).await;
+        let mut report = dry_run(catalog, session, env).await?;
+        report.would_create = would_create;
+        return Ok(report);
     }
     if let Some(back) = &opts.rollback_sync {
         check_rollback_name(catalog, back)?;
@@ -179,6 +185,7 @@ pub async fn cutover_with(
         large_objects_ms: switched.large_objects_ms,
         rollback_sync: opts.rollback_sync.clone(),
         paused_ms,
+        would_create: Vec::new(),
     })
 }
 
@@ -236,11 +243,23 @@ struct Switched {
 /// before the switch, and refuses to go on while a required object is
 /// missing or different (unless allowed). Returns what the fence itself
 /// creates besides foreign keys and triggers (forced row security).
-async fn settle_schema(session: &Session, allow: bool) -> Result<Vec<Difference>> {
+///
+/// A dry run creates nothing: it names what it would create (the second
+/// list) and judges the rest as the cutover would.
+async fn settle_schema(
+    session: &Session,
+    allow: bool,
+    dry_run: bool,
+) -> Result<(Vec<Difference>, Vec<String>)> {
     let plan = &session.plan;
     let scope = fidelity::Scope::of_plan(plan);
     let differences = fidelity::compare(&session.src, &session.tgt, &scope).await?;
-    let left = fidelity::create(&session.tgt, differences, Stage::AfterData).await?;
+    let (left, would_create) = if dry_run {
+        let (create, left) = fidelity::would_create(differences, Stage::AfterData);
+        (left, create.iter().map(fidelity::describe).collect())
+    } else {
+        (fidelity::create(&session.tgt, differences, Stage::AfterData).await?, Vec::new())
+    };
     let (at_switch, blocking): (Vec<_>, Vec<_>) =
         left.into_iter().partition(|d| d.stage == Stage::Cutover);
     if !blocking.is_empty() {
@@ -264,7 +283,7 @@ async fn settle_schema(session: &Session, allow: bool) -> Result<Vec<Difference>
         }
         tracing::warn!("switching with --allow-schema-differences: {message}");
     }
-    Ok(at_switch)
+    Ok((at_switch, would_create))
 }
 
 /// Inside the fence, up to the switch point: drain, sequences, deferred
@@ -359,6 +378,7 @@ async fn dry_run(
         large_objects_ms,
         rollback_sync: None,
         paused_ms: None,
+        would_create: Vec::new(),
     })
 }
 

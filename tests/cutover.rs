@@ -177,3 +177,36 @@ fn after_cutover_status_says_so_and_teardown_keeps_the_fence_unless_unfenced_pg1
         }
     }
 }
+
+/// A dry run writes nothing to the target: a grant the cutover would
+/// create (and a comment) is named, not created; the cutover then creates
+/// them.
+#[test]
+fn a_dry_run_names_what_it_would_create_and_creates_nothing_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "drysrc");
+    let dst = TestDb::new(cluster(17), "drydst");
+    let schema = "create table t (id serial primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    for db in [&src, &dst] {
+        db.cluster.superuser("postgres").try_exec("create role dry_reader").ok();
+    }
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "30"]).ok();
+    // Made on the source during the sync, after the initial copy.
+    src.sql().exec("grant select on t to dry_reader; comment on table t is 'the table'");
+    let granted = "select has_table_privilege('dry_reader', 't', 'select')";
+    let comment = "select coalesce(obj_description('t'::regclass, 'pg_class'), '')";
+    let rehearsal = p.run(&["cutover", "s", "--dry-run"]);
+    let text = rehearsal.ok();
+    assert!(text.contains("the cutover would create on the target: "), "{rehearsal}");
+    assert!(text.contains("dry_reader"), "{rehearsal}");
+    assert_eq!(dst.sql().value(granted), "f", "the dry run granted");
+    assert_eq!(dst.sql().value(comment), "", "the dry run commented");
+    p.run(&["cutover", "s"]).ok();
+    assert_eq!(dst.sql().value(granted), "t");
+    assert_eq!(dst.sql().value(comment), "the table");
+    p.run(&["teardown", "s"]).ok();
+}

@@ -353,6 +353,9 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
             r.foreign_keys,
             r.triggers
         );
+        for object in &r.would_create {
+            println!("the cutover would create on the target: {object}");
+        }
     } else {
         println!(
             "cut over sync \"{}\" to \"{}\": writes were fenced for {:.3} s; {} tables drained, \

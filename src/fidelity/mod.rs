@@ -141,6 +141,15 @@ pub async fn create(
     Ok(left)
 }
 
+/// What [`create`] would do, without doing it (a dry run): the
+/// differences pgleap would create up to `stage`, and the rest.
+pub fn would_create(
+    differences: Vec<Difference>,
+    stage: Stage,
+) -> (Vec<Difference>, Vec<Difference>) {
+    differences.into_iter().partition(|d| d.create.is_some() && d.stage <= stage)
+}
+
 /// Differences that must be settled before a switch: everything but what
 /// the cutover itself creates.
 pub fn blocking(differences: &[Difference]) -> Vec<&Difference> {
