@@ -295,17 +295,38 @@ pub async fn run_foreground(
     catalog_path: &Path,
     listen: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    let _pid = PidFile::acquire(catalog_path)?;
-    let token = CancellationToken::new();
-    let board = match listen {
-        Some(addr) => match (crate::web::bind(addr).await, crate::web::Board::new()) {
-            (Some(listener), Some(board)) => {
-                tokio::spawn(crate::web::serve(listener, board.clone(), token.clone()));
-                Some(board)
+    // Bound before the pid file says the daemon runs: `start` reports
+    // success once it does.
+    let listener = match listen {
+        Some(addr) => match crate::web::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                if let Some(pid) = running_pid(catalog_path) {
+                    return Err(Error::invalid(
+                        format!(
+                            "the daemon for catalog {} already runs (pid {pid})",
+                            catalog_path.display()
+                        ),
+                        "stop it first with pgleap stop",
+                    ));
+                }
+                return Err(Error::invalid(
+                    format!("cannot serve the status page on {addr}: {e}"),
+                    "another process listens there (another pgleap daemon's status page?): \
+                     pass --listen HOST:PORT (or PGLEAP_LISTEN) with a free port, or --listen off",
+                ));
             }
-            _ => None,
         },
         None => None,
+    };
+    let _pid = PidFile::acquire(catalog_path)?;
+    let token = CancellationToken::new();
+    let board = match (listener, crate::web::Board::new()) {
+        (Some(listener), Some(board)) => {
+            tokio::spawn(crate::web::serve(listener, board.clone(), token.clone()));
+            Some(board)
+        }
+        _ => None,
     };
     let hangup = std::sync::Arc::new(tokio::sync::Notify::new());
     spawn_signal_handler(token.clone(), hangup.clone());
@@ -505,10 +526,22 @@ pub fn start_detached(catalog_path: &Path, listen: &str) -> Result<i32> {
             return Ok(pid);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(Error::invalid(
-                format!("the daemon exited at start ({status})"),
-                format!("see its log: {}", log_path.display()),
-            ));
+            // Its own words are in the log: say them, not only its status.
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let said = log.lines().rev().find_map(|l| l.strip_prefix("error: "));
+            return Err(match said {
+                Some(error) => Error::invalid(
+                    format!("the daemon did not start: {error}"),
+                    log.lines().rev().find_map(|l| l.strip_prefix("hint: ")).map_or_else(
+                        || format!("see its log: {}", log_path.display()),
+                        str::to_string,
+                    ),
+                ),
+                None => Error::invalid(
+                    format!("the daemon exited at start ({status})"),
+                    format!("see its log: {}", log_path.display()),
+                ),
+            });
         }
         if Instant::now() > deadline {
             return Err(Error::invalid(

@@ -91,19 +91,14 @@ pub async fn serve(listener: tokio::net::TcpListener, board: Arc<Board>, stop: C
     }
 }
 
-/// Binds `addr`; a busy port is logged, not fatal (the sync matters more).
-pub async fn bind(addr: SocketAddr) -> Option<tokio::net::TcpListener> {
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => {
-            let bound = l.local_addr().map_or(addr, |a| a);
-            tracing::info!("status page and metrics on http://{bound}/");
-            Some(l)
-        }
-        Err(e) => {
-            tracing::warn!("cannot listen on {addr}: {e}; no status page or metrics");
-            None
-        }
-    }
+/// Binds `addr`. A busy port refuses the start: the page found there
+/// would be another process's (another pgleap's migration), and the
+/// operator would read it as this one's.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    let bound = l.local_addr().map_or(addr, |a| a);
+    tracing::info!("status page and metrics on http://{bound}/");
+    Ok(l)
 }
 
 async fn prometheus(State(board): State<Arc<Board>>) -> impl IntoResponse {

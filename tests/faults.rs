@@ -362,3 +362,22 @@ fn a_closed_pipe_ends_the_output_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// `start` where the status page's address is taken (by another pgleap's
+/// daemon) refuses, saying so and what to pass, instead of saying it
+/// started while the page there shows another migration.
+#[test]
+fn a_taken_listen_address_refuses_the_start() {
+    let addr = format!("127.0.0.1:{}", crate::support::cluster::free_port());
+    let first = Pgleap::new().env("PGLEAP_LISTEN", &addr);
+    let second = Pgleap::new().env("PGLEAP_LISTEN", &addr);
+    first.run(&["start"]).ok();
+    second.run(&["start"]).fails_with(&[
+        &format!("the daemon did not start: cannot serve the status page on {addr}"),
+        "--listen off",
+    ]);
+    assert!(second.run(&["status"]).ok().contains("daemon: not running"));
+    // The same catalog's second start names the running daemon.
+    first.run(&["start"]).fails_with(&["already runs"]);
+    first.run(&["stop"]).ok();
+}
