@@ -97,7 +97,28 @@ pub async fn cutover(
     // A cut-over sync is refused by the session at once (a permanent
     // error), before anything is touched.
     let deadline = Some(Instant::now() + ROUND_LIMIT);
-    let mut session = Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
+    let mut session = Session::connect_retrying(catalog, &route, target, deadline, env).await?;
+    // The initial copy takes minutes to hours: it is the daemon's (or a
+    // kick's), never run inline by a command the operator expects to take
+    // seconds.
+    if !session.initial_copy_done() {
+        let running = crate::daemon::running_pid(catalog.path()).is_some();
+        return Err(Error::invalid(
+            format!(
+                "sync \"{sync_name}\" has not finished its initial copy: nothing to cut over yet"
+            ),
+            if running {
+                format!(
+                    "the daemon is copying; pgleap ready {sync_name} says when a cutover can start"
+                )
+            } else {
+                format!(
+                    "start the daemon (pgleap start), which copies and then follows the source; \
+                     pgleap ready {sync_name} says when a cutover can start"
+                )
+            },
+        ));
+    }
     cutover_with(catalog, &route, &mut session, opts, env).await
 }
 

@@ -110,9 +110,37 @@ impl Session {
         deadline: Option<Instant>,
         env: Env<'_>,
     ) -> Result<Session> {
+        Session::retrying(catalog, route, target, Some(jobs), deadline, env).await
+    }
+
+    /// [`Session::connect`], retried like [`Session::open_retrying`]: the
+    /// initial copy is left to whoever runs it (`initial_copy_done` says).
+    pub async fn connect_retrying(
+        catalog: &mut Catalog,
+        route: &SyncRoute,
+        target: &DbConn,
+        deadline: Option<Instant>,
+        env: Env<'_>,
+    ) -> Result<Session> {
+        Session::retrying(catalog, route, target, None, deadline, env).await
+    }
+
+    /// Opens (copying with `copy` workers) or only connects, retrying.
+    async fn retrying(
+        catalog: &mut Catalog,
+        route: &SyncRoute,
+        target: &DbConn,
+        copy: Option<usize>,
+        deadline: Option<Instant>,
+        env: Env<'_>,
+    ) -> Result<Session> {
         loop {
             let started = Instant::now();
-            match Session::open(route, target, jobs, env).await {
+            let attempt = match copy {
+                Some(jobs) => Session::open(route, target, jobs, env).await,
+                None => Session::connect(route, target, env).await,
+            };
+            match attempt {
                 Ok(session) => return Ok(session),
                 Err(e) => {
                     let millis = started.elapsed().as_millis() as i64;
@@ -133,6 +161,12 @@ impl Session {
 
     /// Runs the initial copy the sync asks for with `jobs` workers, unless
     /// the target has applied something already.
+    /// Whether the initial copy is done (or the sync has none): until it
+    /// is, the first batch is the copy.
+    pub fn initial_copy_done(&self) -> bool {
+        self.prev.is_some() || self.sync.onetimecopy == OneTimeCopy::Never
+    }
+
     pub async fn ensure_initial_copy(&mut self, jobs: usize, env: Env<'_>) -> Result<()> {
         if self.prev.is_some() || self.sync.onetimecopy == OneTimeCopy::Never {
             return Ok(());

@@ -31,6 +31,7 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.add_sync(&["--onetimecopy", "always"]);
     p.run(&["start"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
 
     let mut load = pgbench(&src, &["-n", "-c", "2", "-T", "60"]).spawn().unwrap();
     let writer = {
@@ -129,6 +130,7 @@ fn cutover_terminate_ends_sessions_and_makes_the_source_read_only_pg15_to_pg17()
     p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     let idle = src.sql();
     assert_eq!(idle.value("select 1"), "1");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
     p.run(&["cutover", "s", "--terminate", "--sequence-margin", "1000"]).ok();
     assert!(idle.try_exec("select 1").is_err(), "the idle session survived --terminate");
     assert_eq!(src.sql().value("show default_transaction_read_only"), "on");
@@ -151,6 +153,7 @@ fn after_cutover_status_says_so_and_teardown_keeps_the_fence_unless_unfenced_pg1
         let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
         p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
         p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+        p.run(&["kick", "s", "--wait", "60"]).ok();
         p.run(&["cutover", "s", "--terminate"]).ok();
 
         let status = p.run(&["status", "s", "--json"]);

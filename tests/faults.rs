@@ -84,6 +84,7 @@ fn a_cut_over_sync_is_refused_at_once_by_cutover_and_kick() {
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
     p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
     p.run(&["cutover", "s"]).ok();
     for args in [&["cutover", "s"][..], &["kick", "s", "--wait", "60"][..]] {
         let started = Instant::now();
@@ -380,4 +381,33 @@ fn a_taken_listen_address_refuses_the_start() {
     // The same catalog's second start names the running daemon.
     first.run(&["start"]).fails_with(&["already runs"]);
     first.run(&["stop"]).ok();
+}
+
+/// A cutover before the initial copy is done refuses at once, saying what
+/// to run, instead of running the whole copy inline while the operator
+/// expects seconds; nothing is copied or fenced.
+#[test]
+fn a_cutover_before_the_initial_copy_refuses_and_says_start() {
+    let src = TestDb::new(cluster(17), "earlysrc");
+    let dst = TestDb::new(cluster(17), "earlydst");
+    let schema = "create table t (id int primary key)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec("insert into t select generate_series(1, 100)");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    let started = Instant::now();
+    p.run(&["cutover", "s"]).fails_with(&[
+        "sync \"s\" has not finished its initial copy",
+        "pgleap start",
+        "pgleap ready s",
+    ]);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(dst.sql().value("select count(*) from t"), "0", "copied inline");
+    src.sql().exec("insert into t values (1000)");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    p.run(&["cutover", "s"]).ok();
+    assert_eq!(dst.sql().value("select count(*) from t"), "101");
+    p.run(&["teardown", "s"]).ok();
 }

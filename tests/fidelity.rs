@@ -312,6 +312,7 @@ fn objects_only_a_superuser_can_create_are_named_pg15_to_pg17() {
         "{out}"
     );
     p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
     p.run(&["cutover", "s"]).fails_with(&["cutover refused", "event trigger audit_ddl"]);
     admin.exec("drop event trigger audit_ddl");
 }

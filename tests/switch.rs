@@ -37,6 +37,7 @@ fn setup(label: &str) -> (TestDb, TestDb, Pgleap, Bouncer) {
     grants(&dst);
     p.add_sync(&["--onetimecopy", "always"]);
     p.run(&["start"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
     let bouncer = Bouncer::start(&src);
     (src, dst, p, bouncer)
 }
