@@ -483,7 +483,33 @@ pub async fn kick(
     env: Env<'_>,
 ) -> Result<Vec<(String, BatchStats)>> {
     let route = SyncRoute::load(catalog, sync)?;
-    let deadline = wait.map(|w| Instant::now() + w);
+    let Some(wait) = wait else {
+        return kick_until(catalog, &route, None, jobs, env).await;
+    };
+    // The wait bounds the whole kick, whatever the servers do: a batch
+    // blocked on a lock or a server that stopped answering is abandoned
+    // (its transaction rolls back; applying again is harmless).
+    let deadline = Instant::now() + wait;
+    match tokio::time::timeout(wait, kick_until(catalog, &route, Some(deadline), jobs, env)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::KickTimeout {
+            sync: sync.into(),
+            target: route.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
+            last: format!(
+                "no answer within {} s: a server stopped answering or a lock holds the batch",
+                wait.as_secs()
+            ),
+        }),
+    }
+}
+
+async fn kick_until(
+    catalog: &mut Catalog,
+    route: &SyncRoute,
+    deadline: Option<Instant>,
+    jobs: usize,
+    env: Env<'_>,
+) -> Result<Vec<(String, BatchStats)>> {
     // Everything committed before this snapshot must reach the targets.
     let until: String = route
         .source
@@ -495,7 +521,7 @@ pub async fn kick(
     let mut results = Vec::new();
     for target in &route.targets {
         let mut session =
-            Session::open_retrying(catalog, &route, target, jobs, deadline, env).await?;
+            Session::open_retrying(catalog, route, target, jobs, deadline, env).await?;
         let stats = session.catch_up(catalog, &until, deadline, env).await?;
         results.push((target.name.clone(), stats));
     }

@@ -15,6 +15,14 @@ use crate::route::SyncRoute;
 /// Lag above which a sync is catching up rather than streaming.
 const STREAMING_LAG: f64 = 10.0;
 
+/// How long status waits on each server: it answers whatever they do (a
+/// stopped server, a lock), saying which did not answer.
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn no_answer() -> String {
+    format!("no answer in {} s", STATUS_WAIT.as_secs())
+}
+
 #[derive(Debug, Serialize)]
 pub struct SyncStatus {
     pub name: String,
@@ -54,6 +62,8 @@ pub struct TargetStatus {
     pub copied: bool,
     /// The share of the initial copy's parts done, while it runs.
     pub copy_ratio: Option<f64>,
+    /// Why the target could not be read, if it could not.
+    pub target_error: Option<String>,
 }
 
 impl TargetStatus {
@@ -180,13 +190,14 @@ pub async fn gather(
             let not_captured =
                 crate::evolve::not_captured(&src, &route.relgroup, &sync.capture_schema).await?;
             Ok::<_, crate::Error>((src, plan, pending, not_captured))
-        }
-        .await;
+        };
+        let live = tokio::time::timeout(STATUS_WAIT, live).await;
         let (live, pending, source_error, mut not_captured) = match live {
-            Ok((src, plan, pending, not_captured)) => {
+            Ok(Ok((src, plan, pending, not_captured))) => {
                 (Some((src, plan)), Some(pending), None, not_captured)
             }
-            Err(e) => (None, None, Some(e.to_string()), Vec::new()),
+            Ok(Err(e)) => (None, None, Some(e.to_string()), Vec::new()),
+            Err(_) => (None, None, Some(format!("{source}: {}", no_answer())), Vec::new()),
         };
         let tables = live.as_ref().map_or_else(Vec::new, |(_, plan)| {
             plan.tables.iter().map(|t| t.display.clone()).collect()
@@ -199,16 +210,25 @@ pub async fn gather(
             });
             // One connection per target: copy progress, and its partitions
             // against the source's.
-            let tgt = db.connect(env).await.ok();
-            let copy = match &tgt {
-                Some(tgt) => copy_progress(tgt, &sync.capture_schema, &sync.name).await.ok(),
-                None => None,
+            let read = async {
+                let tgt = db.connect(env).await?;
+                let copy = copy_progress(&tgt, &sync.capture_schema, &sync.name).await?;
+                let mut missing = Vec::new();
+                if let Some((src, plan)) = &live
+                    && let Ok(m) = crate::evolve::missing_partitions(src, &tgt, plan).await
+                {
+                    missing = m;
+                }
+                Ok::<_, crate::Error>((copy, missing))
             };
-            if let (Some(tgt), Some((src, plan))) = (&tgt, &live)
-                && let Ok(missing) = crate::evolve::missing_partitions(src, tgt, plan).await
-            {
-                not_captured.extend(missing);
-            }
+            let (copy, target_error) = match tokio::time::timeout(STATUS_WAIT, read).await {
+                Ok(Ok((copy, missing))) => {
+                    not_captured.extend(missing);
+                    (Some(copy), None)
+                }
+                Ok(Err(e)) => (None, Some(e.to_string())),
+                Err(_) => (None, Some(format!("{target}: {}", no_answer()))),
+            };
             let lag = pending.as_ref().map(|p| p[i].1);
             targets.push(TargetStatus {
                 copied: copy.as_ref().is_some_and(|c| c.applied),
@@ -222,6 +242,7 @@ pub async fn gather(
                 pending: pending.as_ref().map(|p| p[i].0),
                 writes_go_to: cut_over.then(|| target.to_string()),
                 lag_seconds: lag,
+                target_error,
             });
         }
         out.push(SyncStatus {
@@ -260,7 +281,10 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
                 "it is paused: {}",
                 sync.paused.as_deref().unwrap_or("a schema change")
             )),
-            "unreachable" => reasons.push(format!("{name} cannot be reached")),
+            "unreachable" => reasons.push(format!(
+                "{name} cannot be read: {}",
+                t.target_error.as_deref().unwrap_or("see pgleap status")
+            )),
             p if p.starts_with("copying") || p == "building indexes" => {
                 reasons.push(format!("the initial copy to {name} is not done ({p})"))
             }

@@ -411,3 +411,43 @@ fn a_cutover_before_the_initial_copy_refuses_and_says_start() {
     assert_eq!(dst.sql().value("select count(*) from t"), "101");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// A server that stopped answering (SIGSTOP) never hangs pgleap: status
+/// answers within seconds naming the target ("no answer in 5 s", exit 1),
+/// kick --wait returns at its limit (exit 1), and after SIGCONT the sync
+/// converges.
+#[test]
+fn a_hung_target_bounds_status_and_kick_and_converges_after() {
+    let src = TestDb::new(cluster(17), "hungsrc");
+    let target = private_cluster(17);
+    let dst = TestDb::new(target, "hungdst");
+    let schema = "create table t (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    src.sql().exec("insert into t values (1, 'during the hang')");
+
+    target.freeze(true);
+    let started = Instant::now();
+    let status = p.run(&["status"]);
+    let took = started.elapsed();
+    let kicked = Instant::now();
+    let kick = p.run(&["kick", "s", "--wait", "5"]);
+    let kick_took = kicked.elapsed();
+    target.freeze(false);
+
+    assert_eq!(status.code, 1, "{status}");
+    assert!(status.stdout.contains("target dst cannot be read: dst: no answer in 5 s"), "{status}");
+    assert!(took < Duration::from_secs(15), "status took {took:?}");
+    assert_eq!(kick.code, 1, "{kick}");
+    assert!(kick.stderr.contains("did not catch up in time"), "{kick}");
+    assert!(kick.stderr.contains("no answer within 5 s"), "{kick}");
+    assert!(kick_took < Duration::from_secs(10), "kick --wait 5 took {kick_took:?}");
+
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_eq!(dst.sql().value("select v from t where id = 1"), "during the hang");
+    p.run(&["teardown", "s"]).ok();
+}

@@ -950,15 +950,18 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
 
 /// Exit 1 when a sync needs someone.
 fn attention(status: &[status::SyncStatus]) -> Result<()> {
-    let needy: Vec<String> = status
+    let mut needy: Vec<String> = status
         .iter()
-        .flat_map(|s| {
-            s.targets
-                .iter()
-                .filter(|t| t.needs_attention())
-                .map(move |t| format!("{} to {}: {}", s.name, t.target, t.phase))
+        .filter_map(|s| {
+            s.source_error.as_ref().map(|e| format!("{}: the source cannot be read ({e})", s.name))
         })
         .collect();
+    needy.extend(status.iter().flat_map(|s| {
+        s.targets
+            .iter()
+            .filter(|t| t.needs_attention())
+            .map(move |t| format!("{} to {}: {}", s.name, t.target, t.phase))
+    }));
     if needy.is_empty() {
         return Ok(());
     }

@@ -249,6 +249,9 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
             for t in &s.targets {
                 let l = &t.last;
                 println!("target:      {} ({}; last round {})", t.target, t.phase, l.state);
+                if let Some(e) = &t.target_error {
+                    println!("  cannot be read: {e}");
+                }
                 println!(
                     "  last good: {} took {}, {} rows written, {} deleted",
                     l.last_good.as_deref().unwrap_or("never"),
@@ -314,6 +317,14 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
     }
     println!("{t}");
     for s in syncs {
+        if let Some(e) = &s.source_error {
+            println!("{}: the source cannot be read: {e}", s.name);
+        }
+        for tg in &s.targets {
+            if let Some(e) = &tg.target_error {
+                println!("{}: target {} cannot be read: {e}", s.name, tg.target);
+            }
+        }
         if let Some(reason) = &s.paused {
             println!("{}: {reason}; then pgleap sync resume {}", s.name, s.name);
         }

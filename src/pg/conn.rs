@@ -116,8 +116,16 @@ impl Conn {
         let client = super::connect(&resolved, super::Startup::Pinned)
             .await
             .map_err(|source| PgError::Connect { db: name.into(), source })?;
+        let limit = resolved.connect_timeout.unwrap_or(super::DEFAULT_CONNECT_TIMEOUT);
         let mut conn = Conn { client, name: name.into(), version: PgVersion(0), resolved };
-        let row = conn.query_one("select current_setting('server_version_num')::int4", &[]).await?;
+        let version = conn.query_one("select current_setting('server_version_num')::int4", &[]);
+        let row = tokio::time::timeout(limit, version).await.map_err(|_| PgError::Connect {
+            db: name.into(),
+            source: ConnectError::Unreachable {
+                target: conn.endpoint(),
+                detail: format!("no answer within {} s (connect_timeout)", limit.as_secs()),
+            },
+        })??;
         conn.version = PgVersion(row.get::<_, i32>(0) as u32);
         Ok(conn)
     }

@@ -40,7 +40,7 @@ const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c ext
 
 /// A libpq connect_timeout is infinite by default; a migration tool that
 /// hangs on a firewalled host is worse than one that says so.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a connection could not be made, classified so the message can say
 /// what to do.
@@ -198,7 +198,21 @@ async fn connect(conn: &ResolvedConn, startup: Startup) -> Result<Client, Connec
         // libpq: one port for every host, or one port per host.
         let port = conn.ports.get(i).or(conn.ports.first()).copied().unwrap_or(5432);
         let target = conn.describe(host, port);
-        match connect_host(conn, startup, host, port, &target).await {
+        // connect_timeout bounds the whole attempt, as libpq's does: a
+        // server that accepts the socket and then stops answering (stopped,
+        // swapping, behind a dead proxy) must not hang the caller.
+        let limit = conn.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let attempt = tokio::time::timeout(limit, connect_host(conn, startup, host, port, &target));
+        let result = attempt.await.unwrap_or_else(|_| {
+            Err(ConnectError::Unreachable {
+                target: target.clone(),
+                detail: format!(
+                    "no answer within {} s (connect_timeout) to the connection and login",
+                    limit.as_secs()
+                ),
+            })
+        });
+        match result {
             Ok(client) => return Ok(client),
             Err(e) => {
                 failures.push(format!("{target}: {e}"));

@@ -317,6 +317,13 @@ impl Cluster {
         self.wait_ready(new, &log);
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the postmaster: a server that
+    /// accepts connections at the socket and then never answers them.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        unsafe { libc::kill(*self.pid.lock().unwrap(), sig) };
+    }
+
     /// A superuser session, for setting up what a test needs.
     pub fn superuser(&self, dbname: &str) -> Sql {
         Sql::try_connect(self, "postgres", dbname)
