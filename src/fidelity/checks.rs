@@ -4,7 +4,7 @@
 
 use super::{Scope, relations, schemas};
 use crate::error::Result;
-use crate::pg::{Conn, NamedQuery, Sql, quote_ident};
+use crate::pg::{Conn, NamedQuery, PgVersion, Sql, quote_ident};
 
 /// Roles named by the source's privileges, policies and settings that the
 /// target lacks.
@@ -32,7 +32,7 @@ pub async fn forced_row_security(c: &Conn) -> Result<Vec<String>> {
 /// them as a table owner. One line each, with the language.
 pub async fn untrusted_functions(c: &Conn, scope: &Scope) -> Result<Vec<String>> {
     let schemas = schemas(c, scope).await?;
-    let rows = c.query_qualified(UNTRUSTED_FUNCTIONS, &[&schemas]).await?;
+    let rows = c.query_qualified(&untrusted_functions_sql(c.version()), &[&schemas]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -74,21 +74,30 @@ const FORCED_ROW_SECURITY: &str = "select c.oid::regclass::text from pg_class c
                       and (r.rolsuper or r.rolbypassrls))
     order by 1";
 
-const UNTRUSTED_FUNCTIONS: &str =
-    "select p.oid::regprocedure::text || ' (language ' || l.lanname || ')'
-    from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-    join pg_language l on l.oid = p.prolang
-    where n.nspname = any($1) and not l.lanpltrusted
-      and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
-                      and d.objid = p.oid and d.deptype = 'e')
-    order by 1";
+/// Functions in an untrusted language. An aggregate's own row reads
+/// `language internal` whatever it is made of: CREATE AGGREGATE needs no
+/// superuser, and its support functions are judged as functions of their
+/// own (a C state function in the schema is named; a built-in one exists
+/// on every server).
+fn untrusted_functions_sql(v: PgVersion) -> String {
+    let aggregate = if v.has_prokind() { "p.prokind = 'a'" } else { "p.proisagg" };
+    format!(
+        "select p.oid::regprocedure::text || ' (language ' || l.lanname || ')'
+         from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+         join pg_language l on l.oid = p.prolang
+         where n.nspname = any($1) and not l.lanpltrusted and not {aggregate}
+           and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
+                           and d.objid = p.oid and d.deptype = 'e')
+         order by 1"
+    )
+}
 
 /// The catalog queries of this module, for `pgleap db check-queries`.
-pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
     vec![
         NamedQuery::new("fidelity: roles the source names", GRANTEES),
         NamedQuery::new("fidelity: roles present", ROLES_PRESENT),
         NamedQuery::new("fidelity: forced row security", FORCED_ROW_SECURITY),
-        NamedQuery::new("fidelity: functions in untrusted languages", UNTRUSTED_FUNCTIONS),
+        NamedQuery::new("fidelity: functions in untrusted languages", untrusted_functions_sql(v)),
     ]
 }

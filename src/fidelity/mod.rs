@@ -275,7 +275,7 @@ pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
     }
     out.extend(static_catalog_queries());
     out.extend(kind_catalog_queries());
-    out.extend(checks::catalog_queries());
+    out.extend(checks::catalog_queries(v));
     out
 }
 
