@@ -203,6 +203,10 @@ enum Line<'a> {
     TableOptions {
         options: Vec<&'a str>,
     },
+    /// `CREATE SCHEMA name;` (`name` as pg_dump quotes it).
+    CreateSchema {
+        name: &'a str,
+    },
     Other,
 }
 
@@ -226,6 +230,11 @@ fn classify<'a>(line: &'a str, after_create_table: bool) -> Line<'a> {
         && let Some(list) = line.strip_prefix("WITH (").and_then(|l| l.strip_suffix(");"))
     {
         return Line::TableOptions { options: split_options(list) };
+    }
+    if let Some(name) = line.strip_prefix("CREATE SCHEMA ").and_then(|l| l.strip_suffix(';'))
+        && (!name.contains(' ') || (name.starts_with('"') && name.ends_with('"')))
+    {
+        return Line::CreateSchema { name };
     }
     Line::Other
 }
@@ -273,7 +282,11 @@ pub async fn adapt(script: &[u8], dst: &Conn) -> Result<Adapted> {
     let lines: Vec<&[u8]> = script.split(|b| *b == b'\n').collect();
     // What to ask the target about.
     let (mut sets, mut columns, mut tables) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    let mut schemas = BTreeSet::new();
     walk(&lines, |_, line| match line {
+        Line::CreateSchema { name } => {
+            schemas.insert(name.to_string());
+        }
         Line::Set { name } => {
             sets.insert(name.to_string());
         }
@@ -286,6 +299,11 @@ pub async fn adapt(script: &[u8], dst: &Conn) -> Result<Adapted> {
         Line::Other => {}
     });
     let knows = ask(dst, &sets, &columns, &tables).await?;
+    // A schema the target has already (`public`, which `--schema public`
+    // dumps as CREATE SCHEMA) is not created again.
+    let names: Vec<String> = schemas.into_iter().collect();
+    let existing: BTreeSet<String> =
+        dst.query(SCHEMAS_EXISTING, &[&names]).await?.iter().map(|r| r.get(0)).collect();
 
     let mut left_out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut note = |what: String, whom: String| {
@@ -298,6 +316,7 @@ pub async fn adapt(script: &[u8], dst: &Conn) -> Result<Adapted> {
                 note(format!("setting {name}"), String::new());
                 None
             }
+            Line::CreateSchema { name } if existing.contains(name) => None,
             Line::ColumnOptions { head, options } => {
                 let (keep, drop): (Vec<&str>, Vec<&str>) =
                     options.iter().partition(|o| knows.column_options[**o]);
@@ -419,9 +438,15 @@ async fn probe(dst: &Conn, sql: &str) -> Result<bool> {
 
 const SETTINGS_KNOWN: &str = "select name from pg_settings where name = any($1)";
 
+const SCHEMAS_EXISTING: &str =
+    "select quote_ident(nspname) from pg_namespace where quote_ident(nspname) = any($1)";
+
 /// The catalog queries of this module, for `pgleap db check-queries`.
 pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
-    vec![NamedQuery::new("dump: settings the server has", SETTINGS_KNOWN)]
+    vec![
+        NamedQuery::new("dump: settings the server has", SETTINGS_KNOWN),
+        NamedQuery::new("dump: schemas the server has", SCHEMAS_EXISTING),
+    ]
 }
 
 #[cfg(test)]

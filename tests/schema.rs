@@ -245,3 +245,14 @@ fn table_options_the_target_lacks_are_left_out_and_named_pg17_to_pg12() {
     let reloptions = "select reloptions::text from pg_class where relname = 'tuned'";
     assert_eq!(dst.sql().value(reloptions), "{fillfactor=70}");
 }
+
+/// `schema copy --schema public` onto a fresh target: pg_dump's `-n
+/// public` writes `CREATE SCHEMA public`, which the target has; it is not
+/// created again.
+#[test]
+fn schema_copy_of_public_onto_a_fresh_target_pg15_to_pg17() {
+    let (p, src, dst) = setup(15);
+    let out = p.run(&["schema", "copy", "--from", "src", "--to", "dst", "--schema", "public"]);
+    out.ok();
+    assert_eq!(count_tables(&dst.sql()), count_tables(&src.sql()));
+}
