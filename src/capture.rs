@@ -531,6 +531,12 @@ pub(crate) async fn with_lock_retries(client: &mut Conn, what: &str, ddl: &str) 
     unreachable!("the last attempt returns")
 }
 
+/// Whether the database defaults to read-only transactions (a cutover's
+/// `--terminate` left it so).
+pub async fn read_only_default(db: &Conn) -> Result<bool> {
+    Ok(db.query_one(READ_ONLY_DEFAULT, &[]).await?.get(0))
+}
+
 /// Undoes `--terminate`'s read-only default, where it is set.
 pub async fn reset_read_only(db: &Conn) -> Result<()> {
     let set: bool = db.query_one(READ_ONLY_DEFAULT, &[]).await?.get(0);

@@ -337,6 +337,18 @@ pub async fn add_sync(catalog: &mut Catalog, spec: &SyncSpec, env: Env<'_>) -> R
     for target in &route.targets {
         targets.push(target.connect(env).await?);
     }
+    // A rollback sync (armed by cutover) goes to a fenced server on
+    // purpose; a sync added by hand or by upgrade must not.
+    let tables: Vec<String> = route
+        .relgroup
+        .members
+        .iter()
+        .filter(|m| m.kind != "sequence")
+        .map(|m| crate::pg::qualified(&m.schema, &m.name))
+        .collect();
+    for tgt in &targets {
+        target::check_not_fenced(tgt, &tables).await?;
+    }
     add_sync_on(catalog, spec, &mut src, &targets.iter().collect::<Vec<_>>()).await
 }
 

@@ -375,13 +375,52 @@ const FK_EXISTS: &str = "select exists (select 1 from pg_constraint
 const TRIGGER_EXISTS: &str = "select exists (select 1 from pg_trigger
                                              where tgrelid = $1::text::regclass and tgname = $2)";
 
+/// The fence triggers of other pgleap cutovers on `tables` ($1, quoted and
+/// qualified): "table (trigger)".
+const FENCES: &str = "select t.tgrelid::regclass::text || ' (' || t.tgname || ')'
+     from pg_trigger t
+     where t.tgname ~ '^pgleap_[0-9]+_fence$'
+       and t.tgrelid = any(select to_regclass(x)::oid from unnest($1::text[]) x)
+     order by 1";
+
 /// The catalog queries of this module, for `pgleap db check-queries`.
 pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
     vec![
+        NamedQuery::new("target: fences of other migrations", FENCES),
         NamedQuery::new("target: foreign keys", foreign_keys_sql()),
         NamedQuery::new("target: user triggers", user_triggers_sql()),
         NamedQuery::new("target: foreign keys not validated", not_validated_sql()),
         NamedQuery::new("target: foreign key exists", FK_EXISTS),
         NamedQuery::new("target: trigger exists", TRIGGER_EXISTS),
     ]
+}
+
+/// Refuses a target that another migration fenced: its tables refuse
+/// writes (a cutover's fence trigger; that database was a migration's old
+/// server), or it defaults to read-only transactions (`--terminate`).
+/// Checked before anything is written anywhere.
+pub async fn check_not_fenced(tgt: &Conn, tables: &[String]) -> Result<()> {
+    let fenced: Vec<String> =
+        tgt.query_qualified(FENCES, &[&tables]).await?.iter().map(|r| r.get(0)).collect();
+    let read_only = crate::capture::read_only_default(tgt).await?;
+    if fenced.is_empty() && !read_only {
+        return Ok(());
+    }
+    let mut what = Vec::new();
+    if !fenced.is_empty() {
+        what.push(format!("its tables carry another migration's fence: {}", fenced.join(", ")));
+    }
+    if read_only {
+        what.push("it defaults to read-only transactions (a cutover's --terminate)".into());
+    }
+    Err(Error::invalid(
+        format!(
+            "target \"{}\" was the old server of another migration and refuses writes: {}",
+            tgt.name(),
+            what.join("; ")
+        ),
+        "check the target; if that migration is over, its catalog's pgleap teardown SYNC \
+         --unfence lifts the fence (or drop those triggers and ALTER DATABASE ... RESET \
+         default_transaction_read_only); nothing was written",
+    ))
 }

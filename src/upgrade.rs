@@ -73,6 +73,9 @@ pub struct Preflight {
     pub target_tables: usize,
     /// Tables the target has with other columns than the source's.
     pub mismatched_tables: Vec<String>,
+    /// Why the target refuses writes (another migration's fence), if it
+    /// does.
+    pub target_fenced: Option<String>,
     /// Tables of the target that hold rows before the first run, with
     /// their row counts (capped): the initial copy would replace them.
     pub target_rows: Vec<(String, i64)>,
@@ -121,6 +124,9 @@ impl Preflight {
         }
         if let Some(p) = &self.tools_problem {
             problems.push(p.clone());
+        }
+        if let Some(f) = &self.target_fenced {
+            problems.push(f.clone());
         }
         if !self.target_rows.is_empty() && !self.overwrite_target {
             let named: Vec<String> = self
@@ -219,6 +225,11 @@ async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Resul
         .map(|r| (crate::pg::qualified(&r.schema, &r.name), display_name(&r.schema, &r.name)))
         .collect();
     let (present, mismatched_tables) = compare_tables(&src, &tgt, &named).await?;
+    let target_fenced = match crate::target::check_not_fenced(&tgt, &present).await {
+        Ok(()) => None,
+        Err(Error::Invalid { message, .. }) => Some(message),
+        Err(e) => return Err(e),
+    };
     // A rerun resumes its own copy: the rows are pgleap's.
     let target_rows = if resuming {
         Vec::new()
@@ -274,6 +285,7 @@ async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Resul
         target_tables: present.len(),
         mismatched_tables,
         target_rows,
+        target_fenced,
         overwrite_target: opts.overwrite_target,
         pg_dump,
         tools_problem,

@@ -451,3 +451,39 @@ fn a_hung_target_bounds_status_and_kick_and_converges_after() {
     assert_eq!(dst.sql().value("select v from t where id = 1"), "during the hang");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// A target that another migration fenced (it was that migration's old
+/// server, cut over with --terminate) is refused by upgrade and sync add
+/// before anything is written, naming the fence.
+#[test]
+fn a_target_fenced_by_another_migration_is_refused_before_anything_is_written() {
+    let schema = "create table t (id int primary key)";
+    let (a, b, c) = (
+        TestDb::new(cluster(17), "fencea"),
+        TestDb::new(cluster(17), "fenceb"),
+        TestDb::new(cluster(17), "fencec"),
+    );
+    for db in [&a, &b, &c] {
+        db.sql().exec(schema);
+    }
+    // Another migration moved b to c and fenced b.
+    let other = Pgleap::for_clusters(&[b.cluster]);
+    other.declare(&b, &c, &["--all-tables"]);
+    other.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    other.run(&["kick", "s", "--wait", "60"]).ok();
+    other.run(&["cutover", "s", "--terminate"]).ok();
+
+    let p = Pgleap::for_clusters(&[a.cluster]);
+    p.run(&["upgrade", "--source", &a.dsn(), "--target", &b.dsn(), "--cutover", "never"])
+        .fails_with(&[
+            "was the old server of another migration and refuses writes",
+            "public.t (pgleap_1_fence)",
+            "read-only transactions",
+        ]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+    p.declare(&a, &b, &["--all-tables"]);
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"])
+        .fails_with(&["target \"dst\" was the old server of another migration"]);
+    assert_eq!(a.sql().value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
+    other.run(&["teardown", "s", "--unfence"]).ok();
+}
