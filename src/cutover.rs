@@ -260,38 +260,20 @@ struct Switched {
     to_validate: Vec<Unvalidated>,
 }
 
-/// Before the fence: creates what the target still lacks of what belongs
-/// before the switch, and refuses to go on while a required object is
-/// missing or different (unless allowed). Returns what the fence itself
-/// creates besides foreign keys and triggers (forced row security).
-///
-/// A dry run creates nothing: it names what it would create (the second
-/// list) and judges the rest as the cutover would.
+/// Creates on the target what pgleap can of the schema it lacks (a dry
+/// run only rehearses it: nothing stays), and refuses, unless `allow`,
+/// while objects it cannot create are missing. Returns the differences
+/// left for the switch point, and for a dry run what it would create.
 async fn settle_schema(
     session: &Session,
     allow: bool,
     dry_run: bool,
 ) -> Result<(Vec<Difference>, Vec<String>)> {
     let plan = &session.plan;
-    let scope = fidelity::Scope::of_plan(plan);
-    let differences = fidelity::compare(&session.src, &session.tgt, &scope).await?;
-    let (left, would_create) = if dry_run {
-        let (create, left) = fidelity::would_create(differences, Stage::AfterData);
-        (left, create.iter().map(fidelity::describe).collect())
-    } else {
-        (fidelity::create(&session.tgt, differences, Stage::AfterData).await?, Vec::new())
-    };
-    let (at_switch, blocking): (Vec<_>, Vec<_>) =
-        left.into_iter().partition(|d| d.stage == Stage::Cutover);
+    let (at_switch, blocking, would_create) =
+        schema_left(&session.src, &session.tgt, plan, dry_run).await?;
     if !blocking.is_empty() {
-        let shown: Vec<String> = blocking.iter().take(5).map(fidelity::describe).collect();
-        let more = blocking.len().saturating_sub(shown.len());
-        let message = format!(
-            "the target lacks or differs in {} schema object(s): {}{}",
-            blocking.len(),
-            shown.join("; "),
-            if more > 0 { format!("; and {more} more") } else { String::new() }
-        );
+        let message = blocking_message(&blocking);
         if !allow {
             return Err(Error::invalid(
                 format!("cutover refused: {message}"),
@@ -304,7 +286,61 @@ async fn settle_schema(
         }
         tracing::warn!("switching with --allow-schema-differences: {message}");
     }
-    Ok((at_switch, would_create))
+    Ok((at_switch, would_create.iter().map(fidelity::describe).collect()))
+}
+
+/// The schema the target lacks, after pgleap creates (or, with
+/// `rehearse`, rehearses creating) what it can: (left for the switch
+/// point, blocking the cutover, created or creatable).
+async fn schema_left(
+    src: &Conn,
+    tgt: &Conn,
+    plan: &Plan,
+    rehearse: bool,
+) -> Result<(Vec<Difference>, Vec<Difference>, Vec<Difference>)> {
+    let scope = fidelity::Scope::of_plan(plan);
+    let differences = fidelity::compare(src, tgt, &scope).await?;
+    let (created, left) = if rehearse {
+        fidelity::rehearse_create(tgt, differences, Stage::AfterData).await?
+    } else {
+        (Vec::new(), fidelity::create(tgt, differences, Stage::AfterData).await?)
+    };
+    let (at_switch, blocking): (Vec<_>, Vec<_>) =
+        left.into_iter().partition(|d| d.stage == Stage::Cutover);
+    Ok((at_switch, blocking, created))
+}
+
+fn blocking_message(blocking: &[Difference]) -> String {
+    let shown: Vec<String> = blocking.iter().take(5).map(fidelity::describe).collect();
+    let more = blocking.len().saturating_sub(shown.len());
+    format!(
+        "the target lacks or differs in {} schema object(s): {}{}",
+        blocking.len(),
+        shown.join("; "),
+        if more > 0 { format!("; and {more} more") } else { String::new() }
+    )
+}
+
+/// Why the schema would stop a cutover of `sync` now (nothing: it would
+/// not): the same judgement as the cutover's, rehearsed, so `ready` and
+/// `cutover` agree.
+pub async fn schema_not_ready(catalog: &Catalog, sync: &str, env: Env<'_>) -> Result<Vec<String>> {
+    let route = SyncRoute::load(catalog, sync)?;
+    if route.sync.retired || route.targets.len() != 1 {
+        return Ok(Vec::new());
+    }
+    let src = route.source.connect(env).await?;
+    let tgt = route.sole_target()?.connect(env).await?;
+    let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
+    let (_, blocking, _) = schema_left(&src, &tgt, &plan, true).await?;
+    Ok(if blocking.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "{} (pgleap verify {sync} lists them; or cutover --allow-schema-differences)",
+            blocking_message(&blocking)
+        )]
+    })
 }
 
 /// Inside the fence, up to the switch point: drain, sequences, deferred

@@ -261,6 +261,22 @@ fn verify_names_missing_objects_and_cutover_waits_for_them_pg15_to_pg17() {
     ] {
         assert!(text.contains(expected), "missing {expected:?}:\n{out}");
     }
+    // ready and a dry run judge as the cutover does (the function blocks,
+    // the rest pgleap creates) and change nothing on the target.
+    let ready = p.run(&["ready", "s"]);
+    assert_eq!(ready.code, 1, "{ready}");
+    assert!(ready.stdout.contains("total(integer,integer)"), "{ready}");
+    assert!(!ready.stdout.contains("payment_2000_customer"), "{ready}");
+    p.run(&["cutover", "s", "--dry-run"]).fails_with(&[
+        "cutover refused",
+        "1 schema object(s)",
+        "total(integer,integer)",
+    ]);
+    assert_eq!(
+        d.value("select count(*) from pg_indexes where indexname = 'payment_2000_customer'"),
+        "0",
+        "the dry run built the index"
+    );
     // Cutover creates what it can (the index, the policy, the grant) and
     // refuses while the function differs, before fencing anything.
     p.run(&["cutover", "s"]).fails_with(&[

@@ -1009,7 +1009,13 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
             let catalog = Catalog::open(path)?;
             let pid = daemon::running_pid(path);
             let status = status::gather(&catalog, Some(&sync), pid.is_some(), ENV).await?;
-            let reasons = status::not_ready(&status[0], max_lag as f64);
+            let mut reasons = status::not_ready(&status[0], max_lag as f64);
+            // The cutover's own schema judgement, rehearsed: ready and
+            // cutover agree.
+            match crate::cutover::schema_not_ready(&catalog, &sync, ENV).await {
+                Ok(schema) => reasons.extend(schema),
+                Err(e) => reasons.push(format!("the schema could not be compared: {e}")),
+            }
             if reasons.is_empty() {
                 println!("sync \"{sync}\" is ready to cut over: pgleap cutover {sync}");
             } else {

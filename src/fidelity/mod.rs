@@ -141,13 +141,45 @@ pub async fn create(
     Ok(left)
 }
 
-/// What [`create`] would do, without doing it (a dry run): the
-/// differences pgleap would create up to `stage`, and the rest.
-pub fn would_create(
-    differences: Vec<Difference>,
+/// What [`create`] would do, without leaving anything: each creation is
+/// tried in one transaction that is rolled back (a savepoint each), so a
+/// statement the target refuses (a grant to a role it lacks) is found as
+/// the cutover would find it. Returns (what would be created, the rest,
+/// with the reason where the target refused).
+pub async fn rehearse_create(
+    tgt: &Conn,
+    mut differences: Vec<Difference>,
     stage: Stage,
-) -> (Vec<Difference>, Vec<Difference>) {
-    differences.into_iter().partition(|d| d.create.is_some() && d.stage <= stage)
+) -> Result<(Vec<Difference>, Vec<Difference>)> {
+    differences.sort_by_key(|d| (d.stage, d.rank));
+    let (mut created, mut left) = (Vec::new(), Vec::new());
+    tgt.batch_execute("begin").await?;
+    let result = async {
+        for mut d in differences {
+            let Some(sql) = d.create.clone().filter(|_| d.stage <= stage) else {
+                left.push(d);
+                continue;
+            };
+            tgt.batch_execute("savepoint rehearsal").await?;
+            match tgt.batch_execute(&sql).await {
+                Ok(()) => {
+                    tgt.batch_execute("release rehearsal").await?;
+                    created.push(d);
+                }
+                Err(e) => {
+                    tgt.batch_execute("rollback to rehearsal").await?;
+                    d.reason = Some(e.message().to_string());
+                    left.push(d);
+                }
+            }
+        }
+        Ok::<_, crate::Error>(())
+    }
+    .await;
+    let rolled_back = tgt.batch_execute("rollback").await;
+    result?;
+    rolled_back?;
+    Ok((created, left))
 }
 
 /// Differences that must be settled before a switch: everything but what
