@@ -85,6 +85,30 @@ pub struct CutoverReport {
     pub would_create: Vec<String>,
 }
 
+/// Set while a cutover is between its fence and the switch point (or the
+/// undo): an interrupt waits for it rather than leave the source fenced.
+static INSIDE_FENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn inside_fence() -> bool {
+    INSIDE_FENCE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Marks the fence's span, however it ends.
+struct FenceSpan;
+
+impl FenceSpan {
+    fn enter() -> FenceSpan {
+        INSIDE_FENCE.store(true, std::sync::atomic::Ordering::SeqCst);
+        FenceSpan
+    }
+}
+
+impl Drop for FenceSpan {
+    fn drop(&mut self) {
+        INSIDE_FENCE.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Cuts a sync over to its one target.
 pub async fn cutover(
     catalog: &mut Catalog,
@@ -151,6 +175,7 @@ pub async fn cutover_with(
 
     // The clients' pause starts here: the poolers hold their new queries.
     let paused_at = Instant::now();
+    let span = FenceSpan::enter();
     let mut pooler = Switch::pause(&opts.switch, env).await?;
     let started = Instant::now();
     let result = async {
@@ -184,6 +209,7 @@ pub async fn cutover_with(
         (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
     catalog.record_cutover(route.name(), fence_ms, opts.rollback_sync.as_deref())?;
     catalog.retire_sync(route.name())?;
+    drop(span);
     if opts.rollback_sync.is_some() && crate::daemon::running_pid(catalog.path()).is_none() {
         crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
     }

@@ -41,6 +41,12 @@ pub enum Error {
         "verify found differences in {tables} table(s) and {objects} schema object(s) of sync \"{sync}\""
     )]
     Differences { sync: String, tables: usize, objects: usize },
+    /// Ctrl-C (SIGINT) stopped a command between its recorded steps.
+    #[error(
+        "interrupted: pgleap {command} stopped; what it had done is kept (each step is recorded, \
+         a batch in flight rolled back)"
+    )]
+    Interrupted { command: String },
     /// A request that cannot be carried out as given.
     #[error("{message}")]
     Invalid { message: String, hint: Option<String> },
@@ -94,6 +100,8 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::KickTimeout { .. } | Self::Differences { .. } | Self::NotReady { .. } => 1,
+            // As a shell reports a command ended by SIGINT.
+            Self::Interrupted { .. } => 130,
             _ => 2,
         }
     }
@@ -127,6 +135,10 @@ impl Error {
             }
             Self::Invalid { hint, .. } => hint.clone().filter(|h| !h.is_empty()),
             Self::NotReady { hint, .. } => Some(hint.clone()),
+            Self::Interrupted { command } => Some(format!(
+                "run pgleap {command} again to resume from where it stopped; pgleap status shows \
+                 where each sync is"
+            )),
         }
     }
 }

@@ -74,6 +74,7 @@ impl TargetStatus {
             || self.phase == "waiting for daemon"
             || self.phase == "unreachable"
             || self.phase == PAUSED
+            || self.phase.starts_with(COPY_INTERRUPTED)
     }
 }
 
@@ -85,11 +86,24 @@ struct CopyProgress {
     elapsed: f64,
     /// Whether change apply has started (the copy is handed over).
     applied: bool,
+    /// Whether a process runs the copy now (it holds the copy's lock).
+    running: bool,
 }
 
-async fn copy_progress(tgt: &Conn, schema: &str, sync: &str) -> Result<CopyProgress> {
+async fn copy_progress(
+    tgt: &Conn,
+    schema: &str,
+    sync: &str,
+    sync_id: Option<i32>,
+) -> Result<CopyProgress> {
     let s = quote_ident(schema);
-    let mut p = CopyProgress { units: 0, done: 0, elapsed: 0.0, applied: false };
+    let mut p = CopyProgress { units: 0, done: 0, elapsed: 0.0, applied: false, running: false };
+    // Without the source's sync id, whether it runs is unknown: not claimed
+    // to have stopped.
+    p.running = match sync_id {
+        Some(id) => tgt.query_one(COPY_RUNNING, &[&apply::COPY_LOCK_CLASS, &id]).await?.get(0),
+        None => true,
+    };
     if tgt.relation_exists(&format!("{s}.applied")).await? {
         let sql = format!("select 1 from {s}.applied where sync = $1");
         p.applied = tgt.query_opt(&sql, &[&sync]).await?.is_some();
@@ -112,6 +126,21 @@ async fn copy_progress(tgt: &Conn, schema: &str, sync: &str) -> Result<CopyProgr
 
 const PAUSED: &str = "paused: schema changed";
 
+/// Whether a session holds the initial copy's lock (`pg_advisory_lock`
+/// of two int4 keys: classid, objid, objsubid 2) in this database.
+const COPY_RUNNING: &str = "select exists (select 1 from pg_locks
+     where locktype = 'advisory' and granted and classid::int8 = $1::int4
+       and objid::int8 = $2::int4 and objsubid = 2
+       and database = (select oid from pg_database where datname = current_database()))";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<crate::pg::NamedQuery> {
+    vec![crate::pg::NamedQuery::new("status: the initial copy runs", COPY_RUNNING)]
+}
+
+/// Phases that say the copy stopped with nobody to resume it.
+const COPY_INTERRUPTED: &str = "copy interrupted";
+
 /// The phase of one (sync, target).
 fn phase(
     cut_over: bool,
@@ -131,6 +160,18 @@ fn phase(
     let Some(copy) = copy else { return "unreachable".into() };
     if last.state == "bad" {
         return "bad".into();
+    }
+    if !copy.applied && copy.units > 0 && !copy.running {
+        // Nobody copies: progress would be a lie.
+        let ratio = copy.done as f64 / copy.units as f64 * 100.0;
+        return if daemon && autokick {
+            format!("copy resuming ({ratio:.0}% done)")
+        } else {
+            format!(
+                "{COPY_INTERRUPTED} ({ratio:.0}% done): nothing is copying; pgleap start, or \
+                 rerun the command that started it"
+            )
+        };
     }
     if !copy.applied && copy.units > 0 && copy.done < copy.units {
         let ratio = copy.done as f64 / copy.units as f64;
@@ -212,7 +253,8 @@ pub async fn gather(
             // against the source's.
             let read = async {
                 let tgt = db.connect(env).await?;
-                let copy = copy_progress(&tgt, &sync.capture_schema, &sync.name).await?;
+                let sync_id = live.as_ref().map(|(_, plan)| plan.sync_id);
+                let copy = copy_progress(&tgt, &sync.capture_schema, &sync.name, sync_id).await?;
                 let mut missing = Vec::new();
                 if let Some((src, plan)) = &live
                     && let Ok(m) = crate::evolve::missing_partitions(src, &tgt, plan).await
@@ -285,7 +327,7 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
                 "{name} cannot be read: {}",
                 t.target_error.as_deref().unwrap_or("see pgleap status")
             )),
-            p if p.starts_with("copying") || p == "building indexes" => {
+            p if p.starts_with("copy") || p == "building indexes" => {
                 reasons.push(format!("the initial copy to {name} is not done ({p})"))
             }
             _ if !t.copied => reasons.push(format!(

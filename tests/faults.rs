@@ -487,3 +487,50 @@ fn a_target_fenced_by_another_migration_is_refused_before_anything_is_written() 
     assert_eq!(a.sql().value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
     other.run(&["teardown", "s", "--unfence"]).ok();
 }
+
+/// Ctrl-C during upgrade's initial copy says what was interrupted and how
+/// to resume (exit 130); status then says nothing copies (exit 1) rather
+/// than show progress nobody makes; the rerun says it resumes and ends
+/// equal.
+#[test]
+fn an_interrupted_upgrade_says_so_and_status_shows_no_phantom_copy_pg15_to_pg17() {
+    use std::io::BufRead;
+    let src = TestDb::new(cluster(15), "intsrc");
+    let dst = TestDb::new(cluster(17), "intdst");
+    finish(pgbench(&src, &["-i", "-q", "-s", "10"]).spawn().unwrap());
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let args = ["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"];
+    let mut child = p
+        .command()
+        .args(args)
+        .args(["--jobs", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines() {
+        if line.unwrap().starts_with("initial copy and catch-up") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted: pgleap upgrade stopped"), "{stderr}");
+    assert!(stderr.contains("run pgleap upgrade again to resume"), "{stderr}");
+
+    let status = p.run(&["status"]);
+    assert_eq!(status.code, 1, "{status}");
+    assert!(status.stdout.contains("copy interrupted"), "{status}");
+    assert!(!status.stdout.contains("copying ("), "{status}");
+
+    let again = p.run(&args);
+    assert!(again.ok().contains("resuming: upgrade \"upgrade\" was started before"), "{again}");
+    p.run(&["stop"]).ok();
+    let q = "select sum(abalance), count(*) from pgbench_accounts";
+    assert_eq!(dst.sql().value(q), src.sql().value(q));
+    p.run(&["teardown", "upgrade"]).ok();
+}

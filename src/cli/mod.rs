@@ -229,6 +229,19 @@ pub enum SchemaCommand {
 }
 
 impl Command {
+    /// The name of a long command that Ctrl-C may stop between its recorded
+    /// steps (the daemon handles its signals itself).
+    fn interruptible(&self) -> Option<&'static str> {
+        match self {
+            Command::Upgrade { .. } => Some("upgrade"),
+            Command::Kick { .. } => Some("kick"),
+            Command::Verify { .. } => Some("verify"),
+            Command::Cutover { .. } => Some("cutover"),
+            Command::Rollback { .. } => Some("rollback"),
+            _ => None,
+        }
+    }
+
     /// Whether this command runs the daemon (which logs at info by default).
     pub fn is_daemon(&self) -> bool {
         matches!(self, Command::Start { foreground: true, .. })
@@ -572,6 +585,33 @@ pub enum SyncCommand {
 /// Runs a parsed command line: opens the catalog and hands the command to
 /// the function of its group.
 pub async fn run(cli: Cli) -> Result<()> {
+    let Some(command) = cli.command.interruptible() else {
+        return run_command(cli).await;
+    };
+    // Ctrl-C stops the command between recorded steps, saying so and how
+    // to resume (dropping the work closes its connections: a batch in
+    // flight rolls back, and applying it again later is harmless). Inside a
+    // cutover's fence the switch is completed or undone first.
+    let work = run_command(cli);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            result = &mut work => return result,
+            _ = tokio::signal::ctrl_c() => {
+                if crate::cutover::inside_fence() {
+                    eprintln!(
+                        "interrupt: the cutover is inside its fence; it completes or undoes the \
+                         switch first (seconds)"
+                    );
+                    continue;
+                }
+                return Err(Error::Interrupted { command: command.into() });
+            }
+        }
+    }
+}
+
+async fn run_command(cli: Cli) -> Result<()> {
     let path = cli.catalog.clone().unwrap_or_else(Catalog::default_path);
     let mut catalog = Catalog::open(&path)?;
     let c = &mut catalog;
