@@ -165,13 +165,43 @@ pub async fn install(
             e.into()
         }
     })?;
-    let existing =
-        tx.query_opt(&format!("select id from {s}.syncs where name = $1"), &[&sync]).await?;
-    if existing.is_some() {
-        return Err(Error::invalid(
-            format!("capture for sync \"{sync}\" is already installed in database \"{db}\""),
-            format!("remove the leftovers first: pgleap teardown {sync}"),
-        ));
+    let existing = tx
+        .query_opt(
+            &format!(
+                "select y.installed_at::text,
+                        (select max(c.updated_at) from {s}.consumer c where c.sync_id = y.id)::text,
+                        coalesce((select max(c.updated_at) from {s}.consumer c
+                                  where c.sync_id = y.id) > now() - interval '10 minutes', false)
+                 from {s}.syncs y where y.name = $1"
+            ),
+            &[&sync],
+        )
+        .await?;
+    if let Some(row) = existing {
+        let (installed, applied, active): (String, Option<String>, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        let applied = applied.map_or("never applied".into(), |t| format!("last applied {t}"));
+        // Another catalog's live migration must not be torn down on a hint.
+        return Err(if active {
+            Error::invalid(
+                format!(
+                    "database \"{db}\" already has an active sync named \"{sync}\" (installed \
+                     {installed}, {applied}), added by another pgleap catalog or this one"
+                ),
+                "give this sync another name; do not tear the other one down while it runs",
+            )
+        } else {
+            Error::invalid(
+                format!(
+                    "database \"{db}\" already has capture for a sync named \"{sync}\" \
+                     (installed {installed}, {applied}): leftovers of an earlier run"
+                ),
+                format!(
+                    "if no pgleap catalog still uses it, pgleap teardown {sync} from the catalog \
+                     that added it removes it; or give this sync another name"
+                ),
+            )
+        });
     }
     let sync_id: i32 = tx
         .query_one(&format!("insert into {s}.syncs (name) values ($1) returning id"), &[&sync])

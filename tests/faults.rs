@@ -534,3 +534,28 @@ fn an_interrupted_upgrade_says_so_and_status_shows_no_phantom_copy_pg15_to_pg17(
     assert_eq!(dst.sql().value(q), src.sql().value(q));
     p.run(&["teardown", "upgrade"]).ok();
 }
+
+/// A sync named like another catalog's live sync on the same source is
+/// refused without a hint to tear that one down.
+#[test]
+fn a_sync_named_like_another_catalogs_live_sync_is_refused_without_a_teardown_hint() {
+    let schema = "create table t (id int primary key)";
+    let (a, b, c) = (
+        TestDb::new(cluster(17), "twina"),
+        TestDb::new(cluster(17), "twinb"),
+        TestDb::new(cluster(17), "twinc"),
+    );
+    for db in [&a, &b, &c] {
+        db.sql().exec(schema);
+    }
+    let first = Pgleap::for_clusters(&[a.cluster]);
+    first.declare(&a, &b, &["--all-tables"]);
+    first.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    first.run(&["kick", "s", "--wait", "60"]).ok();
+    let second = Pgleap::for_clusters(&[a.cluster]);
+    second.declare(&a, &c, &["--all-tables"]);
+    let out = second.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]);
+    out.fails_with(&["already has an active sync named \"s\"", "give this sync another name"]);
+    assert!(!out.stderr.contains("pgleap teardown"), "{out}");
+    first.run(&["teardown", "s"]).ok();
+}
