@@ -41,7 +41,7 @@ pub async fn check(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<QueryC
         crate::objects::catalog_queries(),
         crate::cutover::catalog_queries(),
         crate::upgrade::catalog_queries(),
-        crate::status::catalog_queries(),
+        crate::status::catalog_queries(v),
     ]
     .into_iter()
     .flatten()

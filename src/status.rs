@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::apply::{self, Plan};
 use crate::catalog::{Catalog, Sync, SyncState};
 use crate::error::Result;
-use crate::pg::{Conn, Env, Sql, quote_ident};
+use crate::pg::{Conn, Env, PgVersion, Sql, quote_ident};
 use crate::route::SyncRoute;
 
 /// Lag above which a sync is catching up rather than streaming.
@@ -64,6 +64,9 @@ pub struct TargetStatus {
     pub copy_ratio: Option<f64>,
     /// Why the target could not be read, if it could not.
     pub target_error: Option<String>,
+    /// What pgleap's apply on the target waits for, when it waits on a
+    /// lock: "waiting 40 s for a lock on public.t held by pid 123".
+    pub waiting: Option<String>,
 }
 
 impl TargetStatus {
@@ -75,6 +78,7 @@ impl TargetStatus {
             || self.phase == "unreachable"
             || self.phase == PAUSED
             || self.phase.starts_with(COPY_INTERRUPTED)
+            || self.phase.starts_with(BLOCKED)
     }
 }
 
@@ -134,9 +138,53 @@ const COPY_RUNNING: &str = "select exists (select 1 from pg_locks
        and database = (select oid from pg_database where datname = current_database()))";
 
 /// The catalog queries of this module, for `pgleap db check-queries`.
-pub(crate) fn catalog_queries() -> Vec<crate::pg::NamedQuery> {
-    vec![crate::pg::NamedQuery::new("status: the initial copy runs", COPY_RUNNING)]
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<crate::pg::NamedQuery> {
+    vec![
+        crate::pg::NamedQuery::new("status: the initial copy runs", COPY_RUNNING),
+        crate::pg::NamedQuery::new("status: pgleap's lock waits", lock_wait_sql(v)),
+    ]
 }
+
+/// How long pgleap's apply may wait on a lock before the sync is shown
+/// blocked (and status exits 1).
+const BLOCKED_AFTER: f64 = 30.0;
+
+/// pgleap's longest lock wait on this database ($1: its application_name):
+/// seconds, the relations, the blocking pids.
+fn lock_wait_sql(v: PgVersion) -> String {
+    let since = if v.has_lock_waitstart() {
+        "coalesce((select min(l.waitstart) from pg_locks l
+                   where l.pid = a.pid and not l.granted), a.query_start)"
+    } else {
+        "a.query_start"
+    };
+    format!(
+        "select extract(epoch from now() - {since})::float8,
+                coalesce((select string_agg(distinct l.relation::regclass::text, ', ')
+                          from pg_locks l where l.pid = a.pid and not l.granted
+                            and l.relation is not null), 'an object'),
+                array_to_string(pg_blocking_pids(a.pid), ', ')
+         from pg_stat_activity a
+         where a.datname = current_database() and a.usename = current_user
+           and a.application_name = $1 and a.wait_event_type = 'Lock'
+           and a.pid <> pg_backend_pid()
+         order by 1 desc limit 1"
+    )
+}
+
+/// What pgleap's sessions on `c` wait for, if they wait on a lock:
+/// (seconds, text).
+async fn lock_wait(c: &Conn, application_name: &str) -> Result<Option<(f64, String)>> {
+    let row = c.query_qualified(&lock_wait_sql(c.version()), &[&application_name]).await?;
+    Ok(row.first().map(|r| {
+        let (waited, on, by): (f64, String, String) = (r.get(0), r.get(1), r.get(2));
+        let by = if by.is_empty() { String::new() } else { format!(" held by pid {by}") };
+        (waited, format!("waiting {waited:.0} s for a lock on {on}{by}"))
+    }))
+}
+
+/// The phase of a sync whose apply waits on a lock past [`BLOCKED_AFTER`].
+const BLOCKED: &str = "blocked";
 
 /// Phases that say the copy stopped with nobody to resume it.
 const COPY_INTERRUPTED: &str = "copy interrupted";
@@ -261,16 +309,19 @@ pub async fn gather(
                 {
                     missing = m;
                 }
-                Ok::<_, crate::Error>((copy, missing))
+                let waiting = lock_wait(&tgt, &db.resolve(env)?.application_name).await?;
+                Ok::<_, crate::Error>((copy, missing, waiting))
             };
-            let (copy, target_error) = match tokio::time::timeout(STATUS_WAIT, read).await {
-                Ok(Ok((copy, missing))) => {
+            let (copy, target_error, waiting) = match tokio::time::timeout(STATUS_WAIT, read).await
+            {
+                Ok(Ok((copy, missing, waiting))) => {
                     not_captured.extend(missing);
-                    (Some(copy), None)
+                    (Some(copy), None, waiting)
                 }
-                Ok(Err(e)) => (None, Some(e.to_string())),
-                Err(_) => (None, Some(format!("{target}: {}", no_answer()))),
+                Ok(Err(e)) => (None, Some(e.to_string()), None),
+                Err(_) => (None, Some(format!("{target}: {}", no_answer())), None),
             };
+            let blocked = waiting.as_ref().filter(|(s, _)| *s > BLOCKED_AFTER).map(|(_, w)| w);
             let lag = pending.as_ref().map(|p| p[i].1);
             targets.push(TargetStatus {
                 copied: copy.as_ref().is_some_and(|c| c.applied),
@@ -279,7 +330,11 @@ pub async fn gather(
                     .filter(|c| c.units > 0)
                     .map(|c| if c.applied { 1.0 } else { c.done as f64 / c.units as f64 }),
                 target: target.to_string(),
-                phase: phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
+                phase: match blocked {
+                    Some(w) if !cut_over => format!("{BLOCKED}: {w}"),
+                    _ => phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
+                },
+                waiting: waiting.map(|(_, w)| w),
                 last,
                 pending: pending.as_ref().map(|p| p[i].0),
                 writes_go_to: cut_over.then(|| target.to_string()),
@@ -327,6 +382,7 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
                 "{name} cannot be read: {}",
                 t.target_error.as_deref().unwrap_or("see pgleap status")
             )),
+            p if p.starts_with(BLOCKED) => reasons.push(format!("the apply to {name} is {p}")),
             p if p.starts_with("copy") || p == "building indexes" => {
                 reasons.push(format!("the initial copy to {name} is not done ({p})"))
             }

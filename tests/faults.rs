@@ -559,3 +559,42 @@ fn a_sync_named_like_another_catalogs_live_sync_is_refused_without_a_teardown_hi
     assert!(!out.stderr.contains("pgleap teardown"), "{out}");
     first.run(&["teardown", "s"]).ok();
 }
+
+/// An apply blocked by a lock on the target is visible: status names the
+/// table and the pid holding it, and past 30 s shows the sync blocked
+/// (exit 1); once the lock goes, the change arrives.
+#[test]
+fn a_blocked_apply_is_named_with_its_table_and_blocker_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "blocksrc");
+    let dst = TestDb::new(cluster(17), "blockdst");
+    let schema = "create table t (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    let holder = dst.sql();
+    holder.exec("begin; lock table t in access exclusive mode");
+    let holder_pid = holder.value("select pg_backend_pid()");
+    p.run(&["start"]).ok();
+    src.sql().exec("insert into t values (1, 'behind a lock')");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let out = p.run(&["status", "s"]);
+        if out.stdout.contains("blocked: waiting") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert_eq!(status.code, 1, "{status}");
+    assert!(
+        status.stdout.contains(&format!("for a lock on public.t held by pid {holder_pid}")),
+        "{status}"
+    );
+    holder.exec("rollback");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_eq!(dst.sql().value("select v from t where id = 1"), "behind a lock");
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "s"]).ok();
+}

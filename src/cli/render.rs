@@ -252,6 +252,9 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                 if let Some(e) = &t.target_error {
                     println!("  cannot be read: {e}");
                 }
+                if let Some(w) = &t.waiting {
+                    println!("  apply:     {w}");
+                }
                 println!(
                     "  last good: {} took {}, {} rows written, {} deleted",
                     l.last_good.as_deref().unwrap_or("never"),

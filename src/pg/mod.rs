@@ -154,6 +154,10 @@ impl PgVersion {
     pub fn has_tid_range_scans(self) -> bool {
         self.major() >= 14
     }
+    /// `pg_locks.waitstart` (when a lock wait began): 14.
+    pub fn has_lock_waitstart(self) -> bool {
+        self.major() >= 14
+    }
     /// `reltuples = -1` for "never vacuumed or analyzed" (before: 0): 14.
     pub fn has_unknown_reltuples(self) -> bool {
         self.major() >= 14
