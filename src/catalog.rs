@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
 /// Bumped when the schema below changes; older files are migrated in `open`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 create table if not exists meta (key text primary key, value text not null);
@@ -79,6 +79,16 @@ create table if not exists cutover (
     at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
     fence_ms integer not null,
     rollback_sync text              -- the sync back, when one was armed
+);
+-- A cutover under way, recorded before each step it cannot take back, so
+-- that a rerun finishes or undoes what a killed one left.
+create table if not exists cutover_progress (
+    sync text primary key,
+    step text not null,             -- fencing, switched
+    pid integer not null,
+    started_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    terminate integer not null,
+    rollback_sync text
 );
 -- What the last rounds of a sync did, per target: written by whoever ran
 -- the round (daemon or kick), read by status.
@@ -395,6 +405,27 @@ fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         tx.execute_batch("alter table sync add column paused text")?;
     }
     Ok(())
+}
+
+/// A cutover under way, or left unfinished by a process that died.
+#[derive(Debug, Clone)]
+pub struct CutoverProgress {
+    /// `fencing` (the source may be fenced; the switch point is not
+    /// passed) or `switched` (passed; foreign keys still to validate).
+    pub step: String,
+    pub pid: u32,
+    pub started_at: String,
+    pub terminate: bool,
+    pub rollback_sync: Option<String>,
+}
+
+impl CutoverProgress {
+    /// Whether the process that records it still runs (the catalog is a
+    /// local file: its writers are processes of this machine).
+    pub fn running(&self) -> bool {
+        self.pid != std::process::id()
+            && std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 pub struct Catalog {
@@ -965,6 +996,66 @@ impl Catalog {
         })
     }
 
+    /// Records that a cutover of `sync` starts fencing (by this process).
+    pub fn begin_cutover(
+        &mut self,
+        sync: &str,
+        terminate: bool,
+        rollback_sync: Option<&str>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "insert into cutover_progress (sync, step, pid, terminate, rollback_sync)
+                 values (?1, 'fencing', ?2, ?3, ?4)
+                 on conflict (sync) do update set step = 'fencing', pid = excluded.pid,
+                     started_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now'),
+                     terminate = excluded.terminate, rollback_sync = excluded.rollback_sync",
+                params![sync, std::process::id(), terminate, rollback_sync],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Moves a cutover under way to `step`.
+    pub fn cutover_step(&mut self, sync: &str, step: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "update cutover_progress set step = ?2 where sync = ?1",
+                params![sync, step],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The cutover of `sync` under way (or left by a killed one), if any.
+    pub fn cutover_progress(&self, sync: &str) -> Result<Option<CutoverProgress>> {
+        self.conn
+            .query_row(
+                "select step, pid, started_at, terminate, rollback_sync
+                 from cutover_progress where sync = ?1",
+                params![sync],
+                |r| {
+                    Ok(CutoverProgress {
+                        step: r.get(0)?,
+                        pid: r.get(1)?,
+                        started_at: r.get(2)?,
+                        terminate: r.get(3)?,
+                        rollback_sync: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.sqlite(e))
+    }
+
+    /// A cutover of `sync` is over (finished, or undone).
+    pub fn end_cutover(&mut self, sync: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("delete from cutover_progress where sync = ?1", params![sync])?;
+            Ok(())
+        })
+    }
+
     /// Whether `sync` was cut over.
     pub fn was_cut_over(&self, sync: &str) -> Result<bool> {
         self.conn
@@ -973,6 +1064,19 @@ impl Catalog {
                 params![sync],
                 |r| r.get(0),
             )
+            .map_err(|e| self.sqlite(e))
+    }
+
+    /// The write downtime recorded by the cutover of `sync`, if it was cut
+    /// over.
+    pub fn cutover_fence_ms(&self, sync: &str) -> Result<Option<i64>> {
+        self.conn
+            .query_row(
+                "select fence_ms from cutover where sync = ?1 order by rowid desc limit 1",
+                params![sync],
+                |r| r.get(0),
+            )
+            .optional()
             .map_err(|e| self.sqlite(e))
     }
 

@@ -118,9 +118,16 @@ pub async fn cutover(
 ) -> Result<CutoverReport> {
     let route = SyncRoute::load(catalog, sync_name)?;
     let target = route.sole_target()?;
+    let deadline = Some(Instant::now() + ROUND_LIMIT);
+    // A cutover that died half-way is finished (past its switch point) or
+    // undone (inside its fence) before anything else.
+    if !opts.dry_run
+        && let Some(report) = resume_unfinished(catalog, &route, env).await?
+    {
+        return Ok(report);
+    }
     // A cut-over sync is refused by the session at once (a permanent
     // error), before anything is touched.
-    let deadline = Some(Instant::now() + ROUND_LIMIT);
     let mut session = Session::connect_retrying(catalog, &route, target, deadline, env).await?;
     // The initial copy takes minutes to hours: it is the daemon's (or a
     // kick's), never run inline by a command the operator expects to take
@@ -173,6 +180,8 @@ pub async fn cutover_with(
     let moved_to = format!("pgleap database \"{target}\" ({})", catalog.db(&target)?.conninfo);
     let to = route.sole_target()?.resolve(env)?;
 
+    // Recorded before the fence: a rerun after a kill undoes it.
+    catalog.begin_cutover(route.name(), opts.terminate, opts.rollback_sync.as_deref())?;
     // The clients' pause starts here: the poolers hold their new queries.
     let paused_at = Instant::now();
     let span = FenceSpan::enter();
@@ -180,6 +189,7 @@ pub async fn cutover_with(
     let started = Instant::now();
     let result = async {
         fence(&mut session.src, &session.plan, &moved_to).await?;
+        crate::failpoint::hit("cutover-fenced");
         if opts.terminate {
             read_only(&session.src, true).await?;
         }
@@ -198,8 +208,9 @@ pub async fn cutover_with(
         Ok(switched) => switched,
         Err(e) => {
             tracing::warn!("cutover failed before the switch; unfencing the source: {e}");
-            undo(catalog, session, opts, &at_switch).await;
+            undo(catalog, session, opts.terminate, opts.rollback_sync.as_deref(), &at_switch).await;
             pooler.abort(env).await;
+            catalog.end_cutover(route.name())?;
             return Err(e);
         }
     };
@@ -209,6 +220,9 @@ pub async fn cutover_with(
         (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
     catalog.record_cutover(route.name(), fence_ms, opts.rollback_sync.as_deref())?;
     catalog.retire_sync(route.name())?;
+    // Past the switch point: a rerun after a kill finishes what follows.
+    catalog.cutover_step(route.name(), "switched")?;
+    crate::failpoint::hit("cutover-switched");
     drop(span);
     if opts.rollback_sync.is_some() && crate::daemon::running_pid(catalog.path()).is_none() {
         crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
@@ -220,6 +234,7 @@ pub async fn cutover_with(
         ));
     }
     target::validate_foreign_keys(&session.tgt, &switched.to_validate).await?;
+    catalog.end_cutover(route.name())?;
     Ok(CutoverReport {
         sync: route.name().into(),
         target,
@@ -244,10 +259,11 @@ pub async fn cutover_with(
 async fn undo(
     catalog: &mut Catalog,
     session: &mut Session,
-    opts: &CutoverOptions,
+    terminate: bool,
+    rollback_sync: Option<&str>,
     at_switch: &[Difference],
 ) {
-    if opts.terminate {
+    if terminate {
         let _ = read_only(&session.src, false).await;
     }
     // Forced, row security would filter the sync's own writes.
@@ -267,15 +283,88 @@ async fn undo(
     {
         tracing::error!("could not set the target's foreign keys and triggers aside again: {e}");
     }
-    if let Some(back) = &opts.rollback_sync
-        && catalog.sync(back).is_ok()
-    {
-        // It did not exist before this cutover (checked up front).
-        let _ = capture::remove(&mut session.tgt, &session.plan.schema, back, false).await;
+    if let Some(back) = rollback_sync {
+        // It did not exist before this cutover (checked up front), so
+        // whatever carries its name is this cutover's, however far arming
+        // it went (a killed run may have left only some of it).
+        if let Err(e) = capture::remove(&mut session.tgt, &session.plan.schema, back, false).await {
+            tracing::error!("could not remove the sync back \"{back}\" from the new server: {e}");
+        }
         let _ = catalog.remove_sync(back);
         let _ = catalog.remove_dbgroup(back);
         let _ = catalog.remove_relgroup(back);
     }
+}
+
+/// What a cutover of `route` that died half-way left: finished when it had
+/// passed its switch point (its report returned), undone when it died
+/// inside its fence (None: the caller cuts over afresh).
+async fn resume_unfinished(
+    catalog: &mut Catalog,
+    route: &SyncRoute,
+    env: Env<'_>,
+) -> Result<Option<CutoverReport>> {
+    let sync_name = route.name();
+    let Some(progress) = catalog.cutover_progress(sync_name)? else {
+        return Ok(None);
+    };
+    if progress.running() {
+        return Err(Error::invalid(
+            format!(
+                "a cutover of sync \"{sync_name}\" runs now (pid {}, since {})",
+                progress.pid, progress.started_at
+            ),
+            format!("wait for it; pgleap status {sync_name} shows where it is"),
+        ));
+    }
+    if progress.step == "switched" {
+        return finish_switched(catalog, route, env).await.map(Some);
+    }
+    tracing::warn!(
+        "resuming: the cutover of sync \"{sync_name}\" started at {} was killed inside its \
+         fence; undoing it first",
+        progress.started_at
+    );
+    let deadline = Some(Instant::now() + ROUND_LIMIT);
+    let target = route.sole_target()?;
+    let mut session = Session::connect_retrying(catalog, route, target, deadline, env).await?;
+    undo(catalog, &mut session, progress.terminate, progress.rollback_sync.as_deref(), &[]).await;
+    catalog.end_cutover(sync_name)?;
+    Ok(None)
+}
+
+/// Finishes a cutover that died past its switch point: the application
+/// already writes to the target; what is left is validating the foreign
+/// keys added NOT VALID inside the fence.
+async fn finish_switched(
+    catalog: &mut Catalog,
+    route: &SyncRoute,
+    env: Env<'_>,
+) -> Result<CutoverReport> {
+    let sync = route.name();
+    tracing::warn!(
+        "resuming: the cutover of sync \"{sync}\" passed its switch point; finishing it"
+    );
+    let src = route.source.connect(env).await?;
+    let tgt = route.sole_target()?.connect(env).await?;
+    let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
+    let to_validate = target::not_validated(&tgt, &plan).await?;
+    target::validate_foreign_keys(&tgt, &to_validate).await?;
+    catalog.end_cutover(sync)?;
+    Ok(CutoverReport {
+        sync: sync.into(),
+        target: route.sole_target()?.name.clone(),
+        dry_run: false,
+        fence_ms: catalog.cutover_fence_ms(sync)?.unwrap_or(0),
+        sequences: plan.sequences.len(),
+        foreign_keys: to_validate.len(),
+        triggers: 0,
+        tables: plan.tables.len(),
+        large_objects_ms: None,
+        rollback_sync: catalog.rollback_sync_of(sync)?,
+        paused_ms: None,
+        would_create: Vec::new(),
+    })
 }
 
 /// What happened inside the fence.
@@ -513,6 +602,7 @@ async fn arm_rollback(catalog: &mut Catalog, back: &str, session: &mut Session) 
         let _ = catalog.remove_relgroup(back);
         return Err(e);
     }
+    crate::failpoint::hit("cutover-armed");
     Ok(())
 }
 
@@ -609,6 +699,11 @@ pub async fn rollback(
         ));
     };
     let back = SyncRoute::load(catalog, &back_name)?;
+    if !opts.dry_run
+        && let Some(report) = resume_unfinished(catalog, &back, env).await?
+    {
+        return Ok(report);
+    }
     let old = back.sole_target()?;
     let deadline = Some(Instant::now() + ROUND_LIMIT);
     let mut session = Session::open_retrying(catalog, &back, old, 1, deadline, env).await?;

@@ -6,6 +6,8 @@
 //!
 //! - `pg`: connecting (libpq connection strings, TLS), the named connection
 //!   and its SQL surface, quoting, versions.
+//! - `failpoint`: named points where a test makes pgleap die as kill -9
+//!   would.
 //! - `catalog`: pgleap's own state, an embedded SQLite file.
 //! - `route`: what the catalog's names stand for (a database's connection
 //!   settings; a sync's relgroup, source and targets).
@@ -52,6 +54,7 @@ mod daemon;
 mod dump;
 mod error;
 mod evolve;
+mod failpoint;
 mod fidelity;
 mod inventory;
 mod large_objects;

@@ -79,6 +79,7 @@ impl TargetStatus {
             || self.phase == PAUSED
             || self.phase.starts_with(COPY_INTERRUPTED)
             || self.phase.starts_with(BLOCKED)
+            || self.phase.starts_with(UNFINISHED)
     }
 }
 
@@ -183,6 +184,9 @@ async fn lock_wait(c: &Conn, application_name: &str) -> Result<Option<(f64, Stri
     }))
 }
 
+/// The phase of a sync whose cutover died half-way.
+const UNFINISHED: &str = "cutover unfinished";
+
 /// The phase of a sync whose apply waits on a lock past [`BLOCKED_AFTER`].
 const BLOCKED: &str = "blocked";
 
@@ -264,6 +268,25 @@ pub async fn gather(
         let source = route.source.name.clone();
         let cut_over = sync.retired && catalog.was_cut_over(&sync.name)?;
         let mut states = catalog.sync_states(&sync.name)?;
+        // A cutover under way, or left unfinished by a process that died:
+        // it says so whatever else the sync shows.
+        let cutting = catalog.cutover_progress(&sync.name)?.map(|p| {
+            if p.running() {
+                format!("cutting over (pid {})", p.pid)
+            } else if p.step == "switched" {
+                format!(
+                    "{UNFINISHED}: past its switch point, foreign keys not validated; pgleap \
+                     cutover {} finishes it",
+                    sync.name
+                )
+            } else {
+                format!(
+                    "{UNFINISHED}: the source may refuse writes since {}; pgleap cutover {} \
+                     undoes the fence and cuts over again",
+                    p.started_at, sync.name
+                )
+            }
+        });
         if cut_over {
             for s in &mut states {
                 s.state = "cut over".into();
@@ -330,8 +353,9 @@ pub async fn gather(
                     .filter(|c| c.units > 0)
                     .map(|c| if c.applied { 1.0 } else { c.done as f64 / c.units as f64 }),
                 target: target.to_string(),
-                phase: match blocked {
-                    Some(w) if !cut_over => format!("{BLOCKED}: {w}"),
+                phase: match (&cutting, blocked) {
+                    (Some(c), _) => c.clone(),
+                    (None, Some(w)) if !cut_over => format!("{BLOCKED}: {w}"),
                     _ => phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
                 },
                 waiting: waiting.map(|(_, w)| w),
@@ -383,6 +407,9 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
                 t.target_error.as_deref().unwrap_or("see pgleap status")
             )),
             p if p.starts_with(BLOCKED) => reasons.push(format!("the apply to {name} is {p}")),
+            p if p.starts_with(UNFINISHED) || p.starts_with("cutting over") => {
+                reasons.push(format!("its {p}"))
+            }
             p if p.starts_with("copy") || p == "building indexes" => {
                 reasons.push(format!("the initial copy to {name} is not done ({p})"))
             }

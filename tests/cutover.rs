@@ -213,3 +213,90 @@ fn a_dry_run_names_what_it_would_create_and_creates_nothing_pg15_to_pg17() {
     assert_eq!(dst.sql().value(comment), "the table");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// Runs `pgleap ARGS` made to die (as kill -9 would) at failpoint `at`.
+fn killed_at(p: &Pgleap, at: &str, args: &[&str]) {
+    let out = p.command().env("PGLEAP_FAILPOINT", at).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("failpoint {at}: aborting")), "did not reach {at}: {stderr}");
+}
+
+/// A sync of parent/child (a foreign key) and audit (a trigger), its
+/// schema copied by pgleap, copied and caught up.
+fn cutover_pair(label: &str) -> (TestDb, TestDb, Pgleap) {
+    let src = TestDb::new(cluster(15), &format!("{label}src"));
+    let dst = TestDb::new(cluster(17), &format!("{label}dst"));
+    src.sql().exec(APP_SCHEMA);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    (src, dst, p)
+}
+
+const NOT_VALID: &str =
+    "select count(*) from pg_constraint where contype = 'f' and not convalidated";
+
+/// A cutover killed inside its fence leaves the source refusing writes:
+/// status says so (exit 1) and ready says no; a rerun undoes that fence
+/// and cuts over, ending equal.
+#[test]
+fn a_cutover_killed_inside_its_fence_is_shown_and_undone_by_a_rerun_pg15_to_pg17() {
+    let (src, dst, p) = cutover_pair("killfence");
+    killed_at(&p, "cutover-fenced", &["cutover", "s", "--terminate"]);
+    assert!(src.sql().try_exec("insert into audit (what) values ('x')").is_err(), "not fenced");
+    let status = p.run(&["status", "s"]);
+    assert_eq!(status.code, 1, "{status}");
+    assert!(status.stdout.contains("cutover unfinished: the source may refuse writes"), "{status}");
+    let ready = p.run(&["ready", "s"]);
+    assert_eq!(ready.code, 1, "{ready}");
+    assert!(ready.stdout.contains("cutover unfinished"), "{ready}");
+
+    let out = p.run(&["cutover", "s"]);
+    assert!(out.ok().contains("the source now refuses writes"), "{out}");
+    assert!(out.stderr.contains("was killed inside its fence; undoing it first"), "{out}");
+    assert_eq!(src.sql().value("show default_transaction_read_only"), "off", "--terminate undone");
+    for table in ["parent", "child", "audit"] {
+        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
+    }
+    assert_eq!(dst.sql().value(NOT_VALID), "0");
+    assert!(p.run(&["status", "s"]).ok().contains("cut over"));
+    p.run(&["teardown", "s"]).ok();
+}
+
+/// A cutover killed past its switch point (the sync retired, foreign keys
+/// still NOT VALID) is shown unfinished (exit 1) and finished by a rerun.
+#[test]
+fn a_cutover_killed_past_its_switch_point_is_finished_by_a_rerun_pg15_to_pg17() {
+    let (_src, dst, p) = cutover_pair("killswitch");
+    killed_at(&p, "cutover-switched", &["cutover", "s"]);
+    assert_ne!(dst.sql().value(NOT_VALID), "0", "foreign keys were validated");
+    let status = p.run(&["status", "s"]);
+    assert_eq!(status.code, 1, "{status}");
+    assert!(status.stdout.contains("cutover unfinished: past its switch point"), "{status}");
+    let out = p.run(&["cutover", "s"]);
+    assert!(out.ok().contains("foreign keys validated"), "{out}");
+    assert_eq!(dst.sql().value(NOT_VALID), "0");
+    let status = p.run(&["status", "s"]);
+    assert!(status.ok().contains("cut over"), "{status}");
+    p.run(&["teardown", "s"]).ok();
+}
+
+/// A cutover killed after arming its sync back: the rerun is not refused
+/// over the name, removes the half-armed sync back from the new server and
+/// the catalog, and arms it again once; teardown removes it.
+#[test]
+fn a_cutover_killed_while_arming_its_sync_back_is_redone_cleanly_pg15_to_pg17() {
+    let (_src, dst, p) = cutover_pair("killarm");
+    killed_at(&p, "cutover-armed", &["cutover", "s", "--rollback-sync", "back"]);
+    let out = p.run(&["cutover", "s", "--rollback-sync", "back"]);
+    assert!(out.ok().contains("the source now refuses writes"), "{out}");
+    let triggers = "select count(distinct tgname) from pg_trigger where tgname like 'pgleap%'";
+    let on_new = dst.sql().value(triggers);
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "back"]).ok();
+    assert_eq!(dst.sql().value(triggers), "0", "the sync back left {on_new} trigger names");
+    p.run(&["teardown", "s"]).ok();
+    assert_eq!(dst.sql().value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
+}

@@ -1,0 +1,16 @@
+//! Named points where a test makes pgleap die as `kill -9` would, to prove
+//! that a rerun finishes or undoes what a killed command left (the fault
+//! suite kills the daemon at random points; a cutover's steps are too short
+//! to hit by chance).
+//!
+//! `PGLEAP_FAILPOINT=NAME` aborts the process when it reaches the point
+//! of that name: no destructor runs, no connection is closed cleanly, no
+//! catalog row is written after it.
+
+/// Aborts here if `PGLEAP_FAILPOINT` names this point.
+pub fn hit(name: &str) {
+    if std::env::var("PGLEAP_FAILPOINT").is_ok_and(|wanted| wanted == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
