@@ -108,7 +108,11 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             continue;
         }
         let started = Instant::now();
-        let step: Result<Option<BatchStats>> = async {
+        // A batch (not the initial copy, which takes as long as it takes)
+        // that runs past the limit is recorded bad while it goes on: a
+        // lock or a server that stopped answering must not leave the sync
+        // looking healthy.
+        let step = async {
             if session.is_none() {
                 let route = SyncRoute::load(&catalog, &sync)?;
                 let db = route.target(&target)?;
@@ -124,12 +128,15 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             }
             let s = session.as_mut().unwrap();
             let due = last_batch.is_none_or(|t| t.elapsed() >= HEARTBEAT);
-            if due || s.large_objects_due() || s.has_changes().await? {
-                return Ok(Some(s.batch(env).await?));
-            }
-            Ok(None)
-        }
-        .await;
+            let batch = async {
+                if due || s.large_objects_due() || s.has_changes().await? {
+                    return Ok(Some(s.batch(env).await?));
+                }
+                Ok(None)
+            };
+            watch_stuck(batch, &catalog_path, &sync, &target).await
+        };
+        let step: Result<Option<BatchStats>> = step.await;
         match step {
             Ok(Some(stats)) => {
                 summary.add(&sync, &target, &stats);
@@ -168,6 +175,48 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
         }
     }
     tracing::info!(sync, target, "worker stopped");
+}
+
+/// How long a batch may run before the worker records it bad (it goes on):
+/// `PGLEAP_STUCK_AFTER_SECONDS`, else 300 s, above any batch that makes
+/// progress at this machine's rates but for the largest catch-ups.
+fn stuck_after() -> Duration {
+    let seconds = std::env::var("PGLEAP_STUCK_AFTER_SECONDS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(seconds.unwrap_or(300))
+}
+
+/// Runs `step`; if it runs past [`stuck_after`], records the round bad
+/// (through a catalog handle of its own) and keeps waiting.
+async fn watch_stuck<T>(
+    step: impl std::future::Future<Output = Result<T>>,
+    catalog_path: &Path,
+    sync: &str,
+    target: &str,
+) -> Result<T> {
+    let limit = stuck_after();
+    tokio::pin!(step);
+    let mut flagged = false;
+    loop {
+        tokio::select! {
+            result = &mut step => return result,
+            _ = tokio::time::sleep(limit), if !flagged => {
+                flagged = true;
+                let e = Error::invalid(
+                    format!(
+                        "a batch has run {} s without finishing: it waits on a lock or a server \
+                         that does not answer",
+                        limit.as_secs()
+                    ),
+                    format!("pgleap status {sync} shows what it waits for"),
+                );
+                tracing::warn!(sync, target, "{e}");
+                if let Ok(mut catalog) = Catalog::open(catalog_path) {
+                    let millis = limit.as_millis() as i64;
+                    session::record(&mut catalog, sync, target, Err(&e), millis);
+                }
+            }
+        }
+    }
 }
 
 /// How often a worker logs what it applied (each batch is logged at debug

@@ -562,7 +562,9 @@ fn a_sync_named_like_another_catalogs_live_sync_is_refused_without_a_teardown_hi
 
 /// An apply blocked by a lock on the target is visible: status names the
 /// table and the pid holding it, and past 30 s shows the sync blocked
-/// (exit 1); once the lock goes, the change arrives.
+/// (exit 1); the daemon records the stuck batch bad past its limit (3 s
+/// here) while it waits; once the lock goes, the change arrives and the
+/// sync is good again.
 #[test]
 fn a_blocked_apply_is_named_with_its_table_and_blocker_pg15_to_pg17() {
     let src = TestDb::new(cluster(15), "blocksrc");
@@ -570,7 +572,8 @@ fn a_blocked_apply_is_named_with_its_table_and_blocker_pg15_to_pg17() {
     let schema = "create table t (id int primary key, v text)";
     src.sql().exec(schema);
     dst.sql().exec(schema);
-    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let p =
+        Pgleap::for_clusters(&[src.cluster, dst.cluster]).env("PGLEAP_STUCK_AFTER_SECONDS", "3");
     p.declare(&src, &dst, &["--all-tables"]);
     p.add_sync(&["--onetimecopy", "always"]);
     p.run(&["kick", "s", "--wait", "60"]).ok();
@@ -592,9 +595,19 @@ fn a_blocked_apply_is_named_with_its_table_and_blocker_pg15_to_pg17() {
         status.stdout.contains(&format!("for a lock on public.t held by pid {holder_pid}")),
         "{status}"
     );
+    let json = p.run(&["status", "s", "--json"]).json_any();
+    let t = &json["syncs"][0]["targets"][0];
+    assert_eq!(t["state"], "bad", "{json}");
+    assert!(t["last_error"].as_str().unwrap_or("").contains("without finishing"), "{json}");
     holder.exec("rollback");
     p.run(&["kick", "s", "--wait", "60"]).ok();
     assert_eq!(dst.sql().value("select v from t where id = 1"), "behind a lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.run(&["status", "s", "--json"]).json_any()["syncs"][0]["targets"][0]["state"] != "good"
+    {
+        assert!(Instant::now() < deadline, "the daemon's round did not become good again");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     p.run(&["stop"]).ok();
     p.run(&["teardown", "s"]).ok();
 }
