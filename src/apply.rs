@@ -69,6 +69,9 @@ pub struct TablePlan {
     /// Whether the delta holds a statement's keys as arrays (see
     /// `capture::keyed_capture`).
     key_arrays: bool,
+    /// Identity columns GENERATED ALWAYS (quoted): an UPDATE may not set
+    /// them.
+    always_identity: Vec<String>,
 }
 
 impl TablePlan {
@@ -173,20 +176,22 @@ const SHAPE: &str = "select (select coalesce(string_agg(
      from unnest($1::text[]) with ordinality t(name, n) order by t.n";
 
 /// For each table named in $1 (quoted, qualified): whether it exists, its
-/// copied columns, and how a staging table declares them (by base types).
+/// copied columns, how a staging table declares them (by base types), and
+/// its identity columns GENERATED ALWAYS (which refuse an UPDATE).
 fn plan_columns_sql(v: PgVersion) -> String {
     format!(
         "with recursive t as (
              select n, to_regclass(name) as rel from unnest($1::text[])
                  with ordinality u(name, n)),
          cols as (
-             select t.n, a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod
+             select t.n, a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod,
+                    a.attidentity = 'a' as always
              from t join pg_attribute a on a.attrelid = t.rel
              where a.attnum > 0 and not a.attisdropped {}),
          base as (
-             select n, attnum, attname, typ, typmod from cols
+             select n, attnum, attname, typ, typmod, always from cols
              union all
-             select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod
+             select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod, b.always
              from base b join pg_type ty on ty.oid = b.typ
              where ty.typtype = 'd')
          select t.rel is not null,
@@ -194,7 +199,9 @@ fn plan_columns_sql(v: PgVersion) -> String {
                          filter (where b.n is not null), '{{}}'),
                 coalesce(string_agg(quote_ident(b.attname) || ' ' ||
                                     format_type(b.typ, b.typmod), ', '
-                                    order by b.attnum), '')
+                                    order by b.attnum), ''),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.always), '{{}}')
          from t
          left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd')
            on b.n = t.n
@@ -272,6 +279,7 @@ impl Plan {
         for (c, row) in captured.into_iter().zip(&rows) {
             let table = qualified(&c.schema, &c.name);
             let (names, staging_columns): (Vec<String>, String) = (row.get(1), row.get(2));
+            let always: Vec<String> = row.get(3);
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
@@ -291,6 +299,7 @@ impl Plan {
                 partitioned,
                 staging_columns,
                 key_arrays: c.key_arrays,
+                always_identity: always.iter().map(|n| quote_ident(n)).collect(),
             });
         }
         let sequences = relgroup
@@ -825,10 +834,14 @@ async fn apply_keyed(
             &[],
         )
         .await?;
+    // Every column is set, the key columns too (their exact values; the
+    // match is by their type's equality), but for identity columns
+    // GENERATED ALWAYS in the key, which refuse an UPDATE and cannot
+    // differ from their match but by their type's equality of integers.
     let others: Vec<String> = t
         .column_names
         .iter()
-        .filter(|c| !t.keys.contains(c))
+        .filter(|c| !(t.keys.contains(c) && t.always_identity.contains(c)))
         .map(|c| format!("{c} = s.{c}"))
         .collect();
     ttx.batch_execute("savepoint pgleap_upsert").await?;
@@ -896,12 +909,22 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
         defs = t.staging_columns,
     ))
     .await?;
-    // Key columns from the delta (a vanished row has only its key), the
-    // others from the table.
+    // Every column from the source's row, its key too: a key compares by
+    // its type's equality (citext ignores case, numeric scale, float -0)
+    // but is carried by its exact value. A vanished row has only its key,
+    // from the delta. Several recorded keys equal to one row's (its old and
+    // new key differing only in case) stage that row once.
+    let first = &t.keys[0];
     let select: Vec<String> = t
         .column_names
         .iter()
-        .map(|c| if t.keys.contains(c) { format!("k.{c}") } else { format!("t.{c}") })
+        .map(|c| {
+            if t.keys.contains(c) {
+                format!("case when t.{first} is not null then t.{c} else k.{c} end")
+            } else {
+                format!("t.{c}")
+            }
+        })
         .collect();
     if hash_join {
         stx.batch_execute("set local enable_nestloop = off").await?;
@@ -909,10 +932,10 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     let staged = copy_rows(
         stx,
         &format!(
-            "copy (select t.{first} is not null{sep}{select}
+            "copy (select distinct on (coalesce(t.tableoid::text || t.ctid::text, row(k.*)::text))
+                          t.{first} is not null{sep}{select}
                    from ({keys}) k
                    left join {table} t on {on}) to stdout",
-            first = t.keys[0],
             sep = if select.is_empty() { "" } else { ", " },
             select = select.join(", "),
             keys = t.changed_keys(cond),
