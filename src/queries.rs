@@ -32,7 +32,7 @@ pub async fn check(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<QueryC
         crate::capture::catalog_queries(v),
         crate::large_objects::catalog_queries(),
         crate::apply::catalog_queries(v),
-        crate::target::catalog_queries(),
+        crate::target::catalog_queries(v),
         crate::fidelity::catalog_queries(v),
         crate::dump::catalog_queries(),
         crate::schema::catalog_queries(v),

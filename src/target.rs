@@ -20,7 +20,7 @@ use crate::apply::Plan;
 use crate::capture;
 use crate::error::{Error, Result};
 use crate::large_objects;
-use crate::pg::{Conn, NamedQuery, Sql, quote_ident, quote_literal};
+use crate::pg::{Conn, NamedQuery, PgVersion, Sql, quote_ident, quote_literal};
 
 /// A foreign key or trigger of one table, as its definition reads.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ const TREE: &str = "with recursive tree(oid) as (
 /// those of other tables pointing at them). A key a partition inherits
 /// from its parent's is the parent's: created and dropped with it.
 async fn foreign_keys(c: &impl Sql, tables: &[&str], referencing: bool) -> Result<Vec<Definition>> {
-    let rows = c.query_qualified(&foreign_keys_sql(), &[&tables, &referencing]).await?;
+    let rows = c.query_qualified(&foreign_keys_sql(c.version()), &[&tables, &referencing]).await?;
     Ok(rows.iter().map(definition).collect())
 }
 
@@ -208,7 +208,7 @@ pub async fn restore(
         let (kind, table, name, def): (&str, &str, &str, &str) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
         if kind == "foreign key" {
-            to_validate.push(add_foreign_key_not_valid(tgt, table, name, def).await?);
+            to_validate.extend(add_foreign_key_not_valid(tgt, table, name, def).await?);
         } else {
             tgt.batch_execute(&format!("alter table {table} enable trigger {}", quote_ident(name)))
                 .await?;
@@ -227,19 +227,33 @@ pub async fn restore(
 }
 
 /// Adds a foreign key without checking the rows (a quick catalog change);
-/// returns it for [`validate_foreign_keys`].
+/// returns it for [`validate_foreign_keys`]. A partitioned table takes no
+/// NOT VALID foreign key before PostgreSQL 18: its key is added validated
+/// (the server checks the rows now; nothing to validate later).
 async fn add_foreign_key_not_valid(
     tgt: &Conn,
     table: &str,
     name: &str,
     definition: &str,
-) -> Result<Unvalidated> {
-    tgt.batch_execute(&format!(
-        "alter table {table} add constraint {} {definition} not valid",
-        quote_ident(name)
-    ))
-    .await?;
-    Ok((table.to_string(), name.to_string()))
+) -> Result<Option<Unvalidated>> {
+    let add = format!("alter table {table} add constraint {} {definition}", quote_ident(name));
+    match tgt.batch_execute(&format!("{add} not valid")).await {
+        Ok(()) => Ok(Some((table.to_string(), name.to_string()))),
+        Err(e)
+            if (e.sqlstate() == Some(&SqlState::WRONG_OBJECT_TYPE)
+                || e.sqlstate() == Some(&SqlState::FEATURE_NOT_SUPPORTED))
+                && is_partitioned(tgt, table).await? =>
+        {
+            tracing::info!(table, name, "partitioned table: foreign key added validated");
+            tgt.batch_execute(&add).await?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn is_partitioned(tgt: &Conn, table: &str) -> Result<bool> {
+    Ok(tgt.query_one(IS_PARTITIONED, &[&table]).await?.get(0))
 }
 
 /// Validates foreign keys added NOT VALID: this scans, but takes only a
@@ -257,7 +271,7 @@ pub async fn validate_foreign_keys(tgt: &Conn, fks: &[Unvalidated]) -> Result<()
 
 /// Foreign keys on the synced tables of the target not validated yet.
 pub async fn not_validated(tgt: &Conn, plan: &Plan) -> Result<Vec<Unvalidated>> {
-    let rows = tgt.query_qualified(&not_validated_sql(), &[&table_list(plan)]).await?;
+    let rows = tgt.query_qualified(&not_validated_sql(tgt.version()), &[&table_list(plan)]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -293,7 +307,7 @@ async fn absent(tgt: &Conn, exists: &str, items: Vec<Definition>) -> Result<Vec<
 pub async fn create_missing(tgt: &Conn, missing: &Missing) -> Result<Vec<Unvalidated>> {
     let mut added = Vec::new();
     for d in &missing.foreign_keys {
-        added.push(add_foreign_key_not_valid(tgt, &d.table, &d.name, &d.definition).await?);
+        added.extend(add_foreign_key_not_valid(tgt, &d.table, &d.name, &d.definition).await?);
     }
     for d in &missing.triggers {
         tgt.batch_execute(&d.definition).await?;
@@ -332,12 +346,17 @@ pub async fn remove(tgt: &mut Conn, schema: &str, sync: &str) -> Result<()> {
 // The catalog queries of this module, named. Each reads `tables` ($1)
 // with their partitions ([`TREE`]).
 
-fn foreign_keys_sql() -> String {
+/// A foreign key the server derived from another (`conparentid`, 11 and
+/// later: a partition's copy of its parent's key, or a key referencing a
+/// partitioned table, copied per referenced partition as `..._fkey1`) is
+/// created and dropped with its parent: never read as one of its own.
+fn foreign_keys_sql(v: PgVersion) -> String {
+    let own = if v.has_partitioned_row_triggers() { "and k.conparentid = 0" } else { "" };
     format!(
         "{TREE}
          select k.conrelid::regclass::text, k.conname::text, pg_get_constraintdef(k.oid)
          from pg_constraint k
-         where k.contype = 'f'
+         where k.contype = 'f' {own}
            and (k.conrelid in (select oid from tree)
                 or ($2 and k.confrelid in (select oid from tree)))
            and not exists (select 1 from pg_inherits i join pg_constraint p
@@ -361,13 +380,19 @@ fn user_triggers_sql() -> String {
     )
 }
 
-fn not_validated_sql() -> String {
+/// Derived keys (see [`foreign_keys_sql`]) are validated with their
+/// parent: validated alone, one referencing a partition would check every
+/// row against that partition.
+fn not_validated_sql(v: PgVersion) -> String {
+    let own = if v.has_partitioned_row_triggers() { "and conparentid = 0" } else { "" };
     format!(
         "{TREE}
          select conrelid::regclass::text, conname::text from pg_constraint
-         where contype = 'f' and not convalidated and conrelid in (select oid from tree)"
+         where contype = 'f' and not convalidated {own} and conrelid in (select oid from tree)"
     )
 }
+
+const IS_PARTITIONED: &str = "select relkind = 'p' from pg_class where oid = $1::text::regclass";
 
 const FK_EXISTS: &str = "select exists (select 1 from pg_constraint
                                         where conrelid = $1::text::regclass and conname = $2)";
@@ -384,13 +409,14 @@ const FENCES: &str = "select t.tgrelid::regclass::text || ' (' || t.tgname || ')
      order by 1";
 
 /// The catalog queries of this module, for `pgleap db check-queries`.
-pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+pub(crate) fn catalog_queries(v: PgVersion) -> Vec<NamedQuery> {
     vec![
         NamedQuery::new("target: fences of other migrations", FENCES),
-        NamedQuery::new("target: foreign keys", foreign_keys_sql()),
+        NamedQuery::new("target: foreign keys", foreign_keys_sql(v)),
         NamedQuery::new("target: user triggers", user_triggers_sql()),
-        NamedQuery::new("target: foreign keys not validated", not_validated_sql()),
+        NamedQuery::new("target: foreign keys not validated", not_validated_sql(v)),
         NamedQuery::new("target: foreign key exists", FK_EXISTS),
+        NamedQuery::new("target: table is partitioned", IS_PARTITIONED),
         NamedQuery::new("target: trigger exists", TRIGGER_EXISTS),
     ]
 }
