@@ -185,7 +185,14 @@ pub async fn cutover_with(
     // The clients' pause starts here: the poolers hold their new queries.
     let paused_at = Instant::now();
     let span = FenceSpan::enter();
-    let mut pooler = Switch::pause(&opts.switch, env).await?;
+    let mut pooler = match Switch::pause(&opts.switch, env).await {
+        Ok(pooler) => pooler,
+        Err(e) => {
+            // Nothing was fenced: nothing is left to finish or undo.
+            catalog.end_cutover(route.name())?;
+            return Err(e);
+        }
+    };
     let started = Instant::now();
     let result = async {
         fence(&mut session.src, &session.plan, &moved_to).await?;
