@@ -395,3 +395,40 @@ fn user_defined_aggregates_move_pg10_to_pg17() {
 fn user_defined_aggregates_move_pg15_to_pg17() {
     aggregates_move(15);
 }
+
+/// A global default privilege the source revoked (new functions not
+/// executable by PUBLIC) is made on the target too, and verify compares
+/// it: without it every function created after the move would be
+/// executable by everyone.
+#[test]
+fn default_privileges_revoked_from_public_are_copied_pg12_to_pg17() {
+    let src = TestDb::new(cluster(12), "defaclsrc");
+    let dst = TestDb::new(cluster(17), "defacldst");
+    src.sql().exec(
+        "create table t (id int primary key);
+         alter default privileges revoke execute on functions from public;
+         alter default privileges revoke usage on types from public;",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let out =
+        p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"]);
+    out.ok();
+    let verify = p.run(&["verify", "upgrade"]);
+    assert!(verify.ok().contains("schema: every object equal"), "{verify}");
+    dst.sql().exec("create function f() returns int language sql as 'select 1'");
+    assert_eq!(
+        dst.sql().value("select has_function_privilege('public', 'f()', 'execute')"),
+        "f",
+        "a new function is executable by PUBLIC on the target"
+    );
+    // Dropped on the target: verify names it.
+    dst.sql().exec(
+        "alter default privileges grant execute on functions to public;
+         alter default privileges grant usage on types to public;",
+    );
+    let verify = p.run(&["verify", "upgrade"]);
+    assert_eq!(verify.code, 1, "{verify}");
+    assert!(verify.stdout.contains("revoked from PUBLIC"), "{verify}");
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "upgrade"]).ok();
+}

@@ -368,10 +368,20 @@ pub(super) async fn privileges(c: &Conn, oids: &[u32], schemas: &[String]) -> Re
                 let table = object.strip_suffix(&format!(".{col}")).unwrap_or(&object);
                 format!("{privilege} ({col}) on table {table}")
             }
-            ("default", _) => String::new(),
+            ("default" | "default revoked", _) => String::new(),
             _ => format!("{privilege} on {class} {object}"),
         };
-        let (name, create, revoke) = if what == "default" {
+        // A global default the source revoked (ALTER DEFAULT PRIVILEGES
+        // REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC): an object of its own,
+        // created by the same revocation on the target.
+        let (name, create, revoke) = if what == "default revoked" {
+            let (on, tail) = object.rsplit_once(" on ").unwrap_or(("", &object));
+            (
+                format!("default {object}: {privilege} revoked from {to}"),
+                format!("alter default privileges {on} revoke {privilege} on {tail} from {to}"),
+                format!("alter default privileges {on} grant {privilege} on {tail} to {to}"),
+            )
+        } else if what == "default" {
             let (on, tail) = object.rsplit_once(" on ").unwrap_or(("", &object));
             (
                 format!("default {object}: {privilege} to {to}"),
@@ -545,7 +555,19 @@ const PRIVILEGES: &str =
     left join pg_namespace n on n.oid = d.defaclnamespace,
          aclexplode(d.defaclacl) a
     where a.grantee <> d.defaclrole
-      and (n.nspname is null or n.nspname = any($2))";
+      and (n.nspname is null or n.nspname = any($2))
+    union all
+    select 'default revoked', concat_ws(' ', 'for role ' || quote_ident(r.rolname), 'on',
+                                        case d.defaclobjtype when 'r' then 'tables'
+                                          when 'S' then 'sequences' when 'f' then 'functions'
+                                          when 'T' then 'types' when 'n' then 'schemas' end),
+           a.grantee, a.privilege_type, false, '', null
+    from pg_default_acl d join pg_roles r on r.oid = d.defaclrole,
+         aclexplode(acldefault(case d.defaclobjtype when 'S' then 's'
+                                 else d.defaclobjtype end, d.defaclrole)) a
+    where d.defaclnamespace = 0 and a.grantee <> d.defaclrole
+      and not exists (select 1 from aclexplode(d.defaclacl) b
+                      where b.grantee = a.grantee and b.privilege_type = a.privilege_type)";
 
 const ROLE_NAMES: &str = "select oid, rolname::text from pg_roles";
 
