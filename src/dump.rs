@@ -117,6 +117,94 @@ fn installations(pg_bin: Option<&Path>) -> Vec<(PathBuf, u32)> {
         .collect()
 }
 
+/// The tools for copying the schema from `src` to `dst` (see the module's
+/// notes), and the refusal of what no pg_dump can restore there. Words
+/// that are keywords on the target but were not on the source must be
+/// quoted: pg_dump quotes table and column names itself, by its own list,
+/// so one at least as new as the target is taken for them (refused if none
+/// is installed); a function's arguments it prints as the source's server
+/// deparses them, unquoted whatever pg_dump runs, so those are refused,
+/// named, before anything is created.
+pub async fn tools_for(src: &Conn, dst: &Conn, pg_bin: Option<&Path>) -> Result<PgTools> {
+    let (source_major, target_major) = (src.version().major(), dst.version().major());
+    let tools = find_tools(source_major, target_major, pg_bin)?;
+    let (arguments, names) = keyword_risks(src, dst).await?;
+    if !arguments.is_empty() {
+        return Err(Error::invalid(
+            format!(
+                "functions of the source have arguments named by words that are keywords on \
+                 PostgreSQL {target_major}, which the source prints unquoted and the target \
+                 refuses: {}",
+                arguments.join("; ")
+            ),
+            "rename those arguments on the source (drop and create each function; callers \
+             that name arguments change too), then run again; nothing was created",
+        ));
+    }
+    if names.is_empty() || tools.major >= target_major {
+        return Ok(tools);
+    }
+    let newer = installations(pg_bin)
+        .into_iter()
+        .filter(|(_, m)| *m >= target_major && *m >= source_major)
+        .min_by_key(|(_, m)| *m);
+    match newer {
+        Some((bin, major)) => Ok(PgTools {
+            bin,
+            major,
+            why: format!(
+                "the source names tables or columns by words that are keywords on the target's \
+                 {target_major}, which only a pg_dump of {target_major} or newer quotes: {}",
+                names.join("; ")
+            ),
+        }),
+        None => Err(Error::invalid(
+            format!(
+                "the source names tables or columns by words that are keywords on PostgreSQL \
+                 {target_major}, which pg_dump {} writes unquoted: {}",
+                tools.major,
+                names.join("; ")
+            ),
+            format!(
+                "install PostgreSQL {target_major}'s client tools (Debian: \
+                 postgresql-client-{target_major}; scripts/install-pg client installs 18's) and \
+                 pass --pg-bin DIR if pgleap does not find them"
+            ),
+        )),
+    }
+}
+
+/// Objects of the source named by words that are keywords on the target
+/// where they stand and were not on the source: (function arguments,
+/// tables and columns).
+async fn keyword_risks(src: &Conn, dst: &Conn) -> Result<(Vec<String>, Vec<String>)> {
+    let source = keywords(src).await?;
+    let new: Vec<(String, String)> =
+        keywords(dst).await?.into_iter().filter(|w| !source.contains(w)).collect();
+    // An argument name may not be a reserved or column-name keyword; a
+    // table or column name may not be a reserved or type/function-name one.
+    let pick = |cats: &[&str]| -> Vec<String> {
+        new.iter().filter(|(_, c)| cats.contains(&c.as_str())).map(|(w, _)| w.clone()).collect()
+    };
+    let (args, names) = (pick(&["R", "C"]), pick(&["R", "T"]));
+    if args.is_empty() && names.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let rows = src.query_qualified(KEYWORD_NAMED, &[&args, &names]).await?;
+    let (mut arguments, mut named) = (Vec::new(), Vec::new());
+    for r in &rows {
+        let (is_argument, what): (bool, String) = (r.get(0), r.get(1));
+        if is_argument { arguments.push(what) } else { named.push(what) }
+    }
+    Ok((arguments, named))
+}
+
+/// The server's keywords that restrict where a word may stand unquoted,
+/// with their category.
+async fn keywords(c: &Conn) -> Result<Vec<(String, String)>> {
+    Ok(c.query(KEYWORDS, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The installation to copy a schema from a `source_major` server to a
 /// `target_major` one, with the reason; see the module's notes.
 pub fn find_tools(source_major: u32, target_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
@@ -438,6 +526,29 @@ async fn probe(dst: &Conn, sql: &str) -> Result<bool> {
 
 const SETTINGS_KNOWN: &str = "select name from pg_settings where name = any($1)";
 
+/// Keywords a name cannot be unquoted as in some place (reserved; not a
+/// column name; not a function or type name).
+const KEYWORDS: &str =
+    "select word, catcode::text from pg_get_keywords() where catcode in ('R', 'C', 'T')";
+
+/// Functions of user schemas with an argument named by one of the words
+/// $1, and tables and columns named by one of the words $2.
+const KEYWORD_NAMED: &str =
+    "select true, 'function ' || p.oid::regprocedure::text || ': argument ' || a
+     from pg_proc p join pg_namespace n on n.oid = p.pronamespace, unnest(p.proargnames) a
+     where a = any($1) and n.nspname !~ '^pg_' and n.nspname <> 'information_schema'
+     union all
+     select false, 'column ' || c.oid::regclass::text || '.' || t.attname
+     from pg_attribute t join pg_class c on c.oid = t.attrelid
+     join pg_namespace n on n.oid = c.relnamespace
+     where t.attname = any($2) and t.attnum > 0 and not t.attisdropped
+       and n.nspname !~ '^pg_' and n.nspname <> 'information_schema'
+     union all
+     select false, 'relation ' || c.oid::regclass::text
+     from pg_class c join pg_namespace n on n.oid = c.relnamespace
+     where c.relname = any($2) and n.nspname !~ '^pg_' and n.nspname <> 'information_schema'
+     order by 2";
+
 const SCHEMAS_EXISTING: &str =
     "select quote_ident(nspname) from pg_namespace where quote_ident(nspname) = any($1)";
 
@@ -446,6 +557,8 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
     vec![
         NamedQuery::new("dump: settings the server has", SETTINGS_KNOWN),
         NamedQuery::new("dump: schemas the server has", SCHEMAS_EXISTING),
+        NamedQuery::new("dump: keywords", KEYWORDS),
+        NamedQuery::new("dump: objects named by keywords", KEYWORD_NAMED),
     ]
 }
 

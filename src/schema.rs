@@ -230,7 +230,7 @@ async fn run_pg_dump(job: &SchemaCopy<'_>, env: Env<'_>) -> Result<(PgTools, Vec
     let src = job.source.connect(env).await?;
     let dst = job.target.connect(env).await?;
     check_extensions(&src, &dst).await?;
-    let tools = dump::find_tools(src.version().major(), dst.version().major(), job.pg_bin)?;
+    let tools = dump::tools_for(&src, &dst, job.pg_bin).await?;
     // A directory of its own, with a name nobody can guess, mode 0700,
     // removed however this function ends (the dump is SQL the target will
     // run: nobody else may swap it).

@@ -242,8 +242,7 @@ async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Resul
     // Checked before anything is written: the schema copy needs a pg_dump
     // at least as new as the source.
     let (pg_dump, tools_problem) = if present.is_empty() {
-        let (source, target) = (src.version().major(), tgt.version().major());
-        match crate::dump::find_tools(source, target, opts.pg_bin.as_deref()) {
+        match crate::dump::tools_for(&src, &tgt, opts.pg_bin.as_deref()).await {
             Ok(t) => (Some(t.describe()), None),
             Err(e) => (None, Some(format!("{e} ({})", e.hint().unwrap_or_default()))),
         }

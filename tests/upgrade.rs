@@ -352,3 +352,46 @@ fn a_target_holding_rows_is_refused_unless_overwrite_target_pg12_to_pg17() {
     p.run(&["stop"]).ok();
     p.run(&["teardown", "upgrade"]).ok();
 }
+
+/// Words that became keywords after the source's release: a column named
+/// `system_user` (reserved since 16) needs a pg_dump of the target's major
+/// or newer, which quotes it (preflight refuses with only an older one and
+/// takes 18 when installed); a function argument named `json` (a keyword
+/// since 17) is printed unquoted by the source itself, so no pg_dump can
+/// restore it: preflight names it with the fix, and nothing is written.
+#[test]
+fn names_that_became_keywords_are_quoted_or_named_in_preflight_pg12_to_pg17() {
+    let src = TestDb::new(cluster(12), "kwsrc");
+    let dst = TestDb::new(cluster(17), "kwdst");
+    src.sql().exec(
+        "create table t (id int primary key, system_user text);
+         create function f(json text) returns int language sql as 'select 1';",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let args = ["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"];
+    p.run(&args).fails_with(&[
+        "arguments named by words that are keywords on PostgreSQL 17",
+        "function public.f(text): argument json",
+        "rename those arguments",
+    ]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+    src.sql().exec(
+        "drop function f(text);
+         create function f(doc text) returns int language sql as 'select 1';",
+    );
+    p.run(&[&args[..], &["--pg-bin", "/usr/lib/postgresql/15/bin"]].concat()).fails_with(&[
+        "names tables or columns by words that are keywords on PostgreSQL 17",
+        "column public.t.system_user",
+        "postgresql-client-17",
+    ]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+    let out = p.run(&args);
+    let text = out.ok();
+    assert!(text.contains("copied with pg_dump 18"), "{out}");
+    assert!(text.contains("only a pg_dump of 17 or newer quotes"), "{out}");
+    let column = "select count(*) from pg_attribute where attname = 'system_user'
+                  and attrelid = 'public.t'::regclass";
+    assert_eq!(dst.sql().value(column), "1");
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "upgrade"]).ok();
+}
