@@ -25,6 +25,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use tokio_postgres::error::SqlState;
+
 use crate::apply::{Plan, TablePlan, truncatable};
 use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
@@ -557,6 +559,16 @@ impl CopyRun<'_> {
         Ok(())
     }
 
+    /// Whether `unit` is marked done on the target.
+    async fn unit_done(&self, tgt: &Conn, unit: &Unit) -> Result<bool> {
+        let sql = format!(
+            "select done from {}.copy_units where sync = $1 and unit = $2",
+            quote_ident(&self.plan.schema)
+        );
+        let row = tgt.query_opt(&sql, &[&self.plan.sync, &unit.id]).await?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
     /// Loads one unit and marks it done, in one target transaction. Returns
     /// false if another worker had copied it meanwhile.
     async fn copy_unit(&self, stx: &Tx<'_>, tgt: &mut Conn, unit: &Unit) -> Result<bool> {
@@ -582,7 +594,7 @@ impl CopyRun<'_> {
                 } else {
                     t.copy_in()
                 };
-                let (rows, bytes) = copy_between(
+                let copied = copy_between(
                     stx,
                     &format!(
                         "copy (select {} from {} where {}) to stdout",
@@ -594,7 +606,25 @@ impl CopyRun<'_> {
                     &copy_in,
                     &|n| self.progress.advance(&bar, n),
                 )
-                .await?;
+                .await;
+                let (rows, bytes) = match copied {
+                    Ok(done) => done,
+                    // Another process copied this part meanwhile (one whose
+                    // lock went with a terminated session while its workers
+                    // went on): its rows are the same, keep them.
+                    Err(e)
+                        if !t.keys.is_empty()
+                            && e.sqlstate() == Some(&SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        ttx.rollback().await?;
+                        self.progress.finish_unit(bar, 0);
+                        if self.unit_done(tgt, unit).await? {
+                            return Ok(false);
+                        }
+                        return Err(e.into());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 (rows, bytes, bar)
             }
             None => {

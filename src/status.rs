@@ -44,6 +44,10 @@ pub struct SyncStatus {
     /// schema whole (created since), and partitions of its partitioned
     /// tables the target lacks.
     pub not_captured: Vec<String>,
+    /// Why a cutover cannot start now, at the default lag (empty: it can),
+    /// as `ready` judges it but for the schema comparison, which `ready`
+    /// and `cutover` add (it reads every object of both servers).
+    pub not_ready: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -379,10 +383,18 @@ pub async fn gather(
             source_error,
             paused: sync.paused.clone(),
             not_captured,
+            not_ready: Vec::new(),
         });
+    }
+    for s in &mut out {
+        s.not_ready = not_ready(s, DEFAULT_MAX_LAG);
     }
     Ok(out)
 }
+
+/// The lag a cutover accepts unless told (`ready --max-lag`, `cutover
+/// --max-lag`).
+pub const DEFAULT_MAX_LAG: f64 = 5.0;
 
 /// Why `sync` cannot be cut over now (nothing: it can).
 pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {

@@ -118,9 +118,21 @@ async fn page(State(board): State<Arc<Board>>) -> Html<String> {
         for t in s["targets"].as_array().into_iter().flatten() {
             let target = t["target"].as_str().unwrap_or_default();
             let series = lag.get(&(sync.to_string(), target.to_string()));
+            let reasons: Vec<String> = s["not_ready"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str().map(escape))
+                .collect();
+            let ready = if reasons.is_empty() {
+                "<p class=\"ready\">ready to cut over</p>".to_string()
+            } else {
+                format!("<p class=\"notready\">not ready: {}</p>", reasons.join("; "))
+            };
             rows.push_str(&format!(
                 "<section class=\"sync\"><h2>{} &rarr; {}</h2>\
-                 <p class=\"phase\">{}</p><dl><dt>lag</dt><dd>{}</dd><dt>pending</dt><dd>{}</dd>\
+                 <p class=\"phase\">{}</p>{ready}<dl><dt>lag</dt><dd>{}</dd>\
+                 <dt>pending</dt><dd>{}</dd>\
                  <dt>last error</dt><dd>{}</dd></dl>{}</section>",
                 escape(sync),
                 escape(target),

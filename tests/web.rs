@@ -104,6 +104,12 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
     let dom = String::from_utf8_lossy(&dom.stdout);
     assert!(dom.contains("<polyline") && dom.contains("streaming"), "{dom}");
     assert!(dom.contains("s → dst"), "{dom}");
+    // The cutover verdict, as `ready` gives it (at the default lag).
+    assert!(api["syncs"][0]["not_ready"].is_array(), "{api}");
+    assert!(
+        dom.contains("ready to cut over") || dom.contains("not ready: "),
+        "no cutover verdict on the page: {dom}"
+    );
     let png = std::fs::read(&shot).expect("chromium wrote no screenshot");
     if let Ok(keep) = std::env::var("PGLEAP_KEEP_SCREENSHOT") {
         std::fs::write(keep, &png).unwrap();
