@@ -122,7 +122,7 @@ pub async fn cutover(
     // A cutover that died half-way is finished (past its switch point) or
     // undone (inside its fence) before anything else.
     if !opts.dry_run
-        && let Some(report) = resume_unfinished(catalog, &route, env).await?
+        && let Some(report) = resume_unfinished(catalog, &route, &opts.switch, env).await?
     {
         return Ok(report);
     }
@@ -309,6 +309,7 @@ async fn undo(
 async fn resume_unfinished(
     catalog: &mut Catalog,
     route: &SyncRoute,
+    switch: &SwitchPlan,
     env: Env<'_>,
 ) -> Result<Option<CutoverReport>> {
     let sync_name = route.name();
@@ -336,6 +337,8 @@ async fn resume_unfinished(
     let target = route.sole_target()?;
     let mut session = Session::connect_retrying(catalog, route, target, deadline, env).await?;
     undo(catalog, &mut session, progress.terminate, progress.rollback_sync.as_deref(), &[]).await;
+    // Its poolers may still hold their clients: the rerun names the same.
+    crate::switch::resume_left_paused(switch, env).await;
     catalog.end_cutover(sync_name)?;
     Ok(None)
 }
@@ -707,7 +710,7 @@ pub async fn rollback(
     };
     let back = SyncRoute::load(catalog, &back_name)?;
     if !opts.dry_run
-        && let Some(report) = resume_unfinished(catalog, &back, env).await?
+        && let Some(report) = resume_unfinished(catalog, &back, &opts.switch, env).await?
     {
         return Ok(report);
     }

@@ -135,6 +135,18 @@ impl Switch {
     }
 }
 
+/// Resumes the poolers' databases a killed cutover may have left paused
+/// (a rerun is given the same poolers). Best effort: a database that is
+/// not paused is left as it is.
+pub async fn resume_left_paused(plan: &SwitchPlan, env: Env<'_>) {
+    for bouncer in &plan.bouncers {
+        match inspect(bouncer, env).await {
+            Ok((console, _)) => resume_anyway(bouncer, &console, env).await,
+            Err(e) => tracing::error!("cannot reach a pooler to resume it: {e}"),
+        }
+    }
+}
+
 /// Checks, without pausing anything, that every pooler answers, has the
 /// database, and has an ini file pgleap may rewrite (a dry run's part).
 pub async fn check(plan: &SwitchPlan, env: Env<'_>) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Pgleap, Sql, TestDb, cluster, copy_database, finish, pgbench};
+use crate::support::{Pgleap, Sql, TestDb, cluster, copy_database, finish, killed_at, pgbench};
 
 const APP_SCHEMA: &str = "
     create table parent (id serial primary key, v text);
@@ -212,13 +212,6 @@ fn a_dry_run_names_what_it_would_create_and_creates_nothing_pg15_to_pg17() {
     assert_eq!(dst.sql().value(granted), "t");
     assert_eq!(dst.sql().value(comment), "the table");
     p.run(&["teardown", "s"]).ok();
-}
-
-/// Runs `pgleap ARGS` made to die (as kill -9 would) at failpoint `at`.
-fn killed_at(p: &Pgleap, at: &str, args: &[&str]) {
-    let out = p.command().env("PGLEAP_FAILPOINT", at).args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("failpoint {at}: aborting")), "did not reach {at}: {stderr}");
 }
 
 /// A sync of parent/child (a foreign key) and audit (a trigger), its

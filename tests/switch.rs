@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::support::pooler::{APP_USER, Bouncer, Probe, ProbeLog, app_role};
-use crate::support::{Pgleap, TestDb, cluster};
+use crate::support::{Pgleap, TestDb, cluster, killed_at};
 
 const SCHEMA: &str = "
     create table probe (id bigserial primary key, client int not null,
@@ -158,5 +158,29 @@ fn a_failing_switch_or_an_unreachable_pooler_leaves_the_old_server_taking_writes
     assert_eq!(ids(&dst), ids(&src), "and the sync goes on");
     let status = p.run(&["status", "s", "--json"]).json();
     assert_eq!(status["syncs"][0]["targets"][0]["state"], "good", "{status}");
+    p.run(&["stop"]).ok();
+}
+
+/// A cutover killed inside its fence with its pooler paused: a rerun,
+/// even one refused before it pauses anything (a --rollback-sync name
+/// already used), undoes the fence and resumes the pooler, so clients write
+/// to the old server again; the next rerun cuts over.
+#[test]
+fn a_cutover_killed_with_its_pooler_paused_is_undone_by_a_rerun() {
+    let (src, dst, p, bouncer) = setup("killpause");
+    let admin = bouncer.admin();
+    let args = ["cutover", "s", "--pgbouncer", admin.as_str(), "--pgbouncer-db", "app"];
+    killed_at(&p, "cutover-fenced", &args);
+    p.run(&[&args[..], &["--rollback-sync", "s"]].concat()).fails_with(&["already used"]);
+    let probe = Probe::start(bouncer.port, "app", 7, Some(Duration::from_millis(20)));
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = probe.finish();
+    assert!(log.errors.is_empty(), "the client saw errors: {:?}", log.errors);
+    assert!(!log.ok.is_empty(), "the pooler still holds its clients");
+    assert_eq!(src.sql().value("select count(*) > 0 from probe where client = 7"), "t");
+    let out = p.run(&args);
+    assert!(out.ok().contains("the source now refuses writes"), "{out}");
+    p.run(&["kick", "s", "--wait", "60"]).fails_with(&["was cut over"]);
+    assert_eq!(dst.sql().value("select count(*) > 0 from probe where client = 7"), "t");
     p.run(&["stop"]).ok();
 }

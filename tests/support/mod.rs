@@ -315,3 +315,10 @@ pub fn writes_until_fenced(
         unreachable!()
     })
 }
+
+/// Runs `pgleap ARGS` made to die (as kill -9 would) at failpoint `at`.
+pub fn killed_at(p: &Pgleap, at: &str, args: &[&str]) {
+    let out = p.command().env("PGLEAP_FAILPOINT", at).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("failpoint {at}: aborting")), "did not reach {at}: {stderr}");
+}
