@@ -387,6 +387,7 @@ pub async fn add_sync_on(
                 "point the target at the new server (pgleap db update NAME --dsn ...)",
             ));
         }
+        check_same_encoding(src, tgt)?;
         if tgt.version().major() < src.version().major() && !spec.allow_downgrade {
             return Err(Error::invalid(
                 format!(
@@ -514,4 +515,28 @@ pub fn rows_text(n: i64) -> String {
         1 => "1 row".into(),
         n => format!("{n} rows"),
     }
+}
+
+/// Refuses a target database of another encoding than the source's: rows
+/// move as the database's own bytes (COPY to COPY), which only a database
+/// of the same encoding takes as they are.
+pub(crate) fn check_same_encoding(src: &Conn, tgt: &Conn) -> Result<()> {
+    if src.encoding() == tgt.encoding() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!(
+            "source \"{}\" is encoded {} and target \"{}\" {}: pgleap moves rows byte for byte \
+             between databases of one encoding",
+            src.name(),
+            src.encoding(),
+            tgt.name(),
+            tgt.encoding()
+        ),
+        format!(
+            "create the target database with the source's encoding (CREATE DATABASE ... \
+             ENCODING '{}' TEMPLATE template0, with a matching LC_CTYPE); nothing was written",
+            src.encoding()
+        ),
+    ))
 }

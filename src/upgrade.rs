@@ -189,6 +189,7 @@ async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Resul
         ));
     }
     crate::objects::check_supported_source(&src)?;
+    crate::objects::check_same_encoding(&src, &tgt)?;
     if crate::objects::fingerprint(&src).await? == crate::objects::fingerprint(&tgt).await? {
         return Err(Error::invalid(
             "the source and the target are the same database on the same server",

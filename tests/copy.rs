@@ -396,3 +396,51 @@ fn whole_tables_are_loaded_frozen_superuser_target_pg15_to_pg17() {
     assert_eq!(visible("referenced"), "f", "a referenced table cannot have been truncated");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// Databases that are not UTF8 move byte for byte to a target of their
+/// encoding, through the initial copy and the sync: a SQL_ASCII database
+/// holding a byte no UTF8 accepts (café written as 0xe9), LATIN1, WIN1252
+/// and EUC_JP. A target of another encoding is refused before anything is
+/// written.
+#[test]
+fn every_encoding_moves_byte_for_byte_to_a_target_of_its_encoding_pg15_to_pg17() {
+    for (encoding, bytes) in [
+        ("SQL_ASCII", "636166e9"),
+        ("LATIN1", "636166e9"),
+        ("WIN1252", "636166e9"),
+        ("EUC_JP", "a4a2a4a4"),
+    ] {
+        let label = encoding.to_lowercase().replace('_', "");
+        let src = TestDb::with_encoding(cluster(15), &format!("{label}src"), encoding);
+        let dst = TestDb::with_encoding(cluster(17), &format!("{label}dst"), encoding);
+        let text = format!("convert_from('\\x{bytes}'::bytea, '{encoding}')");
+        src.sql().exec(&format!(
+            "create table t (id int primary key, v text);
+             insert into t select g, {text} || g from generate_series(1, 50) g;"
+        ));
+        let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+        let args =
+            ["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"];
+        p.run(&args).ok();
+        src.sql().exec(&format!(
+            "update t set v = v || {text} where id % 2 = 0; insert into t values (51, {text});"
+        ));
+        p.run(&["kick", "upgrade", "--wait", "60"]).ok();
+        let q = "select string_agg(encode(convert_to(v, current_setting('server_encoding')),
+                                          'hex'), ',' order by id) from t";
+        assert_eq!(dst.sql().value(q), src.sql().value(q), "{encoding}");
+        assert!(src.sql().value(q).contains(bytes), "{encoding}");
+        p.run(&["stop"]).ok();
+        p.run(&["teardown", "upgrade"]).ok();
+    }
+    let src = TestDb::with_encoding(cluster(15), "latin1src", "LATIN1");
+    let dst = TestDb::new(cluster(17), "utf8dst");
+    src.sql().exec("create table t (id int primary key)");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn()]).fails_with(&[
+        "is encoded LATIN1",
+        "UTF8",
+        "ENCODING 'LATIN1'",
+    ]);
+    assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+}

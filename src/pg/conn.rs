@@ -99,6 +99,7 @@ pub struct Conn {
     client: Client,
     name: Arc<str>,
     version: PgVersion,
+    encoding: String,
     resolved: ResolvedConn,
 }
 
@@ -117,8 +118,18 @@ impl Conn {
             .await
             .map_err(|source| PgError::Connect { db: name.into(), source })?;
         let limit = resolved.connect_timeout.unwrap_or(super::DEFAULT_CONNECT_TIMEOUT);
-        let mut conn = Conn { client, name: name.into(), version: PgVersion(0), resolved };
-        let version = conn.query_one("select current_setting('server_version_num')::int4", &[]);
+        let mut conn = Conn {
+            client,
+            name: name.into(),
+            version: PgVersion(0),
+            encoding: String::new(),
+            resolved,
+        };
+        let version = conn.query_one(
+            "select current_setting('server_version_num')::int4,
+                    current_setting('server_encoding')",
+            &[],
+        );
         let row = tokio::time::timeout(limit, version).await.map_err(|_| PgError::Connect {
             db: name.into(),
             source: ConnectError::Unreachable {
@@ -127,7 +138,24 @@ impl Conn {
             },
         })??;
         conn.version = PgVersion(row.get::<_, i32>(0) as u32);
+        // Rows cross between servers as the database's own bytes (COPY to
+        // COPY), as pg_dump moves them: a SQL_ASCII database holds bytes no
+        // conversion to UTF8 accepts, and a LATIN1 one must not be
+        // converted twice. pgleap moves between databases of one encoding
+        // (checked before a sync is added); what it reads itself is
+        // catalog text.
+        let encoding: String = row.get(1);
+        if encoding != "UTF8" {
+            conn.batch_execute(&format!("set client_encoding = {}", quote_literal(&encoding)))
+                .await?;
+        }
+        conn.encoding = encoding;
         Ok(conn)
+    }
+
+    /// The database's encoding (`server_encoding`).
+    pub fn encoding(&self) -> &str {
+        &self.encoding
     }
 
     /// The catalog name of the database.

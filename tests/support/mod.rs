@@ -45,6 +45,17 @@ impl TestDb {
         TestDb { cluster, name }
     }
 
+    /// A database of another encoding (the clusters run without a locale,
+    /// so any encoding goes with the C collation).
+    pub fn with_encoding(cluster: &'static Cluster, label: &str, encoding: &str) -> TestDb {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{label}_{n}");
+        cluster.superuser("postgres").exec(&format!(
+            "create database \"{name}\" owner {OWNER} encoding '{encoding}' template template0"
+        ));
+        TestDb { cluster, name }
+    }
+
     /// A key/value connection string without a password.
     pub fn dsn(&self) -> String {
         format!("host=127.0.0.1 port={} dbname={} user={OWNER}", self.cluster.port, self.name)
