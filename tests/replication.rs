@@ -773,7 +773,8 @@ fn a_round_moves_target_sequences_forward_only_pg15_to_pg17() {
 }
 
 /// Keys that compare equal while their values differ (citext case, numeric
-/// scale, float -0, a composite key with citext) reach the target with
+/// scale, float -0, a composite key with citext, a case-insensitive ICU
+/// collation) reach the target with
 /// their exact values: a change of letter case alone is a real change (40
 /// such updates were applied as 6 before), and nothing is lost.
 #[test]
@@ -785,6 +786,10 @@ fn keys_equal_by_their_type_but_different_in_value_arrive_exactly_pg15_to_pg17()
         create table num (k numeric primary key, v int);
         create table fl (k float8 primary key, v int);
         create table comp (a citext, b int, v int, primary key (a, b));
+        create collation nocase (provider = icu, locale = 'und-u-ks-level2',
+                                 deterministic = false);
+        create table icu (k text collate nocase primary key, v int);
+        insert into icu select 'key' || g, g from generate_series(1, 10) g;
         insert into ci select 'alias' || g, g from generate_series(1, 40) g;
         insert into num values (1.0, 1), (2, 2);
         insert into fl values (0, 1), (1.5, 2);
@@ -804,11 +809,14 @@ fn keys_equal_by_their_type_but_different_in_value_arrive_exactly_pg15_to_pg17()
         "update num set k = 1.00, v = 10 where k = 1;
          update num set k = 2.000 where k = 2;
          update fl set k = '-0' where k = 0;
-         update comp set a = upper(a::text), v = v + 100 where b <= 5;",
+         update comp set a = upper(a::text), v = v + 100 where b <= 5;
+         update icu set k = upper(k), v = v + 1 where v <= 5;",
     );
     p.run(&["kick", "s", "--wait", "60"]).ok();
     let d = dst.sql();
-    for (table, order) in [("ci", "name"), ("num", "k"), ("fl", "k"), ("comp", "a, b")] {
+    for (table, order) in
+        [("ci", "name"), ("num", "k"), ("fl", "k"), ("comp", "a, b"), ("icu", "v")]
+    {
         let q = format!("select t::text from {table} t order by {order}");
         assert_eq!(d.rows(&q), s.rows(&q), "{table}");
     }
