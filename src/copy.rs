@@ -655,8 +655,9 @@ impl CopyRun<'_> {
         }
         ttx.commit().await?;
         self.progress.finish_unit(bar, rows);
-        metrics::counter!("pgleap_copy_bytes_total", "sync" => self.plan.sync.clone())
-            .increment(bytes);
+        metrics::counter!("pgleap_copy_bytes_total", "sync" => self.plan.sync.clone(),
+            "target" => self.target.name.clone())
+        .increment(bytes);
         let mut st = self.stats.lock().unwrap();
         st.units += 1;
         st.rows += rows;

@@ -85,6 +85,11 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
     let mut last_batch: Option<Instant> = None;
     let mut summary = Summary::default();
     tracing::info!(sync, target, "worker started");
+    // Counters exist from the start, at 0: a rate over them needs a first
+    // sample.
+    let labels = [("sync", sync.clone()), ("target", target.clone())];
+    metrics::counter!("pgleap_applied_rows_total", &labels).increment(0);
+    metrics::counter!("pgleap_copy_bytes_total", &labels).increment(0);
     loop {
         if token.is_cancelled() {
             break;
@@ -145,7 +150,11 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
                     .increment(stats.inserts + stats.deletes);
                 metrics::histogram!("pgleap_batch_duration_seconds", &labels)
                     .record(stats.millis as f64 / 1000.0);
-                metrics::gauge!("pgleap_sync_state", &labels).set(1.0);
+                metrics::gauge!("pgleap_sync_up", &labels).set(1.0);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                metrics::gauge!("pgleap_last_success_timestamp_seconds", &labels).set(now);
                 session::record(&mut catalog, &sync, &target, Ok(&stats), 0);
                 last_batch = Some(Instant::now());
                 backoff = Duration::from_secs(1);
@@ -156,7 +165,7 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
                 tracing::warn!(sync, target, "batch failed, retrying in {backoff:?}: {e}");
                 let code = e.sqlstate().map_or("none".to_string(), |c| c.code().to_string());
                 let labels = [("sync", sync.clone()), ("target", target.clone())];
-                metrics::gauge!("pgleap_sync_state", &labels).set(0.0);
+                metrics::gauge!("pgleap_sync_up", &labels).set(0.0);
                 metrics::counter!("pgleap_errors_total", "sync" => sync.clone(),
                     "target" => target.clone(), "sqlstate" => code)
                 .increment(1);

@@ -44,6 +44,8 @@ pub struct SyncStatus {
     /// schema whole (created since), and partitions of its partitioned
     /// tables the target lacks.
     pub not_captured: Vec<String>,
+    /// The write downtime its cutover measured, once cut over.
+    pub write_downtime_ms: Option<i64>,
     /// Why a cutover cannot start now, at the default lag (empty: it can),
     /// as `ready` judges it but for the schema comparison, which `ready`
     /// and `cutover` add (it reads every object of both servers).
@@ -383,6 +385,7 @@ pub async fn gather(
             source_error,
             paused: sync.paused.clone(),
             not_captured,
+            write_downtime_ms: if cut_over { catalog.cutover_fence_ms(&sync.name)? } else { None },
             not_ready: Vec::new(),
         });
     }

@@ -43,11 +43,58 @@ impl Board {
             .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
             .ok()?;
         let metrics = builder.install_recorder().ok()?;
+        Self::describe();
         Some(Arc::new(Board {
             metrics,
             status: Mutex::new(serde_json::json!({"daemon_pid": std::process::id(), "syncs": []})),
             lag: Mutex::new(BTreeMap::new()),
         }))
+    }
+
+    /// What each series means (`# HELP`), and the build, once per process.
+    fn describe() {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(
+            "pgleap_applied_rows_total",
+            "Rows written to (inserted or updated on) or deleted from a target by the sync"
+        );
+        describe_counter!(
+            "pgleap_errors_total",
+            "Rounds of a sync that failed, by the server's SQLSTATE (none: no server error)"
+        );
+        describe_counter!(
+            "pgleap_copy_bytes_total",
+            Unit::Bytes,
+            "Bytes streamed from the source to a target by the initial copy"
+        );
+        describe_histogram!(
+            "pgleap_batch_duration_seconds",
+            Unit::Seconds,
+            "How long each applied batch took"
+        );
+        describe_gauge!("pgleap_sync_up", "1 while the last round of a sync to a target was good");
+        describe_gauge!(
+            "pgleap_last_success_timestamp_seconds",
+            Unit::Seconds,
+            "When the last good round of a sync to a target ended (Unix time)"
+        );
+        describe_gauge!(
+            "pgleap_lag_seconds",
+            Unit::Seconds,
+            "Age of the oldest change the target has not received"
+        );
+        describe_gauge!("pgleap_pending_keys", "Changed keys the target has not received");
+        describe_gauge!(
+            "pgleap_copy_progress_ratio",
+            "Share of the initial copy's parts done (1 once handed over to the sync)"
+        );
+        describe_gauge!(
+            "pgleap_cutover_write_downtime_seconds",
+            Unit::Seconds,
+            "How long the cutover fenced writes on the source"
+        );
+        describe_gauge!("pgleap_build_info", "The running pgleap's version (always 1)");
+        metrics::gauge!("pgleap_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     }
 
     /// Takes a new sample: the gauges, the status snapshot, the history.
@@ -66,7 +113,11 @@ impl Board {
                     }
                 }
                 if let Some(p) = t.pending {
-                    metrics::gauge!("pgleap_pending_changes", &labels).set(p as f64);
+                    metrics::gauge!("pgleap_pending_keys", &labels).set(p as f64);
+                }
+                if let Some(ms) = s.write_downtime_ms {
+                    metrics::gauge!("pgleap_cutover_write_downtime_seconds", &labels)
+                        .set(ms as f64 / 1000.0);
                 }
                 if let Some(r) = t.copy_ratio {
                     metrics::gauge!("pgleap_copy_progress_ratio", &labels).set(r);

@@ -74,10 +74,40 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
     });
     assert!(after >= during && applied >= 500.0);
     let (_, body) = get(port, "/metrics").unwrap();
-    for name in ["pgleap_batch_duration_seconds_bucket", "pgleap_sync_state", "pgleap_lag_seconds"]
-    {
-        assert!(body.contains(name), "{name} missing:\n{body}");
+    // The exposition, read by a real parser: every series has its HELP
+    // text and TYPE, per-target series carry the target, and the build is
+    // named.
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("a valid exposition");
+    let family = |m: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| m.strip_suffix(s))
+            .unwrap_or(m)
+            .to_string()
+    };
+    for sample in &scrape.samples {
+        let name = family(&sample.metric);
+        assert!(scrape.docs.contains_key(&name), "no HELP for {name}:\n{body}");
+        assert!(body.contains(&format!("# TYPE {name} ")), "no TYPE for {name}:\n{body}");
+        if name != "pgleap_build_info" {
+            assert_eq!(sample.labels.get("target"), Some("dst"), "{name} without its target");
+        }
     }
+    for name in [
+        "pgleap_batch_duration_seconds",
+        "pgleap_sync_up",
+        "pgleap_lag_seconds",
+        "pgleap_pending_keys",
+        "pgleap_last_success_timestamp_seconds",
+        "pgleap_build_info",
+    ] {
+        assert!(
+            scrape.samples.iter().any(|s| family(&s.metric) == name),
+            "{name} missing:\n{body}"
+        );
+    }
+    assert!(!body.contains("pgleap_sync_state"), "{body}");
     let api: serde_json::Value = eventually("a streaming phase in /api/status", || {
         let (_, body) = get(port, "/api/status")?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
