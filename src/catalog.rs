@@ -155,7 +155,12 @@ pub enum CatalogError {
         source: std::io::Error,
     },
     #[error("{kind} \"{name}\" does not exist")]
-    NotFound { kind: ObjectKind, name: String },
+    NotFound {
+        kind: ObjectKind,
+        name: String,
+        /// The existing name closest to it, when one is close.
+        nearest: Option<String>,
+    },
     #[error("{kind} \"{name}\" already exists")]
     AlreadyExists { kind: ObjectKind, name: String },
     #[error("{kind} \"{name}\" is in use by {}", users.join(", "))]
@@ -167,6 +172,10 @@ pub enum CatalogError {
 impl CatalogError {
     pub fn hint(&self) -> Option<String> {
         match self {
+            Self::NotFound { kind, nearest: Some(near), .. } => Some(format!(
+                "did you mean \"{near}\"? (`pgleap {} list` shows the {kind}s that exist)",
+                kind.noun()
+            )),
             Self::NotFound { kind, .. } => {
                 Some(format!("`pgleap {} list` shows the {kind}s that exist", kind.noun()))
             }
@@ -581,10 +590,30 @@ impl Catalog {
         })
     }
 
+    /// A name that does not exist, with the closest that does (a typo's).
+    fn missing(&self, kind: ObjectKind, name: &str) -> CatalogError {
+        let table = match kind {
+            ObjectKind::Db => "db",
+            ObjectKind::DbGroup => "dbgroup",
+            ObjectKind::RelGroup => "relgroup",
+            ObjectKind::Sync => "sync",
+        };
+        let names: Vec<String> = self
+            .conn
+            .prepare(&format!("select name from {table}"))
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .unwrap_or_default();
+        let nearest = names
+            .into_iter()
+            .map(|n| (strsim::levenshtein(&n, name), n))
+            .filter(|(d, _)| *d <= 2.max(name.len() / 3))
+            .min()
+            .map(|(_, n)| n);
+        CatalogError::NotFound { kind, name: name.into(), nearest }
+    }
+
     pub fn db(&self, name: &str) -> Result<Db> {
-        self.dbs_where(Some(name))?
-            .pop()
-            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::Db, name: name.into() })
+        self.dbs_where(Some(name))?.pop().ok_or_else(|| self.missing(ObjectKind::Db, name))
     }
 
     pub fn dbs(&self) -> Result<Vec<Db>> {
@@ -708,7 +737,7 @@ impl Catalog {
     pub fn dbgroup(&self, name: &str) -> Result<DbGroup> {
         self.dbgroups_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::DbGroup, name: name.into() })
+            .ok_or_else(|| self.missing(ObjectKind::DbGroup, name))
     }
 
     pub fn dbgroups(&self) -> Result<Vec<DbGroup>> {
@@ -811,7 +840,7 @@ impl Catalog {
     pub fn relgroup(&self, name: &str) -> Result<RelGroup> {
         self.relgroups_where(Some(name))?
             .pop()
-            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::RelGroup, name: name.into() })
+            .ok_or_else(|| self.missing(ObjectKind::RelGroup, name))
     }
 
     pub fn relgroups(&self) -> Result<Vec<RelGroup>> {
@@ -941,9 +970,7 @@ impl Catalog {
     }
 
     pub fn sync(&self, name: &str) -> Result<Sync> {
-        self.syncs_where(Some(name))?
-            .pop()
-            .ok_or_else(|| CatalogError::NotFound { kind: ObjectKind::Sync, name: name.into() })
+        self.syncs_where(Some(name))?.pop().ok_or_else(|| self.missing(ObjectKind::Sync, name))
     }
 
     pub fn syncs(&self) -> Result<Vec<Sync>> {
@@ -1205,7 +1232,7 @@ impl From<rusqlite::Error> for WriteError {
 }
 
 fn not_found(kind: ObjectKind, name: &str) -> WriteError {
-    WriteError::Catalog(CatalogError::NotFound { kind, name: name.into() })
+    WriteError::Catalog(CatalogError::NotFound { kind, name: name.into(), nearest: None })
 }
 
 fn already(kind: ObjectKind, name: &str) -> WriteError {

@@ -230,3 +230,15 @@ fn every_catalog_query_prepares_on_every_major() {
         assert!(text.contains("prepared all"), "{out}");
     }
 }
+
+/// A mistyped name is answered with the closest that exists.
+#[test]
+fn a_mistyped_name_says_which_was_meant() {
+    let db = TestDb::new(cluster(17), "typo");
+    let p = Pgleap::for_cluster(db.cluster);
+    p.run(&["db", "add", "orders_main", "--dsn", &db.dsn()]).ok();
+    p.run(&["db", "show", "orders_mian"])
+        .fails_with(&["database \"orders_mian\" does not exist", "did you mean \"orders_main\"?"]);
+    let far = p.run(&["db", "show", "inventory"]);
+    assert!(!far.fails_with(&["does not exist"]).contains("did you mean"), "{far}");
+}
