@@ -546,6 +546,14 @@ fn pairs(catalog: &Catalog) -> Result<Vec<(String, String)>> {
 
 /// Starts the daemon in the background and waits until it has written its
 /// pid file. Returns its pid.
+/// Whether the daemon this process starts logs JSON lines
+/// (`--log-format json`).
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn log_json() {
+    LOG_JSON.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 pub fn start_detached(catalog_path: &Path, listen: &str) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     if let Some(pid) = running_pid(catalog_path) {
@@ -569,6 +577,11 @@ pub fn start_detached(catalog_path: &Path, listen: &str) -> Result<i32> {
         .arg("--catalog")
         .arg(catalog_path)
         .args(["start", "--foreground", "--listen", listen])
+        .args(if LOG_JSON.load(std::sync::atomic::Ordering::SeqCst) {
+            &["--log-format", "json"][..]
+        } else {
+            &[][..]
+        })
         .stdin(std::process::Stdio::null())
         .stdout(open_log()?)
         .stderr(open_log()?)

@@ -19,18 +19,22 @@ fn main() -> ExitCode {
         1 => "pgleap=debug,info",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("PGLEAP_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A closed stderr must not stop anything: the subscriber would
         // report its own write error with eprintln!, which panics there
         // (and a panicking signal task never stopped the daemon).
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match cli.log_format {
+        pgleap::cli::LogFormat::Json => logs.json().init(),
+        // Colour codes only for a person at a terminal, not in log files.
+        pgleap::cli::LogFormat::Text => {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

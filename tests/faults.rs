@@ -611,3 +611,22 @@ fn a_blocked_apply_is_named_with_its_table_and_blocker_pg15_to_pg17() {
     p.run(&["stop"]).ok();
     p.run(&["teardown", "s"]).ok();
 }
+
+/// `--log-format json`: the daemon started in the background writes one
+/// JSON object a line, for a log shipper.
+#[test]
+fn the_daemon_logs_json_lines_when_asked() {
+    let p = Pgleap::new();
+    p.run(&["start", "--log-format", "json"]).ok();
+    p.run(&["stop"]).ok();
+    let log = std::fs::read_to_string(p.catalog.with_extension("log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["level"] == "INFO" && v["fields"]["message"] == "daemon started"),
+        "{log}"
+    );
+}

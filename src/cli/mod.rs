@@ -29,8 +29,19 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Log lines as text, or as one JSON object each (for log shippers;
+    /// the daemon started in the background logs the same way).
+    #[arg(long, global = true, env = "PGLEAP_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -585,6 +596,9 @@ pub enum SyncCommand {
 /// Runs a parsed command line: opens the catalog and hands the command to
 /// the function of its group.
 pub async fn run(cli: Cli) -> Result<()> {
+    if cli.log_format == LogFormat::Json {
+        daemon::log_json();
+    }
     let Some(command) = cli.command.interruptible() else {
         return run_command(cli).await;
     };
