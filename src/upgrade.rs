@@ -362,7 +362,7 @@ pub async fn upgrade(
     catalog: &mut Catalog,
     opts: &UpgradeOptions,
     say: &dyn Fn(&str),
-    confirm: &dyn Fn(&str) -> bool,
+    confirm: fn(&str) -> bool,
     env: Env<'_>,
 ) -> Result<UpgradeReport> {
     let mut clock = Clock::new();
@@ -383,9 +383,12 @@ pub async fn upgrade(
     let go = match opts.cutover {
         CutoverMode::Auto => differing.is_empty(),
         CutoverMode::Never => false,
-        CutoverMode::Prompt => {
-            differing.is_empty() && confirm("cut over now? writes to the source stop")
+        CutoverMode::Prompt if differing.is_empty() => {
+            let yes = ask_while_following(catalog, &mut session, confirm, env).await?;
+            clock.lap("waiting for the answer");
+            yes
         }
+        CutoverMode::Prompt => false,
     };
     if !differing.is_empty() {
         return Err(Error::Differences { sync: name.clone(), tables: differing.len(), objects: 0 });
@@ -445,6 +448,32 @@ pub async fn upgrade(
         ],
     };
     Ok(UpgradeReport { preflight: pre, cutover: cut, steps: clock.steps, next })
+}
+
+/// Asks whether to cut over, applying the source's changes while the
+/// question waits (the lag stays where it was, and the cutover that
+/// follows drains seconds, not the think time); the question shows the lag.
+async fn ask_while_following(
+    catalog: &mut Catalog,
+    session: &mut Session,
+    confirm: fn(&str) -> bool,
+    env: Env<'_>,
+) -> Result<bool> {
+    let (pending, lag) = session.pending().await?;
+    let question = format!(
+        "cut over now? writes to the source stop (lag {lag:.1} s, {pending} keys pending; the \
+         sync goes on while you decide)"
+    );
+    let answer = tokio::task::spawn_blocking(move || confirm(&question));
+    while !answer.is_finished() {
+        let until = session.source_snapshot().await?;
+        let round = Some(Instant::now() + Duration::from_secs(60));
+        if let Err(e) = session.catch_up(catalog, &until, round, env).await {
+            tracing::warn!("applying while asking: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(answer.await.unwrap_or(false))
 }
 
 /// Reports what the servers hold and refuses what cannot work, before

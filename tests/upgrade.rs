@@ -395,3 +395,72 @@ fn names_that_became_keywords_are_quoted_or_named_in_preflight_pg12_to_pg17() {
     p.run(&["stop"]).ok();
     p.run(&["teardown", "upgrade"]).ok();
 }
+
+/// `--cutover prompt` on a terminal keeps applying while it asks (the lag
+/// stays low while nobody answers), shows the lag in the question, and
+/// times the cutover from the answer.
+#[test]
+fn the_cutover_prompt_keeps_following_the_source_pg15_to_pg17() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let src = TestDb::new(cluster(15), "promptsrc");
+    let dst = TestDb::new(cluster(17), "promptdst");
+    finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let mut load = pgbench(&src, &["-n", "-c", "2", "-R", "50", "-T", "60"]).spawn().unwrap();
+    // A terminal for the question: util-linux's script runs it on a pty.
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let line = [
+        env!("CARGO_BIN_EXE_pgleap"),
+        "upgrade",
+        "--source",
+        &src.dsn(),
+        "--target",
+        &dst.dsn(),
+        "--cutover",
+        "prompt",
+    ]
+    .iter()
+    .map(|a| quote(a))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let mut script = std::process::Command::new("script");
+    // A terminal of a person's width (a new pty has none).
+    let line = format!("stty cols 120 rows 40; {line}");
+    script.args(["-q", "-e", "-c", &line, "/dev/null"]);
+    for (k, v) in p.command().get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let mut child = script
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run script (util-linux)");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 4096];
+    while !seen.contains("[y/N]") {
+        assert!(Instant::now() < deadline, "no question asked:\n{seen}");
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "upgrade ended without asking:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("keys pending; the sync goes on while you decide"), "{seen}");
+    std::thread::sleep(Duration::from_secs(6));
+    let status = p.run(&["status", "upgrade", "--json"]).json_any();
+    let lag = status["syncs"][0]["targets"][0]["lag_seconds"].as_f64().unwrap_or(99.0);
+    child.stdin.as_mut().unwrap().write_all(b"y\n").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let _ = child.wait();
+    let _ = load.kill();
+    let _ = load.wait();
+    assert!(lag < 3.0, "the lag grew to {lag:.1} s while the question waited:\n{status}");
+    assert!(rest.contains("writes were fenced for"), "{seen}{rest}");
+    assert!(rest.contains("waiting for the answer"), "{seen}{rest}");
+    p.run(&["teardown", "upgrade"]).ok();
+}

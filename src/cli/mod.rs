@@ -994,7 +994,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         overwrite_target,
     };
     let say = |line: &str| println!("{line}");
-    let report = crate::upgrade::upgrade(catalog, &opts, &say, &render::confirm, ENV).await?;
+    let report = crate::upgrade::upgrade(catalog, &opts, &say, render::confirm, ENV).await?;
     if let Some(c) = &report.cutover {
         render::cutover(c, false);
     }
