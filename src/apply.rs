@@ -932,7 +932,8 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     let staged = copy_rows(
         stx,
         &format!(
-            "copy (select distinct on (coalesce(t.tableoid::text || t.ctid::text, row(k.*)::text))
+            "copy (select distinct on (t.tableoid, t.ctid,
+                                       case when t.ctid is null then row(k.*)::text end)
                           t.{first} is not null{sep}{select}
                    from ({keys}) k
                    left join {table} t on {on}) to stdout",
