@@ -72,6 +72,9 @@ pub struct TablePlan {
     /// Identity columns GENERATED ALWAYS (quoted): an UPDATE may not set
     /// them.
     always_identity: Vec<String>,
+    /// Whether every key column compares by its bytes: then two recorded
+    /// keys never find one row, and staging needs no de-duplication.
+    keys_bytewise: bool,
 }
 
 impl TablePlan {
@@ -176,22 +179,33 @@ const SHAPE: &str = "select (select coalesce(string_agg(
      from unnest($1::text[]) with ordinality t(name, n) order by t.n";
 
 /// For each table named in $1 (quoted, qualified): whether it exists, its
-/// copied columns, how a staging table declares them (by base types), and
-/// its identity columns GENERATED ALWAYS (which refuse an UPDATE).
+/// copied columns, how a staging table declares them (by base types), its
+/// identity columns GENERATED ALWAYS (which refuse an UPDATE), and its
+/// columns whose equality is equality of their bytes: integers, oid, uuid,
+/// bool, dates and timestamps, bytea, and text or varchar under a
+/// deterministic collation (two different values of such a key never find
+/// the same row).
 fn plan_columns_sql(v: PgVersion) -> String {
+    let deterministic = if v.has_nondeterministic_collations() {
+        "coalesce((select l.collisdeterministic from pg_collation l
+                   where l.oid = b.coll), true)"
+    } else {
+        "true"
+    };
     format!(
         "with recursive t as (
              select n, to_regclass(name) as rel from unnest($1::text[])
                  with ordinality u(name, n)),
          cols as (
              select t.n, a.attnum, a.attname, a.atttypid as typ, a.atttypmod as typmod,
-                    a.attidentity = 'a' as always
+                    a.attidentity = 'a' as always, a.attcollation as coll
              from t join pg_attribute a on a.attrelid = t.rel
-             where a.attnum > 0 and not a.attisdropped {}),
+             where a.attnum > 0 and not a.attisdropped {not_generated}),
          base as (
-             select n, attnum, attname, typ, typmod, always from cols
+             select n, attnum, attname, typ, typmod, always, coll from cols
              union all
-             select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod, b.always
+             select b.n, b.attnum, b.attname, ty.typbasetype, ty.typtypmod, b.always,
+                    b.coll
              from base b join pg_type ty on ty.oid = b.typ
              where ty.typtype = 'd')
          select t.rel is not null,
@@ -201,12 +215,15 @@ fn plan_columns_sql(v: PgVersion) -> String {
                                     format_type(b.typ, b.typmod), ', '
                                     order by b.attnum), ''),
                 coalesce(array_agg(b.attname::text order by b.attnum)
-                         filter (where b.always), '{{}}')
+                         filter (where b.always), '{{}}'),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.typ in (20, 21, 23, 26, 2950, 16, 1082, 1114, 1184, 17)
+                                    or (b.typ in (25, 1043) and {deterministic})), '{{}}')
          from t
          left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd')
            on b.n = t.n
          group by t.n, t.rel order by t.n",
-        crate::pg::not_generated(v)
+        not_generated = crate::pg::not_generated(v)
     )
 }
 
@@ -280,6 +297,7 @@ impl Plan {
             let table = qualified(&c.schema, &c.name);
             let (names, staging_columns): (Vec<String>, String) = (row.get(1), row.get(2));
             let always: Vec<String> = row.get(3);
+            let bytewise: Vec<String> = row.get(4);
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
@@ -300,6 +318,7 @@ impl Plan {
                 staging_columns,
                 key_arrays: c.key_arrays,
                 always_identity: always.iter().map(|n| quote_ident(n)).collect(),
+                keys_bytewise: c.key_columns.iter().all(|k| bytewise.contains(k)),
             });
         }
         let sequences = relgroup
@@ -932,11 +951,14 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     let staged = copy_rows(
         stx,
         &format!(
-            "copy (select distinct on (t.tableoid, t.ctid,
-                                       case when t.ctid is null then row(k.*)::text end)
-                          t.{first} is not null{sep}{select}
+            "copy (select {distinct} t.{first} is not null{sep}{select}
                    from ({keys}) k
                    left join {table} t on {on}) to stdout",
+            distinct = if t.keys_bytewise {
+                ""
+            } else {
+                "distinct on (t.tableoid, t.ctid, case when t.ctid is null then row(k.*)::text end)"
+            },
             sep = if select.is_empty() { "" } else { ", " },
             select = select.join(", "),
             keys = t.changed_keys(cond),

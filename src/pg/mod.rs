@@ -134,6 +134,10 @@ impl PgVersion {
     pub fn has_partitioned_row_triggers(self) -> bool {
         self.major() >= 11
     }
+    /// Nondeterministic collations (`pg_collation.collisdeterministic`): 12.
+    pub fn has_nondeterministic_collations(self) -> bool {
+        self.major() >= 12
+    }
     /// Generated columns (`pg_attribute.attgenerated`): 12.
     pub fn has_generated_columns(self) -> bool {
         self.major() >= 12
