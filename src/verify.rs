@@ -173,12 +173,27 @@ pub async fn compare(
     only: &[String],
 ) -> Result<Vec<TableReport>> {
     let mut out = Vec::new();
-    for t in &plan.tables {
-        if !only.is_empty() && !only.iter().any(|o| *o == t.display || *o == t.table) {
-            continue;
-        }
-        out.push(compare_table(src, tgt, t).await?);
+    let tables: Vec<_> = plan
+        .tables
+        .iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| *o == t.display || *o == t.table))
+        .collect();
+    // A verify reads every row on both servers: minutes to hours on a
+    // large database, shown as it goes (bars on a terminal, lines else).
+    let bytes = |t: &&crate::apply::TablePlan| t.est_bytes.max(0) as u64;
+    let progress = crate::progress::Progress::new(
+        "verify",
+        tables.len() as u64,
+        tables.iter().map(bytes).sum(),
+    );
+    for t in tables {
+        let unit = progress.start_unit(&t.display);
+        let report = compare_table(src, tgt, t).await?;
+        progress.advance(&unit, bytes(&t));
+        progress.finish_unit(unit, report.source_rows.max(0) as u64);
+        out.push(report);
     }
+    progress.finish();
     if plan.large_objects && (only.is_empty() || only.iter().any(|o| o == LARGE_OBJECTS)) {
         let (source_rows, target_rows, differing_keys) = large_objects::compare(src, tgt).await?;
         out.push(TableReport {

@@ -23,6 +23,10 @@ fn a_planted_difference_is_named_by_its_key_pg12_to_pg17() {
     let equal = p.run(&["verify", "s"]);
     assert!(equal.ok().contains("equal"), "{equal}");
     assert!(!equal.stdout.contains("DIFFERENT"), "{equal}");
+    // Off a terminal, a line per table as it is compared, and the total.
+    for line in ["verify: public.t done (1000 rows); ", "verify: data: 3/3 parts, 1110 rows"] {
+        assert!(equal.stderr.contains(line), "missing {line:?}: {equal}");
+    }
 
     dst.sql().exec(
         "update t set v = 'planted' where id = 5;
