@@ -569,8 +569,7 @@ pub async fn read_only_default(db: &Conn) -> Result<bool> {
 
 /// Undoes `--terminate`'s read-only default, where it is set.
 pub async fn reset_read_only(db: &Conn) -> Result<()> {
-    let set: bool = db.query_one(READ_ONLY_DEFAULT, &[]).await?.get(0);
-    if set {
+    if read_only_default(db).await? {
         let name: String = db.query_one("select current_database()", &[]).await?.get(0);
         db.batch_execute(&format!(
             "alter database {} reset default_transaction_read_only",

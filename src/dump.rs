@@ -127,7 +127,9 @@ fn installations(pg_bin: Option<&Path>) -> Vec<(PathBuf, u32)> {
 /// named, before anything is created.
 pub async fn tools_for(src: &Conn, dst: &Conn, pg_bin: Option<&Path>) -> Result<PgTools> {
     let (source_major, target_major) = (src.version().major(), dst.version().major());
-    let tools = find_tools(source_major, target_major, pg_bin)?;
+    // Each installation's version is read by running its pg_dump: once.
+    let found = installations(pg_bin);
+    let tools = find_tools(&found, source_major, target_major)?;
     let (arguments, names) = keyword_risks(src, dst).await?;
     if !arguments.is_empty() {
         return Err(Error::invalid(
@@ -144,14 +146,14 @@ pub async fn tools_for(src: &Conn, dst: &Conn, pg_bin: Option<&Path>) -> Result<
     if names.is_empty() || tools.major >= target_major {
         return Ok(tools);
     }
-    let newer = installations(pg_bin)
-        .into_iter()
+    let newer = found
+        .iter()
         .filter(|(_, m)| *m >= target_major && *m >= source_major)
         .min_by_key(|(_, m)| *m);
     match newer {
         Some((bin, major)) => Ok(PgTools {
-            bin,
-            major,
+            bin: bin.clone(),
+            major: *major,
             why: format!(
                 "the source names tables or columns by words that are keywords on the target's \
                  {target_major}, which only a pg_dump of {target_major} or newer quotes: {}",
@@ -205,11 +207,11 @@ async fn keywords(c: &Conn) -> Result<Vec<(String, String)>> {
     Ok(c.query(KEYWORDS, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// The installation to copy a schema from a `source_major` server to a
-/// `target_major` one, with the reason; see the module's notes.
-pub fn find_tools(source_major: u32, target_major: u32, pg_bin: Option<&Path>) -> Result<PgTools> {
-    let found = installations(pg_bin);
-    choose(&found, source_major, target_major).ok_or_else(|| {
+/// Of the installations `found`, the one to copy a schema from a
+/// `source_major` server to a `target_major` one, with the reason; see the
+/// module's notes.
+fn find_tools(found: &[(PathBuf, u32)], source_major: u32, target_major: u32) -> Result<PgTools> {
+    choose(found, source_major, target_major).ok_or_else(|| {
         let seen = if found.is_empty() {
             "none".to_string()
         } else {
@@ -257,7 +259,7 @@ fn choose(found: &[(PathBuf, u32)], source_major: u32, target_major: u32) -> Opt
 }
 
 /// Runs a client tool with the password in its environment only.
-pub fn run(mut cmd: Command, password: Option<String>, db: &str, what: &str) -> Result<String> {
+pub fn run(mut cmd: Command, password: Option<String>, db: &str, what: &str) -> Result<()> {
     cmd.env_remove("PGPASSWORD");
     if let Some(pw) = password {
         cmd.env("PGPASSWORD", pw);
@@ -273,7 +275,7 @@ pub fn run(mut cmd: Command, password: Option<String>, db: &str, what: &str) -> 
              transaction)",
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    Ok(())
 }
 
 /// A line of pg_dump's script that adapting may change.

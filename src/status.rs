@@ -108,13 +108,7 @@ async fn copy_progress(
     sync_id: Option<i32>,
 ) -> Result<CopyProgress> {
     let s = quote_ident(schema);
-    let mut p = CopyProgress { units: 0, done: 0, elapsed: 0.0, applied: false, running: false };
-    // Without the source's sync id, whether it runs is unknown: not claimed
-    // to have stopped.
-    p.running = match sync_id {
-        Some(id) => tgt.query_one(COPY_RUNNING, &[&apply::COPY_LOCK_CLASS, &id]).await?.get(0),
-        None => true,
-    };
+    let mut p = CopyProgress { units: 0, done: 0, elapsed: 0.0, applied: false, running: true };
     if tgt.relation_exists(&format!("{s}.applied")).await? {
         let sql = format!("select 1 from {s}.applied where sync = $1");
         p.applied = tgt.query_opt(&sql, &[&sync]).await?.is_some();
@@ -131,6 +125,15 @@ async fn copy_progress(
             )
             .await?;
         (p.units, p.done, p.elapsed) = (row.get(0), row.get(1), row.get(2));
+    }
+    // Asked only while a copy is unfinished (status runs every few
+    // seconds). Without the source's sync id, whether one runs is unknown:
+    // it is not claimed to have stopped.
+    if !p.applied
+        && p.units > 0
+        && let Some(id) = sync_id
+    {
+        p.running = tgt.query_one(COPY_RUNNING, &[&apply::COPY_LOCK_CLASS, &id]).await?.get(0);
     }
     Ok(p)
 }
@@ -179,10 +182,10 @@ fn lock_wait_sql(v: PgVersion) -> String {
     )
 }
 
-/// What pgleap's sessions on `c` wait for, if they wait on a lock:
-/// (seconds, text).
-async fn lock_wait(c: &Conn, application_name: &str) -> Result<Option<(f64, String)>> {
-    let row = c.query_qualified(&lock_wait_sql(c.version()), &[&application_name]).await?;
+/// What pgleap's sessions on `c` (those of its application_name) wait for,
+/// if they wait on a lock: (seconds, text).
+async fn lock_wait(c: &Conn) -> Result<Option<(f64, String)>> {
+    let row = c.query_qualified(&lock_wait_sql(c.version()), &[&c.application_name()]).await?;
     Ok(row.first().map(|r| {
         let (waited, on, by): (f64, String, String) = (r.get(0), r.get(1), r.get(2));
         let by = if by.is_empty() { String::new() } else { format!(" held by pid {by}") };
@@ -338,7 +341,7 @@ pub async fn gather(
                 {
                     missing = m;
                 }
-                let waiting = lock_wait(&tgt, &db.resolve(env)?.application_name).await?;
+                let waiting = lock_wait(&tgt).await?;
                 Ok::<_, crate::Error>((copy, missing, waiting))
             };
             let (copy, target_error, waiting) = match tokio::time::timeout(STATUS_WAIT, read).await

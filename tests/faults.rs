@@ -452,25 +452,28 @@ fn a_hung_target_bounds_status_and_kick_and_converges_after() {
     p.run(&["teardown", "s"]).ok();
 }
 
+/// Three databases with the same table, and a catalog whose sync `s`
+/// copied the first to the second: (from, to, a third, that catalog).
+fn migration_beside(label: &str) -> (TestDb, TestDb, TestDb, Pgleap) {
+    let dbs = ["from", "to", "third"].map(|n| TestDb::new(cluster(17), &format!("{label}{n}")));
+    for db in &dbs {
+        db.sql().exec("create table t (id int primary key)");
+    }
+    let [from, to, third] = dbs;
+    let p = Pgleap::for_clusters(&[from.cluster]);
+    p.declare(&from, &to, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    (from, to, third, p)
+}
+
 /// A target that another migration fenced (it was that migration's old
 /// server, cut over with --terminate) is refused by upgrade and sync add
 /// before anything is written, naming the fence.
 #[test]
 fn a_target_fenced_by_another_migration_is_refused_before_anything_is_written() {
-    let schema = "create table t (id int primary key)";
-    let (a, b, c) = (
-        TestDb::new(cluster(17), "fencea"),
-        TestDb::new(cluster(17), "fenceb"),
-        TestDb::new(cluster(17), "fencec"),
-    );
-    for db in [&a, &b, &c] {
-        db.sql().exec(schema);
-    }
-    // Another migration moved b to c and fenced b.
-    let other = Pgleap::for_clusters(&[b.cluster]);
-    other.declare(&b, &c, &["--all-tables"]);
-    other.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
-    other.run(&["kick", "s", "--wait", "60"]).ok();
+    // Another migration moves b to c; its cutover fences b.
+    let (b, _c, a, other) = migration_beside("fence");
     other.run(&["cutover", "s", "--terminate"]).ok();
 
     let p = Pgleap::for_clusters(&[a.cluster]);
@@ -539,19 +542,7 @@ fn an_interrupted_upgrade_says_so_and_status_shows_no_phantom_copy_pg15_to_pg17(
 /// refused without a hint to tear that one down.
 #[test]
 fn a_sync_named_like_another_catalogs_live_sync_is_refused_without_a_teardown_hint() {
-    let schema = "create table t (id int primary key)";
-    let (a, b, c) = (
-        TestDb::new(cluster(17), "twina"),
-        TestDb::new(cluster(17), "twinb"),
-        TestDb::new(cluster(17), "twinc"),
-    );
-    for db in [&a, &b, &c] {
-        db.sql().exec(schema);
-    }
-    let first = Pgleap::for_clusters(&[a.cluster]);
-    first.declare(&a, &b, &["--all-tables"]);
-    first.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
-    first.run(&["kick", "s", "--wait", "60"]).ok();
+    let (a, _b, c, first) = migration_beside("twin");
     let second = Pgleap::for_clusters(&[a.cluster]);
     second.declare(&a, &c, &["--all-tables"]);
     let out = second.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]);

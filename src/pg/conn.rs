@@ -168,6 +168,12 @@ impl Conn {
         self.resolved.to_string()
     }
 
+    /// The application_name its sessions report (pgleap's unless the
+    /// connection string says).
+    pub fn application_name(&self) -> &str {
+        &self.resolved.application_name
+    }
+
     pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
         let (name, version) = (self.name.clone(), self.version);
         match self.client.transaction().await {
