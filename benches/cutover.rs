@@ -17,6 +17,11 @@
 //! figure is the longest gap between two acknowledged writes, and the
 //! number of client errors.
 //!
+//! Size axis: with `PGLEAP_BENCH_SCALES=10,100,300` only the fence under
+//! the fixed-rate load is measured, at each of those scales, and the table
+//! gives the slope of the write downtime per 100 scale units (1.5 GB):
+//! nothing inside the fence may grow with the data (#28).
+//!
 //! `PGLEAP_BENCH_ROUNDS` (default 3) interleaved rounds; each figure is the
 //! median with the range. With `PGLEAP_BENCH_BASELINE_BIN=PATH` (another
 //! build of pgleap, e.g. the previous commit's), every cutover is also run
@@ -206,6 +211,10 @@ fn main() {
     if let Some(b) = &baseline_bin {
         bins.push(("baseline build", Some(b.as_path())));
     }
+    if let Ok(scales) = std::env::var("PGLEAP_BENCH_SCALES") {
+        let scales: Vec<u64> = scales.split(',').map(|s| s.trim().parse().unwrap()).collect();
+        return fence_by_size(&scales, &rate, rounds, &bins);
+    }
     let loads: [(String, Vec<&str>); 2] =
         [(format!("{rate} tps"), vec!["-R", &rate]), ("unthrottled".to_string(), vec![])];
 
@@ -274,4 +283,65 @@ fn main() {
     row("cutover through PgBouncer", &pooled.iter().map(|r| r.0).collect::<Vec<_>>());
     row("rollback through PgBouncer", &pooled.iter().map(|r| r.1).collect::<Vec<_>>());
     row("cutover, fence alone (clients not repointed, 3 s window)", &fenced);
+}
+
+/// The fence at each scale, under pgbench at `rate` tps, each binary in
+/// every round; the slope is a least-squares line through the medians.
+fn fence_by_size(scales: &[u64], rate: &str, rounds: u64, bins: &[(&str, Option<&Path>)]) {
+    // (scale, binary) -> (predicted, measured) per round.
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); scales.len() * bins.len()];
+    for round in 1..=rounds {
+        for (i, scale) in scales.iter().enumerate() {
+            for (b, (bin_label, bin)) in bins.iter().enumerate() {
+                eprintln!("round {round}: cutover at scale {scale}, {rate} tps ({bin_label}) ...");
+                let label = format!("s{i}b{b}");
+                runs[i * bins.len() + b].push(fence_under_load(
+                    *scale,
+                    &["-R", rate],
+                    &label,
+                    *bin,
+                ));
+            }
+        }
+    }
+    println!(
+        "## Write downtime by database size (PostgreSQL 12 to 17, pgbench at {rate} tps, 4 \
+         clients, median [range] of {rounds} interleaved rounds)\n"
+    );
+    println!(
+        "| build | scale | write downtime, s | dry run predicted, s | ratio to smallest scale |"
+    );
+    println!("|---|---|---|---|---|");
+    for (b, (bin_label, _)) in bins.iter().enumerate() {
+        let medians: Vec<f64> =
+            (0..scales.len()).map(|i| median(&measured(&runs[i * bins.len() + b]))).collect();
+        for (i, scale) in scales.iter().enumerate() {
+            let series = &runs[i * bins.len() + b];
+            let dry: Vec<f64> = series.iter().map(|r| r.0).collect();
+            println!(
+                "| {bin_label} | {scale} | {} | {} | {:.2} |",
+                seconds(&measured(series)),
+                seconds(&dry),
+                medians[i] / medians[0]
+            );
+        }
+        let xs: Vec<f64> = scales.iter().map(|s| *s as f64).collect();
+        println!(
+            "| {bin_label} | slope | {:.3} s per 100 scale units | | |",
+            slope(&xs, &medians) / 10.0
+        );
+    }
+}
+
+fn measured(series: &[(f64, f64)]) -> Vec<f64> {
+    series.iter().map(|r| r.1).collect()
+}
+
+/// Least-squares slope of `ys` (ms) over `xs`.
+fn slope(xs: &[f64], ys: &[f64]) -> f64 {
+    let n = xs.len() as f64;
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let num: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
+    if den == 0.0 { 0.0 } else { num / den }
 }

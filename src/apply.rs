@@ -75,6 +75,10 @@ pub struct TablePlan {
     /// Whether every key column compares by its bytes: then two recorded
     /// keys never find one row, and staging needs no de-duplication.
     keys_bytewise: bool,
+    /// Whether each applied key's row is compared with the source's
+    /// afterwards (inside a cutover's fence, where only the drained keys
+    /// may be looked at, see [`Plan::compare_applied_rows`]).
+    compare_applied: bool,
 }
 
 impl TablePlan {
@@ -257,6 +261,18 @@ pub struct BatchStats {
 }
 
 impl Plan {
+    /// From now on, every keyed row a batch applies is compared, in the
+    /// batch's transaction, with the source's row it was staged from, and
+    /// a difference fails the batch. The cutover asks for it inside its
+    /// fence: a trigger, rule or policy on the target that changes rows as
+    /// pgleap writes them shows there, at a cost that grows with the
+    /// drained keys, not with the tables.
+    pub fn compare_applied_rows(&mut self) {
+        for t in &mut self.tables {
+            t.compare_applied = true;
+        }
+    }
+
     /// Reads the installed capture of `sync` on its source.
     pub async fn load(src: &Conn, sync: &Sync, relgroup: &RelGroup) -> Result<Plan> {
         let schema = &sync.capture_schema;
@@ -319,6 +335,7 @@ impl Plan {
                 key_arrays: c.key_arrays,
                 always_identity: always.iter().map(|n| quote_ident(n)).collect(),
                 keys_bytewise: c.key_columns.iter().all(|k| bytewise.contains(k)),
+                compare_applied: false,
             });
         }
         let sequences = relgroup
@@ -825,10 +842,19 @@ async fn apply_keyed(
     changes: i64,
     truncated: bool,
 ) -> Result<(u64, u64)> {
-    let staging = t.staging();
     if stage(stx, ttx, t, cond, changes).await? == 0 {
         return Ok((0, 0));
     }
+    let written = write_staged(ttx, t, truncated).await?;
+    if t.compare_applied {
+        compare_staged(ttx, t).await?;
+    }
+    Ok(written)
+}
+
+/// Writes the staged rows of `t` over the target's: see [`apply_keyed`].
+async fn write_staged(ttx: &Tx<'_>, t: &TablePlan, truncated: bool) -> Result<(u64, u64)> {
+    let staging = t.staging();
     let on = |a: &str, b: &str| key_match(t, a, b);
     let cols = &t.columns;
     let rel = t.rel();
@@ -901,6 +927,43 @@ async fn apply_keyed(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Fails if a staged key's row on the target is not, as text, the
+/// source's row it was staged from (or, for a vanished key, is still
+/// there), naming the first such key.
+async fn compare_staged(ttx: &Tx<'_>, t: &TablePlan) -> Result<()> {
+    let row = |p: &str| {
+        let cols: Vec<String> = t.column_names.iter().map(|c| format!("{p}.{c}")).collect();
+        format!("row({})::text", cols.join(", "))
+    };
+    let key: Vec<String> = t.keys.iter().map(|k| format!("s.{k}::text")).collect();
+    let sql = format!(
+        "select concat_ws(',', {key}) from {staging} s
+         where case when s._pgleap_present
+                    then not exists (select 1 from {rel} t where {on} and {t_row} = {s_row})
+                    else exists (select 1 from {rel} t where {on}) end
+         limit 1",
+        key = key.join(", "),
+        staging = t.staging(),
+        rel = t.rel(),
+        on = key_match(t, "t", "s"),
+        t_row = row("t"),
+        s_row = row("s"),
+    );
+    if let Some(r) = ttx.query_opt(&sql, &[]).await? {
+        let key: String = r.get(0);
+        return Err(Error::invalid(
+            format!(
+                "{}: the row of key ({key}) on the target differs from the source's right after \
+                 pgleap wrote it",
+                t.display
+            ),
+            "a trigger, rule or policy on the target changes rows as they are written: disable \
+             it until the cutover is done (pgleap verify names every differing row)",
+        ));
+    }
+    Ok(())
 }
 
 /// `a.k = b.k and ...` over the table's key columns.

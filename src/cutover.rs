@@ -14,9 +14,17 @@
 //! 5. Deferred schema: foreign keys (set aside during the sync, or never
 //!    created by `schema copy`) are added NOT VALID, and the source's
 //!    triggers created or re-enabled.
-//! 6. Row counts are compared. This is the switch point: the fence time is
-//!    measured here, recorded, and printed. Foreign keys are validated after
-//!    it, while the application already runs on the target.
+//! 6. This is the switch point: the fence time is measured here, recorded,
+//!    and printed. Foreign keys are validated after it, while the
+//!    application already runs on the target.
+//!
+//! Nothing inside the fence grows with the data. Every table's rows are
+//! counted before it, on both servers at one point (in one batch's two
+//! transactions, while the application still writes; `upgrade`, which has
+//! just compared every row the same way, skips this); inside it, each key
+//! the drain applies has its row compared with the source's. The counts
+//! catch rows the target gained or lost outside the sync; the drained keys
+//! catch a target that changes rows as pgleap writes them.
 //!
 //! Any failure before the switch point removes the fence (and the read-only
 //! default) again, so the source keeps taking writes and the sync runs on.
@@ -25,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::apply::Plan;
+use crate::apply::{self, Plan};
 use crate::capture;
 use crate::catalog::{Catalog, ObjectKind, OneTimeCopy};
 use crate::error::{Error, Result};
@@ -59,6 +67,9 @@ pub struct CutoverOptions {
     pub lift_fence: Option<Plan>,
     /// Switch even with schema objects missing on the target.
     pub allow_schema_differences: bool,
+    /// The caller has just compared every row at one point (`upgrade`'s
+    /// verify): the cutover does not count them again before its fence.
+    pub rows_compared: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -167,6 +178,12 @@ pub async fn cutover_with(
     catch_up(catalog, session, opts.max_lag, env).await?;
     let (at_switch, would_create) =
         settle_schema(session, opts.allow_schema_differences, opts.dry_run).await?;
+    if !opts.rows_compared {
+        counts_at_one_point(session).await?;
+        // Counting a large database takes a while: the lag it left is
+        // applied before the fence, not inside it.
+        catch_up(catalog, session, opts.max_lag, env).await?;
+    }
     if opts.dry_run {
         // The poolers are checked, not paused.
         crate::switch::check(&opts.switch, env).await?;
@@ -478,9 +495,6 @@ async fn switch(
     env: Env<'_>,
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
-    // Before anything on the target changes: a refusal here leaves it as
-    // the sync had it.
-    counts_equal(&session.src, &session.tgt, &session.plan).await?;
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     for (seq, value) in &sequences {
         session
@@ -524,6 +538,9 @@ async fn switch(
 /// time of the large-object pass, if the sync has one.
 async fn drain(catalog: &mut Catalog, session: &mut Session, env: Env<'_>) -> Result<Option<i64>> {
     let until = session.source_snapshot().await?;
+    // A refusal here leaves the target as the sync had it: the batch that
+    // found the difference rolls back.
+    session.plan.compare_applied_rows();
     session.catch_up(catalog, &until, Some(Instant::now() + ROUND_LIMIT), env).await?;
     if !session.plan.large_objects {
         return Ok(None);
@@ -545,9 +562,6 @@ async fn dry_run(
     let large_objects_ms = drain(catalog, session, env).await?;
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
-    // Timed for the prediction; the source still moves, so counts may
-    // legitimately differ here.
-    let _ = counts_equal(&session.src, &session.tgt, &session.plan).await;
     Ok(CutoverReport {
         sync: session.sync_name().into(),
         target: session.target_name().into(),
@@ -746,21 +760,32 @@ async fn read_sequences(src: &Conn, sequences: &[String]) -> Result<Vec<(String,
     Ok(out)
 }
 
-async fn counts_equal(src: &Conn, tgt: &Conn, plan: &Plan) -> Result<()> {
+/// Brings the target to one source snapshot in a batch and compares every
+/// table's row count in that batch's two transactions, both servers at
+/// once: rows the target gained or lost outside the sync show here, before
+/// the fence, while the application still writes.
+async fn counts_at_one_point(session: &mut Session) -> Result<()> {
+    let plan = &session.plan;
+    let (stx, ttx) = apply::begin_batch(&mut session.src, &mut session.tgt, plan).await?;
+    apply::apply_within(&stx, &ttx, plan, None).await?;
     for t in &plan.tables {
         let q = format!("select count(*) from {}", t.rel());
-        let a: i64 = src.query_one(&q, &[]).await?.get(0);
-        let b: i64 = tgt.query_one(&q, &[]).await?.get(0);
+        let (a, b) =
+            futures_util::future::try_join(stx.query_one(&q, &[]), ttx.query_one(&q, &[])).await?;
+        let (a, b): (i64, i64) = (a.get(0), b.get(0));
         if a != b {
             return Err(Error::invalid(
                 format!(
-                    "{} has {a} rows on the source and {b} on the target after the drain",
+                    "cutover refused: {} has {a} rows on the source and {b} on the target at one \
+                     point of the sync: something wrote to the target outside it",
                     t.display
                 ),
-                "nothing was switched; run pgleap verify to see the differing keys",
+                format!("nothing was fenced; pgleap verify {} names the differing keys", plan.sync),
             ));
         }
     }
+    ttx.commit().await?;
+    stx.commit().await?;
     Ok(())
 }
 

@@ -403,6 +403,9 @@ pub async fn upgrade(
             switch: opts.switch.clone(),
             lift_fence: None,
             allow_schema_differences: opts.allow_schema_differences,
+            // Verify compared every row just now; a prompt may have
+            // waited for hours since.
+            rows_compared: matches!(opts.cutover, CutoverMode::Auto),
         };
         let report = cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?;
         clock.lap("cutover");

@@ -931,6 +931,7 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 switch: switch.plan()?,
                 lift_fence: None,
                 allow_schema_differences,
+                rows_compared: false,
             };
             (crate::cutover::cutover(catalog, &sync, &opts, ENV).await?, json)
         }
@@ -946,6 +947,7 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 // Going back must not depend on the old server's schema
                 // matching objects created since.
                 allow_schema_differences: true,
+                rows_compared: false,
             };
             (crate::cutover::rollback(catalog, &sync, &opts, ENV).await?, json)
         }
