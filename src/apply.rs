@@ -79,6 +79,10 @@ pub struct TablePlan {
     /// afterwards (inside a cutover's fence, where only the drained keys
     /// may be looked at, see [`Plan::compare_applied_rows`]).
     compare_applied: bool,
+    /// Columns of type real or double precision (or a domain over one),
+    /// and arrays of them, quoted.
+    pub(crate) floats: Vec<String>,
+    pub(crate) float_arrays: Vec<String>,
 }
 
 impl TablePlan {
@@ -188,7 +192,8 @@ const SHAPE: &str = "select (select coalesce(string_agg(
 /// columns whose equality is equality of their bytes: integers, oid, uuid,
 /// bool, dates and timestamps, bytea, and text or varchar under a
 /// deterministic collation (two different values of such a key never find
-/// the same row).
+/// the same row), and its float columns and float arrays (whose text form
+/// differs between 11 and 12 for the same value, see `verify`).
 fn plan_columns_sql(v: PgVersion) -> String {
     let deterministic = if v.has_nondeterministic_collations() {
         "coalesce((select l.collisdeterministic from pg_collation l
@@ -222,7 +227,11 @@ fn plan_columns_sql(v: PgVersion) -> String {
                          filter (where b.always), '{{}}'),
                 coalesce(array_agg(b.attname::text order by b.attnum)
                          filter (where b.typ in (20, 21, 23, 26, 2950, 16, 1082, 1114, 1184, 17)
-                                    or (b.typ in (25, 1043) and {deterministic})), '{{}}')
+                                    or (b.typ in (25, 1043) and {deterministic})), '{{}}'),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.typ in (700, 701)), '{{}}'),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.typ in (1021, 1022)), '{{}}')
          from t
          left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd')
            on b.n = t.n
@@ -314,6 +323,7 @@ impl Plan {
             let (names, staging_columns): (Vec<String>, String) = (row.get(1), row.get(2));
             let always: Vec<String> = row.get(3);
             let bytewise: Vec<String> = row.get(4);
+            let quoted = |names: Vec<String>| names.iter().map(|n| quote_ident(n)).collect();
             let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
@@ -336,6 +346,8 @@ impl Plan {
                 always_identity: always.iter().map(|n| quote_ident(n)).collect(),
                 keys_bytewise: c.key_columns.iter().all(|k| bytewise.contains(k)),
                 compare_applied: false,
+                floats: quoted(row.get(5)),
+                float_arrays: quoted(row.get(6)),
             });
         }
         let sequences = relgroup

@@ -582,7 +582,13 @@ impl CopyRun<'_> {
         let (rows, bytes, bar) = match unit.table {
             Some(table) => {
                 let t = &self.plan.tables[table];
-                let bar = self.progress.start_unit(&format!("{} ({})", t.display, unit.predicate));
+                // A whole table's predicate is `true`: its name says it.
+                let name = if unit.predicate == "true" {
+                    t.display.clone()
+                } else {
+                    format!("{} ({})", t.display, unit.predicate)
+                };
+                let bar = self.progress.start_unit(&name);
                 let copy_in = if freeze {
                     // Emptied in this transaction, so the rows can be
                     // written frozen (and, on 14+, all-visible): no

@@ -46,9 +46,9 @@ fn md5_int(expr: &str) -> String {
 
 fn key_text(t: &TablePlan) -> String {
     if t.keys.is_empty() {
-        "t::text".to_string()
+        format!("row({})::text", prefixed(t))
     } else {
-        let parts: Vec<String> = t.keys.iter().map(|k| format!("t.{k}::text")).collect();
+        let parts: Vec<String> = t.keys.iter().map(|k| format!("{}::text", value(t, k))).collect();
         format!("concat_ws(',', {})", parts.join(", "))
     }
 }
@@ -60,7 +60,28 @@ fn row_text(t: &TablePlan) -> String {
 }
 
 fn prefixed(t: &TablePlan) -> String {
-    t.column_names.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>().join(", ")
+    t.column_names.iter().map(|c| value(t, c)).collect::<Vec<_>>().join(", ")
+}
+
+/// Column `c` of row `t` in a form both servers print alike. A float's
+/// text is not: 11 prints 9 or 17 significant digits under
+/// extra_float_digits 3, 12 and later the shortest text that reads back
+/// exactly ("0.0500000007" and "0.05" are one float4), so floats are
+/// compared by their bits (as float8, which holds every float4 exactly).
+fn value(t: &TablePlan, c: &str) -> String {
+    if t.floats.iter().any(|f| f == c) {
+        format!("encode(float8send(t.{c}::float8), 'hex')")
+    } else if t.float_arrays.iter().any(|f| f == c) {
+        // Its bounds, then its elements' bits in storage order.
+        format!(
+            "case when t.{c} is not null then coalesce(array_dims(t.{c}), '') || ':' ||
+                 coalesce((select string_agg(coalesce(encode(float8send(u::float8), 'hex'), 'null'),
+                                             ',')
+                           from unnest(t.{c}) u), '') end"
+        )
+    } else {
+        format!("t.{c}")
+    }
 }
 
 async fn buckets(c: &impl Sql, t: &TablePlan) -> Result<Vec<(i32, i64, String)>> {

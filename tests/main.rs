@@ -42,3 +42,5 @@ mod upgrade;
 mod faults;
 // The daemon's status page and metrics.
 mod web;
+// Public schemas nobody here wrote, moved live.
+mod corpus;

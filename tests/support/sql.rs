@@ -51,10 +51,12 @@ impl Sql {
     /// Every row of a query, every value as text (NULL as None), in the
     /// order the server returns them.
     pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
-        let messages = self
-            .rt
-            .block_on(self.client.simple_query(sql))
-            .unwrap_or_else(|e| panic!("{sql}\n  failed: {e}"));
+        let messages = self.rt.block_on(self.client.simple_query(sql)).unwrap_or_else(|e| match e
+            .as_db_error()
+        {
+            Some(db) => panic!("{sql}\n  failed: {}", db.message()),
+            None => panic!("{sql}\n  failed: {e}"),
+        });
         messages
             .into_iter()
             .filter_map(|m| match m {
