@@ -416,3 +416,42 @@ fn a_target_that_changes_rows_as_they_are_applied_is_caught_inside_the_fence_pg1
     }
     p.run(&["teardown", "s"]).ok();
 }
+
+/// Ctrl-C while a cutover is inside its fence does not leave the source
+/// fenced with nothing switched: the cutover says it finishes first, does,
+/// and exits as a completed cutover.
+#[test]
+fn an_interrupt_inside_the_fence_waits_for_the_switch_pg15_to_pg17() {
+    let (src, dst, p) = cutover_pair("sigint");
+    // Holds the fence's locks back, so the interrupt lands inside it.
+    let app = src.sql();
+    app.exec("begin; update parent set v = 'held' where id = 1");
+    let child = p
+        .command()
+        .args(["cutover", "s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watcher = src.cluster.superuser(&src.name);
+    let fencing = "select count(*) from pg_stat_activity where pid <> pg_backend_pid()
+                   and query like '%no longer takes writes%'";
+    let started = std::time::Instant::now();
+    while watcher.value(fencing) == "0" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the cutover never fenced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(500));
+    app.exec("commit");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("interrupt: the cutover is inside its fence"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(src.sql().try_exec("insert into audit (what) values ('x')").is_err(), "not fenced");
+    for table in ["parent", "child", "audit"] {
+        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
+    }
+    assert!(p.run(&["status", "s"]).ok().contains("cut over"));
+    p.run(&["teardown", "s"]).ok();
+}

@@ -418,7 +418,8 @@ fn a_cutover_before_the_initial_copy_refuses_and_says_start() {
 /// converges.
 #[test]
 fn a_hung_target_bounds_status_and_kick_and_converges_after() {
-    let src = TestDb::new(cluster(17), "hungsrc");
+    let source = private_cluster(17);
+    let src = TestDb::new(source, "hungsrc");
     let target = private_cluster(17);
     let dst = TestDb::new(target, "hungdst");
     let schema = "create table t (id int primary key, v text)";
@@ -449,6 +450,43 @@ fn a_hung_target_bounds_status_and_kick_and_converges_after() {
 
     p.run(&["kick", "s", "--wait", "60"]).ok();
     assert_eq!(dst.sql().value("select v from t where id = 1"), "during the hang");
+
+    // The same of a hung source.
+    source.freeze(true);
+    let started = Instant::now();
+    let status = p.run(&["status"]);
+    let took = started.elapsed();
+    source.freeze(false);
+    assert_eq!(status.code, 1, "{status}");
+    assert!(status.stdout.contains("src: no answer in 5 s"), "{status}");
+    assert!(took < Duration::from_secs(15), "status took {took:?}");
+    p.run(&["teardown", "s"]).ok();
+}
+
+/// A `sync add` refused because a table stays locked writes nothing: no
+/// capture schema, trigger or catalog entry is left on either side, and
+/// the same `sync add` goes through once the lock is gone.
+#[test]
+fn a_sync_add_refused_by_a_locked_table_leaves_nothing_pg17() {
+    let src = TestDb::new(cluster(17), "lockedaddsrc");
+    let dst = TestDb::new(cluster(17), "lockedadddst");
+    for db in [&src, &dst] {
+        db.sql().exec("create table t (id int primary key); create table u (id int primary key)");
+    }
+    let p = Pgleap::for_clusters(&[src.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    let holder = src.sql();
+    holder.exec("begin; lock table u in access exclusive mode");
+    let out = p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]);
+    out.fails_with(&["stayed locked"]);
+    holder.exec("rollback");
+    let leftovers = "select (select count(*) from pg_namespace where nspname = 'pgleap')
+                          + (select count(*) from pg_trigger where tgname like 'pgleap%')";
+    assert_eq!(src.sql().value(leftovers), "0", "left on the source");
+    assert_eq!(dst.sql().value(leftovers), "0", "left on the target");
+    let listed = p.run(&["sync", "list", "--json"]);
+    assert_eq!(listed.json_any(), serde_json::json!([]), "{listed}");
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     p.run(&["teardown", "s"]).ok();
 }
 
