@@ -496,12 +496,15 @@ async fn switch(
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
-    for (seq, value) in &sequences {
+    for (seq, value, called) in &sequences {
+        // Exact without a margin: a sequence never drawn from hands out
+        // its start value next on the target too.
+        let called = *called || opts.sequence_margin != 0;
         session
             .tgt
             .execute(
-                "select setval($1::text::regclass, $2, true)",
-                &[seq, &(value + opts.sequence_margin)],
+                "select setval($1::text::regclass, $2, $3)",
+                &[seq, &(value + opts.sequence_margin), &called],
             )
             .await?;
     }
@@ -751,11 +754,12 @@ async fn read_only(src: &Conn, on: bool) -> Result<()> {
     Ok(())
 }
 
-async fn read_sequences(src: &Conn, sequences: &[String]) -> Result<Vec<(String, i64)>> {
+/// Each sequence's (name, last_value, is_called) on the source.
+async fn read_sequences(src: &Conn, sequences: &[String]) -> Result<Vec<(String, i64, bool)>> {
     let mut out = Vec::new();
     for seq in sequences {
-        let v: i64 = src.query_one(&format!("select last_value from {seq}"), &[]).await?.get(0);
-        out.push((seq.clone(), v));
+        let row = src.query_one(&format!("select last_value, is_called from {seq}"), &[]).await?;
+        out.push((seq.clone(), row.get(0), row.get(1)));
     }
     Ok(out)
 }

@@ -79,11 +79,25 @@ pub(super) fn columns_sql(v: PgVersion) -> String {
     )
 }
 
+/// Views: pg_dump's pre-data makes them, but one whose query needs a key
+/// (GROUP BY a primary key, selecting the other columns) it makes as a
+/// placeholder selecting NULLs, and replaces in its post-data, which schema
+/// copy does not restore: such a view is replaced after the data, once the
+/// keys exist (ranked before materialized views are refreshed).
 pub(super) const VIEWS: &str = "
     select c.oid::regclass::text,
            concat_ws(' ', 'with ' || array_to_string(c.reloptions, ', '),
                      pg_get_viewdef(c.oid)),
-           null::text, 0
+           'create or replace view ' || c.oid::regclass::text
+               || coalesce(' with (' || array_to_string(c.reloptions, ', ') || ')', '')
+               || ' as ' || pg_get_viewdef(c.oid),
+           7,
+           case when exists (select 1 from pg_rewrite r
+                             join pg_depend d on d.classid = 'pg_rewrite'::regclass
+                                             and d.objid = r.oid
+                             where r.ev_class = c.oid
+                               and d.refclassid = 'pg_constraint'::regclass)
+                then 'after-data' end
     from pg_class c where c.oid = any($1) and c.relkind = 'v'";
 
 pub(super) const MATVIEWS: &str = "

@@ -350,12 +350,29 @@ async fn inventory(c: &Conn, scope: &Scope, side: Side) -> Result<Vec<Object>> {
     Ok(out)
 }
 
+/// A definition cut to what a report line can show (a view's query runs to
+/// pages); `--json` keeps them whole.
+fn abbreviated(definition: &str) -> String {
+    const SHOWN: usize = 120;
+    let flat = definition.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(SHOWN) {
+        Some((i, _)) => format!("{}…", &flat[..i]),
+        None => flat,
+    }
+}
+
 /// One line per difference, for reports.
 pub fn describe(d: &Difference) -> String {
     let what = match d.problem {
         "missing" => format!("{} {} is missing on the target", d.kind, d.name),
         "extra" => format!("{} {} is granted on the target only", d.kind, d.name),
-        _ => format!("{} {} differs: source {:?}, target {:?}", d.kind, d.name, d.source, d.target),
+        _ => format!(
+            "{} {} differs: source {:?}, target {:?}",
+            d.kind,
+            d.name,
+            abbreviated(&d.source),
+            abbreviated(&d.target)
+        ),
     };
     match &d.reason {
         Some(r) => format!("{what} (not created: {r})"),
