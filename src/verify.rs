@@ -2,7 +2,8 @@
 //! wire.
 //!
 //! Each side hashes every row's text form (identical across majors under
-//! the pinned session settings, see `pg`) and sums the hashes per bucket;
+//! the pinned session settings, see `pg`, floats by their bits, see
+//! [`value`]) and sums the hashes per bucket;
 //! rows go to one of [`BUCKETS`] buckets by a hash of their key (of the whole
 //! row for keyless tables). Sums are order-independent and count duplicates,
 //! so keyless tables compare as multisets. Only buckets whose count or sum

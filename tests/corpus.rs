@@ -5,7 +5,7 @@
 //! object's definition on the target are compared with the source's.
 //!
 //! The default run moves each schema once, between two majors it can live
-//! on; `cargo test --test integration -- --ignored corpus` moves them
+//! on; `scripts/test -- --ignored corpus` moves them
 //! between the other pairs too.
 
 use crate::support::{Pgleap, Sql, TestDb, cluster, writes_until_fenced};
@@ -295,7 +295,7 @@ fn apflora_moves_live_pg15_to_pg17() {
 }
 
 #[test]
-#[ignore = "the whole corpus: cargo test --test integration -- --ignored corpus"]
+#[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn apflora_moves_live_pg13_to_pg18() {
     moves_live(&APFLORA, 13, 18);
 }
@@ -307,25 +307,25 @@ fn pagila_moves_live_pg18_to_pg18() {
 }
 
 #[test]
-#[ignore = "the whole corpus: cargo test --test integration -- --ignored corpus"]
+#[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn chinook_moves_live_pg10_to_pg15() {
     moves_live(&CHINOOK, 10, 15);
 }
 
 #[test]
-#[ignore = "the whole corpus: cargo test --test integration -- --ignored corpus"]
+#[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn chinook_moves_live_pg17_to_pg18() {
     moves_live(&CHINOOK, 17, 18);
 }
 
 #[test]
-#[ignore = "the whole corpus: cargo test --test integration -- --ignored corpus"]
+#[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn northwind_moves_live_pg15_to_pg18() {
     moves_live(&NORTHWIND, 15, 18);
 }
 
 #[test]
-#[ignore = "the whole corpus: cargo test --test integration -- --ignored corpus"]
+#[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn northwind_moves_live_pg12_to_pg12() {
     moves_live(&NORTHWIND, 12, 12);
 }
