@@ -394,8 +394,9 @@ fn a_target_that_changes_rows_as_they_are_applied_is_caught_inside_the_fence_pg1
     cutover.args(["cutover", "s"]);
     let cutover = std::thread::spawn(move || cutover.output());
     let watcher = src.cluster.superuser(&src.name);
+    // This database's: other tests cut over beside it on the same server.
     let fencing = "select count(*) from pg_stat_activity where pid <> pg_backend_pid()
-                   and query like '%no longer takes writes%'";
+                   and datname = current_database() and query like '%no longer takes writes%'";
     let started = std::time::Instant::now();
     while watcher.value(fencing) == "0" {
         assert!(started.elapsed() < Duration::from_secs(60), "the cutover never fenced");
@@ -434,8 +435,9 @@ fn an_interrupt_inside_the_fence_waits_for_the_switch_pg15_to_pg17() {
         .spawn()
         .unwrap();
     let watcher = src.cluster.superuser(&src.name);
+    // This database's: other tests cut over beside it on the same server.
     let fencing = "select count(*) from pg_stat_activity where pid <> pg_backend_pid()
-                   and query like '%no longer takes writes%'";
+                   and datname = current_database() and query like '%no longer takes writes%'";
     let started = std::time::Instant::now();
     while watcher.value(fencing) == "0" {
         assert!(started.elapsed() < Duration::from_secs(60), "the cutover never fenced");
