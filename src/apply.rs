@@ -199,10 +199,7 @@ fn plan_columns_sql(v: PgVersion) -> String {
     // subquery made the whole query take 1.4 s for 2,000 tables (read on
     // every connect and by status).
     let (deterministic, collations) = if v.has_nondeterministic_collations() {
-        (
-            "coalesce(l.collisdeterministic, true)",
-            "left join pg_collation l on l.oid = b.coll",
-        )
+        ("coalesce(l.collisdeterministic, true)", "left join pg_collation l on l.oid = b.coll")
     } else {
         ("true", "")
     };

@@ -94,6 +94,36 @@ pub struct CutoverReport {
     /// A dry run's schema objects the cutover would create on the target.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub would_create: Vec<String>,
+    /// Where the time went before the fence (the application still
+    /// writing) and inside it (the write downtime), step by step: what a
+    /// rehearsal tells of a production cutover.
+    pub before_fence: Vec<StepTime>,
+    pub inside_fence: Vec<StepTime>,
+}
+
+/// One step of a cutover and its time.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTime {
+    pub step: &'static str,
+    pub ms: i64,
+}
+
+/// Times consecutive steps.
+struct Timer {
+    at: Instant,
+    steps: Vec<StepTime>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer { at: Instant::now(), steps: Vec::new() }
+    }
+
+    /// Ends a step started when the previous one ended.
+    fn lap(&mut self, step: &'static str) {
+        self.steps.push(StepTime { step, ms: self.at.elapsed().as_millis() as i64 });
+        self.at = Instant::now();
+    }
 }
 
 /// Set while a cutover is between its fence and the switch point (or the
@@ -175,20 +205,26 @@ pub async fn cutover_with(
     env: Env<'_>,
 ) -> Result<CutoverReport> {
     let target = route.sole_target()?.name.clone();
+    let mut before = Timer::new();
     catch_up(catalog, session, opts.max_lag, env).await?;
+    before.lap("catch-up");
     let (at_switch, would_create) =
         settle_schema(session, opts.allow_schema_differences, opts.dry_run).await?;
+    before.lap("schema");
     if !opts.rows_compared {
         counts_at_one_point(session).await?;
+        before.lap("row counts at one point");
         // Counting a large database takes a while: the lag it left is
         // applied before the fence, not inside it.
         catch_up(catalog, session, opts.max_lag, env).await?;
+        before.lap("catch-up after the counts");
     }
     if opts.dry_run {
         // The poolers are checked, not paused.
         crate::switch::check(&opts.switch, env).await?;
         let mut report = dry_run(catalog, session, env).await?;
         report.would_create = would_create;
+        report.before_fence = before.steps;
         return Ok(report);
     }
     if let Some(back) = &opts.rollback_sync {
@@ -211,14 +247,17 @@ pub async fn cutover_with(
         }
     };
     let started = Instant::now();
+    let mut inside = Timer::new();
     let result = async {
         fence(&mut session.src, &session.plan, &moved_to).await?;
         crate::failpoint::hit("cutover-fenced");
         if opts.terminate {
             read_only(&session.src, true).await?;
         }
-        let switched = switch(catalog, session, opts, &at_switch, env).await?;
+        inside.lap("fence (taking the tables' locks)");
+        let switched = switch(catalog, session, opts, &at_switch, &mut inside, env).await?;
         pooler.repoint(&opts.switch, &to, route.name(), &target).await?;
+        inside.lap("switch");
         if let Some(old) = &opts.lift_fence {
             // A rollback: the fence the cutover left on the old server comes
             // off last, once nothing else can fail.
@@ -272,6 +311,8 @@ pub async fn cutover_with(
         rollback_sync: opts.rollback_sync.clone(),
         paused_ms,
         would_create: Vec::new(),
+        before_fence: before.steps,
+        inside_fence: inside.steps,
     })
 }
 
@@ -391,6 +432,8 @@ async fn finish_switched(
         rollback_sync: catalog.rollback_sync_of(sync)?,
         paused_ms: None,
         would_create: Vec::new(),
+        before_fence: Vec::new(),
+        inside_fence: Vec::new(),
     })
 }
 
@@ -492,9 +535,11 @@ async fn switch(
     session: &mut Session,
     opts: &CutoverOptions,
     at_switch: &[Difference],
+    timer: &mut Timer,
     env: Env<'_>,
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
+    timer.lap("drain");
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     for (seq, value, called) in &sequences {
         // Exact without a margin: a sequence never drawn from hands out
@@ -508,6 +553,7 @@ async fn switch(
             )
             .await?;
     }
+    timer.lap("sequences");
     let schema = &session.plan.schema;
     let mut to_validate = target::restore(&session.tgt, schema, &session.plan.sync, false).await?;
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
@@ -517,8 +563,10 @@ async fn switch(
     to_validate.extend(target::not_validated(&session.tgt, &session.plan).await?);
     to_validate.sort();
     to_validate.dedup();
+    timer.lap("deferred schema");
     if let Some(back) = &opts.rollback_sync {
         arm_rollback(catalog, back, session).await?;
+        timer.lap("sync back");
     }
     // Last: once forced, row security applies to pgleap's own writes.
     let failed = fidelity::create(&session.tgt, at_switch.to_vec(), Stage::Cutover).await?;
@@ -562,9 +610,13 @@ async fn dry_run(
     env: Env<'_>,
 ) -> Result<CutoverReport> {
     let started = Instant::now();
+    let mut timer = Timer::new();
     let large_objects_ms = drain(catalog, session, env).await?;
+    timer.lap("drain");
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
+    timer.lap("sequences");
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
+    timer.lap("deferred schema");
     Ok(CutoverReport {
         sync: session.sync_name().into(),
         target: session.target_name().into(),
@@ -578,6 +630,8 @@ async fn dry_run(
         rollback_sync: None,
         paused_ms: None,
         would_create: Vec::new(),
+        before_fence: Vec::new(),
+        inside_fence: timer.steps,
     })
 }
 

@@ -59,12 +59,21 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
 
     let rehearsal = p.run(&["cutover", "s", "--dry-run"]);
     assert!(rehearsal.ok().contains("predicted write downtime"), "{rehearsal}");
+    assert!(rehearsal.stdout.contains("predicted inside the fence: drain "), "{rehearsal}");
     src.sql().exec("insert into audit (what) values ('still writable after the dry run')");
 
     let out = p.run(&["cutover", "s", "--json", "--rollback-sync", "back"]);
     let report = out.json();
     assert_eq!(report["dry_run"], false);
     assert!(report["fence_ms"].as_i64().unwrap() > 0, "{report}");
+    let steps = |side: &str| -> Vec<String> {
+        report[side].as_array().unwrap().iter().map(|s| s["step"].to_string()).collect()
+    };
+    let inside = steps("inside_fence");
+    for step in ["drain", "sequences", "deferred schema", "sync back", "switch"] {
+        assert!(inside.contains(&format!("\"{step}\"")), "{step}: {report}");
+    }
+    assert!(steps("before_fence").contains(&"\"row counts at one point\"".into()), "{report}");
     let refused = writer.join().unwrap();
     assert!(refused.contains("moved to pgleap database \"dst\""), "{refused}");
     let _ = load.kill();

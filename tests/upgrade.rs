@@ -39,6 +39,10 @@ fn upgrade_with_auto_cutover_under_load_pg12_to_pg17() {
         "replicated by whole rows: public.pgbench_history",
         "verify: every table equal",
         "writes were fenced for",
+        // Where the time went, the fence's steps among them.
+        "inside the fence: fence (taking the tables' locks) ",
+        "fence: drain",
+        "fence: deferred schema",
     ] {
         assert!(text.contains(expected), "missing {expected:?}:\n{out}");
     }

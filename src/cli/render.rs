@@ -370,6 +370,8 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
         for object in &r.would_create {
             println!("the cutover would create on the target: {object}");
         }
+        print_steps("predicted inside the fence", &r.inside_fence);
+        print_steps("before the fence (writes go on)", &r.before_fence);
     } else {
         println!(
             "cut over sync \"{}\" to \"{}\": writes were fenced for {:.3} s; {} tables drained, \
@@ -382,6 +384,8 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
             r.foreign_keys,
             r.triggers
         );
+        print_steps("inside the fence", &r.inside_fence);
+        print_steps("before the fence (writes went on)", &r.before_fence);
         if let Some(ms) = r.paused_ms {
             println!(
                 "the poolers held the clients' queries for {:.3} s and sent them to \"{}\"",
@@ -403,10 +407,43 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
 }
 
 /// The end of `upgrade`: each step's time, the write downtime, what next.
+/// One line of a cutover's steps and their times: where a rehearsal says
+/// the time goes.
+fn print_steps(what: &str, steps: &[crate::cutover::StepTime]) {
+    if steps.is_empty() {
+        return;
+    }
+    let parts: Vec<String> =
+        steps.iter().map(|s| format!("{} {:.3} s", s.step, s.ms as f64 / 1000.0)).collect();
+    println!("{what}: {}", parts.join(", "));
+}
+
 pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport) {
-    let mut t = table(&["step", "time"]);
+    let total: f64 = r.steps.iter().map(|s| s.1).sum();
+    let share = |seconds: f64| {
+        if total > 0.0 { format!("{:.0} %", 100.0 * seconds / total) } else { String::new() }
+    };
+    let mut t = table(&["step", "time", "share"]);
     for (step, seconds) in &r.steps {
-        t.add_row(vec![step.clone(), format!("{seconds:.1} s")]);
+        t.add_row(vec![step.clone(), format!("{seconds:.1} s"), share(*seconds)]);
+        // The cutover's own steps, the fence's among them.
+        if step == "cutover"
+            && let Some(c) = &r.cutover
+        {
+            let inner = c
+                .before_fence
+                .iter()
+                .map(|s| ("", s))
+                .chain(c.inside_fence.iter().map(|s| ("fence: ", s)));
+            for (prefix, s) in inner {
+                let seconds = s.ms as f64 / 1000.0;
+                t.add_row(vec![
+                    format!("  {prefix}{}", s.step),
+                    format!("{seconds:.3} s"),
+                    share(seconds),
+                ]);
+            }
+        }
     }
     println!("{t}");
     match &r.cutover {
