@@ -151,6 +151,17 @@ impl Session {
         }
     }
 
+    /// The workers a catch-up or a verify may use.
+    pub fn jobs(&self) -> usize {
+        self.jobs
+    }
+
+    /// A fresh pair of connections to the source and the target, for a
+    /// worker beside the session's own.
+    pub async fn connect_pair(&self, env: Env<'_>) -> Result<(Conn, Conn)> {
+        Ok((self.source.connect(env).await?, self.target.connect(env).await?))
+    }
+
     pub fn sync_name(&self) -> &str {
         &self.sync.name
     }

@@ -378,7 +378,7 @@ pub async fn upgrade(
     let route = SyncRoute::load(catalog, name)?;
     let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
     clock.lap("initial copy and catch-up");
-    let differing = step_verify(&mut session, say).await?;
+    let differing = step_verify(&mut session, say, env).await?;
     clock.lap("verify");
     let go = match opts.cutover {
         CutoverMode::Auto => differing.is_empty(),
@@ -702,8 +702,12 @@ async fn step_copy(
 }
 
 /// Compares every table at one consistent point; returns the differing.
-async fn step_verify(session: &mut Session, say: &dyn Fn(&str)) -> Result<Vec<String>> {
-    let reports = verify::compare_live(session, &[]).await?;
+async fn step_verify(
+    session: &mut Session,
+    say: &dyn Fn(&str),
+    env: Env<'_>,
+) -> Result<Vec<String>> {
+    let reports = verify::compare_live(session, &[], env).await?;
     let differing: Vec<String> =
         reports.iter().filter(|r| !r.equal).map(|r| r.table.clone()).collect();
     say(&format!(

@@ -9,6 +9,8 @@
 //! so keyless tables compare as multisets. Only buckets whose count or sum
 //! differ are looked at row by row, to name the first differing keys.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -187,45 +189,75 @@ pub async fn compare_schema(
     })
 }
 
-/// Compares the tables of a plan (those named in `only`, or all).
+/// The tables of a plan named in `only` (all when empty).
+fn selected<'p>(plan: &'p Plan, only: &[String]) -> Vec<&'p TablePlan> {
+    plan.tables
+        .iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| *o == t.display || *o == t.table))
+        .collect()
+}
+
+fn large_objects_asked(plan: &Plan, only: &[String]) -> bool {
+    plan.large_objects && (only.is_empty() || only.iter().any(|o| o == LARGE_OBJECTS))
+}
+
+/// A verify reads every row on both servers: minutes to hours on a large
+/// database, shown as it goes (bars on a terminal, lines else).
+fn progress_of(tables: &[&TablePlan]) -> crate::progress::Progress {
+    crate::progress::Progress::new(
+        "verify",
+        tables.len() as u64,
+        tables.iter().map(|t| bytes(t)).sum(),
+    )
+}
+
+fn bytes(t: &TablePlan) -> u64 {
+    t.est_bytes.max(0) as u64
+}
+
+/// Compares one table, shown in `progress`.
+async fn compare_shown(
+    src: &impl Sql,
+    tgt: &impl Sql,
+    t: &TablePlan,
+    progress: &crate::progress::Progress,
+) -> Result<TableReport> {
+    let unit = progress.start_unit(&t.display);
+    let report = compare_table(src, tgt, t).await?;
+    progress.advance(&unit, bytes(t));
+    progress.finish_unit(unit, report.source_rows.max(0) as u64);
+    Ok(report)
+}
+
+async fn compare_large_objects(src: &impl Sql, tgt: &impl Sql) -> Result<TableReport> {
+    let (source_rows, target_rows, differing_keys) = large_objects::compare(src, tgt).await?;
+    Ok(TableReport {
+        table: LARGE_OBJECTS.into(),
+        source_rows,
+        target_rows,
+        equal: differing_keys.is_empty() && source_rows == target_rows,
+        differing_keys,
+        missing: Vec::new(),
+    })
+}
+
+/// Compares the tables of a plan (those named in `only`, or all), one
+/// after the other on one pair of connections.
 pub async fn compare(
     src: &impl Sql,
     tgt: &impl Sql,
     plan: &Plan,
     only: &[String],
 ) -> Result<Vec<TableReport>> {
+    let tables = selected(plan, only);
+    let progress = progress_of(&tables);
     let mut out = Vec::new();
-    let tables: Vec<_> = plan
-        .tables
-        .iter()
-        .filter(|t| only.is_empty() || only.iter().any(|o| *o == t.display || *o == t.table))
-        .collect();
-    // A verify reads every row on both servers: minutes to hours on a
-    // large database, shown as it goes (bars on a terminal, lines else).
-    let bytes = |t: &&crate::apply::TablePlan| t.est_bytes.max(0) as u64;
-    let progress = crate::progress::Progress::new(
-        "verify",
-        tables.len() as u64,
-        tables.iter().map(bytes).sum(),
-    );
-    for t in tables {
-        let unit = progress.start_unit(&t.display);
-        let report = compare_table(src, tgt, t).await?;
-        progress.advance(&unit, bytes(&t));
-        progress.finish_unit(unit, report.source_rows.max(0) as u64);
-        out.push(report);
+    for t in &tables {
+        out.push(compare_shown(src, tgt, t, &progress).await?);
     }
     progress.finish();
-    if plan.large_objects && (only.is_empty() || only.iter().any(|o| o == LARGE_OBJECTS)) {
-        let (source_rows, target_rows, differing_keys) = large_objects::compare(src, tgt).await?;
-        out.push(TableReport {
-            table: LARGE_OBJECTS.into(),
-            source_rows,
-            target_rows,
-            equal: differing_keys.is_empty() && source_rows == target_rows,
-            differing_keys,
-            missing: Vec::new(),
-        });
+    if large_objects_asked(plan, only) {
+        out.push(compare_large_objects(src, tgt).await?);
     }
     Ok(out)
 }
@@ -256,7 +288,7 @@ pub async fn verify_sync(
                 Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
             let until = session.source_snapshot().await?;
             session.catch_up(catalog, &until, deadline, env).await?;
-            let tables = compare_live(&mut session, only).await?;
+            let tables = compare_live(&mut session, only, env).await?;
             (tables, compare_schema(&session.src, &session.tgt, &session.plan, false).await?)
         } else {
             let src = route.source.connect(env).await?;
@@ -272,17 +304,101 @@ pub async fn verify_sync(
     Ok(out)
 }
 
-/// Compares at one consistent point while the sync runs: one batch applied
-/// and both sides compared in the batch's two transactions.
-pub async fn compare_live(session: &mut Session, only: &[String]) -> Result<Vec<TableReport>> {
-    let (stx, ttx) = apply::begin_batch(&mut session.src, &mut session.tgt, &session.plan).await?;
-    apply::apply_within(&stx, &ttx, &session.plan, None).await?;
-    if session.plan.large_objects {
-        let (schema, sync) = (&session.plan.schema, &session.plan.sync);
-        large_objects::pass(&stx, &ttx, schema, sync, large_objects::Pass::Full).await?;
+/// Compares at one consistent point while the sync runs: one batch
+/// applied, then both servers compared as of that batch by `--jobs`
+/// workers at once, in snapshots exported by the batch's source
+/// transaction and by a target transaction opened right after its commit.
+/// The sync's applier lock is held only until both snapshots exist: the
+/// daemon goes on applying while the workers read (#28).
+pub async fn compare_live(
+    session: &mut Session,
+    only: &[String],
+    env: Env<'_>,
+) -> Result<Vec<TableReport>> {
+    let plan = session.plan.clone();
+    let mut pairs = Vec::new();
+    for _ in 0..session.jobs().max(1) {
+        pairs.push(session.connect_pair(env).await?);
     }
-    let reports = compare(&stx, &ttx, &session.plan, only).await?;
-    ttx.commit().await?;
+    let key = (apply::LOCK_CLASS, plan.sync_id);
+    // Held by the session, it outlives the batch's transaction: no other
+    // applier moves the target past the batch before its snapshot exists.
+    session.tgt.execute(HOLD_APPLIER, &[&key.0, &key.1]).await?;
+    let (src, tgt) = (&mut session.src, &mut session.tgt);
+    let exported = async {
+        let ttx = tgt.transaction().await?;
+        ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&key.0, &key.1]).await?;
+        let stx = src.snapshot().await?;
+        apply::apply_within(&stx, &ttx, &plan, None).await?;
+        if plan.large_objects {
+            let (schema, sync) = (&plan.schema, &plan.sync);
+            large_objects::pass(&stx, &ttx, schema, sync, large_objects::Pass::Full).await?;
+        }
+        ttx.commit().await?;
+        Ok::<_, crate::Error>(stx)
+    }
+    .await;
+    let stx = match exported {
+        Ok(stx) => stx,
+        Err(e) => {
+            let _ = tgt.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await;
+            return Err(e);
+        }
+    };
+    let (src_snapshot, _) = stx.export_snapshot().await?;
+    let held = tgt.snapshot().await?;
+    let (tgt_snapshot, _) = held.export_snapshot().await?;
+    held.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await?;
+
+    let reports = compare_in(pairs, &src_snapshot, &tgt_snapshot, &plan, only).await;
+    held.commit().await?;
     stx.commit().await?;
-    Ok(reports)
+    reports
 }
+
+/// [`compare`], with the tables shared out to `pairs` of connections, each
+/// reading in the snapshots given (exported by the caller, who keeps them
+/// open until this returns).
+async fn compare_in(
+    pairs: Vec<(Conn, Conn)>,
+    src_snapshot: &str,
+    tgt_snapshot: &str,
+    plan: &Plan,
+    only: &[String],
+) -> Result<Vec<TableReport>> {
+    let tables = selected(plan, only);
+    let progress = progress_of(&tables);
+    // The large objects, when asked for, are one more item.
+    let items = tables.len() + usize::from(large_objects_asked(plan, only));
+    let queue = Mutex::new((0..items).collect::<VecDeque<usize>>());
+    let results: Mutex<Vec<Option<TableReport>>> = Mutex::new(vec![None; items]);
+    let workers = pairs.into_iter().map(|(mut s, mut t)| {
+        let (queue, results, tables, progress) = (&queue, &results, &tables, &progress);
+        async move {
+            let stx = s.imported_snapshot(src_snapshot).await?;
+            let ttx = t.imported_snapshot(tgt_snapshot).await?;
+            loop {
+                // The guard must go before the await: the others take it.
+                let Some(i) = queue.lock().unwrap().pop_front() else { break };
+                let report = match tables.get(i) {
+                    Some(table) => compare_shown(&stx, &ttx, table, progress).await?,
+                    None => compare_large_objects(&stx, &ttx).await?,
+                };
+                results.lock().unwrap()[i] = Some(report);
+            }
+            stx.commit().await?;
+            ttx.commit().await?;
+            Ok::<_, crate::Error>(())
+        }
+    });
+    futures_util::future::try_join_all(workers).await?;
+    progress.finish();
+    Ok(results.into_inner().unwrap().into_iter().flatten().collect())
+}
+
+// The catalog queries of this module, named.
+
+/// The sync's applier lock, taken and released by a session rather than a
+/// transaction.
+const HOLD_APPLIER: &str = "select pg_advisory_lock($1, $2)";
+const RELEASE_APPLIER: &str = "select pg_advisory_unlock($1, $2)";

@@ -1,6 +1,9 @@
 //! `pgleap verify`: differences are found and named by key; equal data is
 //! equal.
 
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
 use crate::support::{Pgleap, TestDb, cluster};
 
 #[test]
@@ -49,5 +52,58 @@ fn a_planted_difference_is_named_by_its_key_pg12_to_pg17() {
     assert_eq!(text.code, 1);
     assert!(text.stderr.contains("verify found differences in 1 table(s)"), "{text}");
     assert!(text.stdout.contains("DIFFERENT"), "{text}");
+    p.run(&["teardown", "s"]).ok();
+}
+
+/// A live verify holds the sync's applier lock only until both servers'
+/// snapshots exist: the daemon applies a write made while the verify is
+/// still reading (it used to wait for the whole comparison).
+#[test]
+fn the_daemon_goes_on_applying_while_a_verify_reads_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "verlivesrc");
+    let dst = TestDb::new(cluster(17), "verlivedst");
+    let schema = "create table big (id int primary key, v text);
+                  create table small (id int primary key)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec("insert into big select g, md5(g::text) from generate_series(1, 1500000) g");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always"]);
+    p.run(&["start"]).ok();
+    p.run(&["kick", "s", "--wait", "120"]).ok();
+
+    let mut verify = p
+        .command()
+        .args(["verify", "s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The comparison has started reading big on the source.
+    let reading = "select count(*) from pg_stat_activity
+                   where datname = current_database() and pid <> pg_backend_pid()
+                     and query like '%md5%from only%big%'";
+    let watcher = src.cluster.superuser(&src.name);
+    let started = Instant::now();
+    while watcher.value(reading) == "0" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the verify never read big");
+        assert!(verify.try_wait().unwrap().is_none(), "the verify ended before reading big");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.sql().exec("insert into small values (1)");
+    while dst.sql().value("select count(*) from small") == "0" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the write never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still reading: the write did not wait for the comparison's end.
+    assert_ne!(
+        watcher.value(&format!("{reading} and state = 'active'")),
+        "0",
+        "the write arrived only after the verify had read big"
+    );
+    let out = verify.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p.run(&["stop"]).ok();
     p.run(&["teardown", "s"]).ok();
 }
