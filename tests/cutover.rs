@@ -237,6 +237,19 @@ fn cutover_pair(label: &str) -> (TestDb, TestDb, Pgleap) {
     (src, dst, p)
 }
 
+/// Waits until a cutover of `src` is taking its fence (the fence's DDL is
+/// on the server; other tests cut over beside it on the same server).
+fn wait_until_fencing(src: &TestDb) {
+    let watcher = src.cluster.superuser(&src.name);
+    let fencing = "select count(*) from pg_stat_activity where pid <> pg_backend_pid()
+                   and datname = current_database() and query like '%no longer takes writes%'";
+    let started = std::time::Instant::now();
+    while watcher.value(fencing) == "0" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the cutover never fenced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 const NOT_VALID: &str =
     "select count(*) from pg_constraint where contype = 'f' and not convalidated";
 
@@ -402,15 +415,7 @@ fn a_target_that_changes_rows_as_they_are_applied_is_caught_inside_the_fence_pg1
     let mut cutover = p.command();
     cutover.args(["cutover", "s"]);
     let cutover = std::thread::spawn(move || cutover.output());
-    let watcher = src.cluster.superuser(&src.name);
-    // This database's: other tests cut over beside it on the same server.
-    let fencing = "select count(*) from pg_stat_activity where pid <> pg_backend_pid()
-                   and datname = current_database() and query like '%no longer takes writes%'";
-    let started = std::time::Instant::now();
-    while watcher.value(fencing) == "0" {
-        assert!(started.elapsed() < Duration::from_secs(60), "the cutover never fenced");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_fencing(&src);
     app.exec("commit");
     let out = cutover.join().unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -443,15 +448,7 @@ fn an_interrupt_inside_the_fence_waits_for_the_switch_pg15_to_pg17() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let watcher = src.cluster.superuser(&src.name);
-    // This database's: other tests cut over beside it on the same server.
-    let fencing = "select count(*) from pg_stat_activity where pid <> pg_backend_pid()
-                   and datname = current_database() and query like '%no longer takes writes%'";
-    let started = std::time::Instant::now();
-    while watcher.value(fencing) == "0" {
-        assert!(started.elapsed() < Duration::from_secs(60), "the cutover never fenced");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_fencing(&src);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     std::thread::sleep(Duration::from_millis(500));
     app.exec("commit");
