@@ -195,6 +195,7 @@ async fn lock_wait(c: &Conn) -> Result<Option<(f64, String)>> {
 
 /// The phase of a sync whose cutover died half-way.
 const UNFINISHED: &str = "cutover unfinished";
+const ROLLED_BACK: &str = "rolled back";
 
 /// The phase of a sync whose apply waits on a lock past [`BLOCKED_AFTER`].
 const BLOCKED: &str = "blocked";
@@ -276,6 +277,14 @@ pub async fn gather(
         let sync = &route.sync;
         let source = route.source.name.clone();
         let cut_over = sync.retired && catalog.was_cut_over(&sync.name)?;
+        // Moved back with `rollback`: the sync back was cut over in turn,
+        // and the application writes to this sync's source again.
+        let rolled_back = match catalog.rollback_sync_of(&sync.name)? {
+            Some(back) if cut_over => {
+                catalog.sync(&back).is_ok_and(|b| b.retired) && catalog.was_cut_over(&back)?
+            }
+            _ => false,
+        };
         let mut states = catalog.sync_states(&sync.name)?;
         // A cutover under way, or left unfinished by a process that died:
         // it says so whatever else the sync shows.
@@ -298,7 +307,7 @@ pub async fn gather(
         });
         if cut_over {
             for s in &mut states {
-                s.state = "cut over".into();
+                s.state = if rolled_back { "rolled back" } else { "cut over" }.into();
             }
         }
         let live = async {
@@ -354,7 +363,10 @@ pub async fn gather(
                 Err(_) => (None, Some(format!("{target}: {}", no_answer())), None),
             };
             let blocked = waiting.as_ref().filter(|(s, _)| *s > BLOCKED_AFTER).map(|(_, w)| w);
-            let lag = pending.as_ref().map(|p| p[i].1);
+            // A cut-over sync follows nothing any more: what its capture
+            // still records (writes the application makes after a
+            // rollback) is no lag.
+            let lag = pending.as_ref().filter(|_| !cut_over).map(|p| p[i].1);
             targets.push(TargetStatus {
                 copied: copy.as_ref().is_some_and(|c| c.applied),
                 copy_ratio: copy
@@ -365,12 +377,20 @@ pub async fn gather(
                 phase: match (&cutting, blocked) {
                     (Some(c), _) => c.clone(),
                     (None, Some(w)) if !cut_over => format!("{BLOCKED}: {w}"),
+                    _ if rolled_back => format!(
+                        "{ROLLED_BACK}: writes go to {source} again; before moving again, remove \
+                         both syncs (pgleap teardown {name}, then pgleap teardown {back}, with \
+                         --unfence to let {target} take writes again)",
+                        name = sync.name,
+                        back = catalog.rollback_sync_of(&sync.name)?.unwrap_or_default(),
+                    ),
                     _ => phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
                 },
                 waiting: waiting.map(|(_, w)| w),
                 last,
-                pending: pending.as_ref().map(|p| p[i].0),
-                writes_go_to: cut_over.then(|| target.to_string()),
+                pending: pending.as_ref().filter(|_| !cut_over).map(|p| p[i].0),
+                writes_go_to: cut_over
+                    .then(|| if rolled_back { source.clone() } else { target.to_string() }),
                 lag_seconds: lag,
                 target_error,
             });
@@ -412,6 +432,9 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
         let name = &t.target;
         match t.phase.as_str() {
             "cut over" => reasons.push(format!("it was cut over to {name} already")),
+            p if p.starts_with(ROLLED_BACK) => {
+                reasons.push(format!("it was cut over to {name} and rolled back: {p}"))
+            }
             "bad" => reasons.push(format!(
                 "the last round to {name} failed: {}",
                 t.last.last_error.as_deref().unwrap_or("see pgleap status")

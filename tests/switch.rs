@@ -113,6 +113,16 @@ fn clients_see_a_pause_not_an_error_at_cutover_and_rollback_through_pgbouncer() 
     let next = |db: &TestDb| db.sql().value("select last_value from probe_id_seq");
     assert!(next(&src).parse::<i64>().unwrap() >= *on_old.last().unwrap());
     assert!(src.sql().try_exec("insert into account values (1000, 0)").is_ok(), "old is writable");
+    // Status tells the truth after the rollback: writes go to the old
+    // server, the retired sync has no lag, and how to move again.
+    let status = p.run(&["status", "s", "--json"]);
+    let target = &status.json_any()["syncs"][0]["targets"][0];
+    let phase = target["phase"].as_str().unwrap();
+    assert!(phase.starts_with("rolled back: writes go to src again"), "{status}");
+    assert!(phase.contains("pgleap teardown s, then pgleap teardown back"), "{status}");
+    assert_eq!(target["writes_go_to"], "src", "{status}");
+    assert!(target["lag_seconds"].is_null() && target["pending"].is_null(), "{status}");
+    assert_eq!(status.code, 0, "{status}");
 }
 
 #[test]
