@@ -305,8 +305,8 @@ pub async fn verify_sync(
 }
 
 /// Compares at one consistent point while the sync runs: one batch
-/// applied, then both servers compared as of that batch by `--jobs`
-/// workers at once, in snapshots exported by the batch's source
+/// applied, then both servers compared as of that batch by workers (half
+/// the session's jobs: each keeps a backend busy on both servers) at once, in snapshots exported by the batch's source
 /// transaction and by a target transaction opened right after its commit.
 /// The sync's applier lock is held only until both snapshots exist: the
 /// daemon goes on applying while the workers read (#28).
@@ -316,8 +316,13 @@ pub async fn compare_live(
     env: Env<'_>,
 ) -> Result<Vec<TableReport>> {
     let plan = session.plan.clone();
+    // Each worker keeps a backend busy hashing on each server: half the
+    // jobs, so that the servers' cores are not oversubscribed (two workers
+    // on this 2-core machine verified 20 % slower than one,
+    // docs/BENCHMARKS.md).
+    let workers = (session.jobs() / 2).max(1);
     let mut pairs = Vec::new();
-    for _ in 0..session.jobs().max(1) {
+    for _ in 0..workers {
         pairs.push(session.connect_pair(env).await?);
     }
     let key = (apply::LOCK_CLASS, plan.sync_id);
