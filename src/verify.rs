@@ -330,7 +330,7 @@ pub async fn compare_live(
     // applier moves the target past the batch before its snapshot exists.
     session.tgt.execute(HOLD_APPLIER, &[&key.0, &key.1]).await?;
     let (src, tgt) = (&mut session.src, &mut session.tgt);
-    let exported = async {
+    let compared = async {
         let ttx = tgt.transaction().await?;
         ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&key.0, &key.1]).await?;
         let stx = src.snapshot().await?;
@@ -340,25 +340,22 @@ pub async fn compare_live(
             large_objects::pass(&stx, &ttx, schema, sync, large_objects::Pass::Full).await?;
         }
         ttx.commit().await?;
-        Ok::<_, crate::Error>(stx)
+        let (src_snapshot, _) = stx.export_snapshot().await?;
+        let held = tgt.snapshot().await?;
+        let (tgt_snapshot, _) = held.export_snapshot().await?;
+        held.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await?;
+        let reports = compare_in(pairs, &src_snapshot, &tgt_snapshot, &plan, only).await?;
+        held.commit().await?;
+        stx.commit().await?;
+        Ok::<_, crate::Error>(reports)
     }
     .await;
-    let stx = match exported {
-        Ok(stx) => stx,
-        Err(e) => {
-            let _ = tgt.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await;
-            return Err(e);
-        }
-    };
-    let (src_snapshot, _) = stx.export_snapshot().await?;
-    let held = tgt.snapshot().await?;
-    let (tgt_snapshot, _) = held.export_snapshot().await?;
-    held.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await?;
-
-    let reports = compare_in(pairs, &src_snapshot, &tgt_snapshot, &plan, only).await;
-    held.commit().await?;
-    stx.commit().await?;
-    reports
+    if compared.is_err() {
+        // Whatever step failed, the daemon must not wait on this session
+        // (at most a warning if it was released already).
+        let _ = session.tgt.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await;
+    }
+    compared
 }
 
 /// [`compare`], with the tables shared out to `pairs` of connections, each
