@@ -555,7 +555,18 @@ fn an_interrupted_upgrade_says_so_and_status_shows_no_phantom_copy_pg15_to_pg17(
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(700));
+    // Interrupted once the copy has recorded its parts (a fixed wait raced
+    // a loaded machine: the copy had not begun, and status rightly said
+    // nothing was copying yet).
+    let begun = "do $$ begin
+                     if (select count(*) from pgleap.copy_units) = 0 then raise 'none'; end if;
+                 end $$";
+    let started = std::time::Instant::now();
+    while dst.sql().try_exec(begun).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the copy never began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
