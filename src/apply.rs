@@ -37,6 +37,10 @@ use crate::pg::{
 pub(crate) const LOCK_CLASS: i32 = 0x70676c70;
 /// Advisory lock class for "one initial copy per sync on this target" ('pglc').
 pub const COPY_LOCK_CLASS: i32 = 0x70676c63;
+/// A lock of (class, sync id) taken and released by a session rather than
+/// a transaction: it outlives the transactions it spans.
+pub(crate) const HOLD_LOCK: &str = "select pg_advisory_lock($1, $2)";
+pub(crate) const RELEASE_LOCK: &str = "select pg_advisory_unlock($1, $2)";
 
 /// How one table is applied.
 #[derive(Debug, Clone)]
@@ -326,7 +330,7 @@ impl Plan {
             let always: Vec<String> = row.get(3);
             let bytewise: Vec<String> = row.get(4);
             let quoted = |names: Vec<String>| names.iter().map(|n| quote_ident(n)).collect();
-            let column_names: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+            let column_names: Vec<String> = quoted(names);
             let columns = column_names.join(", ");
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
             let est_rows = member.map_or(0, |m| m.est_rows);
@@ -345,7 +349,7 @@ impl Plan {
                 partitioned,
                 staging_columns,
                 key_arrays: c.key_arrays,
-                always_identity: always.iter().map(|n| quote_ident(n)).collect(),
+                always_identity: quoted(always),
                 keys_bytewise: c.key_columns.iter().all(|k| bytewise.contains(k)),
                 compare_applied: false,
                 floats: quoted(row.get(5)),

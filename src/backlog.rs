@@ -65,10 +65,9 @@ pub async fn run(
     lo: Option<Pass>,
     purge_due: bool,
 ) -> Result<BatchStats> {
-    tgt.execute("select pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id]).await?;
+    tgt.execute(apply::HOLD_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await?;
     let result = locked(src, tgt, plan, workers, lo, purge_due).await;
-    let unlocked =
-        tgt.execute("select pg_advisory_unlock($1, $2)", &[&LOCK_CLASS, &plan.sync_id]).await;
+    let unlocked = tgt.execute(apply::RELEASE_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await;
     let stats = result?;
     unlocked?;
     Ok(stats)

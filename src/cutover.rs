@@ -108,19 +108,19 @@ pub struct StepTime {
     pub ms: i64,
 }
 
-/// Times consecutive steps.
-struct Timer {
+/// Times consecutive steps (a cutover's, an upgrade's).
+pub(crate) struct Timer {
     at: Instant,
-    steps: Vec<StepTime>,
+    pub(crate) steps: Vec<StepTime>,
 }
 
 impl Timer {
-    fn new() -> Timer {
+    pub(crate) fn new() -> Timer {
         Timer { at: Instant::now(), steps: Vec::new() }
     }
 
     /// Ends a step started when the previous one ended.
-    fn lap(&mut self, step: &'static str) {
+    pub(crate) fn lap(&mut self, step: &'static str) {
         self.steps.push(StepTime { step, ms: self.at.elapsed().as_millis() as i64 });
         self.at = Instant::now();
     }

@@ -186,7 +186,7 @@ impl Session {
         // both get here); the loser finds the copy done when it gets the
         // lock. A session lock: released at unlock or disconnect.
         let lock = (apply::COPY_LOCK_CLASS, self.plan.sync_id);
-        self.tgt.execute("select pg_advisory_lock($1, $2)", &[&lock.0, &lock.1]).await?;
+        self.tgt.execute(apply::HOLD_LOCK, &[&lock.0, &lock.1]).await?;
         self.prev = apply::applied_snapshot(&self.tgt, &self.plan).await?;
         if self.prev.is_none() {
             let mode = self.sync.onetimecopy;
@@ -210,7 +210,7 @@ impl Session {
         // before the copy, they could be missing, and the first batches
         // would replay rows the copy already holds.
         self.plan.note_copies(&self.tgt).await?;
-        self.tgt.execute("select pg_advisory_unlock($1, $2)", &[&lock.0, &lock.1]).await?;
+        self.tgt.execute(apply::RELEASE_LOCK, &[&lock.0, &lock.1]).await?;
         Ok(())
     }
 

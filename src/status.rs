@@ -280,10 +280,14 @@ pub async fn gather(
         // Moved back with `rollback`: the sync back was cut over in turn,
         // and the application writes to this sync's source again.
         let rolled_back = match catalog.rollback_sync_of(&sync.name)? {
-            Some(back) if cut_over => {
-                catalog.sync(&back).is_ok_and(|b| b.retired) && catalog.was_cut_over(&back)?
+            Some(back)
+                if cut_over
+                    && catalog.sync(&back).is_ok_and(|b| b.retired)
+                    && catalog.was_cut_over(&back)? =>
+            {
+                Some(back)
             }
-            _ => false,
+            _ => None,
         };
         let mut states = catalog.sync_states(&sync.name)?;
         // A cutover under way, or left unfinished by a process that died:
@@ -307,14 +311,17 @@ pub async fn gather(
         });
         if cut_over {
             for s in &mut states {
-                s.state = if rolled_back { "rolled back" } else { "cut over" }.into();
+                s.state = if rolled_back.is_some() { ROLLED_BACK } else { "cut over" }.into();
             }
         }
         let live = async {
             let src = route.source.connect(env).await?;
             let plan = Plan::load(&src, sync, &route.relgroup).await?;
+            // A cut-over sync follows nothing any more: what its capture
+            // still records (writes the application makes after a
+            // rollback) is no lag, and not read.
             let mut pending = Vec::new();
-            for target in &route.targets {
+            for target in route.targets.iter().filter(|_| !cut_over) {
                 pending.push(apply::pending(&src, &plan, &target.name).await?);
             }
             let not_captured =
@@ -363,10 +370,7 @@ pub async fn gather(
                 Err(_) => (None, Some(format!("{target}: {}", no_answer())), None),
             };
             let blocked = waiting.as_ref().filter(|(s, _)| *s > BLOCKED_AFTER).map(|(_, w)| w);
-            // A cut-over sync follows nothing any more: what its capture
-            // still records (writes the application makes after a
-            // rollback) is no lag.
-            let lag = pending.as_ref().filter(|_| !cut_over).map(|p| p[i].1);
+            let lag = pending.as_ref().and_then(|p| p.get(i)).map(|p| p.1);
             targets.push(TargetStatus {
                 copied: copy.as_ref().is_some_and(|c| c.applied),
                 copy_ratio: copy
@@ -377,20 +381,21 @@ pub async fn gather(
                 phase: match (&cutting, blocked) {
                     (Some(c), _) => c.clone(),
                     (None, Some(w)) if !cut_over => format!("{BLOCKED}: {w}"),
-                    _ if rolled_back => format!(
+                    _ if let Some(back) = &rolled_back => format!(
                         "{ROLLED_BACK}: writes go to {source} again; before moving again, remove \
                          both syncs (pgleap teardown {name}, then pgleap teardown {back}, with \
                          --unfence to let {target} take writes again)",
                         name = sync.name,
-                        back = catalog.rollback_sync_of(&sync.name)?.unwrap_or_default(),
                     ),
                     _ => phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
                 },
                 waiting: waiting.map(|(_, w)| w),
                 last,
-                pending: pending.as_ref().filter(|_| !cut_over).map(|p| p[i].0),
-                writes_go_to: cut_over
-                    .then(|| if rolled_back { source.clone() } else { target.to_string() }),
+                pending: pending.as_ref().and_then(|p| p.get(i)).map(|p| p.0),
+                writes_go_to: cut_over.then(|| match rolled_back {
+                    Some(_) => source.clone(),
+                    None => target.to_string(),
+                }),
                 lag_seconds: lag,
                 target_error,
             });

@@ -338,24 +338,6 @@ pub struct UpgradeReport {
     pub next: Vec<String>,
 }
 
-/// Times the steps of a run.
-struct Clock {
-    at: Instant,
-    steps: Vec<(String, f64)>,
-}
-
-impl Clock {
-    fn new() -> Clock {
-        Clock { at: Instant::now(), steps: Vec::new() }
-    }
-
-    /// Ends a step started when the previous one ended.
-    fn lap(&mut self, step: &str) {
-        self.steps.push((step.to_string(), self.at.elapsed().as_secs_f64()));
-        self.at = Instant::now();
-    }
-}
-
 /// Runs the job; `say` reports each step, `confirm` asks before a cutover
 /// in prompt mode.
 pub async fn upgrade(
@@ -365,7 +347,7 @@ pub async fn upgrade(
     confirm: fn(&str) -> bool,
     env: Env<'_>,
 ) -> Result<UpgradeReport> {
-    let mut clock = Clock::new();
+    let mut clock = cutover::Timer::new();
     let resuming = catalog.sync(&opts.name).is_ok();
     let pre = step_preflight(opts, resuming, say, env).await?;
     clock.lap("preflight");
@@ -450,7 +432,8 @@ pub async fn upgrade(
             format!("pgleap cutover {name} switches (add --pgbouncer or --switch-command)"),
         ],
     };
-    Ok(UpgradeReport { preflight: pre, cutover: cut, steps: clock.steps, next })
+    let steps = clock.steps.iter().map(|s| (s.step.to_string(), s.ms as f64 / 1000.0)).collect();
+    Ok(UpgradeReport { preflight: pre, cutover: cut, steps, next })
 }
 
 /// Asks whether to cut over, applying the source's changes while the

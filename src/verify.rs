@@ -306,8 +306,9 @@ pub async fn verify_sync(
 
 /// Compares at one consistent point while the sync runs: one batch
 /// applied, then both servers compared as of that batch by workers (half
-/// the session's jobs: each keeps a backend busy on both servers) at once, in snapshots exported by the batch's source
-/// transaction and by a target transaction opened right after its commit.
+/// the session's jobs: each keeps a backend busy on both servers) at once,
+/// in snapshots exported by the batch's source transaction and by a target
+/// transaction opened right after its commit.
 /// The sync's applier lock is held only until both snapshots exist: the
 /// daemon goes on applying while the workers read (#28).
 pub async fn compare_live(
@@ -326,13 +327,12 @@ pub async fn compare_live(
         pairs.push(session.connect_pair(env).await?);
     }
     let key = (apply::LOCK_CLASS, plan.sync_id);
-    // Held by the session, it outlives the batch's transaction: no other
-    // applier moves the target past the batch before its snapshot exists.
-    session.tgt.execute(HOLD_APPLIER, &[&key.0, &key.1]).await?;
+    // Held by the session, not the batch's transaction: no other applier
+    // moves the target past the batch before its snapshot exists.
+    session.tgt.execute(apply::HOLD_LOCK, &[&key.0, &key.1]).await?;
     let (src, tgt) = (&mut session.src, &mut session.tgt);
     let compared = async {
         let ttx = tgt.transaction().await?;
-        ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&key.0, &key.1]).await?;
         let stx = src.snapshot().await?;
         apply::apply_within(&stx, &ttx, &plan, None).await?;
         if plan.large_objects {
@@ -343,7 +343,7 @@ pub async fn compare_live(
         let (src_snapshot, _) = stx.export_snapshot().await?;
         let held = tgt.snapshot().await?;
         let (tgt_snapshot, _) = held.export_snapshot().await?;
-        held.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await?;
+        held.execute(apply::RELEASE_LOCK, &[&key.0, &key.1]).await?;
         let reports = compare_in(pairs, &src_snapshot, &tgt_snapshot, &plan, only).await?;
         held.commit().await?;
         stx.commit().await?;
@@ -353,7 +353,7 @@ pub async fn compare_live(
     if compared.is_err() {
         // Whatever step failed, the daemon must not wait on this session
         // (at most a warning if it was released already).
-        let _ = session.tgt.execute(RELEASE_APPLIER, &[&key.0, &key.1]).await;
+        let _ = session.tgt.execute(apply::RELEASE_LOCK, &[&key.0, &key.1]).await;
     }
     compared
 }
@@ -397,10 +397,3 @@ async fn compare_in(
     progress.finish();
     Ok(results.into_inner().unwrap().into_iter().flatten().collect())
 }
-
-// The catalog queries of this module, named.
-
-/// The sync's applier lock, taken and released by a session rather than a
-/// transaction.
-const HOLD_APPLIER: &str = "select pg_advisory_lock($1, $2)";
-const RELEASE_APPLIER: &str = "select pg_advisory_unlock($1, $2)";
