@@ -1,12 +1,13 @@
 //! The corpus: public schemas nobody on the project wrote (tests/corpus,
 //! README.md there gives each file's origin, commit and licence), each
-//! moved live by `pgleap upgrade --cutover auto` as the non-superuser
-//! owner while its own write load runs; then every table's rows and every
-//! object's definition on the target are compared with the source's.
+//! moved live by `pgleap upgrade` as the non-superuser owner while its own
+//! write load runs, cut over by the upgrade or by `pgleap cutover` on its
+//! own (see [`Cut`]); then every table's rows and every object's
+//! definition on the target are compared with the source's.
 //!
 //! The default run moves each schema once, between two majors it can live
-//! on; `scripts/test -- --ignored corpus` moves them
-//! between the other pairs too.
+//! on; `scripts/test -- --ignored corpus` moves them between the other
+//! pairs too.
 
 use std::io::Write;
 use std::process::Stdio;
@@ -267,9 +268,20 @@ fn load(db: &TestDb, schema: &Schema) {
     assert!(out.status.success(), "loading {} into {}: {stderr}", schema.name, db.name);
 }
 
+/// How a move ends.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// `upgrade --cutover auto`: verify, then a cutover that trusts it.
+    ByUpgrade,
+    /// `upgrade --cutover never` (the daemon follows), then `pgleap
+    /// cutover` on its own: row counts at one point before the fence,
+    /// each drained key compared inside it.
+    Separately,
+}
+
 /// Moves `schema` from PostgreSQL `from` to `to` under its write load and
 /// compares everything.
-fn moves_live(schema: &Schema, from: u32, to: u32) {
+fn moves_live(schema: &Schema, from: u32, to: u32, cut: Cut) {
     let label = format!("corpus{}{from}to{to}", schema.name);
     let src = TestDb::new(cluster(from), &format!("{label}src"));
     let dst = TestDb::new(cluster(to), &format!("{label}dst"));
@@ -277,10 +289,20 @@ fn moves_live(schema: &Schema, from: u32, to: u32) {
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     let load = schema.load;
     let writer = writes_until_fenced(src.sql(), move |i| load.replace("{i}", &i.to_string()));
+    let mode = match cut {
+        Cut::ByUpgrade => "auto",
+        Cut::Separately => "never",
+    };
     let out =
-        p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "auto"]);
+        p.run(&["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", mode]);
     println!("{out}");
     out.ok();
+    if let Cut::Separately = cut {
+        let cutover = p.run(&["cutover", "upgrade"]);
+        println!("{cutover}");
+        assert!(cutover.ok().contains("writes were fenced for"), "{cutover}");
+        p.run(&["stop"]).ok();
+    }
     let writes = writer.join().unwrap();
     assert!(writes > 0, "{}: no write went through during the move", schema.name);
     let (s, d) = (src.sql(), dst.sql());
@@ -322,63 +344,63 @@ fn moves_live(schema: &Schema, from: u32, to: u32) {
 
 #[test]
 fn chinook_moves_live_pg12_to_pg17() {
-    moves_live(&CHINOOK, 12, 17);
+    moves_live(&CHINOOK, 12, 17, Cut::Separately);
 }
 
 /// Its real columns: 11 prints floats unlike 12 and later.
 #[test]
 fn northwind_moves_live_pg11_to_pg17() {
-    moves_live(&NORTHWIND, 11, 17);
+    moves_live(&NORTHWIND, 11, 17, Cut::ByUpgrade);
 }
 
 #[test]
 fn apflora_moves_live_pg15_to_pg17() {
-    moves_live(&APFLORA, 15, 17);
+    moves_live(&APFLORA, 15, 17, Cut::ByUpgrade);
 }
 
 #[test]
 #[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn apflora_moves_live_pg17_to_pg18() {
-    moves_live(&APFLORA, 17, 18);
+    moves_live(&APFLORA, 17, 18, Cut::Separately);
 }
 
 #[test]
 fn datasets_move_live_pg12_to_pg18() {
-    moves_live(&DATASETS, 12, 18);
+    moves_live(&DATASETS, 12, 18, Cut::Separately);
 }
 
 #[test]
 #[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn datasets_move_live_pg15_to_pg15() {
-    moves_live(&DATASETS, 15, 15);
+    moves_live(&DATASETS, 15, 15, Cut::ByUpgrade);
 }
 
 /// A same-major move (new hardware): pagila needs PostgreSQL 18.
 #[test]
 fn pagila_moves_live_pg18_to_pg18() {
-    moves_live(&PAGILA, 18, 18);
+    moves_live(&PAGILA, 18, 18, Cut::Separately);
 }
 
 #[test]
 #[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn chinook_moves_live_pg10_to_pg15() {
-    moves_live(&CHINOOK, 10, 15);
+    moves_live(&CHINOOK, 10, 15, Cut::ByUpgrade);
 }
 
 #[test]
 #[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn chinook_moves_live_pg17_to_pg18() {
-    moves_live(&CHINOOK, 17, 18);
+    moves_live(&CHINOOK, 17, 18, Cut::ByUpgrade);
 }
 
 #[test]
 #[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn northwind_moves_live_pg15_to_pg18() {
-    moves_live(&NORTHWIND, 15, 18);
+    moves_live(&NORTHWIND, 15, 18, Cut::Separately);
 }
 
 #[test]
 #[ignore = "the whole corpus: scripts/test -- --ignored corpus"]
 fn northwind_moves_live_pg12_to_pg12() {
-    moves_live(&NORTHWIND, 12, 12);
+    moves_live(&NORTHWIND, 12, 12, Cut::Separately);
 }

@@ -250,6 +250,14 @@ fn wait_until_fencing(src: &TestDb) {
     }
 }
 
+/// Every row of APP_SCHEMA's tables on the target as on the source.
+#[track_caller]
+fn assert_app_tables_equal(src: &TestDb, dst: &TestDb) {
+    for table in ["parent", "child", "audit"] {
+        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
+    }
+}
+
 const NOT_VALID: &str =
     "select count(*) from pg_constraint where contype = 'f' and not convalidated";
 
@@ -272,9 +280,7 @@ fn a_cutover_killed_inside_its_fence_is_shown_and_undone_by_a_rerun_pg15_to_pg17
     assert!(out.ok().contains("the source now refuses writes"), "{out}");
     assert!(out.stderr.contains("was killed inside its fence; undoing it first"), "{out}");
     assert_eq!(src.sql().value("show default_transaction_read_only"), "off", "--terminate undone");
-    for table in ["parent", "child", "audit"] {
-        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
-    }
+    assert_app_tables_equal(&src, &dst);
     assert_eq!(dst.sql().value(NOT_VALID), "0");
     assert!(p.run(&["status", "s"]).ok().contains("cut over"));
     p.run(&["teardown", "s"]).ok();
@@ -394,9 +400,7 @@ fn a_row_written_to_the_target_outside_the_sync_refuses_the_cutover_before_its_f
     src.sql().exec("insert into audit (what) values ('the source still takes writes')");
     dst.sql().exec("delete from audit where what = 'written on the target by hand'");
     p.run(&["cutover", "s"]).ok();
-    for table in ["parent", "child", "audit"] {
-        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
-    }
+    assert_app_tables_equal(&src, &dst);
     p.run(&["teardown", "s"]).ok();
 }
 
@@ -426,9 +430,7 @@ fn a_target_that_changes_rows_as_they_are_applied_is_caught_inside_the_fence_pg1
 
     dst.sql().exec("drop rule keep_v on parent");
     p.run(&["cutover", "s"]).ok();
-    for table in ["parent", "child", "audit"] {
-        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
-    }
+    assert_app_tables_equal(&src, &dst);
     p.run(&["teardown", "s"]).ok();
 }
 
@@ -457,9 +459,7 @@ fn an_interrupt_inside_the_fence_waits_for_the_switch_pg15_to_pg17() {
     assert!(stderr.contains("interrupt: the cutover is inside its fence"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(src.sql().try_exec("insert into audit (what) values ('x')").is_err(), "not fenced");
-    for table in ["parent", "child", "audit"] {
-        assert_eq!(multiset(&dst.sql(), table), multiset(&src.sql(), table), "{table}");
-    }
+    assert_app_tables_equal(&src, &dst);
     assert!(p.run(&["status", "s"]).ok().contains("cut over"));
     p.run(&["teardown", "s"]).ok();
 }
