@@ -38,6 +38,7 @@ use crate::apply::{
 use crate::error::Result;
 use crate::large_objects::{self, Pass};
 use crate::pg::{Conn, Env, Sql, quote_ident};
+use crate::progress::Progress;
 use crate::route::DbConn;
 
 /// Changed keys (over every keyed table of a batch) from which the batch
@@ -127,13 +128,24 @@ async fn locked(
         jobs = workers.jobs,
         "catching up table by table"
     );
+    // Hours on a big backlog: shown as it goes, in keys.
+    let keys: i64 = queue.iter().map(|q| q.1).sum();
+    let progress = Progress::counted("catch-up", "keys", queue.len() as u64, keys.max(0) as u64);
     let queue = Mutex::new(VecDeque::from(queue));
     let stats = Mutex::new(BatchStats::default());
-    let job = Job { plan, exported: &exported, snapshot: &snapshot, from: &from, done: &done };
+    let job = Job {
+        plan,
+        exported: &exported,
+        snapshot: &snapshot,
+        from: &from,
+        done: &done,
+        progress: &progress,
+    };
     let runs = (0..workers.jobs.max(1)).map(|_| job.worker(workers, &queue, &cond, &stats));
     for r in futures_util::future::join_all(runs).await {
         r?;
     }
+    progress.phase("tables without a key, and the marker");
     let mut stats = stats.into_inner().unwrap();
 
     // The marker moves only now that every keyed table has reached the
@@ -151,6 +163,7 @@ async fn locked(
     finish_batch(&ctx, &ttx, plan, &snapshot).await?;
     ttx.execute(&format!("delete from {s}.caught_up where sync = $1"), &[&plan.sync]).await?;
     ttx.commit().await?;
+    progress.finish();
     ctx.commit().await?;
     let target_name = tgt.name().to_string();
     record_consumer(src, plan, &target_name, &snapshot, purge_due).await?;
@@ -171,6 +184,7 @@ struct Job<'a> {
     from: &'a str,
     /// Per table, the snapshot an interrupted catch-up brought it to.
     done: &'a HashMap<String, String>,
+    progress: &'a Progress,
 }
 
 impl Job<'_> {
@@ -204,6 +218,7 @@ impl Job<'_> {
                 (changes, truncated) = pending_counts(&stx, self.plan, cond).await?[i];
             }
             let cond = resumed.as_deref().unwrap_or(cond);
+            let unit = self.progress.start_unit(&t.display, changes.max(0) as u64);
             let ttx = tgt.transaction().await?;
             let mut table_stats = BatchStats::default();
             apply_table(&stx, &ttx, t, cond, changes, truncated, &mut table_stats).await?;
@@ -219,6 +234,8 @@ impl Job<'_> {
             )
             .await?;
             ttx.commit().await?;
+            self.progress.advance(&unit, changes.max(0) as u64);
+            self.progress.finish_unit(unit, table_stats.inserts + table_stats.deletes);
             let mut st = stats.lock().unwrap();
             st.inserts += table_stats.inserts;
             st.deletes += table_stats.deletes;

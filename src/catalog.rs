@@ -368,6 +368,9 @@ pub struct SyncState {
     pub last_bad_ms: Option<i64>,
     pub last_error: Option<String>,
     pub last_sqlstate: Option<String>,
+    /// Seconds since the last good and the last bad round, when read.
+    pub last_good_age_s: Option<f64>,
+    pub last_bad_age_s: Option<f64>,
 }
 
 /// The outcome of one round, to record.
@@ -1185,7 +1188,9 @@ impl Catalog {
             .conn
             .prepare(
                 "select sync, target, state, last_good, last_good_ms, last_inserts, last_deletes,
-                        last_bad, last_bad_ms, last_error, last_sqlstate
+                        last_bad, last_bad_ms, last_error, last_sqlstate,
+                        (julianday('now') - julianday(last_good)) * 86400,
+                        (julianday('now') - julianday(last_bad)) * 86400
                  from sync_state where sync = ?1 order by target",
             )
             .map_err(|e| self.sqlite(e))?;
@@ -1202,6 +1207,8 @@ impl Catalog {
                     last_bad_ms: r.get(8)?,
                     last_error: r.get(9)?,
                     last_sqlstate: r.get(10)?,
+                    last_good_age_s: r.get(11)?,
+                    last_bad_age_s: r.get(12)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())

@@ -110,13 +110,14 @@ pub async fn initial_copy(
     if total > 0 {
         tracing::info!(sync = plan.sync, units = total, jobs, "initial copy starting");
     }
-    let est_bytes: i64 = queue
-        .iter()
-        .filter_map(|u| {
-            let parts = queue.iter().filter(|o| o.table == u.table).count().max(1) as i64;
-            Some(plan.tables[u.table?].est_bytes / parts)
+    // Each part's share of its table's size: the progress's estimate.
+    let part_bytes: Vec<u64> = (0..plan.tables.len())
+        .map(|i| {
+            let parts = queue.iter().filter(|u| u.table == Some(i)).count().max(1) as i64;
+            (plan.tables[i].est_bytes / parts).max(0) as u64
         })
-        .sum();
+        .collect();
+    let est_bytes: u64 = queue.iter().filter_map(|u| Some(part_bytes[u.table?])).sum();
     let run = CopyRun {
         source,
         target,
@@ -125,7 +126,8 @@ pub async fn initial_copy(
         snapshot: &snapshot,
         queue: Mutex::new(queue),
         stats: Mutex::new(CopyStats::default()),
-        progress: Progress::new("initial copy", total as u64, est_bytes.max(0) as u64),
+        progress: Progress::new("initial copy", total as u64, est_bytes),
+        part_bytes,
         env,
     };
     let workers = (0..jobs.max(1).min(total.max(1))).map(|_| run.worker());
@@ -427,7 +429,7 @@ async fn split(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<St
         return Ok(None);
     }
     if !t.keys.is_empty()
-        && let Some(ranges) = key_ranges(src, t, jobs).await?
+        && let Some(ranges) = key_ranges(src, t, jobs as i64 * RANGES_PER_JOB).await?
     {
         return Ok(Some(ranges));
     }
@@ -463,8 +465,13 @@ async fn block_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option
     Ok(Some(ranges))
 }
 
-/// Key ranges for a table with a single integer key, else None.
-async fn key_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<Vec<String>>> {
+/// At most `pieces` ranges of a table's one integer key, covering every
+/// value, or None (another key, an empty table); verify splits by them too.
+pub(crate) async fn key_ranges(
+    src: &impl Sql,
+    t: &TablePlan,
+    pieces: i64,
+) -> Result<Option<Vec<String>>> {
     if t.keys.len() != 1 {
         return Ok(None);
     }
@@ -487,7 +494,7 @@ async fn key_ranges(src: &Tx<'_>, t: &TablePlan, jobs: usize) -> Result<Option<V
     if hi <= lo {
         return Ok(None);
     }
-    let n = (jobs as i64 * RANGES_PER_JOB).min(hi - lo);
+    let n = pieces.min(hi - lo).max(1);
     let step = (hi - lo) / n + 1;
     let mut ranges = Vec::new();
     for i in 0..n {
@@ -527,6 +534,8 @@ struct CopyRun<'a> {
     queue: Mutex<VecDeque<Unit>>,
     stats: Mutex<CopyStats>,
     progress: Progress,
+    /// Per table, the estimated bytes of one of its parts.
+    part_bytes: Vec<u64>,
     env: Env<'a>,
 }
 
@@ -588,7 +597,7 @@ impl CopyRun<'_> {
                 } else {
                     format!("{} ({})", t.display, unit.predicate)
                 };
-                let bar = self.progress.start_unit(&name);
+                let bar = self.progress.start_unit(&name, self.part_bytes[table]);
                 let copy_in = if freeze {
                     // Emptied in this transaction, so the rows can be
                     // written frozen (and, on 14+, all-visible): no
@@ -634,7 +643,8 @@ impl CopyRun<'_> {
                 (rows, bytes, bar)
             }
             None => {
-                let bar = self.progress.start_unit(&format!("large objects ({})", unit.predicate));
+                let name = format!("large objects ({})", unit.predicate);
+                let bar = self.progress.start_unit(&name, 0);
                 let (schema, sync) = (&self.plan.schema, &self.plan.sync);
                 let (objects, bytes) =
                     large_objects::copy_unit(stx, &ttx, schema, sync, &unit.predicate).await?;

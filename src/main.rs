@@ -5,36 +5,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     quiet_on_closed_pipe();
     let cli = pgleap::cli::Cli::parse();
-    let default = match cli.verbose {
-        // The daemon's log is its record of what it did. Server notices
-        // (logged by tokio-postgres) say nothing to the user.
-        0 if cli.command.is_daemon() => "info,tokio_postgres=warn",
-        // pgleap's own info lines are its progress reports off a TTY.
-        0 => "warn,pgleap=info",
-        1 => "pgleap=debug,info",
-        _ => "trace",
-    };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("PGLEAP_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        // A closed stderr must not stop anything: the subscriber would
-        // report its own write error with eprintln!, which panics there
-        // (and a panicking signal task never stopped the daemon).
-        .log_internal_errors(false);
-    match cli.log_format {
-        pgleap::cli::LogFormat::Json => logs.json().init(),
-        // Colour codes only for a person at a terminal, not in log files.
-        pgleap::cli::LogFormat::Text => {
-            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
-        }
-    }
+    pgleap::cli::init_logging(&cli);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

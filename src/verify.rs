@@ -87,11 +87,11 @@ fn value(t: &TablePlan, c: &str) -> String {
     }
 }
 
-async fn buckets(c: &impl Sql, t: &TablePlan) -> Result<Vec<(i32, i64, String)>> {
+async fn buckets(c: &impl Sql, t: &TablePlan, part: &str) -> Result<Vec<(i32, i64, String)>> {
     let bucket = format!("abs({})", md5_int(&key_text(t)));
     let sql = format!(
         "select ({bucket} % {BUCKETS})::int4 b, count(*), sum({row})::text
-         from {table} t group by 1 order by 1",
+         from {table} t where {part} group by 1 order by 1",
         row = md5_int(&row_text(t)),
         table = t.rel(),
     );
@@ -99,10 +99,15 @@ async fn buckets(c: &impl Sql, t: &TablePlan) -> Result<Vec<(i32, i64, String)>>
     Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
 }
 
-async fn bucket_rows(c: &impl Sql, t: &TablePlan, bucket: i32) -> Result<Vec<(String, String)>> {
+async fn bucket_rows(
+    c: &impl Sql,
+    t: &TablePlan,
+    part: &str,
+    bucket: i32,
+) -> Result<Vec<(String, String)>> {
     let sql = format!(
         "select {key}, md5({row}) from {table} t
-         where abs({bucket}) % {BUCKETS} = {b} order by 1, 2",
+         where ({part}) and abs({bucket}) % {BUCKETS} = {b} order by 1, 2",
         key = key_text(t),
         row = row_text(t),
         bucket = md5_int(&key_text(t)),
@@ -113,18 +118,26 @@ async fn bucket_rows(c: &impl Sql, t: &TablePlan, bucket: i32) -> Result<Vec<(St
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Compares one table.
-pub async fn compare_table(src: &impl Sql, tgt: &impl Sql, t: &TablePlan) -> Result<TableReport> {
-    let (a, b) = futures_util::future::try_join(buckets(src, t), buckets(tgt, t)).await?;
+/// The predicate of a part that is the whole table.
+const WHOLE: &str = "true";
+
+/// Compares the rows of a table that `part` selects.
+async fn compare_part(
+    src: &impl Sql,
+    tgt: &impl Sql,
+    t: &TablePlan,
+    part: &str,
+) -> Result<TableReport> {
+    let (a, b) =
+        futures_util::future::try_join(buckets(src, t, part), buckets(tgt, t, part)).await?;
     let count = |v: &[(i32, i64, String)]| v.iter().map(|x| x.1).sum::<i64>();
-    let missing = crate::schema::missing_on_target(src, tgt, &t.table).await?;
     let mut report = TableReport {
         table: t.display.clone(),
         source_rows: count(&a),
         target_rows: count(&b),
-        equal: a == b && missing.is_empty(),
+        equal: a == b,
         differing_keys: Vec::new(),
-        missing,
+        missing: Vec::new(),
     };
     if report.equal {
         return Ok(report);
@@ -135,8 +148,8 @@ pub async fn compare_table(src: &impl Sql, tgt: &impl Sql, t: &TablePlan) -> Res
     differing.dedup();
     for bucket in differing {
         let (ra, rb) = futures_util::future::try_join(
-            bucket_rows(src, t, bucket),
-            bucket_rows(tgt, t, bucket),
+            bucket_rows(src, t, part, bucket),
+            bucket_rows(tgt, t, part, bucket),
         )
         .await?;
         for (key, _) in
@@ -152,6 +165,20 @@ pub async fn compare_table(src: &impl Sql, tgt: &impl Sql, t: &TablePlan) -> Res
     }
     report.differing_keys.sort();
     Ok(report)
+}
+
+/// Adds a part's report to its table's.
+fn merge(into: &mut TableReport, part: TableReport) {
+    into.source_rows += part.source_rows;
+    into.target_rows += part.target_rows;
+    into.equal &= part.equal;
+    into.missing.extend(part.missing);
+    for key in part.differing_keys {
+        if into.differing_keys.len() < SHOWN_KEYS && !into.differing_keys.contains(&key) {
+            into.differing_keys.push(key);
+        }
+    }
+    into.differing_keys.sort();
 }
 
 /// What verify found for one target.
@@ -201,13 +228,58 @@ fn large_objects_asked(plan: &Plan, only: &[String]) -> bool {
     plan.large_objects && (only.is_empty() || only.iter().any(|o| o == LARGE_OBJECTS))
 }
 
+/// Bytes of a table (on the source's disk) per verify part: a big table is
+/// compared in ranges of its integer key, so that it shows progress and
+/// the workers share it (the copy splits it alike).
+const PART_BYTES: i64 = 32 << 20;
+/// At most this many parts per table.
+const MAX_PARTS: i64 = 256;
+
+/// One part of a verify: a table (its index in the list compared), whole or
+/// a range of its key, and its share of the table's size.
+struct Part {
+    table: usize,
+    predicate: String,
+    estimate: u64,
+    /// The table's first part, which also compares its indexes.
+    first: bool,
+}
+
+/// The parts of the tables to compare, big tables first (a big table
+/// started last would leave the other workers idle at the end). Ranges
+/// are read from the source; they are open at both ends, so that any
+/// snapshot's rows fall in one of them.
+async fn parts(src: &impl Sql, tables: &[&TablePlan], workers: usize) -> Result<Vec<Part>> {
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(tables[i].est_bytes));
+    let mut out = Vec::new();
+    for i in order {
+        let t = tables[i];
+        let wanted = (t.est_bytes / PART_BYTES).max(2 * workers as i64).min(MAX_PARTS);
+        let ranges = if t.est_bytes > PART_BYTES {
+            crate::copy::key_ranges(src, t, wanted).await?
+        } else {
+            None
+        };
+        let ranges = ranges.unwrap_or_else(|| vec![WHOLE.to_string()]);
+        let estimate = bytes(t) / ranges.len() as u64;
+        out.extend(ranges.into_iter().enumerate().map(|(n, predicate)| Part {
+            table: i,
+            predicate,
+            estimate,
+            first: n == 0,
+        }));
+    }
+    Ok(out)
+}
+
 /// A verify reads every row on both servers: minutes to hours on a large
 /// database, shown as it goes (bars on a terminal, lines else).
-fn progress_of(tables: &[&TablePlan]) -> crate::progress::Progress {
+fn progress_of(parts: &[Part]) -> crate::progress::Progress {
     crate::progress::Progress::new(
         "verify",
-        tables.len() as u64,
-        tables.iter().map(|t| bytes(t)).sum(),
+        parts.len() as u64,
+        parts.iter().map(|p| p.estimate).sum(),
     )
 }
 
@@ -215,18 +287,40 @@ fn bytes(t: &TablePlan) -> u64 {
     t.est_bytes.max(0) as u64
 }
 
-/// Compares one table, shown in `progress`.
+/// Compares one part, shown in `progress`; the first part of a table also
+/// compares its indexes.
 async fn compare_shown(
     src: &impl Sql,
     tgt: &impl Sql,
     t: &TablePlan,
+    part: &Part,
     progress: &crate::progress::Progress,
 ) -> Result<TableReport> {
-    let unit = progress.start_unit(&t.display);
-    let report = compare_table(src, tgt, t).await?;
-    progress.advance(&unit, bytes(t));
+    let name = match part.predicate.as_str() {
+        WHOLE => t.display.clone(),
+        p => format!("{} ({p})", t.display),
+    };
+    let unit = progress.start_unit(&name, part.estimate);
+    let mut report = compare_part(src, tgt, t, &part.predicate).await?;
+    if part.first {
+        report.missing = crate::schema::missing_on_target(src, tgt, &t.table).await?;
+        report.equal &= report.missing.is_empty();
+    }
+    progress.advance(&unit, part.estimate);
     progress.finish_unit(unit, report.source_rows.max(0) as u64);
     Ok(report)
+}
+
+/// The parts' reports, one per table in the order of `tables`.
+fn per_table(tables: &[&TablePlan], parts: &[Part], reports: Vec<TableReport>) -> Vec<TableReport> {
+    let mut out: Vec<Option<TableReport>> = vec![None; tables.len()];
+    for (part, report) in parts.iter().zip(reports) {
+        match &mut out[part.table] {
+            Some(table) => merge(table, report),
+            empty => *empty = Some(report),
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 async fn compare_large_objects(src: &impl Sql, tgt: &impl Sql) -> Result<TableReport> {
@@ -250,12 +344,14 @@ pub async fn compare(
     only: &[String],
 ) -> Result<Vec<TableReport>> {
     let tables = selected(plan, only);
-    let progress = progress_of(&tables);
-    let mut out = Vec::new();
-    for t in &tables {
-        out.push(compare_shown(src, tgt, t, &progress).await?);
+    let parts = parts(src, &tables, 1).await?;
+    let progress = progress_of(&parts);
+    let mut reports = Vec::new();
+    for part in &parts {
+        reports.push(compare_shown(src, tgt, tables[part.table], part, &progress).await?);
     }
     progress.finish();
+    let mut out = per_table(&tables, &parts, reports);
     if large_objects_asked(plan, only) {
         out.push(compare_large_objects(src, tgt).await?);
     }
@@ -369,21 +465,26 @@ async fn compare_in(
     only: &[String],
 ) -> Result<Vec<TableReport>> {
     let tables = selected(plan, only);
-    let progress = progress_of(&tables);
+    let Some((first, _)) = pairs.first() else { return Ok(Vec::new()) };
+    let parts = parts(first, &tables, pairs.len()).await?;
+    let progress = progress_of(&parts);
     // The large objects, when asked for, are one more item.
-    let items = tables.len() + usize::from(large_objects_asked(plan, only));
+    let items = parts.len() + usize::from(large_objects_asked(plan, only));
     let queue = Mutex::new((0..items).collect::<VecDeque<usize>>());
     let results: Mutex<Vec<Option<TableReport>>> = Mutex::new(vec![None; items]);
     let workers = pairs.into_iter().map(|(mut s, mut t)| {
-        let (queue, results, tables, progress) = (&queue, &results, &tables, &progress);
+        let (queue, results, tables, parts, progress) =
+            (&queue, &results, &tables, &parts, &progress);
         async move {
             let stx = s.imported_snapshot(src_snapshot).await?;
             let ttx = t.imported_snapshot(tgt_snapshot).await?;
             loop {
                 // The guard must go before the await: the others take it.
                 let Some(i) = queue.lock().unwrap().pop_front() else { break };
-                let report = match tables.get(i) {
-                    Some(table) => compare_shown(&stx, &ttx, table, progress).await?,
+                let report = match parts.get(i) {
+                    Some(part) => {
+                        compare_shown(&stx, &ttx, tables[part.table], part, progress).await?
+                    }
                     None => compare_large_objects(&stx, &ttx).await?,
                 };
                 results.lock().unwrap()[i] = Some(report);
@@ -395,5 +496,10 @@ async fn compare_in(
     });
     futures_util::future::try_join_all(workers).await?;
     progress.finish();
-    Ok(results.into_inner().unwrap().into_iter().flatten().collect())
+    let mut results: Vec<TableReport> =
+        results.into_inner().unwrap().into_iter().flatten().collect();
+    let large_objects = (results.len() > parts.len()).then(|| results.pop()).flatten();
+    let mut out = per_table(&tables, &parts, results);
+    out.extend(large_objects);
+    Ok(out)
 }

@@ -414,6 +414,14 @@ fn status_phases_exit_codes_and_ready_pg15_to_pg17() {
     assert!(ready.ok().contains("is ready to cut over"), "{ready}");
     let text = p.run(&["status"]).ok().to_string();
     assert!(text.contains("streaming"), "{text}");
+    // Read on an 80-column terminal: relative times, every field but the
+    // last error in --expanded.
+    for line in text.lines() {
+        assert!(line.chars().count() <= 80, "wider than 80 columns:\n{text}");
+    }
+    assert!(text.contains("s ago"), "{text}");
+    let expanded = p.run(&["status", "-x"]).ok().to_string();
+    assert!(expanded.contains("last good: 20") && expanded.contains("s ago) took"), "{expanded}");
 
     p.run(&["stop"]).ok();
     p.run(&["cutover", "s"]).ok();
@@ -684,6 +692,9 @@ fn a_large_backlog_catches_up_table_by_table_and_resumes_after_a_kill_pg15_to_pg
     out.ok();
     assert!(out.stderr.contains("catching up table by table"), "{out}");
     assert!(out.stderr.contains("resumed=1"), "the committed table was applied again:\n{out}");
+    // Shown as it goes, in keys (lines off a terminal).
+    assert!(out.stderr.contains("catch-up: public.small done ("), "{out}");
+    assert!(out.stderr.contains("catch-up: 2/2 parts, "), "{out}");
     assert_same(&s, &d, &tables);
     assert_same_sequences(&s, &d, &["ticket"]);
     assert_eq!(d.value("select count(*) from pgleap.caught_up"), "0", "progress rows remain");

@@ -82,12 +82,17 @@ fn upgrade_resumes_when_run_again_pg15_to_pg17() {
     let first =
         p.run(&["upgrade", "--source", &src.uri(), "--target", &dst.uri(), "--cutover", "never"]);
     assert!(first.ok().contains("the sync is in place"), "{first}");
+    // Off a terminal the progress goes to the log; --quiet leaves only the
+    // results and the warnings.
+    assert!(first.stderr.contains("verify: public.pgbench_accounts done"), "{first}");
     src.sql().exec("update pgbench_accounts set abalance = 7 where aid <= 10");
-    let second =
-        p.run(&["upgrade", "--source", &src.uri(), "--target", &dst.uri(), "--cutover", "auto"]);
+    let args = ["upgrade", "--source", &src.uri(), "--target", &dst.uri(), "--cutover", "auto"];
+    let second = p.run(&[&args[..], &["--quiet"]].concat());
     let text = second.ok();
     assert!(!text.contains("added database"), "the rerun started over:\n{second}");
     assert!(text.contains("writes were fenced for"), "{second}");
+    assert!(!second.stderr.contains("verify: "), "{second}");
+    assert!(!second.stderr.contains("INFO"), "{second}");
     for table in PGBENCH {
         assert_eq!(multiset(&src.sql(), table), multiset(&dst.sql(), table), "{table}");
     }
@@ -466,5 +471,9 @@ fn the_cutover_prompt_keeps_following_the_source_pg15_to_pg17() {
     assert!(lag < 3.0, "the lag grew to {lag:.1} s while the question waited:\n{status}");
     assert!(rest.contains("writes were fenced for"), "{seen}{rest}");
     assert!(rest.contains("waiting for the answer"), "{seen}{rest}");
+    // A person reads the commands' lines and the bars, not a log.
+    let all = format!("{seen}{rest}");
+    assert!(!all.contains(" INFO "), "log lines on the terminal:\n{all}");
+    assert!(all.contains("verify") && all.contains(" parts ["), "no progress bars:\n{all}");
     p.run(&["teardown", "upgrade"]).ok();
 }

@@ -2,7 +2,10 @@
 //! library calls and prints the results. Nothing outside this module knows
 //! about clap or how output looks.
 
+mod logs;
 mod render;
+
+pub use logs::init as init_logging;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,6 +36,11 @@ pub struct Cli {
     /// the daemon started in the background logs the same way).
     #[arg(long, global = true, env = "PGLEAP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// No progress bars or progress lines: only results, warnings and
+    /// errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -85,6 +93,9 @@ pub enum Command {
         sync: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Every field of every sync, one per line (as for a named sync).
+        #[arg(short = 'x', long)]
+        expanded: bool,
         /// Refresh every SECONDS until interrupted.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
@@ -1042,7 +1053,7 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
             Some(pid) => println!("stopped the daemon (pid {pid})"),
             None => println!("the daemon is not running"),
         },
-        Command::Status { sync, json, watch } => loop {
+        Command::Status { sync, json, expanded, watch } => loop {
             let catalog = Catalog::open(path)?;
             let pid = daemon::running_pid(path);
             let status = status::gather(&catalog, sync.as_deref(), pid.is_some(), ENV).await?;
@@ -1052,11 +1063,11 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
                     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                         print!("\x1b[2J\x1b[H");
                     }
-                    render::status(&status, pid, sync.is_some(), json);
+                    render::status(&status, pid, expanded || sync.is_some(), json);
                     tokio::time::sleep(Duration::from_secs(seconds.max(1))).await;
                 }
                 None => {
-                    render::status(&status, pid, sync.is_some(), json);
+                    render::status(&status, pid, expanded || sync.is_some(), json);
                     return attention(&status);
                 }
             }

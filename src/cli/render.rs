@@ -15,9 +15,12 @@ fn json<T: Serialize + ?Sized>(value: &T) {
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_style(UTF8_BORDERS_ONLY)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header.to_vec());
+    t.load_style(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    // Fitted to the terminal, unless it reports no usable width (a pty
+    // without a size says 0 columns: every cell would be one letter wide).
+    if t.width().is_some_and(|w| w >= 40) {
+        t.set_content_arrangement(ContentArrangement::Dynamic);
+    }
     t
 }
 
@@ -198,6 +201,18 @@ pub fn sync(s: &Sync, relgroup: &RelGroup, dbgroup: &DbGroup, as_json: bool) {
     println!("added:       {}", s.created_at);
 }
 
+/// How long ago, for a person: "12s ago", "4m ago", "never".
+fn ago(seconds: Option<f64>) -> String {
+    let Some(s) = seconds else { return "never".into() };
+    let s = s.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
 fn millis(ms: Option<i64>) -> String {
     ms.map(|m| format!("{:.1}s", m as f64 / 1000.0)).unwrap_or_default()
 }
@@ -256,15 +271,17 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                     println!("  apply:     {w}");
                 }
                 println!(
-                    "  last good: {} took {}, {} rows written, {} deleted",
+                    "  last good: {} ({}) took {}, {} rows written, {} deleted",
                     l.last_good.as_deref().unwrap_or("never"),
+                    ago(l.last_good_age_s),
                     millis(l.last_good_ms),
                     l.last_inserts.unwrap_or(0),
                     l.last_deletes.unwrap_or(0)
                 );
                 println!(
-                    "  last bad:  {} took {}",
+                    "  last bad:  {} ({}) took {}",
                     l.last_bad.as_deref().unwrap_or("never"),
+                    ago(l.last_bad_age_s),
                     millis(l.last_bad_ms)
                 );
                 if let Some(e) = &l.last_error {
@@ -285,36 +302,20 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
         }
         return;
     }
-    let mut t = table(&[
-        "name",
-        "target",
-        "phase",
-        "state",
-        "last good",
-        "time",
-        "last I/D",
-        "last bad",
-        "time",
-        "lag",
-        "pending",
-    ]);
+    // Fits 80 columns: the phase's first words here, its explanation (and
+    // what to do) on a line of its own below; the rest in --expanded.
+    let mut t = table(&["sync", "target", "phase", "lag", "pending", "last good", "last bad"]);
     for s in syncs {
         for tg in &s.targets {
             let l = &tg.last;
             t.add_row(vec![
                 s.name.clone(),
                 tg.target.clone(),
-                tg.phase.clone(),
-                l.state.clone(),
-                l.last_good.clone().unwrap_or_default(),
-                millis(l.last_good_ms),
-                l.last_inserts
-                    .map(|i| format!("{i}/{}", l.last_deletes.unwrap_or(0)))
-                    .unwrap_or_default(),
-                l.last_bad.clone().unwrap_or_default(),
-                millis(l.last_bad_ms),
+                tg.phase.split(':').next().unwrap_or_default().to_string(),
                 tg.lag_seconds.map(|l| format!("{l:.1}s")).unwrap_or("?".into()),
                 tg.pending.map(|p| p.to_string()).unwrap_or("?".into()),
+                ago(l.last_good_age_s),
+                ago(l.last_bad_age_s),
             ]);
         }
     }
@@ -326,6 +327,14 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
         for tg in &s.targets {
             if let Some(e) = &tg.target_error {
                 println!("{}: target {} cannot be read: {e}", s.name, tg.target);
+            }
+        }
+        for tg in s.targets.iter().filter(|t| t.phase.contains(':')) {
+            println!("{} -> {}: {}", s.name, tg.target, tg.phase);
+        }
+        for tg in s.targets.iter().filter(|t| t.last.state == "bad") {
+            if let Some(e) = &tg.last.last_error {
+                println!("{} -> {}: last error: {e}", s.name, tg.target);
             }
         }
         if let Some(reason) = &s.paused {
