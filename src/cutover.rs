@@ -175,9 +175,12 @@ pub async fn cutover(
     // seconds.
     if !session.initial_copy_done() {
         let running = crate::daemon::running_pid(catalog.path()).is_some();
+        let schema = &session.plan.schema;
+        let share = crate::status::copy_share(&session.tgt, schema, sync_name).await?;
         return Err(Error::invalid(
             format!(
-                "sync \"{sync_name}\" has not finished its initial copy: nothing to cut over yet"
+                "sync \"{sync_name}\" has not finished its initial copy ({share}): nothing to \
+                 cut over yet"
             ),
             if running {
                 format!(

@@ -101,6 +101,17 @@ struct CopyProgress {
     running: bool,
 }
 
+/// How far a target's initial copy is, for a command that waits on it:
+/// "40% of its parts done".
+pub(crate) async fn copy_share(tgt: &Conn, schema: &str, sync: &str) -> Result<String> {
+    let p = copy_progress(tgt, schema, sync, None).await?;
+    Ok(if p.units == 0 {
+        "not started".to_string()
+    } else {
+        format!("{:.0}% of its parts done", p.done as f64 / p.units as f64 * 100.0)
+    })
+}
+
 async fn copy_progress(
     tgt: &Conn,
     schema: &str,
