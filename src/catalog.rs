@@ -1110,6 +1110,30 @@ impl Catalog {
             .map_err(|e| self.sqlite(e))
     }
 
+    /// When `sync` was cut over (UTC, ISO 8601), if it was.
+    pub fn cut_over_at(&self, sync: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "select at from cutover where sync = ?1 order by rowid desc limit 1",
+                params![sync],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sqlite(e))
+    }
+
+    /// The sync whose cutover armed `sync` as its way back, if one did.
+    pub fn rollback_for(&self, sync: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "select sync from cutover where rollback_sync = ?1 order by rowid desc limit 1",
+                params![sync],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sqlite(e))
+    }
+
     /// The sync back armed when `sync` was cut over, if one was.
     pub fn rollback_sync_of(&self, sync: &str) -> Result<Option<String>> {
         self.conn

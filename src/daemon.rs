@@ -379,7 +379,7 @@ pub async fn run_foreground(
     };
     let _pid = PidFile::acquire(catalog_path)?;
     let token = CancellationToken::new();
-    let board = match (listener, crate::web::Board::new()) {
+    let board = match (listener, crate::web::Board::new(catalog_path)) {
         (Some(listener), Some(board)) => {
             tokio::spawn(crate::web::serve(listener, board.clone(), token.clone()));
             Some(board)

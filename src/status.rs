@@ -44,8 +44,17 @@ pub struct SyncStatus {
     /// schema whole (created since), and partitions of its partitioned
     /// tables the target lacks.
     pub not_captured: Vec<String>,
-    /// The write downtime its cutover measured, once cut over.
+    /// Where the source is (`user@host:port/dbname`, no password) and the
+    /// version it answered with (None: it did not answer).
+    pub source_address: Option<String>,
+    pub source_version: Option<String>,
+    /// The write downtime its cutover measured, once cut over, and when.
     pub write_downtime_ms: Option<i64>,
+    pub cut_over_at: Option<String>,
+    /// The sync back its cutover armed (what `rollback` cuts over to).
+    pub rollback_sync: Option<String>,
+    /// The sync whose way back this sync is.
+    pub rollback_of: Option<String>,
     /// Why a cutover cannot start now, at the default lag (empty: it can),
     /// as `ready` judges it but for the schema comparison, which `ready`
     /// and `cutover` add (it reads every object of both servers).
@@ -55,6 +64,9 @@ pub struct SyncStatus {
 #[derive(Debug, Serialize)]
 pub struct TargetStatus {
     pub target: String,
+    /// As for the source: where, and the version it answered with.
+    pub address: Option<String>,
+    pub version: Option<String>,
     #[serde(flatten)]
     pub last: SyncState,
     pub pending: Option<i64>,
@@ -79,13 +91,50 @@ impl TargetStatus {
     /// Whether the phase needs someone: a bad sync, a target that cannot
     /// be read, or nobody applying while autokick is on.
     pub fn needs_attention(&self) -> bool {
-        self.phase == "bad"
-            || self.phase == "waiting for daemon"
-            || self.phase == "unreachable"
-            || self.phase == PAUSED
-            || self.phase.starts_with(COPY_INTERRUPTED)
-            || self.phase.starts_with(BLOCKED)
-            || self.phase.starts_with(UNFINISHED)
+        tone(&self.phase) == Tone::Attention
+    }
+}
+
+/// How a phase reads at a glance (the status page's colours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tone {
+    /// Following the source closely.
+    Good,
+    /// Under way: copying, building indexes, catching up, cutting over.
+    Working,
+    /// Someone is needed (status exits 1).
+    Attention,
+    /// Over: cut over, or rolled back.
+    Done,
+}
+
+impl Tone {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tone::Good => "good",
+            Tone::Working => "working",
+            Tone::Attention => "attention",
+            Tone::Done => "done",
+        }
+    }
+}
+
+pub fn tone(phase: &str) -> Tone {
+    if phase == "bad"
+        || phase == "waiting for daemon"
+        || phase == "unreachable"
+        || phase == PAUSED
+        || phase.starts_with(COPY_INTERRUPTED)
+        || phase.starts_with(BLOCKED)
+        || phase.starts_with(UNFINISHED)
+    {
+        Tone::Attention
+    } else if phase == "cut over" || phase.starts_with(ROLLED_BACK) {
+        Tone::Done
+    } else if phase == "streaming" {
+        Tone::Good
+    } else {
+        Tone::Working
     }
 }
 
@@ -258,6 +307,10 @@ fn phase(
     if !copy.applied && copy.units > 0 {
         return "building indexes".into();
     }
+    if !copy.applied && daemon && autokick {
+        // The copy is being planned (or about to be): no lag to speak of.
+        return "copy starting".into();
+    }
     if !autokick {
         return "paused (autokick off)".into();
     }
@@ -369,20 +422,22 @@ pub async fn gather(
                     missing = m;
                 }
                 let waiting = lock_wait(&tgt).await?;
-                Ok::<_, crate::Error>((copy, missing, waiting))
+                Ok::<_, crate::Error>((copy, missing, waiting, tgt.version()))
             };
-            let (copy, target_error, waiting) = match tokio::time::timeout(STATUS_WAIT, read).await
-            {
-                Ok(Ok((copy, missing, waiting))) => {
-                    not_captured.extend(missing);
-                    (Some(copy), None, waiting)
-                }
-                Ok(Err(e)) => (None, Some(e.to_string()), None),
-                Err(_) => (None, Some(format!("{target}: {}", no_answer())), None),
-            };
+            let (copy, target_error, waiting, version) =
+                match tokio::time::timeout(STATUS_WAIT, read).await {
+                    Ok(Ok((copy, missing, waiting, version))) => {
+                        not_captured.extend(missing);
+                        (Some(copy), None, waiting, Some(version.to_string()))
+                    }
+                    Ok(Err(e)) => (None, Some(e.to_string()), None, None),
+                    Err(_) => (None, Some(format!("{target}: {}", no_answer())), None, None),
+                };
             let blocked = waiting.as_ref().filter(|(s, _)| *s > BLOCKED_AFTER).map(|(_, w)| w);
             let lag = pending.as_ref().and_then(|p| p.get(i)).map(|p| p.1);
             targets.push(TargetStatus {
+                address: db.resolve(env).ok().map(|r| r.to_string()),
+                version,
                 copied: copy.as_ref().is_some_and(|c| c.applied),
                 copy_ratio: copy
                     .as_ref()
@@ -424,7 +479,12 @@ pub async fn gather(
             source_error,
             paused: sync.paused.clone(),
             not_captured,
+            source_address: route.source.resolve(env).ok().map(|r| r.to_string()),
+            source_version: live.as_ref().map(|(src, _)| src.version().to_string()),
             write_downtime_ms: if cut_over { catalog.cutover_fence_ms(&sync.name)? } else { None },
+            cut_over_at: if cut_over { catalog.cut_over_at(&sync.name)? } else { None },
+            rollback_sync: catalog.rollback_sync_of(&sync.name)?,
+            rollback_of: catalog.rollback_for(&sync.name)?,
             not_ready: Vec::new(),
         });
     }

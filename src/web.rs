@@ -31,6 +31,8 @@ type LagHistory = BTreeMap<(String, String), VecDeque<(u64, f64)>>;
 
 /// What the handlers serve, refreshed by the sampler.
 pub struct Board {
+    /// The catalog the daemon serves, named on the page.
+    catalog: String,
     metrics: PrometheusHandle,
     status: Mutex<serde_json::Value>,
     lag: Mutex<LagHistory>,
@@ -38,13 +40,14 @@ pub struct Board {
 
 impl Board {
     /// Installs the process's metrics recorder.
-    pub fn new() -> Option<Arc<Board>> {
+    pub fn new(catalog: &std::path::Path) -> Option<Arc<Board>> {
         let builder = PrometheusBuilder::new()
             .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
             .ok()?;
         let metrics = builder.install_recorder().ok()?;
         Self::describe();
         Some(Arc::new(Board {
+            catalog: catalog.display().to_string(),
             metrics,
             status: Mutex::new(serde_json::json!({"daemon_pid": std::process::id(), "syncs": []})),
             lag: Mutex::new(BTreeMap::new()),
@@ -124,8 +127,12 @@ impl Board {
                 }
             }
         }
-        *self.status.lock().unwrap() =
-            serde_json::json!({"daemon_pid": std::process::id(), "syncs": syncs});
+        *self.status.lock().unwrap() = serde_json::json!({
+            "daemon_pid": std::process::id(),
+            "catalog": self.catalog,
+            "sampled_at": utc(now),
+            "syncs": syncs,
+        });
     }
 }
 
@@ -163,34 +170,92 @@ async fn api_status(State(board): State<Arc<Board>>) -> impl IntoResponse {
 async fn page(State(board): State<Arc<Board>>) -> Html<String> {
     let status = board.status.lock().unwrap().clone();
     let lag = board.lag.lock().unwrap().clone();
+    let syncs: Vec<&serde_json::Value> = status["syncs"].as_array().into_iter().flatten().collect();
+    let text = |v: &serde_json::Value| escape(v.as_str().unwrap_or("?"));
     let mut rows = String::new();
-    for s in status["syncs"].as_array().into_iter().flatten() {
+    for s in &syncs {
         let sync = s["name"].as_str().unwrap_or_default();
         for t in s["targets"].as_array().into_iter().flatten() {
             let target = t["target"].as_str().unwrap_or_default();
+            let phase = t["phase"].as_str().unwrap_or("?");
+            let tone = crate::status::tone(phase).as_str();
             let series = lag.get(&(sync.to_string(), target.to_string()));
+            let server = |role: &str,
+                          name: &serde_json::Value,
+                          at: &serde_json::Value,
+                          version: &serde_json::Value| {
+                format!(
+                    "<dt>{role}</dt><dd>{} &mdash; {} &mdash; {}</dd>",
+                    text(name),
+                    at.as_str().map_or("?".into(), escape),
+                    version
+                        .as_str()
+                        .map_or("did not answer".into(), |v| format!("PostgreSQL {}", escape(v))),
+                )
+            };
+            let mut facts =
+                server("source", &s["source"], &s["source_address"], &s["source_version"]);
+            facts.push_str(&server("target", &t["target"], &t["address"], &t["version"]));
+            if let Some(r) = t["copy_ratio"].as_f64().filter(|r| *r < 1.0) {
+                facts.push_str(&format!(
+                    "<dt>initial copy</dt><dd><progress max=\"1\" value=\"{r:.3}\"></progress> \
+                     {:.0}%</dd>",
+                    r * 100.0
+                ));
+            }
+            let lag_text = t["lag_seconds"].as_f64().map_or("?".into(), |l| format!("{l:.1} s"));
+            facts.push_str(&format!(
+                "<dt>lag</dt><dd>{lag_text}</dd><dt>pending keys</dt><dd>{}</dd>\
+                 <dt>last good round</dt><dd>{}</dd><dt>last error</dt><dd>{}</dd>",
+                t["pending"].as_i64().map_or("?".into(), |p| p.to_string()),
+                t["last_good"].as_str().map_or("never".into(), escape),
+                t["last_error"].as_str().map_or("none".into(), escape),
+            ));
+            if let Some(ms) = s["write_downtime_ms"].as_i64() {
+                facts.push_str(&format!(
+                    "<dt>cut over</dt><dd>{}: writes fenced for {:.3} s</dd>",
+                    s["cut_over_at"].as_str().map_or("?".into(), escape),
+                    ms as f64 / 1000.0
+                ));
+            }
+            if let Some(back) = s["rollback_sync"].as_str() {
+                let state = syncs
+                    .iter()
+                    .find(|o| o["name"] == back)
+                    .and_then(|o| o["targets"][0]["phase"].as_str())
+                    .unwrap_or("removed");
+                facts.push_str(&format!(
+                    "<dt>rollback sync</dt><dd>{} &mdash; {}</dd>",
+                    escape(back),
+                    escape(state)
+                ));
+            }
+            if let Some(of) = s["rollback_of"].as_str() {
+                facts.push_str(&format!(
+                    "<dt>way back of</dt><dd>{} (pgleap rollback {} cuts over to it)</dd>",
+                    escape(of),
+                    escape(of)
+                ));
+            }
             let reasons: Vec<String> = s["not_ready"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|r| r.as_str().map(escape))
                 .collect();
-            let ready = if reasons.is_empty() {
+            let ready = if tone == "done" {
+                String::new()
+            } else if reasons.is_empty() {
                 "<p class=\"ready\">ready to cut over</p>".to_string()
             } else {
                 format!("<p class=\"notready\">not ready: {}</p>", reasons.join("; "))
             };
             rows.push_str(&format!(
-                "<section class=\"sync\"><h2>{} &rarr; {}</h2>\
-                 <p class=\"phase\">{}</p>{ready}<dl><dt>lag</dt><dd>{}</dd>\
-                 <dt>pending</dt><dd>{}</dd>\
-                 <dt>last error</dt><dd>{}</dd></dl>{}</section>",
+                "<section class=\"sync {tone}\"><h2>{} &rarr; {}</h2>\
+                 <p class=\"phase\">{}</p>{ready}<dl>{facts}</dl>{}</section>",
                 escape(sync),
                 escape(target),
-                escape(t["phase"].as_str().unwrap_or("?")),
-                t["lag_seconds"].as_f64().map_or("?".into(), |l| format!("{l:.1} s")),
-                t["pending"].as_i64().map_or("?".into(), |p| p.to_string()),
-                escape(t["last_error"].as_str().unwrap_or("none")),
+                escape(phase),
                 chart(series),
             ));
         }
@@ -201,10 +266,38 @@ async fn page(State(board): State<Arc<Board>>) -> Html<String> {
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" \
          content=\"5\"><title>pgleap</title><style>body{{font:14px sans-serif;margin:2em}}\
-         .sync{{border:1px solid #ccc;padding:1em;margin:1em 0}}.phase{{font-weight:bold}}\
-         dl{{display:grid;grid-template-columns:8em auto}}svg{{background:#f8f8f8}}</style>\
-         </head><body><h1>pgleap</h1>{rows}</body></html>"
+         .sync{{border:1px solid #ccc;border-left:8px solid #999;padding:1em;margin:1em 0}}\
+         .good{{border-left-color:#2a6}}.working{{border-left-color:#d90}}\
+         .attention{{border-left-color:#c22}}.done{{border-left-color:#36c}}\
+         .phase{{font-weight:bold}}dl{{display:grid;grid-template-columns:10em auto}}\
+         svg{{background:#f8f8f8}}</style></head><body><h1>pgleap</h1>\
+         <p class=\"about\">catalog {} &mdash; daemon pid {} &mdash; sampled {}</p>{rows}\
+         </body></html>",
+        text(&status["catalog"]),
+        status["daemon_pid"],
+        text(&status["sampled_at"]),
     ))
+}
+
+/// Unix seconds as `2026-12-05 16:22:59 UTC` (days to civil date after
+/// H. Hinnant's algorithm: no date crate for one line of the page).
+fn utc(unix: u64) -> String {
+    let (days, secs) = ((unix / 86400) as i64, unix % 86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 /// The lag over the last hour as an inline SVG line chart.
@@ -243,4 +336,14 @@ fn chart(series: Option<&VecDeque<(u64, f64)>>) -> String {
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unix_seconds_read_as_utc() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_487_779), "2026-12-05 16:22:59 UTC");
+    }
 }

@@ -53,7 +53,29 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
     p.declare(&src, &dst, &["--all-tables"]);
     p.run(&["schema", "copy", "--from", "src", "--to", "dst"]).ok();
     p.add_sync(&["--onetimecopy", "always"]);
+    // The copy held at its first part by a lock on the target (SHARE lets
+    // the copy plan its parts, not write them): the page shows it copying.
+    let holder = dst.sql();
+    holder.exec("begin; lock table big in share mode");
     p.run(&["start"]).ok();
+    let copying = eventually("the copy's progress on the page", || {
+        let (_, page) = get(port, "/")?;
+        page.contains("<progress").then_some(page)
+    });
+    holder.exec("rollback");
+    for shown in [
+        "copying (0%",
+        "class=\"sync working\"",
+        "catalog ",
+        " UTC",
+        "PostgreSQL 15.",
+        "PostgreSQL 17.",
+        &format!("127.0.0.1:{}/{}", src.cluster.port, src.name),
+        &format!("127.0.0.1:{}/{}", dst.cluster.port, dst.name),
+        "not ready: the initial copy to dst is not done",
+    ] {
+        assert!(copying.contains(shown), "{shown:?} not on the page:\n{copying}");
+    }
 
     // During the copy: bytes copied go up.
     let during = eventually("copy bytes in /metrics", || {
@@ -145,5 +167,16 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
         std::fs::write(keep, &png).unwrap();
     }
     assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{} bytes", png.len());
+    assert!(dom.contains("class=\"sync good\""), "{dom}");
+
+    // After a cutover: when, the write downtime, and the way back's state.
+    p.run(&["cutover", "s", "--rollback-sync", "back"]).ok();
+    let after = eventually("the cutover on the page", || {
+        let (_, page) = get(port, "/")?;
+        page.contains("writes fenced for").then_some(page)
+    });
+    for shown in ["class=\"sync done\"", "rollback sync</dt><dd>back &mdash; ", "way back of"] {
+        assert!(after.contains(shown), "{shown:?} not on the page:\n{after}");
+    }
     p.run(&["stop"]).ok();
 }
