@@ -448,10 +448,14 @@ pub async fn gather(
                     (Some(c), _) => c.clone(),
                     (None, Some(w)) if !cut_over => format!("{BLOCKED}: {w}"),
                     _ if let Some(back) = &rolled_back => format!(
-                        "{ROLLED_BACK}: writes go to {source} again; before moving again, remove \
-                         both syncs (pgleap teardown {name}, then pgleap teardown {back}, with \
-                         --unfence to let {target} take writes again)",
+                        "{ROLLED_BACK}: writes go to {source} again; to move again, remove both \
+                         syncs (pgleap teardown {name}, then pgleap teardown {back} --unfence, \
+                         which lets {target} take writes again), fix what made you roll back, \
+                         and copy again: pgleap sync add NEW --relgroup {rg} --dbgroup {dg} \
+                         --onetimecopy always (it replaces {target}'s rows), then cut over NEW",
                         name = sync.name,
+                        rg = sync.relgroup,
+                        dg = sync.dbgroup,
                     ),
                     _ => phase(cut_over, sync, daemon, &last, copy.as_ref(), lag),
                 },

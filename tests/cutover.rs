@@ -463,3 +463,57 @@ fn an_interrupt_inside_the_fence_waits_for_the_switch_pg15_to_pg17() {
     assert!(p.run(&["status", "s"]).ok().contains("cut over"));
     p.run(&["teardown", "s"]).ok();
 }
+
+/// Rollback, fix, cut over again: the path README documents. After a
+/// rollback the old server takes writes again; removing both syncs (the
+/// new server unfenced) and adding a sync that copies again (it replaces
+/// the new server's rows, and says so) moves again, ending equal with the
+/// writes made after the rollback, and a second cutover works.
+#[test]
+fn rollback_fix_and_cut_over_again_pg15_to_pg17() {
+    let (src, dst, p) = cutover_pair("again");
+    p.run(&["cutover", "s", "--rollback-sync", "back"]).ok();
+    dst.sql().exec("insert into parent (v) values ('written on the new server')");
+    p.run(&["rollback", "s"]).ok();
+    src.sql().exec("insert into parent (v) values ('after the rollback')");
+    // What status says to do, done.
+    let status = p.run(&["status", "s"]);
+    let said = status.ok();
+    assert!(said.contains("pgleap teardown s, then pgleap teardown back --unfence"), "{status}");
+    assert!(said.contains("--onetimecopy always"), "{status}");
+    p.run(&["teardown", "s"]).ok();
+    p.run(&["teardown", "back", "--unfence"]).ok();
+    // The fix: a column the first attempt missed, made on both.
+    for db in [&src, &dst] {
+        db.sql().exec("alter table parent add column note text default 'fixed'");
+    }
+    let again = p.run(&[
+        "sync",
+        "add",
+        "s2",
+        "--relgroup",
+        "rg",
+        "--dbgroup",
+        "g",
+        "--onetimecopy",
+        "always",
+        "--autokick",
+        "off",
+    ]);
+    again.ok();
+    assert!(again.stderr.contains("replaces the rows target \"dst\" holds"), "{again}");
+    p.run(&["kick", "s2", "--wait", "60"]).ok();
+    src.sql().exec("insert into parent (v) values ('before the second cutover')");
+    let cut = p.run(&["cutover", "s2"]);
+    assert!(cut.ok().contains("the source now refuses writes"), "{cut}");
+    assert_app_tables_equal(&src, &dst);
+    let names = "select string_agg(v, ',' order by v) from parent
+                 where v in ('written on the new server', 'after the rollback',
+                                'before the second cutover')";
+    assert_eq!(
+        dst.sql().value(names),
+        "after the rollback,before the second cutover,written on the new server"
+    );
+    dst.sql().exec("insert into parent (v) values ('the new server takes writes')");
+    p.run(&["teardown", "s2"]).ok();
+}

@@ -119,7 +119,7 @@ fn clients_see_a_pause_not_an_error_at_cutover_and_rollback_through_pgbouncer() 
     let target = &status.json_any()["syncs"][0]["targets"][0];
     let phase = target["phase"].as_str().unwrap();
     assert!(phase.starts_with("rolled back: writes go to src again"), "{status}");
-    assert!(phase.contains("pgleap teardown s, then pgleap teardown back"), "{status}");
+    assert!(phase.contains("pgleap teardown s, then pgleap teardown back --unfence"), "{status}");
     assert_eq!(target["writes_go_to"], "src", "{status}");
     assert!(target["lag_seconds"].is_null() && target["pending"].is_null(), "{status}");
     assert_eq!(status.code, 0, "{status}");

@@ -270,20 +270,24 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                 if let Some(w) = &t.waiting {
                     println!("  apply:     {w}");
                 }
-                println!(
-                    "  last good: {} ({}) took {}, {} rows written, {} deleted",
-                    l.last_good.as_deref().unwrap_or("never"),
-                    ago(l.last_good_age_s),
-                    millis(l.last_good_ms),
-                    l.last_inserts.unwrap_or(0),
-                    l.last_deletes.unwrap_or(0)
-                );
-                println!(
-                    "  last bad:  {} ({}) took {}",
-                    l.last_bad.as_deref().unwrap_or("never"),
-                    ago(l.last_bad_age_s),
-                    millis(l.last_bad_ms)
-                );
+                match &l.last_good {
+                    Some(at) => println!(
+                        "  last good: {at} ({}) took {}, {} rows written, {} deleted",
+                        ago(l.last_good_age_s),
+                        millis(l.last_good_ms),
+                        l.last_inserts.unwrap_or(0),
+                        l.last_deletes.unwrap_or(0)
+                    ),
+                    None => println!("  last good: never"),
+                }
+                match &l.last_bad {
+                    Some(at) => println!(
+                        "  last bad:  {at} ({}) took {}",
+                        ago(l.last_bad_age_s),
+                        millis(l.last_bad_ms)
+                    ),
+                    None => println!("  last bad:  never"),
+                }
                 if let Some(e) = &l.last_error {
                     println!(
                         "  error:     {e}{}",
