@@ -78,7 +78,8 @@ create table if not exists cutover (
     sync text not null,
     at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
     fence_ms integer not null,
-    rollback_sync text              -- the sync back, when one was armed
+    rollback_sync text,             -- the sync back, when one was armed
+    target text                     -- the target switched to (null: the only one)
 );
 -- A cutover under way, recorded before each step it cannot take back, so
 -- that a rerun finishes or undoes what a killed one left.
@@ -88,7 +89,8 @@ create table if not exists cutover_progress (
     pid integer not null,
     started_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
     terminate integer not null,
-    rollback_sync text
+    rollback_sync text,
+    keep_sync text                  -- the sync from the new server to the other targets
 );
 -- What the last rounds of a sync did, per target: written by whoever ran
 -- the round (daemon or kick), read by status.
@@ -416,6 +418,12 @@ fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     if !has("sync", "paused")? {
         tx.execute_batch("alter table sync add column paused text")?;
     }
+    if !has("cutover", "target")? {
+        tx.execute_batch("alter table cutover add column target text")?;
+    }
+    if !has("cutover_progress", "keep_sync")? {
+        tx.execute_batch("alter table cutover_progress add column keep_sync text")?;
+    }
     Ok(())
 }
 
@@ -429,6 +437,8 @@ pub struct CutoverProgress {
     pub started_at: String,
     pub terminate: bool,
     pub rollback_sync: Option<String>,
+    /// The sync keeping the other targets following the new server.
+    pub keep_sync: Option<String>,
 }
 
 impl CutoverProgress {
@@ -1014,13 +1024,15 @@ impl Catalog {
     pub fn record_cutover(
         &mut self,
         sync: &str,
+        target: &str,
         fence_ms: i64,
         rollback_sync: Option<&str>,
     ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                "insert into cutover (sync, fence_ms, rollback_sync) values (?1, ?2, ?3)",
-                params![sync, fence_ms, rollback_sync],
+                "insert into cutover (sync, target, fence_ms, rollback_sync)
+                 values (?1, ?2, ?3, ?4)",
+                params![sync, target, fence_ms, rollback_sync],
             )?;
             Ok(())
         })
@@ -1032,15 +1044,17 @@ impl Catalog {
         sync: &str,
         terminate: bool,
         rollback_sync: Option<&str>,
+        keep_sync: Option<&str>,
     ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                "insert into cutover_progress (sync, step, pid, terminate, rollback_sync)
-                 values (?1, 'fencing', ?2, ?3, ?4)
+                "insert into cutover_progress (sync, step, pid, terminate, rollback_sync, keep_sync)
+                 values (?1, 'fencing', ?2, ?3, ?4, ?5)
                  on conflict (sync) do update set step = 'fencing', pid = excluded.pid,
                      started_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now'),
-                     terminate = excluded.terminate, rollback_sync = excluded.rollback_sync",
-                params![sync, std::process::id(), terminate, rollback_sync],
+                     terminate = excluded.terminate, rollback_sync = excluded.rollback_sync,
+                     keep_sync = excluded.keep_sync",
+                params![sync, std::process::id(), terminate, rollback_sync, keep_sync],
             )?;
             Ok(())
         })
@@ -1061,7 +1075,7 @@ impl Catalog {
     pub fn cutover_progress(&self, sync: &str) -> Result<Option<CutoverProgress>> {
         self.conn
             .query_row(
-                "select step, pid, started_at, terminate, rollback_sync
+                "select step, pid, started_at, terminate, rollback_sync, keep_sync
                  from cutover_progress where sync = ?1",
                 params![sync],
                 |r| {
@@ -1071,6 +1085,7 @@ impl Catalog {
                         started_at: r.get(2)?,
                         terminate: r.get(3)?,
                         rollback_sync: r.get(4)?,
+                        keep_sync: r.get(5)?,
                     })
                 },
             )
@@ -1107,6 +1122,20 @@ impl Catalog {
                 |r| r.get(0),
             )
             .optional()
+            .map_err(|e| self.sqlite(e))
+    }
+
+    /// The target `sync` was cut over to (None: its only one, or not cut
+    /// over).
+    pub fn cut_over_to(&self, sync: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "select target from cutover where sync = ?1 order by rowid desc limit 1",
+                params![sync],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
             .map_err(|e| self.sqlite(e))
     }
 

@@ -41,7 +41,7 @@ use crate::fidelity::{self, Difference, Stage};
 use crate::inventory::Selection;
 use crate::objects::{self, SyncSpec};
 use crate::pg::{Conn, Env, NamedQuery, Sql, qualified, quote_ident, quote_literal};
-use crate::route::SyncRoute;
+use crate::route::{DbConn, SyncRoute};
 use crate::session::Session;
 use crate::switch::{Switch, SwitchPlan};
 use crate::target::{self, Unvalidated};
@@ -70,6 +70,13 @@ pub struct CutoverOptions {
     /// The caller has just compared every row at one point (`upgrade`'s
     /// verify): the cutover does not count them again before its fence.
     pub rows_compared: bool,
+    /// Of a sync with several targets, the one the application moves to.
+    /// The others are brought to the same final state inside the fence.
+    pub to: Option<String>,
+    /// A sync under this name keeps the other targets following the new
+    /// server, armed inside the fence (else they stay as they were at the
+    /// switch point).
+    pub keep_others: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +95,11 @@ pub struct CutoverReport {
     pub large_objects_ms: Option<i64>,
     /// The sync back to the old server, when armed.
     pub rollback_sync: Option<String>,
+    /// The sync's other targets, brought to the same final state.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<String>,
+    /// The sync keeping them following the new server, when armed.
+    pub keep_sync: Option<String>,
     /// How long the poolers held the clients' queries (from PAUSE to
     /// RESUME), when the switch went through poolers.
     pub paused_ms: Option<i64>,
@@ -158,29 +170,66 @@ pub async fn cutover(
     env: Env<'_>,
 ) -> Result<CutoverReport> {
     let route = SyncRoute::load(catalog, sync_name)?;
-    let target = route.sole_target()?;
+    let target = chosen(&route, opts.to.as_deref())?;
+    if opts.keep_others.is_some() && route.targets.len() < 2 {
+        return Err(Error::invalid(
+            format!("sync \"{sync_name}\" has no other target for --keep-others to keep"),
+            "leave --keep-others out",
+        ));
+    }
     let deadline = Some(Instant::now() + ROUND_LIMIT);
     // A cutover that died half-way is finished (past its switch point) or
     // undone (inside its fence) before anything else.
     if !opts.dry_run
-        && let Some(report) = resume_unfinished(catalog, &route, &opts.switch, env).await?
+        && let Some(report) = resume_unfinished(catalog, &route, target, &opts.switch, env).await?
     {
         return Ok(report);
     }
     // A cut-over sync is refused by the session at once (a permanent
     // error), before anything is touched.
     let mut session = Session::connect_retrying(catalog, &route, target, deadline, env).await?;
+    let mut others = Vec::new();
+    for other in route.targets.iter().filter(|t| t.name != target.name) {
+        others.push(Session::connect_retrying(catalog, &route, other, deadline, env).await?);
+    }
     // The initial copy takes minutes to hours: it is the daemon's (or a
     // kick's), never run inline by a command the operator expects to take
     // seconds.
+    for session in std::iter::once(&session).chain(&others) {
+        check_copied(catalog, sync_name, session).await?;
+    }
+    cutover_with(catalog, &route, &mut session, &mut others, opts, env).await
+}
+
+/// The target a cutover switches to: the one `--to` names, or the sync's
+/// only one.
+fn chosen<'r>(route: &'r SyncRoute, to: Option<&str>) -> Result<&'r DbConn> {
+    match to {
+        Some(name) => route.target(name),
+        None if route.targets.len() > 1 => Err(Error::invalid(
+            format!(
+                "sync \"{}\" has {} targets: which one does the application move to?",
+                route.name(),
+                route.targets.len()
+            ),
+            "name it with --to NAME: the others are brought to the same final state inside the \
+             fence, and --keep-others SYNC keeps them following the new server",
+        )),
+        None => route.sole_target(),
+    }
+}
+
+/// Refuses a cutover while a target's initial copy is not done.
+async fn check_copied(catalog: &Catalog, sync_name: &str, session: &Session) -> Result<()> {
     if !session.initial_copy_done() {
         let running = crate::daemon::running_pid(catalog.path()).is_some();
         let schema = &session.plan.schema;
         let share = crate::status::copy_share(&session.tgt, schema, sync_name).await?;
         return Err(Error::invalid(
             format!(
-                "sync \"{sync_name}\" has not finished its initial copy ({share}): nothing to \
-                 cut over yet"
+                "sync \"{sync_name}\" has not finished its initial copy to \"{}\" ({share}): \
+                 nothing to cut over yet",
+                session.target_name()
             ),
             if running {
                 format!(
@@ -194,50 +243,70 @@ pub async fn cutover(
             },
         ));
     }
-    cutover_with(catalog, &route, &mut session, opts, env).await
+    Ok(())
 }
 
-/// Cuts over through a session already open to the sync's one target: no
-/// connection is opened between the fence and the switch point, unless a
-/// failure forces the session to reconnect.
+/// Cuts over through a session already open to the target switched to
+/// (and one to each other target): no connection is opened between the
+/// fence and the switch point, unless a failure forces a session to
+/// reconnect.
 pub async fn cutover_with(
     catalog: &mut Catalog,
     route: &SyncRoute,
     session: &mut Session,
+    others: &mut [Session],
     opts: &CutoverOptions,
     env: Env<'_>,
 ) -> Result<CutoverReport> {
-    let target = route.sole_target()?.name.clone();
+    let target = session.target_name().to_string();
     let mut before = Timer::new();
-    catch_up(catalog, session, opts.max_lag, env).await?;
+    for s in std::iter::once(&mut *session).chain(others.iter_mut()) {
+        catch_up(catalog, s, opts.max_lag, env).await?;
+    }
     before.lap("catch-up");
     let (at_switch, would_create) =
         settle_schema(session, opts.allow_schema_differences, opts.dry_run).await?;
+    let mut others_at_switch = Vec::new();
+    for other in others.iter() {
+        let (left, _) = settle_schema(other, opts.allow_schema_differences, opts.dry_run).await?;
+        others_at_switch.push(left);
+    }
     before.lap("schema");
     if !opts.rows_compared {
-        counts_at_one_point(session).await?;
+        for s in std::iter::once(&mut *session).chain(others.iter_mut()) {
+            counts_at_one_point(s).await?;
+        }
         before.lap("row counts at one point");
         // Counting a large database takes a while: the lag it left is
         // applied before the fence, not inside it.
-        catch_up(catalog, session, opts.max_lag, env).await?;
+        for s in std::iter::once(&mut *session).chain(others.iter_mut()) {
+            catch_up(catalog, s, opts.max_lag, env).await?;
+        }
         before.lap("catch-up after the counts");
     }
+    let other_names: Vec<String> = others.iter().map(|o| o.target_name().to_string()).collect();
     if opts.dry_run {
         // The poolers are checked, not paused.
         crate::switch::check(&opts.switch, env).await?;
-        let mut report = dry_run(catalog, session, env).await?;
+        let mut report = dry_run(catalog, session, others, env).await?;
         report.would_create = would_create;
         report.before_fence = before.steps;
+        report.others = other_names;
         return Ok(report);
     }
-    if let Some(back) = &opts.rollback_sync {
-        check_rollback_name(catalog, back)?;
+    for name in opts.rollback_sync.iter().chain(&opts.keep_others) {
+        check_new_sync_name(catalog, name)?;
     }
     let moved_to = format!("pgleap database \"{target}\" ({})", catalog.db(&target)?.conninfo);
-    let to = route.sole_target()?.resolve(env)?;
+    let to = route.target(&target)?.resolve(env)?;
 
     // Recorded before the fence: a rerun after a kill undoes it.
-    catalog.begin_cutover(route.name(), opts.terminate, opts.rollback_sync.as_deref())?;
+    catalog.begin_cutover(
+        route.name(),
+        opts.terminate,
+        opts.rollback_sync.as_deref(),
+        opts.keep_others.as_deref(),
+    )?;
     // The clients' pause starts here: the poolers hold their new queries.
     let paused_at = Instant::now();
     let span = FenceSpan::enter();
@@ -258,7 +327,9 @@ pub async fn cutover_with(
             read_only(&session.src, true).await?;
         }
         inside.lap("fence (taking the tables' locks)");
-        let switched = switch(catalog, session, opts, &at_switch, &mut inside, env).await?;
+        let switched =
+            switch(catalog, session, others, opts, &at_switch, &others_at_switch, &mut inside, env)
+                .await?;
         pooler.repoint(&opts.switch, &to, route.name(), &target).await?;
         inside.lap("switch");
         if let Some(old) = &opts.lift_fence {
@@ -274,7 +345,12 @@ pub async fn cutover_with(
         Ok(switched) => switched,
         Err(e) => {
             tracing::warn!("cutover failed before the switch; unfencing the source: {e}");
-            undo(catalog, session, opts.terminate, opts.rollback_sync.as_deref(), &at_switch).await;
+            let armed = Armed {
+                rollback: opts.rollback_sync.as_deref(),
+                keep: opts.keep_others.as_deref(),
+            };
+            let left = (&at_switch[..], &others_at_switch[..]);
+            undo(catalog, session, others, opts.terminate, armed, left).await;
             pooler.abort(env).await;
             catalog.end_cutover(route.name())?;
             return Err(e);
@@ -284,13 +360,14 @@ pub async fn cutover_with(
     let resumed = pooler.resume().await;
     let paused_ms =
         (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
-    catalog.record_cutover(route.name(), fence_ms, opts.rollback_sync.as_deref())?;
+    catalog.record_cutover(route.name(), &target, fence_ms, opts.rollback_sync.as_deref())?;
     catalog.retire_sync(route.name())?;
     // Past the switch point: a rerun after a kill finishes what follows.
     catalog.cutover_step(route.name(), "switched")?;
     crate::failpoint::hit("cutover-switched");
     drop(span);
-    if opts.rollback_sync.is_some() && crate::daemon::running_pid(catalog.path()).is_none() {
+    let armed = opts.rollback_sync.is_some() || opts.keep_others.is_some();
+    if armed && crate::daemon::running_pid(catalog.path()).is_none() {
         crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
     }
     if let Err(e) = resumed {
@@ -300,6 +377,9 @@ pub async fn cutover_with(
         ));
     }
     target::validate_foreign_keys(&session.tgt, &switched.to_validate).await?;
+    for (other, to_validate) in others.iter().zip(&switched.others_to_validate) {
+        target::validate_foreign_keys(&other.tgt, to_validate).await?;
+    }
     catalog.end_cutover(route.name())?;
     Ok(CutoverReport {
         sync: route.name().into(),
@@ -312,6 +392,8 @@ pub async fn cutover_with(
         tables: session.plan.tables.len(),
         large_objects_ms: switched.large_objects_ms,
         rollback_sync: opts.rollback_sync.clone(),
+        others: other_names,
+        keep_sync: opts.keep_others.clone(),
         paused_ms,
         would_create: Vec::new(),
         before_fence: before.steps,
@@ -319,48 +401,64 @@ pub async fn cutover_with(
     })
 }
 
+/// The syncs a cutover arms inside its fence (removed again by an undo).
+#[derive(Clone, Copy)]
+struct Armed<'a> {
+    rollback: Option<&'a str>,
+    keep: Option<&'a str>,
+}
+
 /// Puts everything back as the sync had it after a failure before the
 /// switch point: the source unfenced (and writable by default again), the
-/// target's foreign keys and triggers set aside again (they would fire
-/// during the next batches), the sync back removed. Best effort: the
-/// original error is the one reported.
+/// targets' foreign keys and triggers set aside again (they would fire
+/// during the next batches), the syncs armed removed. Best effort: the
+/// original error is the one reported. `at_switch`: the objects left for
+/// the switch point, of the target switched to and of the others.
 async fn undo(
     catalog: &mut Catalog,
     session: &mut Session,
+    others: &mut [Session],
     terminate: bool,
-    rollback_sync: Option<&str>,
-    at_switch: &[Difference],
+    armed: Armed<'_>,
+    at_switch: (&[Difference], &[Vec<Difference>]),
 ) {
     if terminate {
         let _ = read_only(&session.src, false).await;
-    }
-    // Forced, row security would filter the sync's own writes.
-    for d in at_switch.iter().filter(|d| d.kind == fidelity::FORCED_ROW_SECURITY) {
-        let _ = session
-            .tgt
-            .batch_execute(&format!("alter table {} no force row level security", d.name))
-            .await;
     }
     if let Err(e) = unfence(&mut session.src, &session.plan).await {
         tracing::error!(
             "could not unfence the source: {e}; run pgleap cutover again or unfence by hand"
         );
     }
-    if !session.replica_role
-        && let Err(e) = target::prepare(&mut session.tgt, &session.plan).await
-    {
-        tracing::error!("could not set the target's foreign keys and triggers aside again: {e}");
+    let left = std::iter::once(at_switch.0).chain(at_switch.1.iter().map(Vec::as_slice));
+    let targets = std::iter::once(&mut *session).chain(others.iter_mut());
+    for (s, at_switch) in targets.zip(left.chain(std::iter::repeat(&[][..]))) {
+        // Forced, row security would filter the sync's own writes.
+        for d in at_switch.iter().filter(|d| d.kind == fidelity::FORCED_ROW_SECURITY) {
+            let _ = s
+                .tgt
+                .batch_execute(&format!("alter table {} no force row level security", d.name))
+                .await;
+        }
+        if !s.replica_role
+            && let Err(e) = target::prepare(&mut s.tgt, &s.plan).await
+        {
+            tracing::error!(
+                "could not set the foreign keys and triggers of {} aside again: {e}",
+                s.target_name()
+            );
+        }
     }
-    if let Some(back) = rollback_sync {
+    for name in armed.rollback.iter().chain(&armed.keep) {
         // It did not exist before this cutover (checked up front), so
         // whatever carries its name is this cutover's, however far arming
         // it went (a killed run may have left only some of it).
-        if let Err(e) = capture::remove(&mut session.tgt, &session.plan.schema, back, false).await {
-            tracing::error!("could not remove the sync back \"{back}\" from the new server: {e}");
+        if let Err(e) = capture::remove(&mut session.tgt, &session.plan.schema, name, false).await {
+            tracing::error!("could not remove sync \"{name}\" from the new server: {e}");
         }
-        let _ = catalog.remove_sync(back);
-        let _ = catalog.remove_dbgroup(back);
-        let _ = catalog.remove_relgroup(back);
+        let _ = catalog.remove_sync(name);
+        let _ = catalog.remove_dbgroup(name);
+        let _ = catalog.remove_relgroup(name);
     }
 }
 
@@ -370,6 +468,7 @@ async fn undo(
 async fn resume_unfinished(
     catalog: &mut Catalog,
     route: &SyncRoute,
+    target: &DbConn,
     switch: &SwitchPlan,
     env: Env<'_>,
 ) -> Result<Option<CutoverReport>> {
@@ -389,15 +488,23 @@ async fn resume_unfinished(
     if progress.step == "switched" {
         return finish_switched(catalog, route, env).await.map(Some);
     }
+    let deadline = Some(Instant::now() + ROUND_LIMIT);
     tracing::warn!(
         "resuming: the cutover of sync \"{sync_name}\" started at {} was killed inside its \
          fence; undoing it first",
         progress.started_at
     );
-    let deadline = Some(Instant::now() + ROUND_LIMIT);
-    let target = route.sole_target()?;
+    // The fence is the source's and the armed syncs capture on the target
+    // switched to: undone from whichever target this rerun names (the
+    // others' foreign keys and triggers are set aside again too).
     let mut session = Session::connect_retrying(catalog, route, target, deadline, env).await?;
-    undo(catalog, &mut session, progress.terminate, progress.rollback_sync.as_deref(), &[]).await;
+    let mut others = Vec::new();
+    for other in route.targets.iter().filter(|t| t.name != target.name) {
+        others.push(Session::connect_retrying(catalog, route, other, deadline, env).await?);
+    }
+    let armed =
+        Armed { rollback: progress.rollback_sync.as_deref(), keep: progress.keep_sync.as_deref() };
+    undo(catalog, &mut session, &mut others, progress.terminate, armed, (&[], &[])).await;
     // Its poolers may still hold their clients: the rerun names the same.
     crate::switch::resume_left_paused(switch, env).await;
     catalog.end_cutover(sync_name)?;
@@ -417,22 +524,34 @@ async fn finish_switched(
         "resuming: the cutover of sync \"{sync}\" passed its switch point; finishing it"
     );
     let src = route.source.connect(env).await?;
-    let tgt = route.sole_target()?.connect(env).await?;
     let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
-    let to_validate = target::not_validated(&tgt, &plan).await?;
-    target::validate_foreign_keys(&tgt, &to_validate).await?;
+    // Every target's foreign keys: the one switched to and the others
+    // were all finished inside the fence.
+    let mut foreign_keys = 0;
+    for db in &route.targets {
+        let tgt = db.connect(env).await?;
+        let to_validate = target::not_validated(&tgt, &plan).await?;
+        target::validate_foreign_keys(&tgt, &to_validate).await?;
+        foreign_keys += to_validate.len();
+    }
+    let to = match catalog.cut_over_to(sync)? {
+        Some(name) => name,
+        None => route.sole_target()?.name.clone(),
+    };
     catalog.end_cutover(sync)?;
     Ok(CutoverReport {
         sync: sync.into(),
-        target: route.sole_target()?.name.clone(),
+        target: to.clone(),
         dry_run: false,
         fence_ms: catalog.cutover_fence_ms(sync)?.unwrap_or(0),
         sequences: plan.sequences.len(),
-        foreign_keys: to_validate.len(),
+        foreign_keys,
         triggers: 0,
         tables: plan.tables.len(),
         large_objects_ms: None,
         rollback_sync: catalog.rollback_sync_of(sync)?,
+        others: route.targets.iter().filter(|t| t.name != to).map(|t| t.name.clone()).collect(),
+        keep_sync: None,
         paused_ms: None,
         would_create: Vec::new(),
         before_fence: Vec::new(),
@@ -446,6 +565,8 @@ struct Switched {
     sequences: usize,
     triggers: usize,
     to_validate: Vec<Unvalidated>,
+    /// The other targets' foreign keys to validate, in their order.
+    others_to_validate: Vec<Vec<Unvalidated>>,
 }
 
 /// Creates on the target what pgleap can of the schema it lacks (a dry
@@ -514,49 +635,94 @@ fn blocking_message(blocking: &[Difference]) -> String {
 /// `cutover` agree.
 pub async fn schema_not_ready(catalog: &Catalog, sync: &str, env: Env<'_>) -> Result<Vec<String>> {
     let route = SyncRoute::load(catalog, sync)?;
-    if route.sync.retired || route.targets.len() != 1 {
+    if route.sync.retired {
         return Ok(Vec::new());
     }
     let src = route.source.connect(env).await?;
-    let tgt = route.sole_target()?.connect(env).await?;
     let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
-    let (_, blocking, _) = schema_left(&src, &tgt, &plan, true).await?;
-    Ok(if blocking.is_empty() {
-        Vec::new()
-    } else {
-        vec![format!(
-            "{} (pgleap verify {sync} lists them; or cutover --allow-schema-differences)",
-            blocking_message(&blocking)
-        )]
-    })
+    let mut reasons = Vec::new();
+    for db in &route.targets {
+        let tgt = db.connect(env).await?;
+        let (_, blocking, _) = schema_left(&src, &tgt, &plan, true).await?;
+        if !blocking.is_empty() {
+            let on =
+                if route.targets.len() > 1 { format!(" ({})", db.name) } else { String::new() };
+            reasons.push(format!(
+                "{}{on} (pgleap verify {sync} lists them; or cutover --allow-schema-differences)",
+                blocking_message(&blocking)
+            ));
+        }
+    }
+    Ok(reasons)
 }
 
-/// Inside the fence, up to the switch point: drain, sequences, deferred
-/// schema, counts, and the sync back if asked for.
+/// Inside the fence, up to the switch point: every target brought to the
+/// final state (drain, sequences, deferred schema), the syncs armed if
+/// asked for, and last the objects left for the switch point.
+#[allow(clippy::too_many_arguments)]
 async fn switch(
     catalog: &mut Catalog,
     session: &mut Session,
+    others: &mut [Session],
     opts: &CutoverOptions,
     at_switch: &[Difference],
+    others_at_switch: &[Vec<Difference>],
     timer: &mut Timer,
     env: Env<'_>,
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
     timer.lap("drain");
+    let sequences = set_sequences(session, opts.sequence_margin).await?;
+    timer.lap("sequences");
+    let (to_validate, triggers) = deferred_schema(session).await?;
+    timer.lap("deferred schema");
+    let mut others_to_validate = Vec::new();
+    for (other, left) in others.iter_mut().zip(others_at_switch) {
+        drain(catalog, other, env).await?;
+        set_sequences(other, opts.sequence_margin).await?;
+        others_to_validate.push(deferred_schema(other).await?.0);
+        create_at_switch(other, left).await?;
+    }
+    if !others.is_empty() {
+        timer.lap("other targets");
+    }
+    if let Some(back) = &opts.rollback_sync {
+        arm_sync(catalog, back, &mut session.tgt, &session.plan, &[&session.src]).await?;
+        timer.lap("sync back");
+    }
+    if let Some(keep) = &opts.keep_others {
+        let kept: Vec<&Conn> = others.iter().map(|o| &o.tgt).collect();
+        arm_sync(catalog, keep, &mut session.tgt, &session.plan, &kept).await?;
+        timer.lap("sync to the other targets");
+    }
+    // Last: once forced, row security applies to pgleap's own writes.
+    create_at_switch(session, at_switch).await?;
+    Ok(Switched { large_objects_ms, sequences, triggers, to_validate, others_to_validate })
+}
+
+/// Sets the target's sequences from the source's exact values (plus
+/// `margin`); returns how many.
+async fn set_sequences(session: &Session, margin: i64) -> Result<usize> {
     let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
     for (seq, value, called) in &sequences {
         // Exact without a margin: a sequence never drawn from hands out
         // its start value next on the target too.
-        let called = *called || opts.sequence_margin != 0;
+        let called = *called || margin != 0;
         session
             .tgt
             .execute(
                 "select setval($1::text::regclass, $2, $3)",
-                &[seq, &(value + opts.sequence_margin), &called],
+                &[seq, &(value + margin), &called],
             )
             .await?;
     }
-    timer.lap("sequences");
+    Ok(sequences.len())
+}
+
+/// The foreign keys and triggers set aside during the sync, or missing:
+/// put back or created (keys NOT VALID). Returns the keys to validate
+/// after the switch point, and how many triggers were created.
+async fn deferred_schema(session: &Session) -> Result<(Vec<Unvalidated>, usize)> {
     let schema = &session.plan.schema;
     let mut to_validate = target::restore(&session.tgt, schema, &session.plan.sync, false).await?;
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
@@ -566,25 +732,23 @@ async fn switch(
     to_validate.extend(target::not_validated(&session.tgt, &session.plan).await?);
     to_validate.sort();
     to_validate.dedup();
-    timer.lap("deferred schema");
-    if let Some(back) = &opts.rollback_sync {
-        arm_rollback(catalog, back, session).await?;
-        timer.lap("sync back");
-    }
-    // Last: once forced, row security applies to pgleap's own writes.
+    Ok((to_validate, missing.triggers.len()))
+}
+
+/// Creates the objects left for the switch point (forced row security).
+async fn create_at_switch(session: &Session, at_switch: &[Difference]) -> Result<()> {
     let failed = fidelity::create(&session.tgt, at_switch.to_vec(), Stage::Cutover).await?;
     if let Some(d) = failed.iter().find(|d| d.create_failed()) {
         return Err(Error::invalid(
-            format!("cutover: could not create {}", fidelity::describe(d)),
+            format!(
+                "cutover: could not create {} on {}",
+                fidelity::describe(d),
+                session.target_name()
+            ),
             "the source was unfenced; fix what is named on the target and run cutover again",
         ));
     }
-    Ok(Switched {
-        large_objects_ms,
-        sequences: sequences.len(),
-        triggers: missing.triggers.len(),
-        to_validate,
-    })
+    Ok(())
 }
 
 /// Applies everything committed on the source so far (inside the fence:
@@ -610,6 +774,7 @@ async fn drain(catalog: &mut Catalog, session: &mut Session, env: Env<'_>) -> Re
 async fn dry_run(
     catalog: &mut Catalog,
     session: &mut Session,
+    others: &mut [Session],
     env: Env<'_>,
 ) -> Result<CutoverReport> {
     let started = Instant::now();
@@ -620,6 +785,13 @@ async fn dry_run(
     timer.lap("sequences");
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
     timer.lap("deferred schema");
+    for other in others.iter_mut() {
+        drain(catalog, other, env).await?;
+        target::missing(&other.src, &other.tgt, &other.plan).await?;
+    }
+    if !others.is_empty() {
+        timer.lap("other targets");
+    }
     Ok(CutoverReport {
         sync: session.sync_name().into(),
         target: session.target_name().into(),
@@ -631,6 +803,8 @@ async fn dry_run(
         tables: session.plan.tables.len(),
         large_objects_ms,
         rollback_sync: None,
+        others: Vec::new(),
+        keep_sync: None,
         paused_ms: None,
         would_create: Vec::new(),
         before_fence: Vec::new(),
@@ -638,25 +812,32 @@ async fn dry_run(
     })
 }
 
-fn check_rollback_name(catalog: &Catalog, back: &str) -> Result<()> {
-    objects::check_name(ObjectKind::Sync, back)?;
-    if catalog.sync(back).is_ok() || catalog.relgroup(back).is_ok() || catalog.dbgroup(back).is_ok()
+fn check_new_sync_name(catalog: &Catalog, name: &str) -> Result<()> {
+    objects::check_name(ObjectKind::Sync, name)?;
+    if catalog.sync(name).is_ok() || catalog.relgroup(name).is_ok() || catalog.dbgroup(name).is_ok()
     {
         return Err(Error::invalid(
-            format!("\"{back}\" is already used by a sync, relgroup or dbgroup"),
-            "choose another name for --rollback-sync",
+            format!("\"{name}\" is already used by a sync, relgroup or dbgroup"),
+            "choose another name for --rollback-sync or --keep-others",
         ));
     }
     Ok(())
 }
 
-/// Declares and installs the sync back from the new server to the old one,
-/// on the session's connections: capture on the new server starts before
-/// it takes any write, so a rollback loses nothing. On failure, whatever it
-/// created is removed.
-async fn arm_rollback(catalog: &mut Catalog, back: &str, session: &mut Session) -> Result<()> {
-    let (old, new) = (session.src.name().to_string(), session.tgt.name().to_string());
-    let plan = &session.plan;
+/// Declares and installs a sync `name` from the new server (the session's
+/// target) to `targets` (the old server, for the sync back; the other
+/// targets, to keep them following): capture on the new server starts
+/// before it takes any write, so nothing is lost. The targets are at the
+/// new server's state (all drained inside the fence): nothing to copy. On
+/// failure, whatever it created is removed.
+async fn arm_sync(
+    catalog: &mut Catalog,
+    name: &str,
+    new: &mut Conn,
+    plan: &Plan,
+    targets: &[&Conn],
+) -> Result<()> {
+    let new_name = new.name().to_string();
     let selection = Selection {
         tables: plan.tables.iter().map(|t| t.table.clone()).collect(),
         sequences: plan.sequences.clone(),
@@ -664,26 +845,30 @@ async fn arm_rollback(catalog: &mut Catalog, back: &str, session: &mut Session) 
         ..Default::default()
     };
     let spec = SyncSpec {
-        name: back.to_string(),
-        relgroup: back.to_string(),
-        dbgroup: back.to_string(),
+        name: name.to_string(),
+        relgroup: name.to_string(),
+        dbgroup: name.to_string(),
         onetimecopy: OneTimeCopy::Never,
         autokick: true,
-        // The old server is usually the older major.
+        // The old server is usually the older major; the other targets
+        // were the user's choice already.
         allow_downgrade: true,
         capture_schema: plan.schema.clone(),
         lo_interval: 10,
     };
     let result = async {
-        objects::add_relgroup_on(catalog, back, &session.tgt, &selection).await?;
-        objects::add_dbgroup(catalog, back, &[format!("{new}:source"), format!("{old}:target")])?;
-        objects::add_sync_on(catalog, &spec, &mut session.tgt, &[&session.src]).await
+        objects::add_relgroup_on(catalog, name, new, &selection).await?;
+        let members: Vec<String> = std::iter::once(format!("{new_name}:source"))
+            .chain(targets.iter().map(|t| format!("{}:target", t.name())))
+            .collect();
+        objects::add_dbgroup(catalog, name, &members)?;
+        objects::add_sync_on(catalog, &spec, new, targets).await
     }
     .await;
     if let Err(e) = result {
-        let _ = catalog.remove_sync(back);
-        let _ = catalog.remove_dbgroup(back);
-        let _ = catalog.remove_relgroup(back);
+        let _ = catalog.remove_sync(name);
+        let _ = catalog.remove_dbgroup(name);
+        let _ = catalog.remove_relgroup(name);
         return Err(e);
     }
     crate::failpoint::hit("cutover-armed");
@@ -783,17 +968,17 @@ pub async fn rollback(
         ));
     };
     let back = SyncRoute::load(catalog, &back_name)?;
+    let old = back.sole_target()?;
     if !opts.dry_run
-        && let Some(report) = resume_unfinished(catalog, &back, &opts.switch, env).await?
+        && let Some(report) = resume_unfinished(catalog, &back, old, &opts.switch, env).await?
     {
         return Ok(report);
     }
-    let old = back.sole_target()?;
     let deadline = Some(Instant::now() + ROUND_LIMIT);
     let mut session = Session::open_retrying(catalog, &back, old, 1, deadline, env).await?;
     let old_fence = Plan::load(&session.tgt, &forward.sync, &forward.relgroup).await?;
     let opts = CutoverOptions { lift_fence: Some(old_fence), rollback_sync: None, ..opts.clone() };
-    cutover_with(catalog, &back, &mut session, &opts, env).await
+    cutover_with(catalog, &back, &mut session, &mut [], &opts, env).await
 }
 
 /// Ends other sessions and makes new transactions read-only (or undoes it).

@@ -353,6 +353,8 @@ pub async fn gather(
             }
             _ => None,
         };
+        // Of several targets, the one the application moved to.
+        let switched_to = if cut_over { catalog.cut_over_to(&sync.name)? } else { None };
         let mut states = catalog.sync_states(&sync.name)?;
         // A cutover under way, or left unfinished by a process that died:
         // it says so whatever else the sync shows.
@@ -462,9 +464,10 @@ pub async fn gather(
                 waiting: waiting.map(|(_, w)| w),
                 last,
                 pending: pending.as_ref().and_then(|p| p.get(i)).map(|p| p.0),
-                writes_go_to: cut_over.then(|| match rolled_back {
-                    Some(_) => source.clone(),
-                    None => target.to_string(),
+                writes_go_to: cut_over.then(|| match (&rolled_back, &switched_to) {
+                    (Some(_), _) => source.clone(),
+                    (None, Some(to)) => to.clone(),
+                    (None, None) => target.to_string(),
                 }),
                 lag_seconds: lag,
                 target_error,
@@ -546,9 +549,6 @@ pub fn not_ready(sync: &SyncStatus, max_lag: f64) -> Vec<String> {
             None => reasons.push(format!("the lag of {name} cannot be read")),
             _ => {}
         }
-    }
-    if sync.targets.len() != 1 {
-        reasons.push(format!("it has {} targets; cutover moves to one", sync.targets.len()));
     }
     reasons
 }

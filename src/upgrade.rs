@@ -388,8 +388,11 @@ pub async fn upgrade(
             // Verify compared every row just now; a prompt may have
             // waited for hours since.
             rows_compared: matches!(opts.cutover, CutoverMode::Auto),
+            to: None,
+            keep_others: None,
         };
-        let report = cutover::cutover_with(catalog, &route, &mut session, &copts, env).await?;
+        let report =
+            cutover::cutover_with(catalog, &route, &mut session, &mut [], &copts, env).await?;
         clock.lap("cutover");
         Some(report)
     } else {

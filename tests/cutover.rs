@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::{Pgleap, Sql, TestDb, cluster, copy_database, finish, killed_at, pgbench};
+use crate::support::{
+    Pgleap, Sql, TestDb, cluster, copy_database, finish, killed_at, pgbench, writes_until_fenced,
+};
 
 const APP_SCHEMA: &str = "
     create table parent (id serial primary key, v text);
@@ -475,6 +477,9 @@ fn rollback_fix_and_cut_over_again_pg15_to_pg17() {
     p.run(&["cutover", "s", "--rollback-sync", "back"]).ok();
     dst.sql().exec("insert into parent (v) values ('written on the new server')");
     p.run(&["rollback", "s"]).ok();
+    // The new server's fence names the old one, where the writes go now.
+    let refused = dst.sql().try_exec("insert into parent (v) values ('refused')").unwrap_err();
+    assert!(refused.contains("moved to pgleap database \"src\""), "{refused}");
     src.sql().exec("insert into parent (v) values ('after the rollback')");
     // What status says to do, done.
     let status = p.run(&["status", "s"]);
@@ -516,4 +521,120 @@ fn rollback_fix_and_cut_over_again_pg15_to_pg17() {
     );
     dst.sql().exec("insert into parent (v) values ('the new server takes writes')");
     p.run(&["teardown", "s2"]).ok();
+}
+
+/// APP_SCHEMA on a 15 source synced to two targets, a (17) and b (18),
+/// copied and caught up.
+fn two_targets(label: &str) -> (TestDb, TestDb, TestDb, Pgleap) {
+    let src = TestDb::new(cluster(15), &format!("{label}src"));
+    let a = TestDb::new(cluster(17), &format!("{label}a"));
+    let b = TestDb::new(cluster(18), &format!("{label}b"));
+    src.sql().exec(APP_SCHEMA);
+    let p = Pgleap::for_clusters(&[src.cluster, a.cluster, b.cluster]);
+    p.run(&["db", "add", "src", "--dsn", &src.dsn()]).ok();
+    p.run(&["db", "add", "a", "--dsn", &a.dsn()]).ok();
+    p.run(&["db", "add", "b", "--dsn", &b.dsn()]).ok();
+    p.run(&["relgroup", "add", "rg", "--db", "src", "--all-tables", "--all-sequences"]).ok();
+    p.run(&["dbgroup", "add", "g", "src:source", "a:target", "b:target"]).ok();
+    for to in ["a", "b"] {
+        p.run(&["schema", "copy", "--from", "src", "--to", to]).ok();
+    }
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    (src, a, b, p)
+}
+
+/// A sync with two targets: `cutover --to` fences once, brings both to the
+/// same final state (rows, sequences, foreign keys, triggers) under writes,
+/// switches to the one named, and with --keep-others the other follows the
+/// new server from then on; a sync back to the old one is armed as well.
+#[test]
+fn cutover_to_one_of_two_targets_keeps_the_other_following_pg15_to_pg17_and_pg18() {
+    let (src, a, b, p) = two_targets("two");
+    p.run(&["cutover", "s"]).fails_with(&["has 2 targets", "--to NAME"]);
+    p.run(&["cutover", "s", "--to", "c"]).fails_with(&["\"c\" is not a target of sync \"s\""]);
+    let ready = p.run(&["ready", "s"]);
+    assert!(ready.ok().contains("is ready to cut over"), "{ready}");
+
+    let writer = writes_until_fenced(src.sql(), |i| {
+        format!("insert into parent (v) values ('w{i}'); insert into child (parent_id) values (1);")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = p.run(&[
+        "cutover",
+        "s",
+        "--to",
+        "a",
+        "--keep-others",
+        "keep",
+        "--rollback-sync",
+        "back",
+        "--json",
+    ]);
+    let report = cut.json();
+    let written = writer.join().unwrap();
+    assert!(written > 0, "no write before the fence");
+    assert_eq!(report["target"], "a", "{report}");
+    assert_eq!(report["others"], serde_json::json!(["b"]), "{report}");
+    assert_eq!(report["keep_sync"], "keep", "{report}");
+    // Both targets at the source's final state, foreign keys validated,
+    // triggers on, sequences set.
+    for target in [&a, &b] {
+        assert_app_tables_equal(&src, target);
+        assert_eq!(target.sql().value(NOT_VALID), "0");
+        assert_eq!(
+            target.sql().value("select last_value from parent_id_seq"),
+            src.sql().value("select last_value from parent_id_seq")
+        );
+    }
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    for t in status["syncs"][0]["targets"].as_array().unwrap() {
+        assert_eq!(t["writes_go_to"], "a", "{status}");
+    }
+
+    // The application writes to a: b follows (the daemon started for the
+    // armed syncs), and the old server gets them back.
+    a.sql().exec("insert into parent (v) values ('on the new server')");
+    let seen = "select count(*) from parent where v = 'on the new server'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.sql().value(seen) != "1" || src.sql().value(seen) != "1" {
+        assert!(std::time::Instant::now() < deadline, "b or the old server did not follow a");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p.run(&["kick", "keep", "--wait", "60"]).ok();
+    for table in ["parent", "child", "audit"] {
+        assert_eq!(multiset(&b.sql(), table), multiset(&a.sql(), table), "{table}");
+    }
+    p.run(&["stop"]).ok();
+    for sync in ["keep", "back", "s"] {
+        p.run(&["teardown", sync]).ok();
+    }
+}
+
+/// A cutover to one of two targets killed once it armed the sync to the
+/// other: the rerun removes that sync, sets both targets' foreign keys and
+/// triggers aside again, and cuts over afresh; the other target then
+/// follows the new server.
+#[test]
+fn a_cutover_to_one_of_two_targets_killed_inside_its_fence_is_undone_pg15_to_pg17_and_pg18() {
+    let (src, a, b, p) = two_targets("twokill");
+    let args = ["cutover", "s", "--to", "a", "--keep-others", "keep"];
+    killed_at(&p, "cutover-armed", &args);
+    assert!(p.run(&["status", "s"]).stdout.contains("cutover unfinished"));
+    // The rerun undoes the half-armed sync (its name is free again) and
+    // cuts over.
+    let out = p.run(&args);
+    assert!(out.ok().contains("sync \"keep\" keeps them following \"a\""), "{out}");
+    for target in [&a, &b] {
+        assert_app_tables_equal(&src, target);
+    }
+    a.sql().exec("insert into parent (v) values ('on the new server')");
+    p.run(&["kick", "keep", "--wait", "60"]).ok();
+    for table in ["parent", "child", "audit"] {
+        assert_eq!(multiset(&b.sql(), table), multiset(&a.sql(), table), "{table}");
+    }
+    p.run(&["stop"]).ok();
+    for sync in ["keep", "s"] {
+        p.run(&["teardown", sync]).ok();
+    }
 }

@@ -399,7 +399,7 @@ fn a_cutover_before_the_initial_copy_refuses_and_says_start() {
     p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
     let started = Instant::now();
     p.run(&["cutover", "s"]).fails_with(&[
-        "sync \"s\" has not finished its initial copy (not started)",
+        "sync \"s\" has not finished its initial copy to \"dst\" (not started)",
         "pgleap start",
         "pgleap ready s",
     ]);

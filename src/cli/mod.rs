@@ -154,6 +154,15 @@ pub enum Command {
         /// the target (verify lists them).
         #[arg(long)]
         allow_schema_differences: bool,
+        /// Of a sync with several targets, the one the application moves
+        /// to; the others are brought to the same final state inside the
+        /// fence and then left as they are, unless --keep-others.
+        #[arg(long, value_name = "TARGET")]
+        to: Option<String>,
+        /// Also create (and start) a sync NAME from the new server to the
+        /// sync's other targets, so that they keep following it.
+        #[arg(long, value_name = "NAME", requires = "to")]
+        keep_others: Option<String>,
         #[command(flatten)]
         switch: SwitchArgs,
         #[arg(long)]
@@ -930,6 +939,8 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
             dry_run,
             rollback_sync,
             allow_schema_differences,
+            to,
+            keep_others,
             switch,
             json,
         } => {
@@ -943,6 +954,8 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 lift_fence: None,
                 allow_schema_differences,
                 rows_compared: false,
+                to,
+                keep_others,
             };
             (crate::cutover::cutover(catalog, &sync, &opts, ENV).await?, json)
         }
@@ -959,6 +972,8 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 // matching objects created since.
                 allow_schema_differences: true,
                 rows_compared: false,
+                to: None,
+                keep_others: None,
             };
             (crate::cutover::rollback(catalog, &sync, &opts, ENV).await?, json)
         }

@@ -416,6 +416,22 @@ pub fn cutover(r: &crate::cutover::CutoverReport, as_json: bool) {
                 r.target
             );
         }
+        if !r.others.is_empty() {
+            match &r.keep_sync {
+                Some(keep) => println!(
+                    "the other targets ({}) were brought to the same final state; sync \"{keep}\" \
+                     keeps them following \"{}\"",
+                    r.others.join(", "),
+                    r.target
+                ),
+                None => println!(
+                    "the other targets ({}) were brought to the same final state and left as they \
+                     are (nothing follows \"{}\" to them)",
+                    r.others.join(", "),
+                    r.target
+                ),
+            }
+        }
     }
 }
 
