@@ -9,7 +9,10 @@
 //! TPC-B-like script for `PGLEAP_BENCH_SECONDS` (default 20) with
 //! `PGLEAP_BENCH_CLIENTS` (default 4), then one UPDATE of every account.
 //! While the daemon syncs, its lag is sampled from `status` and, once
-//! pgbench stops, the time until nothing is pending. Ratios to the same
+//! pgbench stops, the time until nothing is pending. The floors (triggers
+//! whose body does nothing, statement- and row-level) run in each round
+//! too, and every variant reports the WAL and the source server's CPU time
+//! per transaction and per row of the bulk UPDATE. Ratios to the same
 //! round's no-capture run; median of
 //! `PGLEAP_BENCH_ROUNDS` (default 3) with the range. With
 //! `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap), each round
@@ -34,11 +37,68 @@ fn lag_and_pending(p: &Pgleap) -> Option<(f64, i64)> {
     Some((target["lag_seconds"].as_f64()?, target["pending"].as_i64()?))
 }
 
-/// Seconds for one UPDATE of every account.
-fn bulk(db: &TestDb) -> f64 {
+/// What a run cost the source, read before and after it: WAL written
+/// (bytes) and the server's CPU time (seconds).
+struct Cost {
+    wal: i64,
+    cpu: f64,
+}
+
+fn cost_now(db: &TestDb) -> Cost {
+    let lsn = db.sql().value("select pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8");
+    Cost { wal: lsn.parse().unwrap(), cpu: db.cluster.cpu_seconds() }
+}
+
+impl Cost {
+    /// Per unit of work since `before`: (WAL bytes, CPU microseconds).
+    fn per(&self, before: &Cost, units: f64) -> (f64, f64) {
+        ((self.wal - before.wal) as f64 / units, (self.cpu - before.cpu) * 1e6 / units)
+    }
+}
+
+/// Seconds for one UPDATE of every account, and its cost per row.
+fn bulk(db: &TestDb, rows: f64) -> (f64, (f64, f64)) {
+    let before = cost_now(db);
     let started = Instant::now();
     db.sql().exec("update pgbench_accounts set filler = filler");
-    started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    (seconds, cost_now(db).per(&before, rows))
+}
+
+/// pgbench's throughput, and its cost per transaction.
+fn load(db: &TestDb, seconds: u64, clients: u64) -> (f64, (f64, f64)) {
+    let before = cost_now(db);
+    let throughput = tps(db, seconds, clients);
+    (throughput, cost_now(db).per(&before, throughput * seconds as f64))
+}
+
+/// The floors: triggers on the four pgbench tables whose body does nothing,
+/// statement triggers with transition tables (as pgleap's capture) or row
+/// triggers (as Bucardo's). What any trigger-based capture pays at least.
+fn install_floor(db: &TestDb, row: bool) {
+    let mut sql = String::from(
+        "create function public.bench_floor() returns trigger language plpgsql as
+         $$ begin return null; end $$;",
+    );
+    for table in ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"] {
+        for event in ["insert", "update", "delete"] {
+            let (level, referencing) = match (row, event) {
+                (true, _) => ("row", ""),
+                (false, "insert") => ("statement", "referencing new table as n"),
+                (false, "update") => ("statement", "referencing new table as n old table as o"),
+                (false, _) => ("statement", "referencing old table as o"),
+            };
+            sql.push_str(&format!(
+                "create trigger bench_floor_{event} after {event} on {table} {referencing}
+                 for each {level} execute function public.bench_floor();"
+            ));
+        }
+    }
+    db.cluster.superuser(&db.name).exec(&sql);
+}
+
+fn remove_floor(db: &TestDb) {
+    db.cluster.superuser(&db.name).exec("drop function public.bench_floor() cascade");
 }
 
 fn main() {
@@ -61,29 +121,50 @@ fn main() {
     for (_, p) in &builds {
         p.declare(&src, &dst, &["--all-tables"]);
     }
-    let mut names = vec!["no capture".to_string()];
+    let mut names = vec![
+        "no capture".to_string(),
+        "floor: statement triggers with transition tables, empty body".to_string(),
+        "floor: row triggers, empty body".to_string(),
+    ];
+    const FLOORS: usize = 2;
+    let rows = (scale * 100_000) as f64;
     for (label, _) in &builds {
         names.push(format!("capture, nobody applying{label}"));
         names.push(format!("capture, daemon syncing{label}"));
     }
     let mut tps_runs: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut bulk_runs: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // Per variant: (WAL bytes, CPU µs) per transaction and per bulk row.
+    let mut tx_costs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); names.len()];
+    let mut row_costs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); names.len()];
     let mut lag_runs: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     let mut catch_up: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     for round in 1..=rounds {
         for (i, name) in names.iter().enumerate() {
             eprintln!("round {round}: {name} ...");
+            let mut measure = |i: usize| {
+                let (t, per_tx) = load(&src, seconds, clients);
+                let (b, per_row) = bulk(&src, rows);
+                tps_runs[i].push(t);
+                bulk_runs[i].push(b);
+                tx_costs[i].push(per_tx);
+                row_costs[i].push(per_row);
+            };
             if i == 0 {
-                tps_runs[0].push(tps(&src, seconds, clients));
-                bulk_runs[0].push(bulk(&src));
+                measure(0);
                 continue;
             }
-            let (b, syncing) = ((i - 1) / 2, (i - 1) % 2 == 1);
+            if i <= FLOORS {
+                install_floor(&src, i == 2);
+                measure(i);
+                remove_floor(&src);
+                continue;
+            }
+            let (b, syncing) = ((i - 1 - FLOORS) / 2, (i - 1 - FLOORS) % 2 == 1);
             let p = &builds[b].1;
             if !syncing {
                 p.add_sync(&["--onetimecopy", "never"]);
-                tps_runs[i].push(tps(&src, seconds, clients));
-                bulk_runs[i].push(bulk(&src));
+                measure(i);
                 continue;
             }
             // Caught up first: the daemon's backlog is not the tax.
@@ -93,6 +174,7 @@ fn main() {
             // saturates the source, then how long the daemon takes to
             // catch up once the load stops.
             let stop = AtomicBool::new(false);
+            let before = cost_now(&src);
             let (throughput, samples) = std::thread::scope(|scope| {
                 let sampler = scope.spawn(|| {
                     let mut lags = Vec::new();
@@ -116,7 +198,12 @@ fn main() {
             catch_up[b].push(started.elapsed().as_secs_f64());
             lag_runs[b].push(median_range(&samples).0);
             tps_runs[i].push(throughput);
-            bulk_runs[i].push(bulk(&src));
+            // The daemon's own reads and purges on the source count: what
+            // syncing costs it (through the catch-up after the load).
+            tx_costs[i].push(cost_now(&src).per(&before, throughput * seconds as f64));
+            let (seconds_bulk, per_row) = bulk(&src, rows);
+            bulk_runs[i].push(seconds_bulk);
+            row_costs[i].push(per_row);
             p.run(&["kick", "s", "--wait", "600"]).ok();
             p.run(&["stop"]).ok();
             p.run(&["sync", "remove", "s"]).ok();
@@ -141,6 +228,30 @@ fn main() {
         println!(
             "| {name} | {t:.0} [{tlo:.0}-{thi:.0}] | {trm:.2} [{trlo:.2}-{trhi:.2}] | \
              {b:.2} [{blo:.2}-{bhi:.2}] | {brm:.2} [{brlo:.2}-{brhi:.2}] |"
+        );
+    }
+    println!();
+    // What a DBA sizes a source with: machine-independent WAL, and the
+    // source server's CPU (this machine's), added over no capture.
+    println!(
+        "| capture | WAL per transaction, bytes | CPU per transaction, µs | WAL per bulk row, \
+         bytes | CPU per bulk row, µs |"
+    );
+    println!("|---|---|---|---|---|");
+    let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        median_range(&v.iter().map(f).collect::<Vec<_>>()).0
+    };
+    for (i, name) in names.iter().enumerate() {
+        let (w, c) = (med(&tx_costs[i], |x| x.0), med(&tx_costs[i], |x| x.1));
+        let (rw, rc) = (med(&row_costs[i], |x| x.0), med(&row_costs[i], |x| x.1));
+        let (w0, c0) = (med(&tx_costs[0], |x| x.0), med(&tx_costs[0], |x| x.1));
+        let (rw0, rc0) = (med(&row_costs[0], |x| x.0), med(&row_costs[0], |x| x.1));
+        println!(
+            "| {name} | {w:.0} ({:+.0}) | {c:.0} ({:+.0}) | {rw:.0} ({:+.0}) | {rc:.2} ({:+.2}) |",
+            w - w0,
+            c - c0,
+            rw - rw0,
+            rc - rc0
         );
     }
     println!();

@@ -366,8 +366,9 @@ fn keyed_row_capture(
 /// that no array nears PostgreSQL's 1 GB limit however many rows the
 /// statement changed: a bulk statement writes a few rows instead of one
 /// per key (measured: docs/BENCHMARKS.md). An UPDATE records its old and
-/// its new keys without merging them (a key change is a delete of the old
-/// key and an insert of the new; apply reads distinct keys).
+/// its new keys in the same arrays without merging them (a key change is
+/// a delete of the old key and an insert of the new; apply reads distinct
+/// keys), so a one-row UPDATE writes one delta row.
 fn keyed_capture(
     table: &str,
     delta: &str,
@@ -414,7 +415,11 @@ fn keyed_capture(
         new = keys_of("pgleap_new"),
         old = keys_of("pgleap_old"),
         update = if arrays {
-            format!("{} union all {}", keys_of("pgleap_new"), keys_of("pgleap_old"))
+            // Old and new keys in one row per chunk: an UPDATE that changes
+            // no key (nearly all) writes one delta row, not two (#27).
+            keys_of(&format!(
+                "(select {key_list} from pgleap_new union all select {key_list} from pgleap_old) k"
+            ))
         } else {
             format!(
                 "select pgleap_txid_, {key_list} from (select {key_list} from pgleap_new

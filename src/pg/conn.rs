@@ -352,6 +352,19 @@ pub async fn copy_between(
     let mut bytes = 0u64;
     let mut chunk = bytes::BytesMut::with_capacity(COPY_CHUNK);
     while let Some(row) = out.try_next().await.map_err(|e| from.error(e))? {
+        if row.len() >= COPY_CHUNK {
+            // A big row (a large value) goes on as it came, not copied into
+            // the chunk first: memory holds it once, not twice (#28).
+            if !chunk.is_empty() {
+                bytes += chunk.len() as u64;
+                on_bytes(chunk.len() as u64);
+                sink.feed(chunk.split().freeze()).await.map_err(|e| to.error(e))?;
+            }
+            bytes += row.len() as u64;
+            on_bytes(row.len() as u64);
+            sink.feed(row).await.map_err(|e| to.error(e))?;
+            continue;
+        }
         chunk.extend_from_slice(&row);
         if chunk.len() >= COPY_CHUNK {
             bytes += chunk.len() as u64;

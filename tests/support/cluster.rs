@@ -319,6 +319,35 @@ impl Cluster {
 
     /// Stops (SIGSTOP) or resumes (SIGCONT) the postmaster: a server that
     /// accepts connections at the socket and then never answers them.
+    /// The server's CPU time so far, in seconds: the postmaster's and its
+    /// live children's, and what its exited children (ended sessions)
+    /// used. For benchmarks: the source's cost per transaction.
+    #[allow(dead_code, reason = "used by benches/tax.rs, which shares this harness")]
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid = *self.pid.lock().unwrap();
+        let ticks = |stat: &str, fields: std::ops::Range<usize>| -> u64 {
+            // After the command name, which may hold spaces, in parentheses.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            fields.filter_map(|i| f.get(i - 3)?.parse::<u64>().ok()).sum()
+        };
+        let mut total = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok());
+            let me = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) == Some(pid);
+            if me {
+                // utime, stime, cutime, cstime (fields 14-17).
+                total += ticks(&stat, 14..18);
+            } else if ppid == Some(pid) {
+                total += ticks(&stat, 14..16);
+            }
+        }
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        total as f64 / hz
+    }
+
     pub fn freeze(&self, frozen: bool) {
         let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
         unsafe { libc::kill(*self.pid.lock().unwrap(), sig) };
