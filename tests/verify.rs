@@ -115,7 +115,7 @@ fn the_daemon_goes_on_applying_while_a_verify_reads_pg15_to_pg17() {
     // The comparison has started reading big on the source.
     let reading = "select count(*) from pg_stat_activity
                    where datname = current_database() and pid <> pg_backend_pid()
-                     and query like '%md5%from only%big%'";
+                     and query like '%hashtextextended%from only%big%'";
     let watcher = src.cluster.superuser(&src.name);
     let started = Instant::now();
     while watcher.value(reading) == "0" {

@@ -134,6 +134,10 @@ impl PgVersion {
     pub fn has_partitioned_row_triggers(self) -> bool {
         self.major() >= 11
     }
+    /// `hashtextextended(text, seed)`, a 64-bit hash of text: 11.
+    pub fn has_hashtextextended(self) -> bool {
+        self.major() >= 11
+    }
     /// Nondeterministic collations (`pg_collation.collisdeterministic`): 12.
     pub fn has_nondeterministic_collations(self) -> bool {
         self.major() >= 12
