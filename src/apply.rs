@@ -482,8 +482,13 @@ impl Plan {
             .chain(&self.partition_truncates)
             .map(|delta| format!("exists (select 1 from {delta} where {cond})"))
             .collect();
-        let row = src.query_one(&format!("select {}", probes.join(" or ")), &[]).await?;
-        Ok(row.get(0))
+        for chunk in probes.chunks(TABLES_PER_QUERY) {
+            let row = src.query_one(&format!("select {}", chunk.join(" or ")), &[]).await?;
+            if row.get(0) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -820,14 +825,19 @@ pub(crate) async fn pending_counts(
             )
         })
         .collect();
-    let rows = stx
-        .query(
-            &format!("select n, truncated from ({}) x order by i", parts.join(" union all ")),
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let mut counts = Vec::with_capacity(parts.len());
+    for chunk in parts.chunks(TABLES_PER_QUERY) {
+        let sql = format!("select n, truncated from ({}) x order by i", chunk.join(" union all "));
+        counts.extend(stx.query(&sql, &[]).await?.iter().map(|r| (r.get(0), r.get(1))));
+    }
+    Ok(counts)
 }
+
+/// How many tables one query over the deltas names at most: a UNION ALL
+/// (or OR) of 10,000 arms exceeds the server's stack depth while it is
+/// parsed ("stack depth limit exceeded", found at 10,000 tables), so the
+/// queries over every delta go by slices of this many.
+const TABLES_PER_QUERY: usize = 500;
 
 /// A keyless table's pending events: those of `cond`, less those its
 /// initial copy already holds (see [`TablePlan::copied_under`]). Keyed
@@ -1270,18 +1280,19 @@ pub async fn pending(src: &Conn, plan: &Plan, target: &str) -> Result<(i64, f64)
             )
         })
         .collect();
-    let row = src
-        .query_one(
-            &format!(
-                "select coalesce(sum(n), 0)::int8,
-                        coalesce(extract(epoch from now() - min(oldest)), 0)::float8
-                 from ({}) x",
-                parts.join(" union all ")
-            ),
-            &[],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
+    let (mut pending, mut lag) = (0i64, 0f64);
+    for chunk in parts.chunks(TABLES_PER_QUERY) {
+        let sql = format!(
+            "select coalesce(sum(n), 0)::int8,
+                    coalesce(extract(epoch from now() - min(oldest)), 0)::float8
+             from ({}) x",
+            chunk.join(" union all ")
+        );
+        let row = src.query_one(&sql, &[]).await?;
+        pending += row.get::<_, i64>(0);
+        lag = lag.max(row.get(1));
+    }
+    Ok((pending, lag))
 }
 
 // The catalog queries of this module, named.

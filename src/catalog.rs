@@ -427,6 +427,18 @@ fn migrate(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A cutover as the catalog recorded it at its switch point.
+#[derive(Debug, Clone)]
+pub struct CutoverRecord {
+    /// The write downtime it measured.
+    pub fence_ms: i64,
+    /// The target switched to (None: the sync's only one, or a cutover
+    /// recorded before several targets could be cut over).
+    pub target: Option<String>,
+    /// When (UTC, ISO 8601).
+    pub at: String,
+}
+
 /// A cutover under way, or left unfinished by a process that died.
 #[derive(Debug, Clone)]
 pub struct CutoverProgress {
@@ -1112,40 +1124,14 @@ impl Catalog {
             .map_err(|e| self.sqlite(e))
     }
 
-    /// The write downtime recorded by the cutover of `sync`, if it was cut
-    /// over.
-    pub fn cutover_fence_ms(&self, sync: &str) -> Result<Option<i64>> {
+    /// What the last cutover of `sync` recorded, if it was cut over.
+    pub fn last_cutover(&self, sync: &str) -> Result<Option<CutoverRecord>> {
         self.conn
             .query_row(
-                "select fence_ms from cutover where sync = ?1 order by rowid desc limit 1",
+                "select fence_ms, target, at from cutover where sync = ?1
+                 order by rowid desc limit 1",
                 params![sync],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.sqlite(e))
-    }
-
-    /// The target `sync` was cut over to (None: its only one, or not cut
-    /// over).
-    pub fn cut_over_to(&self, sync: &str) -> Result<Option<String>> {
-        self.conn
-            .query_row(
-                "select target from cutover where sync = ?1 order by rowid desc limit 1",
-                params![sync],
-                |r| r.get(0),
-            )
-            .optional()
-            .map(Option::flatten)
-            .map_err(|e| self.sqlite(e))
-    }
-
-    /// When `sync` was cut over (UTC, ISO 8601), if it was.
-    pub fn cut_over_at(&self, sync: &str) -> Result<Option<String>> {
-        self.conn
-            .query_row(
-                "select at from cutover where sync = ?1 order by rowid desc limit 1",
-                params![sync],
-                |r| r.get(0),
+                |r| Ok(CutoverRecord { fence_ms: r.get(0)?, target: r.get(1)?, at: r.get(2)? }),
             )
             .optional()
             .map_err(|e| self.sqlite(e))

@@ -534,7 +534,8 @@ async fn finish_switched(
         target::validate_foreign_keys(&tgt, &to_validate).await?;
         foreign_keys += to_validate.len();
     }
-    let to = match catalog.cut_over_to(sync)? {
+    let record = catalog.last_cutover(sync)?;
+    let to = match record.as_ref().and_then(|r| r.target.clone()) {
         Some(name) => name,
         None => route.sole_target()?.name.clone(),
     };
@@ -543,7 +544,7 @@ async fn finish_switched(
         sync: sync.into(),
         target: to.clone(),
         dry_run: false,
-        fence_ms: catalog.cutover_fence_ms(sync)?.unwrap_or(0),
+        fence_ms: record.map_or(0, |r| r.fence_ms),
         sequences: plan.sequences.len(),
         foreign_keys,
         triggers: 0,

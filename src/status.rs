@@ -354,7 +354,8 @@ pub async fn gather(
             _ => None,
         };
         // Of several targets, the one the application moved to.
-        let switched_to = if cut_over { catalog.cut_over_to(&sync.name)? } else { None };
+        let record = if cut_over { catalog.last_cutover(&sync.name)? } else { None };
+        let switched_to = record.as_ref().and_then(|r| r.target.clone());
         let mut states = catalog.sync_states(&sync.name)?;
         // A cutover under way, or left unfinished by a process that died:
         // it says so whatever else the sync shows.
@@ -488,8 +489,8 @@ pub async fn gather(
             not_captured,
             source_address: route.source.resolve(env).ok().map(|r| r.to_string()),
             source_version: live.as_ref().map(|(src, _)| src.version().to_string()),
-            write_downtime_ms: if cut_over { catalog.cutover_fence_ms(&sync.name)? } else { None },
-            cut_over_at: if cut_over { catalog.cut_over_at(&sync.name)? } else { None },
+            write_downtime_ms: record.as_ref().map(|r| r.fence_ms),
+            cut_over_at: record.map(|r| r.at),
             rollback_sync: catalog.rollback_sync_of(&sync.name)?,
             rollback_of: catalog.rollback_for(&sync.name)?,
             not_ready: Vec::new(),

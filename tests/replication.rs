@@ -881,3 +881,40 @@ fn a_write_committed_after_later_batches_ran_is_applied_pg15_to_pg17() {
     p.run(&["stop"]).ok();
     p.run(&["teardown", "s"]).ok();
 }
+
+/// The queries over every delta (pending counts, lag, the daemon's probe)
+/// go by slices of 500 tables: at 10,000 tables one query exceeded the
+/// server's stack depth. 1,200 tables make three slices; changes in the
+/// first and the last arrive, and status counts them while pending.
+#[test]
+fn a_sync_of_more_tables_than_one_query_names_applies_every_slice_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "slicesrc");
+    let dst = TestDb::new(cluster(17), "slicedst");
+    let tables = "do $$ begin
+        for i in 1..1200 loop
+            execute format('create table t%s (id int primary key, v text)', i);
+        end loop; end $$";
+    src.sql().exec(tables);
+    dst.sql().exec(tables);
+    src.sql().exec("insert into t1 values (1, 'a'); insert into t1200 values (1, 'a')");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "300"]).ok();
+    src.sql().exec(
+        "update t1 set v = 'first slice' where id = 1;
+         insert into t1100 values (7, 'last slice');
+         delete from t1200 where id = 1;",
+    );
+    // Keys: the update's old and new key, the insert's, the delete's.
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    assert_eq!(status["syncs"][0]["targets"][0]["pending"], 4, "{status}");
+    p.run(&["kick", "s", "--wait", "120"]).ok();
+    let d = dst.sql();
+    assert_eq!(d.value("select v from t1 where id = 1"), "first slice");
+    assert_eq!(d.value("select v from t1100 where id = 7"), "last slice");
+    assert_eq!(d.value("select count(*) from t1200"), "0");
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    assert_eq!(status["syncs"][0]["targets"][0]["pending"], 0, "{status}");
+    p.run(&["teardown", "s"]).ok();
+}
