@@ -554,7 +554,7 @@ fn cutover_to_one_of_two_targets_keeps_the_other_following_pg15_to_pg17_and_pg18
     p.run(&["cutover", "s"]).fails_with(&["has 2 targets", "--to NAME"]);
     p.run(&["cutover", "s", "--to", "c"]).fails_with(&["\"c\" is not a target of sync \"s\""]);
     let ready = p.run(&["ready", "s"]);
-    assert!(ready.ok().contains("is ready to cut over"), "{ready}");
+    assert!(ready.ok().contains("is ready to cut over: pgleap cutover s --to a|b"), "{ready}");
 
     let writer = writes_until_fenced(src.sql(), |i| {
         format!("insert into parent (v) values ('w{i}'); insert into child (parent_id) values (1);")

@@ -1099,7 +1099,14 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
                 Err(e) => reasons.push(format!("the schema could not be compared: {e}")),
             }
             if reasons.is_empty() {
-                println!("sync \"{sync}\" is ready to cut over: pgleap cutover {sync}");
+                let to = match status[0].targets.as_slice() {
+                    [_] => String::new(),
+                    targets => {
+                        let names: Vec<&str> = targets.iter().map(|t| t.target.as_str()).collect();
+                        format!(" --to {}", names.join("|"))
+                    }
+                };
+                println!("sync \"{sync}\" is ready to cut over: pgleap cutover {sync}{to}");
             } else {
                 for r in &reasons {
                     println!("not ready: {r}");
