@@ -234,22 +234,24 @@ impl Progress {
     }
 
     pub fn finish(&self) {
+        self.clear();
+        let c = self.counters.lock().unwrap();
+        self.log_line(&c);
+    }
+
+    /// Takes the bars off the screen.
+    fn clear(&self) {
         if let Some((_, total)) = &self.bars {
             total.finish_and_clear();
             DRAWN.lock().unwrap().take();
         }
-        let c = self.counters.lock().unwrap();
-        self.log_line(&c);
     }
 }
 
 impl Drop for Progress {
-    /// A unit of work that failed or was interrupted: its bars go.
+    /// A unit of work that failed or was interrupted: its bars go too.
     fn drop(&mut self) {
-        if let Some((_, total)) = &self.bars {
-            total.finish_and_clear();
-            DRAWN.lock().unwrap().take();
-        }
+        self.clear();
     }
 }
 

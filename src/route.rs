@@ -95,11 +95,11 @@ impl SyncRoute {
             [t] => Ok(t),
             _ => Err(Error::invalid(
                 format!(
-                    "sync \"{}\" has {} targets; cutover moves to one",
+                    "sync \"{}\" has {} targets where one is needed",
                     self.sync.name,
                     self.targets.len()
                 ),
-                "make a dbgroup with the one target the application moves to",
+                "for a cutover, name the target with --to NAME",
             )),
         }
     }

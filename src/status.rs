@@ -340,22 +340,23 @@ pub async fn gather(
         let route = SyncRoute::resolve(catalog, sync)?;
         let sync = &route.sync;
         let source = route.source.name.clone();
-        let cut_over = sync.retired && catalog.was_cut_over(&sync.name)?;
+        let record = if sync.retired { catalog.last_cutover(&sync.name)? } else { None };
+        let cut_over = record.is_some();
+        // Of several targets, the one the application moved to.
+        let switched_to = record.as_ref().and_then(|r| r.target.clone());
+        let back_sync = catalog.rollback_sync_of(&sync.name)?;
         // Moved back with `rollback`: the sync back was cut over in turn,
         // and the application writes to this sync's source again.
-        let rolled_back = match catalog.rollback_sync_of(&sync.name)? {
+        let rolled_back = match &back_sync {
             Some(back)
                 if cut_over
-                    && catalog.sync(&back).is_ok_and(|b| b.retired)
-                    && catalog.was_cut_over(&back)? =>
+                    && catalog.sync(back).is_ok_and(|b| b.retired)
+                    && catalog.was_cut_over(back)? =>
             {
-                Some(back)
+                Some(back.clone())
             }
             _ => None,
         };
-        // Of several targets, the one the application moved to.
-        let record = if cut_over { catalog.last_cutover(&sync.name)? } else { None };
-        let switched_to = record.as_ref().and_then(|r| r.target.clone());
         let mut states = catalog.sync_states(&sync.name)?;
         // A cutover under way, or left unfinished by a process that died:
         // it says so whatever else the sync shows.
@@ -425,13 +426,14 @@ pub async fn gather(
                     missing = m;
                 }
                 let waiting = lock_wait(&tgt).await?;
-                Ok::<_, crate::Error>((copy, missing, waiting, tgt.version()))
+                let answered = (tgt.address(), tgt.version().to_string());
+                Ok::<_, crate::Error>((copy, missing, waiting, answered))
             };
-            let (copy, target_error, waiting, version) =
+            let (copy, target_error, waiting, answered) =
                 match tokio::time::timeout(STATUS_WAIT, read).await {
-                    Ok(Ok((copy, missing, waiting, version))) => {
+                    Ok(Ok((copy, missing, waiting, answered))) => {
                         not_captured.extend(missing);
-                        (Some(copy), None, waiting, Some(version.to_string()))
+                        (Some(copy), None, waiting, Some(answered))
                     }
                     Ok(Err(e)) => (None, Some(e.to_string()), None, None),
                     Err(_) => (None, Some(format!("{target}: {}", no_answer())), None, None),
@@ -439,8 +441,13 @@ pub async fn gather(
             let blocked = waiting.as_ref().filter(|(s, _)| *s > BLOCKED_AFTER).map(|(_, w)| w);
             let lag = pending.as_ref().and_then(|p| p.get(i)).map(|p| p.1);
             targets.push(TargetStatus {
-                address: db.resolve(env).ok().map(|r| r.to_string()),
-                version,
+                // From the open connection; resolved again (the password
+                // file read) only for a server that did not answer.
+                address: answered
+                    .as_ref()
+                    .map(|a| a.0.clone())
+                    .or_else(|| db.resolve(env).ok().map(|r| r.to_string())),
+                version: answered.map(|a| a.1),
                 copied: copy.as_ref().is_some_and(|c| c.applied),
                 copy_ratio: copy
                     .as_ref()
@@ -487,11 +494,14 @@ pub async fn gather(
             source_error,
             paused: sync.paused.clone(),
             not_captured,
-            source_address: route.source.resolve(env).ok().map(|r| r.to_string()),
+            source_address: match &live {
+                Some((src, _)) => Some(src.address()),
+                None => route.source.resolve(env).ok().map(|r| r.to_string()),
+            },
             source_version: live.as_ref().map(|(src, _)| src.version().to_string()),
             write_downtime_ms: record.as_ref().map(|r| r.fence_ms),
             cut_over_at: record.map(|r| r.at),
-            rollback_sync: catalog.rollback_sync_of(&sync.name)?,
+            rollback_sync: back_sync,
             rollback_of: catalog.rollback_for(&sync.name)?,
             not_ready: Vec::new(),
         });

@@ -159,6 +159,12 @@ impl Conn {
     }
 
     /// The catalog name of the database.
+    /// `user@host:port/dbname` of its settings (the first host of a list),
+    /// never a password.
+    pub fn address(&self) -> String {
+        self.resolved.to_string()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
