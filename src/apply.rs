@@ -468,13 +468,20 @@ impl Plan {
         }
     }
 
+    /// [`Plan::pending`] with the snapshot as parameter `$1` (text), for
+    /// the statements over every delta, kept prepared
+    /// ([`Sql::query_prepared`]); [`FROM_THE_START`] stands for none.
+    const PENDING_PARAM: &str = "_pgleap_txid >= txid_snapshot_xmin($1::text::txid_snapshot) \
+         and not txid_visible_in_snapshot(_pgleap_txid, $1::text::txid_snapshot)";
+
     /// Whether the source has deltas the snapshot `prev` did not see. Cheap:
-    /// one index probe per table.
+    /// one index probe per table, in statements planned once.
     pub async fn has_changes(&self, src: &Conn, prev: Option<&str>) -> Result<bool> {
         if self.tables.is_empty() {
             return Ok(false);
         }
-        let cond = Self::pending(prev);
+        let cond = Self::PENDING_PARAM;
+        let snapshot = prev.unwrap_or(FROM_THE_START);
         let probes: Vec<String> = self
             .tables
             .iter()
@@ -483,8 +490,9 @@ impl Plan {
             .map(|delta| format!("exists (select 1 from {delta} where {cond})"))
             .collect();
         for chunk in probes.chunks(TABLES_PER_QUERY) {
-            let row = src.query_one(&format!("select {}", chunk.join(" or ")), &[]).await?;
-            if row.get(0) {
+            let sql = format!("select {}", chunk.join(" or "));
+            let rows = src.query_prepared(&sql, &[&snapshot]).await?;
+            if rows[0].get(0) {
                 return Ok(true);
             }
         }
@@ -624,7 +632,7 @@ pub async fn apply_within(
     if let Some(truncates) = &plan.partition_truncates {
         stats.truncates += truncate_partitions(stx, ttx, truncates, &cond).await?;
     }
-    let counts = pending_counts(stx, plan, &cond).await?;
+    let counts = pending_counts(stx, plan, prev.as_deref()).await?;
     if catch_up_at.is_some_and(|n| keyed_changes(plan, &counts) >= n)
         && plan.partition_truncates.is_none()
     {
@@ -754,10 +762,12 @@ const RELOAD_MIN_CHANGES: i64 = 100_000;
 
 /// Whether a keyed table's backlog is better applied by emptying the table
 /// on the target and copying it whole from the batch's snapshot: when the
-/// changed keys (an updated row counts its old and its new key) reach half
-/// the rows the target holds. Updating a row in place costs about five
-/// times what COPY costs per row (docs/BENCHMARKS.md), so past about a
-/// quarter of the rows updated, reading the whole table is cheaper. Only
+/// changed keys reach half the rows the target holds. Updating a row in
+/// place costs about five times what COPY costs per row (docs/BENCHMARKS.md),
+/// so past about a quarter of the rows updated reading the whole table is
+/// cheaper; an updated row counts once since #27 (twice, its old and new
+/// key, in deltas of syncs installed before), so the reload now waits for
+/// half the rows updated: later than it could, never wrongly. Only
 /// where TRUNCATE is allowed (see [`truncatable`]) and the target's row
 /// count is known (analyzed).
 async fn reload_pays(ttx: &Tx<'_>, t: &TablePlan, changes: i64) -> Result<bool> {
@@ -805,11 +815,12 @@ async fn truncate_partitions(
 pub(crate) async fn pending_counts(
     stx: &Tx<'_>,
     plan: &Plan,
-    cond: &str,
+    prev: Option<&str>,
 ) -> Result<Vec<(i64, bool)>> {
     if plan.tables.is_empty() {
         return Ok(Vec::new());
     }
+    let (cond, snapshot) = (Plan::PENDING_PARAM, prev.unwrap_or(FROM_THE_START));
     let parts: Vec<String> = plan
         .tables
         .iter()
@@ -828,7 +839,8 @@ pub(crate) async fn pending_counts(
     let mut counts = Vec::with_capacity(parts.len());
     for chunk in parts.chunks(TABLES_PER_QUERY) {
         let sql = format!("select n, truncated from ({}) x order by i", chunk.join(" union all "));
-        counts.extend(stx.query(&sql, &[]).await?.iter().map(|r| (r.get(0), r.get(1))));
+        let rows = stx.query_prepared(&sql, &[&snapshot]).await?;
+        counts.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
     }
     Ok(counts)
 }
@@ -1288,7 +1300,8 @@ pub async fn pending(src: &Conn, plan: &Plan, target: &str) -> Result<(i64, f64)
              from ({}) x",
             chunk.join(" union all ")
         );
-        let row = src.query_one(&sql, &[]).await?;
+        let rows = src.query_prepared(&sql, &[]).await?;
+        let row = &rows[0];
         pending += row.get::<_, i64>(0);
         lag = lag.max(row.get(1));
     }

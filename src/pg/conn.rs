@@ -1,13 +1,16 @@
 //! A connection that knows its name, and the SQL surface shared by a
 //! connection and its transactions.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, CopyInSink, CopyOutStream, GenericClient, IsolationLevel, Row};
+use tokio_postgres::{
+    Client, CopyInSink, CopyOutStream, GenericClient, IsolationLevel, Row, Statement,
+};
 
 use super::conninfo::{ConnParams, Env, PasswordSource, ResolveError, ResolvedConn};
 use super::{ConnectError, PgVersion, error_chain, quote_literal};
@@ -101,6 +104,31 @@ pub struct Conn {
     version: PgVersion,
     encoding: String,
     resolved: ResolvedConn,
+    prepared: Prepared,
+}
+
+/// The statements a connection keeps prepared (see
+/// [`Sql::query_prepared`]), by their text; shared with its transactions.
+#[derive(Clone, Default)]
+pub struct Prepared(Arc<Mutex<HashMap<String, Statement>>>);
+
+/// How many prepared statements a connection keeps: past this many (a plan
+/// read again after schema changes names other tables), all are closed.
+const MAX_PREPARED: usize = 256;
+
+impl Prepared {
+    fn get(&self, sql: &str) -> Option<Statement> {
+        self.0.lock().unwrap().get(sql).cloned()
+    }
+
+    fn put(&self, sql: &str, statement: Statement) {
+        let mut map = self.0.lock().unwrap();
+        if map.len() >= MAX_PREPARED {
+            // Dropping a Statement closes it on the server.
+            map.clear();
+        }
+        map.insert(sql.to_string(), statement);
+    }
 }
 
 impl Conn {
@@ -124,6 +152,7 @@ impl Conn {
             version: PgVersion(0),
             encoding: String::new(),
             resolved,
+            prepared: Prepared::default(),
         };
         let version = conn.query_one(
             "select current_setting('server_version_num')::int4,
@@ -181,9 +210,9 @@ impl Conn {
     }
 
     pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
-        let (name, version) = (self.name.clone(), self.version);
+        let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
         match self.client.transaction().await {
-            Ok(tx) => Ok(Tx { tx, name, version }),
+            Ok(tx) => Ok(Tx { tx, name, version, prepared }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
@@ -199,7 +228,7 @@ impl Conn {
 
     /// A read-only REPEATABLE READ transaction: one snapshot for all it reads.
     pub async fn snapshot(&mut self) -> Result<Tx<'_>, PgError> {
-        let (name, version) = (self.name.clone(), self.version);
+        let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
         let started = self
             .client
             .build_transaction()
@@ -208,7 +237,7 @@ impl Conn {
             .start()
             .await;
         match started {
-            Ok(tx) => Ok(Tx { tx, name, version }),
+            Ok(tx) => Ok(Tx { tx, name, version, prepared }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
@@ -219,6 +248,7 @@ pub struct Tx<'a> {
     tx: tokio_postgres::Transaction<'a>,
     name: Arc<str>,
     version: PgVersion,
+    prepared: Prepared,
 }
 
 impl Tx<'_> {
@@ -241,6 +271,7 @@ pub trait Sql: Sync {
     fn client(&self) -> &Client;
     fn db(&self) -> &str;
     fn version(&self) -> PgVersion;
+    fn prepared(&self) -> &Prepared;
 
     fn error(&self, source: tokio_postgres::Error) -> PgError {
         PgError::Query { db: self.db().to_string(), context: None, source }
@@ -252,6 +283,23 @@ pub trait Sql: Sync {
 
     async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, PgError> {
         self.client().query_one(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    /// Runs a statement this connection prepared the first time it ran it.
+    /// For the statements naming every delta that run on every poll and
+    /// batch: text run once is parsed and planned every time (with a
+    /// thousand tables, most of its cost), a prepared statement is planned
+    /// with its parameters for five runs and then keeps a generic plan.
+    async fn query_prepared(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, PgError> {
+        let statement = match self.prepared().get(sql) {
+            Some(statement) => statement,
+            None => {
+                let statement = self.client().prepare(sql).await.map_err(|e| self.error(e))?;
+                self.prepared().put(sql, statement.clone());
+                statement
+            }
+        };
+        self.client().query(&statement, params).await.map_err(|e| self.error(e))
     }
 
     async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, PgError> {
@@ -303,6 +351,9 @@ impl Sql for Conn {
     fn client(&self) -> &Client {
         &self.client
     }
+    fn prepared(&self) -> &Prepared {
+        &self.prepared
+    }
     fn db(&self) -> &str {
         &self.name
     }
@@ -326,6 +377,9 @@ impl Tx<'_> {
 impl Sql for Tx<'_> {
     fn client(&self) -> &Client {
         GenericClient::client(&self.tx)
+    }
+    fn prepared(&self) -> &Prepared {
+        &self.prepared
     }
     fn db(&self) -> &str {
         &self.name
