@@ -21,6 +21,7 @@
 //! That user triggers and foreign keys do not fire on the target is the
 //! `target` module's job, done when a session opens.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use tokio_postgres::error::SqlState;
@@ -273,6 +274,25 @@ pub struct BatchStats {
     /// The source snapshot the target now reflects.
     pub snapshot: String,
     pub millis: i64,
+    /// The tables (indexes into the plan) whose deltas held changes for
+    /// this batch: what a later [`Purge::Changed`] looks at.
+    pub changed: Vec<usize>,
+}
+
+/// Which deltas a batch's bookkeeping purges of what every target has
+/// applied. A DELETE on each of 10,000 deltas costs the source about a
+/// second (docs/BENCHMARKS.md), so most purges look only at the deltas
+/// that changed since the last one, and a full one now and then takes what
+/// other sessions or an interrupted batch left. Purging any delta is safe
+/// (only what every target applied goes); narrowing only leaves rows for
+/// later.
+#[derive(Debug, Clone)]
+pub enum Purge {
+    No,
+    /// These tables' deltas (indexes into the plan; an index a plan read
+    /// again no longer has is skipped), and those of the batch itself.
+    Changed(BTreeSet<usize>),
+    All,
 }
 
 impl Plan {
@@ -532,7 +552,7 @@ pub async fn applied_snapshot(tgt: &Conn, plan: &Plan) -> Result<Option<String>>
 /// Applies one batch: everything the source committed since the target's
 /// last batch, as of one source snapshot.
 /// With `lo`, the batch also runs a large-object pass of that kind; with
-/// `purge_due`, it purges the deltas every target has applied; with
+/// `purge`, it purges the deltas every target has applied; with
 /// `catch_up_at`, a batch that large is not applied (`None`: see
 /// [`crate::backlog`]).
 pub async fn apply_batch(
@@ -540,7 +560,7 @@ pub async fn apply_batch(
     tgt: &mut Conn,
     plan: &Plan,
     lo: Option<Pass>,
-    purge_due: bool,
+    purge: Purge,
     catch_up_at: Option<i64>,
 ) -> Result<Option<BatchStats>> {
     let started = Instant::now();
@@ -558,19 +578,26 @@ pub async fn apply_batch(
     ttx.commit().await?;
     stx.commit().await?;
 
-    record_consumer(src, plan, &target_name, &stats.snapshot, purge_due).await?;
+    let purge = match purge {
+        Purge::Changed(mut tables) => {
+            tables.extend(&stats.changed);
+            Purge::Changed(tables)
+        }
+        other => other,
+    };
+    record_consumer(src, plan, &target_name, &stats.snapshot, &purge).await?;
     stats.millis = started.elapsed().as_millis() as i64;
     Ok(Some(stats))
 }
 
 /// Records on the source that `target` has applied `snapshot`, and purges
-/// the deltas every target has applied when `purge_due`.
+/// the deltas every target has applied, those `purge` names.
 pub(crate) async fn record_consumer(
     src: &mut Conn,
     plan: &Plan,
     target_name: &str,
     snapshot: &str,
-    purge_due: bool,
+    purge: &Purge,
 ) -> Result<()> {
     let s = quote_ident(&plan.schema);
     // Not atomic with the target, and need not be: the target's marker is
@@ -587,9 +614,7 @@ pub(crate) async fn record_consumer(
         plan.sync_id,
         quote_literal(target_name)
     );
-    if purge_due {
-        bookkeeping.push_str(&purge(plan));
-    }
+    bookkeeping.push_str(&purge_sql(plan, purge));
     let tx = src.transaction().await?;
     tx.batch_execute(&bookkeeping).await?;
     tx.commit().await?;
@@ -638,7 +663,10 @@ pub async fn apply_within(
     {
         return Ok(None);
     }
-    for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
+    for (i, (t, (changes, truncated))) in plan.tables.iter().zip(counts).enumerate() {
+        if changes > 0 || truncated {
+            stats.changed.push(i);
+        }
         apply_table(stx, ttx, t, &cond, changes, truncated, &mut stats).await?;
     }
     finish_batch(stx, ttx, plan, &stats.snapshot).await?;
@@ -1223,11 +1251,16 @@ async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Resu
 /// would pile up for as long as it runs. The xmax bound lets the BRIN
 /// index skip the newer ranges. Nothing goes while a target has applied
 /// nothing (its snapshot is NULL).
-fn purge(plan: &Plan) -> String {
+fn purge_sql(plan: &Plan, purge: &Purge) -> String {
     let s = quote_ident(&plan.schema);
     let id = plan.sync_id;
-    plan.tables
-        .iter()
+    let tables: Vec<&TablePlan> = match purge {
+        Purge::No => return String::new(),
+        Purge::All => plan.tables.iter().collect(),
+        Purge::Changed(changed) => changed.iter().filter_map(|&i| plan.tables.get(i)).collect(),
+    };
+    tables
+        .into_iter()
         .map(|t| &t.delta)
         .chain(&plan.partition_truncates)
         .map(|delta| {

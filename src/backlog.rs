@@ -32,8 +32,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::apply::{
-    self, BatchStats, LOCK_CLASS, Plan, apply_table, finish_batch, keyed_changes, pending_counts,
-    record_consumer,
+    self, BatchStats, LOCK_CLASS, Plan, Purge, apply_table, finish_batch, keyed_changes,
+    pending_counts, record_consumer,
 };
 use crate::error::Result;
 use crate::large_objects::{self, Pass};
@@ -64,10 +64,10 @@ pub async fn run(
     plan: &Plan,
     workers: &Workers<'_>,
     lo: Option<Pass>,
-    purge_due: bool,
+    purge: Purge,
 ) -> Result<BatchStats> {
     tgt.execute(apply::HOLD_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await?;
-    let result = locked(src, tgt, plan, workers, lo, purge_due).await;
+    let result = locked(src, tgt, plan, workers, lo, purge).await;
     let unlocked = tgt.execute(apply::RELEASE_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await;
     let stats = result?;
     unlocked?;
@@ -80,7 +80,7 @@ async fn locked(
     plan: &Plan,
     workers: &Workers<'_>,
     lo: Option<Pass>,
-    purge_due: bool,
+    purge: Purge,
 ) -> Result<BatchStats> {
     let started = Instant::now();
     let s = quote_ident(&plan.schema);
@@ -166,7 +166,9 @@ async fn locked(
     progress.finish();
     ctx.commit().await?;
     let target_name = tgt.name().to_string();
-    record_consumer(src, plan, &target_name, &snapshot, purge_due).await?;
+    // A catch-up touched many tables: when a purge is due, all of them.
+    let purge = if matches!(purge, Purge::No) { Purge::No } else { Purge::All };
+    record_consumer(src, plan, &target_name, &snapshot, &purge).await?;
     stats.snapshot = snapshot;
     stats.millis = started.elapsed().as_millis() as i64;
     tracing::info!(sync = plan.sync, ms = stats.millis, "caught up");

@@ -6,11 +6,12 @@
 //! Opening a session does not copy anything; [`Session::ensure_initial_copy`]
 //! is the explicit step that runs the sync's initial copy the first time.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 
-use crate::apply::{self, BatchStats, Plan};
+use crate::apply::{self, BatchStats, Plan, Purge};
 use crate::backlog;
 use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
 use crate::copy;
@@ -23,8 +24,11 @@ use crate::target;
 
 /// How long a failed attempt waits before the next, while catching up.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
-/// How often a session purges the deltas every target has applied.
+/// How often a session purges the deltas every target has applied: those
+/// that changed since (see [`Purge`]), and every delta at the longer
+/// interval.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
+const PURGE_ALL_EVERY: Duration = Duration::from_secs(60);
 
 /// A connected applier of one sync to one target.
 pub struct Session {
@@ -44,8 +48,11 @@ pub struct Session {
     /// digesting.
     last_lo_pass: Option<Instant>,
     lo_cursor: u32,
-    /// When this session last purged applied deltas on the source.
+    /// When this session last purged applied deltas on the source, and
+    /// last purged every delta; the tables changed since the last purge.
     last_purge: Option<Instant>,
+    last_full_purge: Option<Instant>,
+    to_purge: BTreeSet<usize>,
     /// Workers of a catch-up (and of the initial copy).
     jobs: usize,
 }
@@ -83,6 +90,8 @@ impl Session {
             last_lo_pass: None,
             lo_cursor: 0,
             last_purge: None,
+            last_full_purge: None,
+            to_purge: BTreeSet::new(),
             jobs: default_jobs(),
         })
     }
@@ -231,12 +240,13 @@ impl Session {
     async fn apply_once(
         &mut self,
         lo: Option<Pass>,
-        purge: bool,
+        purge: Purge,
         env: Env<'_>,
     ) -> Result<BatchStats> {
         let (src, tgt, plan) = (&mut self.src, &mut self.tgt, &self.plan);
         if let Some(stats) =
-            apply::apply_batch(src, tgt, plan, lo, purge, Some(backlog::CATCH_UP_KEYS)).await?
+            apply::apply_batch(src, tgt, plan, lo, purge.clone(), Some(backlog::CATCH_UP_KEYS))
+                .await?
         {
             return Ok(stats);
         }
@@ -248,8 +258,15 @@ impl Session {
     async fn batch_with(&mut self, lo: Option<Pass>, env: Env<'_>) -> Result<BatchStats> {
         // Purging deletes on the source: once a second is enough to keep
         // the deltas small, and spares a busy source a delete per batch.
-        let purge = self.last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY);
-        let stats = match self.apply_once(lo, purge, env).await {
+        let due = |last: Option<Instant>, every| last.is_none_or(|t| t.elapsed() >= every);
+        let purge = if !due(self.last_purge, PURGE_EVERY) {
+            Purge::No
+        } else if due(self.last_full_purge, PURGE_ALL_EVERY) {
+            Purge::All
+        } else {
+            Purge::Changed(self.to_purge.clone())
+        };
+        let stats = match self.apply_once(lo, purge.clone(), env).await {
             Err(Error::SchemaChanged { .. }) => {
                 // Columns changed on the source: followed when they can be
                 // (the target gets them and the plan is read again), else
@@ -260,7 +277,7 @@ impl Session {
                 self.plan.note_copies(&self.tgt).await?;
                 self.plan.check_target(&self.tgt).await?;
                 evolve::record(&self.tgt, &self.plan).await?;
-                self.apply_once(lo, purge, env).await?
+                self.apply_once(lo, purge.clone(), env).await?
             }
             Err(e)
                 if e.sqlstate() == Some(&SqlState::CHECK_VIOLATION)
@@ -273,12 +290,21 @@ impl Session {
                 {
                     return Err(e);
                 }
-                self.apply_once(lo, purge, env).await?
+                self.apply_once(lo, purge.clone(), env).await?
             }
             other => other?,
         };
-        if purge {
-            self.last_purge = Some(Instant::now());
+        match purge {
+            Purge::No => self.to_purge.extend(&stats.changed),
+            Purge::Changed(_) => {
+                self.last_purge = Some(Instant::now());
+                self.to_purge.clear();
+            }
+            Purge::All => {
+                self.last_purge = Some(Instant::now());
+                self.last_full_purge = self.last_purge;
+                self.to_purge.clear();
+            }
         }
         self.prev = Some(stats.snapshot.clone());
         if let Some(pass) = &stats.large_objects {

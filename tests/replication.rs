@@ -508,6 +508,19 @@ fn applied_deltas_are_purged_and_kept_for_a_target_behind_pg15_to_pg17() {
     assert_eq!(src.sql().value(&pending), "0", "applied deltas were not purged");
     long.exec("commit");
     assert_same(&src.sql(), &dst.sql(), &[("p", "id")]);
+
+    // The daemon purges every delta once, then once a second only those
+    // that changed since (every delta again a minute later): a write is
+    // still purged within seconds of being applied.
+    p.run(&["sync", "update", "s", "--autokick", "on"]).ok();
+    p.run(&["start"]).ok();
+    std::thread::sleep(Duration::from_secs(2));
+    for id in 200..203 {
+        src.sql().exec(&format!("insert into p values ({id}, 'daemon')"));
+        wait_for(&dst.sql(), &format!("select count(*) from p where id = {id}"), "1");
+        wait_for(&src.sql(), &pending, "0");
+    }
+    p.run(&["stop"]).ok();
 }
 
 /// Bulk statements record their keys as arrays, a few delta rows per
