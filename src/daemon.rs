@@ -6,8 +6,10 @@
 //! `capture`). A worker polls the source with an adaptive interval: right
 //! after work it polls again within 10 ms, doubling while idle up to 100 ms,
 //! so a commit is picked up within about 100 ms. A poll is one index probe
-//! per delta table. Every 10 s a batch runs even without changes, to carry
-//! sequences and let the source purge.
+//! per delta table, skipped while the source's snapshot has not moved since
+//! a poll that found nothing (see `Session::has_changes`). Every 10 s a
+//! batch runs even without changes, to carry sequences and let the source
+//! purge.
 //!
 //! Faults: any error marks the sync bad (recorded in the catalog with its
 //! SQLSTATE), drops both connections and retries with backoff (1 s doubling
