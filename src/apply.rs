@@ -22,7 +22,8 @@
 //! `target` module's job, done when a session opens.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 
@@ -174,7 +175,13 @@ pub struct Plan {
     /// The same by type oid: what every batch compares with the source's,
     /// in one query that needs no search_path.
     shape_ids: Vec<String>,
+    /// When every table's shape was last found unchanged.
+    shape_checked: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How long batches may check only the tables they apply (see
+/// [`Plan::check_shape`]).
+const FULL_SHAPE_CHECK: Duration = Duration::from_secs(10);
 
 /// How a column is described in a shape: by type name (fully qualified,
 /// read under an empty search_path) to compare servers, by type oid to
@@ -394,9 +401,12 @@ impl Plan {
             partition_truncates,
             shape: Vec::new(),
             shape_ids: Vec::new(),
+            shape_checked: Arc::default(),
         };
-        plan.shape = plan.shape_on(src, BY_NAME).await?;
-        plan.shape_ids = plan.shape_on(src, BY_OID).await?;
+        let all: Vec<usize> = (0..plan.tables.len()).collect();
+        plan.shape = plan.shape_on(src, BY_NAME, &all).await?;
+        plan.shape_ids = plan.shape_on(src, BY_OID, &all).await?;
+        *plan.shape_checked.lock().unwrap() = Some(Instant::now());
         Ok(plan)
     }
 
@@ -422,8 +432,12 @@ impl Plan {
         Ok(())
     }
 
-    async fn shape_on(&self, c: &impl Sql, types: &str) -> Result<Vec<String>> {
-        let tables: Vec<&str> = self.tables.iter().map(|t| t.table.as_str()).collect();
+    /// The shapes of the tables `only` (indexes into the plan), in order.
+    async fn shape_on(&self, c: &impl Sql, types: &str, only: &[usize]) -> Result<Vec<String>> {
+        if only.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tables: Vec<&str> = only.iter().map(|&i| self.tables[i].table.as_str()).collect();
         let sql = shape_sql(c.version(), types);
         let rows = match types {
             BY_OID => c.query(&sql, &[&tables]).await?,
@@ -437,7 +451,8 @@ impl Plan {
     /// schema changed since, and rows applied now would lose the change.
     /// Extra columns on the target are fine.
     pub async fn check_target(&self, tgt: &Conn) -> Result<()> {
-        let theirs = self.shape_on(tgt, BY_NAME).await?;
+        let all: Vec<usize> = (0..self.tables.len()).collect();
+        let theirs = self.shape_on(tgt, BY_NAME, &all).await?;
         let mut changed = Vec::new();
         for (t, (ours, theirs)) in self.tables.iter().zip(self.shape.iter().zip(&theirs)) {
             let have: Vec<&str> = theirs.split(", ").collect();
@@ -455,18 +470,35 @@ impl Plan {
 
     /// Refuses to apply rows to tables whose columns changed on the source
     /// since the plan was read: the rows would silently lose the change.
-    pub(crate) async fn check_shape(&self, stx: &Tx<'_>) -> Result<()> {
-        if self.shape_on(stx, BY_OID).await? == self.shape_ids {
+    /// With `applied` (indexes of the tables a batch applies), only those
+    /// are looked at, unless every table's check is [`FULL_SHAPE_CHECK`]
+    /// old: a line per table costs a 10,000-table batch 100-150 ms, and a
+    /// table the batch does not write cannot lose anything in it (a column
+    /// added to a table nobody writes is followed within that time).
+    pub(crate) async fn check_shape(&self, stx: &Tx<'_>, applied: Option<&[usize]>) -> Result<()> {
+        let last_full = *self.shape_checked.lock().unwrap();
+        let only: Vec<usize> = match applied {
+            Some(applied) if last_full.is_some_and(|t| t.elapsed() < FULL_SHAPE_CHECK) => {
+                applied.to_vec()
+            }
+            _ => (0..self.tables.len()).collect(),
+        };
+        let full = only.len() == self.tables.len();
+        let now_ids = self.shape_on(stx, BY_OID, &only).await?;
+        if only.iter().zip(&now_ids).all(|(&i, now)| self.shape_ids[i] == *now) {
+            if full {
+                *self.shape_checked.lock().unwrap() = Some(Instant::now());
+            }
             return Ok(());
         }
         // Changed: the type names, for the message.
-        let now = self.shape_on(stx, BY_NAME).await?;
-        let changed: Vec<String> = self
-            .tables
+        let now = self.shape_on(stx, BY_NAME, &only).await?;
+        let changed: Vec<String> = only
             .iter()
-            .zip(now.iter().zip(&self.shape))
-            .filter(|(_, (now, then))| now != then)
-            .map(|(t, (now, then))| format!("{} (was: {then}; now: {now})", t.display))
+            .zip(&now)
+            .map(|(&i, now)| (&self.tables[i], now, &self.shape[i]))
+            .filter(|(_, now, then)| now != then)
+            .map(|(t, now, then)| format!("{} (was: {then}; now: {now})", t.display))
             .collect();
         if changed.is_empty() {
             return Ok(());
@@ -677,22 +709,21 @@ pub async fn apply_within(
         .await?
         .map(|r| r.get(0));
     stats.snapshot = stx.query_one("select txid_current_snapshot()::text", &[]).await?.get(0);
-    plan.check_shape(stx).await?;
     let cond = Plan::pending(prev.as_deref());
+    let counts = pending_counts(stx, plan, prev.as_deref()).await?;
+    stats.changed =
+        counts.iter().enumerate().filter(|(_, c)| c.0 > 0 || c.1).map(|(i, _)| i).collect();
+    plan.check_shape(stx, Some(&stats.changed)).await?;
 
     if let Some(truncates) = &plan.partition_truncates {
         stats.truncates += truncate_partitions(stx, ttx, truncates, &cond).await?;
     }
-    let counts = pending_counts(stx, plan, prev.as_deref()).await?;
     if catch_up_at.is_some_and(|n| keyed_changes(plan, &counts) >= n)
         && plan.partition_truncates.is_none()
     {
         return Ok(None);
     }
-    for (i, (t, (changes, truncated))) in plan.tables.iter().zip(counts).enumerate() {
-        if changes > 0 || truncated {
-            stats.changed.push(i);
-        }
+    for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
         apply_table(stx, ttx, t, &cond, changes, truncated, &mut stats).await?;
     }
     finish_batch(stx, ttx, plan, &stats.snapshot).await?;

@@ -89,7 +89,7 @@ async fn locked(
     let cond = Plan::pending(prev.as_deref());
     let ctx = src.snapshot().await?;
     let (exported, snapshot) = ctx.export_snapshot().await?;
-    plan.check_shape(&ctx).await?;
+    plan.check_shape(&ctx, None).await?;
     let counts = pending_counts(&ctx, plan, prev.as_deref()).await?;
 
     tgt.batch_execute(&format!(

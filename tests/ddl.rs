@@ -2,6 +2,8 @@
 //! itself (columns added with a constant default, new partitions), and what
 //! pauses the sync until the target matches (`sync resume`).
 
+use std::time::{Duration, Instant};
+
 use crate::support::{Pgleap, TestDb, cluster};
 
 fn equal(src: &TestDb, dst: &TestDb, table: &str) {
@@ -57,6 +59,39 @@ fn a_column_added_with_a_literal_default_is_added_on_the_target_and_the_sync_goe
     equal(&src, &dst, "t");
     let status = p.run(&["status", "s", "--json"]).json_any();
     assert!(status["syncs"][0]["paused"].is_null(), "{status}");
+}
+
+/// A batch checks the columns of the tables it writes, and every table's
+/// at least every 10 s: a column added to a table nobody writes is still
+/// added on the target by the daemon while another table keeps every batch
+/// busy.
+#[test]
+fn a_column_added_to_a_table_nobody_writes_is_followed_by_the_daemon_pg15_to_pg17() {
+    let (p, src, dst) = synced("ddlidle");
+    p.run(&["start"]).ok();
+    // The daemon's session has read its plan before the column comes.
+    src.sql().exec("insert into m values (999, '2000-06-01', 'first')");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dst.sql().value("select count(*) from m where id = 999") != "1" {
+        assert!(Instant::now() < deadline, "the daemon never applied a batch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    src.sql().exec("alter table t add column extra int not null default 7");
+    let added = "select count(*) from information_schema.columns
+                 where table_name = 't' and column_name = 'extra'";
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut id = 1000;
+    while dst.sql().value(added) != "1" {
+        assert!(Instant::now() < deadline, "the column was never added on the target");
+        id += 1;
+        src.sql().exec(&format!("insert into m values ({id}, '2000-06-01', 'busy')"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    src.sql().exec("update t set extra = id where id <= 3");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    p.run(&["stop"]).ok();
+    equal(&src, &dst, "t");
+    equal(&src, &dst, "m");
 }
 
 /// The sync pauses, `status` and `kick` say why and what to do, nothing is
