@@ -532,34 +532,25 @@ impl Plan {
          and not txid_visible_in_snapshot(_pgleap_txid, \
                                           current_setting('pgleap.after')::txid_snapshot)";
 
-    /// Whether the source has deltas the snapshot `prev` did not see. Cheap:
-    /// one index probe per table, in statements planned once.
-    pub async fn has_changes(&self, src: &Conn, prev: Option<&str>) -> Result<bool> {
-        Ok(self.changed_tables(src, prev, true).await?.iter().any(|&c| c))
+    /// Whether the source has deltas the snapshot last given to
+    /// [`set_after`] on `src` did not see. Cheap: one index probe per table,
+    /// in statements planned once.
+    pub async fn has_changes(&self, src: &Conn) -> Result<bool> {
+        Ok(self.changed_tables(src, true).await?.iter().any(|&c| c))
     }
 
     /// Per delta of the plan (its tables', then the partition TRUNCATEs'),
-    /// whether it holds deltas the snapshot `prev` did not see, as `c`
-    /// sees them: one `exists` probe per delta, by slices of
-    /// [`TABLES_PER_QUERY`]. With `first`, stops after the first slice
-    /// that has one (the rest reads false).
-    async fn changed_tables(
-        &self,
-        c: &impl Sql,
-        prev: Option<&str>,
-        first: bool,
-    ) -> Result<Vec<bool>> {
+    /// whether it holds deltas the snapshot given to [`set_after`] on `c`
+    /// did not see, as `c` sees them: one `exists` probe per delta, by
+    /// slices of [`TABLES_PER_QUERY`]. With `first`, stops after the first
+    /// slice that has one (the rest reads false).
+    async fn changed_tables(&self, c: &impl Sql, first: bool) -> Result<Vec<bool>> {
         let deltas: Vec<&String> =
             self.tables.iter().map(|t| &t.delta).chain(&self.partition_truncates).collect();
         let mut changed = vec![false; deltas.len()];
         if deltas.is_empty() {
             return Ok(changed);
         }
-        c.execute(
-            "select set_config('pgleap.after', $1, false)",
-            &[&prev.unwrap_or(FROM_THE_START)],
-        )
-        .await?;
         let cond = Self::PENDING_AFTER;
         for (n, chunk) in deltas.chunks(TABLES_PER_QUERY).enumerate() {
             let probes: Vec<String> = chunk
@@ -708,9 +699,9 @@ pub async fn apply_within(
         .query_opt(&format!("select snapshot from {s}.applied where sync = $1"), &[&plan.sync])
         .await?
         .map(|r| r.get(0));
-    stats.snapshot = stx.query_one("select txid_current_snapshot()::text", &[]).await?.get(0);
+    stats.snapshot = set_after(stx, prev.as_deref()).await?;
     let cond = Plan::pending(prev.as_deref());
-    let counts = pending_counts(stx, plan, prev.as_deref()).await?;
+    let counts = pending_counts(stx, plan).await?;
     stats.changed =
         counts.iter().enumerate().filter(|(_, c)| c.0 > 0 || c.1).map(|(i, _)| i).collect();
     plan.check_shape(stx, Some(&stats.changed)).await?;
@@ -894,18 +885,35 @@ async fn truncate_partitions(
     Ok(done)
 }
 
-/// Per table of the plan, in order: the changes pending in the batch and
-/// whether one was a TRUNCATE. Counted only in the tables whose delta has
-/// any, found by one cheap probe per delta in the batch's own snapshot (a
-/// count of every delta cost 0.2 ms a table): a table without a delta
-/// visible in `stx`'s snapshot has nothing this batch could apply.
-pub(crate) async fn pending_counts(
-    stx: &Tx<'_>,
-    plan: &Plan,
-    prev: Option<&str>,
-) -> Result<Vec<(i64, bool)>> {
+/// Makes `prev` (none: [`FROM_THE_START`]) the snapshot the statements over
+/// every delta on `c` compare with (see [`Plan::PENDING_AFTER`]), and
+/// returns `c`'s current snapshot: one round trip for both, as a poll and a
+/// batch need both.
+pub(crate) async fn set_after(c: &impl Sql, prev: Option<&str>) -> Result<String> {
+    let row = c
+        .query_one(
+            "select txid_current_snapshot()::text, set_config('pgleap.after', $1, false)",
+            &[&prev.unwrap_or(FROM_THE_START)],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Per table of the plan, in order: the changes pending after the snapshot
+/// given to [`set_after`] on `stx`, and whether one was a TRUNCATE. A plan
+/// of one slice counts every delta in one statement; a larger one counts
+/// only the tables whose delta has any, found by one cheap probe per delta
+/// in the batch's own snapshot (a count cost 0.2 ms a table, 2 s a batch at
+/// 10,000): a table without a delta visible in `stx`'s snapshot has
+/// nothing this batch could apply.
+pub(crate) async fn pending_counts(stx: &Tx<'_>, plan: &Plan) -> Result<Vec<(i64, bool)>> {
     let mut counts = vec![(0, false); plan.tables.len()];
-    let changed = plan.changed_tables(stx, prev, false).await?;
+    let one_slice = plan.tables.len() <= TABLES_PER_QUERY;
+    let changed = if one_slice {
+        vec![true; plan.tables.len()]
+    } else {
+        plan.changed_tables(stx, false).await?
+    };
     let cond = Plan::PENDING_AFTER;
     let parts: Vec<String> = plan
         .tables
@@ -925,7 +933,12 @@ pub(crate) async fn pending_counts(
         .collect();
     for chunk in parts.chunks(TABLES_PER_QUERY) {
         let sql = format!("select i, n, truncated from ({}) x", chunk.join(" union all "));
-        for r in stx.query(&sql, &[]).await? {
+        // One slice: the same statement every batch, planned once.
+        let rows = match one_slice {
+            true => stx.query_prepared(&sql, &[]).await?,
+            false => stx.query(&sql, &[]).await?,
+        };
+        for r in rows {
             counts[r.get::<_, i32>(0) as usize] = (r.get(1), r.get(2));
         }
     }

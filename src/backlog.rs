@@ -90,7 +90,8 @@ async fn locked(
     let ctx = src.snapshot().await?;
     let (exported, snapshot) = ctx.export_snapshot().await?;
     plan.check_shape(&ctx, None).await?;
-    let counts = pending_counts(&ctx, plan, prev.as_deref()).await?;
+    apply::set_after(&ctx, prev.as_deref()).await?;
+    let counts = pending_counts(&ctx, plan).await?;
 
     tgt.batch_execute(&format!(
         "create table if not exists {s}.caught_up (
@@ -217,7 +218,8 @@ impl Job<'_> {
             let t = &self.plan.tables[i];
             let resumed = self.done.get(&t.table).map(|c| Plan::pending(Some(c)));
             if let Some(done) = self.done.get(&t.table) {
-                (changes, truncated) = pending_counts(&stx, self.plan, Some(done)).await?[i];
+                apply::set_after(&stx, Some(done)).await?;
+                (changes, truncated) = pending_counts(&stx, self.plan).await?[i];
             }
             let cond = resumed.as_deref().unwrap_or(cond);
             let unit = self.progress.start_unit(&t.display, changes.max(0) as u64);

@@ -333,11 +333,11 @@ impl Session {
     /// nothing (same xmin, xmax and running transactions), nothing can
     /// have become visible.
     pub async fn has_changes(&mut self) -> Result<bool> {
-        let now = self.source_snapshot().await?;
+        let now = apply::set_after(&self.src, self.prev.as_deref()).await?;
         if self.idle_at.as_deref() == Some(now.as_str()) {
             return Ok(false);
         }
-        let changed = self.plan.has_changes(&self.src, self.prev.as_deref()).await?;
+        let changed = self.plan.has_changes(&self.src).await?;
         self.idle_at = if changed { None } else { Some(now) };
         Ok(changed)
     }
