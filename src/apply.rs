@@ -403,7 +403,7 @@ impl Plan {
             shape_ids: Vec::new(),
             shape_checked: Arc::default(),
         };
-        let all: Vec<usize> = (0..plan.tables.len()).collect();
+        let all = plan.every_table();
         plan.shape = plan.shape_on(src, BY_NAME, &all).await?;
         plan.shape_ids = plan.shape_on(src, BY_OID, &all).await?;
         *plan.shape_checked.lock().unwrap() = Some(Instant::now());
@@ -432,6 +432,11 @@ impl Plan {
         Ok(())
     }
 
+    /// The indexes of every table of the plan.
+    fn every_table(&self) -> Vec<usize> {
+        (0..self.tables.len()).collect()
+    }
+
     /// The shapes of the tables `only` (indexes into the plan), in order.
     async fn shape_on(&self, c: &impl Sql, types: &str, only: &[usize]) -> Result<Vec<String>> {
         if only.is_empty() {
@@ -451,8 +456,7 @@ impl Plan {
     /// schema changed since, and rows applied now would lose the change.
     /// Extra columns on the target are fine.
     pub async fn check_target(&self, tgt: &Conn) -> Result<()> {
-        let all: Vec<usize> = (0..self.tables.len()).collect();
-        let theirs = self.shape_on(tgt, BY_NAME, &all).await?;
+        let theirs = self.shape_on(tgt, BY_NAME, &self.every_table()).await?;
         let mut changed = Vec::new();
         for (t, (ours, theirs)) in self.tables.iter().zip(self.shape.iter().zip(&theirs)) {
             let have: Vec<&str> = theirs.split(", ").collect();
@@ -481,7 +485,7 @@ impl Plan {
             Some(applied) if last_full.is_some_and(|t| t.elapsed() < FULL_SHAPE_CHECK) => {
                 applied.to_vec()
             }
-            _ => (0..self.tables.len()).collect(),
+            _ => self.every_table(),
         };
         let full = only.len() == self.tables.len();
         let now_ids = self.shape_on(stx, BY_OID, &only).await?;
