@@ -441,6 +441,14 @@ pub struct CutoverRecord {
 
 /// A cutover under way, or left unfinished by a process that died.
 #[derive(Debug, Clone)]
+/// One sync at a switch point: [`Catalog::switch_point`].
+pub struct SwitchPoint<'a> {
+    pub sync: &'a str,
+    pub target: &'a str,
+    pub fence_ms: i64,
+    pub rollback_sync: Option<&'a str>,
+}
+
 pub struct CutoverProgress {
     /// `fencing` (the source may be fenced; the switch point is not
     /// passed) or `switched` (passed; foreign keys still to validate).
@@ -1033,19 +1041,28 @@ impl Catalog {
         Ok(rows)
     }
 
-    pub fn record_cutover(
-        &mut self,
-        sync: &str,
-        target: &str,
-        fence_ms: i64,
-        rollback_sync: Option<&str>,
-    ) -> Result<()> {
+    /// The switch point of one cutover or of several taken in one fence (a
+    /// server move): each sync's cutover recorded, the sync retired and its
+    /// progress moved past the switch point, all in one transaction, so a
+    /// kill leaves every sync before its switch point (undone by a rerun)
+    /// or every one past it (finished by a rerun), never some of each.
+    pub fn switch_point(&mut self, switched: &[SwitchPoint<'_>]) -> Result<()> {
         self.write(|tx| {
-            tx.execute(
-                "insert into cutover (sync, target, fence_ms, rollback_sync)
-                 values (?1, ?2, ?3, ?4)",
-                params![sync, target, fence_ms, rollback_sync],
-            )?;
+            for s in switched {
+                tx.execute(
+                    "insert into cutover (sync, target, fence_ms, rollback_sync)
+                     values (?1, ?2, ?3, ?4)",
+                    params![s.sync, s.target, s.fence_ms, s.rollback_sync],
+                )?;
+                if tx.execute("update sync set retired = 1 where name = ?1", params![s.sync])? == 0
+                {
+                    return Err(not_found(ObjectKind::Sync, s.sync));
+                }
+                tx.execute(
+                    "update cutover_progress set step = 'switched' where sync = ?1",
+                    params![s.sync],
+                )?;
+            }
             Ok(())
         })
     }
@@ -1067,17 +1084,6 @@ impl Catalog {
                      terminate = excluded.terminate, rollback_sync = excluded.rollback_sync,
                      keep_sync = excluded.keep_sync",
                 params![sync, std::process::id(), terminate, rollback_sync, keep_sync],
-            )?;
-            Ok(())
-        })
-    }
-
-    /// Moves a cutover under way to `step`.
-    pub fn cutover_step(&mut self, sync: &str, step: &str) -> Result<()> {
-        self.write(|tx| {
-            tx.execute(
-                "update cutover_progress set step = ?2 where sync = ?1",
-                params![sync, step],
             )?;
             Ok(())
         })

@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::apply::{self, Plan};
 use crate::capture;
-use crate::catalog::{Catalog, ObjectKind, OneTimeCopy};
+use crate::catalog::{Catalog, ObjectKind, OneTimeCopy, SwitchPoint};
 use crate::error::{Error, Result};
 use crate::fidelity::{self, Difference, Stage};
 use crate::inventory::Selection;
@@ -360,10 +360,13 @@ pub async fn cutover_with(
     let resumed = pooler.resume().await;
     let paused_ms =
         (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
-    catalog.record_cutover(route.name(), &target, fence_ms, opts.rollback_sync.as_deref())?;
-    catalog.retire_sync(route.name())?;
     // Past the switch point: a rerun after a kill finishes what follows.
-    catalog.cutover_step(route.name(), "switched")?;
+    catalog.switch_point(&[SwitchPoint {
+        sync: route.name(),
+        target: &target,
+        fence_ms,
+        rollback_sync: opts.rollback_sync.as_deref(),
+    }])?;
     crate::failpoint::hit("cutover-switched");
     drop(span);
     let armed = opts.rollback_sync.is_some() || opts.keep_others.is_some();
@@ -396,6 +399,173 @@ pub async fn cutover_with(
         keep_sync: opts.keep_others.clone(),
         paused_ms,
         would_create: Vec::new(),
+        before_fence: before.steps,
+        inside_fence: inside.steps,
+    })
+}
+
+/// The cutover of a server move: every database's sync, in one fence.
+#[derive(Debug, Serialize)]
+pub struct ServerCutoverReport {
+    /// The whole server's write downtime: from the first database fenced
+    /// to the one switch point, in milliseconds.
+    pub fence_ms: i64,
+    /// How long the poolers held the clients' queries, when they did.
+    pub paused_ms: Option<i64>,
+    /// Each database's cutover; its `fence_ms` runs from its own fence to
+    /// the common switch point.
+    pub databases: Vec<CutoverReport>,
+    pub before_fence: Vec<StepTime>,
+    pub inside_fence: Vec<StepTime>,
+}
+
+/// Cuts several syncs over at one switch point (a server move): every
+/// source fenced, then every one drained and finished (sequences, deferred
+/// schema), then one switch (the poolers' databases each pointed at their
+/// new database, the command run once with `server`), then one catalog
+/// transaction past the switch point for all. A failure before it undoes
+/// every database; a kill leaves all before it or all past it.
+pub async fn cutover_server(
+    catalog: &mut Catalog,
+    members: &mut [(SyncRoute, Session)],
+    opts: &CutoverOptions,
+    name: &str,
+    server: &crate::pg::ResolvedConn,
+    env: Env<'_>,
+) -> Result<ServerCutoverReport> {
+    let mut before = Timer::new();
+    for (_, s) in members.iter_mut() {
+        catch_up(catalog, s, opts.max_lag, env).await?;
+    }
+    before.lap("catch-up");
+    let mut at_switch = Vec::new();
+    for (_, s) in members.iter() {
+        at_switch.push(settle_schema(s, opts.allow_schema_differences, false).await?.0);
+    }
+    before.lap("schema");
+    if !opts.rows_compared {
+        for (_, s) in members.iter_mut() {
+            counts_at_one_point(s).await?;
+        }
+        before.lap("row counts at one point");
+        for (_, s) in members.iter_mut() {
+            catch_up(catalog, s, opts.max_lag, env).await?;
+        }
+        before.lap("catch-up after the counts");
+    }
+    // Everything the fence needs is read before it: where each database
+    // moves to, and what the pooler's entry of each is.
+    let mut moves = Vec::new();
+    for (route, s) in members.iter() {
+        let target = s.target_name().to_string();
+        let moved_to = format!("pgleap database \"{target}\" ({})", catalog.db(&target)?.conninfo);
+        let pooled = route.source.resolve(env)?.dbname;
+        moves.push((target, moved_to, pooled, route.target(s.target_name())?.resolve(env)?));
+    }
+    for (route, _) in members.iter() {
+        catalog.begin_cutover(route.name(), false, None, None)?;
+    }
+    let paused_at = Instant::now();
+    let span = FenceSpan::enter();
+    let mut pooler = match Switch::pause(&opts.switch, env).await {
+        Ok(pooler) => pooler,
+        Err(e) => {
+            for (route, _) in members.iter() {
+                catalog.end_cutover(route.name())?;
+            }
+            return Err(e);
+        }
+    };
+    let started = Instant::now();
+    let mut inside = Timer::new();
+    let mut fenced_at = Vec::new();
+    let mut steps: Vec<Timer> = Vec::new();
+    let mut finished = Vec::new();
+    let result = async {
+        for ((_, s), (_, moved_to, _, _)) in members.iter_mut().zip(&moves) {
+            fence(&mut s.src, &s.plan, moved_to).await?;
+            fenced_at.push(Instant::now());
+        }
+        crate::failpoint::hit("cutover-fenced");
+        inside.lap("fence (taking every database's tables' locks)");
+        for ((_, s), left) in members.iter_mut().zip(&at_switch) {
+            let mut timer = Timer::new();
+            finished.push(switch(catalog, s, &mut [], opts, left, &[], &mut timer, env).await?);
+            steps.push(timer);
+        }
+        inside.lap("drain, sequences and deferred schema of every database");
+        let to_of = |db: &str| moves.iter().find(|m| m.2 == db).map_or(server, |m| &m.3);
+        pooler.repoint_each(&opts.switch, server, name, "server", &to_of).await?;
+        inside.lap("switch");
+        Ok::<_, Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!("server cutover failed before the switch; unfencing every source: {e}");
+        let none = Armed { rollback: None, keep: None };
+        for ((_, s), left) in members.iter_mut().zip(&at_switch) {
+            undo(catalog, s, &mut [], false, none, (&left[..], &[])).await;
+        }
+        pooler.abort(env).await;
+        for (route, _) in members.iter() {
+            catalog.end_cutover(route.name())?;
+        }
+        return Err(e);
+    }
+    let switch_point = Instant::now();
+    let fence_ms = started.elapsed().as_millis() as i64;
+    let resumed = pooler.resume().await;
+    let paused_ms =
+        (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
+    let each_ms: Vec<i64> =
+        fenced_at.iter().map(|at| (switch_point - *at).as_millis() as i64).collect();
+    let points: Vec<SwitchPoint<'_>> = members
+        .iter()
+        .zip(&moves)
+        .zip(&each_ms)
+        .map(|(((route, _), m), ms)| SwitchPoint {
+            sync: route.name(),
+            target: &m.0,
+            fence_ms: *ms,
+            rollback_sync: None,
+        })
+        .collect();
+    catalog.switch_point(&points)?;
+    crate::failpoint::hit("cutover-switched");
+    drop(span);
+    if let Err(e) = resumed {
+        return Err(Error::invalid(
+            format!("cut over, but a pooler did not resume: {e}"),
+            "run RESUME on its admin console: its clients wait until then",
+        ));
+    }
+    let mut databases = Vec::new();
+    for (i, (route, s)) in members.iter_mut().enumerate() {
+        target::validate_foreign_keys(&s.tgt, &finished[i].to_validate).await?;
+        catalog.end_cutover(route.name())?;
+        databases.push(CutoverReport {
+            sync: route.name().into(),
+            target: moves[i].0.clone(),
+            dry_run: false,
+            fence_ms: each_ms[i],
+            sequences: finished[i].sequences,
+            foreign_keys: finished[i].to_validate.len(),
+            triggers: finished[i].triggers,
+            tables: s.plan.tables.len(),
+            large_objects_ms: finished[i].large_objects_ms,
+            rollback_sync: None,
+            others: Vec::new(),
+            keep_sync: None,
+            paused_ms,
+            would_create: Vec::new(),
+            before_fence: Vec::new(),
+            inside_fence: std::mem::take(&mut steps[i].steps),
+        });
+    }
+    Ok(ServerCutoverReport {
+        fence_ms,
+        paused_ms,
+        databases,
         before_fence: before.steps,
         inside_fence: inside.steps,
     })
@@ -465,7 +635,7 @@ async fn undo(
 /// What a cutover of `route` that died half-way left: finished when it had
 /// passed its switch point (its report returned), undone when it died
 /// inside its fence (None: the caller cuts over afresh).
-async fn resume_unfinished(
+pub(crate) async fn resume_unfinished(
     catalog: &mut Catalog,
     route: &SyncRoute,
     target: &DbConn,

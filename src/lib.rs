@@ -36,6 +36,8 @@
 //! - `cutover`: fence, drain, finish the target, measure the downtime;
 //!   rollback.
 //! - `upgrade`: the whole job in one resumable command.
+//! - `server`: a whole server moved: every database, the roles they
+//!   need, one cutover.
 //! - `queries`: every catalog query above, gathered and prepared on a
 //!   server (`db check-queries`).
 //! - `cli`: the command line over all of the above.
@@ -64,6 +66,7 @@ mod progress;
 mod queries;
 mod route;
 mod schema;
+mod server;
 mod session;
 mod status;
 mod switch;

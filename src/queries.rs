@@ -41,6 +41,7 @@ pub async fn check(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<QueryC
         crate::objects::catalog_queries(),
         crate::cutover::catalog_queries(),
         crate::upgrade::catalog_queries(),
+        crate::server::catalog_queries(v),
         crate::status::catalog_queries(v),
     ]
     .into_iter()

@@ -83,10 +83,24 @@ impl Switch {
         sync: &str,
         target: &str,
     ) -> Result<()> {
+        self.repoint_each(plan, to, sync, target, &|_| to).await
+    }
+
+    /// Points each pooler database at its own new database (`to_of` of its
+    /// name: a server move), and runs the command once with `to`.
+    pub async fn repoint_each<'t>(
+        &mut self,
+        plan: &SwitchPlan,
+        to: &'t ResolvedConn,
+        sync: &str,
+        target: &str,
+        to_of: &dyn Fn(&str) -> &'t ResolvedConn,
+    ) -> Result<()> {
         if let Some(command) = &plan.command {
             run_command(command, plan.command_timeout, to, sync, target).await?;
         }
         for p in &mut self.paused {
+            let to = to_of(&p.bouncer.db);
             let text = std::fs::read_to_string(&p.ini).map_err(|e| ini_error(&p.ini, e))?;
             let host = to.hosts.first().cloned().unwrap_or_default();
             let port = to.ports.first().copied().unwrap_or(5432);
@@ -121,7 +135,9 @@ impl Switch {
     /// Undoes a switch: files put back and reloaded, every pooler resumed on
     /// the old server. Best effort, and says what it could not do.
     pub async fn abort(self, env: Env<'_>) {
-        for p in self.paused {
+        // Last rewritten first: two databases of one pooler share its file,
+        // and the first one's original is the file before either rewrite.
+        for p in self.paused.into_iter().rev() {
             if let Some(original) = &p.original {
                 if let Err(e) = write_in_place(&p.ini, original) {
                     tracing::error!("cannot put back {}: {e}", p.ini.display());

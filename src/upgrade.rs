@@ -30,6 +30,7 @@ pub enum CutoverMode {
     Never,
 }
 
+#[derive(Clone)]
 pub struct UpgradeOptions {
     pub name: String,
     pub source: ConnParams,
@@ -174,7 +175,15 @@ impl Preflight {
     }
 }
 
-async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Result<Preflight> {
+/// `created`: the target database does not exist yet and will be created
+/// by the role (a server move); `opts.target` then names a stand-in on the
+/// target server with what the new database will start from (template1).
+async fn preflight(
+    opts: &UpgradeOptions,
+    resuming: bool,
+    created: bool,
+    env: Env<'_>,
+) -> Result<Preflight> {
     let none = PasswordSource::default();
     let src = Conn::connect("source", &opts.source, &none, env).await?;
     let tgt = Conn::connect("target", &opts.target, &none, env).await?;
@@ -205,7 +214,8 @@ async fn preflight(opts: &UpgradeOptions, resuming: bool, env: Env<'_>) -> Resul
         src.query(NOT_OWNED, &[&names]).await?.iter().map(|r| r.get(0)).collect();
     let can_create = CAN_CREATE;
     let source_can_create_schema: bool = src.query_one(can_create, &[]).await?.get(0);
-    let target_can_create_schema: bool = tgt.query_one(can_create, &[]).await?.get(0);
+    // The role owns a database it creates.
+    let target_can_create_schema: bool = created || tgt.query_one(can_create, &[]).await?.get(0);
     let target_replica_role = tgt
         .batch_execute("begin; set local session_replication_role = replica; rollback")
         .await
@@ -349,19 +359,11 @@ pub async fn upgrade(
 ) -> Result<UpgradeReport> {
     let mut clock = cutover::Timer::new();
     let resuming = catalog.sync(&opts.name).is_ok();
-    let pre = step_preflight(opts, resuming, say, env).await?;
+    let pre = step_preflight(opts, resuming, false, say, env).await?;
     clock.lap("preflight");
+    let Prepared { route, mut session, differing } =
+        prepare(catalog, opts, say, &mut clock, env).await?;
     let name = &opts.name;
-    let (source, target) = step_declare(catalog, opts, say, env).await?;
-    step_schema(catalog, name, &source, &target, opts, say, env).await?;
-    clock.lap("catalog and schema");
-    step_capture(catalog, name, say, env).await?;
-    clock.lap("capture");
-    let route = SyncRoute::load(catalog, name)?;
-    let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
-    clock.lap("initial copy and catch-up");
-    let differing = step_verify(&mut session, say, env).await?;
-    clock.lap("verify");
     let go = match opts.cutover {
         CutoverMode::Auto => differing.is_empty(),
         CutoverMode::Never => false,
@@ -439,6 +441,38 @@ pub async fn upgrade(
     Ok(UpgradeReport { preflight: pre, cutover: cut, steps, next })
 }
 
+/// One database brought to "verified and following": the route, the
+/// session that goes on applying, and the tables verify found different.
+pub(crate) struct Prepared {
+    pub route: SyncRoute,
+    pub session: Session,
+    pub differing: Vec<String>,
+}
+
+/// Every step after preflight and before the cutover: catalog entries,
+/// schema, capture, initial copy and catch-up, verify. Each step first
+/// checks whether it is done, so a rerun resumes.
+pub(crate) async fn prepare(
+    catalog: &mut Catalog,
+    opts: &UpgradeOptions,
+    say: &dyn Fn(&str),
+    clock: &mut cutover::Timer,
+    env: Env<'_>,
+) -> Result<Prepared> {
+    let name = &opts.name;
+    let (source, target) = step_declare(catalog, opts, say, env).await?;
+    step_schema(catalog, name, &source, &target, opts, say, env).await?;
+    clock.lap("catalog and schema");
+    step_capture(catalog, name, say, env).await?;
+    clock.lap("capture");
+    let route = SyncRoute::load(catalog, name)?;
+    let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
+    clock.lap("initial copy and catch-up");
+    let differing = step_verify(&mut session, say, env).await?;
+    clock.lap("verify");
+    Ok(Prepared { route, session, differing })
+}
+
 /// Asks whether to cut over, applying the source's changes while the
 /// question waits (the lag stays where it was, and the cutover that
 /// follows drains seconds, not the think time); the question shows the lag.
@@ -467,9 +501,10 @@ async fn ask_while_following(
 
 /// Reports what the servers hold and refuses what cannot work, before
 /// anything is written.
-async fn step_preflight(
+pub(crate) async fn step_preflight(
     opts: &UpgradeOptions,
     resuming: bool,
+    created: bool,
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<Preflight> {
@@ -479,7 +514,7 @@ async fn step_preflight(
             opts.name
         ));
     }
-    let pre = preflight(opts, resuming, env).await?;
+    let pre = preflight(opts, resuming, created, env).await?;
     say(&format!(
         "preflight: PostgreSQL {} -> {}; {} tables, {} sequences, {:.1} MB, copy in about {:.0} s; \
          target triggers and foreign keys during sync: {}",

@@ -38,6 +38,8 @@ mod cutover;
 mod switch;
 // The one-command upgrade.
 mod upgrade;
+// A whole server: every database, its roles, one cutover.
+mod server;
 // Faults and bad input.
 mod faults;
 // The daemon's status page and metrics.

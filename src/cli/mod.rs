@@ -220,6 +220,16 @@ pub enum Command {
         /// without it: a mistyped --target would lose its data).
         #[arg(long)]
         overwrite_target: bool,
+        /// Move the whole server: every database the role can connect to
+        /// (not templates, postgres, or a managed service's own), the roles
+        /// they need, with one cutover. --source and --target then name the
+        /// servers (their dbname, default postgres, is where the databases
+        /// are listed); each database's entries are NAME.DB.
+        #[arg(long, conflicts_with = "databases")]
+        all_databases: bool,
+        /// Move these databases of the server, as --all-databases does.
+        #[arg(long, value_name = "DB,...", value_delimiter = ',')]
+        databases: Vec<String>,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -309,8 +319,10 @@ pub struct SwitchArgs {
 }
 
 impl SwitchArgs {
-    fn plan(self) -> Result<crate::switch::SwitchPlan> {
-        if !self.pgbouncers.is_empty() && self.pgbouncer_db.is_none() {
+    /// `server`: a server move, whose poolers' entries are named like the
+    /// databases (no --pgbouncer-db).
+    fn plan(self, server: bool) -> Result<crate::switch::SwitchPlan> {
+        if !server && !self.pgbouncers.is_empty() && self.pgbouncer_db.is_none() {
             return Err(Error::invalid(
                 "--pgbouncer needs --pgbouncer-db",
                 "give the database name the application connects to in the pooler",
@@ -950,7 +962,7 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 sequence_margin,
                 dry_run,
                 rollback_sync,
-                switch: switch.plan()?,
+                switch: switch.plan(false)?,
                 lift_fence: None,
                 allow_schema_differences,
                 rows_compared: false,
@@ -966,7 +978,7 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 sequence_margin: 0,
                 dry_run: false,
                 rollback_sync: None,
-                switch: switch.plan()?,
+                switch: switch.plan(false)?,
                 lift_fence: None,
                 // Going back must not depend on the old server's schema
                 // matching objects created since.
@@ -997,10 +1009,13 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         create_roles,
         allow_schema_differences,
         overwrite_target,
+        all_databases,
+        databases,
     } = cmd
     else {
         unreachable!("dispatched on Command::Upgrade")
     };
+    let server = all_databases || !databases.is_empty();
     let parse = |what: &str, s: &str| {
         ConnParams::parse(s).map_err(|e| Error::Conninfo { db: what.into(), source: e })
     };
@@ -1015,13 +1030,25 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
             CutoverArg::Never => crate::upgrade::CutoverMode::Never,
         },
         max_lag: Duration::from_secs(max_lag),
-        switch: switch.plan()?,
+        switch: switch.plan(server)?,
         pg_bin,
         create_roles,
         allow_schema_differences,
         overwrite_target,
     };
     let say = |line: &str| println!("{line}");
+    if server {
+        let databases = if all_databases {
+            crate::server::Databases::All
+        } else {
+            crate::server::Databases::Named(databases)
+        };
+        let opts = crate::server::ServerOptions { upgrade: opts, databases };
+        let report =
+            crate::server::upgrade_server(catalog, &opts, &say, render::confirm, ENV).await?;
+        render::server_summary(&report);
+        return Ok(());
+    }
     let report = crate::upgrade::upgrade(catalog, &opts, &say, render::confirm, ENV).await?;
     if let Some(c) = &report.cutover {
         render::cutover(c, false);

@@ -484,6 +484,76 @@ pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport) {
     }
 }
 
+/// The end of a server move: each database, the fence, what is left to do.
+pub fn server_summary(r: &crate::server::ServerReport) {
+    let mut t = table(&["database", "sync", "tables", "MB", "created", "fenced"]);
+    for d in &r.databases {
+        let fenced = r
+            .cutover
+            .as_ref()
+            .and_then(|c| c.databases.iter().find(|c| c.sync == d.sync))
+            .map_or(String::new(), |c| format!("{:.3} s", c.fence_ms as f64 / 1000.0));
+        t.add_row(vec![
+            d.database.clone(),
+            d.sync.clone(),
+            d.preflight.tables.to_string(),
+            format!("{:.1}", d.preflight.size_bytes as f64 / 1e6),
+            if d.created { "yes".into() } else { "no".into() },
+            fenced,
+        ]);
+    }
+    println!("{t}");
+    let mut steps = table(&["step", "time"]);
+    for (step, seconds) in &r.steps {
+        steps.add_row(vec![step.clone(), format!("{seconds:.1} s")]);
+    }
+    if let Some(c) = &r.cutover {
+        for (prefix, s) in c
+            .before_fence
+            .iter()
+            .map(|s| ("  ", s))
+            .chain(c.inside_fence.iter().map(|s| ("  fence: ", s)))
+        {
+            steps.add_row(vec![
+                format!("{prefix}{}", s.step),
+                format!("{:.3} s", s.ms as f64 / 1000.0),
+            ]);
+        }
+        // Where each database's share of the fence went.
+        for d in &c.databases {
+            for s in &d.inside_fence {
+                steps.add_row(vec![
+                    format!("    {}: {}", d.sync, s.step),
+                    format!("{:.3} s", s.ms as f64 / 1000.0),
+                ]);
+            }
+        }
+    }
+    println!("{steps}");
+    if !r.passwords_to_set.is_empty() {
+        println!(
+            "roles to give a password and LOGIN on the target: {}",
+            r.passwords_to_set.join(", ")
+        );
+    }
+    match &r.cutover {
+        Some(c) => {
+            println!(
+                "write downtime of the server: {:.3} s ({} databases in one fence)",
+                c.fence_ms as f64 / 1000.0,
+                c.databases.len()
+            );
+            if let Some(ms) = c.paused_ms {
+                println!("the poolers held the clients' queries for {:.3} s", ms as f64 / 1000.0);
+            }
+        }
+        None => println!("write downtime: none yet (not cut over)"),
+    }
+    for n in &r.next {
+        println!("next: {n}");
+    }
+}
+
 /// What `schema copy` (and the upgrade's schema step) adds to pg_dump's
 /// part: roles, and the objects it could not create.
 pub fn schema_copied(c: &crate::schema::SchemaCopied) {

@@ -2,6 +2,7 @@
 //! binary run in an isolated environment.
 
 pub mod cluster;
+pub mod compare;
 pub mod pooler;
 pub mod sql;
 

@@ -1,0 +1,227 @@
+//! A whole server moved: `pgleap upgrade --all-databases` finds the
+//! databases, creates them and the roles they need on the target, moves
+//! them all under writes and cuts them over in one fence.
+
+use crate::support::compare::{objects, rows};
+use crate::support::{
+    Cluster, OWNER, Pgleap, Sql, TestDb, killed_at, private_cluster, writes_until_fenced,
+};
+
+fn server_uri(c: &Cluster) -> String {
+    format!("postgresql://{OWNER}@127.0.0.1:{}/postgres", c.port)
+}
+
+/// Roles as a DBA compares them between servers: attributes a table owner
+/// can give, settings, memberships (not LOGIN: created NOLOGIN on purpose).
+fn roles(sql: &Sql, names: &[&str]) -> Vec<Vec<Option<String>>> {
+    let list = names.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
+    sql.rows(&format!(
+        "select r.rolname::text, r.rolinherit::text, r.rolconnlimit::text,
+                coalesce(r.rolconfig::text, ''),
+                coalesce((select string_agg(g.rolname, ',' order by g.rolname)
+                          from pg_auth_members m join pg_roles g on g.oid = m.roleid
+                          where m.member = r.oid and g.rolname in ({list})), '')
+         from pg_roles r where r.rolname in ({list}) order by 1"
+    ))
+}
+
+/// Three application databases sharing roles: a partitioned table in one,
+/// a table without a key in another, large objects in the third.
+fn three_databases(src: &'static Cluster) -> [TestDb; 3] {
+    let admin = src.superuser("postgres");
+    admin.exec(
+        "create role app_read nologin;
+         create role app_write nologin connection limit 7 in role app_read;
+         create role alice login password 'not-copied' in role app_write;
+         alter role app_write set statement_timeout = '5s'",
+    );
+    let shop = TestDb::new(src, "shop");
+    let logs = TestDb::new(src, "logs");
+    let files = TestDb::new(src, "files");
+    shop.sql().exec(
+        "create table orders (id bigint, at date, total numeric(10,2), primary key (id, at))
+           partition by range (at);
+         create table orders_2025 partition of orders
+           for values from ('2025-01-01') to ('2026-01-01');
+         create table orders_2026 partition of orders
+           for values from ('2026-01-01') to ('2027-01-01');
+         create table customers (id serial primary key, name text not null);
+         insert into customers (name) select 'c' || g from generate_series(1, 500) g;
+         insert into orders select g, date '2025-06-01' + (g % 300), g * 1.5
+           from generate_series(1, 3000) g;
+         grant select on all tables in schema public to app_read;
+         grant insert, update on orders to app_write",
+    );
+    logs.sql().exec(
+        "create table events (at timestamptz default now(), level text, message text);
+         insert into events (level, message) select 'info', 'boot ' || g
+           from generate_series(1, 2000) g;
+         grant insert on events to app_write;
+         grant select on events to app_read",
+    );
+    files.sql().exec(
+        "create table documents (id int primary key, body oid);
+         insert into documents
+           select g, lo_from_bytea(0, convert_to(repeat('page ' || g, 200), 'UTF8'))
+           from generate_series(1, 20) g;
+         grant select on documents to app_read",
+    );
+    [shop, logs, files]
+}
+
+#[test]
+fn a_server_of_three_databases_moves_in_one_cutover_pg12_to_pg17() {
+    let (src, dst) = (private_cluster(12), private_cluster(17));
+    let [shop, logs, files] = three_databases(src);
+    let p = Pgleap::for_clusters(&[src, dst]);
+    let writers = [
+        writes_until_fenced(shop.sql(), |i| {
+            format!(
+                "insert into orders values ({}, '2026-02-01', 1); \
+                 update customers set name = 'w{i}' where id = {};",
+                100_000 + i,
+                i % 500 + 1
+            )
+        }),
+        writes_until_fenced(logs.sql(), |i| {
+            format!("insert into events (level, message) values ('warn', 'live {i}');")
+        }),
+        writes_until_fenced(files.sql(), |i| {
+            format!("insert into documents values ({}, lo_from_bytea(0, 'new {i}'));", 1000 + i)
+        }),
+    ];
+    let out = p.run(&[
+        "upgrade",
+        "--source",
+        &server_uri(src),
+        "--target",
+        &server_uri(dst),
+        "--all-databases",
+        "--cutover",
+        "auto",
+        "--jobs",
+        "2",
+    ]);
+    println!("{out}");
+    let text = out.ok();
+    for expected in [
+        "left out: postgres: the maintenance database",
+        &format!("created database {} on the target", shop.name),
+        &format!("created database {} on the target", files.name),
+        "created role app_write on the target (NOLOGIN, no password), with its settings \
+         statement_timeout=5s",
+        "granted role app_write to alice on the target",
+        "roles to give a password and LOGIN on the target: alice",
+        "write downtime of the server: ",
+        "(3 databases in one fence)",
+        "fence: fence (taking every database's tables' locks)",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?}:\n{out}");
+    }
+    for w in writers {
+        assert!(w.join().unwrap() > 0, "no write went through during the move");
+    }
+    for db in [&shop, &logs, &files] {
+        let (s, d) = (db.sql(), dst.owner(&db.name));
+        assert_eq!(rows(&s), rows(&d), "{}: rows differ", db.name);
+        assert_eq!(objects(&s), objects(&d), "{}: objects differ", db.name);
+    }
+    let lo = "select oid::text, md5(lo_get(oid)) from pg_largeobject_metadata order by 1";
+    assert_eq!(files.sql().rows(lo), dst.owner(&files.name).rows(lo));
+    assert!(shop.sql().try_exec("insert into customers (name) values ('late')").is_err());
+    assert!(logs.sql().try_exec("insert into events (level) values ('late')").is_err());
+    let names = ["alice", "app_read", "app_write"];
+    assert_eq!(
+        roles(&src.superuser("postgres"), &names),
+        roles(&dst.superuser("postgres"), &names)
+    );
+    let alice_login =
+        dst.superuser("postgres").value("select rolcanlogin from pg_roles where rolname = 'alice'");
+    assert_eq!(alice_login, "f", "a role was made to log in without a password");
+    // Every sync cut over: a rerun says so.
+    p.run(&[
+        "upgrade",
+        "--source",
+        &server_uri(src),
+        "--target",
+        &server_uri(dst),
+        "--all-databases",
+        "--cutover",
+        "auto",
+    ])
+    .fails_with(&["was already cut over (3 of 3 databases)"]);
+}
+
+#[test]
+fn a_server_move_refuses_up_front_and_writes_nothing_pg12_to_pg17() {
+    let (src, dst) = (private_cluster(12), private_cluster(17));
+    let [shop, logs, files] = three_databases(src);
+    // The target already has one of the databases, holding rows.
+    dst.superuser("postgres").exec(&format!("create database {} owner {OWNER}", logs.name));
+    dst.owner(&logs.name).exec(
+        "create table events (at timestamptz default now(), level text, message text);
+         insert into events (level) values ('precious')",
+    );
+    // And one table of the source is not the role's.
+    src.superuser(&files.name).exec("create table audit (id int primary key)");
+    let p = Pgleap::for_clusters(&[src, dst]);
+    let args = ["upgrade", "--source", &server_uri(src), "--target", &server_uri(dst)];
+    let out = p.run(&[&args[..], &["--all-databases", "--cutover", "auto"]].concat());
+    out.fails_with(&[
+        "preflight of the server",
+        &format!("database \"{}\": the target's tables hold rows", logs.name),
+        &format!("database \"{}\": the role does not own \"public\".\"audit\"", files.name),
+        "nothing was created on either server",
+    ]);
+    let missing = p.run(&[&args[..], &["--databases", &format!("{},nope", shop.name)]].concat());
+    missing.fails_with(&["the source server has no database \"nope\""]);
+    // Nothing written: no database, no role, no capture, no catalog entry.
+    let target_dbs = dst.superuser("postgres").value(&format!(
+        "select count(*) from pg_database where datname in ('{}', '{}')",
+        shop.name, files.name
+    ));
+    assert_eq!(target_dbs, "0");
+    let target_roles =
+        dst.superuser("postgres").value("select count(*) from pg_roles where rolname like 'app_%'");
+    assert_eq!(target_roles, "0");
+    for db in [&shop, &logs, &files] {
+        let pgleap = db.sql().value("select count(*) from pg_namespace where nspname = 'pgleap'");
+        assert_eq!(pgleap, "0", "{}", db.name);
+    }
+    assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
+}
+
+/// Killed after its first database was copied, then killed inside its
+/// fence (every source fenced): each rerun resumes, the last one ends with
+/// every database equal.
+#[test]
+fn a_server_move_killed_mid_way_resumes_every_database_pg12_to_pg17() {
+    let (src, dst) = (private_cluster(12), private_cluster(17));
+    let [shop, logs, files] = three_databases(src);
+    let p = Pgleap::for_clusters(&[src, dst]);
+    let args = [
+        "upgrade",
+        "--source",
+        &server_uri(src),
+        "--target",
+        &server_uri(dst),
+        "--all-databases",
+        "--cutover",
+        "auto",
+    ];
+    killed_at(&p, "server-database-prepared", &args);
+    shop.sql().exec("update customers set name = 'after the kill' where id <= 50");
+    logs.sql().exec("delete from events where message like 'boot 1%'");
+    killed_at(&p, "cutover-fenced", &args);
+    // Left fenced by the kill: the rerun undoes the fence, then cuts over.
+    assert!(shop.sql().try_exec("insert into customers (name) values ('x')").is_err());
+    let out = p.run(&args);
+    let text = out.ok();
+    assert!(text.contains("(3 databases in one fence)"), "{out}");
+    assert!(!text.contains("created database"), "the rerun started over:\n{out}");
+    for db in [&shop, &logs, &files] {
+        let (s, d) = (db.sql(), dst.owner(&db.name));
+        assert_eq!(rows(&s), rows(&d), "{}: rows differ", db.name);
+        assert_eq!(objects(&s), objects(&d), "{}: objects differ", db.name);
+    }
+}
