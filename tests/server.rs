@@ -225,3 +225,76 @@ fn a_server_move_killed_mid_way_resumes_every_database_pg12_to_pg17() {
         assert_eq!(objects(&s), objects(&d), "{}: objects differ", db.name);
     }
 }
+
+/// One PgBouncer in front of three databases, entries named like them:
+/// paused once, each entry pointed at its new database inside the one
+/// fence, resumed; clients writing through it see a pause, not an error.
+#[test]
+fn a_pooler_in_front_of_three_databases_is_switched_once_pg12_to_pg17() {
+    use crate::support::pooler::{APP_PASSWORD, APP_USER, Bouncer, Probe};
+    use std::time::Duration;
+    let (src, dst) = (private_cluster(12), private_cluster(17));
+    for c in [src, dst] {
+        c.superuser("postgres")
+            .exec(&format!("create role {APP_USER} login password '{APP_PASSWORD}'"));
+    }
+    let dbs: Vec<TestDb> = ["north", "south", "west"].iter().map(|l| TestDb::new(src, l)).collect();
+    for db in &dbs {
+        db.sql().exec(&format!(
+            "create table probe (id bigserial primary key, client int not null);
+             grant select, insert on probe to {APP_USER};
+             grant usage on sequence probe_id_seq to {APP_USER}"
+        ));
+    }
+    let bouncer = Bouncer::start_for(&dbs.iter().collect::<Vec<_>>());
+    let probes: Vec<Probe> = dbs
+        .iter()
+        .enumerate()
+        .map(|(i, db)| {
+            Probe::start(bouncer.port, &db.name, i as i32, Some(Duration::from_millis(5)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let p = Pgleap::for_clusters(&[src, dst]);
+    let out = p.run(&[
+        "upgrade",
+        "--source",
+        &server_uri(src),
+        "--target",
+        &server_uri(dst),
+        "--all-databases",
+        "--cutover",
+        "auto",
+        "--pgbouncer",
+        &bouncer.admin(),
+    ]);
+    println!("{out}");
+    assert!(out.ok().contains("the poolers held the clients' queries for"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let logs: Vec<_> = probes.into_iter().map(Probe::finish).collect();
+    let ini = std::fs::read_to_string(&bouncer.ini).unwrap();
+    for (db, log) in dbs.iter().zip(&logs) {
+        assert!(log.errors.is_empty(), "{}: the client saw errors: {:?}", db.name, log.errors);
+        assert!(
+            ini.contains(&format!(
+                "{} = host=127.0.0.1 port={} dbname={}",
+                db.name, dst.port, db.name
+            )),
+            "{}: {ini}",
+            db.name
+        );
+        // Every acknowledged write is on the new server; the last ones
+        // went nowhere else.
+        let on_new: std::collections::BTreeSet<i64> = dst
+            .owner(&db.name)
+            .rows("select id from probe")
+            .into_iter()
+            .map(|r| r[0].as_deref().unwrap().parse().unwrap())
+            .collect();
+        let acknowledged: std::collections::BTreeSet<i64> =
+            log.ok.iter().map(|(_, id)| *id).collect();
+        assert_eq!(on_new, acknowledged, "{}", db.name);
+        let on_old = db.sql().value("select count(*) from probe").parse::<usize>().unwrap();
+        assert!(on_old < acknowledged.len(), "{}: no write reached the new server", db.name);
+    }
+}

@@ -25,7 +25,8 @@ pub fn app_role(db: &TestDb) {
         .try_exec(&format!("create role {APP_USER} login password '{APP_PASSWORD}'"));
 }
 
-/// A PgBouncer in transaction pooling whose database `app` points at `db`.
+/// A PgBouncer in transaction pooling whose database `app` points at `db`
+/// (or, from `start_for`, one entry per database, named like it).
 pub struct Bouncer {
     child: Child,
     pub port: u16,
@@ -35,6 +36,18 @@ pub struct Bouncer {
 
 impl Bouncer {
     pub fn start(db: &TestDb) -> Bouncer {
+        Bouncer::start_with(&[("app", db)])
+    }
+
+    /// One pooler in front of several databases of a server, each entry
+    /// named like its database: what a server move switches.
+    #[allow(dead_code, reason = "used by the server tests, not the benchmarks")]
+    pub fn start_for(dbs: &[&TestDb]) -> Bouncer {
+        let entries: Vec<(&str, &TestDb)> = dbs.iter().map(|d| (d.name.as_str(), *d)).collect();
+        Bouncer::start_with(&entries)
+    }
+
+    fn start_with(entries: &[(&str, &TestDb)]) -> Bouncer {
         let owner = server_user();
         let port = free_port();
         let dir = base_dir().join(format!("{}-bouncer-{port}", std::process::id()));
@@ -43,17 +56,24 @@ impl Bouncer {
         let users = dir.join("users.txt");
         std::fs::write(&users, format!("\"{OWNER}\" \"\"\n\"{APP_USER}\" \"\"\n")).unwrap();
         let ini = dir.join("pgbouncer.ini");
+        let databases: String = entries
+            .iter()
+            .map(|(name, db)| {
+                format!(
+                    "{name} = host=127.0.0.1 port={} dbname={} user={APP_USER} \
+                     password={APP_PASSWORD}\n",
+                    db.cluster.port, db.name
+                )
+            })
+            .collect();
         std::fs::write(
             &ini,
             format!(
-                ";; written by the tests\n[databases]\n\
-                 app = host=127.0.0.1 port={} dbname={} user={APP_USER} password={APP_PASSWORD}\n\n\
+                ";; written by the tests\n[databases]\n{databases}\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
                  unix_socket_dir = {dir}\nauth_type = trust\nauth_file = {users}\n\
                  admin_users = {OWNER}\npool_mode = transaction\ndefault_pool_size = 10\n\
                  logfile = {dir}/pgbouncer.log\nignore_startup_parameters = extra_float_digits\n",
-                db.cluster.port,
-                db.name,
                 dir = dir.display(),
                 users = users.display(),
             ),
