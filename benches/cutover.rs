@@ -22,6 +22,14 @@
 //! gives the slope of the write downtime per 100 scale units (1.5 GB):
 //! nothing inside the fence may grow with the data (#28).
 //!
+//! Database axis (#25): with `PGLEAP_BENCH_DATABASES=1,3,10` only the
+//! fence of a server move is measured: that many pgbench databases, scale
+//! one each, on one PostgreSQL 12 server, each under pgbench at the rate
+//! divided among them, moved to 17 by one `upgrade --databases ...` with
+//! one fence; the baseline, in the same round, is the same databases moved
+//! one `upgrade` each (the only way before), whose fences add up and whose
+//! switches are spread over the whole run.
+//!
 //! `PGLEAP_BENCH_ROUNDS` (default 3) interleaved rounds; each figure is the
 //! median with the range. With `PGLEAP_BENCH_BASELINE_BIN=PATH` (another
 //! build of pgleap, e.g. the previous commit's), every cutover is also run
@@ -217,6 +225,10 @@ fn main() {
     if let Some(b) = &baseline_bin {
         bins.push(("baseline build", Some(b.as_path())));
     }
+    if let Ok(counts) = std::env::var("PGLEAP_BENCH_DATABASES") {
+        let counts: Vec<usize> = counts.split(',').map(|s| s.trim().parse().unwrap()).collect();
+        return fence_by_databases(&counts, &rate, rounds);
+    }
     if let Ok(scales) = std::env::var("PGLEAP_BENCH_SCALES") {
         let scales: Vec<u64> = scales.split(',').map(|s| s.trim().parse().unwrap()).collect();
         return fence_by_size(&scales, &rate, rounds, &bins);
@@ -350,4 +362,125 @@ fn slope(xs: &[f64], ys: &[f64]) -> f64 {
     let num: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
     let den: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
     if den == 0.0 { 0.0 } else { num / den }
+}
+
+/// `n` pgbench databases on the shared 12 server, each under pgbench at
+/// `rate / n` tps; returns (server move's one fence, sum of the fences of
+/// one upgrade per database), in ms.
+fn server_fences(n: usize, rate: u64, round: u64) -> (f64, f64) {
+    let mut fences = (0.0, 0.0);
+    for one_by_one in [false, true] {
+        let label = format!("srv{n}r{round}{}", if one_by_one { "each" } else { "all" });
+        let dbs: Vec<TestDb> =
+            (0..n).map(|i| TestDb::new(cluster(12), &format!("{label}d{i}"))).collect();
+        for db in &dbs {
+            finish(pgbench(db, &["-i", "-q", "-s", "1"]).spawn().unwrap());
+        }
+        let per_db = (rate as usize / n).max(1).to_string();
+        let mut loads: Vec<_> = dbs
+            .iter()
+            .map(|db| pgbench(db, &["-n", "-c", "1", "-R", &per_db, "-T", "900"]).spawn().unwrap())
+            .collect();
+        let (src, dst) = (cluster(12), cluster(17));
+        let p = Pgleap::for_clusters(&[src, dst]);
+        let server =
+            |c: &support::Cluster| format!("postgresql://{OWNER}@127.0.0.1:{}/postgres", c.port);
+        let downtime = |out: &str, prefix: &str| -> f64 {
+            let line = out.lines().find(|l| l.starts_with(prefix)).expect(prefix);
+            line[prefix.len()..].split(' ').next().unwrap().parse::<f64>().unwrap() * 1000.0
+        };
+        if one_by_one {
+            // A single upgrade moves into a database that exists.
+            for db in &dbs {
+                dst.superuser("postgres")
+                    .exec(&format!("create database \"{}\" owner {OWNER}", db.name));
+            }
+            let mut sum = 0.0;
+            for db in &dbs {
+                let out = p.run(&[
+                    "upgrade",
+                    "--source",
+                    &db.uri(),
+                    "--target",
+                    &format!("postgresql://{OWNER}@127.0.0.1:{}/{}", dst.port, db.name),
+                    "--name",
+                    &db.name,
+                    "--cutover",
+                    "auto",
+                    "--max-lag",
+                    "1",
+                ]);
+                if out.code != 0 {
+                    panic!("{out}");
+                }
+                sum += downtime(&out.stdout, "write downtime: ");
+            }
+            fences.1 = sum;
+        } else {
+            let names: Vec<&str> = dbs.iter().map(|d| d.name.as_str()).collect();
+            let out = p.run(&[
+                "upgrade",
+                "--source",
+                &server(src),
+                "--target",
+                &server(dst),
+                "--databases",
+                &names.join(","),
+                "--cutover",
+                "auto",
+                "--max-lag",
+                "1",
+            ]);
+            if out.code != 0 {
+                panic!("{out}");
+            }
+            fences.0 = downtime(&out.stdout, "write downtime of the server: ");
+        }
+        for l in &mut loads {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        let admin = dst.superuser("postgres");
+        for db in &dbs {
+            let _ = admin.try_exec(&format!(
+                "select pg_terminate_backend(pid) from pg_stat_activity where datname = '{0}';
+                 drop database if exists \"{0}\"",
+                db.name
+            ));
+        }
+    }
+    eprintln!("  {n} databases: one fence {:.0} ms, {n} fences {:.0} ms", fences.0, fences.1);
+    fences
+}
+
+/// The server move's fence for each number of databases, against one
+/// upgrade per database, interleaved.
+fn fence_by_databases(counts: &[usize], rate: &str, rounds: u64) {
+    let rate: u64 = rate.parse().unwrap();
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); counts.len()];
+    for round in 1..=rounds {
+        for (i, n) in counts.iter().enumerate() {
+            eprintln!("round {round}: {n} databases, {rate} tps among them ...");
+            runs[i].push(server_fences(*n, rate, round));
+        }
+    }
+    println!(
+        "## Write downtime of a server move by number of databases (PostgreSQL 12 to 17, \
+         pgbench scale 1 each, {rate} tps among them, median [range] of {rounds} interleaved \
+         rounds)\n"
+    );
+    println!(
+        "| databases | one upgrade --databases: one fence, s | one upgrade each: fences added, s | ratio |"
+    );
+    println!("|---|---|---|---|");
+    for (i, n) in counts.iter().enumerate() {
+        let one: Vec<f64> = runs[i].iter().map(|r| r.0).collect();
+        let each: Vec<f64> = runs[i].iter().map(|r| r.1).collect();
+        println!(
+            "| {n} | {} | {} | {:.2} |",
+            seconds(&one),
+            seconds(&each),
+            median(&one) / median(&each)
+        );
+    }
 }
