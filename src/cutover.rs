@@ -462,6 +462,12 @@ pub async fn cutover_server(
         let pooled = route.source.resolve(env)?.dbname;
         moves.push((target, moved_to, pooled, route.target(s.target_name())?.resolve(env)?));
     }
+    // The databases are finished side by side inside the fence, each
+    // recording its rounds through a catalog connection of its own.
+    let mut catalogs = Vec::new();
+    for _ in members.iter() {
+        catalogs.push(Catalog::open(catalog.path())?);
+    }
     for (route, _) in members.iter() {
         catalog.begin_cutover(route.name(), false, None, None)?;
     }
@@ -488,9 +494,20 @@ pub async fn cutover_server(
         }
         crate::failpoint::hit("cutover-fenced");
         inside.lap("fence (taking every database's tables' locks)");
-        for ((_, s), left) in members.iter_mut().zip(&at_switch) {
-            let mut timer = Timer::new();
-            finished.push(switch(catalog, s, &mut [], opts, left, &[], &mut timer, env).await?);
+        // Side by side: the fence is the slowest database's drain, not the
+        // sum of them.
+        let each = members.iter_mut().zip(&at_switch).zip(catalogs.iter_mut()).map(
+            |(((_, s), left), own)| async move {
+                let mut timer = Timer::new();
+                let done = switch(own, s, &mut [], opts, left, &[], &mut timer, env).await?;
+                Ok::<_, Error>((done, timer))
+            },
+        );
+        // Every one runs to its end, so none is cancelled half-way through
+        // a batch before an undo.
+        for result in futures_util::future::join_all(each).await {
+            let (done, timer) = result?;
+            finished.push(done);
             steps.push(timer);
         }
         inside.lap("drain, sequences and deferred schema of every database");

@@ -263,6 +263,23 @@ pub async fn upgrade_server(
     })
 }
 
+/// The syncs `name` stands for: itself when it is a sync, else those of
+/// the server move it named (`NAME.DB`); `ready` and `teardown` take either.
+pub fn syncs_named(catalog: &Catalog, name: &str) -> Result<Vec<String>> {
+    if catalog.sync(name).is_ok() {
+        return Ok(vec![name.to_string()]);
+    }
+    let prefix = format!("{name}.");
+    let members: Vec<String> = catalog
+        .syncs()?
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|s| s.starts_with(&prefix) && catalog.db(&format!("{s}_source")).is_ok())
+        .collect();
+    // Nothing of that name: the caller's own lookup says so.
+    Ok(if members.is_empty() { vec![name.to_string()] } else { members })
+}
+
 /// The connection to a server's maintenance database: the one given, else
 /// `postgres`.
 fn maintenance(params: &ConnParams) -> ConnParams {

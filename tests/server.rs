@@ -212,6 +212,19 @@ fn a_server_move_killed_mid_way_resumes_every_database_pg12_to_pg17() {
     killed_at(&p, "server-database-prepared", &args);
     shop.sql().exec("update customers set name = 'after the kill' where id <= 50");
     logs.sql().exec("delete from events where message like 'boot 1%'");
+    // Resumed without a cutover: the daemon follows every database, and
+    // `ready` answers for the server.
+    let never = [&args[..5], &["--all-databases", "--cutover", "never"]].concat();
+    let resumed = p.run(&never);
+    assert!(resumed.ok().contains("every database's sync is in place"), "{resumed}");
+    let ready = p.run(&["ready", "upgrade", "--max-lag", "30"]);
+    let syncs = format!("upgrade.{}, upgrade.{}, upgrade.{}", files.name, logs.name, shop.name);
+    assert!(
+        ready
+            .ok()
+            .contains(&format!("every database of \"upgrade\" is ready to cut over ({syncs})")),
+        "{ready}"
+    );
     killed_at(&p, "cutover-fenced", &args);
     // Left fenced by the kill: the rerun undoes the fence, then cuts over.
     assert!(shop.sql().try_exec("insert into customers (name) values ('x')").is_err());
@@ -219,11 +232,16 @@ fn a_server_move_killed_mid_way_resumes_every_database_pg12_to_pg17() {
     let text = out.ok();
     assert!(text.contains("(3 databases in one fence)"), "{out}");
     assert!(!text.contains("created database"), "the rerun started over:\n{out}");
+    p.run(&["stop"]).ok();
     for db in [&shop, &logs, &files] {
         let (s, d) = (db.sql(), dst.owner(&db.name));
         assert_eq!(rows(&s), rows(&d), "{}: rows differ", db.name);
         assert_eq!(objects(&s), objects(&d), "{}: objects differ", db.name);
     }
+    // The server move's name tears down every database's sync.
+    let teardown = p.run(&["teardown", "upgrade"]);
+    assert_eq!(teardown.ok().matches("removed sync \"upgrade.").count(), 3, "{teardown}");
+    assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
 }
 
 /// One PgBouncer in front of three databases, entries named like them:

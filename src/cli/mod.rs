@@ -672,9 +672,13 @@ async fn run_command(cli: Cli) -> Result<()> {
         }
         cmd @ (Command::Cutover { .. } | Command::Rollback { .. }) => cutover(c, cmd).await,
         cmd @ Command::Upgrade { .. } => upgrade(c, cmd).await,
-        Command::Teardown { sync, unfence } => {
-            let fenced = objects::teardown(c, &sync, unfence, ENV).await?;
-            println!("removed sync \"{sync}\" and its objects on the servers");
+        Command::Teardown { sync: name, unfence } => {
+            // A server move's name tears down each of its databases' syncs.
+            let mut fenced = false;
+            for sync in crate::server::syncs_named(c, &name)? {
+                fenced |= objects::teardown(c, &sync, unfence, ENV).await?;
+                println!("removed sync \"{sync}\" and its objects on the servers");
+            }
             if fenced {
                 println!(
                     "the old server keeps refusing writes to the migrated tables (its fence stays, \
@@ -1114,25 +1118,40 @@ async fn daemon(path: &Path, cmd: Command) -> Result<()> {
                 }
             }
         },
-        Command::Ready { sync, max_lag } => {
+        Command::Ready { sync: name, max_lag } => {
             let catalog = Catalog::open(path)?;
             let pid = daemon::running_pid(path);
-            let status = status::gather(&catalog, Some(&sync), pid.is_some(), ENV).await?;
-            let mut reasons = status::not_ready(&status[0], max_lag as f64);
-            // The cutover's own schema judgement, rehearsed: ready and
-            // cutover agree.
-            match crate::cutover::schema_not_ready(&catalog, &sync, ENV).await {
-                Ok(schema) => reasons.extend(schema),
-                Err(e) => reasons.push(format!("the schema could not be compared: {e}")),
+            // A server move's name: every database's sync must be ready,
+            // and each reason names its sync.
+            let syncs = crate::server::syncs_named(&catalog, &name)?;
+            let server = syncs.len() > 1 || syncs[0] != name;
+            let mut reasons = Vec::new();
+            let mut to = String::new();
+            for sync in &syncs {
+                let status = status::gather(&catalog, Some(sync), pid.is_some(), ENV).await?;
+                let mut own = status::not_ready(&status[0], max_lag as f64);
+                // The cutover's own schema judgement, rehearsed: ready and
+                // cutover agree.
+                match crate::cutover::schema_not_ready(&catalog, sync, ENV).await {
+                    Ok(schema) => own.extend(schema),
+                    Err(e) => own.push(format!("the schema could not be compared: {e}")),
+                }
+                reasons.extend(
+                    own.into_iter().map(|r| if server { format!("{sync}: {r}") } else { r }),
+                );
+                if let targets @ [_, _, ..] = status[0].targets.as_slice() {
+                    let names: Vec<&str> = targets.iter().map(|t| t.target.as_str()).collect();
+                    to = format!(" --to {}", names.join("|"));
+                }
             }
-            if reasons.is_empty() {
-                let to = match status[0].targets.as_slice() {
-                    [_] => String::new(),
-                    targets => {
-                        let names: Vec<&str> = targets.iter().map(|t| t.target.as_str()).collect();
-                        format!(" --to {}", names.join("|"))
-                    }
-                };
+            let sync = name;
+            if reasons.is_empty() && server {
+                println!(
+                    "every database of \"{sync}\" is ready to cut over ({}): rerun its \
+                     pgleap upgrade with --cutover auto",
+                    syncs.join(", ")
+                );
+            } else if reasons.is_empty() {
                 println!("sync \"{sync}\" is ready to cut over: pgleap cutover {sync}{to}");
             } else {
                 for r in &reasons {
