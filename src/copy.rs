@@ -670,6 +670,7 @@ impl CopyRun<'_> {
             return Ok(false);
         }
         ttx.commit().await?;
+        crate::failpoint::hit("copy-unit-done");
         self.progress.finish_unit(bar, rows);
         metrics::counter!("pgleap_copy_bytes_total", "sync" => self.plan.sync.clone(),
             "target" => self.target.name.clone())

@@ -191,11 +191,11 @@ fn a_server_move_refuses_up_front_and_writes_nothing_pg12_to_pg17() {
     assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
 }
 
-/// Killed after its first database was copied, then killed inside its
-/// fence (every source fenced): each rerun resumes, the last one ends with
-/// every database equal.
+/// Killed in its first database's copy, then after that database was
+/// prepared, then inside its fence (every source fenced): each rerun
+/// resumes, the last one ends with every database equal.
 #[test]
-fn a_server_move_killed_mid_way_resumes_every_database_pg12_to_pg17() {
+fn a_server_move_killed_in_its_copy_and_fence_resumes_every_database_pg12_to_pg17() {
     let (src, dst) = (private_cluster(12), private_cluster(17));
     let [shop, logs, files] = three_databases(src);
     let p = Pgleap::for_clusters(&[src, dst]);
@@ -209,6 +209,8 @@ fn a_server_move_killed_mid_way_resumes_every_database_pg12_to_pg17() {
         "--cutover",
         "auto",
     ];
+    killed_at(&p, "copy-unit-done", &args);
+    files.sql().exec("update documents set body = null where id = 3");
     killed_at(&p, "server-database-prepared", &args);
     shop.sql().exec("update customers set name = 'after the kill' where id <= 50");
     logs.sql().exec("delete from events where message like 'boot 1%'");
