@@ -164,6 +164,8 @@ fn a_server_move_refuses_up_front_and_writes_nothing_pg12_to_pg17() {
     );
     // And one table of the source is not the role's.
     src.superuser(&files.name).exec("create table audit (id int primary key)");
+    // And the role may not create the roles the databases need there.
+    dst.superuser("postgres").exec(&format!("alter role {OWNER} nocreaterole"));
     let p = Pgleap::for_clusters(&[src, dst]);
     let args = ["upgrade", "--source", &server_uri(src), "--target", &server_uri(dst)];
     let out = p.run(&[&args[..], &["--all-databases", "--cutover", "auto"]].concat());
@@ -171,6 +173,8 @@ fn a_server_move_refuses_up_front_and_writes_nothing_pg12_to_pg17() {
         "preflight of the server",
         &format!("database \"{}\": the target's tables hold rows", logs.name),
         &format!("database \"{}\": the role does not own \"public\".\"audit\"", files.name),
+        "the target lacks role(s) alice, app_read, app_write the databases need, and the role \
+         may not create roles (CREATEROLE)",
         "nothing was created on either server",
     ]);
     let missing = p.run(&[&args[..], &["--databases", &format!("{},nope", shop.name)]].concat());
@@ -276,6 +280,7 @@ fn a_pooler_in_front_of_three_databases_is_switched_once_pg12_to_pg17() {
         .collect();
     std::thread::sleep(Duration::from_secs(1));
     let p = Pgleap::for_clusters(&[src, dst]);
+    let started = std::time::Instant::now();
     let out = p.run(&[
         "upgrade",
         "--source",
@@ -295,6 +300,8 @@ fn a_pooler_in_front_of_three_databases_is_switched_once_pg12_to_pg17() {
     let ini = std::fs::read_to_string(&bouncer.ini).unwrap();
     for (db, log) in dbs.iter().zip(&logs) {
         assert!(log.errors.is_empty(), "{}: the client saw errors: {:?}", db.name, log.errors);
+        let gap = log.longest_gap(started, std::time::Instant::now());
+        assert!(gap <= Duration::from_secs(2), "{}: the client waited {gap:?}", db.name);
         assert!(
             ini.contains(&format!(
                 "{} = host=127.0.0.1 port={} dbname={}",
