@@ -1076,6 +1076,12 @@ async fn catch_up(
         session.catch_up(catalog, &until, Some(Instant::now() + ROUND_LIMIT), env).await?;
         let (_, lag) = session.pending().await?;
         if lag <= max_lag.as_secs_f64() {
+            if session.plan.large_objects {
+                // Large objects changed since the last pass are written now,
+                // while writes go on: the fence's own pass then writes only
+                // those changed in the last moments.
+                session.batch_with_all_large_objects(env).await?;
+            }
             return Ok(());
         }
         if Instant::now() > deadline {

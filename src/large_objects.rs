@@ -30,6 +30,9 @@ pub const CHUNK: i32 = 256 * 1024;
 /// How many objects an incremental pass re-digests.
 const DIGESTS_PER_PASS: i64 = 64;
 
+/// How many objects' digests one query asks the source for.
+const DIGESTS_PER_QUERY: usize = 500;
+
 /// `copy_units.table_name` of the initial copy's large-object units (not a
 /// quoted table name, so it cannot collide with one).
 pub const UNIT_NAME: &str = "pg_largeobject";
@@ -160,12 +163,24 @@ pub async fn pass(
             &[&sync, &after, &limit],
         )
         .await?;
-    for row in &candidates {
-        let (lo, meta, digest): (u32, String, String) = (row.get(0), row.get(1), row.get(2));
-        stats.cursor = lo;
-        if source_digest(stx, lo).await?.as_deref() != Some(digest.as_str()) {
-            stats.bytes += write(stx, ttx, &state, sync, lo, &meta).await?;
-            stats.written += 1;
+    // Digested on the source a slice of objects per round trip: a full
+    // pass runs inside the cutover's fence, where a round trip per object
+    // was most of its time.
+    for slice in candidates.chunks(DIGESTS_PER_QUERY) {
+        let oids: Vec<u32> = slice.iter().map(|r| r.get(0)).collect();
+        let on_source: std::collections::HashMap<u32, String> = stx
+            .query(&source_digests_sql(), &[&oids])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for row in slice {
+            let (lo, meta, digest): (u32, String, String) = (row.get(0), row.get(1), row.get(2));
+            stats.cursor = lo;
+            if on_source.get(&lo) != Some(&digest) {
+                stats.bytes += write(stx, ttx, &state, sync, lo, &meta).await?;
+                stats.written += 1;
+            }
         }
     }
     if (candidates.len() as i64) < limit {
@@ -177,8 +192,8 @@ pub async fn pass(
 
 /// The digest of one object on the source, if it still exists there.
 async fn source_digest(stx: &Tx<'_>, lo: u32) -> Result<Option<String>> {
-    let row = stx.query_opt(&source_digest_sql(), &[&lo]).await?;
-    Ok(row.map(|r| r.get(0)))
+    let row = stx.query_opt(&source_digests_sql(), &[&vec![lo]]).await?;
+    Ok(row.map(|r| r.get(1)))
 }
 
 /// Writes one object to the target as the source has it: content (in
@@ -377,8 +392,11 @@ fn readable_metadata_sql(predicate: &str) -> String {
     format!("select m.oid, {META} from pg_largeobject_metadata m where {READABLE} and {predicate}")
 }
 
-fn source_digest_sql() -> String {
-    format!("select {} from pg_largeobject_metadata m where m.oid = $1", digest("m.oid"))
+fn source_digests_sql() -> String {
+    format!(
+        "select m.oid, {} from pg_largeobject_metadata m where m.oid = any($1::oid[])",
+        digest("m.oid")
+    )
 }
 
 fn unit_bounds_sql() -> String {
@@ -422,7 +440,7 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
         NamedQuery::new("large objects: role exists", ROLE_EXISTS),
         NamedQuery::new("large objects: any", ANY),
         NamedQuery::new("large objects: readable metadata", readable_metadata_sql("true")),
-        NamedQuery::new("large objects: source digest", source_digest_sql()),
+        NamedQuery::new("large objects: source digests", source_digests_sql()),
         NamedQuery::new("large objects: copy unit bounds", unit_bounds_sql()),
         NamedQuery::new("large objects: unreadable", unreadable_sql()),
         NamedQuery::new("large objects: verify buckets", per_bucket_sql()),
