@@ -232,13 +232,16 @@ pub async fn upgrade_server(
         ));
         None
     };
+    let name = &base.name;
     let next = match &cut {
         Some(_) => vec![format!(
-            "pgleap teardown NAME for each of {} removes pgleap's objects (the old server's \
-             databases stay fenced)",
-            planned.iter().map(|p| p.opts.name.as_str()).collect::<Vec<_>>().join(", ")
+            "pgleap teardown {name} removes pgleap's objects from every database (the old \
+             server's databases stay fenced)"
         )],
-        None => vec!["pgleap status shows every database's lag".into()],
+        None => vec![
+            "pgleap status shows every database's lag".into(),
+            format!("pgleap ready {name} says when every database can be cut over"),
+        ],
     };
     let databases = planned
         .into_iter()

@@ -85,6 +85,12 @@ pub struct TargetStatus {
     /// What pgleap's apply on the target waits for, when it waits on a
     /// lock: "waiting 40 s for a lock on public.t held by pid 123".
     pub waiting: Option<String>,
+    /// Roles that log in on the source and exist on this target without
+    /// LOGIN (created by pgleap, which cannot read passwords): an
+    /// administrator gives each a password and LOGIN before the
+    /// application moves.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roles_without_login: Vec<String>,
 }
 
 impl TargetStatus {
@@ -207,9 +213,19 @@ const COPY_RUNNING: &str = "select exists (select 1 from pg_locks
        and objid::int8 = $2::int4 and objsubid = 2
        and database = (select oid from pg_database where datname = current_database()))";
 
+/// Roles that log in on the source (not superusers, not predefined).
+const LOGIN_ROLES: &str = "select rolname::text from pg_roles
+    where rolcanlogin and not rolsuper and rolname !~ '^pg_' order by 1";
+
+/// Of those, the ones a target has without LOGIN.
+const NO_LOGIN: &str = "select rolname::text from pg_roles
+    where rolname = any($1) and not rolcanlogin order by 1";
+
 /// The catalog queries of this module, for `pgleap db check-queries`.
 pub(crate) fn catalog_queries(v: PgVersion) -> Vec<crate::pg::NamedQuery> {
     vec![
+        crate::pg::NamedQuery::new("status: login roles", LOGIN_ROLES),
+        crate::pg::NamedQuery::new("status: roles without login", NO_LOGIN),
         crate::pg::NamedQuery::new("status: the initial copy runs", COPY_RUNNING),
         crate::pg::NamedQuery::new("status: pgleap's lock waits", lock_wait_sql(v)),
     ]
@@ -394,15 +410,15 @@ pub async fn gather(
             }
             let not_captured =
                 crate::evolve::not_captured(&src, &route.relgroup, &sync.capture_schema).await?;
-            Ok::<_, crate::Error>((src, plan, pending, not_captured))
+            let logins: Vec<String> =
+                src.query(LOGIN_ROLES, &[]).await?.iter().map(|r| r.get(0)).collect();
+            Ok::<_, crate::Error>((src, plan, pending, (not_captured, logins)))
         };
         let live = tokio::time::timeout(STATUS_WAIT, live).await;
-        let (live, pending, source_error, mut not_captured) = match live {
-            Ok(Ok((src, plan, pending, not_captured))) => {
-                (Some((src, plan)), Some(pending), None, not_captured)
-            }
-            Ok(Err(e)) => (None, None, Some(e.to_string()), Vec::new()),
-            Err(_) => (None, None, Some(format!("{source}: {}", no_answer())), Vec::new()),
+        let (live, pending, source_error, (mut not_captured, logins)) = match live {
+            Ok(Ok((src, plan, pending, read))) => (Some((src, plan)), Some(pending), None, read),
+            Ok(Err(e)) => (None, None, Some(e.to_string()), Default::default()),
+            Err(_) => (None, None, Some(format!("{source}: {}", no_answer())), Default::default()),
         };
         let tables = live.as_ref().map_or_else(Vec::new, |(_, plan)| {
             plan.tables.iter().map(|t| t.display.clone()).collect()
@@ -427,16 +443,20 @@ pub async fn gather(
                 }
                 let waiting = lock_wait(&tgt).await?;
                 let answered = (tgt.address(), tgt.version().to_string());
-                Ok::<_, crate::Error>((copy, missing, waiting, answered))
+                let no_login: Vec<String> =
+                    tgt.query(NO_LOGIN, &[&logins]).await?.iter().map(|r| r.get(0)).collect();
+                Ok::<_, crate::Error>((copy, missing, waiting, answered, no_login))
             };
-            let (copy, target_error, waiting, answered) =
+            let (copy, target_error, waiting, answered, roles_without_login) =
                 match tokio::time::timeout(STATUS_WAIT, read).await {
-                    Ok(Ok((copy, missing, waiting, answered))) => {
+                    Ok(Ok((copy, missing, waiting, answered, no_login))) => {
                         not_captured.extend(missing);
-                        (Some(copy), None, waiting, Some(answered))
+                        (Some(copy), None, waiting, Some(answered), no_login)
                     }
-                    Ok(Err(e)) => (None, Some(e.to_string()), None, None),
-                    Err(_) => (None, Some(format!("{target}: {}", no_answer())), None, None),
+                    Ok(Err(e)) => (None, Some(e.to_string()), None, None, Vec::new()),
+                    Err(_) => {
+                        (None, Some(format!("{target}: {}", no_answer())), None, None, Vec::new())
+                    }
                 };
             let blocked = waiting.as_ref().filter(|(s, _)| *s > BLOCKED_AFTER).map(|(_, w)| w);
             let lag = pending.as_ref().and_then(|p| p.get(i)).map(|p| p.1);
@@ -479,6 +499,7 @@ pub async fn gather(
                 }),
                 lag_seconds: lag,
                 target_error,
+                roles_without_login,
             });
         }
         out.push(SyncStatus {

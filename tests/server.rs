@@ -223,6 +223,13 @@ fn a_server_move_killed_in_its_copy_and_fence_resumes_every_database_pg12_to_pg1
     let never = [&args[..5], &["--all-databases", "--cutover", "never"]].concat();
     let resumed = p.run(&never);
     assert!(resumed.ok().contains("every database's sync is in place"), "{resumed}");
+    // Status names the roles still to be given a password, per database.
+    let status = p.run(&["status"]);
+    let wanted = format!(
+        "upgrade.{} -> upgrade.{}_target: roles to give a password and LOGIN: alice",
+        shop.name, shop.name
+    );
+    assert!(status.stdout.contains(&wanted), "{status}");
     let ready = p.run(&["ready", "upgrade", "--max-lag", "30"]);
     let syncs = format!("upgrade.{}, upgrade.{}, upgrade.{}", files.name, logs.name, shop.name);
     assert!(

@@ -270,6 +270,13 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                 if let Some(w) = &t.waiting {
                     println!("  apply:     {w}");
                 }
+                if !t.roles_without_login.is_empty() {
+                    println!(
+                        "  roles:     {} log in on the source but not here: give each a \
+                         password and LOGIN (ALTER ROLE ... LOGIN PASSWORD ...)",
+                        t.roles_without_login.join(", ")
+                    );
+                }
                 match &l.last_good {
                     Some(at) => println!(
                         "  last good: {at} ({}) took {}, {} rows written, {} deleted",
@@ -346,6 +353,14 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
         }
         for n in &s.not_captured {
             println!("{}: {n}", s.name);
+        }
+        for tg in s.targets.iter().filter(|t| !t.roles_without_login.is_empty()) {
+            println!(
+                "{} -> {}: roles to give a password and LOGIN: {}",
+                s.name,
+                tg.target,
+                tg.roles_without_login.join(", ")
+            );
         }
     }
 }
