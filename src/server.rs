@@ -12,7 +12,6 @@
 //! creates are dropped again when a later one cannot be created.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -193,7 +192,14 @@ pub async fn upgrade_server(
         CutoverMode::Auto => true,
         CutoverMode::Never => false,
         CutoverMode::Prompt => {
-            let yes = ask_while_following(catalog, &mut members, confirm, env).await?;
+            let question = format!(
+                "cut over all {} databases now, in one fence? writes to the source stop (the \
+                 syncs go on while you decide)",
+                members.len()
+            );
+            let mut sessions: Vec<&mut Session> = members.iter_mut().map(|(_, s)| s).collect();
+            let yes = upgrade::ask_while_following(catalog, &mut sessions, question, confirm, env)
+                .await?;
             clock.lap("waiting for the answer");
             yes
         }
@@ -697,33 +703,6 @@ async fn create_database(src: &Conn, tgt: &Conn, database: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Asks whether to cut over every database, applying each one's changes
-/// while the question waits.
-async fn ask_while_following(
-    catalog: &mut Catalog,
-    members: &mut [(SyncRoute, Session)],
-    confirm: fn(&str) -> bool,
-    env: Env<'_>,
-) -> Result<bool> {
-    let question = format!(
-        "cut over all {} databases now, in one fence? writes to the source stop (the syncs go \
-         on while you decide)",
-        members.len()
-    );
-    let answer = tokio::task::spawn_blocking(move || confirm(&question));
-    while !answer.is_finished() {
-        for (_, session) in members.iter_mut() {
-            let until = session.source_snapshot().await?;
-            let round = Some(Instant::now() + Duration::from_secs(60));
-            if let Err(e) = session.catch_up(catalog, &until, round, env).await {
-                tracing::warn!("applying while asking: {e}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(answer.await.unwrap_or(false))
 }
 
 // The catalog queries of this module, named.

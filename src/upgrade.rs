@@ -368,7 +368,13 @@ pub async fn upgrade(
         CutoverMode::Auto => differing.is_empty(),
         CutoverMode::Never => false,
         CutoverMode::Prompt if differing.is_empty() => {
-            let yes = ask_while_following(catalog, &mut session, confirm, env).await?;
+            let (pending, lag) = session.pending().await?;
+            let question = format!(
+                "cut over now? writes to the source stop (lag {lag:.1} s, {pending} keys \
+                 pending; the sync goes on while you decide)"
+            );
+            let yes =
+                ask_while_following(catalog, &mut [&mut session], question, confirm, env).await?;
             clock.lap("waiting for the answer");
             yes
         }
@@ -473,26 +479,24 @@ pub(crate) async fn prepare(
     Ok(Prepared { route, session, differing })
 }
 
-/// Asks whether to cut over, applying the source's changes while the
-/// question waits (the lag stays where it was, and the cutover that
-/// follows drains seconds, not the think time); the question shows the lag.
-async fn ask_while_following(
+/// Asks `question`, applying the sources' changes to every session while
+/// it waits (the lag stays where it was, and the cutover that follows
+/// drains seconds, not the think time).
+pub(crate) async fn ask_while_following(
     catalog: &mut Catalog,
-    session: &mut Session,
+    sessions: &mut [&mut Session],
+    question: String,
     confirm: fn(&str) -> bool,
     env: Env<'_>,
 ) -> Result<bool> {
-    let (pending, lag) = session.pending().await?;
-    let question = format!(
-        "cut over now? writes to the source stop (lag {lag:.1} s, {pending} keys pending; the \
-         sync goes on while you decide)"
-    );
     let answer = tokio::task::spawn_blocking(move || confirm(&question));
     while !answer.is_finished() {
-        let until = session.source_snapshot().await?;
-        let round = Some(Instant::now() + Duration::from_secs(60));
-        if let Err(e) = session.catch_up(catalog, &until, round, env).await {
-            tracing::warn!("applying while asking: {e}");
+        for session in sessions.iter_mut() {
+            let until = session.source_snapshot().await?;
+            let round = Some(Instant::now() + Duration::from_secs(60));
+            if let Err(e) = session.catch_up(catalog, &until, round, env).await {
+                tracing::warn!("applying while asking: {e}");
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -4,11 +4,17 @@
 
 use crate::support::compare::{objects, rows};
 use crate::support::{
-    Cluster, OWNER, Pgleap, Sql, TestDb, killed_at, private_cluster, writes_until_fenced,
+    Cluster, OWNER, Outcome, Pgleap, Sql, TestDb, killed_at, private_cluster, writes_until_fenced,
 };
 
 fn server_uri(c: &Cluster) -> String {
     format!("postgresql://{OWNER}@127.0.0.1:{}/postgres", c.port)
+}
+
+/// `pgleap upgrade` of server `src` to server `dst`, then `more`.
+fn move_server(p: &Pgleap, src: &Cluster, dst: &Cluster, more: &[&str]) -> Outcome {
+    let (from, to) = (server_uri(src), server_uri(dst));
+    p.run(&[&["upgrade", "--source", &from, "--target", &to][..], more].concat())
 }
 
 /// Roles as a DBA compares them between servers: attributes a table owner
@@ -90,18 +96,7 @@ fn a_server_of_three_databases_moves_in_one_cutover_pg12_to_pg17() {
             format!("insert into documents values ({}, lo_from_bytea(0, 'new {i}'));", 1000 + i)
         }),
     ];
-    let out = p.run(&[
-        "upgrade",
-        "--source",
-        &server_uri(src),
-        "--target",
-        &server_uri(dst),
-        "--all-databases",
-        "--cutover",
-        "auto",
-        "--jobs",
-        "2",
-    ]);
+    let out = move_server(&p, src, dst, &["--all-databases", "--cutover", "auto", "--jobs", "2"]);
     println!("{out}");
     let text = out.ok();
     for expected in [
@@ -139,17 +134,8 @@ fn a_server_of_three_databases_moves_in_one_cutover_pg12_to_pg17() {
         dst.superuser("postgres").value("select rolcanlogin from pg_roles where rolname = 'alice'");
     assert_eq!(alice_login, "f", "a role was made to log in without a password");
     // Every sync cut over: a rerun says so.
-    p.run(&[
-        "upgrade",
-        "--source",
-        &server_uri(src),
-        "--target",
-        &server_uri(dst),
-        "--all-databases",
-        "--cutover",
-        "auto",
-    ])
-    .fails_with(&["was already cut over (3 of 3 databases)"]);
+    move_server(&p, src, dst, &["--all-databases", "--cutover", "auto"])
+        .fails_with(&["was already cut over (3 of 3 databases)"]);
 }
 
 #[test]
@@ -167,8 +153,7 @@ fn a_server_move_refuses_up_front_and_writes_nothing_pg12_to_pg17() {
     // And the role may not create the roles the databases need there.
     dst.superuser("postgres").exec(&format!("alter role {OWNER} nocreaterole"));
     let p = Pgleap::for_clusters(&[src, dst]);
-    let args = ["upgrade", "--source", &server_uri(src), "--target", &server_uri(dst)];
-    let out = p.run(&[&args[..], &["--all-databases", "--cutover", "auto"]].concat());
+    let out = move_server(&p, src, dst, &["--all-databases", "--cutover", "auto"]);
     out.fails_with(&[
         "preflight of the server",
         &format!("database \"{}\": the target's tables hold rows", logs.name),
@@ -177,7 +162,7 @@ fn a_server_move_refuses_up_front_and_writes_nothing_pg12_to_pg17() {
          may not create roles (CREATEROLE)",
         "nothing was created on either server",
     ]);
-    let missing = p.run(&[&args[..], &["--databases", &format!("{},nope", shop.name)]].concat());
+    let missing = move_server(&p, src, dst, &["--databases", &format!("{},nope", shop.name)]);
     missing.fails_with(&["the source server has no database \"nope\""]);
     // Nothing written: no database, no role, no capture, no catalog entry.
     let target_dbs = dst.superuser("postgres").value(&format!(
@@ -220,8 +205,7 @@ fn a_server_move_killed_in_its_copy_and_fence_resumes_every_database_pg12_to_pg1
     logs.sql().exec("delete from events where message like 'boot 1%'");
     // Resumed without a cutover: the daemon follows every database, and
     // `ready` answers for the server.
-    let never = [&args[..5], &["--all-databases", "--cutover", "never"]].concat();
-    let resumed = p.run(&never);
+    let resumed = move_server(&p, src, dst, &["--all-databases", "--cutover", "never"]);
     assert!(resumed.ok().contains("every database's sync is in place"), "{resumed}");
     // Status names the roles still to be given a password, per database.
     let status = p.run(&["status"]);
@@ -288,18 +272,12 @@ fn a_pooler_in_front_of_three_databases_is_switched_once_pg12_to_pg17() {
     std::thread::sleep(Duration::from_secs(1));
     let p = Pgleap::for_clusters(&[src, dst]);
     let started = std::time::Instant::now();
-    let out = p.run(&[
-        "upgrade",
-        "--source",
-        &server_uri(src),
-        "--target",
-        &server_uri(dst),
-        "--all-databases",
-        "--cutover",
-        "auto",
-        "--pgbouncer",
-        &bouncer.admin(),
-    ]);
+    let out = move_server(
+        &p,
+        src,
+        dst,
+        &["--all-databases", "--cutover", "auto", "--pgbouncer", &bouncer.admin()],
+    );
     println!("{out}");
     assert!(out.ok().contains("the poolers held the clients' queries for"), "{out}");
     std::thread::sleep(Duration::from_secs(1));
