@@ -419,48 +419,65 @@ pub struct ServerCutoverReport {
     pub inside_fence: Vec<StepTime>,
 }
 
+/// One database of a server move at its cutover (or its rollback).
+pub struct Member {
+    pub route: SyncRoute,
+    pub session: Session,
+    /// The sync back to the old server armed inside the fence, if asked for.
+    pub rollback_sync: Option<String>,
+    /// A rollback: the fence the cutover left on this database's old
+    /// server, lifted at the switch point.
+    pub lift_fence: Option<Plan>,
+}
+
 /// Cuts several syncs over at one switch point (a server move): every
-/// source fenced, then every one drained and finished (sequences, deferred
-/// schema), then one switch (the poolers' databases each pointed at their
-/// new database, the command run once with `server`), then one catalog
-/// transaction past the switch point for all. A failure before it undoes
-/// every database; a kill leaves all before it or all past it.
+/// source fenced, then every database finished side by side (drain,
+/// sequences, deferred schema, the sync back armed), then one switch (the
+/// poolers' databases each pointed at their new database, the command run
+/// once with `server`), then one catalog transaction past the switch point
+/// for all. A failure before it undoes every database; a kill leaves all
+/// before it or all past it.
 pub async fn cutover_server(
     catalog: &mut Catalog,
-    members: &mut [(SyncRoute, Session)],
+    members: &mut [Member],
     opts: &CutoverOptions,
     name: &str,
     server: &crate::pg::ResolvedConn,
     env: Env<'_>,
 ) -> Result<ServerCutoverReport> {
     let mut before = Timer::new();
-    for (_, s) in members.iter_mut() {
-        catch_up(catalog, s, opts.max_lag, env).await?;
+    for m in members.iter_mut() {
+        catch_up(catalog, &mut m.session, opts.max_lag, env).await?;
     }
     before.lap("catch-up");
     let mut at_switch = Vec::new();
-    for (_, s) in members.iter() {
-        at_switch.push(settle_schema(s, opts.allow_schema_differences, false).await?.0);
+    for m in members.iter() {
+        at_switch.push(settle_schema(&m.session, opts.allow_schema_differences, false).await?.0);
     }
     before.lap("schema");
     if !opts.rows_compared {
-        for (_, s) in members.iter_mut() {
-            counts_at_one_point(s).await?;
+        for m in members.iter_mut() {
+            counts_at_one_point(&mut m.session).await?;
         }
         before.lap("row counts at one point");
-        for (_, s) in members.iter_mut() {
-            catch_up(catalog, s, opts.max_lag, env).await?;
+        for m in members.iter_mut() {
+            catch_up(catalog, &mut m.session, opts.max_lag, env).await?;
         }
         before.lap("catch-up after the counts");
     }
     // Everything the fence needs is read before it: where each database
-    // moves to, and what the pooler's entry of each is.
+    // moves to, what the pooler's entry of each is, each one's options.
     let mut moves = Vec::new();
-    for (route, s) in members.iter() {
-        let target = s.target_name().to_string();
+    for m in members.iter() {
+        let target = m.session.target_name().to_string();
         let moved_to = format!("pgleap database \"{target}\" ({})", catalog.db(&target)?.conninfo);
-        let pooled = route.source.resolve(env)?.dbname;
-        moves.push((target, moved_to, pooled, route.target(s.target_name())?.resolve(env)?));
+        let pooled = m.route.source.resolve(env)?.dbname;
+        let to = m.route.target(&target)?.resolve(env)?;
+        let own = CutoverOptions { rollback_sync: m.rollback_sync.clone(), ..opts.clone() };
+        if let Some(back) = &m.rollback_sync {
+            check_new_sync_name(catalog, back)?;
+        }
+        moves.push((target, moved_to, pooled, to, own));
     }
     // The databases are finished side by side inside the fence, each
     // recording its rounds through a catalog connection of its own.
@@ -468,16 +485,16 @@ pub async fn cutover_server(
     for _ in members.iter() {
         catalogs.push(Catalog::open(catalog.path())?);
     }
-    for (route, _) in members.iter() {
-        catalog.begin_cutover(route.name(), false, None, None)?;
+    for m in members.iter() {
+        catalog.begin_cutover(m.route.name(), false, m.rollback_sync.as_deref(), None)?;
     }
     let paused_at = Instant::now();
     let span = FenceSpan::enter();
     let mut pooler = match Switch::pause(&opts.switch, env).await {
         Ok(pooler) => pooler,
         Err(e) => {
-            for (route, _) in members.iter() {
-                catalog.end_cutover(route.name())?;
+            for m in members.iter() {
+                catalog.end_cutover(m.route.name())?;
             }
             return Err(e);
         }
@@ -488,18 +505,19 @@ pub async fn cutover_server(
     let mut steps: Vec<Timer> = Vec::new();
     let mut finished = Vec::new();
     let result = async {
-        for ((_, s), (_, moved_to, _, _)) in members.iter_mut().zip(&moves) {
-            fence(&mut s.src, &s.plan, moved_to).await?;
+        for (m, mv) in members.iter_mut().zip(&moves) {
+            fence(&mut m.session.src, &m.session.plan, &mv.1).await?;
             fenced_at.push(Instant::now());
         }
         crate::failpoint::hit("cutover-fenced");
         inside.lap("fence (taking every database's tables' locks)");
         // Side by side: the fence is the slowest database's drain, not the
         // sum of them.
-        let each = members.iter_mut().zip(&at_switch).zip(catalogs.iter_mut()).map(
-            |(((_, s), left), own)| async move {
+        let each = members.iter_mut().zip(&at_switch).zip(catalogs.iter_mut()).zip(&moves).map(
+            |(((m, left), own), mv)| async move {
                 let mut timer = Timer::new();
-                let done = switch(own, s, &mut [], opts, left, &[], &mut timer, env).await?;
+                let s = &mut m.session;
+                let done = switch(own, s, &mut [], &mv.4, left, &[], &mut timer, env).await?;
                 Ok::<_, Error>((done, timer))
             },
         );
@@ -513,19 +531,27 @@ pub async fn cutover_server(
         inside.lap("drain, sequences and deferred schema of every database");
         let to_of = |db: &str| moves.iter().find(|m| m.2 == db).map_or(server, |m| &m.3);
         pooler.repoint_each(&opts.switch, server, name, "server", &to_of).await?;
+        for m in members.iter_mut() {
+            if let Some(old) = &m.lift_fence {
+                // A rollback: the fence the cutover left on the old server
+                // comes off last, once nothing else can fail.
+                unfence(&mut m.session.tgt, old).await?;
+                capture::reset_read_only(&m.session.tgt).await?;
+            }
+        }
         inside.lap("switch");
         Ok::<_, Error>(())
     }
     .await;
     if let Err(e) = result {
         tracing::warn!("server cutover failed before the switch; unfencing every source: {e}");
-        let none = Armed { rollback: None, keep: None };
-        for ((_, s), left) in members.iter_mut().zip(&at_switch) {
-            undo(catalog, s, &mut [], false, none, (&left[..], &[])).await;
+        for (m, left) in members.iter_mut().zip(&at_switch) {
+            let armed = Armed { rollback: m.rollback_sync.as_deref(), keep: None };
+            undo(catalog, &mut m.session, &mut [], false, armed, (&left[..], &[])).await;
         }
         pooler.abort(env).await;
-        for (route, _) in members.iter() {
-            catalog.end_cutover(route.name())?;
+        for m in members.iter() {
+            catalog.end_cutover(m.route.name())?;
         }
         return Err(e);
     }
@@ -540,16 +566,20 @@ pub async fn cutover_server(
         .iter()
         .zip(&moves)
         .zip(&each_ms)
-        .map(|(((route, _), m), ms)| SwitchPoint {
-            sync: route.name(),
-            target: &m.0,
+        .map(|((m, mv), ms)| SwitchPoint {
+            sync: m.route.name(),
+            target: &mv.0,
             fence_ms: *ms,
-            rollback_sync: None,
+            rollback_sync: m.rollback_sync.as_deref(),
         })
         .collect();
     catalog.switch_point(&points)?;
     crate::failpoint::hit("cutover-switched");
     drop(span);
+    let armed = members.iter().any(|m| m.rollback_sync.is_some());
+    if armed && crate::daemon::running_pid(catalog.path()).is_none() {
+        crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
+    }
     if let Err(e) = resumed {
         return Err(Error::invalid(
             format!("cut over, but a pooler did not resume: {e}"),
@@ -557,20 +587,20 @@ pub async fn cutover_server(
         ));
     }
     let mut databases = Vec::new();
-    for (i, (route, s)) in members.iter_mut().enumerate() {
-        target::validate_foreign_keys(&s.tgt, &finished[i].to_validate).await?;
-        catalog.end_cutover(route.name())?;
+    for (i, m) in members.iter_mut().enumerate() {
+        target::validate_foreign_keys(&m.session.tgt, &finished[i].to_validate).await?;
+        catalog.end_cutover(m.route.name())?;
         databases.push(CutoverReport {
-            sync: route.name().into(),
+            sync: m.route.name().into(),
             target: moves[i].0.clone(),
             dry_run: false,
             fence_ms: each_ms[i],
             sequences: finished[i].sequences,
             foreign_keys: finished[i].to_validate.len(),
             triggers: finished[i].triggers,
-            tables: s.plan.tables.len(),
+            tables: m.session.plan.tables.len(),
             large_objects_ms: finished[i].large_objects_ms,
-            rollback_sync: None,
+            rollback_sync: m.rollback_sync.clone(),
             others: Vec::new(),
             keep_sync: None,
             paused_ms,

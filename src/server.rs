@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
-use crate::cutover::{self, CutoverOptions, ServerCutoverReport};
+use crate::cutover::{self, CutoverOptions, Member, ServerCutoverReport};
 use crate::error::{Error, Result};
 use crate::objects;
 use crate::pg::{
@@ -153,7 +153,7 @@ pub async fn upgrade_server(
             names.join(", ")
         ));
     }
-    crate::switch::check(&opts_switch(base, &chosen)?, env).await?;
+    crate::switch::check(&opts_switch(&base.switch, &chosen)?, env).await?;
     if !refusals.is_empty() {
         return Err(Error::invalid(
             format!("preflight of the server: {}", refusals.join("; ")),
@@ -168,7 +168,7 @@ pub async fn upgrade_server(
     let created_dbs = create_databases(&src, &tgt, &missing_dbs, say).await?;
     clock.lap("roles and databases");
 
-    let mut members: Vec<(SyncRoute, Session)> = Vec::new();
+    let mut members: Vec<Member> = Vec::new();
     let mut differing = Vec::new();
     for p in &planned {
         let prefix = format!("[{}] ", p.database);
@@ -176,7 +176,13 @@ pub async fn upgrade_server(
         let mut db_clock = cutover::Timer::new();
         let prepared = upgrade::prepare(catalog, &p.opts, &say_db, &mut db_clock, env).await?;
         differing.extend(prepared.differing.iter().map(|t| format!("{}: {t}", p.database)));
-        members.push((prepared.route, prepared.session));
+        let rollback_sync = base.rollback.then(|| format!("{}_back", p.opts.name));
+        members.push(Member {
+            route: prepared.route,
+            session: prepared.session,
+            rollback_sync,
+            lift_fence: None,
+        });
         crate::failpoint::hit("server-database-prepared");
     }
     clock.lap("every database copied and verified");
@@ -197,7 +203,8 @@ pub async fn upgrade_server(
                  syncs go on while you decide)",
                 members.len()
             );
-            let mut sessions: Vec<&mut Session> = members.iter_mut().map(|(_, s)| s).collect();
+            let mut sessions: Vec<&mut Session> =
+                members.iter_mut().map(|m| &mut m.session).collect();
             let yes = upgrade::ask_while_following(catalog, &mut sessions, question, confirm, env)
                 .await?;
             clock.lap("waiting for the answer");
@@ -210,8 +217,9 @@ pub async fn upgrade_server(
             terminate: false,
             sequence_margin: 0,
             dry_run: false,
+            // Each database's own sync back is named per member.
             rollback_sync: None,
-            switch: opts_switch(base, &chosen)?,
+            switch: opts_switch(&base.switch, &chosen)?,
             lift_fence: None,
             allow_schema_differences: base.allow_schema_differences,
             rows_compared: matches!(base.cutover, CutoverMode::Auto),
@@ -270,6 +278,57 @@ pub async fn upgrade_server(
         steps,
         next,
     })
+}
+
+/// Moves the application of a server move back to the old server: every
+/// database's sync back (armed by `upgrade --rollback`) cut over in one
+/// fence on the new server, whose switch lifts the fences the cutover left
+/// on the old one.
+pub async fn rollback_server(
+    catalog: &mut Catalog,
+    name: &str,
+    syncs: &[String],
+    opts: &CutoverOptions,
+    env: Env<'_>,
+) -> Result<ServerCutoverReport> {
+    let mut backs = Vec::new();
+    for sync in syncs {
+        let forward = SyncRoute::load(catalog, sync)?;
+        let back = match catalog.rollback_sync_of(sync)? {
+            Some(back) if forward.sync.retired => back,
+            _ => {
+                return Err(Error::invalid(
+                    format!(
+                        "database sync \"{sync}\" of \"{name}\" was not cut over with a sync \
+                         back: there is nothing to roll back to"
+                    ),
+                    "only a move cut over by pgleap upgrade --rollback can be rolled back; \
+                     nothing was fenced",
+                ));
+            }
+        };
+        backs.push((forward, SyncRoute::load(catalog, &back)?));
+    }
+    // A rollback killed half-way: finished or undone first, all alike.
+    for (_, back) in &backs {
+        let old = back.sole_target()?.clone();
+        cutover::resume_unfinished(catalog, back, &old, &opts.switch, env).await?;
+    }
+    let deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs(600));
+    let mut members = Vec::new();
+    let mut databases = Vec::new();
+    for (forward, back) in backs {
+        let old = back.sole_target()?.clone();
+        let session = Session::open_retrying(catalog, &back, &old, 1, deadline, env).await?;
+        let fence =
+            crate::apply::Plan::load(&session.tgt, &forward.sync, &forward.relgroup).await?;
+        databases.push(back.source.resolve(env)?.dbname);
+        members.push(Member { route: back, session, rollback_sync: None, lift_fence: Some(fence) });
+    }
+    let opts = CutoverOptions { switch: opts_switch(&opts.switch, &databases)?, ..opts.clone() };
+    // The switch command's server: the old one, at the first database.
+    let server = members[0].route.sole_target()?.resolve(env)?;
+    cutover::cutover_server(catalog, &mut members, &opts, name, &server, env).await
 }
 
 /// The syncs `name` stands for: itself when it is a sync, else those of
@@ -401,10 +460,10 @@ fn plan_database(base: &UpgradeOptions, database: &str, exists: bool) -> Result<
 
 /// The switch of the whole server: each `--pgbouncer` has one entry per
 /// database, named like it.
-fn opts_switch(base: &UpgradeOptions, databases: &[String]) -> Result<SwitchPlan> {
-    let mut plan = base.switch.clone();
+fn opts_switch(given: &SwitchPlan, databases: &[String]) -> Result<SwitchPlan> {
+    let mut plan = given.clone();
     let mut bouncers = Vec::new();
-    for b in &base.switch.bouncers {
+    for b in &given.bouncers {
         if !b.db.is_empty() {
             return Err(Error::invalid(
                 "--pgbouncer-db names one database; a server move switches the pooler's entry \

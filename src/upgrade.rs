@@ -48,6 +48,9 @@ pub struct UpgradeOptions {
     pub allow_schema_differences: bool,
     /// Replace rows the target's tables hold before the first run.
     pub overwrite_target: bool,
+    /// Arm a sync back to the old server inside the fence (`NAME_back`),
+    /// so that `pgleap rollback NAME` can move the application back.
+    pub rollback: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -389,7 +392,7 @@ pub async fn upgrade(
             terminate: false,
             sequence_margin: 0,
             dry_run: false,
-            rollback_sync: None,
+            rollback_sync: opts.rollback.then(|| format!("{name}_back")),
             switch: opts.switch.clone(),
             lift_fence: None,
             allow_schema_differences: opts.allow_schema_differences,

@@ -243,11 +243,14 @@ fn a_server_move_killed_in_its_copy_and_fence_resumes_every_database_pg12_to_pg1
 
 /// One PgBouncer in front of three databases, entries named like them:
 /// paused once, each entry pointed at its new database inside the one
-/// fence, resumed; clients writing through it see a pause, not an error.
+/// fence, resumed; then `rollback` of the move sends them all back the
+/// same way. Clients writing through it see pauses, never an error, and
+/// every write they were acknowledged is where the application is.
 #[test]
-fn a_pooler_in_front_of_three_databases_is_switched_once_pg12_to_pg17() {
+fn a_pooler_in_front_of_three_databases_is_switched_once_and_back_pg12_to_pg17() {
     use crate::support::pooler::{APP_PASSWORD, APP_USER, Bouncer, Probe};
-    use std::time::Duration;
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
     let (src, dst) = (private_cluster(12), private_cluster(17));
     for c in [src, dst] {
         c.superuser("postgres")
@@ -271,42 +274,57 @@ fn a_pooler_in_front_of_three_databases_is_switched_once_pg12_to_pg17() {
         .collect();
     std::thread::sleep(Duration::from_secs(1));
     let p = Pgleap::for_clusters(&[src, dst]);
-    let started = std::time::Instant::now();
+    let admin = bouncer.admin();
+    let started = Instant::now();
     let out = move_server(
         &p,
         src,
         dst,
-        &["--all-databases", "--cutover", "auto", "--pgbouncer", &bouncer.admin()],
+        &["--all-databases", "--cutover", "auto", "--rollback", "--pgbouncer", &admin],
     );
     println!("{out}");
     assert!(out.ok().contains("the poolers held the clients' queries for"), "{out}");
     std::thread::sleep(Duration::from_secs(1));
+    let entry = |db: &TestDb, port: u16| {
+        format!("{} = host=127.0.0.1 port={port} dbname={}", db.name, db.name)
+    };
+    let ini = std::fs::read_to_string(&bouncer.ini).unwrap();
+    for db in &dbs {
+        assert!(ini.contains(&entry(db, dst.port)), "{}: {ini}", db.name);
+        let moved = dst.owner(&db.name).value("select count(*) from probe");
+        assert_ne!(moved, "0", "{}: no write reached the new server", db.name);
+    }
+    let back_at = Instant::now();
+    let back = p.run(&["rollback", "upgrade", "--pgbouncer", &admin]);
+    println!("{back}");
+    assert!(back.ok().contains("(3 databases in one fence)"), "{back}");
+    std::thread::sleep(Duration::from_secs(1));
     let logs: Vec<_> = probes.into_iter().map(Probe::finish).collect();
+    p.run(&["stop"]).ok();
     let ini = std::fs::read_to_string(&bouncer.ini).unwrap();
     for (db, log) in dbs.iter().zip(&logs) {
         assert!(log.errors.is_empty(), "{}: the client saw errors: {:?}", db.name, log.errors);
-        let gap = log.longest_gap(started, std::time::Instant::now());
-        assert!(gap <= Duration::from_secs(2), "{}: the client waited {gap:?}", db.name);
-        assert!(
-            ini.contains(&format!(
-                "{} = host=127.0.0.1 port={} dbname={}",
-                db.name, dst.port, db.name
-            )),
-            "{}: {ini}",
-            db.name
-        );
-        // Every acknowledged write is on the new server; the last ones
-        // went nowhere else.
-        let on_new: std::collections::BTreeSet<i64> = dst
-            .owner(&db.name)
+        for (what, from, to) in
+            [("cutover", started, back_at), ("rollback", back_at, Instant::now())]
+        {
+            let gap = log.longest_gap(from, to);
+            assert!(
+                gap <= Duration::from_secs(2),
+                "{}: {what}: the client waited {gap:?}",
+                db.name
+            );
+        }
+        assert!(ini.contains(&entry(db, src.port)), "{}: {ini}", db.name);
+        // The old server holds every write the client was acknowledged,
+        // those made on the new server in between too, and nothing else.
+        let on_old: BTreeSet<i64> = db
+            .sql()
             .rows("select id from probe")
             .into_iter()
             .map(|r| r[0].as_deref().unwrap().parse().unwrap())
             .collect();
-        let acknowledged: std::collections::BTreeSet<i64> =
-            log.ok.iter().map(|(_, id)| *id).collect();
-        assert_eq!(on_new, acknowledged, "{}", db.name);
-        let on_old = db.sql().value("select count(*) from probe").parse::<usize>().unwrap();
-        assert!(on_old < acknowledged.len(), "{}: no write reached the new server", db.name);
+        let acknowledged: BTreeSet<i64> = log.ok.iter().map(|(_, id)| *id).collect();
+        assert_eq!(on_old, acknowledged, "{}", db.name);
+        assert!(db.sql().try_exec("insert into probe (client) values (99)").is_ok(), "{}", db.name);
     }
 }

@@ -230,6 +230,11 @@ pub enum Command {
         /// Move these databases of the server, as --all-databases does.
         #[arg(long, value_name = "DB,...", value_delimiter = ',')]
         databases: Vec<String>,
+        /// Arm a sync back to the old server inside the fence (NAME_back,
+        /// for a server NAME.DB_back each), so that pgleap rollback NAME
+        /// moves the application back without losing its new writes.
+        #[arg(long)]
+        rollback: bool,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -976,13 +981,15 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
             (crate::cutover::cutover(catalog, &sync, &opts, ENV).await?, json)
         }
         Command::Rollback { sync, max_lag, switch, json } => {
+            let syncs = crate::server::syncs_named(catalog, &sync)?;
+            let server = syncs != [sync.clone()];
             let opts = crate::cutover::CutoverOptions {
                 max_lag: Duration::from_secs(max_lag),
                 terminate: false,
                 sequence_margin: 0,
                 dry_run: false,
                 rollback_sync: None,
-                switch: switch.plan(false)?,
+                switch: switch.plan(server)?,
                 lift_fence: None,
                 // Going back must not depend on the old server's schema
                 // matching objects created since.
@@ -991,6 +998,13 @@ async fn cutover(catalog: &mut Catalog, cmd: Command) -> Result<()> {
                 to: None,
                 keep_others: None,
             };
+            if server {
+                // Every database of a server move goes back in one fence.
+                let report =
+                    crate::server::rollback_server(catalog, &sync, &syncs, &opts, ENV).await?;
+                render::server_cutover(&report, json);
+                return Ok(());
+            }
             (crate::cutover::rollback(catalog, &sync, &opts, ENV).await?, json)
         }
         _ => unreachable!("dispatched on Command::Cutover and Command::Rollback"),
@@ -1015,6 +1029,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         overwrite_target,
         all_databases,
         databases,
+        rollback,
     } = cmd
     else {
         unreachable!("dispatched on Command::Upgrade")
@@ -1039,6 +1054,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         create_roles,
         allow_schema_differences,
         overwrite_target,
+        rollback,
     };
     let say = |line: &str| println!("{line}");
     if server {

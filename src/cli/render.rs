@@ -499,6 +499,34 @@ pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport) {
     }
 }
 
+/// A server move's rollback (or any one-fence cutover of several
+/// databases): each database's share, and the server's write downtime.
+pub fn server_cutover(r: &crate::cutover::ServerCutoverReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    for d in &r.databases {
+        println!(
+            "cut over sync \"{}\" to \"{}\": writes were fenced for {:.3} s; {} tables drained, \
+             {} sequences set",
+            d.sync,
+            d.target,
+            d.fence_ms as f64 / 1000.0,
+            d.tables,
+            d.sequences
+        );
+    }
+    print_steps("inside the fence", &r.inside_fence);
+    println!(
+        "write downtime of the server: {:.3} s ({} databases in one fence)",
+        r.fence_ms as f64 / 1000.0,
+        r.databases.len()
+    );
+    if let Some(ms) = r.paused_ms {
+        println!("the poolers held the clients' queries for {:.3} s", ms as f64 / 1000.0);
+    }
+}
+
 /// The end of a server move: each database, the fence, what is left to do.
 pub fn server_summary(r: &crate::server::ServerReport) {
     let mut t = table(&["database", "sync", "tables", "MB", "created", "fenced"]);
