@@ -48,6 +48,9 @@ pub struct ServerOptions {
     /// named like it.
     pub upgrade: UpgradeOptions,
     pub databases: Databases,
+    /// Create the roles that log in on the source with LOGIN (still
+    /// without a password: for servers that authenticate them otherwise).
+    pub login_roles: bool,
 }
 
 /// One database of the move.
@@ -164,7 +167,7 @@ pub async fn upgrade_server(
     clock.lap("preflight");
 
     // Roles, then databases: a database's grants name the roles.
-    let created_roles = create_roles(&tgt, &roles, say).await?;
+    let created_roles = create_roles(&tgt, &roles, opts.login_roles, say).await?;
     let created_dbs = create_databases(&src, &tgt, &missing_dbs, say).await?;
     clock.lap("roles and databases");
 
@@ -577,7 +580,12 @@ struct CreatedRoles {
 /// passwords; a login role without one would be a role nobody logs in as
 /// anyway), with their attributes the role may give, their settings and
 /// memberships; what the target refuses of those is reported, not fatal.
-async fn create_roles(tgt: &Conn, roles: &Roles, say: &dyn Fn(&str)) -> Result<CreatedRoles> {
+async fn create_roles(
+    tgt: &Conn,
+    roles: &Roles,
+    login: bool,
+    say: &dyn Fn(&str),
+) -> Result<CreatedRoles> {
     let mine: (bool, bool) = {
         let row = tgt.query_one(OWN_ATTRIBUTES, &[]).await?;
         (row.get(0), row.get(1))
@@ -585,9 +593,11 @@ async fn create_roles(tgt: &Conn, roles: &Roles, say: &dyn Fn(&str)) -> Result<C
     let mut done =
         CreatedRoles { created: Vec::new(), passwords_to_set: Vec::new(), warnings: Vec::new() };
     for r in &roles.missing {
+        let can_login = login && r.login;
         let mut sql = format!(
-            "create role {} nologin {} connection limit {}",
+            "create role {} {} {} connection limit {}",
             quote_ident(&r.name),
+            if can_login { "login" } else { "nologin" },
             if r.inherit { "inherit" } else { "noinherit" },
             r.connection_limit
         );
@@ -605,7 +615,7 @@ async fn create_roles(tgt: &Conn, roles: &Roles, say: &dyn Fn(&str)) -> Result<C
             )
         })?;
         done.created.push(r.name.clone());
-        if r.login {
+        if r.login && !can_login {
             done.passwords_to_set.push(r.name.clone());
         }
         if (r.createdb && !mine.0) || (r.createrole && !mine.1) {
@@ -640,8 +650,9 @@ async fn create_roles(tgt: &Conn, roles: &Roles, say: &dyn Fn(&str)) -> Result<C
             }
         }
         say(&format!(
-            "created role {} on the target (NOLOGIN, no password){}",
+            "created role {} on the target ({}, no password){}",
             r.name,
+            if can_login { "LOGIN" } else { "NOLOGIN" },
             if r.settings.is_empty() {
                 String::new()
             } else {

@@ -130,6 +130,13 @@ fn a_server_of_three_databases_moves_in_one_cutover_pg12_to_pg17() {
         roles(&src.superuser("postgres"), &names),
         roles(&dst.superuser("postgres"), &names)
     );
+    // Status names the roles still to be given a password, per database.
+    let status = p.run(&["status"]);
+    let wanted = format!(
+        "upgrade.{} -> upgrade.{}_target: roles to give a password and LOGIN: alice",
+        shop.name, shop.name
+    );
+    assert!(status.stdout.contains(&wanted), "{status}");
     let alice_login =
         dst.superuser("postgres").value("select rolcanlogin from pg_roles where rolname = 'alice'");
     assert_eq!(alice_login, "f", "a role was made to log in without a password");
@@ -197,6 +204,7 @@ fn a_server_move_killed_in_its_copy_and_fence_resumes_every_database_pg12_to_pg1
         "--all-databases",
         "--cutover",
         "auto",
+        "--login-roles",
     ];
     killed_at(&p, "copy-unit-done", &args);
     files.sql().exec("update documents set body = null where id = 3");
@@ -207,13 +215,12 @@ fn a_server_move_killed_in_its_copy_and_fence_resumes_every_database_pg12_to_pg1
     // `ready` answers for the server.
     let resumed = move_server(&p, src, dst, &["--all-databases", "--cutover", "never"]);
     assert!(resumed.ok().contains("every database's sync is in place"), "{resumed}");
-    // Status names the roles still to be given a password, per database.
+    // Created with LOGIN, as asked: status has no role left to enable.
     let status = p.run(&["status"]);
-    let wanted = format!(
-        "upgrade.{} -> upgrade.{}_target: roles to give a password and LOGIN: alice",
-        shop.name, shop.name
-    );
-    assert!(status.stdout.contains(&wanted), "{status}");
+    assert!(!status.stdout.contains("roles to give a password"), "{status}");
+    let login =
+        dst.superuser("postgres").value("select rolcanlogin from pg_roles where rolname = 'alice'");
+    assert_eq!(login, "t");
     let ready = p.run(&["ready", "upgrade", "--max-lag", "30"]);
     let syncs = format!("upgrade.{}, upgrade.{}, upgrade.{}", files.name, logs.name, shop.name);
     assert!(

@@ -235,6 +235,12 @@ pub enum Command {
         /// moves the application back without losing its new writes.
         #[arg(long)]
         rollback: bool,
+        /// With --all-databases/--databases: create the roles that log in
+        /// on the source with LOGIN (still without a password, which a
+        /// non-superuser cannot read: for servers that authenticate them by
+        /// certificate, LDAP or the like). Default NOLOGIN.
+        #[arg(long)]
+        login_roles: bool,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -1030,11 +1036,18 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         all_databases,
         databases,
         rollback,
+        login_roles,
     } = cmd
     else {
         unreachable!("dispatched on Command::Upgrade")
     };
     let server = all_databases || !databases.is_empty();
+    if login_roles && !server {
+        return Err(Error::invalid(
+            "--login-roles goes with --all-databases or --databases",
+            "for one database, --create-roles creates the roles NOLOGIN",
+        ));
+    }
     let parse = |what: &str, s: &str| {
         ConnParams::parse(s).map_err(|e| Error::Conninfo { db: what.into(), source: e })
     };
@@ -1063,7 +1076,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         } else {
             crate::server::Databases::Named(databases)
         };
-        let opts = crate::server::ServerOptions { upgrade: opts, databases };
+        let opts = crate::server::ServerOptions { upgrade: opts, databases, login_roles };
         let report =
             crate::server::upgrade_server(catalog, &opts, &say, render::confirm, ENV).await?;
         render::server_summary(&report);
