@@ -77,7 +77,7 @@ pub struct ServerReport {
     /// Role settings and memberships the target would not take.
     pub role_warnings: Vec<String>,
     pub cutover: Option<ServerCutoverReport>,
-    pub steps: Vec<(String, f64)>,
+    pub steps: Vec<upgrade::Step>,
     pub next: Vec<String>,
 }
 
@@ -270,7 +270,7 @@ pub async fn upgrade_server(
             preflight,
         })
         .collect();
-    let steps = clock.steps.iter().map(|s| (s.step.to_string(), s.ms as f64 / 1000.0)).collect();
+    let steps = upgrade::steps_of(&clock);
     Ok(ServerReport {
         databases,
         left_out,

@@ -340,13 +340,36 @@ async fn compare_tables(
     Ok((on_target.into_iter().map(|(t, _)| t).collect(), mismatched))
 }
 
+/// One step of a run: what a rehearsal tells of a production move.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub step: String,
+    pub seconds: f64,
+    /// Of the whole run's time, 0 to 1.
+    pub share: f64,
+}
+
+/// The steps a timer recorded, with their shares.
+pub(crate) fn steps_of(clock: &cutover::Timer) -> Vec<Step> {
+    let total: i64 = clock.steps.iter().map(|s| s.ms).sum();
+    clock
+        .steps
+        .iter()
+        .map(|s| Step {
+            step: s.step.to_string(),
+            seconds: s.ms as f64 / 1000.0,
+            share: if total > 0 { s.ms as f64 / total as f64 } else { 0.0 },
+        })
+        .collect()
+}
+
 /// What happened, for the final report.
 #[derive(Debug, Serialize)]
 pub struct UpgradeReport {
     pub preflight: Preflight,
     pub cutover: Option<cutover::CutoverReport>,
-    /// Each step and how long it took, in seconds.
-    pub steps: Vec<(String, f64)>,
+    /// Each step, how long it took and its share of the whole run.
+    pub steps: Vec<Step>,
     /// What to do next.
     pub next: Vec<String>,
 }
@@ -446,8 +469,7 @@ pub async fn upgrade(
             format!("pgleap cutover {name} switches (add --pgbouncer or --switch-command)"),
         ],
     };
-    let steps = clock.steps.iter().map(|s| (s.step.to_string(), s.ms as f64 / 1000.0)).collect();
-    Ok(UpgradeReport { preflight: pre, cutover: cut, steps, next })
+    Ok(UpgradeReport { preflight: pre, cutover: cut, steps: steps_of(&clock), next })
 }
 
 /// One database brought to "verified and following": the route, the

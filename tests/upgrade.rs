@@ -477,3 +477,46 @@ fn the_cutover_prompt_keeps_following_the_source_pg15_to_pg17() {
     assert!(all.contains("verify") && all.contains(" parts ["), "no progress bars:\n{all}");
     p.run(&["teardown", "upgrade"]).ok();
 }
+
+/// `--json`: stdout is the report alone (the steps' progress on stderr),
+/// each step with its time and share of the run, the cutover's fence steps
+/// among them: what a DBA predicts a production move from.
+#[test]
+fn upgrade_reports_each_steps_share_as_json_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "jsonupsrc");
+    let dst = TestDb::new(cluster(17), "jsonupdst");
+    src.sql().exec(
+        "create table t (id int primary key, v text);
+         insert into t select g, 'v' || g from generate_series(1, 1000) g",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let out = p.run(&[
+        "upgrade",
+        "--source",
+        &src.uri(),
+        "--target",
+        &dst.uri(),
+        "--cutover",
+        "auto",
+        "--json",
+    ]);
+    let report = out.json();
+    assert!(out.stderr.contains("verify: every table equal"), "{out}");
+    let steps = report["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    for step in ["preflight", "initial copy and catch-up", "verify", "cutover"] {
+        assert!(names.contains(&step), "{step} missing: {report}");
+    }
+    let shares: f64 = steps.iter().map(|s| s["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 0.01, "shares add up to {shares}: {report}");
+    let inside: Vec<&str> = report["cutover"]["inside_fence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(inside.contains(&"drain"), "{report}");
+    assert!(report["cutover"]["fence_ms"].as_i64().is_some(), "{report}");
+    assert_eq!(report["preflight"]["tables"], 1, "{report}");
+    p.run(&["teardown", "upgrade"]).ok();
+}

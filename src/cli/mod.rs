@@ -241,6 +241,10 @@ pub enum Command {
         /// certificate, LDAP or the like). Default NOLOGIN.
         #[arg(long)]
         login_roles: bool,
+        /// The final report as JSON on stdout (each step's time and share,
+        /// the preflight, the cutover's steps); progress goes to stderr.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         switch: SwitchArgs,
     },
@@ -1037,6 +1041,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         databases,
         rollback,
         login_roles,
+        json,
     } = cmd
     else {
         unreachable!("dispatched on Command::Upgrade")
@@ -1069,7 +1074,8 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         overwrite_target,
         rollback,
     };
-    let say = |line: &str| println!("{line}");
+    // With --json, stdout is the report alone.
+    let say = |line: &str| if json { eprintln!("{line}") } else { println!("{line}") };
     if server {
         let databases = if all_databases {
             crate::server::Databases::All
@@ -1079,14 +1085,14 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         let opts = crate::server::ServerOptions { upgrade: opts, databases, login_roles };
         let report =
             crate::server::upgrade_server(catalog, &opts, &say, render::confirm, ENV).await?;
-        render::server_summary(&report);
+        render::server_summary(&report, json);
         return Ok(());
     }
     let report = crate::upgrade::upgrade(catalog, &opts, &say, render::confirm, ENV).await?;
-    if let Some(c) = &report.cutover {
+    if let Some(c) = report.cutover.as_ref().filter(|_| !json) {
         render::cutover(c, false);
     }
-    render::upgrade_summary(&report);
+    render::upgrade_summary(&report, json);
     Ok(())
 }
 

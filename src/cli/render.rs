@@ -462,16 +462,19 @@ fn print_steps(what: &str, steps: &[crate::cutover::StepTime]) {
     println!("{what}: {}", parts.join(", "));
 }
 
-pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport) {
-    let total: f64 = r.steps.iter().map(|s| s.1).sum();
+pub fn upgrade_summary(r: &crate::upgrade::UpgradeReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    let total: f64 = r.steps.iter().map(|s| s.seconds).sum();
     let share = |seconds: f64| {
         if total > 0.0 { format!("{:.0} %", 100.0 * seconds / total) } else { String::new() }
     };
     let mut t = table(&["step", "time", "share"]);
-    for (step, seconds) in &r.steps {
-        t.add_row(vec![step.clone(), format!("{seconds:.1} s"), share(*seconds)]);
+    for s in &r.steps {
+        t.add_row(vec![s.step.clone(), format!("{:.1} s", s.seconds), share(s.seconds)]);
         // The cutover's own steps, the fence's among them.
-        if step == "cutover"
+        if s.step == "cutover"
             && let Some(c) = &r.cutover
         {
             let inner = c
@@ -528,7 +531,10 @@ pub fn server_cutover(r: &crate::cutover::ServerCutoverReport, as_json: bool) {
 }
 
 /// The end of a server move: each database, the fence, what is left to do.
-pub fn server_summary(r: &crate::server::ServerReport) {
+pub fn server_summary(r: &crate::server::ServerReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
     let mut t = table(&["database", "sync", "tables", "MB", "created", "fenced"]);
     for d in &r.databases {
         let fenced = r
@@ -546,9 +552,13 @@ pub fn server_summary(r: &crate::server::ServerReport) {
         ]);
     }
     println!("{t}");
-    let mut steps = table(&["step", "time"]);
-    for (step, seconds) in &r.steps {
-        steps.add_row(vec![step.clone(), format!("{seconds:.1} s")]);
+    let mut steps = table(&["step", "time", "share"]);
+    for s in &r.steps {
+        steps.add_row(vec![
+            s.step.clone(),
+            format!("{:.1} s", s.seconds),
+            format!("{:.0} %", 100.0 * s.share),
+        ]);
     }
     if let Some(c) = &r.cutover {
         for (prefix, s) in c
@@ -560,6 +570,7 @@ pub fn server_summary(r: &crate::server::ServerReport) {
             steps.add_row(vec![
                 format!("{prefix}{}", s.step),
                 format!("{:.3} s", s.ms as f64 / 1000.0),
+                String::new(),
             ]);
         }
         // Where each database's share of the fence went.
@@ -568,6 +579,7 @@ pub fn server_summary(r: &crate::server::ServerReport) {
                 steps.add_row(vec![
                     format!("    {}: {}", d.sync, s.step),
                     format!("{:.3} s", s.ms as f64 / 1000.0),
+                    String::new(),
                 ]);
             }
         }
