@@ -14,7 +14,9 @@
 //! too, and every variant reports the WAL and the source server's CPU time
 //! per transaction and per row of the bulk UPDATE. Ratios to the same
 //! round's no-capture run; median of
-//! `PGLEAP_BENCH_ROUNDS` (default 3) with the range. With
+//! `PGLEAP_BENCH_ROUNDS` (default 3) with the range. Capture runs with
+//! statement triggers (the default) and with row triggers
+//! (`--trigger-level row`). With
 //! `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap), each round
 //! also runs the two capture variants with that build's capture and daemon.
 
@@ -112,13 +114,18 @@ fn main() {
     let out = support::pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     copy_database(&src, &dst);
-    // This build, and the baseline build if given: each its own catalog.
-    let mut builds = vec![("", Pgleap::for_clusters(&[src.cluster, dst.cluster]))];
+    // This build, with statement triggers (the default) and with row
+    // triggers, and the baseline build if given: each its own catalog.
+    let this = || Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    let mut builds: Vec<(&str, Pgleap, &[&str])> = vec![
+        ("", this(), &[]),
+        (", row triggers", this(), &["--trigger-level", "row"]),
+    ];
     if let Some(bin) = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN") {
         let base = Pgleap::for_clusters(&[src.cluster, dst.cluster]).binary(Path::new(&bin));
-        builds.push((", baseline build", base));
+        builds.push((", baseline build", base, &[]));
     }
-    for (_, p) in &builds {
+    for (_, p, _) in &builds {
         p.declare(&src, &dst, &["--all-tables"]);
     }
     let mut names = vec![
@@ -128,7 +135,7 @@ fn main() {
     ];
     const FLOORS: usize = 2;
     let rows = (scale * 100_000) as f64;
-    for (label, _) in &builds {
+    for (label, _, _) in &builds {
         names.push(format!("capture, nobody applying{label}"));
         names.push(format!("capture, daemon syncing{label}"));
     }
@@ -161,9 +168,9 @@ fn main() {
                 continue;
             }
             let (b, syncing) = ((i - 1 - FLOORS) / 2, (i - 1 - FLOORS) % 2 == 1);
-            let p = &builds[b].1;
+            let (p, level) = (&builds[b].1, builds[b].2);
             if !syncing {
-                p.add_sync(&["--onetimecopy", "never"]);
+                p.add_sync(&[&["--onetimecopy", "never"][..], level].concat());
                 measure(i);
                 continue;
             }
@@ -255,7 +262,7 @@ fn main() {
         );
     }
     println!();
-    for (b, (label, _)) in builds.iter().enumerate() {
+    for (b, (label, _, _)) in builds.iter().enumerate() {
         let (lag, lag_lo, lag_hi) = median_range(&lag_runs[b]);
         let (up, up_lo, up_hi) = median_range(&catch_up[b]);
         println!(

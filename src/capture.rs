@@ -125,12 +125,25 @@ pub fn fence_trigger(sync_id: i32) -> String {
 }
 
 /// Installs capture for a sync on its source. On error nothing is left.
+/// Which triggers capture a keyed table outside an inheritance tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Statement triggers with transition tables: a statement's keys in a
+    /// few delta rows, however many rows it changed.
+    Statement,
+    /// Row triggers: one delta row per changed row (two when an UPDATE
+    /// changes the key), no transition table; what a one-row statement
+    /// costs least with.
+    Row,
+}
+
 pub async fn install(
     client: &mut Conn,
     schema: &str,
     sync: &str,
     relations: &[Relation],
     targets: &[String],
+    level: Level,
 ) -> Result<i32> {
     let s = quote_ident(schema);
     let db = client.name().to_string();
@@ -220,7 +233,7 @@ pub async fn install(
 
     let tables = relations.iter().filter(|r| r.kind != "sequence");
     for (i, rel) in tables.enumerate() {
-        if let Err(e) = install_table(client, schema, sync_id, i as i32 + 1, rel).await {
+        if let Err(e) = install_table(client, schema, sync_id, i as i32 + 1, rel, level).await {
             // Best effort: the original error is the one worth reporting.
             if let Err(cleanup) = remove(client, schema, sync, false).await {
                 tracing::warn!("cleanup after failed install: {cleanup}");
@@ -237,6 +250,7 @@ async fn install_table(
     sync_id: i32,
     n: i32,
     rel: &Relation,
+    level: Level,
 ) -> Result<()> {
     let s = quote_ident(schema);
     let table = qualified(&rel.schema, &rel.name);
@@ -262,7 +276,8 @@ async fn install_table(
     // the parent's row triggers are cloned to every partition, present and
     // future (PostgreSQL 11 and later).
     let inherited: bool = client.query_one(IN_INHERITANCE_OR_PARTITIONS, &[&table]).await?.get(0);
-    let mut ddl = match (rel.key_columns.is_empty(), inherited) {
+    let rows = inherited || level == Level::Row;
+    let mut ddl = match (rel.key_columns.is_empty(), rows) {
         (true, _) => keyless_capture(&table, &delta, &function, sync_id, &columns),
         (false, false) => {
             keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns, arrays)
@@ -317,8 +332,10 @@ fn keyed_delta(
     )
 }
 
-/// Row-level capture of a keyed table in an inheritance tree: the old and
-/// new keys of each row, into the delta of the table that holds it.
+/// Row-level capture of a keyed table (in an inheritance tree, or asked
+/// for): the new key of each inserted or updated row, the old key of each
+/// deleted row and of an updated row whose key changed, into the delta of
+/// the table that holds it.
 fn keyed_row_capture(
     table: &str,
     delta: &str,
@@ -341,7 +358,8 @@ fn keyed_row_capture(
                  insert into {delta} (_pgleap_txid, _pgleap_truncated) values (txid_current(), true);
                  return null;
              end if;
-             if tg_op in ('UPDATE', 'DELETE') then
+             if tg_op = 'DELETE'
+                or (tg_op = 'UPDATE' and row({old}) is distinct from row({new})) then
                  insert into {delta} (_pgleap_txid, {list}) values (txid_current(), {old});
              end if;
              if tg_op in ('UPDATE', 'INSERT') then

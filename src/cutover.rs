@@ -1073,6 +1073,8 @@ async fn arm_sync(
         allow_downgrade: true,
         capture_schema: plan.schema.clone(),
         lo_interval: 10,
+        // The way back is captured as the forward sync's default.
+        row_triggers: false,
     };
     let result = async {
         objects::add_relgroup_on(catalog, name, new, &selection).await?;

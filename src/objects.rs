@@ -278,6 +278,10 @@ pub struct SyncSpec {
     pub capture_schema: String,
     /// Seconds between two large-object passes of the daemon.
     pub lo_interval: u32,
+    /// Capture keyed tables with row triggers (one delta row per changed
+    /// row: cheapest for one-row statements) instead of statement
+    /// triggers (one per statement: cheapest for bulk ones).
+    pub row_triggers: bool,
 }
 
 impl SyncSpec {
@@ -434,7 +438,8 @@ pub async fn add_sync_on(
     // recorded. If anything later fails, it is removed again.
     let target_names: Vec<String> = targets.iter().map(|t| t.name().to_string()).collect();
     let schema = &spec.capture_schema;
-    capture::install(src, schema, &spec.name, &relgroup.members, &target_names).await?;
+    let level = if spec.row_triggers { capture::Level::Row } else { capture::Level::Statement };
+    capture::install(src, schema, &spec.name, &relgroup.members, &target_names, level).await?;
     if let Err(e) = catalog.add_sync(&spec.record()) {
         let _ = capture::remove(src, schema, &spec.name, false).await;
         return Err(e.into());

@@ -51,6 +51,8 @@ pub struct UpgradeOptions {
     /// Arm a sync back to the old server inside the fence (`NAME_back`),
     /// so that `pgleap rollback NAME` can move the application back.
     pub rollback: bool,
+    /// Capture keyed tables with row triggers (`--trigger-level row`).
+    pub row_triggers: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -494,7 +496,7 @@ pub(crate) async fn prepare(
     let (source, target) = step_declare(catalog, opts, say, env).await?;
     step_schema(catalog, name, &source, &target, opts, say, env).await?;
     clock.lap("catalog and schema");
-    step_capture(catalog, name, say, env).await?;
+    step_capture(catalog, opts, say, env).await?;
     clock.lap("capture");
     let route = SyncRoute::load(catalog, name)?;
     let mut session = step_copy(catalog, &route, opts.jobs, say, env).await?;
@@ -702,10 +704,11 @@ async fn step_schema(
 /// The sync, and with it capture on the source; refuses a finished run.
 async fn step_capture(
     catalog: &mut Catalog,
-    name: &str,
+    opts: &UpgradeOptions,
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<()> {
+    let name = &opts.name;
     match catalog.sync(name) {
         Ok(s) if s.retired => Err(Error::invalid(
             format!("upgrade \"{name}\" was already cut over"),
@@ -724,6 +727,7 @@ async fn step_capture(
                 allow_downgrade: false,
                 capture_schema: "pgleap".into(),
                 lo_interval: 10,
+                row_triggers: opts.row_triggers,
             };
             objects::add_sync(catalog, &spec, env).await?;
             say("installed change capture on the source");

@@ -73,45 +73,55 @@ per_major! {
     /// applied (the "sequence gap" bug); key updates, deletes, TRUNCATE and
     /// partitioned tables converge; teardown removes everything.
     fn late_commits_and_key_changes_reach_the_target(major: u32) {
-        let src = TestDb::new(cluster(major), "latesrc");
-        let dst = TestDb::new(cluster(17), "latedst");
-        src.sql().exec(SMALL_SCHEMA);
-        dst.sql().exec(SMALL_SCHEMA);
-        let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-        declare_sync(&p, &src, &dst, "off", &[]);
-        let (s, d) = (src.sql(), dst.sql());
+        late_commits_and_key_changes(major, "statement");
+    }
 
-        let held = src.sql();
-        held.exec("begin; insert into t values (100, 'late'); update t set v = 'held' where id = 3");
-        s.exec(
-            "insert into t values (101, 'early');
+    /// The same, captured by row triggers (`--trigger-level row`).
+    fn late_commits_and_key_changes_reach_the_target_with_row_triggers(major: u32) {
+        late_commits_and_key_changes(major, "row");
+    }
+}
+
+fn late_commits_and_key_changes(major: u32, level: &str) {
+    let src = TestDb::new(cluster(major), &format!("late{level}src"));
+    let dst = TestDb::new(cluster(17), &format!("late{level}dst"));
+    src.sql().exec(SMALL_SCHEMA);
+    dst.sql().exec(SMALL_SCHEMA);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off", "--trigger-level", level]);
+    let (s, d) = (src.sql(), dst.sql());
+
+    let held = src.sql();
+    held.exec("begin; insert into t values (100, 'late'); update t set v = 'held' where id = 3");
+    s.exec(
+        "insert into t values (101, 'early');
              update pairs set a = a + 10 where a = 1;
              delete from t where id = 2;
              truncate gone; insert into gone values (7);
              update parted set at = '2021-06-01' where id = 2;
              select nextval('counter');",
-        );
-        let out = p.run(&["kick", "s"]);
-        out.ok();
-        assert_eq!(d.rows("select id from t where id >= 100"), [[Some("101".to_string())]]);
-        assert_eq!(d.value("select v from t where id = 3"), "row 3");
-        assert_same(&s, &d, &SMALL_TABLES[1..]);
+    );
+    let out = p.run(&["kick", "s"]);
+    out.ok();
+    assert_eq!(d.rows("select id from t where id >= 100"), [[Some("101".to_string())]]);
+    assert_eq!(d.value("select v from t where id = 3"), "row 3");
+    assert_same(&s, &d, &SMALL_TABLES[1..]);
 
-        held.exec("commit");
-        p.run(&["kick", "s", "--wait", "30"]).ok();
-        assert_same(&s, &d, SMALL_TABLES);
-        assert_same_sequences(&s, &d, &["counter"]);
+    held.exec("commit");
+    p.run(&["kick", "s", "--wait", "30"]).ok();
+    assert_same(&s, &d, SMALL_TABLES);
+    assert_same_sequences(&s, &d, &["counter"]);
 
-        let status = p.run(&["status", "s", "--json"]).json();
-        let target = &status["syncs"][0]["targets"][0];
-        assert_eq!(target["state"], "good", "{status}");
-        assert_eq!(target["pending"], 0, "{status}");
+    let status = p.run(&["status", "s", "--json"]).json();
+    let target = &status["syncs"][0]["targets"][0];
+    assert_eq!(target["state"], "good", "{status}");
+    assert_eq!(target["pending"], 0, "{status}");
 
-        p.run(&["teardown", "s"]).ok();
-        assert_no_pgleap_objects(&s);
-        assert_no_pgleap_objects(&d);
-        assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
-    }
+    p.run(&["teardown", "s"]).ok();
+    assert_no_pgleap_objects(&s);
+    assert_no_pgleap_objects(&d);
+    assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
 }
 
 #[test]
@@ -873,8 +883,20 @@ fn keys_equal_by_their_type_but_different_in_value_arrive_exactly_pg15_to_pg17()
 /// same statement left all reach the target, whose stale rows are gone.
 #[test]
 fn keys_changed_by_a_before_trigger_or_swapped_in_one_statement_arrive_pg12_to_pg17() {
-    let src = TestDb::new(cluster(12), "okeysrc");
-    let dst = TestDb::new(cluster(17), "okeydst");
+    keys_changed_arrive("statement");
+}
+
+/// The same with row triggers (`--trigger-level row`): a key changed by a
+/// BEFORE trigger or moved onto another row's old key is recorded from the
+/// row as written.
+#[test]
+fn keys_changed_arrive_with_row_triggers_pg12_to_pg17() {
+    keys_changed_arrive("row");
+}
+
+fn keys_changed_arrive(level: &str) {
+    let src = TestDb::new(cluster(12), &format!("okey{level}src"));
+    let dst = TestDb::new(cluster(17), &format!("okey{level}dst"));
     let schema = "
         create table moved (id int primary key, v int not null);
         create function bump() returns trigger language plpgsql as $$
@@ -891,10 +913,20 @@ fn keys_changed_by_a_before_trigger_or_swapped_in_one_statement_arrive_pg12_to_p
     src.sql().exec(schema);
     dst.sql().exec(schema);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    declare_sync(&p, &src, &dst, "off", &[]);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off", "--trigger-level", level]);
     let s = src.sql();
+    // Row triggers keep no transition table; statement triggers keep one
+    // each for INSERT, UPDATE and DELETE.
+    let transition_tables = s.value(
+        "select count(*) from pg_trigger where tgname like 'pgleap%'
+           and (tgnewtable is not null or tgoldtable is not null)
+           and tgrelid = 'moved'::regclass",
+    );
+    assert_eq!(transition_tables, if level == "row" { "0" } else { "3" }, "{level}");
     s.exec(
-        "update moved set v = 1 where id <= 5;
+        "insert into moved values (50, 0); delete from moved where id = 50;
+         update moved set v = 1 where id <= 5;
          update moved set v = 0 where id = 6;
          update pair set b = 'y', v = 1 where a % 2 = 0;
          update pair set v = 2 where a = 1;

@@ -241,6 +241,9 @@ pub enum Command {
         /// certificate, LDAP or the like). Default NOLOGIN.
         #[arg(long)]
         login_roles: bool,
+        /// How keyed tables are captured (as sync add --trigger-level).
+        #[arg(long, value_enum, default_value = "statement")]
+        trigger_level: TriggerLevel,
         /// The final report as JSON on stdout (each step's time and share,
         /// the preflight, the cutover's steps); progress goes to stderr.
         #[arg(long)]
@@ -559,6 +562,13 @@ pub enum KeylessArg {
     Refuse,
 }
 
+/// Which triggers capture a keyed table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TriggerLevel {
+    Statement,
+    Row,
+}
+
 /// Bucardo's onetimecopy values, with its numbers as aliases.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OneTimeCopyArg {
@@ -618,6 +628,12 @@ pub enum SyncCommand {
         /// re-digests a bounded number of the others.
         #[arg(long, default_value_t = 10, value_name = "SECONDS")]
         large_objects_every: u32,
+        /// How keyed tables are captured: statement triggers (a statement's
+        /// keys in a few delta rows: cheapest for bulk statements) or row
+        /// triggers (a delta row per changed row: cheapest for one-row
+        /// statements, as most OLTP writes are). See docs/BENCHMARKS.md.
+        #[arg(long, value_enum, default_value = "statement")]
+        trigger_level: TriggerLevel,
     },
     /// List syncs.
     List(ListArgs),
@@ -871,6 +887,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
             allow_downgrade,
             capture_schema,
             large_objects_every,
+            trigger_level,
         } => {
             let spec = SyncSpec {
                 name: name.clone(),
@@ -881,6 +898,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
                 allow_downgrade,
                 capture_schema,
                 lo_interval: large_objects_every,
+                row_triggers: trigger_level == TriggerLevel::Row,
             };
             objects::add_sync(catalog, &spec, ENV).await?;
             println!("added sync \"{name}\"; capture is installed on the source");
@@ -1041,6 +1059,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         databases,
         rollback,
         login_roles,
+        trigger_level,
         json,
     } = cmd
     else {
@@ -1073,6 +1092,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         allow_schema_differences,
         overwrite_target,
         rollback,
+        row_triggers: trigger_level == TriggerLevel::Row,
     };
     // With --json, stdout is the report alone.
     let say = |line: &str| if json { eprintln!("{line}") } else { println!("{line}") };
