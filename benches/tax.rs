@@ -117,10 +117,8 @@ fn main() {
     // This build, with statement triggers (the default) and with row
     // triggers, and the baseline build if given: each its own catalog.
     let this = || Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    let mut builds: Vec<(&str, Pgleap, &[&str])> = vec![
-        ("", this(), &[]),
-        (", row triggers", this(), &["--trigger-level", "row"]),
-    ];
+    let mut builds: Vec<(&str, Pgleap, &[&str])> =
+        vec![("", this(), &[]), (", row triggers", this(), &["--trigger-level", "row"])];
     if let Some(bin) = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN") {
         let base = Pgleap::for_clusters(&[src.cluster, dst.cluster]).binary(Path::new(&bin));
         builds.push((", baseline build", base, &[]));

@@ -327,9 +327,16 @@ pub async fn cutover_with(
             read_only(&session.src, true).await?;
         }
         inside.lap("fence (taking the tables' locks)");
-        let switched =
-            switch(catalog, session, others, opts, &at_switch, &others_at_switch, &mut inside, env)
-                .await?;
+        let switched = switch(
+            catalog,
+            session,
+            others,
+            opts,
+            (&at_switch, &others_at_switch),
+            &mut inside,
+            env,
+        )
+        .await?;
         pooler.repoint(&opts.switch, &to, route.name(), &target).await?;
         inside.lap("switch");
         if let Some(old) = &opts.lift_fence {
@@ -517,7 +524,7 @@ pub async fn cutover_server(
             |(((m, left), own), mv)| async move {
                 let mut timer = Timer::new();
                 let s = &mut m.session;
-                let done = switch(own, s, &mut [], &mv.4, left, &[], &mut timer, env).await?;
+                let done = switch(own, s, &mut [], &mv.4, (left, &[]), &mut timer, env).await?;
                 Ok::<_, Error>((done, timer))
             },
         );
@@ -618,6 +625,10 @@ pub async fn cutover_server(
     })
 }
 
+/// The schema objects left for the switch point (forced row security): the
+/// target switched to's, and each other target's in their order.
+type Left<'a> = (&'a [Difference], &'a [Vec<Difference>]);
+
 /// The syncs a cutover arms inside its fence (removed again by an undo).
 #[derive(Clone, Copy)]
 struct Armed<'a> {
@@ -637,7 +648,7 @@ async fn undo(
     others: &mut [Session],
     terminate: bool,
     armed: Armed<'_>,
-    at_switch: (&[Difference], &[Vec<Difference>]),
+    at_switch: Left<'_>,
 ) {
     if terminate {
         let _ = read_only(&session.src, false).await;
@@ -877,14 +888,12 @@ pub async fn schema_not_ready(catalog: &Catalog, sync: &str, env: Env<'_>) -> Re
 /// Inside the fence, up to the switch point: every target brought to the
 /// final state (drain, sequences, deferred schema), the syncs armed if
 /// asked for, and last the objects left for the switch point.
-#[allow(clippy::too_many_arguments)]
 async fn switch(
     catalog: &mut Catalog,
     session: &mut Session,
     others: &mut [Session],
     opts: &CutoverOptions,
-    at_switch: &[Difference],
-    others_at_switch: &[Vec<Difference>],
+    (at_switch, others_at_switch): Left<'_>,
     timer: &mut Timer,
     env: Env<'_>,
 ) -> Result<Switched> {

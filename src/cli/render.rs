@@ -366,14 +366,15 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
 }
 
 /// Asks a yes/no question on the terminal; without one, the answer is no.
+/// On stderr, so that stdout holds only the results (`--json`).
 pub fn confirm(question: &str) -> bool {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
-        println!("{question} no terminal to ask: not now (use --cutover auto)");
+        eprintln!("{question} no terminal to ask: not now (use --cutover auto)");
         return false;
     }
-    print!("{question} [y/N] ");
-    let _ = std::io::stdout().flush();
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
     matches!(answer.trim(), "y" | "Y" | "yes")
