@@ -28,6 +28,10 @@ use crate::session::Session;
 use crate::switch::{Bouncer, SwitchPlan};
 use crate::upgrade::{self, CutoverMode, Preflight, UpgradeOptions};
 
+/// How long after a database's verify its cutover still trusts it instead
+/// of counting its rows again before the fence.
+const VERIFY_TRUSTED: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Databases of managed services that belong to the provider, never moved.
 const MANAGED: [&str; 4] = ["rdsadmin", "azure_maintenance", "azure_sys", "cloudsqladmin"];
 
@@ -172,12 +176,16 @@ pub async fn upgrade_server(
     clock.lap("roles and databases");
 
     let mut members: Vec<Member> = Vec::new();
+    // When the first database's verify ended: the cutover trusts the
+    // verifies only while they are fresh.
+    let mut first_verified = None;
     let mut differing = Vec::new();
     for p in &planned {
         let prefix = format!("[{}] ", p.database);
         let say_db = |line: &str| say(&format!("{prefix}{line}"));
         let mut db_clock = cutover::Timer::new();
         let prepared = upgrade::prepare(catalog, &p.opts, &say_db, &mut db_clock, env).await?;
+        first_verified.get_or_insert_with(std::time::Instant::now);
         differing.extend(prepared.differing.iter().map(|t| format!("{}: {t}", p.database)));
         let rollback_sync = base.rollback.then(|| format!("{}_back", p.opts.name));
         members.push(Member {
@@ -225,7 +233,12 @@ pub async fn upgrade_server(
             switch: opts_switch(&base.switch, &chosen)?,
             lift_fence: None,
             allow_schema_differences: base.allow_schema_differences,
-            rows_compared: matches!(base.cutover, CutoverMode::Auto),
+            // Every database's rows were compared before its sync went on,
+            // but the first one's may be hours old when the last copy ends
+            // (then each is counted again, before the fence), as after a
+            // prompt.
+            rows_compared: matches!(base.cutover, CutoverMode::Auto)
+                && first_verified.is_some_and(|t| t.elapsed() < VERIFY_TRUSTED),
             to: None,
             keep_others: None,
         };
