@@ -93,6 +93,14 @@ pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
              name text not null,
              definition text not null,
              primary key (sync, kind, table_name, name));
+         create table if not exists {s}.verified_parts (
+             sync text not null,
+             table_name text not null,
+             predicate text not null,
+             source_rows int8 not null,
+             target_rows int8 not null,
+             verified_at timestamptz not null default now(),
+             primary key (sync, table_name, predicate));
          {};",
         large_objects::state_table(&plan.schema)
     );
@@ -335,11 +343,15 @@ pub async fn remove(tgt: &mut Conn, schema: &str, sync: &str) -> Result<()> {
              if to_regclass('{s}.columns') is not null then
                  delete from {s}.columns where sync = {lit};
              end if;
+             if to_regclass('{s}.verified_parts') is not null then
+                 delete from {s}.verified_parts where sync = {lit};
+             end if;
          end $$;",
         lit = quote_literal(sync)
     ))
     .await?;
-    let tables = ["applied", "set_aside", "copy_units", "large_objects", "columns"];
+    let tables =
+        ["applied", "set_aside", "copy_units", "large_objects", "columns", "verified_parts"];
     capture::drop_schema_if_unused(tgt, schema, "applied", &tables).await
 }
 

@@ -41,7 +41,18 @@ pub struct TableReport {
     /// Indexes and key constraints the source's table has and the target's
     /// lacks.
     pub missing: Vec<String>,
+    /// Parts of the table found equal by an earlier verify that was
+    /// interrupted, taken from it instead of compared again.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resumed_parts: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How long an interrupted verify's parts are taken by the next one.
+const RESUMABLE_FOR: &str = "24 hours";
 
 fn md5_int(expr: &str) -> String {
     format!("('x' || substr(md5({expr}), 1, 15))::bit(60)::int8")
@@ -166,6 +177,7 @@ async fn compare_part(
         equal: a == b,
         differing_keys: Vec::new(),
         missing: Vec::new(),
+        resumed_parts: 0,
     };
     if report.equal {
         return Ok(report);
@@ -200,6 +212,7 @@ fn merge(into: &mut TableReport, part: TableReport) {
     into.source_rows += part.source_rows;
     into.target_rows += part.target_rows;
     into.equal &= part.equal;
+    into.resumed_parts += part.resumed_parts;
     into.missing.extend(part.missing);
     for key in part.differing_keys {
         if into.differing_keys.len() < SHOWN_KEYS && !into.differing_keys.contains(&key) {
@@ -360,6 +373,7 @@ async fn compare_large_objects(src: &impl Sql, tgt: &impl Sql) -> Result<TableRe
         equal: differing_keys.is_empty() && source_rows == target_rows,
         differing_keys,
         missing: Vec::new(),
+        resumed_parts: 0,
     })
 }
 
@@ -450,6 +464,7 @@ pub async fn compare_live(
     for _ in 0..workers {
         pairs.push(session.connect_pair(env).await?);
     }
+    let record = session.connect_pair(env).await?.1;
     let key = (apply::LOCK_CLASS, plan.sync_id);
     // Held by the session, not the batch's transaction: no other applier
     // moves the target past the batch before its snapshot exists.
@@ -468,7 +483,7 @@ pub async fn compare_live(
         let held = tgt.snapshot().await?;
         let (tgt_snapshot, _) = held.export_snapshot().await?;
         held.execute(apply::RELEASE_LOCK, &[&key.0, &key.1]).await?;
-        let reports = compare_in(pairs, &src_snapshot, &tgt_snapshot, &plan, only).await?;
+        let reports = compare_in(pairs, record, &src_snapshot, &tgt_snapshot, &plan, only).await?;
         held.commit().await?;
         stx.commit().await?;
         Ok::<_, crate::Error>(reports)
@@ -482,11 +497,86 @@ pub async fn compare_live(
     compared
 }
 
+/// The parts an interrupted verify of this sync found equal (within
+/// [`RESUMABLE_FOR`]), as reports, at their index among the items (the
+/// parts, then the large objects); None for those to compare.
+async fn resumable(
+    record: &Conn,
+    plan: &Plan,
+    tables: &[&TablePlan],
+    parts: &[Part],
+    items: usize,
+) -> Result<Vec<Option<TableReport>>> {
+    let rows = record.query(&resumable_sql(plan), &[&plan.sync]).await?;
+    let found: Vec<(String, String, i64, i64)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let mut earlier: Vec<Option<TableReport>> = parts
+        .iter()
+        .map(|p| {
+            let t = tables[p.table];
+            found.iter().find(|f| f.0 == t.table && f.1 == p.predicate).map(|f| TableReport {
+                table: t.display.clone(),
+                source_rows: f.2,
+                target_rows: f.3,
+                equal: true,
+                differing_keys: Vec::new(),
+                missing: Vec::new(),
+                resumed_parts: 1,
+            })
+        })
+        .collect();
+    // The large objects, one item after the parts, are compared whole
+    // every time.
+    earlier.resize(items, None);
+    Ok(earlier)
+}
+
+/// Records a part found equal, for a verify that resumes this one.
+async fn record_part(
+    record: &Conn,
+    plan: &Plan,
+    t: &TablePlan,
+    part: &Part,
+    report: &TableReport,
+) -> Result<()> {
+    record
+        .execute(
+            &record_sql(plan),
+            &[&plan.sync, &t.table, &part.predicate, &report.source_rows, &report.target_rows],
+        )
+        .await?;
+    Ok(())
+}
+
+fn resumable_sql(plan: &Plan) -> String {
+    format!(
+        "select table_name, predicate, source_rows, target_rows from {}.verified_parts
+         where sync = $1 and verified_at > now() - interval '{RESUMABLE_FOR}'",
+        crate::pg::quote_ident(&plan.schema)
+    )
+}
+
+fn record_sql(plan: &Plan) -> String {
+    format!(
+        "insert into {}.verified_parts (sync, table_name, predicate, source_rows, target_rows)
+         values ($1, $2, $3, $4, $5)
+         on conflict (sync, table_name, predicate) do update
+         set source_rows = excluded.source_rows, target_rows = excluded.target_rows,
+             verified_at = now()",
+        crate::pg::quote_ident(&plan.schema)
+    )
+}
+
+fn forget_sql(plan: &Plan) -> String {
+    format!("delete from {}.verified_parts where sync = $1", crate::pg::quote_ident(&plan.schema))
+}
+
 /// [`compare`], with the tables shared out to `pairs` of connections, each
 /// reading in the snapshots given (exported by the caller, who keeps them
 /// open until this returns).
 async fn compare_in(
     pairs: Vec<(Conn, Conn)>,
+    tgt_record: Conn,
     src_snapshot: &str,
     tgt_snapshot: &str,
     plan: &Plan,
@@ -495,11 +585,17 @@ async fn compare_in(
     let tables = selected(plan, only);
     let Some((first, _)) = pairs.first() else { return Ok(Vec::new()) };
     let parts = parts(first, &tables, pairs.len()).await?;
-    let progress = progress_of(&parts);
+    // What an interrupted verify found equal is not compared again: a
+    // verify of hours resumes where it stopped. Recorded as each part ends,
+    // through a connection of its own (the workers' transactions hold
+    // their snapshots until the end).
+    let record = &tgt_record;
     // The large objects, when asked for, are one more item.
     let items = parts.len() + usize::from(large_objects_asked(plan, only));
-    let queue = Mutex::new((0..items).collect::<VecDeque<usize>>());
-    let results: Mutex<Vec<Option<TableReport>>> = Mutex::new(vec![None; items]);
+    let earlier = resumable(record, plan, &tables, &parts, items).await?;
+    let progress = progress_of(&parts);
+    let queue = Mutex::new((0..items).filter(|i| earlier[*i].is_none()).collect::<VecDeque<_>>());
+    let results: Mutex<Vec<Option<TableReport>>> = Mutex::new(earlier);
     let workers = pairs.into_iter().map(|(mut s, mut t)| {
         let (queue, results, tables, parts, progress) =
             (&queue, &results, &tables, &parts, &progress);
@@ -511,7 +607,13 @@ async fn compare_in(
                 let Some(i) = queue.lock().unwrap().pop_front() else { break };
                 let report = match parts.get(i) {
                     Some(part) => {
-                        compare_shown(&stx, &ttx, tables[part.table], part, progress).await?
+                        let t = tables[part.table];
+                        let report = compare_shown(&stx, &ttx, t, part, progress).await?;
+                        if report.equal {
+                            record_part(record, plan, t, part, &report).await?;
+                            crate::failpoint::hit("verify-part-done");
+                        }
+                        report
                     }
                     None => compare_large_objects(&stx, &ttx).await?,
                 };
@@ -524,6 +626,8 @@ async fn compare_in(
     });
     futures_util::future::try_join_all(workers).await?;
     progress.finish();
+    // Done: the next verify compares everything again.
+    record.execute(&forget_sql(plan), &[&plan.sync]).await?;
     let mut results: Vec<TableReport> =
         results.into_inner().unwrap().into_iter().flatten().collect();
     let large_objects = (results.len() > parts.len()).then(|| results.pop()).flatten();

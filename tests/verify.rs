@@ -139,3 +139,42 @@ fn the_daemon_goes_on_applying_while_a_verify_reads_pg15_to_pg17() {
     p.run(&["stop"]).ok();
     p.run(&["teardown", "s"]).ok();
 }
+
+/// A verify killed half-way resumes where it stopped: the parts it found
+/// equal are taken from it (within a day), the rest compared; a verify
+/// that ends leaves nothing for the next one, which compares everything.
+#[test]
+fn a_verify_killed_half_way_resumes_where_it_stopped_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "verresumesrc");
+    let dst = TestDb::new(cluster(17), "verresumedst");
+    let schema = "create table a (id int primary key, v text);
+                  create table b (id int primary key, v text);
+                  create table c (id int primary key, v text);";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec(
+        "insert into a select g, 'a' from generate_series(1, 300) g;
+         insert into b select g, 'b' from generate_series(1, 200) g;
+         insert into c select g, 'c' from generate_series(1, 100) g;",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    crate::support::killed_at(&p, "verify-part-done", &["verify", "s"]);
+    let resumed = p.run(&["verify", "s", "--json"]);
+    let report = resumed.json();
+    let tables = report[0]["tables"].as_array().unwrap();
+    let taken: Vec<&serde_json::Value> =
+        tables.iter().filter(|t| t["resumed_parts"].as_u64() == Some(1)).collect();
+    assert_eq!(taken.len(), 1, "one part was done before the kill: {report}");
+    for t in tables {
+        assert_eq!(t["equal"], true, "{report}");
+        assert_eq!(t["source_rows"], t["target_rows"], "{report}");
+    }
+    let rows: i64 = tables.iter().map(|t| t["source_rows"].as_i64().unwrap()).sum();
+    assert_eq!(rows, 600, "the resumed part's rows are counted: {report}");
+    let text = p.run(&["verify", "s"]);
+    assert!(!text.ok().contains("resumed:"), "a finished verify left parts behind: {text}");
+    p.run(&["teardown", "s"]).ok();
+}

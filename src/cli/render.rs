@@ -640,6 +640,13 @@ pub fn verify(reports: &[crate::verify::TargetReport], as_json: bool) {
         }
         println!("target \"{target}\"");
         println!("{t}");
+        let resumed: u32 = tables.iter().map(|r| r.resumed_parts).sum();
+        if resumed > 0 {
+            println!(
+                "resumed: {resumed} part(s) found equal by an interrupted verify were not \
+                 compared again"
+            );
+        }
         if schema.is_empty() {
             println!("schema: every object equal");
         }
