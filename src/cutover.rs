@@ -377,15 +377,7 @@ pub async fn cutover_with(
     crate::failpoint::hit("cutover-switched");
     drop(span);
     let armed = opts.rollback_sync.is_some() || opts.keep_others.is_some();
-    if armed && crate::daemon::running_pid(catalog.path()).is_none() {
-        crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
-    }
-    if let Err(e) = resumed {
-        return Err(Error::invalid(
-            format!("cut over, but a pooler did not resume: {e}"),
-            "run RESUME on its admin console: its clients wait until then",
-        ));
-    }
+    past_switch_point(catalog, armed, resumed)?;
     target::validate_foreign_keys(&session.tgt, &switched.to_validate).await?;
     for (other, to_validate) in others.iter().zip(&switched.others_to_validate) {
         target::validate_foreign_keys(&other.tgt, to_validate).await?;
@@ -584,15 +576,7 @@ pub async fn cutover_server(
     crate::failpoint::hit("cutover-switched");
     drop(span);
     let armed = members.iter().any(|m| m.rollback_sync.is_some());
-    if armed && crate::daemon::running_pid(catalog.path()).is_none() {
-        crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
-    }
-    if let Err(e) = resumed {
-        return Err(Error::invalid(
-            format!("cut over, but a pooler did not resume: {e}"),
-            "run RESUME on its admin console: its clients wait until then",
-        ));
-    }
+    past_switch_point(catalog, armed, resumed)?;
     let mut databases = Vec::new();
     for (i, m) in members.iter_mut().enumerate() {
         target::validate_foreign_keys(&m.session.tgt, &finished[i].to_validate).await?;
@@ -628,6 +612,20 @@ pub async fn cutover_server(
 /// The schema objects left for the switch point (forced row security): the
 /// target switched to's, and each other target's in their order.
 type Left<'a> = (&'a [Difference], &'a [Vec<Difference>]);
+
+/// Right after a switch point: a sync armed inside the fence needs the
+/// daemon to follow it; a pooler that did not resume holds its clients.
+fn past_switch_point(catalog: &Catalog, armed: bool, resumed: Result<()>) -> Result<()> {
+    if armed && crate::daemon::running_pid(catalog.path()).is_none() {
+        crate::daemon::start_detached(catalog.path(), &crate::daemon::listen_setting())?;
+    }
+    resumed.map_err(|e| {
+        Error::invalid(
+            format!("cut over, but a pooler did not resume: {e}"),
+            "run RESUME on its admin console: its clients wait until then",
+        )
+    })
+}
 
 /// The syncs a cutover arms inside its fence (removed again by an undo).
 #[derive(Clone, Copy)]

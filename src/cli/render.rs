@@ -521,6 +521,11 @@ pub fn server_cutover(r: &crate::cutover::ServerCutoverReport, as_json: bool) {
         );
     }
     print_steps("inside the fence", &r.inside_fence);
+    server_downtime(r);
+}
+
+/// The server's write downtime, and the poolers' pause.
+fn server_downtime(r: &crate::cutover::ServerCutoverReport) {
     println!(
         "write downtime of the server: {:.3} s ({} databases in one fence)",
         r.fence_ms as f64 / 1000.0,
@@ -593,16 +598,7 @@ pub fn server_summary(r: &crate::server::ServerReport, as_json: bool) {
         );
     }
     match &r.cutover {
-        Some(c) => {
-            println!(
-                "write downtime of the server: {:.3} s ({} databases in one fence)",
-                c.fence_ms as f64 / 1000.0,
-                c.databases.len()
-            );
-            if let Some(ms) = c.paused_ms {
-                println!("the poolers held the clients' queries for {:.3} s", ms as f64 / 1000.0);
-            }
-        }
+        Some(c) => server_downtime(c),
         None => println!("write downtime: none yet (not cut over)"),
     }
     for n in &r.next {
