@@ -62,7 +62,7 @@ pub struct ServerOptions {
 pub struct MovedDatabase {
     pub database: String,
     pub sync: String,
-    /// Created on the target by this run (or an earlier one of the move).
+    /// Created on the target by this run.
     pub created: bool,
     pub preflight: Preflight,
 }
@@ -172,7 +172,7 @@ pub async fn upgrade_server(
 
     // Roles, then databases: a database's grants name the roles.
     let created_roles = create_roles(&tgt, &roles, opts.login_roles, say).await?;
-    let created_dbs = create_databases(&src, &tgt, &missing_dbs, say).await?;
+    create_databases(&src, &tgt, &missing_dbs, say).await?;
     clock.lap("roles and databases");
 
     let mut members: Vec<Member> = Vec::new();
@@ -277,7 +277,7 @@ pub async fn upgrade_server(
         .into_iter()
         .zip(preflights)
         .map(|(p, preflight)| MovedDatabase {
-            created: !p.exists_on_target || created_dbs.contains(&p.database),
+            created: !p.exists_on_target,
             database: p.database,
             sync: p.opts.name,
             preflight,
@@ -713,7 +713,7 @@ async fn create_databases(
     tgt: &Conn,
     missing: &[&Planned],
     say: &dyn Fn(&str),
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let mut created: Vec<String> = Vec::new();
     for p in missing {
         match create_database(src, tgt, &p.database).await {
@@ -733,7 +733,7 @@ async fn create_databases(
             }
         }
     }
-    Ok(created)
+    Ok(())
 }
 
 async fn create_database(src: &Conn, tgt: &Conn, database: &str) -> Result<()> {

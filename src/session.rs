@@ -172,7 +172,13 @@ impl Session {
     /// A fresh pair of connections to the source and the target, for a
     /// worker beside the session's own.
     pub async fn connect_pair(&self, env: Env<'_>) -> Result<(Conn, Conn)> {
-        Ok((self.source.connect(env).await?, self.target.connect(env).await?))
+        Ok((self.source.connect(env).await?, self.connect_target(env).await?))
+    }
+
+    /// One more connection to the target, for bookkeeping beside the
+    /// session's own.
+    pub async fn connect_target(&self, env: Env<'_>) -> Result<Conn> {
+        self.target.connect(env).await
     }
 
     pub fn sync_name(&self) -> &str {

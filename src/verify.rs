@@ -464,7 +464,7 @@ pub async fn compare_live(
     for _ in 0..workers {
         pairs.push(session.connect_pair(env).await?);
     }
-    let record = session.connect_pair(env).await?.1;
+    let record = session.connect_target(env).await?;
     let key = (apply::LOCK_CLASS, plan.sync_id);
     // Held by the session, not the batch's transaction: no other applier
     // moves the target past the batch before its snapshot exists.
