@@ -43,6 +43,8 @@ pub const COPY_LOCK_CLASS: i32 = 0x70676c63;
 /// a transaction: it outlives the transactions it spans.
 pub(crate) const HOLD_LOCK: &str = "select pg_advisory_lock($1, $2)";
 pub(crate) const RELEASE_LOCK: &str = "select pg_advisory_unlock($1, $2)";
+/// The same lock, held until the transaction ends.
+pub(crate) const XACT_LOCK: &str = "select pg_advisory_xact_lock($1, $2)";
 
 /// How one table is applied.
 #[derive(Debug, Clone)]
@@ -682,7 +684,7 @@ pub async fn begin_batch<'a>(
     plan: &Plan,
 ) -> Result<(Tx<'a>, Tx<'a>)> {
     let ttx = tgt.transaction().await?;
-    ttx.execute("select pg_advisory_xact_lock($1, $2)", &[&LOCK_CLASS, &plan.sync_id]).await?;
+    ttx.execute(XACT_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await?;
     let stx = src.snapshot().await?;
     Ok((stx, ttx))
 }

@@ -124,6 +124,19 @@ pub fn fence_trigger(sync_id: i32) -> String {
     format!("pgleap_{sync_id}_fence")
 }
 
+/// The name (unqualified) of the function the fence triggers call.
+pub fn fence_function(sync_id: i32) -> String {
+    format!("f{sync_id}_fence")
+}
+
+/// Whether the source carries this sync's fence: a cutover is inside its
+/// fence, or went past its switch point (or undid it only in part).
+pub async fn fenced(src: &impl Sql, schema: &str, sync_id: i32) -> Result<bool> {
+    let function = qualified(schema, &fence_function(sync_id));
+    let row = src.query_one("select to_regproc($1) is not null", &[&function]).await?;
+    Ok(row.get(0))
+}
+
 /// Installs capture for a sync on its source. On error nothing is left.
 /// Which triggers capture a keyed table outside an inheritance tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -679,7 +692,7 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
         return Ok(());
     };
     let fence = fence_trigger(sync_id);
-    let fence_function = format!("f{sync_id}_fence");
+    let fence_function = fence_function(sync_id);
     let s = quote_ident(schema);
     // Tables whose installation failed half-way have triggers but no
     // relations row; find every table carrying this sync's triggers (not

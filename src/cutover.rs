@@ -321,7 +321,9 @@ pub async fn cutover_with(
     let started = Instant::now();
     let mut inside = Timer::new();
     let result = async {
-        fence(&mut session.src, &session.plan, &moved_to).await?;
+        let targets: Vec<&Conn> =
+            std::iter::once(&session.tgt).chain(others.iter().map(|o| &o.tgt)).collect();
+        fence(&mut session.src, &targets, &session.plan, &moved_to).await?;
         crate::failpoint::hit("cutover-fenced");
         if opts.terminate {
             read_only(&session.src, true).await?;
@@ -505,7 +507,7 @@ pub async fn cutover_server(
     let mut finished = Vec::new();
     let result = async {
         for (m, mv) in members.iter_mut().zip(&moves) {
-            fence(&mut m.session.src, &m.session.plan, &mv.1).await?;
+            fence(&mut m.session.src, &[&m.session.tgt], &m.session.plan, &mv.1).await?;
             fenced_at.push(Instant::now());
         }
         crate::failpoint::hit("cutover-fenced");
@@ -667,7 +669,7 @@ async fn undo(
                 .await;
         }
         if !s.replica_role
-            && let Err(e) = target::prepare(&mut s.tgt, &s.plan).await
+            && let Err(e) = target::prepare(&s.src, &mut s.tgt, &s.plan).await
         {
             tracing::error!(
                 "could not set the foreign keys and triggers of {} aside again: {e}",
@@ -900,6 +902,7 @@ async fn switch(
     let sequences = set_sequences(session, opts.sequence_margin).await?;
     timer.lap("sequences");
     let (to_validate, triggers) = deferred_schema(session).await?;
+    crate::failpoint::hit("cutover-schema-restored");
     timer.lap("deferred schema");
     let mut others_to_validate = Vec::new();
     for (other, left) in others.iter_mut().zip(others_at_switch) {
@@ -1133,10 +1136,29 @@ async fn catch_up(
 }
 
 fn fence_function(plan: &Plan) -> String {
-    qualified(&plan.schema, &format!("f{}_fence", plan.sync_id))
+    qualified(&plan.schema, &capture::fence_function(plan.sync_id))
 }
 
-async fn fence(src: &mut Conn, plan: &Plan, moved_to: &str) -> Result<()> {
+/// Fences the source, holding the sync's applier lock on every target
+/// while it does: an applier connecting meanwhile (the daemon's worker, a
+/// `kick`) either set its target's foreign keys and triggers aside before
+/// the fence (this cutover puts them back later), or finds the fence and
+/// leaves them (`target::prepare`), never takes them away after the
+/// cutover put them back.
+async fn fence(src: &mut Conn, targets: &[&Conn], plan: &Plan, moved_to: &str) -> Result<()> {
+    let key = (apply::LOCK_CLASS, plan.sync_id);
+    for t in targets {
+        t.execute(apply::HOLD_LOCK, &[&key.0, &key.1]).await?;
+    }
+    let fenced = fence_source(src, plan, moved_to).await;
+    for t in targets {
+        // A lock not released (the connection failed) ends with it.
+        let _ = t.execute(apply::RELEASE_LOCK, &[&key.0, &key.1]).await;
+    }
+    fenced
+}
+
+async fn fence_source(src: &mut Conn, plan: &Plan, moved_to: &str) -> Result<()> {
     let db = src.name();
     let function = fence_function(plan);
     let trigger = quote_ident(&capture::fence_trigger(plan.sync_id));

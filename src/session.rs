@@ -432,7 +432,7 @@ async fn ready_target(
     plan: &Plan,
     before: Columns,
 ) -> Result<(bool, Option<String>)> {
-    let replica_role = target::prepare(tgt, plan).await?;
+    let replica_role = target::prepare(src, tgt, plan).await?;
     let recorded = evolve::recorded(tgt, plan).await?;
     let now = evolve::columns(plan);
     let mut target_matches = plan.check_target(tgt).await.is_ok();

@@ -16,7 +16,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use crate::apply::Plan;
+use crate::apply::{self, Plan};
 use crate::capture;
 use crate::error::{Error, Result};
 use crate::large_objects;
@@ -72,8 +72,10 @@ fn definition(r: &tokio_postgres::Row) -> Definition {
 
 /// Creates pgleap's bookkeeping on a target and makes sure triggers and
 /// foreign keys will not fire during apply. Returns whether the session runs
-/// with `session_replication_role = replica`.
-pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
+/// with `session_replication_role = replica`. `src` is the sync's source:
+/// while it carries the sync's fence, nothing is set aside (see
+/// [`set_aside`]).
+pub async fn prepare(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<bool> {
     let s = quote_ident(&plan.schema);
     let ddl = format!(
         "create schema if not exists {s};
@@ -152,17 +154,34 @@ pub async fn prepare(tgt: &mut Conn, plan: &Plan) -> Result<bool> {
         Err(e) if e.sqlstate() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
         Err(e) => return Err(e.into()),
     }
-    set_aside(tgt, plan).await?;
+    set_aside(src, tgt, plan).await?;
     Ok(false)
 }
 
 /// Records and drops the foreign keys touching the synced tables, and
 /// records and disables their enabled user triggers.
-async fn set_aside(tgt: &mut Conn, plan: &Plan) -> Result<()> {
+///
+/// Not while the source carries the sync's fence: a cutover put them back
+/// (or is about to), and an applier connecting then (the daemon's worker, a
+/// `kick`) must not take them away again after it did. The cutover holds
+/// the sync's applier lock on the target from before its fence until past
+/// its switch point, so this check, made under the same lock, sees either
+/// no fence and a cutover not yet begun, or the fence. A cutover's own
+/// session reconnecting inside its fence finds them set aside already.
+async fn set_aside(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<()> {
     let s = quote_ident(&plan.schema);
     let tables = table_list(plan);
     let db = tgt.name().to_string();
     let tx = tgt.transaction().await?;
+    tx.execute(apply::XACT_LOCK, &[&apply::LOCK_CLASS, &plan.sync_id]).await?;
+    if capture::fenced(src, &plan.schema, plan.sync_id).await? {
+        tracing::info!(
+            "{db}: the source is fenced by a cutover of sync \"{}\": foreign keys and \
+             triggers are left as they are",
+            plan.sync
+        );
+        return Ok(());
+    }
     let fks = foreign_keys(&tx, &tables, true).await?;
     let triggers = user_triggers(&tx, &tables, true).await?;
     for (items, kind) in [(&fks, "foreign key"), (&triggers, "trigger")] {

@@ -466,6 +466,41 @@ fn an_interrupt_inside_the_fence_waits_for_the_switch_pg15_to_pg17() {
     p.run(&["teardown", "s"]).ok();
 }
 
+/// An applier that connects while a cutover stands inside its fence, past
+/// putting the target's foreign keys back (a `kick` here; the daemon's
+/// worker reconnecting is the same path), leaves them: it used to set them
+/// aside again, and the cutover then failed to validate a key that was
+/// gone (or, had it not validated, left the new server without it).
+#[test]
+fn an_applier_connecting_inside_the_fence_leaves_the_restored_keys_pg15_to_pg17() {
+    let (src, dst, p) = cutover_pair("guard");
+    let cutover = p
+        .command()
+        .env("PGLEAP_PAUSEPOINT", "cutover-schema-restored")
+        .args(["cutover", "s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restored = "select count(*) from pg_constraint where conname = 'child_parent_id_fkey'";
+    let started = std::time::Instant::now();
+    while dst.sql().value(restored) == "0" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the cutover never restored the key");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Whatever the kick says (the source is fenced), it must not touch
+    // the target's keys.
+    let _ = p.run(&["kick", "s", "--wait", "10"]);
+    assert_eq!(dst.sql().value(restored), "1", "the kick set the restored key aside again");
+    let out = cutover.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let valid = "select convalidated from pg_constraint where conname = 'child_parent_id_fkey'";
+    assert_eq!(dst.sql().value(valid), "t");
+    assert_app_tables_equal(&src, &dst);
+    p.run(&["teardown", "s"]).ok();
+}
+
 /// Rollback, fix, cut over again: the path README documents. After a
 /// rollback the old server takes writes again; removing both syncs (the
 /// new server unfenced) and adding a sync that copies again (it replaces
