@@ -341,12 +341,6 @@ pub async fn cutover_with(
         .await?;
         pooler.repoint(&opts.switch, &to, route.name(), &target).await?;
         inside.lap("switch");
-        if let Some(old) = &opts.lift_fence {
-            // A rollback: the fence the cutover left on the old server comes
-            // off last, once nothing else can fail.
-            unfence(&mut session.tgt, old).await?;
-            capture::reset_read_only(&session.tgt).await?;
-        }
         Ok::<_, Error>(switched)
     }
     .await;
@@ -366,9 +360,6 @@ pub async fn cutover_with(
         }
     };
     let fence_ms = started.elapsed().as_millis() as i64;
-    let resumed = pooler.resume().await;
-    let paused_ms =
-        (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
     // Past the switch point: a rerun after a kill finishes what follows.
     catalog.switch_point(&[SwitchPoint {
         sync: route.name(),
@@ -377,9 +368,21 @@ pub async fn cutover_with(
         rollback_sync: opts.rollback_sync.as_deref(),
     }])?;
     crate::failpoint::hit("cutover-switched");
+    // A rollback: the fence the cutover left on the old server comes off
+    // only now, past the switch point, before the clients go on: a kill
+    // before it is finished by a rerun (which lifts it), never undone into
+    // two servers taking writes.
+    let lifted = match &opts.lift_fence {
+        Some(old) => lift_fence(&mut session.tgt, old).await,
+        None => Ok(()),
+    };
+    let resumed = pooler.resume().await;
+    let paused_ms =
+        (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
     drop(span);
     let armed = opts.rollback_sync.is_some() || opts.keep_others.is_some();
     past_switch_point(catalog, armed, resumed)?;
+    lifted.map_err(|e| unlifted(route.name(), e))?;
     target::validate_foreign_keys(&session.tgt, &switched.to_validate).await?;
     for (other, to_validate) in others.iter().zip(&switched.others_to_validate) {
         target::validate_foreign_keys(&other.tgt, to_validate).await?;
@@ -532,14 +535,6 @@ pub async fn cutover_server(
         inside.lap("drain, sequences and deferred schema of every database");
         let to_of = |db: &str| moves.iter().find(|m| m.2 == db).map_or(server, |m| &m.3);
         pooler.repoint_each(&opts.switch, server, name, "server", &to_of).await?;
-        for m in members.iter_mut() {
-            if let Some(old) = &m.lift_fence {
-                // A rollback: the fence the cutover left on the old server
-                // comes off last, once nothing else can fail.
-                unfence(&mut m.session.tgt, old).await?;
-                capture::reset_read_only(&m.session.tgt).await?;
-            }
-        }
         inside.lap("switch");
         Ok::<_, Error>(())
     }
@@ -558,9 +553,6 @@ pub async fn cutover_server(
     }
     let switch_point = Instant::now();
     let fence_ms = started.elapsed().as_millis() as i64;
-    let resumed = pooler.resume().await;
-    let paused_ms =
-        (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
     let each_ms: Vec<i64> =
         fenced_at.iter().map(|at| (switch_point - *at).as_millis() as i64).collect();
     let points: Vec<SwitchPoint<'_>> = members
@@ -576,9 +568,23 @@ pub async fn cutover_server(
         .collect();
     catalog.switch_point(&points)?;
     crate::failpoint::hit("cutover-switched");
+    // A rollback's old fences come off past the switch point, as in
+    // `cutover_with`.
+    let mut lifted = Ok(());
+    for m in members.iter_mut() {
+        if let Some(old) = &m.lift_fence
+            && let Err(e) = lift_fence(&mut m.session.tgt, old).await
+        {
+            lifted = Err(unlifted(m.route.name(), e));
+        }
+    }
+    let resumed = pooler.resume().await;
+    let paused_ms =
+        (!opts.switch.bouncers.is_empty()).then(|| paused_at.elapsed().as_millis() as i64);
     drop(span);
     let armed = members.iter().any(|m| m.rollback_sync.is_some());
     past_switch_point(catalog, armed, resumed)?;
+    lifted?;
     let mut databases = Vec::new();
     for (i, m) in members.iter_mut().enumerate() {
         target::validate_foreign_keys(&m.session.tgt, &finished[i].to_validate).await?;
@@ -614,6 +620,20 @@ pub async fn cutover_server(
 /// The schema objects left for the switch point (forced row security): the
 /// target switched to's, and each other target's in their order.
 type Left<'a> = (&'a [Difference], &'a [Vec<Difference>]);
+
+/// Lifts the fence a cutover left on the old server (and the read-only
+/// default of `--terminate`): the last step of a rollback.
+async fn lift_fence(old: &mut Conn, plan: &Plan) -> Result<()> {
+    unfence(old, plan).await?;
+    capture::reset_read_only(old).await
+}
+
+fn unlifted(sync: &str, e: Error) -> Error {
+    Error::invalid(
+        format!("switched back, but the old server's fence could not be lifted: {e}"),
+        format!("pgleap rollback again (or pgleap cutover {sync}) finishes it"),
+    )
+}
 
 /// Right after a switch point: a sync armed inside the fence needs the
 /// daemon to follow it; a pooler that did not resume holds its clients.
@@ -714,7 +734,7 @@ pub(crate) async fn resume_unfinished(
         ));
     }
     if progress.step == "switched" {
-        return finish_switched(catalog, route, env).await.map(Some);
+        return finish_switched(catalog, route, switch, env).await.map(Some);
     }
     let deadline = Some(Instant::now() + ROUND_LIMIT);
     tracing::warn!(
@@ -745,12 +765,23 @@ pub(crate) async fn resume_unfinished(
 async fn finish_switched(
     catalog: &mut Catalog,
     route: &SyncRoute,
+    switch: &SwitchPlan,
     env: Env<'_>,
 ) -> Result<CutoverReport> {
     let sync = route.name();
     tracing::warn!(
         "resuming: the cutover of sync \"{sync}\" passed its switch point; finishing it"
     );
+    // A rollback killed past its switch point: the fence the forward
+    // cutover left on the old server (this sync's target) comes off, then
+    // the poolers it may have left paused let their clients go.
+    if let Some(forward) = catalog.rollback_for(sync)? {
+        let forward = SyncRoute::load(catalog, &forward)?;
+        let mut old = route.sole_target()?.connect(env).await?;
+        let fence = Plan::load(&old, &forward.sync, &forward.relgroup).await?;
+        lift_fence(&mut old, &fence).await?;
+    }
+    crate::switch::resume_left_paused(switch, env).await;
     let src = route.source.connect(env).await?;
     let plan = Plan::load(&src, &route.sync, &route.relgroup).await?;
     // Every target's foreign keys: the one switched to and the others

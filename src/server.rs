@@ -115,7 +115,8 @@ pub async fn upgrade_server(
     for database in &chosen {
         planned.push(plan_database(base, database, on_target.contains(database))?);
     }
-    if let Some(report) = finished_before(catalog, &planned, base, env).await? {
+    let switch = opts_switch(&base.switch, &chosen)?;
+    if let Some(report) = finished_before(catalog, &planned, base, &switch, env).await? {
         return Ok(report);
     }
 
@@ -160,7 +161,7 @@ pub async fn upgrade_server(
             names.join(", ")
         ));
     }
-    crate::switch::check(&opts_switch(&base.switch, &chosen)?, env).await?;
+    crate::switch::check(&switch, env).await?;
     if !refusals.is_empty() {
         return Err(Error::invalid(
             format!("preflight of the server: {}", refusals.join("; ")),
@@ -230,7 +231,7 @@ pub async fn upgrade_server(
             dry_run: false,
             // Each database's own sync back is named per member.
             rollback_sync: None,
-            switch: opts_switch(&base.switch, &chosen)?,
+            switch: switch.clone(),
             lift_fence: None,
             allow_schema_differences: base.allow_schema_differences,
             // Every database's rows were compared before its sync went on,
@@ -325,6 +326,11 @@ pub async fn rollback_server(
         };
         backs.push((forward, SyncRoute::load(catalog, &back)?));
     }
+    let mut databases = Vec::new();
+    for (_, back) in &backs {
+        databases.push(back.source.resolve(env)?.dbname);
+    }
+    let opts = CutoverOptions { switch: opts_switch(&opts.switch, &databases)?, ..opts.clone() };
     // A rollback killed half-way: finished or undone first, all alike.
     for (_, back) in &backs {
         let old = back.sole_target()?.clone();
@@ -332,16 +338,13 @@ pub async fn rollback_server(
     }
     let deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs(600));
     let mut members = Vec::new();
-    let mut databases = Vec::new();
     for (forward, back) in backs {
         let old = back.sole_target()?.clone();
         let session = Session::open_retrying(catalog, &back, &old, 1, deadline, env).await?;
         let fence =
             crate::apply::Plan::load(&session.tgt, &forward.sync, &forward.relgroup).await?;
-        databases.push(back.source.resolve(env)?.dbname);
         members.push(Member { route: back, session, rollback_sync: None, lift_fence: Some(fence) });
     }
-    let opts = CutoverOptions { switch: opts_switch(&opts.switch, &databases)?, ..opts.clone() };
     // The switch command's server: the old one, at the first database.
     let server = members[0].route.sole_target()?.resolve(env)?;
     cutover::cutover_server(catalog, &mut members, &opts, name, &server, env).await
@@ -501,6 +504,7 @@ async fn finished_before(
     catalog: &mut Catalog,
     planned: &[Planned],
     base: &UpgradeOptions,
+    switch: &SwitchPlan,
     env: Env<'_>,
 ) -> Result<Option<ServerReport>> {
     // A cutover killed half-way: finished past its switch point, else
@@ -509,7 +513,7 @@ async fn finished_before(
         if catalog.sync(&p.opts.name).is_ok() {
             let route = SyncRoute::load(catalog, &p.opts.name)?;
             let target = route.sole_target()?.clone();
-            cutover::resume_unfinished(catalog, &route, &target, &base.switch, env).await?;
+            cutover::resume_unfinished(catalog, &route, &target, switch, env).await?;
         }
     }
     let retired = planned

@@ -306,6 +306,30 @@ fn a_cutover_killed_past_its_switch_point_is_finished_by_a_rerun_pg15_to_pg17() 
     p.run(&["teardown", "s"]).ok();
 }
 
+/// A rollback killed at its switch point: the old server's fence is lifted
+/// only past it, so the old server still refuses writes (the new one too:
+/// never both taking them); the rerun finishes the rollback, lifting it.
+#[test]
+fn a_rollback_killed_at_its_switch_point_is_finished_by_a_rerun_pg15_to_pg17() {
+    let (src, dst, p) = cutover_pair("killback");
+    p.run(&["cutover", "s", "--rollback-sync", "back"]).ok();
+    dst.sql().exec("insert into parent (v) values ('written on the new server')");
+    killed_at(&p, "cutover-switched", &["rollback", "s"]);
+    let insert = "insert into parent (v) values ('between')";
+    assert!(dst.sql().try_exec(insert).is_err(), "the new server takes writes after the switch");
+    assert!(src.sql().try_exec(insert).is_err(), "the old fence came off before the switch point");
+    let out = p.run(&["rollback", "s"]);
+    out.ok();
+    src.sql().exec("insert into parent (v) values ('after the rollback')");
+    assert!(dst.sql().try_exec(insert).is_err(), "{out}");
+    let written =
+        src.sql().value("select count(*) from parent where v = 'written on the new server'");
+    assert_eq!(written, "1", "the new server's write came back");
+    p.run(&["stop"]).ok();
+    p.run(&["teardown", "s"]).ok();
+    p.run(&["teardown", "back", "--unfence"]).ok();
+}
+
 /// A cutover killed after arming its sync back: the rerun is not refused
 /// over the name, removes the half-armed sync back from the new server and
 /// the catalog, and arms it again once; teardown removes it.
