@@ -223,6 +223,29 @@ impl CatalogError {
 
 type Result<T, E = CatalogError> = std::result::Result<T, E>;
 
+/// Puts the catalog in WAL mode. On a new file, processes opening it at
+/// once race to convert it: converting needs an exclusive lock taken from a
+/// shared one, and SQLite answers "database is locked" at once rather than
+/// wait in the busy handler (waiting could deadlock two upgraders). So it is
+/// retried here, within the busy timeout (seen under load: one of eight
+/// `db add` run side by side failed).
+fn wal_mode(conn: &Connection) -> rusqlite::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "wal") {
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                ) && started.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A database: a named connection.
 #[derive(Debug, Clone, Serialize)]
 pub struct Db {
@@ -500,7 +523,7 @@ impl Catalog {
         let sqlite = |source| CatalogError::Sqlite { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(sqlite)?;
-        conn.pragma_update(None, "journal_mode", "wal").map_err(sqlite)?;
+        wal_mode(&conn).map_err(sqlite)?;
         conn.pragma_update(None, "foreign_keys", "on").map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "normal").map_err(sqlite)?;
         let mut catalog = Catalog { conn, path: path.to_path_buf() };
