@@ -171,6 +171,10 @@ pub struct Plan {
     /// Where TRUNCATEs naming one partition are recorded, when the sync
     /// captures a partitioned table.
     partition_truncates: Option<String>,
+    /// The sync's journal of changed tables, if it has one
+    /// (`capture::journal`), and each table's number in it, in the order
+    /// of `tables`.
+    journal: Option<(String, Vec<i32>)>,
     /// Per table, the columns (names and types) when the plan was read,
     /// to compare with the target's.
     shape: Vec<String>,
@@ -353,6 +357,7 @@ impl Plan {
             return Err(Error::SchemaChanged { sync: sync.name.clone(), tables: gone });
         }
         let mut tables = Vec::new();
+        let numbers: Vec<i32> = captured.iter().map(|c| c.n).collect();
         for (c, row) in captured.into_iter().zip(&rows) {
             let table = qualified(&c.schema, &c.name);
             let (names, staging_columns): (Vec<String>, String) = (row.get(1), row.get(2));
@@ -393,6 +398,8 @@ impl Plan {
             .collect();
         let truncates = capture::partition_truncates(schema, sync_id);
         let partition_truncates = src.relation_exists(&truncates).await?.then_some(truncates);
+        let journal = capture::journal(schema, sync_id);
+        let journal = src.relation_exists(&journal).await?.then_some((journal, numbers));
         let mut plan = Plan {
             sync: sync.name.clone(),
             sync_id,
@@ -401,6 +408,7 @@ impl Plan {
             sequences,
             large_objects: relgroup.large_objects,
             partition_truncates,
+            journal,
             shape: Vec::new(),
             shape_ids: Vec::new(),
             shape_checked: Arc::default(),
@@ -558,6 +566,27 @@ impl Plan {
             return Ok(changed);
         }
         let cond = Self::PENDING_AFTER;
+        if let Some((journal, numbers)) = &self.journal {
+            // The journal's entries are written with the deltas, so the
+            // snapshot that sees one sees the other: the tables it names
+            // are exactly those with something pending.
+            let sql = format!(
+                "select coalesce(array_agg(distinct n), '{{}}') from {journal} where {cond}"
+            );
+            let found: Vec<i32> = c.query_prepared(&sql, &[]).await?[0].get(0);
+            let last = changed.len() - 1;
+            for n in found {
+                match numbers.iter().position(|&m| m == n) {
+                    Some(i) => changed[i] = true,
+                    // A TRUNCATE naming a partition.
+                    None if n == 0 && self.partition_truncates.is_some() => changed[last] = true,
+                    // Not one of the plan's (never written so): every
+                    // table is looked at, as without a journal.
+                    None => changed.fill(true),
+                }
+            }
+            return Ok(changed);
+        }
         for (n, chunk) in deltas.chunks(TABLES_PER_QUERY).enumerate() {
             let probes: Vec<String> = chunk
                 .iter()
@@ -1341,6 +1370,7 @@ fn purge_sql(plan: &Plan, purge: &Purge) -> String {
         .into_iter()
         .map(|t| &t.delta)
         .chain(&plan.partition_truncates)
+        .chain(plan.journal.as_ref().map(|(journal, _)| journal))
         .map(|delta| {
             format!(
                 "delete from {delta} d

@@ -49,6 +49,9 @@ const LOCK_ATTEMPTS: u32 = 8;
 /// Names of the objects of one captured table.
 #[derive(Debug, Clone)]
 pub struct Captured {
+    /// Its number in the sync (`relations.n`), the one its journal entries
+    /// carry.
+    pub n: i32,
     pub schema: String,
     pub name: String,
     pub delta: String,
@@ -81,6 +84,45 @@ pub fn partition_truncates(schema: &str, sync_id: i32) -> String {
     qualified(schema, &format!("d{sync_id}_partitions"))
 }
 
+/// A sync of more tables than this keeps a journal of the tables each
+/// transaction changed: the daemon's poll and a batch read which tables
+/// changed from it in one statement, instead of probing every delta (about
+/// 12 µs a delta, 0.1 s a poll at 10,000 tables: #28, docs/BENCHMARKS.md).
+/// Below it, probing costs less than what the journal adds to every
+/// captured statement (one more small insert), so smaller syncs have none.
+pub const JOURNAL_ABOVE: usize = 500;
+
+/// The journal of a sync of more than [`JOURNAL_ABOVE`] tables: a row
+/// (`n` of `relations`, 0 for a partition's TRUNCATE) per captured
+/// statement (per transaction, for row-level capture), written in the
+/// transaction that wrote the delta, so visible in exactly the snapshots
+/// that see the delta.
+pub fn journal(schema: &str, sync_id: i32) -> String {
+    qualified(schema, &format!("d{sync_id}_journal"))
+}
+
+/// What a capture function writes to the journal, if the sync has one:
+/// every statement (`once_per_transaction` false), or the first row a
+/// transaction changes in the table (row-level capture: a bulk statement
+/// fires it per row). The transaction-local setting reverts with a
+/// rolled-back subtransaction, as the insert does.
+fn journal_note(journal: Option<&str>, sync_id: i32, n: i32, once_per_transaction: bool) -> String {
+    let Some(journal) = journal else {
+        return String::new();
+    };
+    let insert = format!("insert into {journal} (_pgleap_txid, n) values (txid_current(), {n});");
+    if !once_per_transaction {
+        return insert;
+    }
+    let setting = quote_literal(&format!("pgleap.j{sync_id}_{n}"));
+    format!(
+        "if current_setting({setting}, true) is distinct from txid_current()::text then
+             {insert}
+             perform set_config({setting}, txid_current()::text, true);
+         end if;"
+    )
+}
+
 /// TRUNCATE naming one partition fires that partition's statement
 /// triggers only, and PostgreSQL clones none from the parent: `partition`
 /// gets one that records its name, and apply empties that partition on
@@ -99,6 +141,9 @@ pub async fn capture_partition_truncates(
     if exists {
         return Ok(());
     }
+    let journal = journal(schema, sync_id);
+    let journaled = client.relation_exists(&journal).await?.then_some(journal.as_str());
+    let note = journal_note(journaled, sync_id, 0, false);
     let ddl = format!(
         "create table if not exists {delta} (
                  _pgleap_txid int8 not null,
@@ -109,6 +154,7 @@ pub async fn capture_partition_truncates(
              begin
                  insert into {delta} (_pgleap_txid, schema_name, rel_name)
                  values (txid_current(), tg_table_schema, tg_table_name);
+                 {note}
                  return null;
              end $pgleap$;
              create trigger {} after truncate on {partition}
@@ -242,11 +288,21 @@ pub async fn install(
         )
         .await?;
     }
+    let tables: Vec<&Relation> = relations.iter().filter(|r| r.kind != "sequence").collect();
+    let journal = (tables.len() > JOURNAL_ABOVE).then(|| journal(schema, sync_id));
+    if let Some(journal) = &journal {
+        tx.batch_execute(&format!(
+            "create table {journal} (_pgleap_txid int8 not null, n int not null);
+             create index on {journal} using brin (_pgleap_txid);"
+        ))
+        .await?;
+    }
     tx.commit().await?;
 
-    let tables = relations.iter().filter(|r| r.kind != "sequence");
-    for (i, rel) in tables.enumerate() {
-        if let Err(e) = install_table(client, schema, sync_id, i as i32 + 1, rel, level).await {
+    for (i, rel) in tables.into_iter().enumerate() {
+        let n = i as i32 + 1;
+        let installed = install_table(client, schema, sync_id, n, rel, level, journal.as_deref());
+        if let Err(e) = installed.await {
             // Best effort: the original error is the one worth reporting.
             if let Err(cleanup) = remove(client, schema, sync, false).await {
                 tracing::warn!("cleanup after failed install: {cleanup}");
@@ -264,6 +320,7 @@ async fn install_table(
     n: i32,
     rel: &Relation,
     level: Level,
+    journal: Option<&str>,
 ) -> Result<()> {
     let s = quote_ident(schema);
     let table = qualified(&rel.schema, &rel.name);
@@ -290,14 +347,12 @@ async fn install_table(
     // future (PostgreSQL 11 and later).
     let inherited: bool = client.query_one(IN_INHERITANCE_OR_PARTITIONS, &[&table]).await?.get(0);
     let rows = inherited || level == Level::Row;
+    let note = journal_note(journal, sync_id, n, rows || rel.key_columns.is_empty());
+    let capture = Capture { table: &table, delta: &delta, function: &function, sync_id, note };
     let mut ddl = match (rel.key_columns.is_empty(), rows) {
-        (true, _) => keyless_capture(&table, &delta, &function, sync_id, &columns),
-        (false, false) => {
-            keyed_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns, arrays)
-        }
-        (false, true) => {
-            keyed_row_capture(&table, &delta, &function, sync_id, &rel.key_columns, &columns)
-        }
+        (true, _) => keyless_capture(&capture, &columns),
+        (false, false) => keyed_capture(&capture, &rel.key_columns, &columns, arrays),
+        (false, true) => keyed_row_capture(&capture, &rel.key_columns, &columns),
     };
     let key_array: Vec<String> = rel.key_columns.iter().map(|k| quote_literal(k)).collect();
     ddl.push_str(&format!(
@@ -317,6 +372,16 @@ async fn install_table(
         }
     }
     Ok(())
+}
+
+/// What every capture function of a table is built from.
+struct Capture<'a> {
+    table: &'a str,
+    delta: &'a str,
+    function: &'a str,
+    sync_id: i32,
+    /// Its journal entry (empty without a journal).
+    note: String,
 }
 
 /// The delta table of a keyed table: the key columns with their own types,
@@ -349,24 +414,19 @@ fn keyed_delta(
 /// for): the new key of each inserted or updated row, the old key of each
 /// deleted row and of an updated row whose key changed, into the delta of
 /// the table that holds it.
-fn keyed_row_capture(
-    table: &str,
-    delta: &str,
-    function: &str,
-    sync_id: i32,
-    key_columns: &[String],
-    columns: &[(String, String)],
-) -> String {
+fn keyed_row_capture(c: &Capture, key_columns: &[String], columns: &[(String, String)]) -> String {
+    let Capture { table, delta, function, sync_id, note } = c;
     let keys: Vec<String> = key_columns.iter().map(|k| quote_ident(k)).collect();
     let image =
         |rec: &str| keys.iter().map(|k| format!("{rec}.{k}")).collect::<Vec<_>>().join(", ");
-    let [_, _, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(sync_id);
+    let [_, _, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(*sync_id);
     format!(
         "{table_ddl}
          create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
          #variable_conflict use_column
          begin
+             {note}
              if tg_op = 'TRUNCATE' then
                  insert into {delta} (_pgleap_txid, _pgleap_truncated) values (txid_current(), true);
                  return null;
@@ -411,14 +471,12 @@ fn keyed_row_capture(
 /// nothing. Keys compare with their type's equality, the one apply matches
 /// target rows with.
 fn keyed_capture(
-    table: &str,
-    delta: &str,
-    function: &str,
-    sync_id: i32,
+    c: &Capture,
     key_columns: &[String],
     columns: &[(String, String)],
     arrays: bool,
 ) -> String {
+    let Capture { table, delta, function, sync_id, note } = c;
     let key_list: String =
         key_columns.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ");
     let keys_of = |transition: &str| {
@@ -441,6 +499,7 @@ fn keyed_capture(
          declare
              pgleap_txid_ int8 := txid_current();
          begin
+             {note}
              if tg_level = 'ROW' then
                  insert into {delta} (_pgleap_txid, {key_list}) values (pgleap_txid_, {old_key});
              elsif tg_op = 'INSERT' then
@@ -471,7 +530,7 @@ fn keyed_capture(
             key_columns.iter().map(|k| format!("{rec}.{}", quote_ident(k))).collect();
         format!("row({})", keys.join(", "))
     };
-    for (trigger, event) in trigger_names(sync_id) {
+    for (trigger, event) in trigger_names(*sync_id) {
         let referencing = match event {
             "insert" => "referencing new table as pgleap_new",
             "update" => "referencing new table as pgleap_new",
@@ -521,20 +580,15 @@ fn chunk_of(key_columns: &[String], columns: &[(String, String)]) -> String {
 /// An UPDATE is a delete of the old image and an insert of the new one;
 /// `_pgleap_seq` orders events as they happened, which for two changes to
 /// the same row is their commit order (the second waited for the first).
-fn keyless_capture(
-    table: &str,
-    delta: &str,
-    function: &str,
-    sync_id: i32,
-    columns: &[(String, String)],
-) -> String {
+fn keyless_capture(c: &Capture, columns: &[(String, String)]) -> String {
+    let Capture { table, delta, function, sync_id, note } = c;
     // Each part starts with its comma: a table may have no copied column
     // at all (none, or only generated ones), and its rows still count.
     let names: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
     let defs: String = columns.iter().map(|(n, t)| format!(", {} {t}", quote_ident(n))).collect();
     let list: String = names.iter().map(|n| format!(", {n}")).collect();
     let image = |rec: &str| names.iter().map(|n| format!(", {rec}.{n}")).collect::<String>();
-    let [_, _, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(sync_id);
+    let [_, _, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(*sync_id);
     format!(
         "create table {delta} (
              _pgleap_txid int8 not null,
@@ -547,6 +601,7 @@ fn keyless_capture(
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
          #variable_conflict use_column
          begin
+             {note}
              if tg_op = 'TRUNCATE' then
                  insert into {delta} (_pgleap_txid, _pgleap_truncated, _pgleap_op)
                  values (txid_current(), true, 'T');
@@ -658,7 +713,7 @@ pub async fn captured(
     let rows = client
         .query(
             &format!(
-                "select r.schema_name, r.rel_name, r.delta_table, r.key_columns,
+                "select r.n, r.schema_name, r.rel_name, r.delta_table, r.key_columns,
                         coalesce((select t.typcategory = 'A'
                                   from pg_attribute a join pg_type t on t.oid = a.atttypid
                                   where a.attrelid = to_regclass(format('%I.%I', $2::text,
@@ -672,11 +727,12 @@ pub async fn captured(
     let tables = rows
         .iter()
         .map(|r| Captured {
-            schema: r.get(0),
-            name: r.get(1),
-            delta: r.get(2),
-            key_columns: r.get(3),
-            key_arrays: r.get(4),
+            n: r.get(0),
+            schema: r.get(1),
+            name: r.get(2),
+            delta: r.get(3),
+            key_columns: r.get(4),
+            key_arrays: r.get(5),
         })
         .collect();
     Ok(Some((sync_id, tables)))

@@ -951,12 +951,30 @@ fn keys_changed_arrive(level: &str) {
 /// daemon applies another table's changes.
 #[test]
 fn a_write_committed_after_later_batches_ran_is_applied_pg15_to_pg17() {
-    let src = TestDb::new(cluster(15), "slowwritersrc");
-    let dst = TestDb::new(cluster(17), "slowwriterdst");
-    let schema = "create table t (id int primary key, v text);
-                  create table u (id int primary key, v text);";
-    src.sql().exec(schema);
-    dst.sql().exec(schema);
+    write_committed_after_later_batches("slowwriter", 0);
+}
+
+/// The same with 600 more tables: the batches learn which tables changed
+/// from the sync's journal, whose entry for `t` becomes visible only with
+/// the commit, like its delta.
+#[test]
+fn a_write_committed_after_later_batches_ran_is_applied_with_a_journal_pg15_to_pg17() {
+    write_committed_after_later_batches("slowjournal", 600);
+}
+
+fn write_committed_after_later_batches(label: &str, more_tables: usize) {
+    let src = TestDb::new(cluster(15), &format!("{label}src"));
+    let dst = TestDb::new(cluster(17), &format!("{label}dst"));
+    let schema = format!(
+        "create table t (id int primary key, v text);
+         create table u (id int primary key, v text);
+         do $$ begin
+             for i in 1..{more_tables} loop
+                 execute format('create table more%s (id int primary key)', i);
+             end loop; end $$;"
+    );
+    src.sql().exec(&schema);
+    dst.sql().exec(&schema);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
     p.add_sync(&["--onetimecopy", "always"]);
@@ -981,6 +999,12 @@ fn a_write_committed_after_later_batches_ran_is_applied_pg15_to_pg17() {
 /// go by slices of 500 tables: at 10,000 tables one query exceeded the
 /// server's stack depth. 1,200 tables make three slices; changes in the
 /// first and the last arrive, and status counts them while pending.
+///
+/// A sync of more than 500 tables learns which tables changed from its
+/// journal (#28): every way a table is captured writes it (statement
+/// triggers, a key change, a TRUNCATE, row triggers of a keyless and of a
+/// partitioned table, a TRUNCATE naming one partition), and a write rolled
+/// back to a savepoint leaves no entry behind that would hide a later one.
 #[test]
 fn a_sync_of_more_tables_than_one_query_names_applies_every_slice_pg15_to_pg17() {
     let src = TestDb::new(cluster(15), "slicesrc");
@@ -988,10 +1012,18 @@ fn a_sync_of_more_tables_than_one_query_names_applies_every_slice_pg15_to_pg17()
     let tables = "do $$ begin
         for i in 1..1200 loop
             execute format('create table t%s (id int primary key, v text)', i);
-        end loop; end $$";
+        end loop; end $$;
+        create table keyless (v text);
+        create table parted (id int primary key, v text) partition by range (id);
+        create table parted_1 partition of parted for values from (0) to (100);
+        create table parted_2 partition of parted for values from (100) to (200);";
     src.sql().exec(tables);
     dst.sql().exec(tables);
-    src.sql().exec("insert into t1 values (1, 'a'); insert into t1200 values (1, 'a')");
+    src.sql().exec(
+        "insert into t1 values (1, 'a'); insert into t1200 values (1, 'a');
+         insert into t600 values (1, 'a'), (2, 'b'); insert into t700 values (1, 'a');
+         insert into parted values (1, 'a'), (150, 'b');",
+    );
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
     p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
@@ -1011,5 +1043,32 @@ fn a_sync_of_more_tables_than_one_query_names_applies_every_slice_pg15_to_pg17()
     assert_eq!(d.value("select count(*) from t1200"), "0");
     let status = p.run(&["status", "s", "--json"]).json_any();
     assert_eq!(status["syncs"][0]["targets"][0]["pending"], 0, "{status}");
+
+    let journaled = "select count(*) from pgleap.relations r
+                     join pgleap.syncs y on y.id = r.sync_id and y.name = 's'
+                     where to_regclass(format('pgleap.d%s_journal', y.id)) is not null";
+    assert_ne!(src.sql().value(journaled), "0", "a sync of 1,203 tables keeps a journal");
+    src.sql().exec(
+        "update t600 set id = 3 where id = 2;
+         truncate t700;
+         insert into keyless values ('one'), ('two');
+         insert into parted values (2, 'c'), (151, 'd');
+         truncate parted_2;
+         begin;
+         savepoint s;
+         insert into t800 values (1, 'rolled back');
+         rollback to savepoint s;
+         insert into t800 values (2, 'kept');
+         commit;",
+    );
+    p.run(&["kick", "s", "--wait", "120"]).ok();
+    let changed =
+        [("t600", "id"), ("t700", "id"), ("t800", "id"), ("keyless", "v"), ("parted", "id")];
+    assert_same(&src.sql(), &d, &changed);
+    assert_eq!(d.value("select string_agg(id::text, ',' order by id) from parted"), "1,2");
     p.run(&["teardown", "s"]).ok();
+    assert_eq!(
+        src.sql().value("select count(*) from pg_tables where tablename like 'd%journal'"),
+        "0"
+    );
 }
