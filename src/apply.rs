@@ -34,6 +34,7 @@ use crate::large_objects::{self, Pass};
 use crate::pg::{
     Conn, NamedQuery, PgVersion, Sql, Tx, copy_between, qualified, quote_ident, quote_literal,
 };
+use crate::slices;
 
 /// Advisory lock class for "one applier per sync on this target" ('pglp').
 pub(crate) const LOCK_CLASS: i32 = 0x70676c70;
@@ -91,6 +92,9 @@ pub struct TablePlan {
     /// and arrays of them, quoted.
     pub(crate) floats: Vec<String>,
     pub(crate) float_arrays: Vec<String>,
+    /// Columns (not of the key) whose large values move in slices: bytea,
+    /// text and varchar, quoted (see `slices`).
+    pub(crate) sliceable: Vec<(String, slices::Kind)>,
 }
 
 impl TablePlan {
@@ -251,7 +255,11 @@ fn plan_columns_sql(v: PgVersion) -> String {
                 coalesce(array_agg(b.attname::text order by b.attnum)
                          filter (where b.typ in (700, 701)), '{{}}'),
                 coalesce(array_agg(b.attname::text order by b.attnum)
-                         filter (where b.typ in (1021, 1022)), '{{}}')
+                         filter (where b.typ in (1021, 1022)), '{{}}'),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.typ = 17), '{{}}'),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.typ in (25, 1043)), '{{}}')
          from t
          left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd' {collations})
            on b.n = t.n
@@ -366,6 +374,15 @@ impl Plan {
             let quoted = |names: Vec<String>| names.iter().map(|n| quote_ident(n)).collect();
             let column_names: Vec<String> = quoted(names);
             let columns = column_names.join(", ");
+            let keys: Vec<String> = c.key_columns.iter().map(|k| quote_ident(k)).collect();
+            let sliceable: Vec<(String, slices::Kind)> =
+                [(7, slices::Kind::Bytes), (8, slices::Kind::Text)]
+                    .into_iter()
+                    .flat_map(|(i, kind)| {
+                        quoted(row.get(i)).into_iter().map(move |c: String| (c, kind))
+                    })
+                    .filter(|(c, _)| !keys.contains(c))
+                    .collect();
             let member = relgroup.members.iter().find(|m| m.schema == c.schema && m.name == c.name);
             let est_rows = member.map_or(0, |m| m.est_rows);
             let est_bytes = member.map_or(0, |m| m.est_bytes);
@@ -376,7 +393,7 @@ impl Plan {
                 est_rows,
                 est_bytes,
                 delta: qualified(schema, &c.delta),
-                keys: c.key_columns.iter().map(|k| quote_ident(k)).collect(),
+                keys,
                 table,
                 columns,
                 copied_under: None,
@@ -388,6 +405,7 @@ impl Plan {
                 compare_applied: false,
                 floats: quoted(row.get(5)),
                 float_arrays: quoted(row.get(6)),
+                sliceable,
             });
         }
         let sequences = relgroup
@@ -792,14 +810,7 @@ pub(crate) async fn apply_table(
     }
     let (inserts, deletes) = if reload {
         ttx.batch_execute(&format!("truncate {}", t.rel())).await?;
-        let (rows, _) = copy_between(
-            stx,
-            &format!("copy (select {} from {}) to stdout", t.columns, t.rel()),
-            ttx,
-            &t.copy_in(),
-            &|_| {},
-        )
-        .await?;
+        let (rows, _) = copy_table_rows(stx, ttx, t, "true", &t.copy_in(), &|_| {}).await?;
         // TRUNCATE forgot the table's statistics: the new server must not
         // plan blind, and the next backlog needs the row count.
         ttx.batch_execute(&format!("analyze {}", t.table)).await?;
@@ -1156,16 +1167,8 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     // index: for a backlog that is a large share of the table, one hash
     // join over a scan of it is many times faster.
     let hash_join = changes > 10_000 && changes.saturating_mul(50) > t.est_rows;
-    let cols = &t.columns;
     let t0 = Instant::now();
-    ttx.batch_execute(&format!(
-        "set local client_min_messages = warning;
-         create temp table if not exists {staging} (
-             _pgleap_present bool{sep}{defs}) on commit delete rows",
-        sep = if cols.is_empty() { "" } else { ", " },
-        defs = t.staging_columns,
-    ))
-    .await?;
+    create_staging(ttx, t).await?;
     // Every column from the source's row, its key too: a key compares by
     // its type's equality (citext ignores case, numeric scale, float -0)
     // but is carried by its exact value. A vanished row has only its key,
@@ -1178,10 +1181,13 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
         .map(|c| {
             if t.keys.contains(c) {
                 format!("case when t.{first} is not null then t.{c} else k.{c} end")
+            } else if let Some((_, kind)) = t.sliceable.iter().find(|(s, _)| s == c) {
+                slices::carried(&format!("t.{c}"), *kind)
             } else {
                 format!("t.{c}")
             }
         })
+        .chain(std::iter::once(slices::mark(&t.sliceable, "t")))
         .collect();
     if hash_join {
         stx.batch_execute("set local enable_nestloop = off").await?;
@@ -1189,7 +1195,7 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     let staged = copy_rows(
         stx,
         &format!(
-            "copy (select {distinct} t.{first} is not null{sep}{select}
+            "copy (select {distinct} t.{first} is not null, {select}
                    from ({keys}) k
                    left join {table} t on {on}) to stdout",
             distinct = if t.keys_bytewise {
@@ -1197,19 +1203,16 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
             } else {
                 "distinct on (t.tableoid, t.ctid, case when t.ctid is null then row(k.*)::text end)"
             },
-            sep = if select.is_empty() { "" } else { ", " },
             select = select.join(", "),
             keys = t.changed_keys(cond),
             table = t.rel(),
             on = key_match(t, "t", "k"),
         ),
         ttx,
-        &format!(
-            "copy {staging} (_pgleap_present{sep}{cols}) from stdin",
-            sep = if cols.is_empty() { "" } else { ", " }
-        ),
+        &staging_copy_in(t),
     )
     .await?;
+    slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging).await?;
     if hash_join {
         stx.batch_execute("set local enable_nestloop = on").await?;
     }
@@ -1220,6 +1223,101 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
         ttx.batch_execute(&format!("analyze {staging}")).await?;
     }
     Ok(staged)
+}
+
+/// Creates `t`'s staging table in this session, if it has none: whether
+/// the row is present, the columns with their base types, and the mark of
+/// a row whose large values follow in slices.
+async fn create_staging(ttx: &Tx<'_>, t: &TablePlan) -> Result<()> {
+    ttx.batch_execute(&format!(
+        "set local client_min_messages = warning;
+         create temp table if not exists {staging} (
+             _pgleap_present bool{sep}{defs}, {mark} text) on commit delete rows",
+        staging = t.staging(),
+        sep = if t.columns.is_empty() { "" } else { ", " },
+        defs = t.staging_columns,
+        mark = slices::MARK,
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The COPY filling `t`'s staging table.
+fn staging_copy_in(t: &TablePlan) -> String {
+    let sep = if t.columns.is_empty() { "" } else { ", " };
+    format!("copy {} (_pgleap_present{sep}{}, {}) from stdin", t.staging(), t.columns, slices::MARK)
+}
+
+/// Copies the rows of `t` under `predicate` (columns unqualified, or of
+/// alias `t`) to the target by `copy_in`: a COPY of those without a large
+/// value, then the others with their values in slices. Returns (rows,
+/// bytes of the COPY streams).
+pub(crate) async fn copy_table_rows(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    t: &TablePlan,
+    predicate: &str,
+    copy_in: &str,
+    on_bytes: &dyn Fn(u64),
+) -> Result<(u64, u64)> {
+    let out = format!(
+        "copy (select {} from {} t where ({predicate}) and not ({})) to stdout",
+        t.columns,
+        t.rel(),
+        slices::any_large(&t.sliceable, "t")
+    );
+    let (rows, bytes) = copy_between(stx, &out, ttx, copy_in, on_bytes).await?;
+    let (large_rows, large_bytes) = copy_large_rows(stx, ttx, t, predicate).await?;
+    on_bytes(large_bytes);
+    Ok((rows + large_rows, bytes + large_bytes))
+}
+
+/// The rows of `t` under `predicate` that hold a large value: through the
+/// staging table, where their large values are filled in slices, then
+/// inserted. Returns (rows, bytes of their COPY stream).
+async fn copy_large_rows(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    t: &TablePlan,
+    predicate: &str,
+) -> Result<(u64, u64)> {
+    if t.sliceable.is_empty() {
+        return Ok((0, 0));
+    }
+    create_staging(ttx, t).await?;
+    let select: Vec<String> = t
+        .column_names
+        .iter()
+        .map(|c| match t.sliceable.iter().find(|(s, _)| s == c) {
+            Some((_, kind)) => slices::carried(&format!("t.{c}"), *kind),
+            None => format!("t.{c}"),
+        })
+        .chain(std::iter::once(slices::mark(&t.sliceable, "t")))
+        .collect();
+    let out = format!(
+        "copy (select true, {} from {} t where ({predicate}) and ({})) to stdout",
+        select.join(", "),
+        t.rel(),
+        slices::any_large(&t.sliceable, "t")
+    );
+    let (rows, bytes) = copy_between(stx, &out, ttx, &staging_copy_in(t), &|_| {}).await?;
+    if rows == 0 {
+        return Ok((0, 0));
+    }
+    let staging = t.staging();
+    slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging).await?;
+    ttx.execute(
+        &format!(
+            "insert into {}{} overriding system value select {} from {staging}",
+            t.table,
+            t.column_list(),
+            t.columns
+        ),
+        &[],
+    )
+    .await?;
+    ttx.batch_execute(&format!("truncate {staging}")).await?;
+    Ok((rows, bytes))
 }
 
 /// Replays a keyless table's row images in the order they happened: after

@@ -27,12 +27,12 @@ use std::time::Instant;
 
 use tokio_postgres::error::SqlState;
 
-use crate::apply::{Plan, TablePlan, truncatable};
+use crate::apply::{self, Plan, TablePlan, truncatable};
 use crate::catalog::OneTimeCopy;
 use crate::error::{Error, Result};
 use crate::fidelity;
 use crate::large_objects;
-use crate::pg::{Conn, Env, NamedQuery, Sql, Tx, copy_between, quote_ident};
+use crate::pg::{Conn, Env, NamedQuery, Sql, Tx, quote_ident};
 use crate::progress::Progress;
 use crate::route::DbConn;
 use crate::schema;
@@ -609,19 +609,10 @@ impl CopyRun<'_> {
                 } else {
                     t.copy_in()
                 };
-                let copied = copy_between(
-                    stx,
-                    &format!(
-                        "copy (select {} from {} where {}) to stdout",
-                        t.columns,
-                        t.rel(),
-                        unit.predicate
-                    ),
-                    &ttx,
-                    &copy_in,
-                    &|n| self.progress.advance(&bar, n),
-                )
-                .await;
+                let on_bytes = |n| self.progress.advance(&bar, n);
+                let copied =
+                    apply::copy_table_rows(stx, &ttx, t, &unit.predicate, &copy_in, &on_bytes)
+                        .await;
                 let (rows, bytes) = match copied {
                     Ok(done) => done,
                     // Another process copied this part meanwhile (one whose
@@ -636,9 +627,9 @@ impl CopyRun<'_> {
                         if self.unit_done(tgt, unit).await? {
                             return Ok(false);
                         }
-                        return Err(e.into());
+                        return Err(e);
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 };
                 (rows, bytes, bar)
             }

@@ -14,6 +14,7 @@
 //! - `inventory`: what a source database holds (tables, keys, sizes).
 //! - `capture`: triggers and delta tables on the source.
 //! - `large_objects`: large objects copied, synced by passes, compared.
+//! - `slices`: values too large to travel whole, moved in slices.
 //! - `apply`: snapshot-delimited batches applied to a target.
 //! - `target`: pgleap's bookkeeping on a target; its foreign keys and
 //!   triggers while the sync runs.
@@ -68,6 +69,7 @@ mod route;
 mod schema;
 mod server;
 mod session;
+mod slices;
 mod status;
 mod switch;
 mod target;

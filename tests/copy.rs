@@ -400,8 +400,8 @@ fn whole_tables_are_loaded_frozen_superuser_target_pg15_to_pg17() {
 /// Databases that are not UTF8 move byte for byte to a target of their
 /// encoding, through the initial copy and the sync: a SQL_ASCII database
 /// holding a byte no UTF8 accepts (café written as 0xe9), LATIN1, WIN1252
-/// and EUC_JP. A target of another encoding is refused before anything is
-/// written.
+/// and EUC_JP, values larger than a slice too. A target of another
+/// encoding is refused before anything is written.
 #[test]
 fn every_encoding_moves_byte_for_byte_to_a_target_of_its_encoding_pg15_to_pg17() {
     for (encoding, bytes) in [
@@ -416,14 +416,18 @@ fn every_encoding_moves_byte_for_byte_to_a_target_of_its_encoding_pg15_to_pg17()
         let text = format!("convert_from('\\x{bytes}'::bytea, '{encoding}')");
         src.sql().exec(&format!(
             "create table t (id int primary key, v text);
-             insert into t select g, {text} || g from generate_series(1, 50) g;"
+             insert into t select g, {text} || g from generate_series(1, 50) g;
+             insert into t values (52, repeat({text}, 5000));"
         ));
-        let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+        // 20 kB values move in slices of 16 kB, in the database's bytes.
+        let p =
+            Pgleap::for_clusters(&[src.cluster, dst.cluster]).env("PGLEAP_SLICE_BYTES", "16384");
         let args =
             ["upgrade", "--source", &src.dsn(), "--target", &dst.dsn(), "--cutover", "never"];
         p.run(&args).ok();
         src.sql().exec(&format!(
-            "update t set v = v || {text} where id % 2 = 0; insert into t values (51, {text});"
+            "update t set v = v || {text} where id % 2 = 0; insert into t values (51, {text});
+             insert into t values (53, repeat({text}, 6000));"
         ));
         p.run(&["kick", "upgrade", "--wait", "60"]).ok();
         let q = "select string_agg(encode(convert_to(v, current_setting('server_encoding')),
@@ -443,4 +447,64 @@ fn every_encoding_moves_byte_for_byte_to_a_target_of_its_encoding_pg15_to_pg17()
         "ENCODING 'LATIN1'",
     ]);
     assert_eq!(p.run(&["db", "list", "--json"]).json(), serde_json::json!([]));
+}
+
+/// Values larger than the slice size (here 64 kB, set for the test) move
+/// in slices, in the initial copy and in batches: bytea, multibyte text,
+/// varchar, in a keyed table (a NOT NULL one among them), a partitioned
+/// one and a keyless one, beside small values and NULLs; the target ends
+/// with every value equal, and verify says so.
+#[test]
+fn large_values_move_in_slices_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "slicessrc");
+    let dst = TestDb::new(cluster(17), "slicesdst");
+    // md5 decoded: bytes that do not compress, so stored as they are.
+    let bytes = |kb: u32, seed: u32| {
+        format!(
+            "(select decode(string_agg(md5(({seed} * 100000 + g)::text), ''), 'hex')
+              from generate_series(1, {kb} * 64) g)"
+        )
+    };
+    src.sql().exec(&format!(
+        "create table docs (id int primary key, body bytea not null, note text,
+                            title varchar(1000000), small text);
+         create table parted (id int, v bytea, primary key (id)) partition by range (id);
+         create table parted_1 partition of parted for values from (0) to (10);
+         create table parted_2 partition of parted for values from (10) to (20);
+         create table heap (v text);
+         insert into docs values
+             (1, {b1}, repeat('é☃ü', 100000), repeat('t', 200000), 'one'),
+             (2, '\\x0102', 'short', null, 'two'),
+             (3, {b3}, null, 'short title', null);
+         insert into parted values (1, {b4}), (11, {b5}), (12, '\\xff');
+         insert into heap values (repeat('ß', 90000)), ('small');",
+        b1 = bytes(300, 1),
+        b3 = bytes(100, 3),
+        b4 = bytes(200, 4),
+        b5 = bytes(80, 5),
+    ));
+    copy_schema(&src, &dst);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]).env("PGLEAP_SLICE_BYTES", "65536");
+    declare(&p, &src, &dst, "always", &[]);
+    let copied = p.run(&["kick", "s", "--wait", "120"]);
+    copied.ok();
+    assert!(copied.stderr.contains("large values moved in slices"), "{copied}");
+    let tables = [("docs", "id"), ("parted", "id"), ("heap", "v")];
+    assert_same(&src.sql(), &dst.sql(), &tables);
+
+    src.sql().exec(&format!(
+        "update docs set body = body || '\\x00'::bytea, note = note || 'ß' where id = 1;
+         update docs set note = repeat('ñ', 70000), title = repeat('x', 70000) where id = 2;
+         insert into docs values (4, {b6}, repeat('z', 65537), null, 'four');
+         delete from docs where id = 3;
+         update parted set id = 13 where id = 11;
+         insert into heap values (repeat('q', 100000));",
+        b6 = bytes(150, 6),
+    ));
+    let applied = p.run(&["kick", "s", "--wait", "120"]);
+    assert!(applied.stderr.contains("large values moved in slices"), "{applied}");
+    assert_same(&src.sql(), &dst.sql(), &tables);
+    let verified = p.run(&["verify", "s"]);
+    assert!(verified.ok().contains("equal"), "{verified}");
+    p.run(&["teardown", "s"]).ok();
 }
