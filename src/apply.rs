@@ -1120,7 +1120,14 @@ async fn write_staged(ttx: &Tx<'_>, t: &TablePlan, truncated: bool) -> Result<(u
 /// there), naming the first such key.
 async fn compare_staged(ttx: &Tx<'_>, t: &TablePlan) -> Result<()> {
     let row = |p: &str| {
-        let cols: Vec<String> = t.column_names.iter().map(|c| format!("{p}.{c}")).collect();
+        let cols: Vec<String> = t
+            .column_names
+            .iter()
+            .map(|c| match t.sliceable.iter().any(|(s, _)| s == c) {
+                true => slices::comparable(&format!("{p}.{c}")),
+                false => format!("{p}.{c}"),
+            })
+            .collect();
         format!("row({})::text", cols.join(", "))
     };
     let key: Vec<String> = t.keys.iter().map(|k| format!("s.{k}::text")).collect();

@@ -60,6 +60,14 @@ pub fn carried(expr: &str, kind: Kind) -> String {
     format!("case when {} then {empty} else {expr} end", large(expr))
 }
 
+/// `expr` (a sliceable column) in a form whose text two servers compare:
+/// itself, or when large its md5 (`md5:` and 32 hex digits): a row's text
+/// holding a bytea over 512 MB passes the server's 1 GB limit, so verify
+/// and the fence's comparison of applied rows could not read it whole.
+pub fn comparable(expr: &str) -> String {
+    format!("case when {} then 'md5:' || md5({expr}) else {expr}::text end", large(expr))
+}
+
 /// A table's columns whose values may move in slices (quoted names).
 pub type Sliceable = [(String, Kind)];
 

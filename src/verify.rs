@@ -23,6 +23,7 @@ use crate::large_objects;
 use crate::pg::{Conn, Env, Sql};
 use crate::route::SyncRoute;
 use crate::session::Session;
+use crate::slices;
 
 const BUCKETS: i32 = 64;
 /// How the large objects are named in a report (and in `--table`).
@@ -93,6 +94,8 @@ fn value(t: &TablePlan, c: &str) -> String {
                                              ',')
                            from unnest(t.{c}) u), '') end"
         )
+    } else if t.sliceable.iter().any(|(s, _)| s == c) {
+        slices::comparable(&format!("t.{c}"))
     } else {
         format!("t.{c}")
     }
