@@ -42,12 +42,13 @@ fn main() {
     let rounds = knob("PGLEAP_BENCH_ROUNDS", 3);
     let src = TestDb::new(cluster(15), "memsrc");
     eprintln!("loading {values} values of {mb} MB into PostgreSQL 15 ...");
-    // md5 text decoded: incompressible bytes, stored out of line as they
-    // come.
+    // md5s decoded: incompressible bytes, stored out of line as they
+    // come; aggregated as bytea, so a value may come near 1 GB (its hex
+    // text would pass the server's 1 GB limit).
     src.sql().exec(&format!(
         "create table big (id int primary key, v bytea not null);
          alter table big alter column v set storage external;
-         insert into big select i, (select decode(string_agg(md5((i * 1000000 + g)::text), ''), 'hex')
+         insert into big select i, (select string_agg(decode(md5((i * 1000000 + g)::text), 'hex'), ''::bytea)
                                     from generate_series(1, {mb} * 65536) g)
          from generate_series(1, {values}) i;"
     ));
