@@ -32,7 +32,8 @@ use crate::catalog::{RelGroup, Sync};
 use crate::error::{Error, Result};
 use crate::large_objects::{self, Pass};
 use crate::pg::{
-    Conn, NamedQuery, PgVersion, Sql, Tx, copy_between, qualified, quote_ident, quote_literal,
+    Conn, NamedQuery, PgVersion, Sql, Tx, copy_between, copy_between_marked, qualified,
+    quote_ident, quote_literal,
 };
 use crate::slices;
 
@@ -1256,9 +1257,11 @@ fn staging_copy_in(t: &TablePlan) -> String {
 }
 
 /// Copies the rows of `t` under `predicate` (columns unqualified, or of
-/// alias `t`) to the target by `copy_in`: a COPY of those without a large
-/// value, then the others with their values in slices. Returns (rows,
-/// bytes of the COPY streams).
+/// alias `t`) to the target by `copy_in`: those without a large value in
+/// one COPY, which also names the others (their values empty, the row's
+/// mark last, not forwarded: no second scan, and no staging table unless
+/// there is one); then those through the staging table, their large
+/// values in slices. Returns (rows, bytes of the COPY streams).
 pub(crate) async fn copy_table_rows(
     stx: &Tx<'_>,
     ttx: &Tx<'_>,
@@ -1267,31 +1270,29 @@ pub(crate) async fn copy_table_rows(
     copy_in: &str,
     on_bytes: &dyn Fn(u64),
 ) -> Result<(u64, u64)> {
+    if t.sliceable.is_empty() {
+        let out =
+            format!("copy (select {} from {} t where {predicate}) to stdout", t.columns, t.rel());
+        return Ok(copy_between(stx, &out, ttx, copy_in, on_bytes).await?);
+    }
     let out = format!(
-        "copy (select {} from {} t where ({predicate}) and not ({})) to stdout",
-        t.columns,
+        "copy (select {}, {} from {} t where {predicate}) to stdout",
+        carried_columns(t),
+        slices::mark(&t.sliceable, "t"),
         t.rel(),
-        slices::any_large(&t.sliceable, "t")
     );
-    let (rows, bytes) = copy_between(stx, &out, ttx, copy_in, on_bytes).await?;
-    let (large_rows, large_bytes) = copy_large_rows(stx, ttx, t, predicate).await?;
+    let (rows, bytes, marks) = copy_between_marked(stx, &out, ttx, copy_in, on_bytes).await?;
+    if marks.is_empty() {
+        return Ok((rows, bytes));
+    }
+    let (large_rows, large_bytes) = copy_large_rows(stx, ttx, t, &marks).await?;
     on_bytes(large_bytes);
     Ok((rows + large_rows, bytes + large_bytes))
 }
 
-/// The rows of `t` under `predicate` that hold a large value: through the
-/// staging table, where their large values are filled in slices, then
-/// inserted. Returns (rows, bytes of their COPY stream).
-async fn copy_large_rows(
-    stx: &Tx<'_>,
-    ttx: &Tx<'_>,
-    t: &TablePlan,
-    predicate: &str,
-) -> Result<(u64, u64)> {
-    if t.sliceable.is_empty() {
-        return Ok((0, 0));
-    }
-    create_staging(ttx, t).await?;
+/// `t`'s columns as a COPY out selects them (alias `t`): a large value of
+/// a sliceable column empty (see `slices`).
+fn carried_columns(t: &TablePlan) -> String {
     let select: Vec<String> = t
         .column_names
         .iter()
@@ -1299,18 +1300,39 @@ async fn copy_large_rows(
             Some((_, kind)) => slices::carried(&format!("t.{c}"), *kind),
             None => format!("t.{c}"),
         })
-        .chain(std::iter::once(slices::mark(&t.sliceable, "t")))
         .collect();
+    select.join(", ")
+}
+
+/// The rows of `t` that `marks` name (see [`slices::mark`]): through the
+/// staging table, where their large values are filled in slices, then
+/// inserted. Returns (rows, bytes of their COPY stream).
+async fn copy_large_rows(
+    stx: &Tx<'_>,
+    ttx: &Tx<'_>,
+    t: &TablePlan,
+    marks: &[String],
+) -> Result<(u64, u64)> {
+    create_staging(ttx, t).await?;
+    let ctids: Vec<&str> = marks.iter().filter_map(|m| m.split_once(':')).map(|(_, c)| c).collect();
+    // A TID scan finds the rows; the mark, tableoid included, picks them
+    // (a partitioned table's partitions share ctids).
     let out = format!(
-        "copy (select true, {} from {} t where ({predicate}) and ({})) to stdout",
-        select.join(", "),
+        "copy (select true, {}, {mark} from {} t
+               where t.ctid = any({}::tid[]) and {mark} = any({}::text[])) to stdout",
+        carried_columns(t),
         t.rel(),
-        slices::any_large(&t.sliceable, "t")
+        quote_literal(&format!(
+            "{{{}}}",
+            ctids.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(",")
+        )),
+        quote_literal(&format!(
+            "{{{}}}",
+            marks.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(",")
+        )),
+        mark = slices::mark(&t.sliceable, "t"),
     );
     let (rows, bytes) = copy_between(stx, &out, ttx, &staging_copy_in(t), &|_| {}).await?;
-    if rows == 0 {
-        return Ok((0, 0));
-    }
     let staging = t.staging();
     slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging).await?;
     ttx.execute(

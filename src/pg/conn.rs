@@ -405,6 +405,33 @@ pub async fn copy_between(
     copy_in: &str,
     on_bytes: &dyn Fn(u64),
 ) -> Result<(u64, u64), PgError> {
+    forward(from, copy_out, to, copy_in, on_bytes, None).await
+}
+
+/// [`copy_between`] where the last column of each row out is a mark, not
+/// forwarded: a row whose mark is not NULL is not forwarded either, and
+/// its mark is returned (the rows whose large values move in slices, see
+/// `slices`). Returns the rows written, the bytes forwarded and the marks.
+pub async fn copy_between_marked(
+    from: &impl Sql,
+    copy_out: &str,
+    to: &impl Sql,
+    copy_in: &str,
+    on_bytes: &dyn Fn(u64),
+) -> Result<(u64, u64, Vec<String>), PgError> {
+    let mut marks = Vec::new();
+    let (rows, bytes) = forward(from, copy_out, to, copy_in, on_bytes, Some(&mut marks)).await?;
+    Ok((rows, bytes, marks))
+}
+
+async fn forward(
+    from: &impl Sql,
+    copy_out: &str,
+    to: &impl Sql,
+    copy_in: &str,
+    on_bytes: &dyn Fn(u64),
+    mut marks: Option<&mut Vec<String>>,
+) -> Result<(u64, u64), PgError> {
     let out = from.copy_out(copy_out).await?;
     let sink = to.copy_in(copy_in).await?;
     let mut out = std::pin::pin!(out);
@@ -412,6 +439,20 @@ pub async fn copy_between(
     let mut bytes = 0u64;
     let mut chunk = bytes::BytesMut::with_capacity(COPY_CHUNK);
     while let Some(row) = out.try_next().await.map_err(|e| from.error(e))? {
+        // A marked row in COPY's text format: its fields, a tab, the mark
+        // (`\N` for NULL), a newline.
+        let (row, newline) = match marks.as_deref_mut() {
+            None => (row, false),
+            Some(marks) => {
+                let tab = row.iter().rposition(|&b| b == b'\t').unwrap_or(0);
+                let mark = &row[(tab + 1).min(row.len())..row.len().saturating_sub(1)];
+                if mark != b"\\N" {
+                    marks.push(String::from_utf8_lossy(mark).into_owned());
+                    continue;
+                }
+                (row.slice(..tab), true)
+            }
+        };
         if row.len() >= COPY_CHUNK {
             // A big row (a large value) goes on as it came, not copied into
             // the chunk first: memory holds it once, not twice (#28).
@@ -423,9 +464,15 @@ pub async fn copy_between(
             bytes += row.len() as u64;
             on_bytes(row.len() as u64);
             sink.feed(row).await.map_err(|e| to.error(e))?;
+            if newline {
+                chunk.extend_from_slice(b"\n");
+            }
             continue;
         }
         chunk.extend_from_slice(&row);
+        if newline {
+            chunk.extend_from_slice(b"\n");
+        }
         if chunk.len() >= COPY_CHUNK {
             bytes += chunk.len() as u64;
             on_bytes(chunk.len() as u64);
