@@ -112,10 +112,10 @@ pub async fn fill(
     if marks.is_empty() {
         return Ok(0);
     }
-    ttx.batch_execute(
-        "create temp table if not exists pgleap_slices (n int, b bytea) on commit delete rows",
-    )
-    .await?;
+    // Left empty after each value (a failed transaction's rows roll back):
+    // no ON COMMIT action, which would cost every commit (see
+    // `apply::create_staging`).
+    ttx.batch_execute("create temp table if not exists pgleap_slices (n int, b bytea)").await?;
     let slice = threshold();
     let mut filled = 0;
     for row in &marks {
