@@ -102,10 +102,11 @@ pub fn journal(schema: &str, sync_id: i32) -> String {
 }
 
 /// What a capture function writes to the journal, if the sync has one:
-/// every statement (`once_per_transaction` false), or the first row a
-/// transaction changes in the table (row-level capture: a bulk statement
-/// fires it per row). The transaction-local setting reverts with a
-/// rolled-back subtransaction, as the insert does.
+/// at every call (a statement, or a row), or with `once_per_transaction`
+/// at the first row a transaction changes in the table (row triggers that
+/// a bulk statement fires per row), remembered in a transaction-local
+/// setting that reverts with a rolled-back subtransaction, as the insert
+/// does.
 fn journal_note(journal: Option<&str>, sync_id: i32, n: i32, once_per_transaction: bool) -> String {
     let Some(journal) = journal else {
         return String::new();
@@ -347,7 +348,13 @@ async fn install_table(
     // future (PostgreSQL 11 and later).
     let inherited: bool = client.query_one(IN_INHERITANCE_OR_PARTITIONS, &[&table]).await?.get(0);
     let rows = inherited || level == Level::Row;
-    let note = journal_note(journal, sync_id, n, rows || rel.key_columns.is_empty());
+    // Row triggers a table needs (keyless, in a tree) may fire for bulk
+    // statements: one entry per transaction (a bulk UPDATE +5 % against
+    // +28 % for an entry per row). Row triggers asked for one-row
+    // statements: an entry per row, cheaper for one row (+18 µs a TPC-B
+    // transaction against +31: docs/BENCHMARKS.md).
+    let once = inherited || rel.key_columns.is_empty();
+    let note = journal_note(journal, sync_id, n, once);
     let capture = Capture { table: &table, delta: &delta, function: &function, sync_id, note };
     let mut ddl = match (rel.key_columns.is_empty(), rows) {
         (true, _) => keyless_capture(&capture, &columns),
