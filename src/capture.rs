@@ -94,9 +94,9 @@ pub const JOURNAL_ABOVE: usize = 500;
 
 /// The journal of a sync of more than [`JOURNAL_ABOVE`] tables: a row
 /// (`n` of `relations`, 0 for a partition's TRUNCATE) per captured
-/// statement (per transaction, for row-level capture), written in the
-/// transaction that wrote the delta, so visible in exactly the snapshots
-/// that see the delta.
+/// statement, or row, or table and transaction (see [`journal_note`]),
+/// written in the transaction that wrote the delta, so visible in exactly
+/// the snapshots that see the delta.
 pub fn journal(schema: &str, sync_id: i32) -> String {
     qualified(schema, &format!("d{sync_id}_journal"))
 }
