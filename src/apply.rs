@@ -32,7 +32,7 @@ use crate::catalog::{RelGroup, Sync};
 use crate::error::{Error, Result};
 use crate::large_objects::{self, Pass};
 use crate::pg::{
-    Conn, NamedQuery, PgVersion, Sql, Tx, copy_between, copy_between_marked, qualified,
+    Conn, Marked, NamedQuery, PgVersion, Sql, Tx, copy_between, copy_between_marked, qualified,
     quote_ident, quote_literal,
 };
 use crate::slices;
@@ -99,6 +99,20 @@ pub struct TablePlan {
 }
 
 impl TablePlan {
+    /// How column `c` (quoted) is cut when its value is large, if it may be.
+    pub(crate) fn sliced(&self, c: &str) -> Option<slices::Kind> {
+        self.sliceable.iter().find(|(s, _)| s == c).map(|(_, kind)| *kind)
+    }
+
+    /// Column `c` (quoted) of alias `t` as a COPY out selects it: a large
+    /// value of a sliceable column empty (see `slices`).
+    fn carried(&self, c: &str) -> String {
+        match self.sliced(c) {
+            Some(kind) => slices::carried(&format!("t.{c}"), kind),
+            None => format!("t.{c}"),
+        }
+    }
+
     /// The table as it is named in FROM, DELETE and TRUNCATE.
     pub(crate) fn rel(&self) -> String {
         if self.partitioned { self.table.clone() } else { format!("only {}", self.table) }
@@ -1124,9 +1138,9 @@ async fn compare_staged(ttx: &Tx<'_>, t: &TablePlan) -> Result<()> {
         let cols: Vec<String> = t
             .column_names
             .iter()
-            .map(|c| match t.sliceable.iter().any(|(s, _)| s == c) {
-                true => slices::comparable(&format!("{p}.{c}")),
-                false => format!("{p}.{c}"),
+            .map(|c| match t.sliced(c) {
+                Some(_) => slices::comparable(&format!("{p}.{c}")),
+                None => format!("{p}.{c}"),
             })
             .collect();
         format!("row({})::text", cols.join(", "))
@@ -1189,10 +1203,8 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
         .map(|c| {
             if t.keys.contains(c) {
                 format!("case when t.{first} is not null then t.{c} else k.{c} end")
-            } else if let Some((_, kind)) = t.sliceable.iter().find(|(s, _)| s == c) {
-                slices::carried(&format!("t.{c}"), *kind)
             } else {
-                format!("t.{c}")
+                t.carried(c)
             }
         })
         .chain(std::iter::once(slices::mark(&t.sliceable, "t")))
@@ -1200,7 +1212,9 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
     if hash_join {
         stx.batch_execute("set local enable_nestloop = off").await?;
     }
-    let staged = copy_rows(
+    // The marks are read from the stream: no query of the staging table
+    // for them (a round trip per table and batch).
+    let (staged, _, marks) = copy_between_marked(
         stx,
         &format!(
             "copy (select {distinct} t.{first} is not null, {select}
@@ -1218,9 +1232,11 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
         ),
         ttx,
         &staging_copy_in(t),
+        &|_| {},
+        Marked::Forwarded,
     )
     .await?;
-    slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging).await?;
+    slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging, &marks).await?;
     if hash_join {
         stx.batch_execute("set local enable_nestloop = on").await?;
     }
@@ -1289,7 +1305,8 @@ pub(crate) async fn copy_table_rows(
         slices::mark(&t.sliceable, "t"),
         t.rel(),
     );
-    let (rows, bytes, marks) = copy_between_marked(stx, &out, ttx, copy_in, on_bytes).await?;
+    let (rows, bytes, marks) =
+        copy_between_marked(stx, &out, ttx, copy_in, on_bytes, Marked::Dropped).await?;
     if marks.is_empty() {
         return Ok((rows, bytes));
     }
@@ -1298,18 +1315,10 @@ pub(crate) async fn copy_table_rows(
     Ok((rows + large_rows, bytes + large_bytes))
 }
 
-/// `t`'s columns as a COPY out selects them (alias `t`): a large value of
-/// a sliceable column empty (see `slices`).
+/// `t`'s columns as a COPY out selects them (alias `t`, see
+/// [`TablePlan::carried`]).
 fn carried_columns(t: &TablePlan) -> String {
-    let select: Vec<String> = t
-        .column_names
-        .iter()
-        .map(|c| match t.sliceable.iter().find(|(s, _)| s == c) {
-            Some((_, kind)) => slices::carried(&format!("t.{c}"), *kind),
-            None => format!("t.{c}"),
-        })
-        .collect();
-    select.join(", ")
+    t.column_names.iter().map(|c| t.carried(c)).collect::<Vec<_>>().join(", ")
 }
 
 /// The rows of `t` that `marks` name (see [`slices::mark`]): through the
@@ -1342,7 +1351,7 @@ async fn copy_large_rows(
     );
     let (rows, bytes) = copy_between(stx, &out, ttx, &staging_copy_in(t), &|_| {}).await?;
     let staging = t.staging();
-    slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging).await?;
+    slices::fill(stx, ttx, &t.sliceable, &t.rel(), &staging, marks).await?;
     ttx.execute(
         &format!(
             "insert into {}{} overriding system value select {} from {staging}",

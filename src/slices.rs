@@ -95,21 +95,18 @@ pub fn mark(columns: &Sliceable, alias: &str) -> String {
 
 /// Fills the large values of the rows of `dest` (a temp table on the
 /// target with [`MARK`] and the table's columns) that a COPY carried
-/// empty: each read from the row of `rel` its mark names, in `stx` (the
-/// snapshot the row was read in), in slices. Returns how many values.
+/// empty, those of `marks`: each read from the row of `rel` its mark
+/// names, in `stx` (the snapshot the row was read in), in slices. Returns
+/// how many values.
 pub async fn fill(
     stx: &Tx<'_>,
     ttx: &Tx<'_>,
     columns: &Sliceable,
     rel: &str,
     dest: &str,
+    marks: &[String],
 ) -> Result<u64> {
-    if columns.is_empty() {
-        return Ok(0);
-    }
-    let marks =
-        ttx.query(&format!("select {MARK} from {dest} where {MARK} is not null"), &[]).await?;
-    if marks.is_empty() {
+    if columns.is_empty() || marks.is_empty() {
         return Ok(0);
     }
     // Left empty after each value (a failed transaction's rows roll back):
@@ -118,22 +115,16 @@ pub async fn fill(
     ttx.batch_execute("create temp table if not exists pgleap_slices (n int, b bytea)").await?;
     let slice = threshold();
     let mut filled = 0;
-    for row in &marks {
-        let mark: String = row.get(0);
+    let here = "tableoid = $1 and ctid = $2::text::tid";
+    let lengths: Vec<String> =
+        columns.iter().map(|(c, _)| format!("coalesce(octet_length({c}), 0)::int8")).collect();
+    let lengths = format!("select {} from {rel} where {here}", lengths.join(", "));
+    for mark in marks {
         let Some((oid, ctid)) = mark.split_once(':') else { continue };
         let oid: u32 = oid.parse().unwrap_or_default();
-        let here = "tableoid = $1 and ctid = $2::text::tid";
-        for (column, kind) in columns {
-            let long: i64 = stx
-                .query_one(
-                    &format!(
-                        "select coalesce(octet_length({column}), 0)::int8 from {rel} where {here}"
-                    ),
-                    &[&oid, &ctid],
-                )
-                .await?
-                .get(0);
-            if long <= slice {
+        let row = stx.query_one(&lengths, &[&oid, &ctid]).await?;
+        for (i, (column, kind)) in columns.iter().enumerate() {
+            if row.get::<_, i64>(i) <= slice {
                 continue;
             }
             let slice = i32::try_from(slice).unwrap_or(i32::MAX);
@@ -170,7 +161,7 @@ pub async fn fill(
             };
             ttx.execute(
                 &format!("update {dest} set {column} = {value} where {MARK} = $1"),
-                &[&mark],
+                &[mark],
             )
             .await?;
             ttx.batch_execute("truncate pgleap_slices").await?;

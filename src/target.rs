@@ -164,9 +164,10 @@ pub async fn prepare(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<bool> {
 /// Not while the source carries the sync's fence: a cutover put them back
 /// (or is about to), and an applier connecting then (the daemon's worker, a
 /// `kick`) must not take them away again after it did. The cutover holds
-/// the sync's applier lock on the target from before its fence until past
-/// its switch point, so this check, made under the same lock, sees either
-/// no fence and a cutover not yet begun, or the fence. A cutover's own
+/// the sync's applier lock on the target while it puts up its fence, so
+/// this check, made under the same lock, sees either no fence (and its
+/// set-aside commits before the cutover's fence, hence before the cutover
+/// puts anything back), or the fence. A cutover's own
 /// session reconnecting inside its fence finds them set aside already.
 async fn set_aside(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<()> {
     let s = quote_ident(&plan.schema);

@@ -94,7 +94,7 @@ fn value(t: &TablePlan, c: &str) -> String {
                                              ',')
                            from unnest(t.{c}) u), '') end"
         )
-    } else if t.sliceable.iter().any(|(s, _)| s == c) {
+    } else if t.sliced(c).is_some() {
         slices::comparable(&format!("t.{c}"))
     } else {
         format!("t.{c}")

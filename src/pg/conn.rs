@@ -408,19 +408,30 @@ pub async fn copy_between(
     forward(from, copy_out, to, copy_in, on_bytes, None).await
 }
 
-/// [`copy_between`] where the last column of each row out is a mark, not
-/// forwarded: a row whose mark is not NULL is not forwarded either, and
-/// its mark is returned (the rows whose large values move in slices, see
-/// `slices`). Returns the rows written, the bytes forwarded and the marks.
+/// What [`copy_between_marked`] does with a row's mark.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    /// The mark is not forwarded, nor is a row whose mark is not NULL.
+    Dropped,
+    /// Every row goes on as it came, its mark included.
+    Forwarded,
+}
+
+/// [`copy_between`] where the last column of each row out is a mark: the
+/// marks that are not NULL are returned (the rows whose large values move
+/// in slices, see `slices`), read from the stream as it passes. Returns
+/// the rows written, the bytes forwarded and the marks.
 pub async fn copy_between_marked(
     from: &impl Sql,
     copy_out: &str,
     to: &impl Sql,
     copy_in: &str,
     on_bytes: &dyn Fn(u64),
+    marked: Marked,
 ) -> Result<(u64, u64, Vec<String>), PgError> {
     let mut marks = Vec::new();
-    let (rows, bytes) = forward(from, copy_out, to, copy_in, on_bytes, Some(&mut marks)).await?;
+    let (rows, bytes) =
+        forward(from, copy_out, to, copy_in, on_bytes, Some((&mut marks, marked))).await?;
     Ok((rows, bytes, marks))
 }
 
@@ -430,7 +441,7 @@ async fn forward(
     to: &impl Sql,
     copy_in: &str,
     on_bytes: &dyn Fn(u64),
-    mut marks: Option<&mut Vec<String>>,
+    mut marks: Option<(&mut Vec<String>, Marked)>,
 ) -> Result<(u64, u64), PgError> {
     let out = from.copy_out(copy_out).await?;
     let sink = to.copy_in(copy_in).await?;
@@ -441,16 +452,20 @@ async fn forward(
     while let Some(row) = out.try_next().await.map_err(|e| from.error(e))? {
         // A marked row in COPY's text format: its fields, a tab, the mark
         // (`\N` for NULL), a newline.
-        let (row, newline) = match marks.as_deref_mut() {
+        let (row, newline) = match &mut marks {
             None => (row, false),
-            Some(marks) => {
+            Some((marks, marked)) => {
                 let tab = row.iter().rposition(|&b| b == b'\t').unwrap_or(0);
                 let mark = &row[(tab + 1).min(row.len())..row.len().saturating_sub(1)];
-                if mark != b"\\N" {
+                let null = mark == b"\\N";
+                if !null {
                     marks.push(String::from_utf8_lossy(mark).into_owned());
-                    continue;
                 }
-                (row.slice(..tab), true)
+                match marked {
+                    Marked::Forwarded => (row, false),
+                    Marked::Dropped if null => (row.slice(..tab), true),
+                    Marked::Dropped => continue,
+                }
             }
         };
         if row.len() >= COPY_CHUNK {

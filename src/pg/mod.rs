@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
-pub use conn::{Conn, PgError, Sql, Tx, copy_between, copy_between_marked};
+pub use conn::{Conn, Marked, PgError, Sql, Tx, copy_between, copy_between_marked};
 pub use conninfo::{
     ConnParams, ConninfoError, Env, PasswordSource, ResolvedConn, SslMode, process_env,
 };
