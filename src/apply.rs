@@ -589,8 +589,8 @@ impl Plan {
     /// Per delta of the plan (its tables', then the partition TRUNCATEs'),
     /// whether it holds deltas the snapshot given to [`set_after`] on `c`
     /// did not see, as `c` sees them: one `exists` probe per delta, by
-    /// slices of [`TABLES_PER_QUERY`]. With `first`, stops after the first
-    /// slice that has one (the rest reads false).
+    /// slices of [`Sql::tables_per_statement`]. With `first`, stops after
+    /// the first slice that has one (the rest reads false).
     async fn changed_tables(&self, c: &impl Sql, first: bool) -> Result<Vec<bool>> {
         let deltas: Vec<&String> =
             self.tables.iter().map(|t| &t.delta).chain(&self.partition_truncates).collect();
@@ -620,7 +620,8 @@ impl Plan {
             }
             return Ok(changed);
         }
-        for (n, chunk) in deltas.chunks(TABLES_PER_QUERY).enumerate() {
+        let slice = c.tables_per_statement();
+        for (n, chunk) in deltas.chunks(slice).enumerate() {
             let probes: Vec<String> = chunk
                 .iter()
                 .map(|delta| format!("exists (select 1 from {delta} where {cond})"))
@@ -628,12 +629,30 @@ impl Plan {
             let sql = format!("select array[{}]", probes.join(", "));
             let found: Vec<bool> = c.query_prepared(&sql, &[]).await?[0].get(0);
             let any = found.iter().any(|&f| f);
-            changed[n * TABLES_PER_QUERY..][..found.len()].copy_from_slice(&found);
+            changed[n * slice..][..found.len()].copy_from_slice(&found);
             if first && any {
                 break;
             }
         }
         Ok(changed)
+    }
+
+    /// The tables (indexes into `tables`) a batch in `c`'s snapshot, after
+    /// the one given to [`set_after`], may have anything to apply to: those
+    /// its journal names; without a journal, every table, or those whose
+    /// delta a probe finds pending when the plan takes more than one
+    /// statement to count (a count costs 0.2 ms a table, 2 s a batch at
+    /// 10,000; a probe much less) but fewer tables than one transaction may
+    /// name (the probes' locks last until `c`'s transaction ends).
+    pub(crate) async fn candidates(&self, c: &impl Sql) -> Result<Vec<usize>> {
+        let n = self.tables.len();
+        if self.journal.is_none()
+            && (n <= c.tables_per_statement() || n > c.tables_per_transaction())
+        {
+            return Ok((0..n).collect());
+        }
+        let changed = self.changed_tables(c, false).await?;
+        Ok((0..n).filter(|&i| changed[i]).collect())
     }
 }
 
@@ -641,8 +660,11 @@ impl Plan {
 /// means applying every delta since capture started.
 pub const FROM_THE_START: &str = "1:1:";
 
-/// Records where change apply continues from (after an initial copy).
-pub async fn set_applied_snapshot(tgt: &Conn, plan: &Plan, snapshot: &str) -> Result<()> {
+/// Records where change apply continues from: after an initial copy, or
+/// in a batch's target transaction, the snapshot it brought the target to.
+/// (The relgroup's sequences travel outside batches: see
+/// [`crate::sequences`].)
+pub async fn set_applied_snapshot(tgt: &impl Sql, plan: &Plan, snapshot: &str) -> Result<()> {
     tgt.execute(
         &format!(
             "insert into {}.applied (sync, snapshot) values ($1, $2)
@@ -723,18 +745,25 @@ pub(crate) async fn record_consumer(
     // without waiting for the WAL flush, and with the purge, when due, in
     // the same source transaction: bookkeeping costs the source one
     // commit per batch, not one per table.
-    let mut bookkeeping = format!(
-        "set local synchronous_commit = off;
-         update {s}.consumer set snapshot = {}, updated_at = now()
+    // The purge goes by slices of deltas, a transaction each: one naming
+    // every delta of thousands would hold more locks than the server
+    // has (see `Sql::tables_per_transaction`).
+    let update = format!(
+        "update {s}.consumer set snapshot = {}, updated_at = now()
          where sync_id = {} and target = {};",
         quote_literal(snapshot),
         plan.sync_id,
         quote_literal(target_name)
     );
-    bookkeeping.push_str(&purge_sql(plan, purge));
-    let tx = src.transaction().await?;
-    tx.batch_execute(&bookkeeping).await?;
-    tx.commit().await?;
+    let deletes = purge_sql(plan, purge);
+    let mut slices = deletes.chunks(src.tables_per_statement()).map(|c| c.concat());
+    let mut next = Some(update + &slices.next().unwrap_or_default());
+    while let Some(work) = next {
+        let tx = src.transaction().await?;
+        tx.batch_execute(&format!("set local synchronous_commit = off; {work}")).await?;
+        tx.commit().await?;
+        next = slices.next();
+    }
     Ok(())
 }
 
@@ -769,7 +798,14 @@ pub async fn apply_within(
         .map(|r| r.get(0));
     stats.snapshot = set_after(stx, prev.as_deref()).await?;
     let cond = Plan::pending(prev.as_deref());
-    let counts = pending_counts(stx, plan).await?;
+    let named = plan.candidates(stx).await?;
+    // A transaction naming more tables than the servers' lock tables can
+    // spare would fail, again at every retry: table by table instead.
+    let limit = stx.tables_per_transaction().min(ttx.tables_per_transaction());
+    if catch_up_at.is_some() && named.len() > limit && plan.partition_truncates.is_none() {
+        return Ok(None);
+    }
+    let counts = pending_counts(stx, plan, &named).await?;
     stats.changed =
         counts.iter().enumerate().filter(|(_, c)| c.0 > 0 || c.1).map(|(i, _)| i).collect();
     plan.check_shape(stx, Some(&stats.changed)).await?;
@@ -785,7 +821,7 @@ pub async fn apply_within(
     for (t, (changes, truncated)) in plan.tables.iter().zip(counts) {
         apply_table(stx, ttx, t, &cond, changes, truncated, &mut stats).await?;
     }
-    finish_batch(stx, ttx, plan, &stats.snapshot).await?;
+    set_applied_snapshot(ttx, plan, &stats.snapshot).await?;
     Ok(Some(stats))
 }
 
@@ -841,52 +877,6 @@ pub(crate) async fn apply_table(
     } else {
         tracing::debug!(table = t.display, changes, inserts, deletes, ms, "applied");
     }
-    Ok(())
-}
-
-/// `setval($1, $2, $3)` on sequence `seq` (quoted, qualified) only if that
-/// moves it forward: (value, is_called) past its own in the direction of
-/// its increment.
-fn forward_setval_sql(seq: &str) -> String {
-    format!(
-        "select setval($1::text::regclass, $2, $3)
-         from pg_sequence s, (select last_value, is_called from {seq}) cur
-         where s.seqrelid = $1::text::regclass
-           and case when s.seqincrement > 0
-                    then ($2::int8, $3::bool) > (cur.last_value, cur.is_called)
-                    else ($2::int8, not $3::bool) < (cur.last_value, not cur.is_called) end"
-    )
-}
-
-/// Ends a batch inside `ttx`: the relgroup's sequences as `stx` sees them,
-/// and `snapshot` recorded as applied.
-///
-/// A target's sequence only ever moves forward (in its increment's
-/// direction): a round that runs after the cutover has moved the
-/// application to the target (the daemon's last round of a sync being
-/// retired) must not set a sequence back under values the application
-/// has drawn there since. A source sequence reset backwards is therefore
-/// not followed; the cutover's own setting (plus its margin) is exact.
-pub(crate) async fn finish_batch(
-    stx: &Tx<'_>,
-    ttx: &Tx<'_>,
-    plan: &Plan,
-    snapshot: &str,
-) -> Result<()> {
-    for seq in &plan.sequences {
-        let row = stx.query_one(&format!("select last_value, is_called from {seq}"), &[]).await?;
-        let (value, called): (i64, bool) = (row.get(0), row.get(1));
-        ttx.execute(&forward_setval_sql(seq), &[seq, &value, &called]).await?;
-    }
-    ttx.execute(
-        &format!(
-            "insert into {}.applied (sync, snapshot) values ($1, $2)
-             on conflict (sync) do update set snapshot = excluded.snapshot, applied_at = now()",
-            quote_ident(&plan.schema)
-        ),
-        &[&plan.sync, &snapshot],
-    )
-    .await?;
     Ok(())
 }
 
@@ -961,27 +951,24 @@ pub(crate) async fn set_after(c: &impl Sql, prev: Option<&str>) -> Result<String
 }
 
 /// Per table of the plan, in order: the changes pending after the snapshot
-/// given to [`set_after`] on `stx`, and whether one was a TRUNCATE. A plan
-/// of one slice counts every delta in one statement; a larger one counts
-/// only the tables whose delta has any, found by one cheap probe per delta
-/// in the batch's own snapshot (a count cost 0.2 ms a table, 2 s a batch at
-/// 10,000): a table without a delta visible in `stx`'s snapshot has
-/// nothing this batch could apply.
-pub(crate) async fn pending_counts(stx: &Tx<'_>, plan: &Plan) -> Result<Vec<(i64, bool)>> {
+/// given to [`set_after`] on `stx`, and whether one was a TRUNCATE; only
+/// the tables `among` names are counted (see [`Plan::candidates`]), the
+/// others read none.
+pub(crate) async fn pending_counts(
+    stx: &Tx<'_>,
+    plan: &Plan,
+    among: &[usize],
+) -> Result<Vec<(i64, bool)>> {
     let mut counts = vec![(0, false); plan.tables.len()];
-    let one_slice = plan.tables.len() <= TABLES_PER_QUERY;
-    let changed = if one_slice {
-        vec![true; plan.tables.len()]
-    } else {
-        plan.changed_tables(stx, false).await?
-    };
+    let slice = stx.tables_per_statement();
+    // Every table in one statement: the same statement every batch,
+    // planned once.
+    let same_every_time = among.len() == plan.tables.len() && among.len() <= slice;
     let cond = Plan::PENDING_AFTER;
-    let parts: Vec<String> = plan
-        .tables
+    let parts: Vec<String> = among
         .iter()
-        .enumerate()
-        .filter(|(i, _)| changed[*i])
-        .map(|(i, t)| {
+        .map(|&i| {
+            let t = &plan.tables[i];
             format!(
                 "select {i} as i, {} as n,
                         coalesce(bool_or(_pgleap_truncated), false) as truncated
@@ -992,10 +979,9 @@ pub(crate) async fn pending_counts(stx: &Tx<'_>, plan: &Plan) -> Result<Vec<(i64
             )
         })
         .collect();
-    for chunk in parts.chunks(TABLES_PER_QUERY) {
+    for chunk in parts.chunks(slice) {
         let sql = format!("select i, n, truncated from ({}) x", chunk.join(" union all "));
-        // One slice: the same statement every batch, planned once.
-        let rows = match one_slice {
+        let rows = match same_every_time {
             true => stx.query_prepared(&sql, &[]).await?,
             false => stx.query(&sql, &[]).await?,
         };
@@ -1005,12 +991,6 @@ pub(crate) async fn pending_counts(stx: &Tx<'_>, plan: &Plan) -> Result<Vec<(i64
     }
     Ok(counts)
 }
-
-/// How many tables one query over the deltas names at most: a UNION ALL
-/// (or OR) of 10,000 arms exceeds the server's stack depth while it is
-/// parsed ("stack depth limit exceeded", found at 10,000 tables), so the
-/// queries over every delta go by slices of this many.
-const TABLES_PER_QUERY: usize = 500;
 
 /// A keyless table's pending events: those of `cond`, less those its
 /// initial copy already holds (see [`TablePlan::copied_under`]). Keyed
@@ -1502,11 +1482,11 @@ async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Resu
 /// would pile up for as long as it runs. The xmax bound lets the BRIN
 /// index skip the newer ranges. Nothing goes while a target has applied
 /// nothing (its snapshot is NULL).
-fn purge_sql(plan: &Plan, purge: &Purge) -> String {
+fn purge_sql(plan: &Plan, purge: &Purge) -> Vec<String> {
     let s = quote_ident(&plan.schema);
     let id = plan.sync_id;
     let tables: Vec<&TablePlan> = match purge {
-        Purge::No => return String::new(),
+        Purge::No => return Vec::new(),
         Purge::All => plan.tables.iter().collect(),
         Purge::Changed(changed) => changed.iter().filter_map(|&i| plan.tables.get(i)).collect(),
     };
@@ -1578,7 +1558,7 @@ pub async fn pending(src: &Conn, plan: &Plan, target: &str) -> Result<(i64, f64)
         })
         .collect();
     let (mut pending, mut lag) = (0i64, 0f64);
-    for chunk in parts.chunks(TABLES_PER_QUERY) {
+    for chunk in parts.chunks(src.tables_per_statement()) {
         let sql = format!(
             "select coalesce(sum(n), 0)::int8,
                     coalesce(extract(epoch from now() - min(oldest)), 0)::float8

@@ -32,8 +32,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::apply::{
-    self, BatchStats, LOCK_CLASS, Plan, Purge, apply_table, finish_batch, keyed_changes,
-    pending_counts, record_consumer,
+    self, BatchStats, LOCK_CLASS, Plan, Purge, apply_table, keyed_changes, pending_counts,
+    record_consumer,
 };
 use crate::error::Result;
 use crate::large_objects::{self, Pass};
@@ -91,7 +91,8 @@ async fn locked(
     let (exported, snapshot) = ctx.export_snapshot().await?;
     plan.check_shape(&ctx, None).await?;
     apply::set_after(&ctx, prev.as_deref()).await?;
-    let counts = pending_counts(&ctx, plan).await?;
+    let named = plan.candidates(&ctx).await?;
+    let counts = counts_by_slices(workers, &exported, prev.as_deref(), plan, &named).await?;
 
     tgt.batch_execute(&format!(
         "create table if not exists {s}.caught_up (
@@ -161,7 +162,7 @@ async fn locked(
         let pass = large_objects::pass(&ctx, &ttx, &plan.schema, &plan.sync, mode).await?;
         stats.large_objects = Some(pass);
     }
-    finish_batch(&ctx, &ttx, plan, &snapshot).await?;
+    apply::set_applied_snapshot(&ttx, plan, &snapshot).await?;
     ttx.execute(&format!("delete from {s}.caught_up where sync = $1"), &[&plan.sync]).await?;
     ttx.commit().await?;
     progress.finish();
@@ -174,6 +175,31 @@ async fn locked(
     stats.millis = started.elapsed().as_millis() as i64;
     tracing::info!(sync = plan.sync, ms = stats.millis, "caught up");
     Ok(stats)
+}
+
+/// [`pending_counts`] of the tables `named`, as of the exported snapshot,
+/// by slices of tables in transactions of their own that import it: the
+/// coordinator's transaction lasts the whole catch-up, and would hold a
+/// lock on every delta it had counted.
+async fn counts_by_slices(
+    workers: &Workers<'_>,
+    exported: &str,
+    prev: Option<&str>,
+    plan: &Plan,
+    named: &[usize],
+) -> Result<Vec<(i64, bool)>> {
+    let mut counts = vec![(0, false); plan.tables.len()];
+    let mut src = workers.source.connect(workers.env).await?;
+    for slice in named.chunks(src.tables_per_statement()) {
+        let tx = src.imported_snapshot(exported).await?;
+        apply::set_after(&tx, prev).await?;
+        let part = pending_counts(&tx, plan, slice).await?;
+        tx.commit().await?;
+        for &i in slice {
+            counts[i] = part[i];
+        }
+    }
+    Ok(counts)
 }
 
 /// What every worker of one catch-up shares.
@@ -208,7 +234,6 @@ impl Job<'_> {
         // the role may not say so, they were set aside).
         tgt.batch_execute("set pgleap.applying = on").await?;
         let _ = tgt.batch_execute("set session_replication_role = replica").await;
-        let stx = src.imported_snapshot(self.exported).await?;
         let s = quote_ident(&self.plan.schema);
         loop {
             // The guard must go before the await: other workers take it.
@@ -216,10 +241,13 @@ impl Job<'_> {
                 break;
             };
             let t = &self.plan.tables[i];
+            // A source transaction per table, importing the one snapshot:
+            // one for all a worker's tables would hold locks on them all.
+            let stx = src.imported_snapshot(self.exported).await?;
             let resumed = self.done.get(&t.table).map(|c| Plan::pending(Some(c)));
             if let Some(done) = self.done.get(&t.table) {
                 apply::set_after(&stx, Some(done)).await?;
-                (changes, truncated) = pending_counts(&stx, self.plan).await?[i];
+                (changes, truncated) = pending_counts(&stx, self.plan, &[i]).await?[i];
             }
             let cond = resumed.as_deref().unwrap_or(cond);
             let unit = self.progress.start_unit(&t.display, changes.max(0) as u64);
@@ -238,6 +266,7 @@ impl Job<'_> {
             )
             .await?;
             ttx.commit().await?;
+            stx.commit().await?;
             self.progress.advance(&unit, changes.max(0) as u64);
             self.progress.finish_unit(unit, table_stats.inserts + table_stats.deletes);
             let mut st = stats.lock().unwrap();
@@ -245,7 +274,6 @@ impl Job<'_> {
             st.deletes += table_stats.deletes;
             st.truncates += table_stats.truncates;
         }
-        stx.commit().await?;
         Ok(())
     }
 }

@@ -42,6 +42,7 @@ use crate::inventory::Selection;
 use crate::objects::{self, SyncSpec};
 use crate::pg::{Conn, Env, NamedQuery, Sql, qualified, quote_ident, quote_literal};
 use crate::route::{DbConn, SyncRoute};
+use crate::sequences;
 use crate::session::Session;
 use crate::switch::{Switch, SwitchPlan};
 use crate::target::{self, Unvalidated};
@@ -930,7 +931,8 @@ async fn switch(
 ) -> Result<Switched> {
     let large_objects_ms = drain(catalog, session, env).await?;
     timer.lap("drain");
-    let sequences = set_sequences(session, opts.sequence_margin).await?;
+    let (src, tgt, margin) = (&session.src, &session.tgt, opts.sequence_margin);
+    let sequences = sequences::set_exact(src, tgt, &session.plan.sequences, margin).await?;
     timer.lap("sequences");
     let (to_validate, triggers) = deferred_schema(session).await?;
     crate::failpoint::hit("cutover-schema-restored");
@@ -938,7 +940,7 @@ async fn switch(
     let mut others_to_validate = Vec::new();
     for (other, left) in others.iter_mut().zip(others_at_switch) {
         drain(catalog, other, env).await?;
-        set_sequences(other, opts.sequence_margin).await?;
+        sequences::set_exact(&other.src, &other.tgt, &other.plan.sequences, margin).await?;
         others_to_validate.push(deferred_schema(other).await?.0);
         create_at_switch(other, left).await?;
     }
@@ -957,25 +959,6 @@ async fn switch(
     // Last: once forced, row security applies to pgleap's own writes.
     create_at_switch(session, at_switch).await?;
     Ok(Switched { large_objects_ms, sequences, triggers, to_validate, others_to_validate })
-}
-
-/// Sets the target's sequences from the source's exact values (plus
-/// `margin`); returns how many.
-async fn set_sequences(session: &Session, margin: i64) -> Result<usize> {
-    let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
-    for (seq, value, called) in &sequences {
-        // Exact without a margin: a sequence never drawn from hands out
-        // its start value next on the target too.
-        let called = *called || margin != 0;
-        session
-            .tgt
-            .execute(
-                "select setval($1::text::regclass, $2, $3)",
-                &[seq, &(value + margin), &called],
-            )
-            .await?;
-    }
-    Ok(sequences.len())
 }
 
 /// The foreign keys and triggers set aside during the sync, or missing:
@@ -1040,7 +1023,7 @@ async fn dry_run(
     let mut timer = Timer::new();
     let large_objects_ms = drain(catalog, session, env).await?;
     timer.lap("drain");
-    let sequences = read_sequences(&session.src, &session.plan.sequences).await?;
+    let sequences = sequences::read(&session.src, &session.plan.sequences).await?;
     timer.lap("sequences");
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
     timer.lap("deferred schema");
@@ -1280,16 +1263,6 @@ async fn read_only(src: &Conn, on: bool) -> Result<()> {
         src.execute(TERMINATE_OTHERS, &[]).await?;
     }
     Ok(())
-}
-
-/// Each sequence's (name, last_value, is_called) on the source.
-async fn read_sequences(src: &Conn, sequences: &[String]) -> Result<Vec<(String, i64, bool)>> {
-    let mut out = Vec::new();
-    for seq in sequences {
-        let row = src.query_one(&format!("select last_value, is_called from {seq}"), &[]).await?;
-        out.push((seq.clone(), row.get(0), row.get(1)));
-    }
-    Ok(out)
 }
 
 /// Brings the target to one source snapshot in a batch and compares every

@@ -16,6 +16,7 @@
 //! - `large_objects`: large objects copied, synced by passes, compared.
 //! - `slices`: values too large to travel whole, moved in slices.
 //! - `apply`: snapshot-delimited batches applied to a target.
+//! - `sequences`: the relgroup's sequences carried to a target.
 //! - `target`: pgleap's bookkeeping on a target; its foreign keys and
 //!   triggers while the sync runs.
 //! - `fidelity`: every object of both sides compared by definition, and
@@ -67,6 +68,7 @@ mod progress;
 mod queries;
 mod route;
 mod schema;
+mod sequences;
 mod server;
 mod session;
 mod slices;

@@ -20,6 +20,7 @@ use crate::evolve;
 use crate::large_objects::Pass;
 use crate::pg::{Conn, Env, Sql};
 use crate::route::{DbConn, SyncRoute};
+use crate::sequences;
 use crate::target;
 
 /// How long a failed attempt waits before the next, while catching up.
@@ -304,6 +305,7 @@ impl Session {
             }
             other => other?,
         };
+        sequences::carry_forward(&self.src, &self.tgt, &self.plan.sequences).await?;
         match purge {
             Purge::No => self.to_purge.extend(&stats.changed),
             Purge::Changed(_) => {

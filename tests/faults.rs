@@ -670,3 +670,75 @@ fn the_daemon_logs_json_lines_when_asked() {
         "{log}"
     );
 }
+
+/// A batch on a server with a small lock table: a sync of 600 tables with
+/// a sequence each (schema-per-tenant), every table written while no
+/// daemon ran, on servers whose shared lock table holds a few hundred
+/// locks (`max_locks_per_transaction = 10`, 20 connections). One
+/// transaction naming every table, or every sequence, fails there with
+/// "out of shared memory", again at every retry: a stuck sync. The batch
+/// goes table by table instead (a catch-up) and sequences by slices, and
+/// the target ends equal, rows and sequences. Teardown, which must remove
+/// every table's capture at once, refuses there and names the setting.
+#[test]
+fn a_batch_naming_more_tables_than_the_lock_table_holds_converges_pg15() {
+    let server = private_cluster(15);
+    let src = TestDb::new(server, "locksrc");
+    let dst = TestDb::new(server, "lockdst");
+    let schema = "do $$ begin
+        for i in 1..600 loop
+            execute format('create table t%s (id serial primary key, v text)', i);
+        end loop; end $$;";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec(
+        "do $$ begin
+            for i in 1..600 loop
+                execute format('insert into t%s (v) values (''copied'')', i);
+            end loop; end $$;",
+    );
+    let p = Pgleap::for_cluster(server);
+    p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "300"]).ok();
+
+    // One autocommit statement a table: the application's own
+    // transactions stay small.
+    let s = src.sql();
+    for i in 1..=600 {
+        s.exec(&format!(
+            "insert into t{i} (v) values ('while stopped'); update t{i} set v = 'changed' where id = 1"
+        ));
+    }
+    let su = server.superuser("postgres");
+    su.exec("alter system set max_locks_per_transaction = 10");
+    su.exec("alter system set max_connections = 20");
+    server.restart();
+    let out = p.run(&["kick", "s", "--wait", "60", "--jobs", "2"]);
+    if out.code != 0 {
+        eprintln!("STATUS {}", p.run(&["status", "s"]).stdout);
+        let log = server.socket_dir.parent().unwrap().join("server.log");
+        let log = std::fs::read_to_string(log).unwrap();
+        eprintln!("LOG {}", &log[log.len().saturating_sub(6000)..]);
+    }
+    let reset = || {
+        let su = server.superuser("postgres");
+        su.exec("alter system reset max_locks_per_transaction");
+        su.exec("alter system reset max_connections");
+        server.restart();
+    };
+    assert_eq!(out.code, 0, "kick failed: {}", out.stderr);
+    let status = p.run(&["status", "s", "--json"]);
+    let teardown = p.run(&["teardown", "s"]);
+    reset();
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    teardown.fails_with(&["out of shared memory", "raise max_locks_per_transaction"]);
+    p.run(&["teardown", "s"]).ok();
+    let (s, d) = (src.sql(), dst.sql());
+    assert_eq!(crate::support::compare::rows(&d), crate::support::compare::rows(&s));
+    let sequences = "select string_agg(last_value::text, ',' order by sequencename)
+                     from pg_sequences where schemaname = 'public'";
+    assert_eq!(d.value(sequences), s.value(sequences));
+    assert_eq!(d.value("select count(*) from pg_sequences where last_value = 2"), "600");
+    assert_eq!(d.value("select count(*) from t600"), "2");
+}

@@ -92,6 +92,19 @@ impl PgError {
         match self {
             Self::Resolve { .. } => Some("check the file's path and permissions".into()),
             Self::Connect { source, .. } => source.hint(),
+            // The shared lock table is full: pgleap's own transactions
+            // stay within a share of it, but installing or removing
+            // capture must name every table at once, as pg_dump does.
+            Self::Query { source, .. }
+                if source.as_db_error().is_some_and(|e| e.message() == "out of shared memory") =>
+            {
+                Some(
+                    "the server's lock table is too small for one transaction naming every \
+                     table of the relgroup: raise max_locks_per_transaction (a restart), then \
+                     run the command again"
+                        .into(),
+                )
+            }
             Self::Query { .. } => None,
         }
     }
@@ -105,6 +118,7 @@ pub struct Conn {
     encoding: String,
     resolved: ResolvedConn,
     prepared: Prepared,
+    tables_per_transaction: usize,
 }
 
 /// The statements a connection keeps prepared (see
@@ -115,6 +129,34 @@ pub struct Prepared(Arc<Mutex<HashMap<String, Statement>>>);
 /// How many prepared statements a connection keeps: past this many (a plan
 /// read again after schema changes names other tables), all are closed.
 const MAX_PREPARED: usize = 256;
+
+/// Asked of every new connection: the server's version and encoding, and
+/// the slots of its shared lock table (`max_locks_per_transaction` for
+/// each process the server may run and each prepared transaction).
+const CONNECTED: &str = "select current_setting('server_version_num')::int4,
+        current_setting('server_encoding'),
+        current_setting('max_locks_per_transaction')::int8
+          * (current_setting('max_connections')::int8
+             + current_setting('autovacuum_max_workers')::int8 + 1
+             + current_setting('max_worker_processes')::int8
+             + current_setting('max_wal_senders')::int8
+             + current_setting('max_prepared_transactions')::int8)";
+
+/// Slots of the server's shared lock table per table one transaction of
+/// pgleap's may name. The table is shared by every session: a transaction
+/// holds a lock on each relation it read or wrote until it ends, and past
+/// the table's size every session's next lock fails ("out of shared
+/// memory"). A batch takes about four locks a table on each server (the
+/// table or its delta, and their indexes); at twelve slots a table it uses
+/// at most a third of the table, leaving the rest to the application. The
+/// defaults (64 locks, 100 connections) give 650 tables.
+pub const LOCK_SLOTS_PER_TABLE: i64 = 12;
+
+/// How many tables one statement names at most whatever the lock table: a
+/// UNION ALL (or OR) of 10,000 arms exceeds the server's stack depth while
+/// it is parsed ("stack depth limit exceeded", found at 10,000 tables), so
+/// statements over every delta or sequence go by slices.
+pub const TABLES_PER_STATEMENT: usize = 500;
 
 impl Prepared {
     fn get(&self, sql: &str) -> Option<Statement> {
@@ -153,12 +195,9 @@ impl Conn {
             encoding: String::new(),
             resolved,
             prepared: Prepared::default(),
+            tables_per_transaction: 1,
         };
-        let version = conn.query_one(
-            "select current_setting('server_version_num')::int4,
-                    current_setting('server_encoding')",
-            &[],
-        );
+        let version = conn.query_one(CONNECTED, &[]);
         let row = tokio::time::timeout(limit, version).await.map_err(|_| PgError::Connect {
             db: name.into(),
             source: ConnectError::Unreachable {
@@ -167,6 +206,8 @@ impl Conn {
             },
         })??;
         conn.version = PgVersion(row.get::<_, i32>(0) as u32);
+        let lock_slots: i64 = row.get(2);
+        conn.tables_per_transaction = (lock_slots / LOCK_SLOTS_PER_TABLE).max(1) as usize;
         // Rows cross between servers as the database's own bytes (COPY to
         // COPY), as pg_dump moves them: a SQL_ASCII database holds bytes no
         // conversion to UTF8 accepts, and a LATIN1 one must not be
@@ -211,8 +252,9 @@ impl Conn {
 
     pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
         let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
+        let tables_per_transaction = self.tables_per_transaction;
         match self.client.transaction().await {
-            Ok(tx) => Ok(Tx { tx, name, version, prepared }),
+            Ok(tx) => Ok(Tx { tx, name, version, prepared, tables_per_transaction }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
@@ -229,6 +271,7 @@ impl Conn {
     /// A read-only REPEATABLE READ transaction: one snapshot for all it reads.
     pub async fn snapshot(&mut self) -> Result<Tx<'_>, PgError> {
         let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
+        let tables_per_transaction = self.tables_per_transaction;
         let started = self
             .client
             .build_transaction()
@@ -237,7 +280,7 @@ impl Conn {
             .start()
             .await;
         match started {
-            Ok(tx) => Ok(Tx { tx, name, version, prepared }),
+            Ok(tx) => Ok(Tx { tx, name, version, prepared, tables_per_transaction }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
@@ -249,6 +292,7 @@ pub struct Tx<'a> {
     name: Arc<str>,
     version: PgVersion,
     prepared: Prepared,
+    tables_per_transaction: usize,
 }
 
 impl Tx<'_> {
@@ -271,6 +315,14 @@ pub trait Sql: Sync {
     fn client(&self) -> &Client;
     fn db(&self) -> &str;
     fn version(&self) -> PgVersion;
+    /// How many tables one transaction of pgleap's may name on this server
+    /// (see [`LOCK_SLOTS_PER_TABLE`]).
+    fn tables_per_transaction(&self) -> usize;
+    /// How many tables one statement names at most on this server: its
+    /// share of the lock table, and no more than [`TABLES_PER_STATEMENT`].
+    fn tables_per_statement(&self) -> usize {
+        self.tables_per_transaction().min(TABLES_PER_STATEMENT)
+    }
     fn prepared(&self) -> &Prepared;
 
     fn error(&self, source: tokio_postgres::Error) -> PgError {
@@ -360,6 +412,9 @@ impl Sql for Conn {
     fn version(&self) -> PgVersion {
         self.version
     }
+    fn tables_per_transaction(&self) -> usize {
+        self.tables_per_transaction
+    }
 }
 
 impl Tx<'_> {
@@ -386,6 +441,9 @@ impl Sql for Tx<'_> {
     }
     fn version(&self) -> PgVersion {
         self.version
+    }
+    fn tables_per_transaction(&self) -> usize {
+        self.tables_per_transaction
     }
 }
 
