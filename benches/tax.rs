@@ -3,8 +3,9 @@
 //! daemon syncing to a target on the same machine, interleaved in the same
 //! run (not a test: `cargo bench --bench tax`).
 //!
-//! PostgreSQL 12 source (pgbench scale `PGLEAP_BENCH_SCALE`, default 10),
-//! 17 target. Each round runs, in order: no capture, capture installed
+//! PostgreSQL 12 source (pgbench scale `PGLEAP_BENCH_SCALE`, default 10)
+//! with wal_level = logical (every variant runs on it, so the WAL that
+//! level adds is in the baseline too), 17 target. Each round runs, in order: no capture, capture installed
 //! (`sync add`, daemon stopped), capture with the daemon running; pgbench's
 //! TPC-B-like script for `PGLEAP_BENCH_SECONDS` (default 20) with
 //! `PGLEAP_BENCH_CLIENTS` (default 4), then one UPDATE of every account.
@@ -15,8 +16,9 @@
 //! per transaction and per row of the bulk UPDATE. Ratios to the same
 //! round's no-capture run; median of
 //! `PGLEAP_BENCH_ROUNDS` (default 3) with the range. Capture runs with
-//! statement triggers (the default) and with row triggers
-//! (`--trigger-level row`). With
+//! statement triggers, with row triggers (`--trigger-level row`) and by
+//! logical decoding (`--capture decoding`). The catch-up is the time from
+//! the load's end until a row written after it is on the target. With
 //! `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap), each round
 //! also runs the two capture variants with that build's capture and daemon.
 
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{knob, median_range, tps};
-use support::{Pgleap, TestDb, cluster, copy_database};
+use support::{Pgleap, TestDb, cluster, copy_database, logical_cluster};
 
 /// The first target's lag (seconds) and pending changes, as status says.
 fn lag_and_pending(p: &Pgleap) -> Option<(f64, i64)> {
@@ -108,7 +110,7 @@ fn main() {
     let seconds = knob("PGLEAP_BENCH_SECONDS", 20);
     let clients = knob("PGLEAP_BENCH_CLIENTS", 4);
     let rounds = knob("PGLEAP_BENCH_ROUNDS", 3);
-    let src = TestDb::new(cluster(12), "taxsrc");
+    let src = TestDb::new(logical_cluster(12), "taxsrc");
     let dst = TestDb::new(cluster(17), "taxdst");
     eprintln!("loading pgbench scale {scale} into PostgreSQL 12 ...");
     let out = support::pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).output().unwrap();
@@ -117,8 +119,11 @@ fn main() {
     // This build, with statement triggers (the default) and with row
     // triggers, and the baseline build if given: each its own catalog.
     let this = || Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    let mut builds: Vec<(&str, Pgleap, &[&str])> =
-        vec![("", this(), &[]), (", row triggers", this(), &["--trigger-level", "row"])];
+    let mut builds: Vec<(&str, Pgleap, &[&str])> = vec![
+        (", statement triggers", this(), &["--capture", "triggers"]),
+        (", row triggers", this(), &["--trigger-level", "row", "--capture", "triggers"]),
+        (", logical decoding", this(), &["--capture", "decoding"]),
+    ];
     if let Some(bin) = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN") {
         let base = Pgleap::for_clusters(&[src.cluster, dst.cluster]).binary(Path::new(&bin));
         builds.push((", baseline build", base, &[]));
@@ -195,8 +200,16 @@ fn main() {
                 stop.store(true, Ordering::Relaxed);
                 (throughput, sampler.join().unwrap())
             });
+            // Caught up when a row written after the load is on the
+            // target: a batch whose snapshot sees it sees everything
+            // committed before it (status's pending count does not see
+            // what a slot holds undecoded).
             let started = Instant::now();
-            while lag_and_pending(p).is_none_or(|(_, pending)| pending > 0) {
+            let marker = format!("after round {round} of {name}");
+            src.sql()
+                .exec(&format!("update pgbench_tellers set filler = '{marker}' where tid = 1"));
+            let applied = "select trim(filler) from pgbench_tellers where tid = 1";
+            while dst.sql().value(applied) != marker {
                 assert!(started.elapsed().as_secs() < 600, "the daemon never caught up");
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -29,6 +29,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::capture;
 use crate::catalog::{RelGroup, Sync};
+use crate::decoding;
 use crate::error::{Error, Result};
 use crate::large_objects::{self, Pass};
 use crate::pg::{
@@ -56,6 +57,8 @@ pub struct TablePlan {
     delta: String,
     /// Quoted key columns; empty for a keyless table (whole-row deltas).
     pub(crate) keys: Vec<String>,
+    /// The same unquoted, as the catalog names them.
+    key_names: Vec<String>,
     /// Quoted, comma-separated; generated columns left out.
     pub(crate) columns: String,
     /// The same, one quoted name each.
@@ -194,6 +197,8 @@ pub struct Plan {
     /// (`capture::journal`), and each table's number in it, in the order
     /// of `tables`.
     journal: Option<(String, Vec<i32>)>,
+    /// The sync's slot, if it captures tables by logical decoding.
+    pub decoding: Option<decoding::Stream>,
     /// Per table, the columns (names and types) when the plan was read,
     /// to compare with the target's.
     shape: Vec<String>,
@@ -409,6 +414,7 @@ impl Plan {
                 est_bytes,
                 delta: qualified(schema, &c.delta),
                 keys,
+                key_names: c.key_columns.clone(),
                 table,
                 columns,
                 copied_under: None,
@@ -433,7 +439,10 @@ impl Plan {
         let partition_truncates = src.relation_exists(&truncates).await?.then_some(truncates);
         let journal = capture::journal(schema, sync_id);
         let journal = src.relation_exists(&journal).await?.then_some((journal, numbers));
+        let names: Vec<String> = tables.iter().map(|t| t.table.clone()).collect();
+        let decoding = decoding::load(src, schema, sync_id, &names).await?;
         let mut plan = Plan {
+            decoding,
             sync: sync.name.clone(),
             sync_id,
             schema: schema.clone(),
@@ -473,6 +482,56 @@ impl Plan {
             t.copied_under = rows.iter().find(|r| r.get::<_, &str>(0) == t.table).map(|r| r.get(1));
         }
         Ok(())
+    }
+
+    /// Writes into the deltas, inside `stx`, what the sync's slot decoded
+    /// since it last advanced (nothing without decoding; see
+    /// [`decoding::pump`], whose conditions `stx` meets when it comes from
+    /// [`source_snapshot`]). Returns where to advance the slot once `stx`
+    /// committed ([`Plan::advance`]).
+    async fn pump_in(&self, stx: &Tx<'_>) -> Result<Option<String>> {
+        let Some(stream) = &self.decoding else {
+            return Ok(None);
+        };
+        let decoded: std::collections::HashSet<usize> = stream.tables.values().copied().collect();
+        let sinks: Vec<Option<decoding::Sink>> = (0..self.tables.len())
+            .map(|i| {
+                let t = &self.tables[i];
+                decoded.contains(&i).then(|| decoding::Sink {
+                    table: &t.display,
+                    delta: &t.delta,
+                    keys: t.key_names.clone(),
+                    arrays: t.key_arrays,
+                    journal: self.journal.as_ref().map(|(j, numbers)| (j.as_str(), numbers[i])),
+                })
+            })
+            .collect();
+        decoding::pump(stx, self.sync_id, stream, &sinks).await
+    }
+
+    /// Ends what [`source_snapshot`] began on `src`: moves the sync's slot
+    /// past what its pump read if `to` (the pump's transaction committed),
+    /// and lets the next pump go (see [`decoding::unlock`]).
+    pub async fn end_pump(&self, src: &impl Sql, to: Option<String>) -> Result<()> {
+        match &self.decoding {
+            Some(stream) => decoding::unlock(src, stream, self.sync_id, to.as_deref()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A pump in a transaction of its own: afterwards every transaction
+    /// committed before it is in the deltas, as triggers would have put it
+    /// there. Returns the pump's snapshot (every transaction it sees is
+    /// in the deltas), if the sync decodes.
+    pub async fn pump(&self, src: &mut Conn) -> Result<Option<String>> {
+        if self.decoding.is_none() {
+            return Ok(None);
+        }
+        let (tx, to) = source_snapshot(src, self).await?;
+        let seen: String = tx.query_one("select txid_current_snapshot()::text", &[]).await?.get(0);
+        tx.commit().await?;
+        self.end_pump(src, to).await?;
+        Ok(Some(seen))
     }
 
     /// The indexes of every table of the plan.
@@ -704,10 +763,11 @@ pub async fn apply_batch(
 ) -> Result<Option<BatchStats>> {
     let started = Instant::now();
     let target_name = tgt.name().to_string();
-    let (stx, ttx) = begin_batch(src, tgt, plan).await?;
+    let (stx, ttx, decoded) = begin_batch(src, tgt, plan).await?;
     let Some(mut stats) = apply_within(&stx, &ttx, plan, catch_up_at).await? else {
         ttx.rollback().await?;
         stx.rollback().await?;
+        plan.end_pump(src, None).await?;
         return Ok(None);
     };
     if let Some(mode) = lo.filter(|_| plan.large_objects) {
@@ -716,6 +776,7 @@ pub async fn apply_batch(
     }
     ttx.commit().await?;
     stx.commit().await?;
+    plan.end_pump(src, decoded).await?;
 
     let purge = match purge {
         Purge::Changed(mut tables) => {
@@ -768,16 +829,38 @@ pub(crate) async fn record_consumer(
 }
 
 /// Opens a batch: the target transaction, holding the sync's applier lock,
-/// and the source's REPEATABLE READ transaction whose snapshot bounds it.
+/// and the source's transaction whose snapshot bounds it (see
+/// [`source_snapshot`]), and where to advance the sync's slot once that
+/// committed.
 pub async fn begin_batch<'a>(
     src: &'a mut Conn,
     tgt: &'a mut Conn,
     plan: &Plan,
-) -> Result<(Tx<'a>, Tx<'a>)> {
+) -> Result<(Tx<'a>, Tx<'a>, Option<String>)> {
     let ttx = tgt.transaction().await?;
     ttx.execute(XACT_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await?;
-    let stx = src.snapshot().await?;
-    Ok((stx, ttx))
+    let (stx, decoded) = source_snapshot(src, plan).await?;
+    Ok((stx, ttx, decoded))
+}
+
+/// The source's REPEATABLE READ transaction of a batch (or a verify):
+/// read-only; where the sync decodes, one that first writes what the slot
+/// decoded into the deltas (see [`decoding::pump`]), so that its snapshot
+/// sees every change it sees in the deltas too. Returns where to advance
+/// the slot once it committed ([`Plan::advance`]).
+pub async fn source_snapshot<'a>(
+    src: &'a mut Conn,
+    plan: &Plan,
+) -> Result<(Tx<'a>, Option<String>)> {
+    if plan.decoding.is_none() {
+        return Ok((src.snapshot().await?, None));
+    }
+    // On error the lock stays with the session, which then goes (see
+    // `decoding::unlock`).
+    decoding::lock(src, plan.sync_id).await?;
+    let stx = src.writable_snapshot().await?;
+    let to = plan.pump_in(&stx).await?;
+    Ok((stx, to))
 }
 
 /// Brings the target, inside `ttx`, to the state of the source in `stx`'s

@@ -87,8 +87,17 @@ async fn locked(
     let prev = apply::applied_snapshot(tgt, plan).await?;
     let from = prev.clone().unwrap_or_default();
     let cond = Plan::pending(prev.as_deref());
+    // Where the sync decodes, what the slot holds goes into the deltas
+    // first, in a transaction of its own (the workers must see it). A
+    // transaction that commits between that pump and the snapshot below
+    // is visible there without its keys: the catch-up's marker is then the
+    // pump's snapshot, every transaction of which is in the deltas; the
+    // rows it brings are as new or newer, and the next batch re-reads the
+    // keys of what committed in between.
+    let decoded = plan.pump(src).await?;
     let ctx = src.snapshot().await?;
     let (exported, snapshot) = ctx.export_snapshot().await?;
+    let marker = decoded.unwrap_or_else(|| snapshot.clone());
     plan.check_shape(&ctx, None).await?;
     apply::set_after(&ctx, prev.as_deref()).await?;
     let named = plan.candidates(&ctx).await?;
@@ -138,7 +147,7 @@ async fn locked(
     let job = Job {
         plan,
         exported: &exported,
-        snapshot: &snapshot,
+        snapshot: &marker,
         from: &from,
         done: &done,
         progress: &progress,
@@ -153,16 +162,25 @@ async fn locked(
     // The marker moves only now that every keyed table has reached the
     // snapshot; keyless tables go from the marker, exactly once, with it.
     let ttx = tgt.transaction().await?;
+    // Their events are replayed once: those the marker sees, not the
+    // snapshot's (the next batch replays the others).
+    let events = match marker == snapshot {
+        true => cond.clone(),
+        false => format!(
+            "{cond} and txid_visible_in_snapshot(_pgleap_txid, {}::txid_snapshot)",
+            crate::pg::quote_literal(&marker)
+        ),
+    };
     for (t, (changes, truncated)) in plan.tables.iter().zip(&counts) {
         if t.keys.is_empty() {
-            apply_table(&ctx, &ttx, t, &cond, *changes, *truncated, &mut stats).await?;
+            apply_table(&ctx, &ttx, t, &events, *changes, *truncated, &mut stats).await?;
         }
     }
     if let Some(mode) = lo.filter(|_| plan.large_objects) {
         let pass = large_objects::pass(&ctx, &ttx, &plan.schema, &plan.sync, mode).await?;
         stats.large_objects = Some(pass);
     }
-    apply::set_applied_snapshot(&ttx, plan, &snapshot).await?;
+    apply::set_applied_snapshot(&ttx, plan, &marker).await?;
     ttx.execute(&format!("delete from {s}.caught_up where sync = $1"), &[&plan.sync]).await?;
     ttx.commit().await?;
     progress.finish();
@@ -170,8 +188,8 @@ async fn locked(
     let target_name = tgt.name().to_string();
     // A catch-up touched many tables: when a purge is due, all of them.
     let purge = if matches!(purge, Purge::No) { Purge::No } else { Purge::All };
-    record_consumer(src, plan, &target_name, &snapshot, &purge).await?;
-    stats.snapshot = snapshot;
+    record_consumer(src, plan, &target_name, &marker, &purge).await?;
+    stats.snapshot = marker;
     stats.millis = started.elapsed().as_millis() as i64;
     tracing::info!(sync = plan.sync, ms = stats.millis, "caught up");
     Ok(stats)

@@ -38,6 +38,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 
 use crate::catalog::Relation;
+use crate::decoding::{self, Method};
 use crate::error::{Error, Result};
 use crate::pg::{Conn, NamedQuery, PgError, PgVersion, Sql, qualified, quote_ident, quote_literal};
 
@@ -204,9 +205,20 @@ pub async fn install(
     relations: &[Relation],
     targets: &[String],
     level: Level,
+    method: Method,
 ) -> Result<i32> {
     let s = quote_ident(schema);
     let db = client.name().to_string();
+    let decode = match (method, decoding::unavailable(client).await?) {
+        (Method::Triggers, _) | (Method::Auto, Some(_)) => false,
+        (_, None) => true,
+        (Method::Decoding, Some(why)) => {
+            return Err(Error::invalid(
+                format!("database \"{db}\" cannot be captured by logical decoding: {why}"),
+                "fix that, or add the sync with --capture triggers (or auto)",
+            ));
+        }
+    };
     let tx = client.transaction().await?;
     tx.batch_execute(&format!(
         "create schema if not exists {s};
@@ -300,29 +312,48 @@ pub async fn install(
     }
     tx.commit().await?;
 
+    let mut decoded = Vec::new();
     for (i, rel) in tables.into_iter().enumerate() {
         let n = i as i32 + 1;
-        let installed = install_table(client, schema, sync_id, n, rel, level, journal.as_deref());
-        if let Err(e) = installed.await {
-            // Best effort: the original error is the one worth reporting.
-            if let Err(cleanup) = remove(client, schema, sync, false).await {
-                tracing::warn!("cleanup after failed install: {cleanup}");
-            }
-            return Err(e);
+        let table = Table { sync_id, n, rel, level, journal: journal.as_deref(), decode };
+        match install_table(client, schema, &table).await {
+            Ok(true) => decoded.push(qualified(&rel.schema, &rel.name)),
+            Ok(false) => {}
+            Err(e) => return Err(undo(client, schema, sync, e).await),
         }
+    }
+    if !decoded.is_empty()
+        && let Err(e) = decoding::start(client, schema, sync_id, &decoded).await
+    {
+        return Err(undo(client, schema, sync, e).await);
     }
     Ok(sync_id)
 }
 
-async fn install_table(
-    client: &mut Conn,
-    schema: &str,
+/// Removes what a failed install made; returns its error.
+async fn undo(client: &mut Conn, schema: &str, sync: &str, e: Error) -> Error {
+    // Best effort: the original error is the one worth reporting.
+    if let Err(cleanup) = remove(client, schema, sync, false).await {
+        tracing::warn!("cleanup after failed install: {cleanup}");
+    }
+    e
+}
+
+/// One table to install capture on.
+struct Table<'a> {
     sync_id: i32,
     n: i32,
-    rel: &Relation,
+    rel: &'a Relation,
     level: Level,
-    journal: Option<&str>,
-) -> Result<()> {
+    journal: Option<&'a str>,
+    /// Whether the sync decodes the tables decoding can capture.
+    decode: bool,
+}
+
+/// Installs one table's capture; returns whether the sync's slot is to
+/// capture it (only its delta table is made then).
+async fn install_table(client: &mut Conn, schema: &str, t: &Table<'_>) -> Result<bool> {
+    let Table { sync_id, n, rel, level, journal, decode } = *t;
     let s = quote_ident(schema);
     let table = qualified(&rel.schema, &rel.name);
     let delta_name = format!("d{sync_id}_{n}");
@@ -356,7 +387,10 @@ async fn install_table(
     let once = inherited || rel.key_columns.is_empty();
     let note = journal_note(journal, sync_id, n, once);
     let capture = Capture { table: &table, delta: &delta, function: &function, sync_id, note };
+    let decoded =
+        decode && !inherited && decoding::decodable(client, &table, &rel.key_columns).await?;
     let mut ddl = match (rel.key_columns.is_empty(), rows) {
+        _ if decoded => keyed_delta(&delta, &rel.key_columns, &columns, arrays),
         (true, _) => keyless_capture(&capture, &columns),
         (false, false) => keyed_capture(&capture, &rel.key_columns, &columns, arrays),
         (false, true) => keyed_row_capture(&capture, &rel.key_columns, &columns),
@@ -378,7 +412,7 @@ async fn install_table(
             capture_partition_truncates(client, schema, sync_id, p.get(0)).await?;
         }
     }
-    Ok(())
+    Ok(decoded)
 }
 
 /// What every capture function of a table is built from.
@@ -780,6 +814,7 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
             with_lock_retries(client, &format!("removing capture from {table}"), &ddl).await?;
         }
     }
+    decoding::stop(client, schema, sync_id).await?;
     let mut ddl = String::new();
     let functions = client.query(SYNC_FUNCTIONS, &[&schema, &format!("f{sync_id}\\_%")]).await?;
     for f in &functions {
@@ -799,7 +834,8 @@ pub async fn remove(client: &mut Conn, schema: &str, sync: &str, keep_fence: boo
          delete from {s}.syncs where id = {sync_id};"
     ));
     with_lock_retries(client, "removing capture tables", &ddl).await?;
-    drop_schema_if_unused(client, schema, "syncs", &["syncs", "relations", "consumer"]).await
+    let tables = ["decoding", "syncs", "relations", "consumer"];
+    drop_schema_if_unused(client, schema, "syncs", &tables).await
 }
 
 /// Drops pgleap's bookkeeping tables and the schema once `registry` is

@@ -388,6 +388,7 @@ pub async fn cutover_with(
     for (other, to_validate) in others.iter().zip(&switched.others_to_validate) {
         target::validate_foreign_keys(&other.tgt, to_validate).await?;
     }
+    stop_decoding(&session.src, &session.plan).await?;
     catalog.end_cutover(route.name())?;
     Ok(CutoverReport {
         sync: route.name().into(),
@@ -589,6 +590,7 @@ pub async fn cutover_server(
     let mut databases = Vec::new();
     for (i, m) in members.iter_mut().enumerate() {
         target::validate_foreign_keys(&m.session.tgt, &finished[i].to_validate).await?;
+        stop_decoding(&m.session.src, &m.session.plan).await?;
         catalog.end_cutover(m.route.name())?;
         databases.push(CutoverReport {
             sync: m.route.name().into(),
@@ -794,6 +796,7 @@ async fn finish_switched(
         target::validate_foreign_keys(&tgt, &to_validate).await?;
         foreign_keys += to_validate.len();
     }
+    stop_decoding(&src, &plan).await?;
     let record = catalog.last_cutover(sync)?;
     let to = match record.as_ref().and_then(|r| r.target.clone()) {
         Some(name) => name,
@@ -818,6 +821,13 @@ async fn finish_switched(
         before_fence: Vec::new(),
         inside_fence: Vec::new(),
     })
+}
+
+/// Drops the slot of a sync past its switch point, if it decodes: its
+/// source is fenced, and the slot would only hold the old server's WAL
+/// back (a rollback sync writes there). Teardown removes the rest.
+async fn stop_decoding(src: &Conn, plan: &Plan) -> Result<()> {
+    crate::decoding::stop(src, &plan.schema, plan.sync_id).await
 }
 
 /// What happened inside the fence.
@@ -1097,8 +1107,11 @@ async fn arm_sync(
         allow_downgrade: true,
         capture_schema: plan.schema.clone(),
         lo_interval: 10,
-        // The way back is captured as the forward sync's default.
+        // The way back is captured as the forward sync's default, by
+        // triggers: a slot's creation waits for every running transaction
+        // on the new server to end, which a cutover must not.
         row_triggers: false,
+        capture: crate::decoding::Method::Triggers,
     };
     let result = async {
         objects::add_relgroup_on(catalog, name, new, &selection).await?;
@@ -1271,7 +1284,7 @@ async fn read_only(src: &Conn, on: bool) -> Result<()> {
 /// the fence, while the application still writes.
 async fn counts_at_one_point(session: &mut Session) -> Result<()> {
     let plan = &session.plan;
-    let (stx, ttx) = apply::begin_batch(&mut session.src, &mut session.tgt, plan).await?;
+    let (stx, ttx, decoded) = apply::begin_batch(&mut session.src, &mut session.tgt, plan).await?;
     apply::apply_within(&stx, &ttx, plan, None).await?;
     for t in &plan.tables {
         let q = format!("select count(*) from {}", t.rel());
@@ -1291,6 +1304,7 @@ async fn counts_at_one_point(session: &mut Session) -> Result<()> {
     }
     ttx.commit().await?;
     stx.commit().await?;
+    plan.end_pump(&session.src, decoded).await?;
     Ok(())
 }
 

@@ -13,6 +13,8 @@
 //!   settings; a sync's relgroup, source and targets).
 //! - `inventory`: what a source database holds (tables, keys, sizes).
 //! - `capture`: triggers and delta tables on the source.
+//! - `decoding`: capture from a logical replication slot, where the source
+//!   allows it.
 //! - `large_objects`: large objects copied, synced by passes, compared.
 //! - `slices`: values too large to travel whole, moved in slices.
 //! - `apply`: snapshot-delimited batches applied to a target.
@@ -55,6 +57,7 @@ pub mod cli;
 mod copy;
 mod cutover;
 mod daemon;
+mod decoding;
 mod dump;
 mod error;
 mod evolve;

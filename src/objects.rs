@@ -282,6 +282,9 @@ pub struct SyncSpec {
     /// row: cheapest for one-row statements) instead of statement
     /// triggers (one per statement: cheapest for bulk ones).
     pub row_triggers: bool,
+    /// Whether keyed tables are captured by logical decoding where the
+    /// source allows it, or by triggers.
+    pub capture: crate::decoding::Method,
 }
 
 impl SyncSpec {
@@ -439,7 +442,8 @@ pub async fn add_sync_on(
     let target_names: Vec<String> = targets.iter().map(|t| t.name().to_string()).collect();
     let schema = &spec.capture_schema;
     let level = if spec.row_triggers { capture::Level::Row } else { capture::Level::Statement };
-    capture::install(src, schema, &spec.name, &relgroup.members, &target_names, level).await?;
+    let (members, method) = (&relgroup.members, spec.capture);
+    capture::install(src, schema, &spec.name, members, &target_names, level, method).await?;
     if let Err(e) = catalog.add_sync(&spec.record()) {
         let _ = capture::remove(src, schema, &spec.name, false).await;
         return Err(e.into());

@@ -30,6 +30,7 @@ pub async fn check(catalog: &Catalog, name: &str, env: Env<'_>) -> Result<QueryC
     let queries: Vec<NamedQuery> = [
         crate::inventory::catalog_queries(v),
         crate::capture::catalog_queries(v),
+        crate::decoding::catalog_queries(),
         crate::large_objects::catalog_queries(),
         crate::apply::catalog_queries(v),
         crate::target::catalog_queries(v),

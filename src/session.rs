@@ -341,6 +341,7 @@ impl Session {
     /// nothing (same xmin, xmax and running transactions), nothing can
     /// have become visible.
     pub async fn has_changes(&mut self) -> Result<bool> {
+        self.plan.pump(&mut self.src).await?;
         let now = apply::set_after(&self.src, self.prev.as_deref()).await?;
         if self.idle_at.as_deref() == Some(now.as_str()) {
             return Ok(false);

@@ -55,6 +55,9 @@ pub struct SyncStatus {
     pub rollback_sync: Option<String>,
     /// The sync whose way back this sync is.
     pub rollback_of: Option<String>,
+    /// Where the sync captures by logical decoding: its slot, how many
+    /// tables it decodes, and the WAL the slot keeps on the source.
+    pub decoding: Option<crate::decoding::SlotState>,
     /// Why a cutover cannot start now, at the default lag (empty: it can),
     /// as `ready` judges it but for the schema comparison, which `ready`
     /// and `cutover` add (it reads every object of both servers).
@@ -412,10 +415,14 @@ pub async fn gather(
                 crate::evolve::not_captured(&src, &route.relgroup, &sync.capture_schema).await?;
             let logins: Vec<String> =
                 src.query(LOGIN_ROLES, &[]).await?.iter().map(|r| r.get(0)).collect();
-            Ok::<_, crate::Error>((src, plan, pending, (not_captured, logins)))
+            let decoding = match &plan.decoding {
+                Some(stream) => Some(crate::decoding::slot_state(&src, stream).await?),
+                None => None,
+            };
+            Ok::<_, crate::Error>((src, plan, pending, (not_captured, logins, decoding)))
         };
         let live = tokio::time::timeout(STATUS_WAIT, live).await;
-        let (live, pending, source_error, (mut not_captured, logins)) = match live {
+        let (live, pending, source_error, (mut not_captured, logins, decoding)) = match live {
             Ok(Ok((src, plan, pending, read))) => (Some((src, plan)), Some(pending), None, read),
             Ok(Err(e)) => (None, None, Some(e.to_string()), Default::default()),
             Err(_) => (None, None, Some(format!("{source}: {}", no_answer())), Default::default()),
@@ -524,6 +531,7 @@ pub async fn gather(
             cut_over_at: record.map(|r| r.at),
             rollback_sync: back_sync,
             rollback_of: catalog.rollback_for(&sync.name)?,
+            decoding,
             not_ready: Vec::new(),
         });
     }

@@ -53,6 +53,8 @@ pub struct UpgradeOptions {
     pub rollback: bool,
     /// Capture keyed tables with row triggers (`--trigger-level row`).
     pub row_triggers: bool,
+    /// How keyed tables are captured (sync add --capture).
+    pub capture: crate::decoding::Method,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +102,12 @@ pub struct Preflight {
     /// Functions the schema copy cannot create as this role (C or an
     /// untrusted language), when pgleap copies the schema.
     pub untrusted_functions: Vec<String>,
+    /// How keyed tables will be captured (`--capture`), and why not by
+    /// decoding where it is not available.
+    pub capture: String,
+    /// `--capture decoding` where the source does not allow it: why.
+    #[serde(skip)]
+    pub decoding_refused: Option<String>,
 }
 
 impl Preflight {
@@ -130,6 +138,9 @@ impl Preflight {
         }
         if let Some(p) = &self.tools_problem {
             problems.push(p.clone());
+        }
+        if let Some(why) = &self.decoding_refused {
+            problems.push(format!("--capture decoding: {why}"));
         }
         if let Some(f) = &self.target_fenced {
             problems.push(f.clone());
@@ -277,7 +288,10 @@ async fn preflight(
     let large_objects = crate::large_objects::any(&src).await?;
     let (unreadable_large_objects, unreadable_large_object_oids) =
         crate::large_objects::unreadable(&src).await?;
+    let (capture, decoding_refused) = crate::decoding::preflight(&src, opts.capture).await?;
     Ok(Preflight {
+        capture,
+        decoding_refused,
         source_version: src.version().to_string(),
         target_version: tgt.version().to_string(),
         tables: tables.len(),
@@ -557,6 +571,7 @@ pub(crate) async fn step_preflight(
         pre.estimated_copy_seconds,
         if pre.target_replica_role { "off by replica role" } else { "set aside until cutover" }
     ));
+    say(&format!("preflight: capture by {}", pre.capture));
     if !pre.keyless.is_empty() {
         say(&format!(
             "preflight: {} table(s) without a usable key, replicated by whole rows: {}",
@@ -728,6 +743,7 @@ async fn step_capture(
                 capture_schema: "pgleap".into(),
                 lo_interval: 10,
                 row_triggers: opts.row_triggers,
+                capture: opts.capture,
             };
             objects::add_sync(catalog, &spec, env).await?;
             say("installed change capture on the source");

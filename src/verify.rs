@@ -475,13 +475,16 @@ pub async fn compare_live(
     let (src, tgt) = (&mut session.src, &mut session.tgt);
     let compared = async {
         let ttx = tgt.transaction().await?;
-        let stx = src.snapshot().await?;
+        let (stx, _) = apply::source_snapshot(src, &plan).await?;
         apply::apply_within(&stx, &ttx, &plan, None).await?;
         if plan.large_objects {
             let (schema, sync) = (&plan.schema, &plan.sync);
             large_objects::pass(&stx, &ttx, schema, sync, large_objects::Pass::Full).await?;
         }
         ttx.commit().await?;
+        // The compare keeps `stx` open: other pumps go on meanwhile, and
+        // this one must not advance the slot (see `decoding::unlock`).
+        plan.end_pump(&stx, None).await?;
         let (src_snapshot, _) = stx.export_snapshot().await?;
         let held = tgt.snapshot().await?;
         let (tgt_snapshot, _) = held.export_snapshot().await?;

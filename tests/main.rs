@@ -16,6 +16,8 @@ mod relgroup;
 mod sync;
 // Capture, apply, the daemon, faults.
 mod replication;
+// Capture by logical decoding.
+mod decoding;
 // The initial copy and type fidelity.
 mod copy;
 // Schema copy.

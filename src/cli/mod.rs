@@ -244,6 +244,9 @@ pub enum Command {
         /// How keyed tables are captured (as sync add --trigger-level).
         #[arg(long, value_enum, default_value = "statement")]
         trigger_level: TriggerLevel,
+        /// Triggers or logical decoding (as sync add --capture).
+        #[arg(long, value_enum, default_value = "auto")]
+        capture: CaptureArg,
         /// The final report as JSON on stdout (each step's time and share,
         /// the preflight, the cutover's steps); progress goes to stderr.
         #[arg(long)]
@@ -569,6 +572,24 @@ pub enum TriggerLevel {
     Row,
 }
 
+/// How a sync's keyed tables are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CaptureArg {
+    Auto,
+    Triggers,
+    Decoding,
+}
+
+impl From<CaptureArg> for crate::decoding::Method {
+    fn from(c: CaptureArg) -> Self {
+        match c {
+            CaptureArg::Auto => Self::Auto,
+            CaptureArg::Triggers => Self::Triggers,
+            CaptureArg::Decoding => Self::Decoding,
+        }
+    }
+}
+
 /// Bucardo's onetimecopy values, with its numbers as aliases.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OneTimeCopyArg {
@@ -634,6 +655,12 @@ pub enum SyncCommand {
         /// statements, as most OLTP writes are). See docs/BENCHMARKS.md.
         #[arg(long, value_enum, default_value = "statement")]
         trigger_level: TriggerLevel,
+        /// How keyed tables are captured: by logical decoding where the
+        /// source allows it (wal_level = logical, a role with REPLICATION),
+        /// which costs the application's transactions nothing, else by
+        /// triggers (auto); or always one of them.
+        #[arg(long, value_enum, default_value = "auto")]
+        capture: CaptureArg,
     },
     /// List syncs.
     List(ListArgs),
@@ -888,6 +915,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
             capture_schema,
             large_objects_every,
             trigger_level,
+            capture,
         } => {
             let spec = SyncSpec {
                 name: name.clone(),
@@ -899,6 +927,7 @@ async fn sync(catalog: &mut Catalog, cmd: SyncCommand) -> Result<()> {
                 capture_schema,
                 lo_interval: large_objects_every,
                 row_triggers: trigger_level == TriggerLevel::Row,
+                capture: capture.into(),
             };
             objects::add_sync(catalog, &spec, ENV).await?;
             println!("added sync \"{name}\"; capture is installed on the source");
@@ -1060,6 +1089,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         rollback,
         login_roles,
         trigger_level,
+        capture,
         json,
     } = cmd
     else {
@@ -1093,6 +1123,7 @@ async fn upgrade(catalog: &mut Catalog, cmd: Command) -> Result<()> {
         overwrite_target,
         rollback,
         row_triggers: trigger_level == TriggerLevel::Row,
+        capture: capture.into(),
     };
     // With --json, stdout is the report alone.
     let say = |line: &str| if json { eprintln!("{line}") } else { println!("{line}") };

@@ -248,6 +248,16 @@ pub fn status(syncs: &[SyncStatus], daemon: Option<i32>, detailed: bool, as_json
                     "not synced".to_string()
                 }
             );
+            if let Some(d) = &s.decoding {
+                println!(
+                    "capture:     logical decoding of {} tables, slot {}: keeps {:.1} MB of the \
+                     source's WAL{}",
+                    d.tables,
+                    d.slot,
+                    d.retained_bytes as f64 / 1e6,
+                    d.wal_status.as_ref().map_or(String::new(), |w| format!(" ({w})"))
+                );
+            }
             if let Some(e) = &s.source_error {
                 println!("source:      unreachable ({e})");
             }

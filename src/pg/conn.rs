@@ -9,7 +9,7 @@ use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{
-    Client, CopyInSink, CopyOutStream, GenericClient, IsolationLevel, Row, Statement,
+    Client, CopyInSink, CopyOutStream, GenericClient, IsolationLevel, Portal, Row, Statement,
 };
 
 use super::conninfo::{ConnParams, Env, PasswordSource, ResolveError, ResolvedConn};
@@ -270,13 +270,22 @@ impl Conn {
 
     /// A read-only REPEATABLE READ transaction: one snapshot for all it reads.
     pub async fn snapshot(&mut self) -> Result<Tx<'_>, PgError> {
+        self.repeatable_read(true).await
+    }
+
+    /// A REPEATABLE READ transaction that may write.
+    pub async fn writable_snapshot(&mut self) -> Result<Tx<'_>, PgError> {
+        self.repeatable_read(false).await
+    }
+
+    async fn repeatable_read(&mut self, read_only: bool) -> Result<Tx<'_>, PgError> {
         let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
         let tables_per_transaction = self.tables_per_transaction;
         let started = self
             .client
             .build_transaction()
             .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
+            .read_only(read_only)
             .start()
             .await;
         match started {
@@ -418,6 +427,17 @@ impl Sql for Conn {
 }
 
 impl Tx<'_> {
+    /// Binds `sql` to a portal of this transaction, whose rows
+    /// [`Tx::fetch`] reads a slice at a time.
+    pub async fn bind(&self, sql: &str, params: Params<'_>) -> Result<Portal, PgError> {
+        self.tx.bind(sql, params).await.map_err(|e| self.error(e))
+    }
+
+    /// The next `rows` rows of `portal` (fewer: the last).
+    pub async fn fetch(&self, portal: &Portal, rows: i32) -> Result<Vec<Row>, PgError> {
+        self.tx.query_portal(portal, rows).await.map_err(|e| self.error(e))
+    }
+
     /// Exports this transaction's snapshot for other sessions to import
     /// ([`Conn::imported_snapshot`]): (the exported name, the same snapshot
     /// as txid_snapshot text, which bounds what it saw of the deltas).

@@ -68,6 +68,18 @@ pub fn private_cluster(major: u32) -> &'static Cluster {
     Box::leak(Box::new(Cluster::start(major, false, &format!("-private{n}"))))
 }
 
+/// A cluster of the caller's own where the migrating role may use logical
+/// decoding, set up as an administrator would: wal_level = logical (a
+/// restart) and the role granted REPLICATION by the superuser.
+pub fn logical_cluster(major: u32) -> &'static Cluster {
+    let c = private_cluster(major);
+    let su = c.superuser("postgres");
+    su.exec("alter system set wal_level = logical");
+    su.exec(&format!("alter role {OWNER} replication"));
+    c.restart();
+    c
+}
+
 fn init() -> &'static Mutex<HashMap<(u32, bool), &'static Cluster>> {
     CLUSTERS.get_or_init(|| {
         remove_leftovers();

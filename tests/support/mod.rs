@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub use cluster::{Cluster, OWNER, cluster, free_port, private_cluster, tls_cluster};
+pub use cluster::{
+    Cluster, OWNER, cluster, free_port, logical_cluster, private_cluster, tls_cluster,
+};
 pub use sql::Sql;
 
 /// Defines one test per major (12, 15 and 17), named after it

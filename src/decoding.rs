@@ -1,0 +1,794 @@
+//! Capture by logical decoding, where the source allows it: the keys of
+//! changed rows read from a logical replication slot instead of triggers,
+//! so the application's transactions pay nothing for capture.
+//!
+//! The deltas stay what they are (see `capture`): pgleap writes them
+//! itself, from the slot (a "pump"), and everything downstream — batches
+//! bounded by snapshots, the fence, verify, rollback, schema changes
+//! pausing the sync — reads them as it reads the triggers'. A delta row
+//! written by a pump carries the id of the transaction it decoded, so a
+//! batch's snapshot judges it as it judges that transaction, as it judges
+//! a trigger's row written inside it. What a trigger gives for free — the
+//! row is visible exactly when its transaction is — the batch gets by
+//! pumping inside its own source transaction, first (see [`pump`]): every
+//! transaction its snapshot sees is then in the deltas it sees.
+//!
+//! - Slot and publication: one each per sync (`pgleap_<database oid>_<schema
+//!   oid>_<sync id>`, unique on the server), pgoutput, created when the
+//!   sync is added, after its delta tables and before any initial copy;
+//!   dropped by teardown (the daemon need not run) and with the rest of
+//!   capture after a cutover.
+//! - Which tables: keyed ones outside inheritance trees whose key is their
+//!   replica identity (the primary key by default, or REPLICA IDENTITY
+//!   FULL): those whose old key a delete or a key change carries. Other
+//!   tables of the same sync keep triggers.
+//! - A pump peeks at the slot, writes the keys it decoded into the deltas
+//!   (and the journal) and commits, and only then advances the slot past
+//!   the last transaction it read: a crash in between decodes those
+//!   transactions again, which only writes their keys twice (harmless).
+//!   Pumps of one sync are serialised by an advisory lock on the source.
+//! - A slot that is gone (dropped, or lost with a failover before
+//!   PostgreSQL 17's failover slots) or invalidated (past
+//!   `max_slot_wal_keep_size`) stops the sync with an error that says so,
+//!   at every retry: changes since its last pump cannot be read any more.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::pg::{Conn, NamedQuery, Sql, Tx, quote_ident};
+
+/// How `sync add` captures a sync's keyed tables (`--capture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Decoding where the source allows it, else triggers.
+    Auto,
+    Triggers,
+    /// Decoding, or a refusal that says what is missing.
+    Decoding,
+}
+
+/// A sync's slot, and the tables it decodes.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    /// The slot's name, which is also the publication's.
+    pub slot: String,
+    /// Where the sync records it (`<schema>.decoding`).
+    registry: String,
+    /// Per decoded table's oid on the source: its index in the plan.
+    pub tables: HashMap<u32, usize>,
+}
+
+/// A sync's slot as status shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotState {
+    pub slot: String,
+    /// How many of the sync's tables it decodes.
+    pub tables: usize,
+    /// The WAL the slot keeps on the source (from its restart point), in
+    /// bytes; 0 for a slot that is gone.
+    pub retained_bytes: i64,
+    /// `pg_replication_slots.wal_status` (13 and later): reserved,
+    /// extended, unreserved, lost; or "gone".
+    pub wal_status: Option<String>,
+}
+
+/// The state of a sync's slot on its source.
+pub async fn slot_state(src: &Conn, stream: &Stream) -> Result<SlotState> {
+    let status = if src.version().major() >= 13 { "wal_status::text" } else { "null::text" };
+    let row = src
+        .query_opt(
+            &format!(
+                "select coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8,
+                        {status}
+                 from pg_replication_slots where slot_name = $1"
+            ),
+            &[&stream.slot],
+        )
+        .await?;
+    let (retained_bytes, wal_status) = match row {
+        Some(r) => (r.get(0), r.get(1)),
+        None => (0, Some("gone".to_string())),
+    };
+    Ok(SlotState {
+        slot: stream.slot.clone(),
+        tables: stream.tables.len(),
+        retained_bytes,
+        wal_status,
+    })
+}
+
+/// Why the source cannot capture by decoding, if it cannot.
+pub async fn unavailable(src: &Conn) -> Result<Option<String>> {
+    if src.version().major() < 11 {
+        return Ok(Some(format!(
+            "PostgreSQL {} cannot advance a replication slot by SQL (11 and later can)",
+            src.version()
+        )));
+    }
+    let row = src.query_one(AVAILABLE, &[]).await?;
+    let (wal_level, role, allowed, free, encoding): (String, String, bool, i64, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    Ok(if wal_level != "logical" {
+        Some(format!(
+            "wal_level is {wal_level} (logical decoding needs wal_level = logical, which takes \
+             a restart)"
+        ))
+    } else if !allowed {
+        Some(format!(
+            "role {role} may not use replication slots (ALTER ROLE {} REPLICATION as a \
+             superuser; on RDS, GRANT rds_replication TO {})",
+            quote_ident(&role),
+            quote_ident(&role)
+        ))
+    } else if free < 1 {
+        Some("every replication slot is taken (max_replication_slots)".into())
+    } else if encoding != "UTF8" {
+        Some(format!("the database's encoding is {encoding} (decoding reads UTF8 only)"))
+    } else {
+        None
+    })
+}
+
+/// What preflight says of capture under `method`: how keyed tables will
+/// be captured; and, for `--capture decoding` where the source does not
+/// allow it, why.
+pub async fn preflight(src: &Conn, method: Method) -> Result<(String, Option<String>)> {
+    let why = unavailable(src).await?;
+    Ok(match (method, why) {
+        (Method::Triggers, _) => ("triggers (--capture triggers)".into(), None),
+        (Method::Auto, Some(why)) => {
+            (format!("triggers (logical decoding is not available: {why})"), None)
+        }
+        (Method::Decoding, Some(why)) => (format!("logical decoding, refused: {why}"), Some(why)),
+        (_, None) => {
+            let unlimited: bool = src.query_one(UNLIMITED_SLOT_WAL, &[]).await?.get(0);
+            let warning = if unlimited {
+                "; warning: max_slot_wal_keep_size is unlimited, so a slot that no daemon reads \
+                 keeps the source's WAL until its disk fills (set it, and watch the slot's \
+                 retained WAL in pgleap status)"
+            } else {
+                ""
+            };
+            let text = format!(
+                "logical decoding of keyed tables (a replication slot: the application's \
+                 transactions pay nothing; tables without a key keep triggers){warning}"
+            );
+            (text, None)
+        }
+    })
+}
+
+/// Whether decoding can capture `table` (quoted, qualified) keyed by
+/// `key_columns`: outside inheritance trees, its key its replica identity.
+pub async fn decodable(src: &Conn, table: &str, key_columns: &[String]) -> Result<bool> {
+    if key_columns.is_empty() {
+        return Ok(false);
+    }
+    let row = src.query_one(REPLICA_IDENTITY, &[&table]).await?;
+    let (full, mut identity): (bool, Vec<String>) = (row.get(0), row.get(1));
+    let mut keys = key_columns.to_vec();
+    keys.sort();
+    identity.sort();
+    Ok(full || identity == keys)
+}
+
+/// The name of a sync's slot and publication.
+async fn name(src: &impl Sql, schema: &str, sync_id: i32) -> Result<String> {
+    Ok(src.query_one(NAME, &[&schema, &sync_id]).await?.get(0))
+}
+
+/// Starts decoding for `tables` (quoted, qualified) of an installed sync:
+/// its publication, then its slot, from which on every commit is decoded.
+/// On error, `capture::remove` removes what was made.
+pub async fn start(client: &mut Conn, schema: &str, sync_id: i32, tables: &[String]) -> Result<()> {
+    let s = quote_ident(schema);
+    let slot = name(client, schema, sync_id).await?;
+    let publication = quote_ident(&slot);
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "create table if not exists {s}.decoding (
+             sync_id int primary key references {s}.syncs(id),
+             slot text not null);
+         insert into {s}.decoding (sync_id, slot) values ({sync_id}, {});
+         create publication {publication};",
+        crate::pg::quote_literal(&slot)
+    ))
+    .await?;
+    tx.commit().await?;
+    // By slices, each in its own transaction: adding a table locks it.
+    for chunk in tables.chunks(client.tables_per_statement()) {
+        client
+            .batch_execute(&format!(
+                "alter publication {publication} add table {}",
+                chunk.join(", ")
+            ))
+            .await?;
+    }
+    // Waits for the transactions running now to end: every transaction
+    // that commits after it is decoded.
+    client.execute(CREATE_SLOT, &[&slot]).await?;
+    tracing::info!(slot, tables = tables.len(), "capturing by logical decoding");
+    Ok(())
+}
+
+/// Drops a sync's slot and publication, if it has them. The slot goes even
+/// with no daemon running; a pump using it at that moment makes this fail
+/// (stop the daemon first).
+pub async fn stop(client: &Conn, schema: &str, sync_id: i32) -> Result<()> {
+    let s = quote_ident(schema);
+    if !client.relation_exists(&format!("{s}.decoding")).await? {
+        return Ok(());
+    }
+    let row = client
+        .query_opt(&format!("select slot from {s}.decoding where sync_id = $1"), &[&sync_id])
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let slot: String = row.get(0);
+    client.execute(DROP_SLOT, &[&slot]).await?;
+    client
+        .batch_execute(&format!(
+            "drop publication if exists {};
+             delete from {s}.decoding where sync_id = {sync_id};",
+            quote_ident(&slot)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// The slot of an installed sync and the tables it decodes (`tables`: the
+/// plan's, quoted and qualified, in order), if the sync decodes.
+pub async fn load(
+    src: &Conn,
+    schema: &str,
+    sync_id: i32,
+    tables: &[String],
+) -> Result<Option<Stream>> {
+    let s = quote_ident(schema);
+    if !src.relation_exists(&format!("{s}.decoding")).await? {
+        return Ok(None);
+    }
+    let row = src
+        .query_opt(&format!("select slot from {s}.decoding where sync_id = $1"), &[&sync_id])
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let slot: String = row.get(0);
+    let rows = src.query(DECODED_TABLES, &[&slot, &tables]).await?;
+    let tables = rows.iter().map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as usize - 1));
+    let registry = format!("{s}.decoding");
+    Ok(Some(Stream { slot, registry, tables: tables.collect() }))
+}
+
+/// Where a pump's keys go, per decoded table.
+pub struct Sink<'a> {
+    /// The table, as messages name it.
+    pub table: &'a str,
+    pub delta: &'a str,
+    /// The key columns, unquoted, as the delta names them.
+    pub keys: Vec<String>,
+    /// Whether the delta holds keys as arrays.
+    pub arrays: bool,
+    /// The table's journal and its number there, if the sync keeps one.
+    pub journal: Option<(&'a str, i32)>,
+}
+
+/// Messages read from the slot per round trip: pgoutput sends a row's
+/// every column, so this bounds pgleap's memory to this many rows.
+const FETCH: i32 = 1000;
+/// Keys held before they are written to the deltas.
+const FLUSH_KEYS: usize = 10_000;
+
+/// Writes into the deltas, inside `tx`, every change the slot decoded
+/// since it last advanced; returns the position to advance it to once
+/// `tx` has committed ([`advance`]), if it read any transaction. `sinks` is
+/// indexed like the plan's tables (`None`: not decoded).
+///
+/// `tx` must be a REPEATABLE READ transaction that may write, and this
+/// its first statement: then every transaction its snapshot sees is in
+/// the deltas it sees. A transaction visible in the snapshot wrote its
+/// commit record before the snapshot was taken, so before the WAL
+/// position read next; logical decoding reads only WAL flushed to disk,
+/// so the pump waits until the source has flushed that far (at once
+/// under synchronous_commit; within wal_writer_delay under asynchronous
+/// commit) and then decodes up to the flushed end. Each delta row carries
+/// the decoded transaction's own id, so a batch's snapshot judges it as it
+/// judges that transaction (applied once visible in a batch's snapshot),
+/// exactly as a trigger's row written inside the transaction.
+pub async fn pump<'a>(
+    tx: &Tx<'_>,
+    sync_id: i32,
+    stream: &'a Stream,
+    sinks: &'a [Option<Sink<'a>>],
+) -> Result<Option<String>> {
+    // A sync whose slot went with its cutover has nothing to read.
+    let registered =
+        format!("select exists (select 1 from {} where sync_id = $1)", stream.registry);
+    if !tx.query_one(&registered, &[&sync_id]).await?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = tx.query_one(POSITION, &[]).await?;
+    let (written_to, own): (String, i64) = (row.get(0), row.get(1));
+    wait_for_flush(tx, &written_to).await?;
+    let portal = tx.bind(PEEK, &[&stream.slot, &stream.slot]).await.map_err(|e| lost(e, stream))?;
+    let mut decoder = Decoder {
+        stream,
+        sinks,
+        own,
+        txid: 0,
+        relations: HashMap::new(),
+        pending: HashMap::new(),
+        held: 0,
+    };
+    let mut last = None;
+    loop {
+        let rows = tx.fetch(&portal, FETCH).await.map_err(|e| lost(e, stream))?;
+        for r in &rows {
+            let data: &[u8] = r.get(1);
+            if decoder.message(data)? {
+                last = Some(r.get::<_, String>(0));
+            }
+        }
+        if decoder.held >= FLUSH_KEYS {
+            decoder.flush(tx).await?;
+        }
+        if rows.len() < FETCH as usize {
+            break;
+        }
+    }
+    decoder.flush(tx).await?;
+    Ok(last)
+}
+
+/// Waits until the source has flushed its WAL to `position`.
+async fn wait_for_flush(tx: &Tx<'_>, position: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    while !tx.query_one(FLUSHED, &[&position]).await?.get::<_, bool>(0) {
+        if started.elapsed() > FLUSH_WAIT {
+            return Err(Error::invalid(
+                format!(
+                    "the source has not flushed its WAL to {position} in {} s: logical decoding \
+                     cannot read past what is flushed",
+                    FLUSH_WAIT.as_secs()
+                ),
+                "check the source's disk and its WAL writer; capture by triggers does not wait",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// How long a pump waits for the source to flush its WAL.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Takes the sync's pump lock on `src`, before the pump's transaction
+/// begins: see [`unlock`].
+pub async fn lock(src: &Conn, sync_id: i32) -> Result<()> {
+    src.execute("select pg_advisory_lock($1, $2)", &[&PUMP_LOCK_CLASS, &sync_id]).await?;
+    Ok(())
+}
+
+/// Moves the slot past what a committed pump read, if `to`, then releases
+/// the pump lock.
+///
+/// Pumps of one sync take turns, each holding the lock from before its
+/// snapshot is taken until after it advanced the slot. Otherwise a pump
+/// whose snapshot was taken before another's deltas committed, and whose
+/// peek came after that other advanced the slot, would read neither
+/// those deltas nor the transactions behind them, and its batch would
+/// record them as applied: lost. A pump that lets go of the lock before
+/// its transaction commits (verify, which keeps its snapshot through the
+/// compare) must not advance; the next pump decodes the same transactions
+/// again, which only writes their keys twice. A crash between commit and
+/// advance does the same. An error leaves the lock with the session,
+/// which pgleap's sessions then replace.
+pub async fn unlock(src: &impl Sql, stream: &Stream, sync_id: i32, to: Option<&str>) -> Result<()> {
+    if let Some(to) = to {
+        src.execute(ADVANCE, &[&stream.slot, &to]).await?;
+    }
+    src.execute("select pg_advisory_unlock($1, $2)", &[&PUMP_LOCK_CLASS, &sync_id]).await?;
+    Ok(())
+}
+
+/// Advisory lock class of a sync's pumps on the source ("pgld").
+const PUMP_LOCK_CLASS: i32 = 0x70676c64;
+
+/// A slot that cannot be read any more, said so.
+fn lost(e: crate::pg::PgError, stream: &Stream) -> Error {
+    use tokio_postgres::error::SqlState;
+    let gone = e.sqlstate() == Some(&SqlState::UNDEFINED_OBJECT);
+    let invalid = e.message().contains("can no longer get changes");
+    if !gone && !invalid {
+        return e.into();
+    }
+    Error::invalid(
+        format!(
+            "the sync's replication slot {} {} on the source: the changes since its last batch \
+             cannot be read ({})",
+            stream.slot,
+            if gone { "is gone" } else { "was invalidated" },
+            e.message()
+        ),
+        "a slot is lost with a failover to a standby that did not have it (before PostgreSQL \
+         17's failover slots), dropped by hand, or invalidated past max_slot_wal_keep_size: \
+         pgleap teardown removes the sync, and sync add installs it again (a new initial copy)",
+    )
+}
+
+/// Keys decoded and not yet written, per table index.
+#[derive(Default)]
+struct Pending {
+    keys: Vec<Vec<String>>,
+    truncated: bool,
+}
+
+struct Decoder<'a> {
+    stream: &'a Stream,
+    sinks: &'a [Option<Sink<'a>>],
+    /// The pump's own transaction id (64 bits), which dates the 32-bit
+    /// ids decoding gives.
+    own: i64,
+    /// The id of the transaction being read (since its BEGIN).
+    txid: i64,
+    /// Per relation oid, its columns' names as the last Relation message
+    /// gave them.
+    relations: HashMap<u32, Vec<String>>,
+    /// Per table index and transaction.
+    pending: HashMap<(usize, i64), Pending>,
+    held: usize,
+}
+
+impl Decoder<'_> {
+    /// Takes one pgoutput message; returns whether it was a COMMIT.
+    fn message(&mut self, data: &[u8]) -> Result<bool> {
+        let mut r = Reader { b: data, at: 0 };
+        match r.u8()? {
+            b'B' => {
+                let (_final_lsn, _committed_at) = (r.u64()?, r.u64()?);
+                self.txid = full_txid(r.u32()?, self.own);
+            }
+            b'C' => return Ok(true),
+            b'R' => {
+                let relid = r.u32()?;
+                let (_namespace, _name) = (r.string()?, r.string()?);
+                let _identity = r.u8()?;
+                let n = r.u16()?;
+                let mut names = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    let (_flags, name) = (r.u8()?, r.string()?);
+                    let (_type, _typmod) = (r.u32()?, r.u32()?);
+                    names.push(name);
+                }
+                self.relations.insert(relid, names);
+            }
+            b'I' => {
+                let relid = r.u32()?;
+                r.expect(b'N')?;
+                self.key(relid, &r.tuple()?)?;
+            }
+            b'U' => {
+                let relid = r.u32()?;
+                let mut kind = r.u8()?;
+                if kind == b'K' || kind == b'O' {
+                    self.key(relid, &r.tuple()?)?;
+                    kind = r.u8()?;
+                }
+                if kind != b'N' {
+                    return Err(malformed("an UPDATE without its new row"));
+                }
+                self.key(relid, &r.tuple()?)?;
+            }
+            b'D' => {
+                let relid = r.u32()?;
+                let _kind = r.u8()?;
+                self.key(relid, &r.tuple()?)?;
+            }
+            b'T' => {
+                let n = r.u32()?;
+                let _options = r.u8()?;
+                for _ in 0..n {
+                    let relid = r.u32()?;
+                    if let Some(&i) = self.stream.tables.get(&relid) {
+                        self.pending.entry((i, self.txid)).or_default().truncated = true;
+                    }
+                }
+            }
+            // BEGIN, origin, type, logical message: nothing to capture.
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Records the key of `tuple`, a row of relation `relid`.
+    fn key(&mut self, relid: u32, tuple: &[Column]) -> Result<()> {
+        let Some(&i) = self.stream.tables.get(&relid) else {
+            return Ok(());
+        };
+        let Some(Some(sink)) = self.sinks.get(i) else {
+            return Ok(());
+        };
+        let Some(names) = self.relations.get(&relid) else {
+            return Err(malformed("a row before its relation"));
+        };
+        let mut key = Vec::with_capacity(sink.keys.len());
+        for k in &sink.keys {
+            let at = names.iter().position(|n| n == k);
+            match at.and_then(|at| tuple.get(at)) {
+                Some(Column::Text(v)) => key.push(v.clone()),
+                _ => {
+                    return Err(Error::invalid(
+                        format!(
+                            "logical decoding sent a row of {} without its key column {k}",
+                            sink.table
+                        ),
+                        "tear the sync down and add it again with --capture triggers",
+                    ));
+                }
+            }
+        }
+        self.pending.entry((i, self.txid)).or_default().keys.push(key);
+        self.held += 1;
+        Ok(())
+    }
+
+    /// Writes the keys held into the deltas (and the journal), in `tx`,
+    /// a statement per table.
+    async fn flush(&mut self, tx: &Tx<'_>) -> Result<()> {
+        let mut by_table: HashMap<usize, Vec<(i64, Pending)>> = HashMap::new();
+        for ((i, txid), p) in std::mem::take(&mut self.pending) {
+            by_table.entry(i).or_default().push((txid, p));
+        }
+        let mut journal: HashMap<&str, (Vec<i64>, Vec<i32>)> = HashMap::new();
+        for (i, changes) in by_table {
+            let Some(Some(sink)) = self.sinks.get(i) else { continue };
+            tx.execute(&insert_keys(sink), &[&keys_json(sink, &changes).to_string()]).await?;
+            if let Some((j, n)) = sink.journal {
+                let entries = journal.entry(j).or_default();
+                for (txid, _) in &changes {
+                    entries.0.push(*txid);
+                    entries.1.push(n);
+                }
+            }
+        }
+        for (j, (txids, numbers)) in journal {
+            tx.execute(
+                &format!(
+                    "insert into {j} (_pgleap_txid, n)
+                     select * from unnest($1::int8[], $2::int4[])"
+                ),
+                &[&txids, &numbers],
+            )
+            .await?;
+        }
+        self.held = 0;
+        Ok(())
+    }
+}
+
+/// A 32-bit transaction id decoded from the WAL as the 64-bit one
+/// `txid_current()` gave it, from `own`, a transaction's id of the same
+/// time: the one nearest `own` (decoded transactions may be older or
+/// newer than the pump's, by far less than 2^31).
+fn full_txid(xid: u32, own: i64) -> i64 {
+    let candidate = (own & !0xffff_ffff) | i64::from(xid);
+    if candidate > own + (1 << 31) {
+        candidate - (1 << 32)
+    } else if candidate < own - (1 << 31) {
+        candidate + (1 << 32)
+    } else {
+        candidate
+    }
+}
+
+/// The statement writing a sink's changes, given as JSON in `$1` (see
+/// [`keys_json`]): each key value goes through its type's input function,
+/// as the text pgoutput sent came from its output function.
+fn insert_keys(sink: &Sink) -> String {
+    let columns: Vec<String> = sink.keys.iter().map(|k| quote_ident(k)).collect();
+    let from_record: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
+    format!(
+        "insert into {delta} (_pgleap_txid, _pgleap_truncated, {columns})
+         select r._pgleap_txid, r._pgleap_truncated, {from_record}
+         from json_populate_recordset(null::{delta}, $1::text::json) r",
+        delta = sink.delta,
+        columns = columns.join(", "),
+        from_record = from_record.join(", "),
+    )
+}
+
+/// A sink's changes as [`insert_keys`] reads them, a delta row each: per
+/// transaction, a TRUNCATE's marker, and its keys (one row of arrays for
+/// a delta of arrays, else a row a key).
+fn keys_json(sink: &Sink, changes: &[(i64, Pending)]) -> Value {
+    let mut rows = Vec::new();
+    let row = |txid: i64, truncated: bool| {
+        let mut row = Map::new();
+        row.insert("_pgleap_txid".into(), Value::from(txid));
+        row.insert("_pgleap_truncated".into(), Value::Bool(truncated));
+        row
+    };
+    for (txid, p) in changes {
+        if p.truncated {
+            rows.push(Value::Object(row(*txid, true)));
+        }
+        if p.keys.is_empty() {
+            continue;
+        }
+        if sink.arrays {
+            let mut r = row(*txid, false);
+            for (c, name) in sink.keys.iter().enumerate() {
+                let values = p.keys.iter().map(|k| Value::String(k[c].clone())).collect();
+                r.insert(name.clone(), Value::Array(values));
+            }
+            rows.push(Value::Object(r));
+        } else {
+            for k in &p.keys {
+                let mut r = row(*txid, false);
+                for (name, v) in sink.keys.iter().zip(k) {
+                    r.insert(name.clone(), Value::String(v.clone()));
+                }
+                rows.push(Value::Object(r));
+            }
+        }
+    }
+    Value::Array(rows)
+}
+
+fn malformed(what: &str) -> Error {
+    Error::invalid(
+        format!("logical decoding sent {what}: pgleap cannot read this slot's output"),
+        "tear the sync down and add it again with --capture triggers",
+    )
+}
+
+/// One column of a decoded row.
+enum Column {
+    Null,
+    /// A TOASTed value the change left as it was: not sent.
+    Unchanged,
+    Text(String),
+}
+
+/// Reads pgoutput's binary messages (protocol version 1).
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let Some(end) = end else { return Err(malformed("a truncated message")) };
+        let out = &self.b[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn expect(&mut self, byte: u8) -> Result<()> {
+        match self.u8()? == byte {
+            true => Ok(()),
+            false => Err(malformed("an unexpected message part")),
+        }
+    }
+    fn string(&mut self) -> Result<String> {
+        let rest = &self.b[self.at..];
+        let Some(len) = rest.iter().position(|&c| c == 0) else {
+            return Err(malformed("an unterminated name"));
+        };
+        let s = String::from_utf8_lossy(&rest[..len]).into_owned();
+        self.at += len + 1;
+        Ok(s)
+    }
+    fn tuple(&mut self) -> Result<Vec<Column>> {
+        let n = self.u16()?;
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            out.push(match self.u8()? {
+                b'n' => Column::Null,
+                b'u' => Column::Unchanged,
+                b't' => {
+                    let len = self.u32()? as usize;
+                    let bytes = self.take(len)?;
+                    match std::str::from_utf8(bytes) {
+                        Ok(s) => Column::Text(s.to_string()),
+                        Err(_) => return Err(malformed("a value that is not UTF-8")),
+                    }
+                }
+                _ => return Err(malformed("a column of an unknown kind")),
+            });
+        }
+        Ok(out)
+    }
+}
+
+// The catalog queries of this module, named.
+
+const AVAILABLE: &str = "select current_setting('wal_level'), current_user::text,
+        coalesce((select rolreplication or rolsuper from pg_roles where rolname = current_user),
+                 false)
+          or exists (select 1 from pg_roles r where r.rolname = 'rds_replication'
+                     and pg_has_role(r.oid, 'member')),
+        current_setting('max_replication_slots')::int8
+          - (select count(*) from pg_replication_slots),
+        current_setting('server_encoding')";
+
+/// Before 13 a slot retains WAL without any limit.
+const UNLIMITED_SLOT_WAL: &str =
+    "select coalesce(current_setting('max_slot_wal_keep_size', true), '-1') = '-1'";
+
+const REPLICA_IDENTITY: &str = "select c.relreplident = 'f',
+        coalesce((select array_agg(a.attname::text)
+                  from pg_index i join pg_attribute a
+                    on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+                  where i.indrelid = c.oid
+                    and case c.relreplident when 'i' then i.indisreplident
+                                            when 'd' then i.indisprimary
+                                            else false end), '{}')
+    from pg_class c where c.oid = $1::text::regclass";
+
+const NAME: &str = "select format('pgleap_%s_%s_%s', d.oid, n.oid, $2::int4)
+    from pg_database d, pg_namespace n
+    where d.datname = current_database() and n.nspname = $1";
+
+const CREATE_SLOT: &str = "select pg_create_logical_replication_slot($1, 'pgoutput')";
+
+const DROP_SLOT: &str = "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+    where slot_name = $1 and database = current_database()";
+
+const DECODED_TABLES: &str = "select r.prrelid::int8, t.n
+    from pg_publication p join pg_publication_rel r on r.prpubid = p.oid
+    join unnest($2::text[]) with ordinality t(name, n) on to_regclass(t.name) = r.prrelid
+    where p.pubname = $1";
+
+const PEEK: &str = "select lsn::text, data
+    from pg_logical_slot_peek_binary_changes($1, null, null,
+         'proto_version', '1', 'publication_names', $2)";
+
+/// Where the WAL is written to, read after the snapshot was taken; and
+/// the pump's own transaction id.
+const POSITION: &str = "select pg_current_wal_insert_lsn()::text, txid_current()";
+
+const FLUSHED: &str = "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn";
+
+const ADVANCE: &str = "select pg_replication_slot_advance(slot_name, $2::text::pg_lsn)
+    from pg_replication_slots
+    where slot_name = $1 and confirmed_flush_lsn < $2::text::pg_lsn";
+
+/// The catalog queries of this module, for `pgleap db check-queries`.
+pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
+    vec![
+        NamedQuery::new("decoding: availability", AVAILABLE),
+        NamedQuery::new("decoding: replica identity", REPLICA_IDENTITY),
+        NamedQuery::new("decoding: names", NAME),
+        NamedQuery::new("decoding: decoded tables", DECODED_TABLES),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_txid;
+
+    #[test]
+    fn decoded_ids_take_the_epoch_nearest_the_pumps() {
+        assert_eq!(full_txid(1500, 1000), 1500, "newer than the pump, same epoch");
+        assert_eq!(full_txid(900, 1000), 900);
+        let own = (3 << 32) + 5;
+        assert_eq!(full_txid(u32::MAX - 2, own), (3 << 32) - 3, "before the epoch turned");
+        let own = (3 << 32) + u32::MAX as i64 - 5;
+        assert_eq!(full_txid(7, own), (4 << 32) + 7, "after it turned");
+    }
+}
