@@ -16,17 +16,16 @@
 //! - Slot and publication: one each per sync (`pgleap_<database oid>_<schema
 //!   oid>_<sync id>`, unique on the server), pgoutput, created when the
 //!   sync is added, after its delta tables and before any initial copy;
-//!   dropped by teardown (the daemon need not run) and with the rest of
-//!   capture after a cutover.
+//!   dropped by teardown (the daemon need not run) and past a cutover's
+//!   switch point.
 //! - Which tables: keyed ones outside inheritance trees whose key is their
 //!   replica identity (the primary key by default, or REPLICA IDENTITY
 //!   FULL): those whose old key a delete or a key change carries. Other
 //!   tables of the same sync keep triggers.
-//! - A pump peeks at the slot, writes the keys it decoded into the deltas
-//!   (and the journal) and commits, and only then advances the slot past
-//!   the last transaction it read: a crash in between decodes those
-//!   transactions again, which only writes their keys twice (harmless).
-//!   Pumps of one sync are serialised by an advisory lock on the source.
+//! - The slot advances only after the transaction that wrote a pump's
+//!   keys committed: a crash in between decodes those transactions again,
+//!   which only writes their keys twice (harmless). Pumps of one sync take
+//!   turns under an advisory lock (see [`unlock`]).
 //! - A slot that is gone (dropped, or lost with a failover before
 //!   PostgreSQL 17's failover slots) or invalidated (past
 //!   `max_slot_wal_keep_size`) stops the sync with an error that says so,
@@ -207,10 +206,38 @@ pub async fn start(client: &mut Conn, schema: &str, sync_id: i32, tables: &[Stri
             .await?;
     }
     // Waits for the transactions running now to end: every transaction
-    // that commits after it is decoded.
-    client.execute(CREATE_SLOT, &[&slot]).await?;
+    // that commits after it is decoded. Bounded: one left open (a session
+    // idle in transaction) would hold `sync add` without a word.
+    let wait = slot_wait();
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("set local statement_timeout = '{}s'", wait.as_secs())).await?;
+    if let Err(e) = tx.execute(CREATE_SLOT, &[&slot]).await {
+        if e.sqlstate() != Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+            return Err(e.into());
+        }
+        drop(tx);
+        let oldest = client.query_opt(OLDEST_TRANSACTION, &[]).await?;
+        let oldest: Option<String> = oldest.map(|r| r.get(0));
+        return Err(Error::invalid(
+            format!(
+                "creating the replication slot waited {} s for the transactions running on the \
+                 source to end{}",
+                wait.as_secs(),
+                oldest.map_or(String::new(), |o| format!(" (the oldest: {o})"))
+            ),
+            "end that transaction, or add the sync again later, or with --capture triggers",
+        ));
+    }
+    tx.commit().await?;
     tracing::info!(slot, tables = tables.len(), "capturing by logical decoding");
     Ok(())
+}
+
+/// How long creating a slot may wait for the source's running
+/// transactions: a minute, or `PGLEAP_SLOT_WAIT` seconds.
+fn slot_wait() -> std::time::Duration {
+    let seconds = std::env::var("PGLEAP_SLOT_WAIT").ok().and_then(|s| s.parse().ok());
+    std::time::Duration::from_secs(seconds.unwrap_or(60).max(1))
 }
 
 /// Drops a sync's slot and publication, if it has them. The slot goes even
@@ -337,6 +364,7 @@ pub async fn pump<'a>(
         }
     }
     decoder.flush(tx).await?;
+    crate::failpoint::hit("decoding-pumped");
     Ok(last)
 }
 
@@ -387,6 +415,7 @@ pub async fn lock(src: &Conn, sync_id: i32) -> Result<()> {
 /// which pgleap's sessions then replace.
 pub async fn unlock(src: &impl Sql, stream: &Stream, sync_id: i32, to: Option<&str>) -> Result<()> {
     if let Some(to) = to {
+        crate::failpoint::hit("decoding-committed");
         src.execute(ADVANCE, &[&stream.slot, &to]).await?;
     }
     src.execute("select pg_advisory_unlock($1, $2)", &[&PUMP_LOCK_CLASS, &sync_id]).await?;
@@ -428,8 +457,8 @@ struct Pending {
 struct Decoder<'a> {
     stream: &'a Stream,
     sinks: &'a [Option<Sink<'a>>],
-    /// The pump's own transaction id (64 bits), which dates the 32-bit
-    /// ids decoding gives.
+    /// The pump's snapshot's next transaction id (64 bits), which dates
+    /// the 32-bit ids decoding gives.
     own: i64,
     /// The id of the transaction being read (since its BEGIN).
     txid: i64,
@@ -569,9 +598,9 @@ impl Decoder<'_> {
 }
 
 /// A 32-bit transaction id decoded from the WAL as the 64-bit one
-/// `txid_current()` gave it, from `own`, a transaction's id of the same
+/// `txid_current()` gave it, from `own`, a transaction id of the same
 /// time: the one nearest `own` (decoded transactions may be older or
-/// newer than the pump's, by far less than 2^31).
+/// newer than the pump's snapshot, by far less than 2^31).
 fn full_txid(xid: u32, own: i64) -> i64 {
     let candidate = (own & !0xffff_ffff) | i64::from(xid);
     if candidate > own + (1 << 31) {
@@ -746,6 +775,13 @@ const NAME: &str = "select format('pgleap_%s_%s_%s', d.oid, n.oid, $2::int4)
 
 const CREATE_SLOT: &str = "select pg_create_logical_replication_slot($1, 'pgoutput')";
 
+/// The oldest transaction holding an id on the server, as a DBA finds it.
+const OLDEST_TRANSACTION: &str = "select format('pid %s, %s, open since %s',
+        pid, coalesce(nullif(state, ''), 'unknown state'), xact_start)
+    from pg_stat_activity
+    where backend_xid is not null and pid <> pg_backend_pid()
+    order by xact_start limit 1";
+
 const DROP_SLOT: &str = "select pg_drop_replication_slot(slot_name) from pg_replication_slots
     where slot_name = $1 and database = current_database()";
 
@@ -758,9 +794,12 @@ const PEEK: &str = "select lsn::text, data
     from pg_logical_slot_peek_binary_changes($1, null, null,
          'proto_version', '1', 'publication_names', $2)";
 
-/// Where the WAL is written to, read after the snapshot was taken; and
-/// the pump's own transaction id.
-const POSITION: &str = "select pg_current_wal_insert_lsn()::text, txid_current()";
+/// Where the WAL is written to, read after the snapshot was taken; and the
+/// snapshot's next transaction id, which dates decoded ids (not
+/// `txid_current()`: a pump that finds nothing assigns no id and writes
+/// no WAL, as the daemon's idle polls would).
+const POSITION: &str =
+    "select pg_current_wal_insert_lsn()::text, txid_snapshot_xmax(txid_current_snapshot())";
 
 const FLUSHED: &str = "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn";
 
@@ -775,6 +814,7 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
         NamedQuery::new("decoding: replica identity", REPLICA_IDENTITY),
         NamedQuery::new("decoding: names", NAME),
         NamedQuery::new("decoding: decoded tables", DECODED_TABLES),
+        NamedQuery::new("decoding: oldest transaction", OLDEST_TRANSACTION),
     ]
 }
 

@@ -341,11 +341,14 @@ impl Session {
     /// nothing (same xmin, xmax and running transactions), nothing can
     /// have become visible.
     pub async fn has_changes(&mut self) -> Result<bool> {
-        self.plan.pump(&mut self.src).await?;
         let now = apply::set_after(&self.src, self.prev.as_deref()).await?;
         if self.idle_at.as_deref() == Some(now.as_str()) {
             return Ok(false);
         }
+        // Where the sync decodes, what committed since is in the slot, not
+        // yet in the deltas (nothing committed since the last poll: the
+        // slot has nothing new either).
+        self.plan.pump(&mut self.src).await?;
         let changed = self.plan.has_changes(&self.src).await?;
         self.idle_at = if changed { None } else { Some(now) };
         Ok(changed)

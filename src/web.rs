@@ -96,6 +96,11 @@ impl Board {
             Unit::Seconds,
             "How long the cutover fenced writes on the source"
         );
+        describe_gauge!(
+            "pgleap_slot_retained_bytes",
+            Unit::Bytes,
+            "WAL the sync's replication slot keeps on the source (capture by decoding)"
+        );
         describe_gauge!("pgleap_build_info", "The running pgleap's version (always 1)");
         metrics::gauge!("pgleap_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     }
@@ -105,6 +110,10 @@ impl Board {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let mut lag = self.lag.lock().unwrap();
         for s in syncs {
+            if let Some(d) = &s.decoding {
+                let labels = [("sync", s.name.clone()), ("slot", d.slot.clone())];
+                metrics::gauge!("pgleap_slot_retained_bytes", &labels).set(d.retained_bytes as f64);
+            }
             for t in &s.targets {
                 let labels = [("sync", s.name.clone()), ("target", t.target.clone())];
                 if let Some(l) = t.lag_seconds {
