@@ -18,7 +18,9 @@
 //! `PGLEAP_BENCH_ROUNDS` (default 3) with the range. Capture runs with
 //! statement triggers, with row triggers (`--trigger-level row`) and by
 //! logical decoding (`--capture decoding`). The catch-up is the time from
-//! the load's end until a row written after it is on the target. With
+//! the load's end until a row written after it is on the target.
+//! `PGLEAP_BENCH_CAPTURE` (a comma list of statement, row, decoding;
+//! default all three) picks the capture variants of this build. With
 //! `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap), each round
 //! also runs the two capture variants with that build's capture and daemon.
 
@@ -119,11 +121,18 @@ fn main() {
     // This build, with statement triggers (the default) and with row
     // triggers, and the baseline build if given: each its own catalog.
     let this = || Pgleap::for_clusters(&[src.cluster, dst.cluster]);
-    let mut builds: Vec<(&str, Pgleap, &[&str])> = vec![
-        (", statement triggers", this(), &["--capture", "triggers"]),
-        (", row triggers", this(), &["--trigger-level", "row", "--capture", "triggers"]),
-        (", logical decoding", this(), &["--capture", "decoding"]),
+    let wanted =
+        std::env::var("PGLEAP_BENCH_CAPTURE").unwrap_or_else(|_| "statement,row,decoding".into());
+    let variants: [(&str, &str, &[&str]); 3] = [
+        ("statement", ", statement triggers", &["--capture", "triggers"]),
+        ("row", ", row triggers", &["--trigger-level", "row", "--capture", "triggers"]),
+        ("decoding", ", logical decoding", &["--capture", "decoding"]),
     ];
+    let mut builds: Vec<(&str, Pgleap, &[&str])> = variants
+        .into_iter()
+        .filter(|(key, _, _)| wanted.split(',').any(|w| w.trim() == *key))
+        .map(|(_, label, args)| (label, this(), args))
+        .collect();
     if let Some(bin) = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN") {
         let base = Pgleap::for_clusters(&[src.cluster, dst.cluster]).binary(Path::new(&bin));
         builds.push((", baseline build", base, &[]));
