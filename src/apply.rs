@@ -488,7 +488,7 @@ impl Plan {
     /// since it last advanced (nothing without decoding; see
     /// [`decoding::pump`], whose conditions `stx` meets when it comes from
     /// [`source_snapshot`]). Returns where to advance the slot once `stx`
-    /// committed ([`Plan::advance`]).
+    /// committed ([`Plan::end_pump`]).
     async fn pump_in(&self, stx: &Tx<'_>) -> Result<Option<String>> {
         let Some(stream) = &self.decoding else {
             return Ok(None);
@@ -500,7 +500,7 @@ impl Plan {
                 decoded.contains(&i).then(|| decoding::Sink {
                     table: &t.display,
                     delta: &t.delta,
-                    keys: t.key_names.clone(),
+                    keys: &t.key_names,
                     arrays: t.key_arrays,
                     journal: self.journal.as_ref().map(|(j, numbers)| (j.as_str(), numbers[i])),
                 })
@@ -847,7 +847,7 @@ pub async fn begin_batch<'a>(
 /// read-only; where the sync decodes, one that first writes what the slot
 /// decoded into the deltas (see [`decoding::pump`]), so that its snapshot
 /// sees every change it sees in the deltas too. Returns where to advance
-/// the slot once it committed ([`Plan::advance`]).
+/// the slot once it committed ([`Plan::end_pump`]).
 pub async fn source_snapshot<'a>(
     src: &'a mut Conn,
     plan: &Plan,

@@ -209,7 +209,11 @@ pub async fn install(
 ) -> Result<i32> {
     let s = quote_ident(schema);
     let db = client.name().to_string();
-    let decode = match (method, decoding::unavailable(client).await?) {
+    let unavailable = match method {
+        Method::Triggers => None,
+        _ => Some(decoding::unavailable(client).await?),
+    };
+    let decode = match (method, unavailable.flatten()) {
         (Method::Triggers, _) | (Method::Auto, Some(_)) => false,
         (_, None) => true,
         (Method::Decoding, Some(why)) => {

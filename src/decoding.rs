@@ -293,7 +293,7 @@ pub struct Sink<'a> {
     pub table: &'a str,
     pub delta: &'a str,
     /// The key columns, unquoted, as the delta names them.
-    pub keys: Vec<String>,
+    pub keys: &'a [String],
     /// Whether the delta holds keys as arrays.
     pub arrays: bool,
     /// The table's journal and its number there, if the sync keeps one.
@@ -543,7 +543,7 @@ impl Decoder<'_> {
             return Err(malformed("a row before its relation"));
         };
         let mut key = Vec::with_capacity(sink.keys.len());
-        for k in &sink.keys {
+        for k in sink.keys {
             let at = names.iter().position(|n| n == k);
             match at.and_then(|at| tuple.get(at)) {
                 Some(Column::Text(v)) => key.push(v.clone()),

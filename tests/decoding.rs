@@ -109,7 +109,7 @@ fn decoding_is_refused_where_the_source_does_not_allow_it_pg15_to_pg17() {
         .fails_with(&["logical decoding", "wal_level is replica", "--capture triggers"]);
     let s = src.sql();
     assert_eq!(s.value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
-    p.run(&["sync", "list", "--json"]).ok();
+    assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
     p.add_sync(&["--capture", "auto"]);
     assert_ne!(triggers_on(&s, "kv"), "0", "auto falls back to triggers");
     assert_eq!(slots(&s), "0");
