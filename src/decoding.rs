@@ -417,10 +417,63 @@ pub async fn unlock(src: &impl Sql, stream: &Stream, sync_id: i32, to: Option<&s
     if let Some(to) = to {
         crate::failpoint::hit("decoding-committed");
         src.execute(ADVANCE, &[&stream.slot, &to]).await?;
+        nudge(src, stream).await;
     }
     src.execute("select pg_advisory_unlock($1, $2)", &[&PUMP_LOCK_CLASS, &sync_id]).await?;
     Ok(())
 }
+
+/// Gets the slot's restart point moved up when it lags far behind what
+/// pumps confirmed.
+///
+/// Every pump decodes from the slot's restart point, not from where the
+/// last pump stopped: the SQL functions build a new decoding context at
+/// each call. The server moves that point only when decoding passes a
+/// record of the transactions running on it, which it writes about every
+/// 15 s when idle of them; under load each pump then re-reads 15-30 s of
+/// WAL, and the sync lags by seconds. Creating a logical slot writes such
+/// a record (any role that may use slots may do it, where
+/// `pg_log_standby_snapshot()` needs a superuser), so pgleap creates a
+/// temporary one and drops it, at most once a second: the next pump
+/// decodes past the record, and its advance moves the restart point
+/// there. Best effort: without a free slot, or with a transaction that
+/// the new slot would wait for (cut short, after the record was written),
+/// the sync only lags as before.
+async fn nudge(src: &impl Sql, stream: &Stream) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let behind: i64 = match src.query_opt(RESTART_BEHIND, &[&stream.slot]).await {
+        Ok(Some(row)) => row.get(0),
+        _ => return,
+    };
+    if behind < NUDGE_BYTES {
+        return;
+    }
+    {
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let nudge = format!("{}_nudge", stream.slot);
+    // One statement: a timeout cancels the creation, not the record it
+    // wrote first; the temporary slot goes with the error.
+    let sql = format!(
+        "set statement_timeout = '100ms';
+         select pg_create_logical_replication_slot({n}, 'pgoutput', true);
+         select pg_drop_replication_slot({n});
+         reset statement_timeout;",
+        n = crate::pg::quote_literal(&nudge)
+    );
+    if let Err(e) = src.batch_execute(&sql).await {
+        tracing::debug!(slot = stream.slot, error = %e, "restart point not nudged");
+        let _ = src.batch_execute("reset statement_timeout").await;
+    }
+}
+
+/// How far (bytes of WAL) a slot's restart point may lag behind its
+/// confirmed position before pgleap nudges it ([`nudge`]).
+const NUDGE_BYTES: i64 = 1 << 20;
 
 /// Advisory lock class of a sync's pumps on the source ("pgld").
 const PUMP_LOCK_CLASS: i32 = 0x70676c64;
@@ -801,6 +854,9 @@ const PEEK: &str = "select lsn::text, data
 const POSITION: &str =
     "select pg_current_wal_insert_lsn()::text, txid_snapshot_xmax(txid_current_snapshot())";
 
+const RESTART_BEHIND: &str = "select pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::int8
+    from pg_replication_slots where slot_name = $1 and restart_lsn is not null";
+
 const FLUSHED: &str = "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn";
 
 const ADVANCE: &str = "select pg_replication_slot_advance(slot_name, $2::text::pg_lsn)
@@ -815,6 +871,7 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
         NamedQuery::new("decoding: names", NAME),
         NamedQuery::new("decoding: decoded tables", DECODED_TABLES),
         NamedQuery::new("decoding: oldest transaction", OLDEST_TRANSACTION),
+        NamedQuery::new("decoding: restart point behind", RESTART_BEHIND),
     ]
 }
 
