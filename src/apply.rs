@@ -440,7 +440,7 @@ impl Plan {
         let journal = capture::journal(schema, sync_id);
         let journal = src.relation_exists(&journal).await?.then_some((journal, numbers));
         let names: Vec<String> = tables.iter().map(|t| t.table.clone()).collect();
-        let decoding = decoding::load(src, schema, sync_id, &names).await?;
+        let decoding = decoding::load(src, schema, &sync.name, sync_id, &names).await?;
         let mut plan = Plan {
             decoding,
             sync: sync.name.clone(),
@@ -719,6 +719,27 @@ impl Plan {
 /// means applying every delta since capture started.
 pub const FROM_THE_START: &str = "1:1:";
 
+/// What a target records as applied for a sync whose tables are to be
+/// copied again ([`mark_recopy`]): no batch applies until that copy ran.
+pub const RECOPY: &str = "recopy";
+
+/// Marks the sync's tables on the target to be copied again, whatever its
+/// `onetimecopy`: its record of applied changes and of copied parts
+/// replaced, in one transaction under the applier lock, so that no batch
+/// applies after this but the copy (see `Session::ensure_initial_copy`).
+/// For a sync whose capture lost changes (a lost slot).
+pub async fn mark_recopy(tgt: &mut Conn, plan: &Plan) -> Result<()> {
+    let s = quote_ident(&plan.schema);
+    let tx = tgt.transaction().await?;
+    tx.execute(XACT_LOCK, &[&LOCK_CLASS, &plan.sync_id]).await?;
+    if tx.relation_exists(&format!("{s}.copy_units")).await? {
+        tx.execute(&format!("delete from {s}.copy_units where sync = $1"), &[&plan.sync]).await?;
+    }
+    set_applied_snapshot(&tx, plan, RECOPY).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Records where change apply continues from: after an initial copy, or
 /// in a batch's target transaction, the snapshot it brought the target to.
 /// (The relgroup's sequences travel outside batches: see
@@ -879,6 +900,19 @@ pub async fn apply_within(
         .query_opt(&format!("select snapshot from {s}.applied where sync = $1"), &[&plan.sync])
         .await?
         .map(|r| r.get(0));
+    if prev.as_deref() == Some(RECOPY) {
+        return Err(Error::invalid(
+            format!(
+                "sync \"{}\": the target is to be copied again (its capture lost changes) \
+                 before any batch applies",
+                plan.sync
+            ),
+            format!(
+                "the daemon copies it at its next round, or pgleap kick {} --wait does",
+                plan.sync
+            ),
+        ));
+    }
     stats.snapshot = set_after(stx, prev.as_deref()).await?;
     let cond = Plan::pending(prev.as_deref());
     let named = plan.candidates(stx).await?;

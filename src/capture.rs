@@ -396,7 +396,10 @@ async fn install_table(client: &mut Conn, schema: &str, t: &Table<'_>) -> Result
     let mut ddl = match (rel.key_columns.is_empty(), rows) {
         _ if decoded => keyed_delta(&delta, &rel.key_columns, &columns, arrays),
         (true, _) => keyless_capture(&capture, &columns),
-        (false, false) => keyed_capture(&capture, &rel.key_columns, &columns, arrays),
+        (false, false) => {
+            keyed_delta(&delta, &rel.key_columns, &columns, arrays)
+                + &keyed_capture(&capture, &rel.key_columns, &columns, arrays)
+        }
         (false, true) => keyed_row_capture(&capture, &rel.key_columns, &columns),
     };
     let key_array: Vec<String> = rel.key_columns.iter().map(|k| quote_literal(k)).collect();
@@ -417,6 +420,50 @@ async fn install_table(client: &mut Conn, schema: &str, t: &Table<'_>) -> Result
         }
     }
     Ok(decoded)
+}
+
+/// Captures by triggers, from now on, the tables of a sync that its slot
+/// captured (those of its keyed tables without a capture function), into
+/// the deltas they have: what a sync whose slot was lost falls back to
+/// (see `Session`). Statement triggers, whatever `--trigger-level` the
+/// sync was added with: the deltas' shape is the statement capture's.
+/// Table by table, each in its own transaction; a rerun after an
+/// interruption does the tables left. Returns how many it did.
+pub async fn fall_back_to_triggers(client: &mut Conn, schema: &str, sync_id: i32) -> Result<usize> {
+    let s = quote_ident(schema);
+    let rows = client
+        .query(
+            &format!(
+                "select n, schema_name, rel_name, delta_table, key_columns
+                 from {s}.relations
+                 where sync_id = $1 and cardinality(key_columns) > 0
+                   and to_regproc(format('%I.%I', $2::text, format('f%s_%s', sync_id, n))) is null
+                 order by n"
+            ),
+            &[&sync_id, &schema],
+        )
+        .await?;
+    let journal = journal(schema, sync_id);
+    let journal = client.relation_exists(&journal).await?.then_some(journal);
+    for r in &rows {
+        let (n, table_schema, name, delta, keys): (i32, String, String, String, Vec<String>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let table = qualified(&table_schema, &name);
+        let columns = client.query(&columns_sql(client.version()), &[&table]).await?;
+        // As `install_table` chose when it made the delta.
+        let arrays = columns.iter().all(|r| r.get::<_, bool>(2) || !keys.contains(&r.get(0)));
+        let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let capture = Capture {
+            table: &table,
+            delta: &qualified(schema, &delta),
+            function: &qualified(schema, &format!("f{sync_id}_{n}")),
+            sync_id,
+            note: journal_note(journal.as_deref(), sync_id, n, false),
+        };
+        let ddl = keyed_capture(&capture, &keys, &columns, arrays);
+        with_lock_retries(client, &format!("capturing {table} by triggers"), &ddl).await?;
+    }
+    Ok(rows.len())
 }
 
 /// What every capture function of a table is built from.
@@ -537,8 +584,7 @@ fn keyed_capture(
         )
     };
     let mut ddl = format!(
-        "{table_ddl}
-         create function {function}() returns trigger
+        "create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
          #variable_conflict use_column
          declare
@@ -558,7 +604,6 @@ fn keyed_capture(
              end if;
              return null;
          end $pgleap$;\n",
-        table_ddl = keyed_delta(delta, key_columns, columns, arrays),
         new = keys_of("pgleap_new"),
         old = keys_of("pgleap_old"),
         old_key = key_columns

@@ -28,8 +28,10 @@
 //!   turns under an advisory lock (see [`unlock`]).
 //! - A slot that is gone (dropped, or lost with a failover before
 //!   PostgreSQL 17's failover slots) or invalidated (past
-//!   `max_slot_wal_keep_size`) stops the sync with an error that says so,
-//!   at every retry: changes since its last pump cannot be read any more.
+//!   `max_slot_wal_keep_size`) is an error of its own (`Error::SlotLost`):
+//!   changes since its last pump cannot be read any more. The sync's next
+//!   batch falls back, loudly: triggers capture its tables from then on
+//!   and the target is copied again (`Session::fall_back`).
 
 use std::collections::HashMap;
 
@@ -51,6 +53,8 @@ pub enum Method {
 /// A sync's slot, and the tables it decodes.
 #[derive(Debug, Clone)]
 pub struct Stream {
+    /// The sync's name, for messages.
+    sync: String,
     /// The slot's name, which is also the publication's.
     pub slot: String,
     /// Where the sync records it (`<schema>.decoding`).
@@ -269,6 +273,7 @@ pub async fn stop(client: &Conn, schema: &str, sync_id: i32) -> Result<()> {
 pub async fn load(
     src: &Conn,
     schema: &str,
+    sync: &str,
     sync_id: i32,
     tables: &[String],
 ) -> Result<Option<Stream>> {
@@ -284,7 +289,7 @@ pub async fn load(
     let rows = src.query(DECODED_TABLES, &[&slot, &tables]).await?;
     let tables = rows.iter().map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as usize - 1));
     let registry = format!("{s}.decoding");
-    Ok(Some(Stream { slot, registry, tables: tables.collect() }))
+    Ok(Some(Stream { sync: sync.to_string(), slot, registry, tables: tables.collect() }))
 }
 
 /// Where a pump's keys go, per decoded table.
@@ -475,6 +480,15 @@ async fn nudge(src: &impl Sql, stream: &Stream) {
 /// confirmed position before pgleap nudges it ([`nudge`]).
 const NUDGE_BYTES: i64 = 1 << 20;
 
+/// Lets go of the sync's pump lock on `src` as many times as it holds it
+/// (a failed pump leaves it with the session): for a session that goes
+/// on without its slot.
+pub async fn release(src: &Conn, sync_id: i32) -> Result<()> {
+    let unlock = "select pg_advisory_unlock($1, $2)";
+    while src.query_one(unlock, &[&PUMP_LOCK_CLASS, &sync_id]).await?.get::<_, bool>(0) {}
+    Ok(())
+}
+
 /// Advisory lock class of a sync's pumps on the source ("pgld").
 const PUMP_LOCK_CLASS: i32 = 0x70676c64;
 
@@ -486,18 +500,11 @@ fn lost(e: crate::pg::PgError, stream: &Stream) -> Error {
     if !gone && !invalid {
         return e.into();
     }
-    Error::invalid(
-        format!(
-            "the sync's replication slot {} {} on the source: the changes since its last batch \
-             cannot be read ({})",
-            stream.slot,
-            if gone { "is gone" } else { "was invalidated" },
-            e.message()
-        ),
-        "a slot is lost with a failover to a standby that did not have it (before PostgreSQL \
-         17's failover slots), dropped by hand, or invalidated past max_slot_wal_keep_size: \
-         pgleap teardown removes the sync, and sync add installs it again (a new initial copy)",
-    )
+    Error::SlotLost {
+        sync: stream.sync.clone(),
+        slot: stream.slot.clone(),
+        why: if gone { "is gone".into() } else { format!("was invalidated ({})", e.message()) },
+    }
 }
 
 /// Keys decoded and not yet written, per table index.

@@ -50,6 +50,12 @@ pub enum Error {
     /// A request that cannot be carried out as given.
     #[error("{message}")]
     Invalid { message: String, hint: Option<String> },
+    /// A sync's replication slot cannot be read any more (see `decoding`).
+    #[error(
+        "the replication slot {slot} of sync \"{sync}\" {why} on the source: the changes since \
+         its last batch cannot be read from it"
+    )]
+    SlotLost { sync: String, slot: String, why: String },
 }
 
 impl Error {
@@ -134,6 +140,12 @@ impl Error {
                 Some(format!("pgleap status {sync} shows the last error of each target"))
             }
             Self::Invalid { hint, .. } => hint.clone().filter(|h| !h.is_empty()),
+            Self::SlotLost { sync, .. } => Some(format!(
+                "a slot is lost with a failover to a standby that did not have it (before \
+                 PostgreSQL 17's failover slots), dropped by hand, or invalidated past \
+                 max_slot_wal_keep_size; the sync's next batch (the daemon's, or pgleap kick \
+                 {sync}) captures its tables by triggers instead and copies them again"
+            )),
             Self::NotReady { hint, .. } => Some(hint.clone()),
             Self::Interrupted { command } => Some(format!(
                 "run pgleap {command} again to resume from where it stopped; pgleap status shows \

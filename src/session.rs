@@ -13,8 +13,10 @@ use tokio_postgres::error::SqlState;
 
 use crate::apply::{self, BatchStats, Plan, Purge};
 use crate::backlog;
+use crate::capture;
 use crate::catalog::{Catalog, OneTimeCopy, RelGroup, RoundOutcome, Sync};
 use crate::copy;
+use crate::decoding;
 use crate::error::{Error, Result};
 use crate::evolve;
 use crate::large_objects::Pass;
@@ -43,6 +45,8 @@ pub struct Session {
     relgroup: RelGroup,
     source: DbConn,
     target: DbConn,
+    /// The sync's other targets, whose sessions apply beside this one.
+    other_targets: Vec<DbConn>,
     /// Set when a failure may have left a connection unusable.
     broken: bool,
     /// When the last large-object pass ran, and where the next one goes on
@@ -90,6 +94,12 @@ impl Session {
             relgroup: route.relgroup.clone(),
             source: route.source.clone(),
             target: target.clone(),
+            other_targets: route
+                .targets
+                .iter()
+                .filter(|t| t.name != target.name)
+                .cloned()
+                .collect(),
             broken: false,
             last_lo_pass: None,
             lo_cursor: 0,
@@ -195,11 +205,20 @@ impl Session {
     /// Whether the initial copy is done (or the sync has none): until it
     /// is, the first batch is the copy.
     pub fn initial_copy_done(&self) -> bool {
-        self.prev.is_some() || self.sync.onetimecopy == OneTimeCopy::Never
+        !self.copy_due()
+    }
+
+    /// Whether a copy must run before any batch: the sync's first (unless
+    /// `onetimecopy` is never), or one a lost slot asked for.
+    fn copy_due(&self) -> bool {
+        match self.prev.as_deref() {
+            None => self.sync.onetimecopy != OneTimeCopy::Never,
+            Some(prev) => prev == apply::RECOPY,
+        }
     }
 
     pub async fn ensure_initial_copy(&mut self, jobs: usize, env: Env<'_>) -> Result<()> {
-        if self.prev.is_some() || self.sync.onetimecopy == OneTimeCopy::Never {
+        if !self.copy_due() {
             return Ok(());
         }
         // One initial copy per sync at a time (the daemon and a kick may
@@ -208,8 +227,12 @@ impl Session {
         let lock = (apply::COPY_LOCK_CLASS, self.plan.sync_id);
         self.tgt.execute(apply::HOLD_LOCK, &[&lock.0, &lock.1]).await?;
         self.prev = apply::applied_snapshot(&self.tgt, &self.plan).await?;
-        if self.prev.is_none() {
-            let mode = self.sync.onetimecopy;
+        if self.copy_due() {
+            // A copy again after a lost slot empties and copies every table.
+            let mode = match self.prev {
+                Some(_) => OneTimeCopy::Always,
+                None => self.sync.onetimecopy,
+            };
             let (handoff, _) =
                 copy::initial_copy(&self.source, &self.target, &self.plan, mode, jobs, env).await?;
             let start = handoff.unwrap_or_else(|| apply::FROM_THE_START.to_string());
@@ -232,6 +255,39 @@ impl Session {
         self.plan.note_copies(&self.tgt).await?;
         self.tgt.execute(apply::RELEASE_LOCK, &[&lock.0, &lock.1]).await?;
         Ok(())
+    }
+
+    /// After the sync's slot was lost (`lost`): its tables are captured by
+    /// triggers from now on, and copied again, since the changes made
+    /// since its last batch cannot be read from anywhere. Loud (a warning
+    /// in the log; the status's capture line says triggers from then on),
+    /// and in an order a kill cannot break: triggers first, then the
+    /// target marked to be copied again (no batch applies until it is),
+    /// then the slot and publication dropped; until the last step, every
+    /// pump finds the slot lost and this runs again (each step does what
+    /// is left). The copy then runs here, as a first copy would.
+    async fn fall_back(&mut self, lost: Error, env: Env<'_>) -> Result<()> {
+        let (schema, sync_id) = (self.plan.schema.clone(), self.plan.sync_id);
+        tracing::warn!(
+            sync = self.sync.name,
+            target = self.target.name,
+            "{lost}; capturing its tables by triggers from now on and copying them again"
+        );
+        decoding::release(&self.src, sync_id).await?;
+        let tables = capture::fall_back_to_triggers(&mut self.src, &schema, sync_id).await?;
+        crate::failpoint::hit("fall-back-triggers");
+        // Every target: the sessions of the others would otherwise go on
+        // without the slot, and without the changes it lost.
+        apply::mark_recopy(&mut self.tgt, &self.plan).await?;
+        for other in &self.other_targets {
+            apply::mark_recopy(&mut other.connect(env).await?, &self.plan).await?;
+        }
+        crate::failpoint::hit("fall-back-marked");
+        decoding::stop(&self.src, &schema, sync_id).await?;
+        tracing::warn!(sync = self.sync.name, tables, "capture by triggers installed; copying");
+        self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
+        self.prev = Some(apply::RECOPY.to_string());
+        self.ensure_initial_copy(self.jobs, env).await
     }
 
     /// Applies one batch; every `lo_interval` seconds it also runs an
@@ -278,6 +334,10 @@ impl Session {
             Purge::Changed(self.to_purge.clone())
         };
         let stats = match self.apply_once(lo, purge.clone(), env).await {
+            Err(lost @ Error::SlotLost { .. }) => {
+                self.fall_back(lost, env).await?;
+                self.apply_once(lo, purge.clone(), env).await?
+            }
             Err(Error::SchemaChanged { .. }) => {
                 // Columns changed on the source: followed when they can be
                 // (the target gets them and the plan is read again), else
@@ -348,7 +408,11 @@ impl Session {
         // Where the sync decodes, what committed since is in the slot, not
         // yet in the deltas (nothing committed since the last poll: the
         // slot has nothing new either).
-        self.plan.pump(&mut self.src).await?;
+        match self.plan.pump(&mut self.src).await {
+            // The batch falls back (see `Session::fall_back`).
+            Err(Error::SlotLost { .. }) => return Ok(true),
+            other => other?,
+        };
         let changed = self.plan.has_changes(&self.src).await?;
         self.idle_at = if changed { None } else { Some(now) };
         Ok(changed)

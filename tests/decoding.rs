@@ -117,28 +117,77 @@ fn decoding_is_refused_where_the_source_does_not_allow_it_pg15_to_pg17() {
 }
 
 /// A slot that is gone (dropped, or lost with a failover before
-/// PostgreSQL 17) stops the sync with an error naming the slot, at every
-/// round: the changes since its last batch cannot be read, so the sync
-/// must not go on as if healthy.
+/// PostgreSQL 17) cannot give the changes made since its last batch: the
+/// sync must neither go on as if healthy nor stop for good. Its next batch
+/// falls back: triggers capture its tables from then on and the target is
+/// copied again (the changes made while no slot existed reach the target
+/// only that way). A verify's catch-up falls back the same way; a kill
+/// after either step of the fall-back converges on a rerun.
 #[test]
-fn a_lost_slot_stops_the_sync_loudly_pg15_to_pg17() {
+fn a_lost_slot_falls_back_to_triggers_and_a_copy_pg15_to_pg17() {
     let src = TestDb::new(logical_cluster(15), "lostsrc");
     let dst = TestDb::new(cluster(17), "lostdst");
-    src.sql().exec("create table kv (id int primary key, v text)");
-    dst.sql().exec("create table kv (id int primary key, v text)");
+    let schema = "create table kv (id int primary key, v text);
+                  create table pair (a int, b text, v int, primary key (a, b));
+                  create table keyless (v text);";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec(
+        "insert into kv select g, 'v' || g from generate_series(1, 100) g;
+         insert into pair select g, 'x', g from generate_series(1, 10) g;
+         insert into keyless values ('a');",
+    );
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
     p.add_sync(&["--onetimecopy", "always", "--autokick", "off", "--capture", "decoding"]);
     p.run(&["kick", "s", "--wait", "60"]).ok();
+    let (s, d) = (src.sql(), dst.sql());
     let su = src.cluster.superuser(&src.name);
-    su.exec("select pg_drop_replication_slot(slot_name) from pg_replication_slots");
-    src.sql().exec("insert into kv values (1, 'lost')");
-    p.run(&["kick", "s", "--wait", "10"]).fails_with(&["replication slot", "is gone", "teardown"]);
-    let status = p.run(&["status", "s", "--json"]).json_any();
-    assert_eq!(status["syncs"][0]["targets"][0]["state"], "bad", "{status}");
-    // Teardown needs no slot.
+    for (round, kill_at) in
+        [None, Some("fall-back-triggers"), Some("fall-back-marked")].into_iter().enumerate()
+    {
+        if round > 0 {
+            // A new sync from the slot's side: captured by decoding again.
+            p.run(&["teardown", "s"]).ok();
+            p.add_sync(&["--onetimecopy", "always", "--autokick", "off", "--capture", "decoding"]);
+            p.run(&["kick", "s", "--wait", "60"]).ok();
+        }
+        assert_eq!(triggers_on(&s, "kv"), "0", "kv is decoded");
+        su.exec("select pg_drop_replication_slot(slot_name) from pg_replication_slots");
+        // Made while no slot exists: no capture sees them.
+        s.exec(&format!(
+            "update kv set v = 'lost {round}' where id <= 10;
+             delete from kv where id between 20 and 25;
+             insert into kv values (1000 + {round}, 'new');
+             update pair set v = v + 100 where a = 3;
+             insert into keyless values ('{round}');"
+        ));
+        if round == 0 {
+            // Verify's catch-up is a batch: it falls back, then compares.
+            let verify = p.run(&["verify", "s"]);
+            assert!(verify.ok().contains("every object equal"), "{verify}");
+        }
+        if let Some(at) = kill_at {
+            crate::support::killed_at(&p, at, &["kick", "s", "--wait", "60"]);
+        }
+        p.run(&["kick", "s", "--wait", "60"]).ok();
+        assert_eq!(compare::rows(&d), compare::rows(&s), "round {round}");
+        assert_ne!(triggers_on(&s, "kv"), "0", "kv is captured by triggers now");
+        assert_eq!(slots(&s), "0");
+        assert_eq!(s.value("select count(*) from pg_publication"), "0");
+        let status = p.run(&["status", "s", "--json"]).json_any();
+        assert!(status["syncs"][0]["decoding"].is_null(), "{status}");
+        assert_ne!(status["syncs"][0]["targets"][0]["state"], "bad", "{status}");
+        // And the triggers capture what comes next.
+        s.exec(&format!(
+            "update kv set v = 'after {round}' where id = 50; delete from pair where a = 4;"
+        ));
+        p.run(&["kick", "s", "--wait", "60"]).ok();
+        assert_eq!(compare::rows(&d), compare::rows(&s), "round {round}, after");
+        p.run(&["verify", "s"]).ok();
+    }
     p.run(&["teardown", "s"]).ok();
-    assert_eq!(src.sql().value("select count(*) from pg_publication"), "0");
+    assert_eq!(s.value("select count(*) from pg_trigger where tgname like 'pgleap%'"), "0");
 }
 
 /// The whole job on a source that allows decoding, under a pgbench load:
