@@ -82,6 +82,10 @@ pub struct TablePlan {
     /// Whether the delta holds a statement's keys as arrays (see
     /// `capture::keyed_capture`).
     key_arrays: bool,
+    /// A keyless table captured by the sync's slot: the same event may be
+    /// in its delta twice (decoded again after a pump that did not
+    /// advance the slot), and is replayed once (see [`TablePlan::events`]).
+    decoded_rows: bool,
     /// Identity columns GENERATED ALWAYS (quoted): an UPDATE may not set
     /// them.
     always_identity: Vec<String>,
@@ -114,6 +118,20 @@ impl TablePlan {
             Some(kind) => slices::carried(&format!("t.{c}"), kind),
             None => format!("t.{c}"),
         }
+    }
+
+    /// Where a keyless table's events are read: its delta, each decoded
+    /// event once (the first written of those with its WAL origin; rows
+    /// a trigger wrote have none and are each their own).
+    fn events(&self) -> String {
+        if !self.decoded_rows {
+            return self.delta.clone();
+        }
+        let origin = "_pgleap_lsn, _pgleap_n, case when _pgleap_lsn is null then _pgleap_seq end";
+        format!(
+            "(select distinct on ({origin}) * from {} order by {origin}, _pgleap_seq) d",
+            self.delta
+        )
     }
 
     /// The table as it is named in FROM, DELETE and TRUNCATE.
@@ -421,6 +439,7 @@ impl Plan {
                 partitioned,
                 staging_columns,
                 key_arrays: c.key_arrays,
+                decoded_rows: false,
                 always_identity: quoted(always),
                 keys_bytewise: c.key_columns.iter().all(|k| bytewise.contains(k)),
                 compare_applied: false,
@@ -441,6 +460,9 @@ impl Plan {
         let journal = src.relation_exists(&journal).await?.then_some((journal, numbers));
         let names: Vec<String> = tables.iter().map(|t| t.table.clone()).collect();
         let decoding = decoding::load(src, schema, &sync.name, sync_id, &names).await?;
+        for &i in decoding.iter().flat_map(|d| d.tables.values()) {
+            tables[i].decoded_rows = tables[i].keys.is_empty();
+        }
         let mut plan = Plan {
             decoding,
             sync: sync.name.clone(),
@@ -1166,7 +1188,7 @@ async fn write_staged(ttx: &Tx<'_>, t: &TablePlan, truncated: bool) -> Result<(u
         on = on("t", "s"),
     );
     if truncated {
-        return Ok((ttx.execute(&insert, &[]).await?, 0));
+        return Ok((insert_new(ttx, &insert).await?, 0));
     }
     let deleted = ttx
         .execute(
@@ -1202,7 +1224,7 @@ async fn write_staged(ttx: &Tx<'_>, t: &TablePlan, truncated: bool) -> Result<(u
                 )
                 .await?;
         }
-        written += ttx.execute(&insert, &[]).await?;
+        written += insert_new(ttx, &insert).await?;
         Ok::<_, crate::pg::PgError>(written)
     }
     .await;
@@ -1221,10 +1243,24 @@ async fn write_staged(ttx: &Tx<'_>, t: &TablePlan, truncated: bool) -> Result<(u
                     &[],
                 )
                 .await?;
-            Ok((ttx.execute(&insert, &[]).await?, deleted + removed))
+            Ok((insert_new(ttx, &insert).await?, deleted + removed))
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Runs `insert`, the staged rows the target lacks (an anti-join with the
+/// table it writes), without a sequential scan of that table. A table the
+/// target last analyzed empty (empty at the initial copy) is planned as
+/// an inner sequential scan per staged row, and that scan grows with every
+/// row the statement inserts (invisible to it, but read): quadratic, and
+/// 200,000 new rows in one batch had not finished after 200 s. Its key's
+/// index answers each probe in a few pages whatever the table holds.
+async fn insert_new(ttx: &Tx<'_>, insert: &str) -> std::result::Result<u64, crate::pg::PgError> {
+    ttx.batch_execute("set local enable_seqscan = off").await?;
+    let inserted = ttx.execute(insert, &[]).await?;
+    ttx.batch_execute("set local enable_seqscan to default").await?;
+    Ok(inserted)
 }
 
 /// Fails if a staged key's row on the target is not, as text, the
@@ -1479,7 +1515,7 @@ async fn apply_keyless(
         .query_one(
             &format!(
                 "select max(_pgleap_seq) filter (where _pgleap_truncated) from {} where {cond}",
-                t.delta
+                t.events()
             ),
             &[],
         )
@@ -1498,7 +1534,7 @@ async fn apply_keyless(
             &format!(
                 "select count(*) filter (where _pgleap_op = 'I'), count(*) filter (where _pgleap_op = 'D')
                  from {} where {events}",
-                t.delta
+                t.events()
             ),
             &[],
         )
@@ -1513,7 +1549,7 @@ async fn apply_keyless(
             stx,
             &format!(
                 "copy (select {cols} from {} where {events} order by _pgleap_seq) to stdout",
-                t.delta
+                t.events()
             ),
             ttx,
             &t.copy_in(),
@@ -1550,7 +1586,7 @@ async fn replay(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, events: &str) -> Resu
         &format!(
             "copy (select {} from {} where {events}) to stdout",
             with_cols("_pgleap_seq, _pgleap_op"),
-            t.delta
+            t.events()
         ),
         ttx,
         &format!(

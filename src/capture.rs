@@ -393,9 +393,11 @@ async fn install_table(client: &mut Conn, schema: &str, t: &Table<'_>) -> Result
     let capture = Capture { table: &table, delta: &delta, function: &function, sync_id, note };
     let decoded =
         decode && !inherited && decoding::decodable(client, &table, &rel.key_columns).await?;
-    let mut ddl = match (rel.key_columns.is_empty(), rows) {
+    let keyless = rel.key_columns.is_empty();
+    let mut ddl = match (keyless, rows) {
+        _ if decoded && keyless => keyless_delta(&delta, &columns, true),
         _ if decoded => keyed_delta(&delta, &rel.key_columns, &columns, arrays),
-        (true, _) => keyless_capture(&capture, &columns),
+        (true, _) => keyless_delta(&delta, &columns, false) + &keyless_capture(&capture, &columns),
         (false, false) => {
             keyed_delta(&delta, &rel.key_columns, &columns, arrays)
                 + &keyed_capture(&capture, &rel.key_columns, &columns, arrays)
@@ -423,7 +425,7 @@ async fn install_table(client: &mut Conn, schema: &str, t: &Table<'_>) -> Result
 }
 
 /// Captures by triggers, from now on, the tables of a sync that its slot
-/// captured (those of its keyed tables without a capture function), into
+/// captured (those of its tables without a capture function), into
 /// the deltas they have: what a sync whose slot was lost falls back to
 /// (see `Session`). Statement triggers, whatever `--trigger-level` the
 /// sync was added with: the deltas' shape is the statement capture's.
@@ -436,7 +438,7 @@ pub async fn fall_back_to_triggers(client: &mut Conn, schema: &str, sync_id: i32
             &format!(
                 "select n, schema_name, rel_name, delta_table, key_columns
                  from {s}.relations
-                 where sync_id = $1 and cardinality(key_columns) > 0
+                 where sync_id = $1
                    and to_regproc(format('%I.%I', $2::text, format('f%s_%s', sync_id, n))) is null
                  order by n"
             ),
@@ -460,7 +462,10 @@ pub async fn fall_back_to_triggers(client: &mut Conn, schema: &str, sync_id: i32
             sync_id,
             note: journal_note(journal.as_deref(), sync_id, n, false),
         };
-        let ddl = keyed_capture(&capture, &keys, &columns, arrays);
+        let ddl = match keys.is_empty() {
+            true => keyless_capture(&capture, &columns),
+            false => keyed_capture(&capture, &keys, &columns, arrays),
+        };
         with_lock_retries(client, &format!("capturing {table} by triggers"), &ddl).await?;
     }
     Ok(rows.len())
@@ -675,19 +680,11 @@ fn keyless_capture(c: &Capture, columns: &[(String, String)]) -> String {
     // Each part starts with its comma: a table may have no copied column
     // at all (none, or only generated ones), and its rows still count.
     let names: Vec<String> = columns.iter().map(|(n, _)| quote_ident(n)).collect();
-    let defs: String = columns.iter().map(|(n, t)| format!(", {} {t}", quote_ident(n))).collect();
     let list: String = names.iter().map(|n| format!(", {n}")).collect();
     let image = |rec: &str| names.iter().map(|n| format!(", {rec}.{n}")).collect::<String>();
     let [_, _, _, _, (row_trigger, _), (trunc_trigger, _), _, _] = trigger_names(*sync_id);
     format!(
-        "create table {delta} (
-             _pgleap_txid int8 not null,
-             _pgleap_at timestamptz not null default now(),
-             _pgleap_truncated bool not null default false,
-             _pgleap_seq bigserial,
-             _pgleap_op \"char\" not null{defs});
-         create index on {delta} using brin (_pgleap_txid);
-         create function {function}() returns trigger
+        "create function {function}() returns trigger
          language plpgsql security definer set search_path = pg_catalog, pg_temp as $pgleap$
          #variable_conflict use_column
          begin
@@ -715,6 +712,25 @@ fn keyless_capture(c: &Capture, columns: &[(String, String)]) -> String {
         new = image("new"),
         row = quote_ident(&row_trigger),
         trunc = quote_ident(&trunc_trigger),
+    )
+}
+
+/// The delta of a keyless table: its row images, in event order. Where
+/// the slot captures it (`decoded`), each event also carries where it
+/// came from in the WAL (its transaction's commit position and its rank
+/// in the transaction), the same however often it is decoded: apply
+/// replays each event once (see `TablePlan::events`).
+fn keyless_delta(delta: &str, columns: &[(String, String)], decoded: bool) -> String {
+    let defs: String = columns.iter().map(|(n, t)| format!(", {} {t}", quote_ident(n))).collect();
+    let origin = if decoded { ", _pgleap_lsn pg_lsn, _pgleap_n int" } else { "" };
+    format!(
+        "create table {delta} (
+             _pgleap_txid int8 not null,
+             _pgleap_at timestamptz not null default now(),
+             _pgleap_truncated bool not null default false,
+             _pgleap_seq bigserial,
+             _pgleap_op \"char\" not null{origin}{defs});
+         create index on {delta} using brin (_pgleap_txid);\n"
     )
 }
 

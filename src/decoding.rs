@@ -34,6 +34,7 @@
 //!   and the target is copied again (`Session::fall_back`).
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
@@ -156,7 +157,10 @@ pub async fn preflight(src: &Conn, method: Method) -> Result<(String, Option<Str
             };
             let text = format!(
                 "logical decoding of keyed tables (a replication slot: the application's \
-                 transactions pay nothing; tables without a key keep triggers){warning}"
+                 transactions pay nothing), and of tables without a key whose REPLICA IDENTITY \
+                 is FULL (ALTER TABLE ... REPLICA IDENTITY FULL, which their owner may set: \
+                 their updates and deletes then log whole old rows); other tables without a \
+                 key keep triggers{warning}"
             );
             (text, None)
         }
@@ -164,13 +168,14 @@ pub async fn preflight(src: &Conn, method: Method) -> Result<(String, Option<Str
 }
 
 /// Whether decoding can capture `table` (quoted, qualified) keyed by
-/// `key_columns`: outside inheritance trees, its key its replica identity.
+/// `key_columns` (outside inheritance trees): its key its replica
+/// identity; a keyless table, with REPLICA IDENTITY FULL (whole rows).
 pub async fn decodable(src: &Conn, table: &str, key_columns: &[String]) -> Result<bool> {
-    if key_columns.is_empty() {
-        return Ok(false);
-    }
     let row = src.query_one(REPLICA_IDENTITY, &[&table]).await?;
     let (full, mut identity): (bool, Vec<String>) = (row.get(0), row.get(1));
+    if key_columns.is_empty() {
+        return Ok(full);
+    }
     let mut keys = key_columns.to_vec();
     keys.sort();
     identity.sort();
@@ -297,7 +302,8 @@ pub struct Sink<'a> {
     /// The table, as messages name it.
     pub table: &'a str,
     pub delta: &'a str,
-    /// The key columns, unquoted, as the delta names them.
+    /// The key columns, unquoted, as the delta names them; none for a
+    /// keyless table, whose delta takes whole rows (see [`Event`]).
     pub keys: &'a [String],
     /// Whether the delta holds keys as arrays.
     pub arrays: bool,
@@ -308,8 +314,10 @@ pub struct Sink<'a> {
 /// Messages read from the slot per round trip: pgoutput sends a row's
 /// every column, so this bounds pgleap's memory to this many rows.
 const FETCH: i32 = 1000;
-/// Keys held before they are written to the deltas.
+/// Keys or rows held before they are written to the deltas, and the
+/// bytes of rows.
 const FLUSH_KEYS: usize = 10_000;
+const FLUSH_BYTES: usize = 8 << 20;
 
 /// Writes into the deltas, inside `tx`, every change the slot decoded
 /// since it last advanced; returns the position to advance it to once
@@ -348,9 +356,13 @@ pub async fn pump<'a>(
         sinks,
         own,
         txid: 0,
+        lsn: 0,
+        rank: 0,
         relations: HashMap::new(),
         pending: HashMap::new(),
+        events: HashMap::new(),
         held: 0,
+        held_bytes: 0,
     };
     let mut last = None;
     loop {
@@ -361,7 +373,7 @@ pub async fn pump<'a>(
                 last = Some(r.get::<_, String>(0));
             }
         }
-        if decoder.held >= FLUSH_KEYS {
+        if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
             decoder.flush(tx).await?;
         }
         if rows.len() < FETCH as usize {
@@ -514,21 +526,46 @@ struct Pending {
     truncated: bool,
 }
 
+/// A change to a keyless table, as its delta holds it (see
+/// `capture::keyless_delta`): the row inserted or deleted (an UPDATE is
+/// both), or a TRUNCATE; with where it came from, so that apply replays
+/// it once however often it was decoded.
+struct Event {
+    txid: i64,
+    /// b'I', b'D' or b'T'.
+    op: u8,
+    /// Its transaction's commit position, and its rank there.
+    lsn: u64,
+    rank: i32,
+    /// The row's columns as its relation message named them, and values.
+    names: Rc<Vec<String>>,
+    values: Vec<Option<String>>,
+}
+
 struct Decoder<'a> {
     stream: &'a Stream,
     sinks: &'a [Option<Sink<'a>>],
     /// The pump's snapshot's next transaction id (64 bits), which dates
     /// the 32-bit ids decoding gives.
     own: i64,
-    /// The id of the transaction being read (since its BEGIN).
+    /// The transaction being read (since its BEGIN): its id, its commit
+    /// position, and how many row events it gave so far.
     txid: i64,
+    lsn: u64,
+    rank: i32,
     /// Per relation oid, its columns' names as the last Relation message
     /// gave them.
-    relations: HashMap<u32, Vec<String>>,
+    relations: HashMap<u32, Rc<Vec<String>>>,
     /// Per table index and transaction.
     pending: HashMap<(usize, i64), Pending>,
+    /// Per keyless table index, in the order they happened.
+    events: HashMap<usize, Vec<Event>>,
     held: usize,
+    held_bytes: usize,
 }
+
+/// A row as pgoutput sent it, and which kind ('K': key only, 'O': whole).
+type OldRow = (u8, Vec<Column>);
 
 impl Decoder<'_> {
     /// Takes one pgoutput message; returns whether it was a COMMIT.
@@ -536,8 +573,9 @@ impl Decoder<'_> {
         let mut r = Reader { b: data, at: 0 };
         match r.u8()? {
             b'B' => {
-                let (_final_lsn, _committed_at) = (r.u64()?, r.u64()?);
+                let (final_lsn, _committed_at) = (r.u64()?, r.u64()?);
                 self.txid = full_txid(r.u32()?, self.own);
+                (self.lsn, self.rank) = (final_lsn, 0);
             }
             b'C' => return Ok(true),
             b'R' => {
@@ -551,80 +589,147 @@ impl Decoder<'_> {
                     let (_type, _typmod) = (r.u32()?, r.u32()?);
                     names.push(name);
                 }
-                self.relations.insert(relid, names);
+                self.relations.insert(relid, Rc::new(names));
             }
             b'I' => {
                 let relid = r.u32()?;
                 r.expect(b'N')?;
-                self.key(relid, &r.tuple()?)?;
+                let new = r.tuple()?;
+                self.change(relid, b'I', None, Some(new))?;
             }
             b'U' => {
                 let relid = r.u32()?;
                 let mut kind = r.u8()?;
+                let mut old = None;
                 if kind == b'K' || kind == b'O' {
-                    self.key(relid, &r.tuple()?)?;
+                    old = Some((kind, r.tuple()?));
                     kind = r.u8()?;
                 }
                 if kind != b'N' {
                     return Err(malformed("an UPDATE without its new row"));
                 }
-                self.key(relid, &r.tuple()?)?;
+                let new = r.tuple()?;
+                self.change(relid, b'U', old, Some(new))?;
             }
             b'D' => {
                 let relid = r.u32()?;
-                let _kind = r.u8()?;
-                self.key(relid, &r.tuple()?)?;
+                let kind = r.u8()?;
+                let old = r.tuple()?;
+                self.change(relid, b'D', Some((kind, old)), None)?;
             }
             b'T' => {
                 let n = r.u32()?;
                 let _options = r.u8()?;
                 for _ in 0..n {
                     let relid = r.u32()?;
-                    if let Some(&i) = self.stream.tables.get(&relid) {
-                        self.pending.entry((i, self.txid)).or_default().truncated = true;
+                    let Some(&i) = self.stream.tables.get(&relid) else { continue };
+                    match self.sinks.get(i) {
+                        Some(Some(sink)) if sink.keys.is_empty() => {
+                            self.event(i, b'T', Rc::default(), Vec::new());
+                        }
+                        _ => self.pending.entry((i, self.txid)).or_default().truncated = true,
                     }
                 }
             }
-            // BEGIN, origin, type, logical message: nothing to capture.
+            // Origin, type, logical message: nothing to capture.
             _ => {}
         }
         Ok(false)
     }
 
-    /// Records the key of `tuple`, a row of relation `relid`.
-    fn key(&mut self, relid: u32, tuple: &[Column]) -> Result<()> {
+    /// Records a change (`op`: b'I', b'U' or b'D') to a row of relation
+    /// `relid`: its old row (a key, or whole) for an UPDATE or DELETE, its
+    /// new row for an INSERT or UPDATE.
+    fn change(
+        &mut self,
+        relid: u32,
+        op: u8,
+        old: Option<OldRow>,
+        new: Option<Vec<Column>>,
+    ) -> Result<()> {
         let Some(&i) = self.stream.tables.get(&relid) else {
             return Ok(());
         };
         let Some(Some(sink)) = self.sinks.get(i) else {
             return Ok(());
         };
-        let Some(names) = self.relations.get(&relid) else {
+        let Some(names) = self.relations.get(&relid).cloned() else {
             return Err(malformed("a row before its relation"));
         };
-        let mut key = Vec::with_capacity(sink.keys.len());
-        for k in sink.keys {
-            let at = names.iter().position(|n| n == k);
-            match at.and_then(|at| tuple.get(at)) {
-                Some(Column::Text(v)) => key.push(v.clone()),
-                _ => {
-                    return Err(Error::invalid(
-                        format!(
-                            "logical decoding sent a row of {} without its key column {k}",
-                            sink.table
-                        ),
-                        "tear the sync down and add it again with --capture triggers",
-                    ));
-                }
-            }
+        if sink.keys.is_empty() {
+            return self.rows(i, sink, names, op, old, new);
         }
-        self.pending.entry((i, self.txid)).or_default().keys.push(key);
-        self.held += 1;
+        for tuple in old.iter().map(|(_, t)| t).chain(&new) {
+            let key = key_of(sink, self.stream, &names, tuple)?;
+            self.pending.entry((i, self.txid)).or_default().keys.push(key);
+            self.held += 1;
+        }
         Ok(())
     }
 
-    /// Writes the keys held into the deltas (and the journal), in `tx`,
-    /// a statement per table.
+    /// A keyless table's change, as events: the old row deleted, the new
+    /// one inserted. Its replica identity is FULL, so an UPDATE or DELETE
+    /// sends the whole old row, and a new row's TOASTed value the UPDATE
+    /// left alone (not sent) is the old row's.
+    fn rows(
+        &mut self,
+        i: usize,
+        sink: &Sink,
+        names: Rc<Vec<String>>,
+        op: u8,
+        old: Option<OldRow>,
+        new: Option<Vec<Column>>,
+    ) -> Result<()> {
+        let whole = |tuple: &[Column], old: Option<&[Option<String>]>| {
+            let mut values = Vec::with_capacity(tuple.len());
+            for (at, c) in tuple.iter().enumerate() {
+                values.push(match c {
+                    Column::Null => None,
+                    Column::Text(v) => Some(v.clone()),
+                    Column::Unchanged => old.and_then(|o| o.get(at).cloned()).flatten(),
+                });
+                let unknown = matches!(c, Column::Unchanged) && old.is_none();
+                if unknown {
+                    return None;
+                }
+            }
+            Some(values)
+        };
+        let changed = |what: &str| Error::SlotLost {
+            sync: self.stream.sync.clone(),
+            slot: self.stream.slot.clone(),
+            why: format!(
+                "sent {what} of {} (a table without a key): its REPLICA IDENTITY is no longer \
+                 FULL",
+                sink.table
+            ),
+        };
+        let old = match old {
+            Some((b'O', tuple)) => Some(whole(&tuple, None).ok_or_else(|| changed("an old row"))?),
+            Some(_) => return Err(changed("only the key of a row")),
+            None if op == b'I' => None,
+            None => return Err(changed("a row change without its old row")),
+        };
+        if let Some(values) = &old {
+            self.event(i, b'D', names.clone(), values.clone());
+        }
+        if let Some(tuple) = &new {
+            let values = whole(tuple, old.as_deref()).ok_or_else(|| changed("an UPDATE"))?;
+            self.event(i, b'I', names, values);
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, i: usize, op: u8, names: Rc<Vec<String>>, values: Vec<Option<String>>) {
+        self.held += 1;
+        self.held_bytes += values.iter().flatten().map(|v| v.len()).sum::<usize>();
+        let (txid, lsn, rank) = (self.txid, self.lsn, self.rank);
+        self.rank += 1;
+        self.events.entry(i).or_default().push(Event { txid, op, lsn, rank, names, values });
+    }
+
+    /// Writes the keys and rows held into the deltas (and the journal), in
+    /// `tx`, a statement per table.
     async fn flush(&mut self, tx: &Tx<'_>) -> Result<()> {
         let mut by_table: HashMap<usize, Vec<(i64, Pending)>> = HashMap::new();
         for ((i, txid), p) in std::mem::take(&mut self.pending) {
@@ -634,13 +739,18 @@ impl Decoder<'_> {
         for (i, changes) in by_table {
             let Some(Some(sink)) = self.sinks.get(i) else { continue };
             tx.execute(&insert_keys(sink), &[&keys_json(sink, &changes).to_string()]).await?;
-            if let Some((j, n)) = sink.journal {
-                let entries = journal.entry(j).or_default();
-                for (txid, _) in &changes {
-                    entries.0.push(*txid);
-                    entries.1.push(n);
-                }
-            }
+            note(&mut journal, sink.journal, changes.iter().map(|(txid, _)| *txid));
+        }
+        for (i, events) in std::mem::take(&mut self.events) {
+            let Some(Some(sink)) = self.sinks.get(i) else { continue };
+            let columns = tx.query(DELTA_COLUMNS, &[&sink.delta]).await?;
+            let columns: Vec<(String, String)> =
+                columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+            tx.execute(&insert_rows(sink, &columns), &[&rows_json(&events, &columns).to_string()])
+                .await?;
+            let mut txids: Vec<i64> = events.iter().map(|e| e.txid).collect();
+            txids.dedup();
+            note(&mut journal, sink.journal, txids.into_iter());
         }
         for (j, (txids, numbers)) in journal {
             tx.execute(
@@ -652,9 +762,50 @@ impl Decoder<'_> {
             )
             .await?;
         }
-        self.held = 0;
+        (self.held, self.held_bytes) = (0, 0);
         Ok(())
     }
+}
+
+/// Journal entries for a table's transactions, if the sync keeps one:
+/// `entry` is the journal and the table's number there.
+fn note<'a>(
+    journal: &mut HashMap<&'a str, (Vec<i64>, Vec<i32>)>,
+    entry: Option<(&'a str, i32)>,
+    txids: impl Iterator<Item = i64>,
+) {
+    if let Some((j, n)) = entry {
+        let entries = journal.entry(j).or_default();
+        for txid in txids {
+            entries.0.push(txid);
+            entries.1.push(n);
+        }
+    }
+}
+
+/// The key of `tuple`, a row of `sink`'s table whose columns are `names`.
+fn key_of(sink: &Sink, stream: &Stream, names: &[String], tuple: &[Column]) -> Result<Vec<String>> {
+    let mut key = Vec::with_capacity(sink.keys.len());
+    for k in sink.keys {
+        let at = names.iter().position(|n| n == k);
+        match at.and_then(|at| tuple.get(at)) {
+            Some(Column::Text(v)) => key.push(v.clone()),
+            // Its replica identity changed: the slot cannot key this
+            // table's changes any more.
+            _ => {
+                return Err(Error::SlotLost {
+                    sync: stream.sync.clone(),
+                    slot: stream.slot.clone(),
+                    why: format!(
+                        "sent a row of {} without its key column {k} (its REPLICA IDENTITY \
+                         changed)",
+                        sink.table
+                    ),
+                });
+            }
+        }
+    }
+    Ok(key)
 }
 
 /// A 32-bit transaction id decoded from the WAL as the 64-bit one
@@ -686,6 +837,52 @@ fn insert_keys(sink: &Sink) -> String {
         columns = columns.join(", "),
         from_record = from_record.join(", "),
     )
+}
+
+/// The statement writing a keyless table's events, given as JSON in `$1`
+/// (see [`rows_json`]), in their order (the delta's `_pgleap_seq` keeps
+/// it): each value through its column type's input function, as the
+/// text pgoutput sent came from its output function. `columns`: the
+/// delta's row columns and their types, as [`DELTA_COLUMNS`] reads them.
+fn insert_rows(sink: &Sink, columns: &[(String, String)]) -> String {
+    let names: String = columns.iter().map(|(n, _)| format!(", {}", quote_ident(n))).collect();
+    let values: String = columns
+        .iter()
+        .enumerate()
+        .map(|(at, (_, ty))| format!(", (e->>{})::{ty}", at + 5))
+        .collect();
+    format!(
+        "insert into {delta} (_pgleap_txid, _pgleap_truncated, _pgleap_op, _pgleap_lsn,
+                              _pgleap_n{names})
+         select (e->>0)::int8, (e->>1)::bool, (e->>2)::\"char\", (e->>3)::pg_lsn, (e->>4)::int4{values}
+         from json_array_elements($1::text::json) with ordinality j(e, i)
+         order by i",
+        delta = sink.delta
+    )
+}
+
+/// Keyless events as [`insert_rows`] reads them: an array each, of the
+/// event's columns, then the row's values in `columns`' order (a column
+/// the row lacks, added since, is NULL).
+fn rows_json(events: &[Event], columns: &[(String, String)]) -> Value {
+    let rows = events.iter().map(|e| {
+        let mut row = vec![
+            Value::from(e.txid.to_string()),
+            Value::from((e.op == b'T').to_string()),
+            Value::from(char::from(e.op).to_string()),
+            Value::from(format!("{:X}/{:X}", e.lsn >> 32, e.lsn & 0xffff_ffff)),
+            Value::from(e.rank.to_string()),
+        ];
+        for (name, _) in columns {
+            let at = e.names.iter().position(|n| n == name);
+            row.push(match at.and_then(|at| e.values.get(at)).cloned().flatten() {
+                Some(v) => Value::String(v),
+                None => Value::Null,
+            });
+        }
+        Value::Array(row)
+    });
+    Value::Array(rows.collect())
 }
 
 /// A sink's changes as [`insert_keys`] reads them, a delta row each: per
@@ -863,6 +1060,14 @@ const POSITION: &str =
 
 const RESTART_BEHIND: &str = "select pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::int8
     from pg_replication_slots where slot_name = $1 and restart_lsn is not null";
+
+/// A keyless table's delta's row columns (its own start `_pgleap_`), and
+/// their types, as casts name them.
+const DELTA_COLUMNS: &str = "select a.attname::text, a.atttypid::regtype::text
+    from pg_attribute a
+    where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
+      and left(a.attname, 8) <> '_pgleap_'
+    order by a.attnum";
 
 const FLUSHED: &str = "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn";
 

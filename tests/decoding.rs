@@ -94,6 +94,77 @@ fn capture_by_decoding_moves_every_change_pg15_to_pg17() {
     assert_eq!(s.value("select count(*) from pg_namespace where nspname = 'pgleap'"), "0");
 }
 
+/// A table without a key whose REPLICA IDENTITY is FULL is decoded too
+/// (whole old rows come with its updates and deletes): duplicate rows, an
+/// update of one of two equal rows, an update leaving a TOASTed value
+/// alone (not sent: taken from the old row), arrays, jsonb, numeric,
+/// deletes, a TRUNCATE and inserts in one transaction, a rolled-back
+/// transaction; and a kill between a pump's commit and the slot's advance,
+/// after which the same events are decoded again and both copies wait:
+/// each must be replayed once. The target ends with the same rows, duplicates counted; one
+/// without FULL keeps its triggers.
+#[test]
+fn keyless_tables_with_replica_identity_full_are_decoded_pg15_to_pg17() {
+    let src = TestDb::new(logical_cluster(15), "decfullsrc");
+    let dst = TestDb::new(cluster(17), "decfulldst");
+    let schema = "create table events (v text, n int, tags text[], doc jsonb,
+                                       amount numeric(10,2), big text);
+                  create table plain (v text);
+                  create table kv (id int primary key, v text);";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let s = src.sql();
+    s.exec(
+        "alter table events replica identity full;
+         insert into events (v, n, tags, doc, amount)
+             select 'e' || g % 5, g, array['a', 'b''s', null], '{\"k\": [1, 2]}', g / 3.0
+             from generate_series(1, 50) g;
+         insert into events (v, n) values ('twin', 1), ('twin', 1);
+         insert into events (v, n, big)
+             values ('toasted', 0, (select string_agg(md5(g::text), '')
+                                    from generate_series(1, 500) g));
+         insert into plain values ('p');",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off", "--capture", "decoding"]);
+    assert_eq!(triggers_on(&s, "events"), "0", "decoded");
+    assert_ne!(triggers_on(&s, "plain"), "0", "no key, no FULL: triggers");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    s.exec(
+        "update events set n = 2 where ctid = (select min(ctid) from events where v = 'twin');
+         update events set n = n + 100 where v = 'toasted';
+         update events set tags = tags || 'x''y'::text, doc = doc || '{\"z\": null}' where v = 'e1';
+         delete from events where v = 'e2';
+         insert into events (v, n) values ('new', null), ('new', null);
+         insert into plain values ('q');
+         insert into kv select g, 'bulk' from generate_series(1, 200000) g;",
+    );
+    // Its own string: in one with other statements, ROLLBACK takes those
+    // before its BEGIN too.
+    s.exec("begin; insert into events (v) values ('rolled back'); rollback;");
+    let d = dst.sql();
+    // So many keys make the batch a catch-up, which pumps in a transaction
+    // of its own first: the kill leaves that pump's events committed, not
+    // applied, and the slot where it was; the rerun writes them again, and
+    // both copies wait together.
+    crate::support::killed_at(&p, "decoding-committed", &["kick", "s", "--wait", "60"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_eq!(compare::rows(&d), compare::rows(&s));
+    assert_eq!(d.value("select n from events where v = 'toasted'"), "100");
+    assert_eq!(d.value("select length(big) from events where v = 'toasted'"), "16000");
+    assert_eq!(d.value("select count(*) from events where v = 'new'"), "2");
+    s.exec(
+        "begin; truncate events; insert into events (v, n) values ('after truncate', 1); commit;
+         update events set v = 'changed' where n = 1;",
+    );
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_eq!(compare::rows(&d), compare::rows(&s));
+    p.run(&["verify", "s"]).ok();
+    p.run(&["teardown", "s"]).ok();
+    assert_eq!(slots(&s), "0");
+}
+
 /// Where the source does not allow decoding (wal_level replica, the
 /// shared test servers), `--capture decoding` refuses, names what is
 /// missing and leaves nothing; `auto` captures by triggers.
@@ -135,7 +206,8 @@ fn a_lost_slot_falls_back_to_triggers_and_a_copy_pg15_to_pg17() {
     src.sql().exec(
         "insert into kv select g, 'v' || g from generate_series(1, 100) g;
          insert into pair select g, 'x', g from generate_series(1, 10) g;
-         insert into keyless values ('a');",
+         insert into keyless values ('a');
+         alter table keyless replica identity full;",
     );
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
@@ -153,6 +225,7 @@ fn a_lost_slot_falls_back_to_triggers_and_a_copy_pg15_to_pg17() {
             p.run(&["kick", "s", "--wait", "60"]).ok();
         }
         assert_eq!(triggers_on(&s, "kv"), "0", "kv is decoded");
+        assert_eq!(triggers_on(&s, "keyless"), "0", "so is keyless, replica identity full");
         su.exec("select pg_drop_replication_slot(slot_name) from pg_replication_slots");
         // Made while no slot exists: no capture sees them.
         s.exec(&format!(
@@ -173,6 +246,7 @@ fn a_lost_slot_falls_back_to_triggers_and_a_copy_pg15_to_pg17() {
         p.run(&["kick", "s", "--wait", "60"]).ok();
         assert_eq!(compare::rows(&d), compare::rows(&s), "round {round}");
         assert_ne!(triggers_on(&s, "kv"), "0", "kv is captured by triggers now");
+        assert_ne!(triggers_on(&s, "keyless"), "0", "keyless too");
         assert_eq!(slots(&s), "0");
         assert_eq!(s.value("select count(*) from pg_publication"), "0");
         let status = p.run(&["status", "s", "--json"]).json_any();
@@ -180,7 +254,8 @@ fn a_lost_slot_falls_back_to_triggers_and_a_copy_pg15_to_pg17() {
         assert_ne!(status["syncs"][0]["targets"][0]["state"], "bad", "{status}");
         // And the triggers capture what comes next.
         s.exec(&format!(
-            "update kv set v = 'after {round}' where id = 50; delete from pair where a = 4;"
+            "update kv set v = 'after {round}' where id = 50; delete from pair where a = 4;
+             update keyless set v = v || ' after' where v = '{round}';"
         ));
         p.run(&["kick", "s", "--wait", "60"]).ok();
         assert_eq!(compare::rows(&d), compare::rows(&s), "round {round}, after");
