@@ -68,6 +68,13 @@ pub fn private_cluster(major: u32) -> &'static Cluster {
     Box::leak(Box::new(Cluster::start(major, false, &format!("-private{n}"))))
 }
 
+/// Whether every cluster allows logical decoding (`PGLEAP_TEST_DECODING=1`,
+/// `scripts/test --decoding`): then `--capture auto`, the default, captures
+/// by decoding wherever it can, and the whole suite runs on that path.
+pub fn decoding_everywhere() -> bool {
+    std::env::var("PGLEAP_TEST_DECODING").is_ok_and(|v| v == "1")
+}
+
 /// A cluster of the caller's own where the migrating role may use logical
 /// decoding, set up as an administrator would: wal_level = logical (a
 /// restart) and the role granted REPLICATION by the superuser.
@@ -247,6 +254,9 @@ impl Cluster {
              password_encryption = 'scram-sha-256'\n",
             socket_dir.display()
         );
+        if decoding_everywhere() {
+            conf.push_str("wal_level = logical\nmax_replication_slots = 200\n");
+        }
         let mut ca_file = None;
         if tls {
             let files = make_certificates(&dir, owner);
@@ -285,8 +295,9 @@ impl Cluster {
             ca_file,
         };
         cluster.wait_ready(pid, &log);
+        let replication = if decoding_everywhere() { " replication" } else { "" };
         cluster.superuser("postgres").exec(&format!(
-            "create role {OWNER} login createdb createrole password '{}'",
+            "create role {OWNER} login createdb createrole{replication} password '{}'",
             cluster.owner_password
         ));
         cluster
