@@ -205,14 +205,12 @@ pub async fn start(client: &mut Conn, schema: &str, sync_id: i32, tables: &[Stri
     ))
     .await?;
     tx.commit().await?;
-    // By slices, each in its own transaction: adding a table locks it.
+    // By slices, each in its own transaction: adding a table locks it,
+    // and waits for whoever holds it (bounded, as installing triggers is).
     for chunk in tables.chunks(client.tables_per_statement()) {
-        client
-            .batch_execute(&format!(
-                "alter publication {publication} add table {}",
-                chunk.join(", ")
-            ))
-            .await?;
+        let ddl = format!("alter publication {publication} add table {}", chunk.join(", "));
+        let what = format!("adding {} to the publication {slot}", chunk.join(", "));
+        crate::capture::with_lock_retries(client, &what, &ddl).await?;
     }
     // Waits for the transactions running now to end: every transaction
     // that commits after it is decoded. Bounded: one left open (a session
@@ -738,7 +736,17 @@ impl Decoder<'_> {
         let mut journal: HashMap<&str, (Vec<i64>, Vec<i32>)> = HashMap::new();
         for (i, changes) in by_table {
             let Some(Some(sink)) = self.sinks.get(i) else { continue };
-            tx.execute(&insert_keys(sink), &[&keys_json(sink, &changes).to_string()]).await?;
+            let columns = tx.query(DELTA_COLUMNS, &[&sink.delta]).await?;
+            let types: Vec<String> = sink
+                .keys
+                .iter()
+                .map(|k| {
+                    let column = columns.iter().find(|r| r.get::<_, &str>(0) == k.as_str());
+                    column.map_or_else(|| "text".to_string(), |r| r.get(1))
+                })
+                .collect();
+            let json = keys_json(sink, &changes).to_string();
+            tx.execute(&insert_keys(sink, &types), &[&json]).await?;
             note(&mut journal, sink.journal, changes.iter().map(|(txid, _)| *txid));
         }
         for (i, events) in std::mem::take(&mut self.events) {
@@ -824,18 +832,38 @@ fn full_txid(xid: u32, own: i64) -> i64 {
 }
 
 /// The statement writing a sink's changes, given as JSON in `$1` (see
-/// [`keys_json`]): each key value goes through its type's input function,
-/// as the text pgoutput sent came from its output function.
-fn insert_keys(sink: &Sink) -> String {
+/// [`keys_json`]): each key value cast from the text pgoutput sent (its
+/// type's output) by the delta column's type (`types`, in `sink.keys`'
+/// order, as [`DELTA_COLUMNS`] names them): through its input function,
+/// arrays of keys element by element. Not `json_populate_recordset`: it
+/// takes a JSON string for a json or jsonb column as a JSON string, not
+/// as the document it spells, and refuses one for an array or a
+/// composite (keys of those types never matched a row).
+fn insert_keys(sink: &Sink, types: &[String]) -> String {
     let columns: Vec<String> = sink.keys.iter().map(|k| quote_ident(k)).collect();
-    let from_record: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
+    let values: Vec<String> = sink
+        .keys
+        .iter()
+        .zip(types)
+        .map(|(k, ty)| {
+            let field = crate::pg::quote_literal(k);
+            if sink.arrays {
+                format!(
+                    "case when e->{field} is null then null
+                          else array(select json_array_elements_text(e->{field}))::{ty} end"
+                )
+            } else {
+                format!("(e->>{field})::{ty}")
+            }
+        })
+        .collect();
     format!(
         "insert into {delta} (_pgleap_txid, _pgleap_truncated, {columns})
-         select r._pgleap_txid, r._pgleap_truncated, {from_record}
-         from json_populate_recordset(null::{delta}, $1::text::json) r",
+         select (e->>'_pgleap_txid')::int8, (e->>'_pgleap_truncated')::bool, {values}
+         from json_array_elements($1::text::json) e",
         delta = sink.delta,
         columns = columns.join(", "),
-        from_record = from_record.join(", "),
+        values = values.join(", "),
     )
 }
 
@@ -1020,7 +1048,7 @@ const REPLICA_IDENTITY: &str = "select c.relreplident = 'f',
         coalesce((select array_agg(a.attname::text)
                   from pg_index i join pg_attribute a
                     on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-                  where i.indrelid = c.oid
+                  where i.indrelid = c.oid and i.indimmediate
                     and case c.relreplident when 'i' then i.indisreplident
                                             when 'd' then i.indisprimary
                                             else false end), '{}')
@@ -1061,9 +1089,10 @@ const POSITION: &str =
 const RESTART_BEHIND: &str = "select pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::int8
     from pg_replication_slots where slot_name = $1 and restart_lsn is not null";
 
-/// A keyless table's delta's row columns (its own start `_pgleap_`), and
-/// their types, as casts name them.
-const DELTA_COLUMNS: &str = "select a.attname::text, a.atttypid::regtype::text
+/// A delta's columns of its table (pgleap's own start `_pgleap_`), and
+/// their types, as casts name them (with their modifiers: a cast to
+/// `character` without one cuts a value to one character).
+const DELTA_COLUMNS: &str = "select a.attname::text, format_type(a.atttypid, a.atttypmod)
     from pg_attribute a
     where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
       and left(a.attname, 8) <> '_pgleap_'

@@ -311,15 +311,29 @@ impl Session {
         env: Env<'_>,
     ) -> Result<BatchStats> {
         let (src, tgt, plan) = (&mut self.src, &mut self.tgt, &self.plan);
-        if let Some(stats) =
-            apply::apply_batch(src, tgt, plan, lo, purge.clone(), Some(backlog::CATCH_UP_KEYS))
-                .await?
-        {
-            return Ok(stats);
+        let result = async {
+            let catch_up = Some(backlog::CATCH_UP_KEYS);
+            if let Some(stats) =
+                apply::apply_batch(src, tgt, plan, lo, purge.clone(), catch_up).await?
+            {
+                return Ok(stats);
+            }
+            let workers = backlog::Workers {
+                source: &self.source,
+                target: &self.target,
+                jobs: self.jobs,
+                env,
+            };
+            backlog::run(src, tgt, plan, &workers, lo, purge).await
         }
-        let workers =
-            backlog::Workers { source: &self.source, target: &self.target, jobs: self.jobs, env };
-        backlog::run(src, tgt, plan, &workers, lo, purge).await
+        .await;
+        // A failed pump leaves its lock with the connection; this session
+        // may go on with it (after following a schema change, say), and
+        // every other process's pump would wait for it until it ends.
+        if result.is_err() && self.plan.decoding.is_some() {
+            let _ = decoding::release(&self.src, self.plan.sync_id).await;
+        }
+        result
     }
 
     async fn batch_with(&mut self, lo: Option<Pass>, env: Env<'_>) -> Result<BatchStats> {

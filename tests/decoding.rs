@@ -12,11 +12,17 @@ const SCHEMA: &str = "
     create table big (id bigint primary key, payload text);
     create table keyless (v text);
     create table ident (id int generated always as identity primary key, v text);
+    create table typed (j jsonb, c char(6), a int[], n numeric, v int, primary key (j, c, a, n));
+    create table deferred (id int primary key deferrable, v int);
     insert into kv select g, 'row ' || g from generate_series(1, 20) g;
     insert into pair select g, 'x', 0 from generate_series(1, 10) g;
     insert into big select g, md5(g::text) from generate_series(1, 5000) g;
     insert into keyless values ('a'), ('b');
-    insert into ident (v) select 'i' || g from generate_series(1, 5) g;";
+    insert into ident (v) select 'i' || g from generate_series(1, 5) g;
+    insert into typed select '{\"k\": 1.0}', 'ab', '{1,2}', 2.50, g from generate_series(1, 3) g
+        on conflict do nothing;
+    insert into typed values ('[1, 2.50]', 'cd', '{}', 1, 0);
+    insert into deferred select g, 0 from generate_series(1, 5) g;";
 
 /// pgleap's capture triggers on `table`.
 fn triggers_on(sql: &Sql, table: &str) -> String {
@@ -32,7 +38,11 @@ fn slots(sql: &Sql) -> String {
 /// Every kind of change, captured by decoding: inserts, updates with and
 /// without a key change, deletes, a bulk update, a TRUNCATE followed by
 /// inserts in one transaction, a rolled-back transaction, an identity
-/// column; the keyless table (which decoding cannot key) by its triggers.
+/// column, keys of types whose text differs from their value's (jsonb,
+/// char(n), arrays, numeric: cast by their delta column's type with its
+/// modifier); the keyless table (no REPLICA IDENTITY FULL) and a table
+/// whose primary key is deferrable (no replica identity at all) by their
+/// triggers.
 /// The target ends equal, rows of every table; teardown leaves no slot,
 /// publication or trigger behind.
 #[test]
@@ -45,16 +55,19 @@ fn capture_by_decoding_moves_every_change_pg15_to_pg17() {
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
     p.add_sync(&["--onetimecopy", "always", "--autokick", "off", "--capture", "decoding"]);
     let s = src.sql();
-    for table in ["kv", "pair", "big", "ident"] {
+    for table in ["kv", "pair", "big", "ident", "typed"] {
         assert_eq!(triggers_on(&s, table), "0", "{table} is decoded, without triggers");
     }
     assert_ne!(triggers_on(&s, "keyless"), "0", "a keyless table keeps its triggers");
+    // A deferrable primary key is no replica identity: published, the
+    // table would refuse the application's UPDATEs.
+    assert_ne!(triggers_on(&s, "deferred"), "0", "a deferrable key keeps its triggers");
     assert_eq!(slots(&s), "1");
     let status = p.run(&["status", "s", "--json"]).json_any();
     let decoding = &status["syncs"][0]["decoding"];
-    assert_eq!(decoding["tables"], 4, "{status}");
+    assert_eq!(decoding["tables"], 5, "{status}");
     assert!(decoding["retained_bytes"].as_i64().is_some_and(|b| b > 0), "{status}");
-    assert!(p.run(&["status", "s"]).ok().contains("logical decoding of 4 tables, slot pgleap_"));
+    assert!(p.run(&["status", "s"]).ok().contains("logical decoding of 5 tables, slot pgleap_"));
     // Written after the slot, before the copy: in the copy and decoded.
     s.exec("insert into kv values (100, 'before the copy')");
     p.run(&["kick", "s", "--wait", "120"]).ok();
@@ -71,7 +84,12 @@ fn capture_by_decoding_moves_every_change_pg15_to_pg17() {
          begin; insert into kv values (999, 'rolled back'); rollback;
          insert into keyless values ('c');
          insert into ident (v) values ('new identity');
-         update ident set v = 'changed' where id = 2;",
+         update ident set v = 'changed' where id = 2;
+         update deferred set v = 1 where id <= 2;
+         update typed set v = 10 where c = 'ab';
+         update typed set j = '{\"k\": 1.00}', n = 2.5 where c = 'ab';
+         update typed set c = 'ef', a = '{3}' where c = 'cd';
+         insert into typed values ('\"s\"', 'gh', '{4,5}', 0.10, 1);",
     );
     p.run(&["kick", "s", "--wait", "120"]).ok();
     let d = dst.sql();

@@ -112,7 +112,9 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
         let name = family(&sample.metric);
         assert!(scrape.docs.contains_key(&name), "no HELP for {name}:\n{body}");
         assert!(body.contains(&format!("# TYPE {name} ")), "no TYPE for {name}:\n{body}");
-        if name != "pgleap_build_info" {
+        // The build, and a sync's slot (on its source, whatever the
+        // targets: `PGLEAP_TEST_DECODING=1` runs this test with one).
+        if name != "pgleap_build_info" && name != "pgleap_slot_retained_bytes" {
             assert_eq!(sample.labels.get("target"), Some("dst"), "{name} without its target");
         }
     }
@@ -128,6 +130,11 @@ fn metrics_status_api_and_page_follow_a_copy_and_the_sync_pg15_to_pg17() {
             scrape.samples.iter().any(|s| family(&s.metric) == name),
             "{name} missing:\n{body}"
         );
+    }
+    if crate::support::cluster::decoding_everywhere() {
+        let slot = scrape.samples.iter().find(|s| s.metric == "pgleap_slot_retained_bytes");
+        let sync = slot.and_then(|s| s.labels.get("sync"));
+        assert_eq!(sync, Some("s"), "the slot's retained WAL, by sync:\n{body}");
     }
     assert!(!body.contains("pgleap_sync_state"), "{body}");
     let api: serde_json::Value = eventually("a streaming phase in /api/status", || {
