@@ -247,9 +247,8 @@ fn slot_wait() -> std::time::Duration {
     std::time::Duration::from_secs(seconds.unwrap_or(60).max(1))
 }
 
-/// Drops a sync's slot and publication, if it has them. The slot goes even
-/// with no daemon running; a pump using it at that moment makes this fail
-/// (stop the daemon first).
+/// Drops a sync's slot and publication, if it has them, once no pump runs.
+/// The slot goes even with no daemon running.
 pub async fn stop(client: &Conn, schema: &str, sync_id: i32) -> Result<()> {
     let s = quote_ident(schema);
     if !client.relation_exists(&format!("{s}.decoding")).await? {
@@ -260,12 +259,20 @@ pub async fn stop(client: &Conn, schema: &str, sync_id: i32) -> Result<()> {
         .await?;
     let Some(row) = row else { return Ok(()) };
     let slot: String = row.get(0);
-    client.execute(DROP_SLOT, &[&slot]).await?;
+    // One transaction (one string), after the pumps: one running (the
+    // daemon's, while a cutover passes its switch point) keeps the slot
+    // active, and dropping it then fails. Pumps hold their lock until
+    // they let go of the slot; a minute at most.
     client
         .batch_execute(&format!(
-            "drop publication if exists {};
+            "select set_config('lock_timeout', '60s', true);
+             select pg_advisory_xact_lock({PUMP_LOCK_CLASS}, {sync_id});
+             select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                 where slot_name = {literal} and database = current_database();
+             drop publication if exists {publication};
              delete from {s}.decoding where sync_id = {sync_id};",
-            quote_ident(&slot)
+            literal = crate::pg::quote_literal(&slot),
+            publication = quote_ident(&slot)
         ))
         .await?;
     Ok(())
@@ -1066,9 +1073,6 @@ const OLDEST_TRANSACTION: &str = "select format('pid %s, %s, open since %s',
     from pg_stat_activity
     where backend_xid is not null and pid <> pg_backend_pid()
     order by xact_start limit 1";
-
-const DROP_SLOT: &str = "select pg_drop_replication_slot(slot_name) from pg_replication_slots
-    where slot_name = $1 and database = current_database()";
 
 const DECODED_TABLES: &str = "select r.prrelid::int8, t.n
     from pg_publication p join pg_publication_rel r on r.prpubid = p.oid
