@@ -260,7 +260,7 @@ impl Session {
     /// After the sync's slot was lost (`lost`): its tables are captured by
     /// triggers from now on, and copied again, since the changes made
     /// since its last batch cannot be read from anywhere. Loud (a warning
-    /// in the log; the status's capture line says triggers from then on),
+    /// naming the slot in the log; status shows no slot from then on),
     /// and in an order a kill cannot break: triggers first, then the
     /// target marked to be copied again (no batch applies until it is),
     /// then the slot and publication dropped; until the last step, every
