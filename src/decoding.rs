@@ -685,20 +685,15 @@ impl Decoder<'_> {
         old: Option<OldRow>,
         new: Option<Vec<Column>>,
     ) -> Result<()> {
+        // A value not sent (TOASTed, left alone) is the old row's: only an
+        // UPDATE has one to take it from.
         let whole = |tuple: &[Column], old: Option<&[Option<String>]>| {
-            let mut values = Vec::with_capacity(tuple.len());
-            for (at, c) in tuple.iter().enumerate() {
-                values.push(match c {
-                    Column::Null => None,
-                    Column::Text(v) => Some(v.clone()),
-                    Column::Unchanged => old.and_then(|o| o.get(at).cloned()).flatten(),
-                });
-                let unknown = matches!(c, Column::Unchanged) && old.is_none();
-                if unknown {
-                    return None;
-                }
-            }
-            Some(values)
+            let value = |(at, c): (usize, &Column)| match c {
+                Column::Null => Some(None),
+                Column::Text(v) => Some(Some(v.clone())),
+                Column::Unchanged => old.map(|o| o.get(at).cloned().flatten()),
+            };
+            tuple.iter().enumerate().map(value).collect::<Option<Vec<_>>>()
         };
         let changed = |what: &str| Error::SlotLost {
             sync: self.stream.sync.clone(),

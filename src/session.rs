@@ -273,7 +273,7 @@ impl Session {
             target = self.target.name,
             "{lost}; capturing its tables by triggers from now on and copying them again"
         );
-        decoding::release(&self.src, sync_id).await?;
+        // The failed batch's pump lock is released already (`apply_once`).
         let tables = capture::fall_back_to_triggers(&mut self.src, &schema, sync_id).await?;
         crate::failpoint::hit("fall-back-triggers");
         // Every target: the sessions of the others would otherwise go on
