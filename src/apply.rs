@@ -103,6 +103,12 @@ pub struct TablePlan {
     /// Columns (not of the key) whose large values move in slices: bytea,
     /// text and varchar, quoted (see `slices`).
     pub(crate) sliceable: Vec<(String, slices::Kind)>,
+    /// Marks, on the target, the parts of this table a verify found equal
+    /// as touched by the batch (see `verify`'s incremental mode): all of
+    /// them, or those whose key range holds a key staged (a table with one
+    /// integer key, whose parts are key ranges).
+    touch_all: String,
+    touch_staged: Option<String>,
 }
 
 impl TablePlan {
@@ -297,13 +303,45 @@ fn plan_columns_sql(v: PgVersion) -> String {
                 coalesce(array_agg(b.attname::text order by b.attnum)
                          filter (where b.typ = 17), '{{}}'),
                 coalesce(array_agg(b.attname::text order by b.attnum)
-                         filter (where b.typ in (25, 1043)), '{{}}')
+                         filter (where b.typ in (25, 1043)), '{{}}'),
+                coalesce(array_agg(b.attname::text order by b.attnum)
+                         filter (where b.typ in (20, 21, 23)), '{{}}')
          from t
          left join (base b join pg_type ty on ty.oid = b.typ and ty.typtype <> 'd' {collations})
            on b.n = t.n
          group by t.n, t.rel order by t.n",
         not_generated = crate::pg::not_generated(v)
     )
+}
+
+/// The statements marking a table's verified parts touched by a batch
+/// (see [`TablePlan::touch_all`]): every part, and where the table has one
+/// integer key (`staged`: the key, quoted, and the batch's staging table),
+/// the parts whose range meets the range of
+/// the staged keys. A range from the least to the greatest key marks
+/// exactly for a batch of one row or of rows appended at the end, and at
+/// worst every part between: never fewer than were touched.
+fn touch_sql(
+    schema: &str,
+    sync: &str,
+    table: &str,
+    staged: Option<(&str, &str)>,
+) -> (String, Option<String>) {
+    let parts = format!("{}.verified_parts", quote_ident(schema));
+    let this = format!(
+        "v.sync = {} and v.table_name = {} and not v.touched",
+        quote_literal(sync),
+        quote_literal(table)
+    );
+    let all = format!("update {parts} v set touched = true where {this}");
+    let staged = staged.map(|(k, staging)| {
+        format!(
+            "update {parts} v set touched = true
+             from (select min(s.{k})::int8 lo, max(s.{k})::int8 hi from {staging} s) b
+             where {this} and (v.lo is null or v.lo <= b.hi) and (v.hi is null or b.lo < v.hi)"
+        )
+    });
+    (all, staged)
 }
 
 fn shape_sql(v: PgVersion, types: &str) -> String {
@@ -425,6 +463,8 @@ impl Plan {
             let est_rows = member.map_or(0, |m| m.est_rows);
             let est_bytes = member.map_or(0, |m| m.est_bytes);
             let partitioned = member.is_some_and(|m| m.kind == "partitioned table");
+            let integers: Vec<String> = row.get(9);
+            let int_key = matches!(&c.key_columns[..], [k] if integers.contains(k));
             tables.push(TablePlan {
                 column_names,
                 display: crate::inventory::display_name(&c.schema, &c.name),
@@ -446,7 +486,13 @@ impl Plan {
                 floats: quoted(row.get(5)),
                 float_arrays: quoted(row.get(6)),
                 sliceable,
+                touch_all: String::new(),
+                touch_staged: None,
             });
+            let t = tables.last_mut().expect("just pushed");
+            let staging = t.staging();
+            let staged = int_key.then(|| (t.keys[0].as_str(), staging.as_str()));
+            (t.touch_all, t.touch_staged) = touch_sql(schema, &sync.name, &t.table, staged);
         }
         let sequences = relgroup
             .members
@@ -950,7 +996,12 @@ pub async fn apply_within(
     plan.check_shape(stx, Some(&stats.changed)).await?;
 
     if let Some(truncates) = &plan.partition_truncates {
-        stats.truncates += truncate_partitions(stx, ttx, truncates, &cond).await?;
+        let truncated = truncate_partitions(stx, ttx, truncates, &cond).await?;
+        stats.truncates += truncated;
+        // A partition emptied: every part of the partitioned tables.
+        for t in plan.tables.iter().filter(|t| t.partitioned && truncated > 0) {
+            touch(ttx, t, false).await?;
+        }
     }
     if catch_up_at.is_some_and(|n| keyed_changes(plan, &counts) >= n)
         && plan.partition_truncates.is_none()
@@ -985,7 +1036,8 @@ pub(crate) async fn apply_table(
         return Ok(());
     }
     if t.keys.is_empty() {
-        return apply_keyless(stx, ttx, t, cond, stats).await;
+        apply_keyless(stx, ttx, t, cond, stats).await?;
+        return touch(ttx, t, false).await;
     }
     let step = Instant::now();
     if truncated {
@@ -1010,12 +1062,28 @@ pub(crate) async fn apply_table(
     };
     stats.inserts += inserts;
     stats.deletes += deletes;
+    if truncated || reload || inserts + deletes > 0 {
+        touch(ttx, t, !truncated && !reload).await?;
+    }
     let ms = step.elapsed().as_millis() as u64;
     if changes >= LARGE_BACKLOG {
         tracing::info!(table = t.display, changes, inserts, deletes, ms, "applied");
     } else {
         tracing::debug!(table = t.display, changes, inserts, deletes, ms, "applied");
     }
+    Ok(())
+}
+
+/// Marks the parts of `t` a verify found equal as touched by this batch
+/// (inside it: a batch that rolls back touched nothing): those its staged
+/// keys fall in when `staged` (the keys just applied are in its staging
+/// table), else every part.
+async fn touch(ttx: &Tx<'_>, t: &TablePlan, staged: bool) -> Result<()> {
+    let sql = match &t.touch_staged {
+        Some(sql) if staged => sql,
+        _ => &t.touch_all,
+    };
+    ttx.query_prepared(sql, &[]).await?;
     Ok(())
 }
 

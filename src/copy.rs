@@ -360,6 +360,12 @@ async fn plan_units(
 ) -> Result<()> {
     let s = quote_ident(&plan.schema);
     let tx = tgt.transaction().await?;
+    // The copy rewrites the tables: what a verify found equal before is
+    // no basis for an incremental one (see `verify`).
+    if tx.relation_exists(&format!("{s}.verified_parts")).await? {
+        tx.execute(&format!("delete from {s}.verified_parts where sync = $1"), &[&plan.sync])
+            .await?;
+    }
     let mut unit = 0;
     let mut to_empty = Vec::new();
     // Biggest first: units are taken in order, and a big table started
@@ -472,6 +478,18 @@ pub(crate) async fn key_ranges(
     t: &TablePlan,
     pieces: i64,
 ) -> Result<Option<Vec<String>>> {
+    let spans = key_spans(src, t, pieces).await?;
+    Ok(spans.map(|s| s.iter().map(|&(lo, hi)| span_predicate(&t.keys[0], lo, hi)).collect()))
+}
+
+/// The ranges of [`key_ranges`] as bounds: from `lo` (included) to `hi`
+/// (excluded), None where open. The first is open below and the last
+/// above, so that they cover every value.
+pub(crate) async fn key_spans(
+    src: &impl Sql,
+    t: &TablePlan,
+    pieces: i64,
+) -> Result<Option<Vec<(Option<i64>, Option<i64>)>>> {
     if t.keys.len() != 1 {
         return Ok(None);
     }
@@ -496,19 +514,21 @@ pub(crate) async fn key_ranges(
     }
     let n = pieces.min(hi - lo).max(1);
     let step = (hi - lo) / n + 1;
-    let mut ranges = Vec::new();
-    for i in 0..n {
+    let spans = (0..n).map(|i| {
         let from = lo + i * step;
-        let to = from + step;
-        // Open at both ends, so the ranges cover every value.
-        ranges.push(match (i, i == n - 1) {
-            (0, true) => WHOLE_TABLE.to_string(),
-            (0, false) => format!("{key} < {to}"),
-            (_, true) => format!("{key} >= {from}"),
-            _ => format!("{key} >= {from} and {key} < {to}"),
-        });
+        ((i > 0).then_some(from), (i < n - 1).then_some(from + step))
+    });
+    Ok(Some(spans.collect()))
+}
+
+/// A range of `key` (quoted) as a predicate.
+pub(crate) fn span_predicate(key: &str, lo: Option<i64>, hi: Option<i64>) -> String {
+    match (lo, hi) {
+        (None, None) => WHOLE_TABLE.to_string(),
+        (None, Some(to)) => format!("{key} < {to}"),
+        (Some(from), None) => format!("{key} >= {from}"),
+        (Some(from), Some(to)) => format!("{key} >= {from} and {key} < {to}"),
     }
-    Ok(Some(ranges))
 }
 
 /// The predicate of a unit that is a whole table.

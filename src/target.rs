@@ -102,6 +102,12 @@ pub async fn prepare(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<bool> {
              source_rows int8 not null,
              target_rows int8 not null,
              verified_at timestamptz not null default now(),
+             lo int8,
+             hi int8,
+             shape text not null default '',
+             equal bool not null default true,
+             touched bool not null default false,
+             finished bool not null default false,
              primary key (sync, table_name, predicate));
          {};",
         large_objects::state_table(&plan.schema)
@@ -138,6 +144,20 @@ pub async fn prepare(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<bool> {
             e.into()
         }
     })?;
+    // A target prepared by a pgleap before incremental verify.
+    let old: bool =
+        tgt.query_one(VERIFIED_PARTS_OLD, &[&format!("{s}.verified_parts")]).await?.get(0);
+    if old {
+        tgt.batch_execute(&format!(
+            "alter table {s}.verified_parts add column if not exists lo int8,
+                 add column if not exists hi int8,
+                 add column if not exists shape text not null default '',
+                 add column if not exists equal bool not null default true,
+                 add column if not exists touched bool not null default false,
+                 add column if not exists finished bool not null default false"
+        ))
+        .await?;
+    }
     for t in &plan.tables {
         if !tgt.relation_exists(&t.table).await? {
             return Err(Error::invalid(
@@ -157,6 +177,9 @@ pub async fn prepare(src: &Conn, tgt: &mut Conn, plan: &Plan) -> Result<bool> {
     set_aside(src, tgt, plan).await?;
     Ok(false)
 }
+
+const VERIFIED_PARTS_OLD: &str = "select not exists (select 1 from pg_attribute
+     where attrelid = $1::text::regclass and attname = 'touched' and not attisdropped)";
 
 /// Records and drops the foreign keys touching the synced tables, and
 /// records and disables their enabled user triggers.

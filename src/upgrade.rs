@@ -777,7 +777,7 @@ async fn step_verify(
     say: &dyn Fn(&str),
     env: Env<'_>,
 ) -> Result<Vec<String>> {
-    let reports = verify::compare_live(session, &[], env).await?;
+    let reports = verify::compare_live(session, &[], true, env).await?;
     let differing: Vec<String> =
         reports.iter().filter(|r| !r.equal).map(|r| r.table.clone()).collect();
     say(&format!(

@@ -42,10 +42,17 @@ pub struct TableReport {
     /// Indexes and key constraints the source's table has and the target's
     /// lacks.
     pub missing: Vec<String>,
+    /// How many parts (ranges of its key, or itself whole) the table was
+    /// looked at in.
+    pub parts: u32,
     /// Parts of the table found equal by an earlier verify that was
     /// interrupted, taken from it instead of compared again.
     #[serde(skip_serializing_if = "is_zero")]
     pub resumed_parts: u32,
+    /// Parts found equal by the last verify that ended and touched by no
+    /// batch since, not compared again (`--incremental`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unchanged_parts: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -180,7 +187,9 @@ async fn compare_part(
         equal: a == b,
         differing_keys: Vec::new(),
         missing: Vec::new(),
+        parts: 1,
         resumed_parts: 0,
+        unchanged_parts: 0,
     };
     if report.equal {
         return Ok(report);
@@ -215,7 +224,9 @@ fn merge(into: &mut TableReport, part: TableReport) {
     into.source_rows += part.source_rows;
     into.target_rows += part.target_rows;
     into.equal &= part.equal;
+    into.parts += part.parts;
     into.resumed_parts += part.resumed_parts;
+    into.unchanged_parts += part.unchanged_parts;
     into.missing.extend(part.missing);
     for key in part.differing_keys {
         if into.differing_keys.len() < SHOWN_KEYS && !into.differing_keys.contains(&key) {
@@ -284,6 +295,12 @@ const MAX_PARTS: i64 = 256;
 struct Part {
     table: usize,
     predicate: String,
+    /// The range of the table's integer key `predicate` selects: from `lo`
+    /// (included) to `hi` (excluded), None where open; both None for a
+    /// whole table. What a batch's keys are matched with (see
+    /// `apply::touch`).
+    lo: Option<i64>,
+    hi: Option<i64>,
     estimate: u64,
     /// The table's first part, which also compares its indexes.
     first: bool,
@@ -300,16 +317,21 @@ async fn parts(src: &impl Sql, tables: &[&TablePlan], workers: usize) -> Result<
     for i in order {
         let t = tables[i];
         let wanted = (t.est_bytes / PART_BYTES).max(2 * workers as i64).min(MAX_PARTS);
-        let ranges = if t.est_bytes > PART_BYTES {
-            crate::copy::key_ranges(src, t, wanted).await?
+        let spans = if t.est_bytes > PART_BYTES {
+            crate::copy::key_spans(src, t, wanted).await?
         } else {
             None
         };
-        let ranges = ranges.unwrap_or_else(|| vec![WHOLE.to_string()]);
-        let estimate = bytes(t) / ranges.len() as u64;
-        out.extend(ranges.into_iter().enumerate().map(|(n, predicate)| Part {
+        let spans = spans.unwrap_or_else(|| vec![(None, None)]);
+        let estimate = bytes(t) / spans.len() as u64;
+        out.extend(spans.into_iter().enumerate().map(|(n, (lo, hi))| Part {
             table: i,
-            predicate,
+            predicate: match (lo, hi) {
+                (None, None) => WHOLE.to_string(),
+                _ => crate::copy::span_predicate(&t.keys[0], lo, hi),
+            },
+            lo,
+            hi,
             estimate,
             first: n == 0,
         }));
@@ -376,7 +398,9 @@ async fn compare_large_objects(src: &impl Sql, tgt: &impl Sql) -> Result<TableRe
         equal: differing_keys.is_empty() && source_rows == target_rows,
         differing_keys,
         missing: Vec::new(),
+        parts: 1,
         resumed_parts: 0,
+        unchanged_parts: 0,
     })
 }
 
@@ -415,6 +439,7 @@ pub async fn verify_sync(
     sync: &str,
     only: &[String],
     live: bool,
+    incremental: bool,
     env: Env<'_>,
 ) -> Result<Vec<TargetReport>> {
     let route = SyncRoute::load(catalog, sync)?;
@@ -429,7 +454,7 @@ pub async fn verify_sync(
                 Session::open_retrying(catalog, &route, target, 1, deadline, env).await?;
             let until = session.source_snapshot().await?;
             session.catch_up(catalog, &until, deadline, env).await?;
-            let tables = compare_live(&mut session, only, env).await?;
+            let tables = compare_live(&mut session, only, incremental, env).await?;
             (tables, compare_schema(&session.src, &session.tgt, &session.plan, false).await?)
         } else {
             let src = route.source.connect(env).await?;
@@ -455,6 +480,7 @@ pub async fn verify_sync(
 pub async fn compare_live(
     session: &mut Session,
     only: &[String],
+    incremental: bool,
     env: Env<'_>,
 ) -> Result<Vec<TableReport>> {
     let plan = session.plan.clone();
@@ -467,7 +493,8 @@ pub async fn compare_live(
     for _ in 0..workers {
         pairs.push(session.connect_pair(env).await?);
     }
-    let record = session.connect_target(env).await?;
+    let mut record = session.connect_target(env).await?;
+    let tables = selected(&plan, only);
     let key = (apply::LOCK_CLASS, plan.sync_id);
     // Held by the session, not the batch's transaction: no other applier
     // moves the target past the batch before its snapshot exists.
@@ -488,8 +515,24 @@ pub async fn compare_live(
         let (src_snapshot, _) = stx.export_snapshot().await?;
         let held = tgt.snapshot().await?;
         let (tgt_snapshot, _) = held.export_snapshot().await?;
+        // At least one worker (see above).
+        let first = &pairs[0].0;
+        let (parts, earlier) =
+            plan_live(first, &mut record, &plan, &tables, pairs.len(), incremental).await?;
         held.execute(apply::RELEASE_LOCK, &[&key.0, &key.1]).await?;
-        let reports = compare_in(pairs, record, &src_snapshot, &tgt_snapshot, &plan, only).await?;
+        let lo = large_objects_asked(&plan, only);
+        let reports = compare_in(
+            pairs,
+            record,
+            &src_snapshot,
+            &tgt_snapshot,
+            &plan,
+            &tables,
+            parts,
+            earlier,
+            lo,
+        )
+        .await?;
         held.commit().await?;
         stx.commit().await?;
         Ok::<_, crate::Error>(reports)
@@ -503,41 +546,173 @@ pub async fn compare_live(
     compared
 }
 
-/// The parts an interrupted verify of this sync found equal (within
-/// [`RESUMABLE_FOR`]), as reports, at their index among the items (the
-/// parts, then the large objects); None for those to compare.
-async fn resumable(
-    record: &Conn,
-    plan: &Plan,
-    tables: &[&TablePlan],
-    parts: &[Part],
-    items: usize,
-) -> Result<Vec<Option<TableReport>>> {
-    let rows = record.query(&resumable_sql(plan), &[&plan.sync]).await?;
-    let found: Vec<(String, String, i64, i64)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
-    let mut earlier: Vec<Option<TableReport>> = parts
-        .iter()
-        .map(|p| {
-            let t = tables[p.table];
-            found.iter().find(|f| f.0 == t.table && f.1 == p.predicate).map(|f| TableReport {
-                table: t.display.clone(),
-                source_rows: f.2,
-                target_rows: f.3,
-                equal: true,
-                differing_keys: Vec::new(),
-                missing: Vec::new(),
-                resumed_parts: 1,
-            })
-        })
-        .collect();
-    // The large objects, one item after the parts, are compared whole
-    // every time.
-    earlier.resize(items, None);
-    Ok(earlier)
+/// A part as an earlier verify of the sync recorded it on the target.
+struct Recorded {
+    table: String,
+    predicate: String,
+    lo: Option<i64>,
+    hi: Option<i64>,
+    shape: String,
+    source_rows: i64,
+    target_rows: i64,
+    equal: bool,
+    touched: bool,
+    finished: bool,
+    /// Within [`RESUMABLE_FOR`].
+    recent: bool,
 }
 
-/// Records a part found equal, for a verify that resumes this one.
+/// What a live verify compares, and what it takes from earlier ones
+/// instead (per item, at the same index: the parts, then the large
+/// objects, which are compared every time).
+///
+/// Earlier verifies' parts are recorded in the target's `verified_parts`
+/// (one row per part: its range, the table's columns, whether it was
+/// found equal, whether a batch touched it since, whether its verify
+/// ended). A part is taken:
+/// - resumed: found equal by a verify that did not end (killed), within
+///   a day, whatever was applied to it since (trusted as any batch is);
+/// - unchanged (`incremental`): found equal by the last verify that ended
+///   and touched by no batch since. The table is then compared in that
+///   verify's parts (they cover every key), not in new ones.
+///
+/// Written under the sync's applier lock, before it is released: every
+/// batch after the verify's snapshot finds this verify's rows and marks
+/// those it touches, so that a later incremental verify compares them.
+async fn plan_live(
+    src: &impl Sql,
+    record: &mut Conn,
+    plan: &Plan,
+    tables: &[&TablePlan],
+    workers: usize,
+    incremental: bool,
+) -> Result<(Vec<Part>, Vec<Option<TableReport>>)> {
+    let fresh = parts(src, tables, workers).await?;
+    let vp = verified_parts(plan);
+    let rows = record
+        .query(
+            &format!(
+                "select table_name, predicate, lo, hi, shape, source_rows, target_rows, equal,
+                        touched, finished, verified_at > now() - interval '{RESUMABLE_FOR}'
+                 from {vp} where sync = $1"
+            ),
+            &[&plan.sync],
+        )
+        .await?;
+    let recorded: Vec<Recorded> = rows
+        .iter()
+        .map(|r| Recorded {
+            table: r.get(0),
+            predicate: r.get(1),
+            lo: r.get(2),
+            hi: r.get(3),
+            shape: r.get(4),
+            source_rows: r.get(5),
+            target_rows: r.get(6),
+            equal: r.get(7),
+            touched: r.get(8),
+            finished: r.get(9),
+            recent: r.get(10),
+        })
+        .collect();
+    let taken = |t: &TablePlan, r: &Recorded, resumed: bool| TableReport {
+        table: t.display.clone(),
+        source_rows: r.source_rows,
+        target_rows: r.target_rows,
+        equal: true,
+        differing_keys: Vec::new(),
+        missing: Vec::new(),
+        parts: 1,
+        resumed_parts: u32::from(resumed),
+        unchanged_parts: u32::from(!resumed),
+    };
+    let (mut parts, mut earlier) = (Vec::new(), Vec::new());
+    let mut order: Vec<usize> = Vec::new();
+    for p in &fresh {
+        if !order.contains(&p.table) {
+            order.push(p.table);
+        }
+    }
+    for i in order {
+        let t = tables[i];
+        let mut mine: Vec<&Recorded> = recorded.iter().filter(|r| r.table == t.table).collect();
+        let basis = incremental
+            && !mine.is_empty()
+            && mine.iter().all(|r| r.finished && r.shape == t.columns);
+        if basis {
+            mine.sort_by_key(|r| r.lo);
+            let estimate = bytes(t) / mine.len() as u64;
+            for (n, r) in mine.iter().enumerate() {
+                parts.push(Part {
+                    table: i,
+                    predicate: r.predicate.clone(),
+                    lo: r.lo,
+                    hi: r.hi,
+                    estimate,
+                    first: n == 0,
+                });
+                earlier.push((r.equal && !r.touched).then(|| taken(t, r, false)));
+            }
+            continue;
+        }
+        for p in fresh.iter().filter(|p| p.table == i) {
+            let resumed = mine.iter().find(|r| {
+                r.predicate == p.predicate
+                    && r.equal
+                    && !r.finished
+                    && r.recent
+                    && r.shape == t.columns
+            });
+            earlier.push(resumed.map(|r| taken(t, r, true)));
+            parts.push(Part { predicate: p.predicate.clone(), ..*p });
+        }
+    }
+    // This verify's rows: those taken stay as they are (a resumed part
+    // keeps what batches marked), the others are written anew.
+    let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
+    let (mut kept_t, mut kept_p) = (Vec::new(), Vec::new());
+    let (mut new_t, mut new_p, mut new_lo, mut new_hi, mut new_shape) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (p, e) in parts.iter().zip(&earlier) {
+        let t = tables[p.table];
+        if e.is_some() {
+            kept_t.push(t.table.as_str());
+            kept_p.push(p.predicate.as_str());
+        } else {
+            new_t.push(t.table.as_str());
+            new_p.push(p.predicate.as_str());
+            new_lo.push(p.lo);
+            new_hi.push(p.hi);
+            new_shape.push(t.columns.as_str());
+        }
+    }
+    let tx = record.transaction().await?;
+    tx.execute(
+        &format!(
+            "delete from {vp} v where v.sync = $1 and v.table_name = any($2)
+             and not exists (select 1 from unnest($3::text[], $4::text[]) k(t, p)
+                             where k.t = v.table_name and k.p = v.predicate)"
+        ),
+        &[&plan.sync, &names, &kept_t, &kept_p],
+    )
+    .await?;
+    tx.execute(
+        &format!(
+            "insert into {vp} (sync, table_name, predicate, source_rows, target_rows, lo, hi,
+                               shape, equal)
+             select $1, u.t, u.p, 0, 0, u.lo, u.hi, u.shape, false
+             from unnest($2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])
+                  u(t, p, lo, hi, shape)"
+        ),
+        &[&plan.sync, &new_t, &new_p, &new_lo, &new_hi, &new_shape],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((parts, earlier))
+}
+
+/// Records a part found equal, for a verify that resumes this one or an
+/// incremental one after it.
 async fn record_part(
     record: &Conn,
     plan: &Plan,
@@ -545,66 +720,70 @@ async fn record_part(
     part: &Part,
     report: &TableReport,
 ) -> Result<()> {
-    record
-        .execute(
-            &record_sql(plan),
-            &[&plan.sync, &t.table, &part.predicate, &report.source_rows, &report.target_rows],
-        )
-        .await?;
+    let sql = format!(
+        "update {} set equal = true, source_rows = $4, target_rows = $5, verified_at = now()
+         where sync = $1 and table_name = $2 and predicate = $3",
+        verified_parts(plan)
+    );
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&plan.sync, &t.table, &part.predicate, &report.source_rows, &report.target_rows];
+    record.execute(&sql, &params).await?;
     Ok(())
 }
 
-fn resumable_sql(plan: &Plan) -> String {
-    format!(
-        "select table_name, predicate, source_rows, target_rows from {}.verified_parts
-         where sync = $1 and verified_at > now() - interval '{RESUMABLE_FOR}'",
-        crate::pg::quote_ident(&plan.schema)
+/// Ends a verify's record: its tables' parts are the basis of an
+/// incremental verify, but for a table with a part found different
+/// (compared whole next time).
+async fn finish_record(record: &mut Conn, plan: &Plan, tables: &[&TablePlan]) -> Result<()> {
+    let vp = verified_parts(plan);
+    let names: Vec<&str> = tables.iter().map(|t| t.table.as_str()).collect();
+    let tx = record.transaction().await?;
+    tx.execute(
+        &format!(
+            "delete from {vp} v where v.sync = $1 and v.table_name in (
+                 select table_name from {vp} w
+                 where w.sync = $1 and w.table_name = any($2) and not w.equal)"
+        ),
+        &[&plan.sync, &names],
     )
-}
-
-fn record_sql(plan: &Plan) -> String {
-    format!(
-        "insert into {}.verified_parts (sync, table_name, predicate, source_rows, target_rows)
-         values ($1, $2, $3, $4, $5)
-         on conflict (sync, table_name, predicate) do update
-         set source_rows = excluded.source_rows, target_rows = excluded.target_rows,
-             verified_at = now()",
-        crate::pg::quote_ident(&plan.schema)
+    .await?;
+    tx.execute(
+        &format!("update {vp} set finished = true where sync = $1 and table_name = any($2)"),
+        &[&plan.sync, &names],
     )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
-fn forget_sql(plan: &Plan) -> String {
-    format!("delete from {}.verified_parts where sync = $1", crate::pg::quote_ident(&plan.schema))
+fn verified_parts(plan: &Plan) -> String {
+    format!("{}.verified_parts", crate::pg::quote_ident(&plan.schema))
 }
 
-/// [`compare`], with the tables shared out to `pairs` of connections, each
-/// reading in the snapshots given (exported by the caller, who keeps them
-/// open until this returns).
+/// [`compare`] of `parts` but those `earlier` verifies give, with the
+/// tables shared out to `pairs` of connections, each reading in the
+/// snapshots given (exported by the caller, who keeps them open until this
+/// returns).
+#[allow(clippy::too_many_arguments)]
 async fn compare_in(
     pairs: Vec<(Conn, Conn)>,
-    tgt_record: Conn,
+    mut record: Conn,
     src_snapshot: &str,
     tgt_snapshot: &str,
     plan: &Plan,
-    only: &[String],
+    tables: &[&TablePlan],
+    parts: Vec<Part>,
+    mut earlier: Vec<Option<TableReport>>,
+    large_objects: bool,
 ) -> Result<Vec<TableReport>> {
-    let tables = selected(plan, only);
-    let Some((first, _)) = pairs.first() else { return Ok(Vec::new()) };
-    let parts = parts(first, &tables, pairs.len()).await?;
-    // What an interrupted verify found equal is not compared again: a
-    // verify of hours resumes where it stopped. Recorded as each part ends,
-    // through a connection of its own (the workers' transactions hold
-    // their snapshots until the end).
-    let record = &tgt_record;
-    // The large objects, when asked for, are one more item.
-    let items = parts.len() + usize::from(large_objects_asked(plan, only));
-    let earlier = resumable(record, plan, &tables, &parts, items).await?;
+    let items = parts.len() + usize::from(large_objects);
+    earlier.resize(items, None);
     let progress = progress_of(&parts);
     let queue = Mutex::new((0..items).filter(|i| earlier[*i].is_none()).collect::<VecDeque<_>>());
     let results: Mutex<Vec<Option<TableReport>>> = Mutex::new(earlier);
+    let record_ref = &record;
     let workers = pairs.into_iter().map(|(mut s, mut t)| {
-        let (queue, results, tables, parts, progress) =
-            (&queue, &results, &tables, &parts, &progress);
+        let (queue, results, parts, progress) = (&queue, &results, &parts, &progress);
         async move {
             let stx = s.imported_snapshot(src_snapshot).await?;
             let ttx = t.imported_snapshot(tgt_snapshot).await?;
@@ -616,7 +795,7 @@ async fn compare_in(
                         let t = tables[part.table];
                         let report = compare_shown(&stx, &ttx, t, part, progress).await?;
                         if report.equal {
-                            record_part(record, plan, t, part, &report).await?;
+                            record_part(record_ref, plan, t, part, &report).await?;
                             crate::failpoint::hit("verify-part-done");
                         }
                         report
@@ -632,12 +811,11 @@ async fn compare_in(
     });
     futures_util::future::try_join_all(workers).await?;
     progress.finish();
-    // Done: the next verify compares everything again.
-    record.execute(&forget_sql(plan), &[&plan.sync]).await?;
+    finish_record(&mut record, plan, tables).await?;
     let mut results: Vec<TableReport> =
         results.into_inner().unwrap().into_iter().flatten().collect();
     let large_objects = (results.len() > parts.len()).then(|| results.pop()).flatten();
-    let mut out = per_table(&tables, &parts, results);
+    let mut out = per_table(tables, &parts, results);
     out.extend(large_objects);
     Ok(out)
 }

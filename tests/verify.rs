@@ -178,3 +178,88 @@ fn a_verify_killed_half_way_resumes_where_it_stopped_pg15_to_pg17() {
     assert!(!text.ok().contains("resumed:"), "a finished verify left parts behind: {text}");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// `verify --incremental` compares only what changed since the last
+/// verify that ended: the parts of a table that a batch touched (for a
+/// table with one integer key, the key ranges its keys fell in; for any
+/// other, the table), and the tables a verify found different. The rest
+/// is taken as that verify found it: a difference planted on the target
+/// behind pgleap's back, in a part no batch touched, is seen by a full
+/// verify only, which is what shows the incremental one did not look.
+#[test]
+fn an_incremental_verify_compares_only_the_parts_touched_since_pg15_to_pg17() {
+    let src = TestDb::new(cluster(15), "verincsrc");
+    let dst = TestDb::new(cluster(17), "verincdst");
+    let schema = "create table big (id bigint primary key, pad text);
+                  create table a (id int primary key, v text);
+                  create table b (id int primary key, v text);
+                  create table coded (code text primary key, v text);";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    src.sql().exec(
+        "insert into big select g, repeat('x', 120) from generate_series(1, 300000) g;
+         insert into a select g, 'a' from generate_series(1, 100) g;
+         insert into b select g, 'b' from generate_series(1, 100) g;
+         insert into coded select 'c' || g, 'c' from generate_series(1, 100) g;
+         analyze big;",
+    );
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off"]);
+    p.run(&["kick", "s", "--wait", "120"]).ok();
+    // No verify ended yet: an incremental one compares everything.
+    let first = p.run(&["verify", "s", "--incremental", "--json"]).json();
+    let unchanged = |report: &serde_json::Value, table: &str| {
+        let tables = report[0]["tables"].as_array().unwrap();
+        let t = tables.iter().find(|t| t["table"] == table).unwrap_or_else(|| panic!("{report}"));
+        (t["parts"].as_u64().unwrap(), t["unchanged_parts"].as_u64().unwrap_or(0))
+    };
+    let big_parts = unchanged(&first, "public.big").0;
+    assert!(big_parts >= 2, "the big table is compared in ranges: {first}");
+    for t in ["public.big", "public.a", "public.b", "public.coded"] {
+        assert_eq!(unchanged(&first, t).1, 0, "{t}: {first}");
+    }
+
+    // One row of the big table's upper half, one of a, one of coded: the
+    // batch marks the big table's range holding 290000, a, and coded.
+    src.sql().exec(
+        "update big set pad = 'changed' where id = 290000;
+         insert into a values (1000, 'new');
+         update coded set v = 'changed' where code = 'c7';",
+    );
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    // Planted behind pgleap's back: next to the applied key (same range),
+    // and in the big table's first range, which no batch touched.
+    dst.sql().exec(
+        "update big set pad = 'planted' where id in (290001, 2);
+         update b set v = 'planted' where id = 3;",
+    );
+    let out = p.run(&["verify", "s", "--incremental", "--json"]);
+    assert_eq!(out.code, 1, "{out}");
+    let report = out.json_any();
+    assert_eq!(unchanged(&report, "public.big"), (big_parts, big_parts - 1), "{report}");
+    assert_eq!(unchanged(&report, "public.a"), (1, 0), "{report}");
+    assert_eq!(unchanged(&report, "public.coded"), (1, 0), "{report}");
+    assert_eq!(unchanged(&report, "public.b"), (1, 1), "{report}");
+    let tables = report[0]["tables"].as_array().unwrap();
+    let big = tables.iter().find(|t| t["table"] == "public.big").unwrap();
+    assert_eq!(big["differing_keys"], serde_json::json!(["290001"]), "{report}");
+    // The rows of the parts taken are counted as that verify found them.
+    assert_eq!(big["source_rows"], 300000, "{report}");
+    let text = p.run(&["verify", "s", "--incremental"]);
+    assert!(text.stdout.contains("incremental: "), "{text}");
+
+    // A table found different is compared whole by the next incremental
+    // verify; a full verify sees everything.
+    let again = p.run(&["verify", "s", "--incremental", "--json"]).json_any();
+    assert_eq!(unchanged(&again, "public.big"), (big_parts, 0), "{again}");
+    let full = p.run(&["verify", "s", "--json"]);
+    assert_eq!(full.code, 1, "{full}");
+    let full = full.json_any();
+    let tables = full[0]["tables"].as_array().unwrap();
+    let keys =
+        |name: &str| tables.iter().find(|t| t["table"] == name).unwrap()["differing_keys"].clone();
+    assert_eq!(keys("public.big"), serde_json::json!(["2", "290001"]), "{full}");
+    assert_eq!(keys("public.b"), serde_json::json!(["3"]), "{full}");
+    p.run(&["teardown", "s"]).ok();
+}

@@ -653,6 +653,13 @@ pub fn verify(reports: &[crate::verify::TargetReport], as_json: bool) {
                  compared again"
             );
         }
+        let unchanged: u32 = tables.iter().map(|r| r.unchanged_parts).sum();
+        if unchanged > 0 {
+            let compared: u32 = tables.iter().map(|r| r.parts - r.unchanged_parts).sum();
+            println!(
+                "incremental: {unchanged} part(s) found equal by the last verify and untouched                  since were not compared again; {compared} compared"
+            );
+        }
         if schema.is_empty() {
             println!("schema: every object equal");
         }
