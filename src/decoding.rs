@@ -390,6 +390,80 @@ pub async fn pump<'a>(
     Ok(last)
 }
 
+/// What the slot holds that no pump has read yet, as status shows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unread {
+    /// Rows changed (an INSERT, UPDATE or DELETE each; a TRUNCATE one per
+    /// table) in the first [`UNREAD_LIMIT`] messages: a floor past them.
+    pub changes: i64,
+    /// Seconds since the oldest of their transactions committed.
+    pub oldest: f64,
+}
+
+/// Counts the changes in the sync's slot that no pump has written to the
+/// deltas yet: where no daemon runs, or its sync waits for a kick, they
+/// stay in the slot, and a pending count of the deltas alone would say
+/// the target is level while it is not. Reads without consuming
+/// (`peek`), at most [`UNREAD_LIMIT`] messages. `None` while a pump runs
+/// (it holds the pump lock; what it read is in the deltas when it ends,
+/// and counting both would count it twice) or once the slot is gone.
+pub async fn unread(src: &mut Conn, stream: &Stream, sync_id: i32) -> Result<Option<Unread>> {
+    let locked = "select pg_try_advisory_lock($1, $2)";
+    if !src.query_one(locked, &[&PUMP_LOCK_CLASS, &sync_id]).await?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let counted = async {
+        let tx = src.transaction().await?;
+        let portal = match tx.bind(PEEK, &[&stream.slot, &stream.slot]).await {
+            Ok(p) => p,
+            Err(e) if e.sqlstate() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::from(e)),
+        };
+        let (mut out, mut read, mut begun) = (Unread::default(), 0, None);
+        let mut oldest: Option<u64> = None;
+        loop {
+            let rows = tx.fetch(&portal, FETCH).await?;
+            for r in &rows {
+                let data: &[u8] = r.get(1);
+                let mut m = Reader { b: data, at: 0 };
+                match m.u8()? {
+                    b'B' => {
+                        let _final_lsn = m.u64()?;
+                        begun = Some(m.u64()?);
+                    }
+                    b'I' | b'U' | b'D' => out.changes += 1,
+                    b'T' => out.changes += i64::from(m.u32()?),
+                    _ => {}
+                }
+                if out.changes > 0 && oldest.is_none() {
+                    oldest = begun;
+                }
+            }
+            read += rows.len();
+            if rows.len() < FETCH as usize || read >= UNREAD_LIMIT {
+                break;
+            }
+        }
+        // pgoutput dates a commit in microseconds since 2000-01-01.
+        if let Some(at) = oldest {
+            let sql = "select extract(epoch from clock_timestamp())::float8 - 946684800";
+            let now: f64 = tx.query_one(sql, &[]).await?.get(0);
+            out.oldest = (now - at as f64 / 1e6).max(0.0);
+        }
+        tx.rollback().await?;
+        Ok(Some(out))
+    }
+    .await;
+    let unlocked = "select pg_advisory_unlock($1, $2)";
+    src.execute(unlocked, &[&PUMP_LOCK_CLASS, &sync_id]).await?;
+    counted
+}
+
+/// Messages [`unread`] reads at most: a status answers in seconds.
+const UNREAD_LIMIT: usize = 200_000;
+
 /// Waits until the source has flushed its WAL to `position`.
 async fn wait_for_flush(tx: &Tx<'_>, position: &str) -> Result<()> {
     let started = std::time::Instant::now();

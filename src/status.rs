@@ -402,7 +402,7 @@ pub async fn gather(
             }
         }
         let live = async {
-            let src = route.source.connect(env).await?;
+            let mut src = route.source.connect(env).await?;
             let plan = Plan::load(&src, sync, &route.relgroup).await?;
             // A cut-over sync follows nothing any more: what its capture
             // still records (writes the application makes after a
@@ -419,6 +419,19 @@ pub async fn gather(
                 Some(stream) => Some(crate::decoding::slot_state(&src, stream).await?),
                 None => None,
             };
+            // What the slot holds and no pump read yet is pending too, for
+            // every target.
+            if let Some(stream) = plan.decoding.as_ref().filter(|_| !cut_over)
+                && let Some(unread) =
+                    crate::decoding::unread(&mut src, stream, plan.sync_id).await?
+            {
+                for (n, lag) in &mut pending {
+                    *n += unread.changes;
+                    if unread.changes > 0 {
+                        *lag = lag.max(unread.oldest);
+                    }
+                }
+            }
             Ok::<_, crate::Error>((src, plan, pending, (not_captured, logins, decoding)))
         };
         let live = tokio::time::timeout(STATUS_WAIT, live).await;

@@ -72,6 +72,15 @@ fn capture_by_decoding_moves_every_change_pg15_to_pg17() {
     s.exec("insert into kv values (100, 'before the copy')");
     p.run(&["kick", "s", "--wait", "120"]).ok();
 
+    // No daemon, no kick: the changes stay in the slot, and status counts
+    // them as pending (it used to read the deltas only, and said 0).
+    s.exec("insert into kv values (102, 'waits'); update kv set v = 'waits' where id = 6");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let status = p.run(&["status", "s", "--json"]).json_any();
+    let target = &status["syncs"][0]["targets"][0];
+    assert_eq!(target["pending"], 2, "{status}");
+    assert!(target["lag_seconds"].as_f64().is_some_and(|l| l >= 1.0), "{status}");
+
     s.exec(
         "insert into kv values (101, 'new');
          update kv set v = 'changed' where id <= 3;
@@ -188,7 +197,18 @@ fn keyless_tables_with_replica_identity_full_are_decoded_pg15_to_pg17() {
 /// missing and leaves nothing; `auto` captures by triggers.
 #[test]
 fn decoding_is_refused_where_the_source_does_not_allow_it_pg15_to_pg17() {
-    let src = TestDb::new(cluster(15), "nodecsrc");
+    // Where every test server allows decoding (PGLEAP_TEST_DECODING=1), one
+    // of the test's own that does not.
+    let server = match crate::support::cluster::decoding_everywhere() {
+        true => {
+            let c = crate::support::cluster::private_cluster(15);
+            c.superuser("postgres").exec("alter system set wal_level = replica");
+            c.restart();
+            c
+        }
+        false => cluster(15),
+    };
+    let src = TestDb::new(server, "nodecsrc");
     let dst = TestDb::new(cluster(17), "nodecdst");
     src.sql().exec("create table kv (id int primary key, v text)");
     dst.sql().exec("create table kv (id int primary key, v text)");

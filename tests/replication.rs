@@ -240,11 +240,8 @@ fn a_failed_capture_install_leaves_nothing_behind() {
     src.cluster.superuser(&src.name).exec("create table z_not_mine (id int primary key)");
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
-    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g"]).fails_with(&[
-        "z_not_mine",
-        "permission denied",
-        "owner of the tables",
-    ]);
+    p.run(&["sync", "add", "s", "--relgroup", "rg", "--dbgroup", "g", "--capture", "triggers"])
+        .fails_with(&["z_not_mine", "permission denied", "owner of the tables"]);
     assert_no_pgleap_objects(&src.sql());
     assert_eq!(p.run(&["sync", "list", "--json"]).json(), serde_json::json!([]));
 }
@@ -494,7 +491,9 @@ fn applied_deltas_are_purged_and_kept_for_a_target_behind_pg15_to_pg17() {
     dst.sql().exec(schema);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
-    p.add_sync(&["--onetimecopy", "never", "--autokick", "off"]);
+    // The deltas' rows are what this test counts: the triggers' (a slot's
+    // changes reach the deltas only at a batch).
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off", "--capture", "triggers"]);
     let delta = src.sql().value("select 'pgleap.' || delta_table from pgleap.relations");
     // Keys recorded, however many rows hold them (a statement's keys are
     // recorded as arrays).
@@ -553,7 +552,8 @@ fn bulk_statements(source_major: u32) {
     dst.sql().exec(schema);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables"]);
-    p.add_sync(&["--onetimecopy", "never", "--autokick", "off"]);
+    // The triggers' delta rows are what this test counts.
+    p.add_sync(&["--onetimecopy", "never", "--autokick", "off", "--capture", "triggers"]);
     let s = src.sql();
     s.exec(
         "insert into ints select g, 'v' || g from generate_series(1, 10000) g;
@@ -914,7 +914,16 @@ fn keys_changed_arrive(level: &str) {
     dst.sql().exec(schema);
     let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     p.declare(&src, &dst, &["--all-tables", "--all-sequences"]);
-    p.add_sync(&["--onetimecopy", "never", "--autokick", "off", "--trigger-level", level]);
+    p.add_sync(&[
+        "--onetimecopy",
+        "never",
+        "--autokick",
+        "off",
+        "--trigger-level",
+        level,
+        "--capture",
+        "triggers",
+    ]);
     let s = src.sql();
     // Row triggers keep no transition table; statement triggers keep one
     // each for INSERT, UPDATE and DELETE.
