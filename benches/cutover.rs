@@ -82,7 +82,14 @@ fn fence_under_load(scale: u64, load: &[&str], label: &str, bin: Option<&Path>) 
     p.run(&["teardown", "s"]).ok();
     let (predicted, measured) =
         (dry["fence_ms"].as_f64().unwrap(), real["fence_ms"].as_f64().unwrap());
+    let steps = |r: &serde_json::Value| {
+        let steps = r["inside_fence"].as_array().cloned().unwrap_or_default();
+        let step = |s: &serde_json::Value| format!("{} {}", s["step"], s["ms"]);
+        steps.iter().map(step).collect::<Vec<_>>().join(", ")
+    };
     eprintln!("  scale {scale}: fence {measured} ms (predicted {predicted} ms)");
+    eprintln!("    inside the fence: {}", steps(&real));
+    eprintln!("    predicted: {}", steps(&dry));
     (predicted, measured)
 }
 

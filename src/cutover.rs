@@ -1022,33 +1022,62 @@ async fn drain(catalog: &mut Catalog, session: &mut Session, env: Env<'_>) -> Re
     Ok(Some(started.elapsed().as_millis() as i64))
 }
 
-/// Everything but the fence, timed: a prediction of the fence.
+/// Everything inside the fence rehearsed without fencing, each step timed:
+/// a prediction of the fence.
+///
+/// - Taking the fence's locks waits for the transactions that hold a lock
+///   on a synced table when it asks (new ones queue behind it): the dry
+///   run waits for the same transactions to end, without asking for any
+///   lock (so it blocks no one), then runs the fence's DDL on the target,
+///   rolled back, for its catalog work.
+/// - The drain, the largest and noisiest step, is rehearsed three times,
+///   and the shortest counts: a rehearsal races the application's writes
+///   and the daemon's batches (it waits for the applier lock), which the
+///   real drain, behind the fence, does not (the median of three
+///   predicted 1.5-2.6x the drain measured, docs/BENCHMARKS.md).
+///
+/// The prediction is the sum of the steps, not the dry run's own length.
 async fn dry_run(
     catalog: &mut Catalog,
     session: &mut Session,
     others: &mut [Session],
     env: Env<'_>,
 ) -> Result<CutoverReport> {
+    let mut steps = Vec::new();
+    let mut step = |name: &'static str, took: Duration| {
+        steps.push(StepTime { step: name, ms: took.as_millis() as i64 });
+    };
     let started = Instant::now();
-    let mut timer = Timer::new();
-    let large_objects_ms = drain(catalog, session, env).await?;
-    timer.lap("drain");
+    wait_for_writers(&session.src, &session.plan).await?;
+    rehearse_fence_ddl(&mut session.tgt, &session.plan).await?;
+    step("fence (taking the tables' locks)", started.elapsed());
+    let mut drains = Vec::new();
+    let mut large_objects_ms = None;
+    for _ in 0..DRAIN_REHEARSALS {
+        let started = Instant::now();
+        large_objects_ms = drain(catalog, session, env).await?;
+        drains.push(started.elapsed());
+    }
+    step("drain", drains.into_iter().min().unwrap_or_default());
+    let started = Instant::now();
     let sequences = sequences::read(&session.src, &session.plan.sequences).await?;
-    timer.lap("sequences");
+    step("sequences", started.elapsed());
+    let started = Instant::now();
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
-    timer.lap("deferred schema");
+    step("deferred schema", started.elapsed());
+    let started = Instant::now();
     for other in others.iter_mut() {
         drain(catalog, other, env).await?;
         target::missing(&other.src, &other.tgt, &other.plan).await?;
     }
     if !others.is_empty() {
-        timer.lap("other targets");
+        step("other targets", started.elapsed());
     }
     Ok(CutoverReport {
         sync: session.sync_name().into(),
         target: session.target_name().into(),
         dry_run: true,
-        fence_ms: started.elapsed().as_millis() as i64,
+        fence_ms: steps.iter().map(|s| s.ms).sum(),
         sequences: sequences.len(),
         foreign_keys: missing.foreign_keys.len(),
         triggers: missing.triggers.len(),
@@ -1060,8 +1089,89 @@ async fn dry_run(
         paused_ms: None,
         would_create: Vec::new(),
         before_fence: Vec::new(),
-        inside_fence: timer.steps,
+        inside_fence: steps,
     })
+}
+
+/// How many times a dry run drains (see [`dry_run`]).
+const DRAIN_REHEARSALS: usize = 3;
+
+/// Waits until every transaction that now holds a lock on one of the
+/// plan's tables in a mode the fence's would wait for (any but ACCESS
+/// SHARE and ROW SHARE: a writer, DDL, a VACUUM) has ended: what the
+/// fence's lock requests would wait for, were they made now. Polls; past
+/// [`REHEARSED_WAIT`] refuses, naming the oldest such transaction's session,
+/// as the fence itself would wait for it (up to its own retries) while
+/// the application's writes queue.
+async fn wait_for_writers(src: &Conn, plan: &Plan) -> Result<()> {
+    let tables: Vec<&str> = plan.tables.iter().map(|t| t.table.as_str()).collect();
+    let rows = src.query(WRITERS, &[&tables]).await?;
+    let holders: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if holders.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let left: Option<String> =
+            src.query_opt(STILL_RUNNING, &[&holders]).await?.map(|r| r.get(0));
+        let Some(oldest) = left else { return Ok(()) };
+        if started.elapsed() > REHEARSED_WAIT {
+            return Err(Error::invalid(
+                format!(
+                    "sync \"{}\": a transaction writing to a synced table did not end in {} s \
+                     ({oldest}); the fence would wait for it while the application's writes \
+                     queue behind the fence",
+                    plan.sync,
+                    REHEARSED_WAIT.as_secs()
+                ),
+                "let that transaction end (or end it: pg_terminate_backend) before the cutover",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// How long a dry run waits for the transactions the fence would wait for.
+const REHEARSED_WAIT: Duration = Duration::from_secs(30);
+
+/// The transactions (virtual ids: one per transaction, and visible to any
+/// role, where pg_stat_activity hides other roles' transaction starts)
+/// holding a lock the fence's SHARE ROW EXCLUSIVE locks conflict with, on
+/// the tables named in $1.
+const WRITERS: &str = "select distinct l.virtualtransaction
+    from pg_locks l
+    where l.granted and l.locktype = 'relation'
+      and l.mode not in ('AccessShareLock', 'RowShareLock')
+      and l.relation = any($1::text[]::regclass[]::oid[])
+      and l.pid <> pg_backend_pid()";
+
+/// Of the transactions in $1, one still running, described; none when all
+/// ended (a transaction holds the lock on its own virtual id to its end).
+const STILL_RUNNING: &str =
+    "select format('pid %s, role %s', l.pid, coalesce(a.usename::text, '?'))
+    from pg_locks l left join pg_stat_activity a on a.pid = l.pid
+    where l.locktype = 'virtualxid' and l.granted and l.virtualxid = any($1::text[])
+    limit 1";
+
+/// The fence's DDL run on the target and rolled back: its catalog work
+/// for as many tables, which the real fence does on the source.
+async fn rehearse_fence_ddl(tgt: &mut Conn, plan: &Plan) -> Result<()> {
+    let ddl = fence_ddl(plan, "a rehearsal");
+    let tx = tgt.transaction().await?;
+    // Under the sync's applier lock: the DDL's locks, taken table by table,
+    // would otherwise deadlock with a batch writing the same tables in
+    // another order (seen: a second's wait, the server's deadlock_timeout,
+    // in the prediction).
+    tx.execute(apply::XACT_LOCK, &[&apply::LOCK_CLASS, &plan.sync_id]).await?;
+    // Best effort: a target that cannot take the fence (another major's
+    // rules) only leaves the prediction without its DDL.
+    if let Err(e) = tx.batch_execute(&format!("set local lock_timeout = '2s'; {ddl}")).await {
+        tracing::debug!(error = %e, "the fence's DDL not rehearsed on the target");
+    }
+    tx.rollback().await?;
+    Ok(())
 }
 
 fn check_new_sync_name(catalog: &Catalog, name: &str) -> Result<()> {
@@ -1186,10 +1296,17 @@ async fn fence(src: &mut Conn, targets: &[&Conn], plan: &Plan, moved_to: &str) -
 }
 
 async fn fence_source(src: &mut Conn, plan: &Plan, moved_to: &str) -> Result<()> {
-    let db = src.name();
+    let message = format!("{} no longer takes writes: it moved to {moved_to}", src.name());
+    let ddl = fence_ddl(plan, &message);
+    capture::with_lock_retries(src, "fencing the source", &ddl).await
+}
+
+/// The fence: a function raising `message`, and a statement trigger calling
+/// it on every table of the plan.
+fn fence_ddl(plan: &Plan, message: &str) -> String {
     let function = fence_function(plan);
     let trigger = quote_ident(&capture::fence_trigger(plan.sync_id));
-    let message = quote_literal(&format!("{db} no longer takes writes: it moved to {moved_to}"));
+    let message = quote_literal(message);
     let mut ddl = format!(
         "create or replace function {function}() returns trigger language plpgsql as $pgleap$
          begin
@@ -1209,7 +1326,7 @@ async fn fence_source(src: &mut Conn, plan: &Plan, moved_to: &str) -> Result<()>
             table = t.table
         ));
     }
-    capture::with_lock_retries(src, "fencing the source", &ddl).await
+    ddl
 }
 
 async fn unfence(src: &mut Conn, plan: &Plan) -> Result<()> {

@@ -61,8 +61,33 @@ fn cutover_under_pgbench_load_pg12_to_pg17() {
 
     let rehearsal = p.run(&["cutover", "s", "--dry-run"]);
     assert!(rehearsal.ok().contains("predicted write downtime"), "{rehearsal}");
-    assert!(rehearsal.stdout.contains("predicted inside the fence: drain "), "{rehearsal}");
+    let predicted = "predicted inside the fence: fence (taking the tables' locks) ";
+    assert!(rehearsal.stdout.contains(predicted), "{rehearsal}");
+    assert!(rehearsal.stdout.contains(", drain "), "{rehearsal}");
     src.sql().exec("insert into audit (what) values ('still writable after the dry run')");
+
+    // A write transaction left open on a synced table: the fence would wait
+    // for it, and the rehearsal waits for it too (without blocking the
+    // other writers meanwhile), so its prediction counts that wait.
+    let committed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let open = {
+        let (sql, committed) = (src.sql(), committed.clone());
+        std::thread::spawn(move || {
+            sql.exec("begin; insert into audit (what) values ('open'); select pg_sleep(4); commit");
+            *committed.lock().unwrap() = Some(std::time::Instant::now());
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let before = src.sql().value("select count(*) from parent");
+    let rehearsal = p.run(&["cutover", "s", "--dry-run", "--json"]).json();
+    let ended = std::time::Instant::now();
+    open.join().unwrap();
+    let committed = committed.lock().unwrap().expect("the open transaction committed");
+    assert!(ended >= committed, "the rehearsal did not wait for the open transaction");
+    let lock_step = rehearsal["inside_fence"][0]["ms"].as_i64().unwrap();
+    assert!(lock_step > 0, "{rehearsal}");
+    let after: i64 = src.sql().value("select count(*) from parent").parse().unwrap();
+    assert!(after > before.parse::<i64>().unwrap() + 20, "writes stalled during the rehearsal");
 
     let out = p.run(&["cutover", "s", "--json", "--rollback-sync", "back"]);
     let report = out.json();
