@@ -354,7 +354,9 @@ pub async fn pump<'a>(
     }
     let row = tx.query_one(POSITION, &[]).await?;
     let (written_to, own): (String, i64) = (row.get(0), row.get(1));
+    let started = std::time::Instant::now();
     wait_for_flush(tx, &written_to).await?;
+    let flushed = started.elapsed();
     let portal = tx.bind(PEEK, &[&stream.slot, &stream.slot]).await.map_err(|e| lost(e, stream))?;
     let mut decoder = Decoder {
         stream,
@@ -370,22 +372,41 @@ pub async fn pump<'a>(
         held_bytes: 0,
     };
     let mut last = None;
+    // Where a pump's time goes (debug): waiting for the WAL flush, reading
+    // the slot (the server decodes), writing the deltas.
+    let (mut read, mut written, mut messages) =
+        (std::time::Duration::ZERO, std::time::Duration::ZERO, 0);
     loop {
+        let at = std::time::Instant::now();
         let rows = tx.fetch(&portal, FETCH).await.map_err(|e| lost(e, stream))?;
+        messages += rows.len();
         for r in &rows {
             let data: &[u8] = r.get(1);
             if decoder.message(data)? {
                 last = Some(r.get::<_, String>(0));
             }
         }
+        read += at.elapsed();
         if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
+            let at = std::time::Instant::now();
             decoder.flush(tx).await?;
+            written += at.elapsed();
         }
         if rows.len() < FETCH as usize {
             break;
         }
     }
+    let at = std::time::Instant::now();
     decoder.flush(tx).await?;
+    written += at.elapsed();
+    tracing::debug!(
+        slot = stream.slot,
+        messages,
+        flush_wait_ms = flushed.as_millis() as u64,
+        read_ms = read.as_millis() as u64,
+        write_ms = written.as_millis() as u64,
+        "pumped"
+    );
     crate::failpoint::hit("decoding-pumped");
     Ok(last)
 }
