@@ -9,7 +9,7 @@
 //! so keyless tables compare as multisets. Only buckets whose count or sum
 //! differ are looked at row by row, to name the first differing keys.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -626,16 +626,16 @@ async fn plan_live(
         resumed_parts: u32::from(resumed),
         unchanged_parts: u32::from(!resumed),
     };
-    let (mut parts, mut earlier) = (Vec::new(), Vec::new());
-    let mut order: Vec<usize> = Vec::new();
-    for p in &fresh {
-        if !order.contains(&p.table) {
-            order.push(p.table);
-        }
+    let mut by_table: HashMap<&str, Vec<&Recorded>> = HashMap::new();
+    for r in &recorded {
+        by_table.entry(r.table.as_str()).or_default().push(r);
     }
-    for i in order {
+    let (mut parts, mut earlier) = (Vec::new(), Vec::new());
+    // `parts` gives each table's parts together, biggest table first.
+    for fresh in fresh.chunk_by(|a, b| a.table == b.table) {
+        let i = fresh[0].table;
         let t = tables[i];
-        let mut mine: Vec<&Recorded> = recorded.iter().filter(|r| r.table == t.table).collect();
+        let mut mine = by_table.remove(t.table.as_str()).unwrap_or_default();
         let basis = incremental
             && !mine.is_empty()
             && mine.iter().all(|r| r.finished && r.shape == t.columns);
@@ -655,7 +655,7 @@ async fn plan_live(
             }
             continue;
         }
-        for p in fresh.iter().filter(|p| p.table == i) {
+        for p in fresh {
             let resumed = mine.iter().find(|r| {
                 r.predicate == p.predicate
                     && r.equal

@@ -657,7 +657,8 @@ pub fn verify(reports: &[crate::verify::TargetReport], as_json: bool) {
         if unchanged > 0 {
             let compared: u32 = tables.iter().map(|r| r.parts - r.unchanged_parts).sum();
             println!(
-                "incremental: {unchanged} part(s) found equal by the last verify and untouched                  since were not compared again; {compared} compared"
+                "incremental: {unchanged} part(s) found equal by the last verify and untouched \
+                 since were not compared again; {compared} compared"
             );
         }
         if schema.is_empty() {
