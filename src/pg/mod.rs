@@ -138,6 +138,10 @@ impl PgVersion {
     pub fn has_hashtextextended(self) -> bool {
         self.major() >= 11
     }
+    /// The `jit` setting (JIT compilation of costly plans): 11.
+    pub fn has_jit(self) -> bool {
+        self.major() >= 11
+    }
     /// Nondeterministic collations (`pg_collation.collisdeterministic`): 12.
     pub fn has_nondeterministic_collations(self) -> bool {
         self.major() >= 12
