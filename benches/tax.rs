@@ -43,6 +43,38 @@ fn lag_and_pending(p: &Pgleap) -> Option<(f64, i64)> {
     Some((target["lag_seconds"].as_f64()?, target["pending"].as_i64()?))
 }
 
+/// What the daemon's log says of its rounds since byte `from`: each
+/// batch's milliseconds, and each pump's reading the slot and writing the
+/// deltas (logged at debug: the bench's daemons run with it).
+#[derive(Default)]
+struct Rounds {
+    batch: Vec<f64>,
+    read: Vec<f64>,
+    write: Vec<f64>,
+}
+
+fn rounds_in_log(p: &Pgleap, from: u64) -> Rounds {
+    let log = std::fs::read_to_string(p.home().join("catalog.log")).unwrap_or_default();
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let at = line.find(&format!(" {key}="))? + key.len() + 2;
+        line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let mut r = Rounds::default();
+    for line in log.get(from as usize..).unwrap_or_default().lines() {
+        if line.contains("batch applied") {
+            r.batch.extend(field(line, "ms"));
+        } else if line.contains("pumped") {
+            r.read.extend(field(line, "read_ms"));
+            r.write.extend(field(line, "write_ms"));
+        }
+    }
+    r
+}
+
+fn log_len(p: &Pgleap) -> u64 {
+    std::fs::metadata(p.home().join("catalog.log")).map_or(0, |m| m.len())
+}
+
 /// What a run cost the source, read before and after it: WAL written
 /// (bytes) and the server's CPU time (seconds).
 struct Cost {
@@ -131,10 +163,12 @@ fn main() {
     let mut builds: Vec<(&str, Pgleap, &[&str])> = variants
         .into_iter()
         .filter(|(key, _, _)| wanted.split(',').any(|w| w.trim() == *key))
-        .map(|(_, label, args)| (label, this(), args))
+        .map(|(_, label, args)| (label, this().env("PGLEAP_LOG", "pgleap=debug"), args))
         .collect();
     if let Some(bin) = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN") {
-        let base = Pgleap::for_clusters(&[src.cluster, dst.cluster]).binary(Path::new(&bin));
+        let base = Pgleap::for_clusters(&[src.cluster, dst.cluster])
+            .binary(Path::new(&bin))
+            .env("PGLEAP_LOG", "pgleap=debug");
         builds.push((", baseline build", base, &[]));
     }
     for (_, p, _) in &builds {
@@ -158,6 +192,7 @@ fn main() {
     let mut row_costs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); names.len()];
     let mut lag_runs: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     let mut catch_up: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
+    let mut daemon_rounds: Vec<Rounds> = (0..builds.len()).map(|_| Rounds::default()).collect();
     for round in 1..=rounds {
         for (i, name) in names.iter().enumerate() {
             eprintln!("round {round}: {name} ...");
@@ -194,6 +229,7 @@ fn main() {
             // catch up once the load stops.
             let stop = AtomicBool::new(false);
             let before = cost_now(&src);
+            let logged = log_len(p);
             let (throughput, samples) = std::thread::scope(|scope| {
                 let sampler = scope.spawn(|| {
                     let mut lags = Vec::new();
@@ -223,6 +259,10 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(20));
             }
             catch_up[b].push(started.elapsed().as_secs_f64());
+            let r = rounds_in_log(p, logged);
+            daemon_rounds[b].batch.extend(r.batch);
+            daemon_rounds[b].read.extend(r.read);
+            daemon_rounds[b].write.extend(r.write);
             lag_runs[b].push(median_range(&samples).0);
             tps_runs[i].push(throughput);
             // The daemon's own reads and purges on the source count: what
@@ -289,6 +329,26 @@ fn main() {
             "Daemon syncing{label}: lag under the load (status every 0.5 s; median of the \
              rounds' medians) {lag:.2} s [{lag_lo:.2}-{lag_hi:.2}], catch-up after it stops \
              {up:.2} s [{up_lo:.2}-{up_hi:.2}]."
+        );
+        // Where the daemon's round goes (every round of every run pooled):
+        // the batch, and for decoding the pump's two steps inside it.
+        let r = &daemon_rounds[b];
+        let ms = |v: &[f64]| {
+            if v.is_empty() {
+                return "-".to_string();
+            }
+            let mut sorted = v.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            let (median, p90) = (sorted[sorted.len() / 2], sorted[sorted.len() * 9 / 10]);
+            format!("{median:.0} ms (p90 {p90:.0})")
+        };
+        println!(
+            "  {} batches, each {}; {} pumps, reading the slot {}, writing the deltas {}.",
+            r.batch.len(),
+            ms(&r.batch),
+            r.read.len(),
+            ms(&r.read),
+            ms(&r.write)
         );
     }
 }

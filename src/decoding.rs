@@ -36,10 +36,8 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use serde_json::{Map, Value};
-
 use crate::error::{Error, Result};
-use crate::pg::{Conn, NamedQuery, Sql, Tx, quote_ident};
+use crate::pg::{Conn, NamedQuery, Sql, Tx, array_literal, copy_field, quote_ident};
 
 /// How `sync add` captures a sync's keyed tables (`--capture`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -833,26 +831,14 @@ impl Decoder<'_> {
         let mut journal: HashMap<&str, (Vec<i64>, Vec<i32>)> = HashMap::new();
         for (i, changes) in by_table {
             let Some(Some(sink)) = self.sinks.get(i) else { continue };
-            let columns = tx.query(DELTA_COLUMNS, &[&sink.delta]).await?;
-            let types: Vec<String> = sink
-                .keys
-                .iter()
-                .map(|k| {
-                    let column = columns.iter().find(|r| r.get::<_, &str>(0) == k.as_str());
-                    column.map_or_else(|| "text".to_string(), |r| r.get(1))
-                })
-                .collect();
-            let json = keys_json(sink, &changes).to_string();
-            tx.execute(&insert_keys(sink, &types), &[&json]).await?;
+            tx.copy_from(&copy_keys(sink), keys_copy(sink, &changes).into()).await?;
             note(&mut journal, sink.journal, changes.iter().map(|(txid, _)| *txid));
         }
         for (i, events) in std::mem::take(&mut self.events) {
             let Some(Some(sink)) = self.sinks.get(i) else { continue };
             let columns = tx.query(DELTA_COLUMNS, &[&sink.delta]).await?;
-            let columns: Vec<(String, String)> =
-                columns.iter().map(|r| (r.get(0), r.get(1))).collect();
-            tx.execute(&insert_rows(sink, &columns), &[&rows_json(&events, &columns).to_string()])
-                .await?;
+            let columns: Vec<String> = columns.iter().map(|r| r.get(0)).collect();
+            tx.copy_from(&copy_rows(sink, &columns), rows_copy(&events, &columns).into()).await?;
             let mut txids: Vec<i64> = events.iter().map(|e| e.txid).collect();
             txids.dedup();
             note(&mut journal, sink.journal, txids.into_iter());
@@ -928,124 +914,83 @@ fn full_txid(xid: u32, own: i64) -> i64 {
     }
 }
 
-/// The statement writing a sink's changes, given as JSON in `$1` (see
-/// [`keys_json`]): each key value cast from the text pgoutput sent (its
-/// type's output) by the delta column's type (`types`, in `sink.keys`'
-/// order, as [`DELTA_COLUMNS`] names them): through its input function,
-/// arrays of keys element by element. Not `json_populate_recordset`: it
-/// takes a JSON string for a json or jsonb column as a JSON string, not
-/// as the document it spells, and refuses one for an array or a
-/// composite (keys of those types never matched a row).
-fn insert_keys(sink: &Sink, types: &[String]) -> String {
+/// The statement writing a sink's changes (see [`keys_copy`]). By COPY:
+/// the values pgoutput sent are their types' output, which COPY reads
+/// with the delta column's input function, as a trigger's row would have
+/// them (no cast per value from a JSON document, as until session 14).
+fn copy_keys(sink: &Sink) -> String {
     let columns: Vec<String> = sink.keys.iter().map(|k| quote_ident(k)).collect();
-    let values: Vec<String> = sink
-        .keys
-        .iter()
-        .zip(types)
-        .map(|(k, ty)| {
-            let field = crate::pg::quote_literal(k);
-            if sink.arrays {
-                format!(
-                    "case when e->{field} is null then null
-                          else array(select json_array_elements_text(e->{field}))::{ty} end"
-                )
-            } else {
-                format!("(e->>{field})::{ty}")
-            }
-        })
-        .collect();
     format!(
-        "insert into {delta} (_pgleap_txid, _pgleap_truncated, {columns})
-         select (e->>'_pgleap_txid')::int8, (e->>'_pgleap_truncated')::bool, {values}
-         from json_array_elements($1::text::json) e",
-        delta = sink.delta,
-        columns = columns.join(", "),
-        values = values.join(", "),
+        "copy {} (_pgleap_txid, _pgleap_truncated, {}) from stdin",
+        sink.delta,
+        columns.join(", ")
     )
 }
 
-/// The statement writing a keyless table's events, given as JSON in `$1`
-/// (see [`rows_json`]), in their order (the delta's `_pgleap_seq` keeps
-/// it): each value through its column type's input function, as the
-/// text pgoutput sent came from its output function. `columns`: the
-/// delta's row columns and their types, as [`DELTA_COLUMNS`] reads them.
-fn insert_rows(sink: &Sink, columns: &[(String, String)]) -> String {
-    let names: String = columns.iter().map(|(n, _)| format!(", {}", quote_ident(n))).collect();
-    let values: String = columns
-        .iter()
-        .enumerate()
-        .map(|(at, (_, ty))| format!(", (e->>{})::{ty}", at + 5))
-        .collect();
+/// The statement writing a keyless table's events (see [`rows_copy`]),
+/// in their order (the delta's `_pgleap_seq` keeps it), each value read
+/// by its column type's input function, as the text pgoutput sent came
+/// from its output function. `columns`: the delta's row columns, as
+/// [`DELTA_COLUMNS`] reads them.
+fn copy_rows(sink: &Sink, columns: &[String]) -> String {
+    let names: String = columns.iter().map(|n| format!(", {}", quote_ident(n))).collect();
     format!(
-        "insert into {delta} (_pgleap_txid, _pgleap_truncated, _pgleap_op, _pgleap_lsn,
-                              _pgleap_n{names})
-         select (e->>0)::int8, (e->>1)::bool, (e->>2)::\"char\", (e->>3)::pg_lsn, (e->>4)::int4{values}
-         from json_array_elements($1::text::json) with ordinality j(e, i)
-         order by i",
-        delta = sink.delta
+        "copy {} (_pgleap_txid, _pgleap_truncated, _pgleap_op, _pgleap_lsn, _pgleap_n{names})
+         from stdin",
+        sink.delta
     )
 }
 
-/// Keyless events as [`insert_rows`] reads them: an array each, of the
-/// event's columns, then the row's values in `columns`' order (a column
-/// the row lacks, added since, is NULL).
-fn rows_json(events: &[Event], columns: &[(String, String)]) -> Value {
-    let rows = events.iter().map(|e| {
-        let mut row = vec![
-            Value::from(e.txid.to_string()),
-            Value::from((e.op == b'T').to_string()),
-            Value::from(char::from(e.op).to_string()),
-            Value::from(format!("{:X}/{:X}", e.lsn >> 32, e.lsn & 0xffff_ffff)),
-            Value::from(e.rank.to_string()),
-        ];
-        for (name, _) in columns {
+/// Keyless events as [`copy_rows`] reads them: the event's columns, then
+/// the row's values in `columns`' order (a column the row lacks, added
+/// since, is NULL).
+fn rows_copy(events: &[Event], columns: &[String]) -> String {
+    let mut out = String::new();
+    for e in events {
+        let (op, truncated) = (char::from(e.op), e.op == b'T');
+        let lsn = format!("{:X}/{:X}", e.lsn >> 32, e.lsn & 0xffff_ffff);
+        out.push_str(&format!("{}\t{truncated}\t{op}\t{lsn}\t{}", e.txid, e.rank));
+        for name in columns {
             let at = e.names.iter().position(|n| n == name);
-            row.push(match at.and_then(|at| e.values.get(at)).cloned().flatten() {
-                Some(v) => Value::String(v),
-                None => Value::Null,
-            });
+            out.push('\t');
+            copy_field(&mut out, at.and_then(|at| e.values.get(at)).and_then(|v| v.as_deref()));
         }
-        Value::Array(row)
-    });
-    Value::Array(rows.collect())
+        out.push('\n');
+    }
+    out
 }
 
-/// A sink's changes as [`insert_keys`] reads them, a delta row each: per
-/// transaction, a TRUNCATE's marker, and its keys (one row of arrays for
-/// a delta of arrays, else a row a key).
-fn keys_json(sink: &Sink, changes: &[(i64, Pending)]) -> Value {
-    let mut rows = Vec::new();
-    let row = |txid: i64, truncated: bool| {
-        let mut row = Map::new();
-        row.insert("_pgleap_txid".into(), Value::from(txid));
-        row.insert("_pgleap_truncated".into(), Value::Bool(truncated));
-        row
+/// A sink's changes as [`copy_keys`] reads them (COPY's text format), a
+/// delta row each: per transaction, a TRUNCATE's marker, and its keys (one
+/// row of arrays for a delta of arrays, else a row a key).
+fn keys_copy(sink: &Sink, changes: &[(i64, Pending)]) -> String {
+    let mut out = String::new();
+    let mut row = |txid: i64, truncated: bool, keys: &mut dyn Iterator<Item = Option<String>>| {
+        out.push_str(&format!("{txid}\t{truncated}"));
+        for k in keys {
+            out.push('\t');
+            copy_field(&mut out, k.as_deref());
+        }
+        out.push('\n');
     };
     for (txid, p) in changes {
         if p.truncated {
-            rows.push(Value::Object(row(*txid, true)));
+            row(*txid, true, &mut sink.keys.iter().map(|_| None));
         }
         if p.keys.is_empty() {
             continue;
         }
         if sink.arrays {
-            let mut r = row(*txid, false);
-            for (c, name) in sink.keys.iter().enumerate() {
-                let values = p.keys.iter().map(|k| Value::String(k[c].clone())).collect();
-                r.insert(name.clone(), Value::Array(values));
-            }
-            rows.push(Value::Object(r));
+            let mut columns = (0..sink.keys.len())
+                .map(|c| Some(array_literal(p.keys.iter().map(|k| k[c].as_str()))));
+            row(*txid, false, &mut columns);
         } else {
             for k in &p.keys {
-                let mut r = row(*txid, false);
-                for (name, v) in sink.keys.iter().zip(k) {
-                    r.insert(name.clone(), Value::String(v.clone()));
-                }
-                rows.push(Value::Object(r));
+                row(*txid, false, &mut k.iter().map(|v| Some(v.clone())));
             }
         }
     }
-    Value::Array(rows)
+    out
 }
 
 fn malformed(what: &str) -> Error {
@@ -1183,10 +1128,8 @@ const POSITION: &str =
 const RESTART_BEHIND: &str = "select pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::int8
     from pg_replication_slots where slot_name = $1 and restart_lsn is not null";
 
-/// A delta's columns of its table (pgleap's own start `_pgleap_`), and
-/// their types, as casts name them (with their modifiers: a cast to
-/// `character` without one cuts a value to one character).
-const DELTA_COLUMNS: &str = "select a.attname::text, format_type(a.atttypid, a.atttypmod)
+/// A delta's columns of its table (pgleap's own start `_pgleap_`).
+const DELTA_COLUMNS: &str = "select a.attname::text
     from pg_attribute a
     where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped
       and left(a.attname, 8) <> '_pgleap_'

@@ -98,13 +98,18 @@ fn capture_by_decoding_moves_every_change_pg15_to_pg17() {
          update typed set v = 10 where c = 'ab';
          update typed set j = '{\"k\": 1.00}', n = 2.5 where c = 'ab';
          update typed set c = 'ef', a = '{3}' where c = 'cd';
-         insert into typed values ('\"s\"', 'gh', '{4,5}', 0.10, 1);",
+         insert into typed values ('\"s\"', 'gh', '{4,5}', 0.10, 1);
+         insert into typed values ('{\"t\": \"x\\\\ty\\n\"}', 'ij', '{6}', 0, 1);
+         insert into pair values
+             (11, 'tab' || chr(9) || 'nl' || chr(10) || 'cr' || chr(13) || chr(92) || 'N', 1),
+             (12, '\"q\" {x,y} \\N' || chr(92), 1), (13, 'NULL', 1);
+         update pair set v = 2 where a >= 11;",
     );
     p.run(&["kick", "s", "--wait", "120"]).ok();
     let d = dst.sql();
     assert_eq!(compare::rows(&d), compare::rows(&s));
     assert_eq!(d.value("select v from kv where id = 1004"), "row 4");
-    assert_eq!(d.value("select count(*) from pair"), "1");
+    assert_eq!(d.value("select count(*) from pair"), "4");
 
     // Changes while no batch runs pile up in the slot, and arrive.
     for i in 0..20 {
@@ -164,6 +169,8 @@ fn keyless_tables_with_replica_identity_full_are_decoded_pg15_to_pg17() {
          update events set tags = tags || 'x''y'::text, doc = doc || '{\"z\": null}' where v = 'e1';
          delete from events where v = 'e2';
          insert into events (v, n) values ('new', null), ('new', null);
+         insert into events (v, tags) values
+             ('esc' || chr(92) || 'N' || chr(9) || chr(10), array['a' || chr(92), '\"']);
          insert into plain values ('q');
          insert into kv select g, 'bulk' from generate_series(1, 200000) g;",
     );

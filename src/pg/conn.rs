@@ -384,6 +384,15 @@ pub trait Sql: Sync {
         self.client().copy_in(sql).await.map_err(|e| self.error(e))
     }
 
+    /// Runs `copy ... from stdin` with `data`, whole rows in the
+    /// statement's format; returns the rows written.
+    async fn copy_from(&self, sql: &str, data: Bytes) -> Result<u64, PgError> {
+        let sink = self.copy_in(sql).await?;
+        let mut sink = std::pin::pin!(sink);
+        sink.feed(data).await.map_err(|e| self.error(e))?;
+        sink.as_mut().finish().await.map_err(|e| self.error(e))
+    }
+
     /// Runs a query that prints definitions (`pg_get_indexdef`, ...) under
     /// an empty search_path, so that every name in them comes out
     /// schema-qualified: the target's search_path may differ.

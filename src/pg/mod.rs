@@ -409,6 +409,47 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// Appends one field of a row in COPY's text format: `\N` for NULL, else
+/// the value with backslash, tab, newline and carriage return escaped
+/// (the value itself is its type's text form, which COPY reads with the
+/// column's input function).
+pub fn copy_field(out: &mut String, value: Option<&str>) {
+    let Some(value) = value else {
+        out.push_str("\\N");
+        return;
+    };
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// An array literal of `elements` (each its element type's text form),
+/// every element quoted: `{"a","b\"c"}`.
+pub fn array_literal<'a>(elements: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("{");
+    for (i, e) in elements.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in e.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
 /// Quotes a string literal with the server's rules (`E'...'` when needed).
 pub fn quote_literal(value: &str) -> String {
     postgres_protocol::escape::escape_literal(value)
