@@ -553,9 +553,12 @@ pub async fn unlock(src: &impl Sql, stream: &Stream, sync_id: i32, to: Option<&s
 /// decodes past the record, and its advance moves the restart point
 /// there. Best effort: without a free slot, or with a transaction that
 /// the new slot would wait for (cut short, after the record was written),
-/// the sync only lags as before.
+/// the sync only lags as before. At most once a second per source
+/// database: the record serves every slot on its server, and a daemon's
+/// syncs from other sources are not held back by this one's nudge.
 async fn nudge(src: &impl Sql, stream: &Stream) {
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    static LAST: std::sync::Mutex<Option<HashMap<String, std::time::Instant>>> =
+        std::sync::Mutex::new(None);
     let behind: i64 = match src.query_opt(RESTART_BEHIND, &[&stream.slot]).await {
         Ok(Some(row)) => row.get(0),
         _ => return,
@@ -565,10 +568,11 @@ async fn nudge(src: &impl Sql, stream: &Stream) {
     }
     {
         let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+        let last = last.get_or_insert_with(HashMap::new);
+        if last.get(src.db()).is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
             return;
         }
-        *last = Some(std::time::Instant::now());
+        last.insert(src.db().to_string(), std::time::Instant::now());
     }
     let nudge = format!("{}_nudge", stream.slot);
     // One statement: a timeout cancels the creation, not the record it

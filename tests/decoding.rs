@@ -383,6 +383,35 @@ fn batches_during_a_load_converge_pg15_to_pg17() {
     p.run(&["verify", "s"]).ok();
 }
 
+/// After a pump that read megabytes, pgleap has the server log the
+/// running transactions (a temporary slot), so that the next pump's
+/// advance moves the slot's restart point past them: without it the
+/// point stays until the server logs them by itself (every 15 s or at a
+/// checkpoint), and every pump until then decodes the same WAL again.
+#[test]
+fn the_slots_restart_point_follows_the_pumps_pg15_to_pg17() {
+    let src = TestDb::new(logical_cluster(15), "decrestartsrc");
+    let dst = TestDb::new(cluster(17), "decrestartdst");
+    let schema = "create table kv (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--autokick", "off", "--capture", "decoding"]);
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    let s = src.sql();
+    s.exec("insert into kv select g, repeat('x', 100) from generate_series(1, 50000) g");
+    let written = s.value("select pg_current_wal_lsn()");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    s.exec("update kv set v = 'after' where id = 1");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    let restart = "select restart_lsn from pg_replication_slots where slot_name like 'pgleap%'";
+    let moved = format!("select ({restart}) > '{written}'::pg_lsn");
+    assert_eq!(s.value(&moved), "t", "restart point {} behind {written}", s.value(restart));
+    assert_eq!(compare::rows(&dst.sql()), compare::rows(&s));
+    p.run(&["teardown", "s"]).ok();
+}
+
 /// A kill at either step of a pump: before its transaction commits (its
 /// keys are lost with it, the slot was not advanced) and between the
 /// commit and the slot's advance (the next pump decodes the same
