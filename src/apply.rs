@@ -1329,13 +1329,13 @@ async fn write_staged(ttx: &Tx<'_>, t: &TablePlan, truncated: bool) -> Result<(u
 /// (a scan refused costs 10^10), and compiling it took 50-230 ms where
 /// inserting one row takes well under one: JIT is off for it too.
 async fn insert_new(ttx: &Tx<'_>, insert: &str) -> std::result::Result<u64, crate::pg::PgError> {
-    let jit = ttx.version().has_jit();
-    let (off, on) = match jit {
-        true => (
+    let (off, on) = if ttx.version().has_jit() {
+        (
             "set local enable_seqscan = off; set local jit = off",
             "set local enable_seqscan to default; set local jit to default",
-        ),
-        false => ("set local enable_seqscan = off", "set local enable_seqscan to default"),
+        )
+    } else {
+        ("set local enable_seqscan = off", "set local enable_seqscan to default")
     };
     ttx.batch_execute(off).await?;
     let inserted = ttx.execute(insert, &[]).await?;

@@ -137,6 +137,13 @@ impl Timer {
         self.steps.push(StepTime { step, ms: self.at.elapsed().as_millis() as i64 });
         self.at = Instant::now();
     }
+
+    /// Records a step timed apart (the shortest of several rehearsals);
+    /// the next step starts now.
+    pub(crate) fn record(&mut self, step: &'static str, took: Duration) {
+        self.steps.push(StepTime { step, ms: took.as_millis() as i64 });
+        self.at = Instant::now();
+    }
 }
 
 /// Set while a cutover is between its fence and the switch point (or the
@@ -1043,14 +1050,10 @@ async fn dry_run(
     others: &mut [Session],
     env: Env<'_>,
 ) -> Result<CutoverReport> {
-    let mut steps = Vec::new();
-    let mut step = |name: &'static str, took: Duration| {
-        steps.push(StepTime { step: name, ms: took.as_millis() as i64 });
-    };
-    let started = Instant::now();
+    let mut timer = Timer::new();
     wait_for_writers(&session.src, &session.plan).await?;
     rehearse_fence_ddl(&mut session.tgt, &session.plan).await?;
-    step("fence (taking the tables' locks)", started.elapsed());
+    timer.lap("fence (taking the tables' locks)");
     let mut drains = Vec::new();
     let mut large_objects_ms = None;
     for _ in 0..DRAIN_REHEARSALS {
@@ -1058,26 +1061,23 @@ async fn dry_run(
         large_objects_ms = drain(catalog, session, env).await?;
         drains.push(started.elapsed());
     }
-    step("drain", drains.into_iter().min().unwrap_or_default());
-    let started = Instant::now();
+    timer.record("drain", drains.into_iter().min().unwrap_or_default());
     let sequences = sequences::read(&session.src, &session.plan.sequences).await?;
-    step("sequences", started.elapsed());
-    let started = Instant::now();
+    timer.lap("sequences");
     let missing = target::missing(&session.src, &session.tgt, &session.plan).await?;
-    step("deferred schema", started.elapsed());
-    let started = Instant::now();
+    timer.lap("deferred schema");
     for other in others.iter_mut() {
         drain(catalog, other, env).await?;
         target::missing(&other.src, &other.tgt, &other.plan).await?;
     }
     if !others.is_empty() {
-        step("other targets", started.elapsed());
+        timer.lap("other targets");
     }
     Ok(CutoverReport {
         sync: session.sync_name().into(),
         target: session.target_name().into(),
         dry_run: true,
-        fence_ms: steps.iter().map(|s| s.ms).sum(),
+        fence_ms: timer.steps.iter().map(|s| s.ms).sum(),
         sequences: sequences.len(),
         foreign_keys: missing.foreign_keys.len(),
         triggers: missing.triggers.len(),
@@ -1089,7 +1089,7 @@ async fn dry_run(
         paused_ms: None,
         would_create: Vec::new(),
         before_fence: Vec::new(),
-        inside_fence: steps,
+        inside_fence: timer.steps,
     })
 }
 

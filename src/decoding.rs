@@ -34,6 +34,7 @@
 //!   and the target is copied again (`Session::fall_back`).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
@@ -952,8 +953,8 @@ fn rows_copy(events: &[Event], columns: &[String]) -> String {
     let mut out = String::new();
     for e in events {
         let (op, truncated) = (char::from(e.op), e.op == b'T');
-        let lsn = format!("{:X}/{:X}", e.lsn >> 32, e.lsn & 0xffff_ffff);
-        out.push_str(&format!("{}\t{truncated}\t{op}\t{lsn}\t{}", e.txid, e.rank));
+        let (hi, lo) = (e.lsn >> 32, e.lsn & 0xffff_ffff);
+        let _ = write!(out, "{}\t{truncated}\t{op}\t{hi:X}/{lo:X}\t{}", e.txid, e.rank);
         for name in columns {
             let at = e.names.iter().position(|n| n == name);
             out.push('\t');
@@ -968,29 +969,35 @@ fn rows_copy(events: &[Event], columns: &[String]) -> String {
 /// delta row each: per transaction, a TRUNCATE's marker, and its keys (one
 /// row of arrays for a delta of arrays, else a row a key).
 fn keys_copy(sink: &Sink, changes: &[(i64, Pending)]) -> String {
-    let mut out = String::new();
-    let mut row = |txid: i64, truncated: bool, keys: &mut dyn Iterator<Item = Option<String>>| {
-        out.push_str(&format!("{txid}\t{truncated}"));
+    fn row<'a>(
+        out: &mut String,
+        txid: i64,
+        truncated: bool,
+        keys: impl Iterator<Item = Option<&'a str>>,
+    ) {
+        let _ = write!(out, "{txid}\t{truncated}");
         for k in keys {
             out.push('\t');
-            copy_field(&mut out, k.as_deref());
+            copy_field(out, k);
         }
         out.push('\n');
-    };
+    }
+    let mut out = String::new();
     for (txid, p) in changes {
         if p.truncated {
-            row(*txid, true, &mut sink.keys.iter().map(|_| None));
+            row(&mut out, *txid, true, sink.keys.iter().map(|_| None));
         }
         if p.keys.is_empty() {
             continue;
         }
         if sink.arrays {
-            let mut columns = (0..sink.keys.len())
-                .map(|c| Some(array_literal(p.keys.iter().map(|k| k[c].as_str()))));
-            row(*txid, false, &mut columns);
+            let columns: Vec<String> = (0..sink.keys.len())
+                .map(|c| array_literal(p.keys.iter().map(|k| k[c].as_str())))
+                .collect();
+            row(&mut out, *txid, false, columns.iter().map(|c| Some(c.as_str())));
         } else {
             for k in &p.keys {
-                row(*txid, false, &mut k.iter().map(|v| Some(v.clone())));
+                row(&mut out, *txid, false, k.iter().map(|v| Some(v.as_str())));
             }
         }
     }
