@@ -1471,7 +1471,9 @@ async fn stage(stx: &Tx<'_>, ttx: &Tx<'_>, t: &TablePlan, cond: &str, changes: i
 /// temp table, so a daemon that had applied changes to 10,000 tables paid
 /// 10,000 truncations at every batch's commit (seen as an initial copy of
 /// 10,000 tables crawling at its commits). The rows of a table's last
-/// batch stay until its next one.
+/// batch stay until its next one. A session keeps a bounded number of
+/// them (see [`Sql::keep_temp_table`]): the others are dropped between
+/// its transactions, not all at once as it ends.
 async fn create_staging(ttx: &Tx<'_>, t: &TablePlan) -> Result<()> {
     ttx.batch_execute(&format!(
         "set local client_min_messages = warning;
@@ -1484,6 +1486,7 @@ async fn create_staging(ttx: &Tx<'_>, t: &TablePlan) -> Result<()> {
         mark = slices::MARK,
     ))
     .await?;
+    ttx.keep_temp_table(&t.staging());
     Ok(())
 }
 

@@ -714,13 +714,41 @@ fn a_batch_naming_more_tables_than_the_lock_table_holds_converges_pg15() {
     su.exec("alter system set max_locks_per_transaction = 10");
     su.exec("alter system set max_connections = 20");
     server.restart();
+    // The application holds a share of the lock table meanwhile (a
+    // transaction that read 150 tables), as a busy server's sessions do.
+    let log_path = server.socket_dir.parent().unwrap().join("server.log");
+    let logged_before = std::fs::read_to_string(&log_path).unwrap().len();
+    let app = dst.sql();
+    app.exec(
+        "begin; do $$ begin
+             for i in 301..450 loop
+                 execute format('lock table t%s in access share mode', i);
+             end loop; end $$;",
+    );
     let out = p.run(&["kick", "s", "--wait", "60", "--jobs", "2"]);
+    // The kick's sessions end as it exits: each drops its temp tables
+    // then, in one transaction.
+    let pgleap_sessions = "select count(*) from pg_stat_activity
+                           where datname = current_database() and application_name = 'pgleap'";
+    for _ in 0..100 {
+        if app.value(pgleap_sessions) == "0" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    app.exec("commit");
+    let log = std::fs::read_to_string(&log_path).unwrap();
     if out.code != 0 {
         eprintln!("STATUS {}", p.run(&["status", "s"]).stdout);
-        let log = server.socket_dir.parent().unwrap().join("server.log");
-        let log = std::fs::read_to_string(log).unwrap();
         eprintln!("LOG {}", &log[log.len().saturating_sub(6000)..]);
     }
+    // No session of pgleap's, nor of the application's, ran out of locks:
+    // not a batch's, nor a worker's as its connection closed (which had
+    // kept a temp table for every table it applied, 300, and took a lock
+    // on each and on their types as it ended).
+    let exhausted: Vec<&str> =
+        log[logged_before..].lines().filter(|l| l.contains("out of shared memory")).collect();
+    assert!(exhausted.is_empty(), "{exhausted:#?}");
     let reset = || {
         let su = server.superuser("postgres");
         su.exec("alter system reset max_locks_per_transaction");

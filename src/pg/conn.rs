@@ -1,7 +1,7 @@
 //! A connection that knows its name, and the SQL surface shared by a
 //! connection and its transactions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -118,6 +118,7 @@ pub struct Conn {
     encoding: String,
     resolved: ResolvedConn,
     prepared: Prepared,
+    temp_tables: TempTables,
     tables_per_transaction: usize,
 }
 
@@ -158,6 +159,42 @@ pub const LOCK_SLOTS_PER_TABLE: i64 = 12;
 /// statements over every delta or sequence go by slices.
 pub const TABLES_PER_STATEMENT: usize = 500;
 
+/// The temp tables a session keeps from one transaction to the next (see
+/// [`Sql::keep_temp_table`]), least recently used first, and those to
+/// drop before its next transaction; shared with its transactions.
+///
+/// Bounded because a session's temp tables are dropped when it ends, all
+/// in one transaction holding a lock on each table and on its types: a
+/// catch-up worker that had staged 300 tables took 1,200 locks as its
+/// connection closed, more than a small server's shared lock table holds,
+/// and the other sessions' next locks failed with "out of shared memory".
+#[derive(Clone, Default)]
+pub struct TempTables(Arc<Mutex<TempState>>);
+
+#[derive(Default)]
+struct TempState {
+    kept: VecDeque<String>,
+    evicted: Vec<String>,
+}
+
+/// Temp tables dropped by one statement: each takes about five locks
+/// (the table, its TOAST table and index, its row type and array type).
+const TEMP_TABLES_PER_DROP: usize = 16;
+
+impl TempTables {
+    fn keep(&self, name: &str, limit: usize) {
+        let mut state = self.0.lock().unwrap();
+        if let Some(at) = state.kept.iter().position(|n| n == name) {
+            state.kept.remove(at);
+        }
+        state.kept.push_back(name.to_string());
+        while state.kept.len() > limit.max(1) {
+            let old = state.kept.pop_front().expect("longer than the limit");
+            state.evicted.push(old);
+        }
+    }
+}
+
 impl Prepared {
     fn get(&self, sql: &str) -> Option<Statement> {
         self.0.lock().unwrap().get(sql).cloned()
@@ -195,6 +232,7 @@ impl Conn {
             encoding: String::new(),
             resolved,
             prepared: Prepared::default(),
+            temp_tables: TempTables::default(),
             tables_per_transaction: 1,
         };
         let version = conn.query_one(CONNECTED, &[]);
@@ -251,12 +289,37 @@ impl Conn {
     }
 
     pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
+        self.drop_evicted_temp_tables().await?;
         let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
-        let tables_per_transaction = self.tables_per_transaction;
+        let (temp_tables, tables_per_transaction) =
+            (self.temp_tables.clone(), self.tables_per_transaction);
         match self.client.transaction().await {
-            Ok(tx) => Ok(Tx { tx, name, version, prepared, tables_per_transaction }),
+            Ok(tx) => Ok(Tx { tx, name, version, prepared, temp_tables, tables_per_transaction }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
+    }
+
+    /// Drops the temp tables [`Sql::keep_temp_table`] let go, outside any
+    /// transaction of the caller's, a few at a time.
+    async fn drop_evicted_temp_tables(&mut self) -> Result<(), PgError> {
+        let evicted = std::mem::take(&mut self.temp_tables.0.lock().unwrap().evicted);
+        for (n, chunk) in evicted.chunks(TEMP_TABLES_PER_DROP).enumerate() {
+            let dropped = self
+                .batch_execute(&format!(
+                    "begin; set local client_min_messages = warning;
+                     drop table if exists {}; commit",
+                    chunk.join(", ")
+                ))
+                .await;
+            if let Err(e) = dropped {
+                // Dropped at the next transaction, then.
+                let _ = self.batch_execute("rollback").await;
+                let rest = &evicted[n * TEMP_TABLES_PER_DROP..];
+                self.temp_tables.0.lock().unwrap().evicted.extend_from_slice(rest);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// A [`Conn::snapshot`] transaction that sees what the transaction
@@ -279,8 +342,10 @@ impl Conn {
     }
 
     async fn repeatable_read(&mut self, read_only: bool) -> Result<Tx<'_>, PgError> {
+        self.drop_evicted_temp_tables().await?;
         let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
-        let tables_per_transaction = self.tables_per_transaction;
+        let (temp_tables, tables_per_transaction) =
+            (self.temp_tables.clone(), self.tables_per_transaction);
         let started = self
             .client
             .build_transaction()
@@ -289,7 +354,7 @@ impl Conn {
             .start()
             .await;
         match started {
-            Ok(tx) => Ok(Tx { tx, name, version, prepared, tables_per_transaction }),
+            Ok(tx) => Ok(Tx { tx, name, version, prepared, temp_tables, tables_per_transaction }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
     }
@@ -301,6 +366,7 @@ pub struct Tx<'a> {
     name: Arc<str>,
     version: PgVersion,
     prepared: Prepared,
+    temp_tables: TempTables,
     tables_per_transaction: usize,
 }
 
@@ -333,6 +399,16 @@ pub trait Sql: Sync {
         self.tables_per_transaction().min(TABLES_PER_STATEMENT)
     }
     fn prepared(&self) -> &Prepared;
+    fn temp_tables(&self) -> &TempTables;
+
+    /// Notes that this session keeps temp table `name` (qualified and
+    /// quoted) for its later transactions. It keeps at most half as many
+    /// as one transaction may name tables (see [`TempTables`]): the least
+    /// recently used beyond are dropped before the connection's next
+    /// transaction (and created again when needed).
+    fn keep_temp_table(&self, name: &str) {
+        self.temp_tables().keep(name, self.tables_per_transaction() / 2);
+    }
 
     fn error(&self, source: tokio_postgres::Error) -> PgError {
         PgError::Query { db: self.db().to_string(), context: None, source }
@@ -424,6 +500,9 @@ impl Sql for Conn {
     fn prepared(&self) -> &Prepared {
         &self.prepared
     }
+    fn temp_tables(&self) -> &TempTables {
+        &self.temp_tables
+    }
     fn db(&self) -> &str {
         &self.name
     }
@@ -464,6 +543,9 @@ impl Sql for Tx<'_> {
     }
     fn prepared(&self) -> &Prepared {
         &self.prepared
+    }
+    fn temp_tables(&self) -> &TempTables {
+        &self.temp_tables
     }
     fn db(&self) -> &str {
         &self.name
