@@ -675,3 +675,20 @@ async fn forward(
 
 /// How many bytes of rows one forwarded COPY message carries.
 const COPY_CHUNK: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::TempTables;
+
+    #[test]
+    fn temp_tables_past_the_limit_go_least_recently_used_first() {
+        let kept = TempTables::default();
+        for name in ["a", "b", "a", "c", "d"] {
+            kept.keep(name, 2);
+        }
+        let state = kept.0.lock().unwrap();
+        assert_eq!(state.kept, ["c", "d"]);
+        // "a" was used again after "b": "b" went first.
+        assert_eq!(state.evicted, ["b", "a"]);
+    }
+}
