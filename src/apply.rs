@@ -22,6 +22,7 @@
 //! `target` module's job, done when a session opens.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -231,6 +232,10 @@ pub struct Plan {
     shape_ids: Vec<String>,
     /// When every table's shape was last found unchanged.
     shape_checked: Arc<Mutex<Option<Instant>>>,
+    /// Whether the next pump goes by slices of tables first: the last one
+    /// would have named more than a transaction may lock (see
+    /// [`Plan::pump_by_slices`]).
+    pump_next_by_slices: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How long batches may check only the tables they apply (see
@@ -522,6 +527,7 @@ impl Plan {
             shape: Vec::new(),
             shape_ids: Vec::new(),
             shape_checked: Arc::default(),
+            pump_next_by_slices: Arc::default(),
         };
         let all = plan.every_table();
         plan.shape = plan.shape_on(src, BY_NAME, &all).await?;
@@ -557,11 +563,14 @@ impl Plan {
     /// [`decoding::pump`], whose conditions `stx` meets when it comes from
     /// [`source_snapshot`]). Returns where to advance the slot once `stx`
     /// committed ([`Plan::end_pump`]).
-    async fn pump_in(&self, stx: &Tx<'_>) -> Result<Option<String>> {
+    async fn pump_in(&self, stx: &Tx<'_>, only: Option<&[usize]>) -> Result<Option<String>> {
         let Some(stream) = &self.decoding else {
             return Ok(None);
         };
-        let decoded: std::collections::HashSet<usize> = stream.tables.values().copied().collect();
+        let decoded: std::collections::HashSet<usize> = match only {
+            Some(slice) => slice.iter().copied().collect(),
+            None => stream.tables.values().copied().collect(),
+        };
         let sinks: Vec<Option<decoding::Sink>> = (0..self.tables.len())
             .map(|i| {
                 let t = &self.tables[i];
@@ -574,7 +583,51 @@ impl Plan {
                 })
             })
             .collect();
-        decoding::pump(stx, self.sync_id, stream, &sinks).await
+        let pumped = decoding::pump(stx, self.sync_id, stream, &sinks).await;
+        if let Err(Error::PumpTooWide { .. }) = &pumped {
+            self.pump_next_by_slices.store(true, Ordering::Relaxed);
+        }
+        pumped
+    }
+
+    /// Writes what the slot holds into the deltas a slice of tables at a
+    /// time, each slice in a transaction of its own that decodes the slot
+    /// again and writes only its tables' changes, then moves the slot past
+    /// what every slice read (the earliest end). The caller holds the pump
+    /// lock. A change written twice (a slice that read further) is
+    /// harmless: keys are applied as state, a keyless row once by where it
+    /// was decoded. For the changes of hours without a daemon, naming more
+    /// tables than one transaction may lock: one pump over them all would
+    /// fail with "out of shared memory" at every retry.
+    async fn pump_by_slices(&self, src: &mut Conn) -> Result<()> {
+        let Some(stream) = &self.decoding else {
+            return Ok(());
+        };
+        let mut tables: Vec<usize> = stream.tables.values().copied().collect();
+        tables.sort_unstable();
+        tables.dedup();
+        let slices = tables.chunks(src.tables_per_transaction().max(1));
+        tracing::info!(
+            sync = self.sync,
+            slices = slices.len(),
+            "pumping the slot by slices of tables"
+        );
+        let mut read_to: Option<String> = None;
+        for (n, slice) in slices.enumerate() {
+            let tx = src.writable_snapshot().await?;
+            let last = self.pump_in(&tx, Some(slice)).await?;
+            tx.commit().await?;
+            read_to = match (n, last, read_to) {
+                (0, last, _) => last,
+                (_, Some(last), Some(to)) => Some(decoding::earlier(&last, &to).to_string()),
+                // A slice that read no transaction: nothing is past them all.
+                _ => None,
+            };
+        }
+        if let Some(to) = read_to {
+            decoding::advance(src, stream, &to).await?;
+        }
+        Ok(())
     }
 
     /// Ends what [`source_snapshot`] began on `src`: moves the sync's slot
@@ -595,6 +648,17 @@ impl Plan {
         if self.decoding.is_none() {
             return Ok(None);
         }
+        // Once more if it was too wide: then it goes by slices first.
+        match self.pump_once(src).await {
+            Err(Error::PumpTooWide { .. }) => {
+                decoding::release(src, self.sync_id).await?;
+                self.pump_once(src).await
+            }
+            other => other,
+        }
+    }
+
+    async fn pump_once(&self, src: &mut Conn) -> Result<Option<String>> {
         let (tx, to) = source_snapshot(src, self).await?;
         let seen: String = tx.query_one("select txid_current_snapshot()::text", &[]).await?.get(0);
         tx.commit().await?;
@@ -947,8 +1011,14 @@ pub async fn source_snapshot<'a>(
     // On error the lock stays with the session, which then goes (see
     // `decoding::unlock`).
     decoding::lock(src, plan.sync_id).await?;
+    if plan.pump_next_by_slices.swap(false, Ordering::Relaxed)
+        && let Err(e) = plan.pump_by_slices(src).await
+    {
+        plan.pump_next_by_slices.store(true, Ordering::Relaxed);
+        return Err(e);
+    }
     let stx = src.writable_snapshot().await?;
-    let to = plan.pump_in(&stx).await?;
+    let to = plan.pump_in(&stx, None).await?;
     Ok((stx, to))
 }
 

@@ -33,7 +33,7 @@
 //!   batch falls back, loudly: triggers capture its tables from then on
 //!   and the target is copied again (`Session::fall_back`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
 
@@ -369,6 +369,8 @@ pub async fn pump<'a>(
         events: HashMap::new(),
         held: 0,
         held_bytes: 0,
+        written: HashSet::new(),
+        limit: tx.tables_per_transaction(),
     };
     let mut last = None;
     // Where a pump's time goes (debug): waiting for the WAL flush, reading
@@ -531,12 +533,28 @@ pub async fn lock(src: &Conn, sync_id: i32) -> Result<()> {
 /// which pgleap's sessions then replace.
 pub async fn unlock(src: &impl Sql, stream: &Stream, sync_id: i32, to: Option<&str>) -> Result<()> {
     if let Some(to) = to {
-        crate::failpoint::hit("decoding-committed");
-        src.execute(ADVANCE, &[&stream.slot, &to]).await?;
-        nudge(src, stream).await;
+        advance(src, stream, to).await?;
     }
     src.execute("select pg_advisory_unlock($1, $2)", &[&PUMP_LOCK_CLASS, &sync_id]).await?;
     Ok(())
+}
+
+/// Moves the slot past `to`, what committed pumps read, keeping the pump
+/// lock (see [`unlock`]).
+pub async fn advance(src: &impl Sql, stream: &Stream, to: &str) -> Result<()> {
+    crate::failpoint::hit("decoding-committed");
+    src.execute(ADVANCE, &[&stream.slot, &to]).await?;
+    nudge(src, stream).await;
+    Ok(())
+}
+
+/// The earlier of two WAL positions (`X/Y`), as text.
+pub fn earlier<'a>(a: &'a str, b: &'a str) -> &'a str {
+    let value = |lsn: &str| {
+        let (hi, lo) = lsn.split_once('/').unwrap_or(("0", "0"));
+        (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+    };
+    if value(b) < value(a) { b } else { a }
 }
 
 /// Gets the slot's restart point moved up when it lags far behind what
@@ -665,6 +683,10 @@ struct Decoder<'a> {
     events: HashMap<usize, Vec<Event>>,
     held: usize,
     held_bytes: usize,
+    /// The tables whose deltas this pump wrote, and how many it may write
+    /// in its one transaction (see [`crate::pg::Sql::tables_per_transaction`]).
+    written: HashSet<usize>,
+    limit: usize,
 }
 
 /// A row as pgoutput sent it, and which kind ('K': key only, 'O': whole).
@@ -829,6 +851,18 @@ impl Decoder<'_> {
     /// Writes the keys and rows held into the deltas (and the journal), in
     /// `tx`, a statement per table.
     async fn flush(&mut self, tx: &Tx<'_>) -> Result<()> {
+        // Refused before anything is written: a pump naming more deltas
+        // than the lock table can spare would fail with "out of shared
+        // memory" at every retry (the changes of hours without a daemon,
+        // on a schema-per-tenant database). The caller pumps by slices.
+        self.written.extend(self.pending.keys().map(|(i, _)| i).chain(self.events.keys()));
+        if self.written.len() > self.limit {
+            return Err(Error::PumpTooWide {
+                sync: self.stream.sync.clone(),
+                tables: self.written.len(),
+                limit: self.limit,
+            });
+        }
         let mut by_table: HashMap<usize, Vec<(i64, Pending)>> = HashMap::new();
         for ((i, txid), p) in std::mem::take(&mut self.pending) {
             by_table.entry(i).or_default().push((txid, p));

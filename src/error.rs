@@ -56,6 +56,13 @@ pub enum Error {
          its last batch cannot be read from it"
     )]
     SlotLost { sync: String, slot: String, why: String },
+    /// One pump would write the deltas of more tables than one transaction
+    /// may lock; the batch pumps by slices and tries again.
+    #[error(
+        "sync \"{sync}\": the slot's changes name {tables} tables, more than one transaction \
+         may lock on the source ({limit}); pumping them by slices"
+    )]
+    PumpTooWide { sync: String, tables: usize, limit: usize },
 }
 
 impl Error {
@@ -85,6 +92,8 @@ impl Error {
                         || concurrent_create(code, source)
                 }
             },
+            // The next attempt pumps by slices.
+            Self::PumpTooWide { .. } => true,
             Self::Catalog(CatalogError::Sqlite { source, .. }) => matches!(
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
@@ -146,6 +155,11 @@ impl Error {
                  max_slot_wal_keep_size; the sync's next batch (the daemon's, or pgleap kick \
                  {sync}) captures its tables by triggers instead and copies them again"
             )),
+            Self::PumpTooWide { .. } => Some(
+                "nothing to do: the next attempt writes them a slice of tables at a time; to \
+                 pump in fewer, larger slices raise max_locks_per_transaction (a restart)"
+                    .into(),
+            ),
             Self::NotReady { hint, .. } => Some(hint.clone()),
             Self::Interrupted { command } => Some(format!(
                 "run pgleap {command} again to resume from where it stopped; pgleap status shows \

@@ -352,6 +352,8 @@ impl Session {
                 self.fall_back(lost, env).await?;
                 self.apply_once(lo, purge.clone(), env).await?
             }
+            // The next pump goes by slices of tables (see `Plan::pump_by_slices`).
+            Err(Error::PumpTooWide { .. }) => self.apply_once(lo, purge.clone(), env).await?,
             Err(Error::SchemaChanged { .. }) => {
                 // Columns changed on the source: followed when they can be
                 // (the target gets them and the plan is read again), else
