@@ -855,7 +855,11 @@ impl Decoder<'_> {
         // than the lock table can spare would fail with "out of shared
         // memory" at every retry (the changes of hours without a daemon,
         // on a schema-per-tenant database). The caller pumps by slices.
-        self.written.extend(self.pending.keys().map(|(i, _)| i).chain(self.events.keys()));
+        // (A TRUNCATE is held for a table outside the pump's sinks too,
+        // and not written.)
+        let tables = self.pending.keys().map(|(i, _)| i).chain(self.events.keys());
+        let sinks = self.sinks;
+        self.written.extend(tables.filter(|&&i| matches!(sinks.get(i), Some(Some(_)))));
         if self.written.len() > self.limit {
             return Err(Error::PumpTooWide {
                 sync: self.stream.sync.clone(),
