@@ -1204,7 +1204,14 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
 
 #[cfg(test)]
 mod tests {
-    use super::full_txid;
+    use super::{earlier, full_txid};
+
+    #[test]
+    fn wal_positions_compare_as_numbers_not_text() {
+        assert_eq!(earlier("0/9", "0/10"), "0/9");
+        assert_eq!(earlier("1/0", "0/FFFFFFFF"), "0/FFFFFFFF");
+        assert_eq!(earlier("A/1", "A/1"), "A/1");
+    }
 
     #[test]
     fn decoded_ids_take_the_epoch_nearest_the_pumps() {
