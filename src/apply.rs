@@ -603,10 +603,9 @@ impl Plan {
         let Some(stream) = &self.decoding else {
             return Ok(());
         };
-        let mut tables: Vec<usize> = stream.tables.values().copied().collect();
-        tables.sort_unstable();
-        tables.dedup();
-        let slices = tables.chunks(src.tables_per_transaction().max(1));
+        let tables: Vec<usize> =
+            stream.tables.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        let slices = tables.chunks(src.tables_per_transaction());
         tracing::info!(
             sync = self.sync,
             slices = slices.len(),

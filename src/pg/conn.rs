@@ -165,8 +165,8 @@ pub const TABLES_PER_STATEMENT: usize = 500;
 ///
 /// Bounded because a session's temp tables are dropped when it ends, all
 /// in one transaction holding a lock on each table and on its types: a
-/// catch-up worker that had staged 300 tables took 1,200 locks as its
-/// connection closed, more than a small server's shared lock table holds,
+/// catch-up worker that had staged 300 tables was seen holding 403 locks
+/// as its connection closed, near a small server's whole lock table,
 /// and the other sessions' next locks failed with "out of shared memory".
 #[derive(Clone, Default)]
 pub struct TempTables(Arc<Mutex<TempState>>);
@@ -289,14 +289,7 @@ impl Conn {
     }
 
     pub async fn transaction(&mut self) -> Result<Tx<'_>, PgError> {
-        self.drop_evicted_temp_tables().await?;
-        let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
-        let (temp_tables, tables_per_transaction) =
-            (self.temp_tables.clone(), self.tables_per_transaction);
-        match self.client.transaction().await {
-            Ok(tx) => Ok(Tx { tx, name, version, prepared, temp_tables, tables_per_transaction }),
-            Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
-        }
+        self.begin(None).await
     }
 
     /// Drops the temp tables [`Sql::keep_temp_table`] let go, outside any
@@ -342,18 +335,22 @@ impl Conn {
     }
 
     async fn repeatable_read(&mut self, read_only: bool) -> Result<Tx<'_>, PgError> {
+        self.begin(Some(read_only)).await
+    }
+
+    /// Begins a transaction, once the temp tables let go of are dropped: a
+    /// plain BEGIN (the session's defaults), or with `repeatable_read` a
+    /// REPEATABLE READ one, read-only or READ WRITE as it says.
+    async fn begin(&mut self, repeatable_read: Option<bool>) -> Result<Tx<'_>, PgError> {
         self.drop_evicted_temp_tables().await?;
         let (name, version, prepared) = (self.name.clone(), self.version, self.prepared.clone());
         let (temp_tables, tables_per_transaction) =
             (self.temp_tables.clone(), self.tables_per_transaction);
-        let started = self
-            .client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(read_only)
-            .start()
-            .await;
-        match started {
+        let mut builder = self.client.build_transaction();
+        if let Some(read_only) = repeatable_read {
+            builder = builder.isolation_level(IsolationLevel::RepeatableRead).read_only(read_only);
+        }
+        match builder.start().await {
             Ok(tx) => Ok(Tx { tx, name, version, prepared, temp_tables, tables_per_transaction }),
             Err(source) => Err(PgError::Query { db: name.to_string(), context: None, source }),
         }
