@@ -236,6 +236,9 @@ pub struct Plan {
     /// would have named more than a transaction may lock (see
     /// [`Plan::pump_by_slices`]).
     pump_next_by_slices: Arc<std::sync::atomic::AtomicBool>,
+    /// The slot's stream, where the daemon reads it so (see
+    /// [`Plan::stream`]).
+    feed: Option<Arc<decoding::Feed>>,
 }
 
 /// How long batches may check only the tables they apply (see
@@ -528,6 +531,7 @@ impl Plan {
             shape_ids: Vec::new(),
             shape_checked: Arc::default(),
             pump_next_by_slices: Arc::default(),
+            feed: None,
         };
         let all = plan.every_table();
         plan.shape = plan.shape_on(src, BY_NAME, &all).await?;
@@ -583,7 +587,9 @@ impl Plan {
                 })
             })
             .collect();
-        let pumped = decoding::pump(stx, self.sync_id, stream, &sinks).await;
+        // Slices each read the slot again, through the SQL functions.
+        let feed = if only.is_some() { None } else { self.feed.as_deref() };
+        let pumped = decoding::pump(stx, self.sync_id, stream, &sinks, feed).await;
         if let Err(Error::PumpTooWide { .. }) = &pumped {
             self.pump_next_by_slices.store(true, Ordering::Relaxed);
         }
@@ -605,6 +611,9 @@ impl Plan {
         };
         let tables: Vec<usize> =
             stream.tables.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        if let Some(feed) = &self.feed {
+            feed.close().await;
+        }
         let slices = tables.chunks(src.tables_per_transaction());
         tracing::info!(
             sync = self.sync,
@@ -633,10 +642,26 @@ impl Plan {
     /// past what its pump read if `to` (the pump's transaction committed),
     /// and lets the next pump go (see [`decoding::unlock`]).
     pub async fn end_pump(&self, src: &impl Sql, to: Option<String>) -> Result<()> {
-        match &self.decoding {
-            Some(stream) => decoding::unlock(src, stream, self.sync_id, to.as_deref()).await,
-            None => Ok(()),
+        let Some(stream) = &self.decoding else {
+            return Ok(());
+        };
+        // A pump that read the stream is confirmed on the stream; the slot
+        // is not free for the SQL functions' advance.
+        let to = match (&self.feed, to) {
+            (Some(feed), Some(to)) if feed.confirm(&to).await => None,
+            (_, to) => to,
+        };
+        decoding::unlock(src, stream, self.sync_id, to.as_deref()).await
+    }
+
+    /// Reads the slot through the replication protocol from now on, where
+    /// the source allows it (see [`decoding::Feed`]): for the daemon, whose
+    /// pumps follow one another for as long as it runs.
+    pub async fn stream(&mut self, src: &Conn) -> Result<()> {
+        if let Some(stream) = &self.decoding {
+            self.feed = decoding::Feed::shared(src, stream).await?;
         }
+        Ok(())
     }
 
     /// A pump in a transaction of its own: afterwards every transaction

@@ -123,7 +123,9 @@ async fn worker(catalog_path: PathBuf, sync: String, target: String, token: Canc
             if session.is_none() {
                 let route = SyncRoute::load(&catalog, &sync)?;
                 let db = route.target(&target)?;
-                session = Some(Session::open(&route, db, session::default_jobs(), env).await?);
+                let mut opened = Session::open(&route, db, session::default_jobs(), env).await?;
+                opened.stream().await?;
+                session = Some(opened);
                 let s = session.as_ref().unwrap();
                 tracing::info!(
                     sync,

@@ -63,6 +63,9 @@ pub enum Error {
          may lock on the source ({limit}); pumping them by slices"
     )]
     PumpTooWide { sync: String, tables: usize, limit: usize },
+    /// The daemon's stream of a slot broke while a pump read it.
+    #[error("sync \"{sync}\": the stream of replication slot {slot} broke: {why}")]
+    StreamBroken { sync: String, slot: String, why: String },
 }
 
 impl Error {
@@ -94,6 +97,8 @@ impl Error {
             },
             // The next attempt pumps by slices.
             Self::PumpTooWide { .. } => true,
+            // The next pump opens the stream again from what was confirmed.
+            Self::StreamBroken { .. } => true,
             Self::Catalog(CatalogError::Sqlite { source, .. }) => matches!(
                 source.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
@@ -158,6 +163,12 @@ impl Error {
             Self::PumpTooWide { .. } => Some(
                 "nothing to do: the next attempt writes them a slice of tables at a time; to \
                  pump in fewer, larger slices raise max_locks_per_transaction (a restart)"
+                    .into(),
+            ),
+            Self::StreamBroken { .. } => Some(
+                "nothing to do if it does not recur: the next batch opens the stream again from \
+                 what the slot confirmed; PGLEAP_DECODING_STREAM=0 in the daemon's environment \
+                 reads the slot through the SQL functions instead"
                     .into(),
             ),
             Self::NotReady { hint, .. } => Some(hint.clone()),

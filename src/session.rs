@@ -63,6 +63,9 @@ pub struct Session {
     /// The source's snapshot before the last probe that found nothing new
     /// (see [`Session::has_changes`]).
     idle_at: Option<String>,
+    /// Whether the plan reads its slot through the replication protocol
+    /// (the daemon's sessions: see [`Session::stream`]).
+    streaming: bool,
 }
 
 impl Session {
@@ -108,6 +111,7 @@ impl Session {
             to_purge: BTreeSet::new(),
             idle_at: None,
             jobs: default_jobs(),
+            streaming: false,
         })
     }
 
@@ -122,6 +126,15 @@ impl Session {
         session.jobs = jobs;
         session.ensure_initial_copy(jobs, env).await?;
         Ok(session)
+    }
+
+    /// Reads the sync's slot, if it decodes, through a replication
+    /// connection kept open from one pump to the next (see
+    /// [`crate::decoding::Feed`]): for the daemon, whose session pumps at
+    /// every poll for as long as it runs.
+    pub async fn stream(&mut self) -> Result<()> {
+        self.streaming = true;
+        self.plan.stream(&self.src).await
     }
 
     /// [`Session::open`], retried like a batch by [`Session::catch_up`]
@@ -361,6 +374,9 @@ impl Session {
                 let before = evolve::columns(&self.plan);
                 evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
                 self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
+                if self.streaming {
+                    self.plan.stream(&self.src).await?;
+                }
                 self.plan.note_copies(&self.tgt).await?;
                 self.plan.check_target(&self.tgt).await?;
                 evolve::record(&self.tgt, &self.plan).await?;

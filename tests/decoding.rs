@@ -476,3 +476,84 @@ fn a_transaction_left_open_bounds_the_slots_creation_pg15_to_pg17() {
     assert_eq!(slots(&s), "1");
     p.run(&["teardown", "s"]).ok();
 }
+
+/// The daemon reads the slot through a replication connection kept open
+/// from one pump to the next (each change decoded once, where the SQL
+/// functions decode again from the slot's restart point at every call):
+/// while pgbench writes, the slot is held by pgleap's walsender between
+/// batches, and what the daemon applied is confirmed to the server. Other
+/// processes that need the slot take it (a verify's pump, a kick) and the
+/// daemon's stream opens again after them; status does not take it. A
+/// kill of the daemon and a restart, and a teardown that must drop the
+/// slot while the daemon holds it, end with the target equal and no slot.
+#[test]
+fn the_daemon_streams_the_slot_and_gives_it_up_pg15_to_pg17() {
+    let src = TestDb::new(logical_cluster(15), "decstreamsrc");
+    let dst = TestDb::new(cluster(17), "decstreamdst");
+    finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
+    crate::support::copy_database(&src, &dst);
+    dst.sql().exec("truncate pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history");
+    let stream = std::env::var("PGLEAP_DECODING_STREAM").unwrap_or_default();
+    let p =
+        Pgleap::for_clusters(&[src.cluster, dst.cluster]).env("PGLEAP_DECODING_STREAM", &stream);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--capture", "decoding"]);
+    let s = src.sql();
+    let streamed = "select count(*) from pg_replication_slots l
+        join pg_stat_replication r on r.pid = l.active_pid
+        where l.slot_name like 'pgleap%' and r.application_name = 'pgleap'";
+    let confirmed = "select confirmed_flush_lsn from pg_replication_slots
+        where slot_name like 'pgleap%'";
+    let load = pgbench(&src, &["-n", "-c", "2", "-R", "150", "-T", "12"]).spawn().unwrap();
+    p.run(&["start"]).ok();
+    wait_until(&s, streamed, "1");
+    let before = s.value(confirmed);
+    let written = s.value("select pg_current_wal_lsn()");
+    wait_until(&s, &format!("select ({confirmed}) > '{written}'::pg_lsn"), "t");
+    assert_ne!(s.value(confirmed), before);
+
+    // A status leaves the stream alone; a verify and a kick take the slot
+    // for their pumps, and the daemon streams it again after them.
+    let holder = "select active_pid from pg_replication_slots where slot_name like 'pgleap%'";
+    let pid = s.value(holder);
+    p.run(&["status", "s"]).ok();
+    assert_eq!(s.value(holder), pid, "status took the slot from the stream");
+    p.run(&["verify", "s"]).ok();
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    wait_until(&s, streamed, "1");
+
+    // Killed and started again: the new stream begins where the slot was
+    // confirmed, and what the killed one read unconfirmed comes again.
+    let daemon: i32 =
+        std::fs::read_to_string(p.catalog.with_extension("pid")).unwrap().trim().parse().unwrap();
+    unsafe { libc::kill(daemon, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.run(&["start"]).ok();
+    wait_until(&s, streamed, "1");
+    finish(load);
+    let changed = "select count(*) from pgbench_accounts where abalance <> 0";
+    assert_ne!(s.value(changed), "0", "the load changed nothing: the test proves nothing");
+    s.exec("update pgbench_tellers set filler = 'last' where tid = 1");
+    let d = dst.sql();
+    wait_until(&d, "select trim(filler) from pgbench_tellers where tid = 1", "last");
+    assert_eq!(compare::rows(&d), compare::rows(&s));
+    p.run(&["verify", "s"]).ok();
+
+    // Teardown while the daemon runs: the slot is dropped from under it.
+    p.run(&["teardown", "s"]).ok();
+    assert_eq!(slots(&s), "0");
+    p.run(&["stop"]).ok();
+}
+
+/// Polls until `query` returns `expected`, for at most 60 s.
+fn wait_until(sql: &Sql, query: &str, expected: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let got = sql.value(query);
+        if got == expected {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{query} returned {got}, not {expected}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -221,6 +221,62 @@ impl Conn {
     ) -> Result<Conn, PgError> {
         let resolved = ResolvedConn::resolve(params, password, env)
             .map_err(|source| PgError::Resolve { db: name.into(), source })?;
+        Self::open(name, resolved).await
+    }
+
+    /// Another connection to the same database, as this one was made.
+    pub async fn sibling(&self) -> Result<Conn, PgError> {
+        Self::open(&self.name, self.resolved.clone()).await
+    }
+
+    /// The settings of a replication connection (`replication=database`)
+    /// to the same database, streaming `slot` through pgoutput with the
+    /// publication of the same name, with this connection's session
+    /// settings (values decoded as pgleap reads them). `None` where pgleap
+    /// does not open one itself: a list of hosts (which one answered is
+    /// not known here), a fixed `hostaddr`, or TLS required.
+    pub fn replication_config(&self, slot: &str) -> Option<pgwire_replication::ReplicationConfig> {
+        use super::conninfo::SslMode;
+        let r = &self.resolved;
+        let [host] = r.hosts.as_slice() else { return None };
+        if r.ports.len() > 1 {
+            return None;
+        }
+        let port = r.ports.first().copied().unwrap_or(5432);
+        let tls = matches!(r.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull);
+        if r.hostaddr.is_some() || (tls && !host.starts_with('/')) {
+            return None;
+        }
+        let password = r.password().unwrap_or_default();
+        let config = if host.starts_with('/') {
+            pgwire_replication::ReplicationConfig::unix(
+                host.as_str(),
+                port,
+                r.user.as_str(),
+                password,
+                r.dbname.as_str(),
+                slot,
+                slot,
+            )
+        } else {
+            pgwire_replication::ReplicationConfig::new(
+                host.as_str(),
+                r.user.as_str(),
+                password,
+                r.dbname.as_str(),
+                slot,
+                slot,
+            )
+            .with_port(port)
+        };
+        Some(
+            config
+                .with_options(super::session_options(r))
+                .with_application_name(r.application_name.as_str()),
+        )
+    }
+
+    async fn open(name: &str, resolved: ResolvedConn) -> Result<Conn, PgError> {
         let client = super::connect(&resolved, super::Startup::Pinned)
             .await
             .map_err(|source| PgError::Connect { db: name.into(), source })?;

@@ -242,6 +242,15 @@ async fn connect(conn: &ResolvedConn, startup: Startup) -> Result<Client, Connec
     }
 }
 
+/// The startup `options` of pgleap's sessions: the connection string's,
+/// then the pinned session settings.
+fn session_options(conn: &ResolvedConn) -> String {
+    match &conn.options {
+        Some(user) => format!("{user} {SESSION_OPTIONS}"),
+        None => SESSION_OPTIONS.to_string(),
+    }
+}
+
 /// One host of a connection string.
 async fn connect_host(
     conn: &ResolvedConn,
@@ -270,10 +279,7 @@ async fn connect_host(
         config.password(pw);
     }
     config.application_name(&conn.application_name);
-    let options = match &conn.options {
-        Some(user) => format!("{user} {SESSION_OPTIONS}"),
-        None => SESSION_OPTIONS.to_string(),
-    };
+    let options = session_options(conn);
     if startup == Startup::Pinned {
         config.options(&options);
     }

@@ -35,7 +35,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::rc::Rc;
+use std::sync::Arc;
+
+mod feed;
+
+pub use feed::Feed;
 
 use crate::error::{Error, Result};
 use crate::pg::{Conn, NamedQuery, Sql, Tx, array_literal, copy_field, quote_ident};
@@ -258,23 +262,38 @@ pub async fn stop(client: &Conn, schema: &str, sync_id: i32) -> Result<()> {
         .await?;
     let Some(row) = row else { return Ok(()) };
     let slot: String = row.get(0);
-    // One transaction (one string), after the pumps: one running (the
-    // daemon's, while a cutover passes its switch point) keeps the slot
-    // active, and dropping it then fails. Pumps hold their lock until
-    // they let go of the slot; a minute at most.
+    // One transaction, after the pumps: one running (the daemon's, while
+    // a cutover passes its switch point) keeps the slot active, and
+    // dropping it then fails. Pumps hold their lock until they let go of
+    // the slot (a minute at most); a daemon's stream holds it between
+    // pumps too, and is ended.
     client
         .batch_execute(&format!(
-            "select set_config('lock_timeout', '60s', true);
-             select pg_advisory_xact_lock({PUMP_LOCK_CLASS}, {sync_id});
-             select pg_drop_replication_slot(slot_name) from pg_replication_slots
-                 where slot_name = {literal} and database = current_database();
-             drop publication if exists {publication};
-             delete from {s}.decoding where sync_id = {sync_id};",
-            literal = crate::pg::quote_literal(&slot),
-            publication = quote_ident(&slot)
+            "begin;
+             select set_config('lock_timeout', '60s', true);
+             select pg_advisory_xact_lock({PUMP_LOCK_CLASS}, {sync_id});"
         ))
         .await?;
-    Ok(())
+    let dropped = async {
+        take(client, &slot).await?;
+        client
+            .batch_execute(&format!(
+                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                     where slot_name = {literal} and database = current_database();
+                 drop publication if exists {publication};
+                 delete from {s}.decoding where sync_id = {sync_id};
+                 commit;",
+                literal = crate::pg::quote_literal(&slot),
+                publication = quote_ident(&slot)
+            ))
+            .await?;
+        Ok(())
+    }
+    .await;
+    if dropped.is_err() {
+        let _ = client.batch_execute("rollback").await;
+    }
+    dropped
 }
 
 /// The slot of an installed sync and the tables it decodes (`tables`: the
@@ -339,11 +358,16 @@ const FLUSH_BYTES: usize = 8 << 20;
 /// the decoded transaction's own id, so a batch's snapshot judges it as it
 /// judges that transaction (applied once visible in a batch's snapshot),
 /// exactly as a trigger's row written inside the transaction.
+///
+/// With `feed` (the daemon's, on PostgreSQL 14 and later) the pump reads
+/// the slot's stream instead, up to a mark committed after the snapshot
+/// (see [`feed`]).
 pub async fn pump<'a>(
     tx: &Tx<'_>,
     sync_id: i32,
     stream: &'a Stream,
     sinks: &'a [Option<Sink<'a>>],
+    feed: Option<&Feed>,
 ) -> Result<Option<String>> {
     // A sync whose slot went with its cutover has nothing to read.
     let registered =
@@ -353,10 +377,6 @@ pub async fn pump<'a>(
     }
     let row = tx.query_one(POSITION, &[]).await?;
     let (written_to, own): (String, i64) = (row.get(0), row.get(1));
-    let started = std::time::Instant::now();
-    wait_for_flush(tx, &written_to).await?;
-    let flushed = started.elapsed();
-    let portal = tx.bind(PEEK, &[&stream.slot, &stream.slot]).await.map_err(|e| lost(e, stream))?;
     let mut decoder = Decoder {
         stream,
         sinks,
@@ -372,6 +392,20 @@ pub async fn pump<'a>(
         written: HashSet::new(),
         limit: tx.tables_per_transaction(),
     };
+    if let Some(feed) = feed {
+        let at = std::time::Instant::now();
+        if let Some(to) = feed.read(tx, &mut decoder).await? {
+            decoder.flush(tx).await?;
+            tracing::debug!(slot = stream.slot, ms = at.elapsed().as_millis() as u64, "streamed");
+            crate::failpoint::hit("decoding-pumped");
+            return Ok(Some(to));
+        }
+    }
+    take(tx, &stream.slot).await?;
+    let started = std::time::Instant::now();
+    wait_for_flush(tx, &written_to).await?;
+    let flushed = started.elapsed();
+    let portal = tx.bind(PEEK, &[&stream.slot, &stream.slot]).await.map_err(|e| lost(e, stream))?;
     let mut last = None;
     // Where a pump's time goes (debug): waiting for the WAL flush, reading
     // the slot (the server decodes), writing the deltas.
@@ -436,6 +470,12 @@ pub async fn unread(src: &mut Conn, stream: &Stream, sync_id: i32) -> Result<Opt
     }
     let counted = async {
         let tx = src.transaction().await?;
+        // A daemon streams the slot (see [`feed`]): it pumps at every poll,
+        // and its stream is not ended for a status.
+        let held = tx.query_opt(HOLDER, &[&stream.slot]).await?;
+        if held.is_some_and(|r| r.get::<_, Option<i32>>(0).is_some()) {
+            return Ok(None);
+        }
         let portal = match tx.bind(PEEK, &[&stream.slot, &stream.slot]).await {
             Ok(p) => p,
             Err(e) if e.sqlstate() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
@@ -613,6 +653,40 @@ async fn nudge(src: &impl Sql, stream: &Stream) {
 /// confirmed position before pgleap nudges it ([`nudge`]).
 const NUDGE_BYTES: i64 = 1 << 20;
 
+/// Takes the slot from a daemon's stream (see [`feed`]) for the SQL
+/// functions, which refuse a slot another session holds: ends that
+/// walsender and waits until it let go. The caller holds the pump lock,
+/// so the stream cannot open again meanwhile; the daemon's next pump opens
+/// it again from what was confirmed.
+pub async fn take(src: &impl Sql, slot: &str) -> Result<()> {
+    let Some(row) = src.query_opt(HOLDER, &[&slot]).await? else {
+        return Ok(());
+    };
+    let Some(pid) = row.get::<_, Option<i32>>(0) else {
+        return Ok(());
+    };
+    tracing::debug!(slot, pid, "taking the slot from its stream");
+    src.query_one("select pg_terminate_backend($1)", &[&pid]).await?;
+    let started = std::time::Instant::now();
+    loop {
+        let holder = src.query_opt(HOLDER, &[&slot]).await?;
+        if holder.is_none_or(|r| r.get::<_, Option<i32>>(0).is_none()) {
+            return Ok(());
+        }
+        if started.elapsed() > FLUSH_WAIT {
+            return Err(Error::invalid(
+                format!(
+                    "the replication slot {slot} is still held by process {pid} {} s after it \
+                     was asked to end",
+                    FLUSH_WAIT.as_secs()
+                ),
+                "look at that process in pg_stat_activity and end it (pg_terminate_backend)",
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Lets go of the sync's pump lock on `src` as many times as it holds it
 /// (a failed pump leaves it with the session): for a session that goes
 /// on without its slot.
@@ -659,7 +733,7 @@ struct Event {
     lsn: u64,
     rank: i32,
     /// The row's columns as its relation message named them, and values.
-    names: Rc<Vec<String>>,
+    names: Arc<Vec<String>>,
     values: Vec<Option<String>>,
 }
 
@@ -676,7 +750,7 @@ struct Decoder<'a> {
     rank: i32,
     /// Per relation oid, its columns' names as the last Relation message
     /// gave them.
-    relations: HashMap<u32, Rc<Vec<String>>>,
+    relations: HashMap<u32, Arc<Vec<String>>>,
     /// Per table index and transaction.
     pending: HashMap<(usize, i64), Pending>,
     /// Per keyless table index, in the order they happened.
@@ -693,14 +767,20 @@ struct Decoder<'a> {
 type OldRow = (u8, Vec<Column>);
 
 impl Decoder<'_> {
+    /// A transaction begins: `final_lsn` its commit's position, `xid` its
+    /// 32-bit id.
+    fn begin(&mut self, final_lsn: u64, xid: u32) {
+        self.txid = full_txid(xid, self.own);
+        (self.lsn, self.rank) = (final_lsn, 0);
+    }
+
     /// Takes one pgoutput message; returns whether it was a COMMIT.
     fn message(&mut self, data: &[u8]) -> Result<bool> {
         let mut r = Reader { b: data, at: 0 };
         match r.u8()? {
             b'B' => {
                 let (final_lsn, _committed_at) = (r.u64()?, r.u64()?);
-                self.txid = full_txid(r.u32()?, self.own);
-                (self.lsn, self.rank) = (final_lsn, 0);
+                self.begin(final_lsn, r.u32()?);
             }
             b'C' => return Ok(true),
             b'R' => {
@@ -714,7 +794,7 @@ impl Decoder<'_> {
                     let (_type, _typmod) = (r.u32()?, r.u32()?);
                     names.push(name);
                 }
-                self.relations.insert(relid, Rc::new(names));
+                self.relations.insert(relid, Arc::new(names));
             }
             b'I' => {
                 let relid = r.u32()?;
@@ -750,7 +830,7 @@ impl Decoder<'_> {
                     let Some(&i) = self.stream.tables.get(&relid) else { continue };
                     match self.sinks.get(i) {
                         Some(Some(sink)) if sink.keys.is_empty() => {
-                            self.event(i, b'T', Rc::default(), Vec::new());
+                            self.event(i, b'T', Arc::default(), Vec::new());
                         }
                         _ => self.pending.entry((i, self.txid)).or_default().truncated = true,
                     }
@@ -800,7 +880,7 @@ impl Decoder<'_> {
         &mut self,
         i: usize,
         sink: &Sink,
-        names: Rc<Vec<String>>,
+        names: Arc<Vec<String>>,
         op: u8,
         old: Option<OldRow>,
         new: Option<Vec<Column>>,
@@ -840,7 +920,7 @@ impl Decoder<'_> {
         Ok(())
     }
 
-    fn event(&mut self, i: usize, op: u8, names: Rc<Vec<String>>, values: Vec<Option<String>>) {
+    fn event(&mut self, i: usize, op: u8, names: Arc<Vec<String>>, values: Vec<Option<String>>) {
         self.held += 1;
         self.held_bytes += values.iter().flatten().map(|v| v.len()).sum::<usize>();
         let (txid, lsn, rank) = (self.txid, self.lsn, self.rank);
@@ -1184,6 +1264,9 @@ const DELTA_COLUMNS: &str = "select a.attname::text
       and left(a.attname, 8) <> '_pgleap_'
     order by a.attnum";
 
+/// The session that holds a slot, if one does.
+const HOLDER: &str = "select active_pid from pg_replication_slots where slot_name = $1";
+
 const FLUSHED: &str = "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn";
 
 const ADVANCE: &str = "select pg_replication_slot_advance(slot_name, $2::text::pg_lsn)
@@ -1199,6 +1282,7 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
         NamedQuery::new("decoding: decoded tables", DECODED_TABLES),
         NamedQuery::new("decoding: oldest transaction", OLDEST_TRANSACTION),
         NamedQuery::new("decoding: restart point behind", RESTART_BEHIND),
+        NamedQuery::new("decoding: slot holder", HOLDER),
     ]
 }
 

@@ -1,0 +1,261 @@
+//! A sync's slot read through the replication protocol, by the daemon:
+//! one decoding context kept open from one pump to the next.
+//!
+//! The SQL functions (`pg_logical_slot_peek_binary_changes`) build a new
+//! decoding context at each call, which decodes again from the slot's
+//! restart point, and the advance after it decodes that stretch once
+//! more; under a write load that is what a decoding sync's source pays
+//! for, on the cores the application wants. A replication connection
+//! (`START_REPLICATION`) decodes each record once, and its walsender
+//! keeps going between pumps.
+//!
+//! A pump still reads inside its batch's source transaction and still
+//! stops at that snapshot's end (see [`super::pump`]): after its snapshot
+//! is taken it commits a logical message of its own on another session
+//! (a "mark", flushed at commit); everything the stream sends before that
+//! message committed before it, so every transaction the snapshot sees.
+//! Reading on to the mark needs PostgreSQL 14 (pgoutput's `messages`
+//! option); older sources, and connections pgleap does not open itself
+//! (a list of hosts, TLS required), read through the SQL functions.
+//!
+//! What a pump read is confirmed to the server (the slot's
+//! `confirmed_flush_lsn`) only once its transaction committed
+//! ([`Feed::confirm`]). A pump that did not get there (an error, a
+//! verify's snapshot, a kill) leaves the stream ahead of the slot: the
+//! next pump opens it again, from what was confirmed, and reads those
+//! transactions again (harmless, as after a crash between commit and
+//! advance). Every other pgleap process that needs the slot takes it,
+//! under the pump lock ([`super::take`]): the daemon's next pump finds its
+//! walsender gone and opens the stream again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+
+use super::{Decoder, FETCH, FLUSH_BYTES, FLUSH_KEYS, HOLDER, Stream};
+use crate::error::{Error, Result};
+use crate::pg::{Conn, Sql, Tx};
+
+/// The stream of one sync's slot in this process, shared by the daemon's
+/// workers of the sync (one per target; their pumps take turns under the
+/// pump lock, as across processes).
+pub struct Feed {
+    slot: String,
+    sync: String,
+    config: ReplicationConfig,
+    /// The session that commits the marks.
+    marks: tokio::sync::Mutex<Conn>,
+    open: tokio::sync::Mutex<Option<Open>>,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed").field("slot", &self.slot).finish_non_exhaustive()
+    }
+}
+
+struct Open {
+    client: ReplicationClient,
+    /// The walsender that holds the slot for it.
+    walsender: i32,
+    /// Relation messages, sent once per relation per stream.
+    relations: HashMap<u32, Arc<Vec<String>>>,
+    /// Read past what the server was told is confirmed: by a pump whose
+    /// transaction may not have committed.
+    unconfirmed: bool,
+    marks: u64,
+}
+
+/// The prefix of pgleap's marks among logical messages.
+const MARK: &str = "pgleap";
+
+/// How long a stream may send nothing while a pump waits for its mark.
+const SILENCE: Duration = Duration::from_secs(30);
+
+/// How often the client tells the server what is confirmed.
+const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What one process streams, per slot.
+static FEEDS: Mutex<Option<HashMap<String, Weak<Feed>>>> = Mutex::new(None);
+
+impl Feed {
+    /// This process's feed of `stream`'s slot, opened if none is; `None`
+    /// where the slot is read through the SQL functions: a source before
+    /// PostgreSQL 14, a connection pgleap does not open itself, or
+    /// `PGLEAP_DECODING_STREAM=0`.
+    pub async fn shared(src: &Conn, stream: &Stream) -> Result<Option<Arc<Feed>>> {
+        let off = std::env::var("PGLEAP_DECODING_STREAM").is_ok_and(|v| v == "0");
+        if off || src.version().major() < 14 {
+            return Ok(None);
+        }
+        let Some(config) = src.replication_config(&stream.slot) else {
+            return Ok(None);
+        };
+        if let Some(feed) = Self::registered(&stream.slot) {
+            return Ok(Some(feed));
+        }
+        let feed = Arc::new(Feed {
+            slot: stream.slot.clone(),
+            sync: stream.sync.clone(),
+            config: config.with_buffer_size(FETCH as usize).with_status_interval(STATUS_INTERVAL),
+            marks: tokio::sync::Mutex::new(src.sibling().await?),
+            open: tokio::sync::Mutex::new(None),
+        });
+        let mut feeds = FEEDS.lock().unwrap_or_else(|e| e.into_inner());
+        let feeds = feeds.get_or_insert_with(HashMap::new);
+        feeds.retain(|_, f| f.strong_count() > 0);
+        feeds.insert(stream.slot.clone(), Arc::downgrade(&feed));
+        Ok(Some(feed))
+    }
+
+    fn registered(slot: &str) -> Option<Arc<Feed>> {
+        let feeds = FEEDS.lock().unwrap_or_else(|e| e.into_inner());
+        feeds.as_ref()?.get(slot)?.upgrade()
+    }
+
+    /// Feeds `decoder`, inside `tx` (the pump's transaction, its snapshot
+    /// taken), every transaction the stream sends before this pump's mark,
+    /// writing the deltas as it goes. Returns where to confirm once `tx`
+    /// committed; `Ok(None)` if the stream cannot be opened (the caller
+    /// reads through the SQL functions, which also say why a slot is lost).
+    pub(super) async fn read(
+        &self,
+        tx: &Tx<'_>,
+        decoder: &mut Decoder<'_>,
+    ) -> Result<Option<String>> {
+        let mut open = self.open.lock().await;
+        let Some(row) = tx.query_opt(HOLDER, &[&self.slot]).await? else {
+            *open = None;
+            return Ok(None);
+        };
+        let active: Option<i32> = row.get(0);
+        let fresh = open.as_ref().is_some_and(|o| !o.unconfirmed && active == Some(o.walsender));
+        if !fresh {
+            if let Some(mut stale) = open.take() {
+                stale.client.abort();
+            }
+            match self.start().await {
+                Ok(o) => *open = Some(o),
+                Err(e) => {
+                    tracing::debug!(slot = self.slot, error = %e, "slot not streamed, read by SQL");
+                    return Ok(None);
+                }
+            }
+        }
+        let o = open.as_mut().expect("opened above");
+        o.unconfirmed = true;
+        o.marks += 1;
+        let token = format!("{}.{}", std::process::id(), o.marks);
+        let marked = self.mark(&token).await?;
+        decoder.relations = std::mem::take(&mut o.relations);
+        let read = self.until(o, &token, tx, decoder).await;
+        o.relations = std::mem::take(&mut decoder.relations);
+        let last = read?;
+        // Everything that committed before the mark was sent before it.
+        let to = match last {
+            Some(last) if last.as_u64() > marked.as_u64() => last,
+            _ => marked,
+        };
+        Ok(Some(to.to_pg_string()))
+    }
+
+    /// Reads the stream up to the message `token`; returns the end of the
+    /// last transaction it read.
+    async fn until(
+        &self,
+        o: &mut Open,
+        token: &str,
+        tx: &Tx<'_>,
+        decoder: &mut Decoder<'_>,
+    ) -> Result<Option<Lsn>> {
+        let mut last = None;
+        loop {
+            let event = match tokio::time::timeout(SILENCE, o.client.recv()).await {
+                Ok(Ok(Some(event))) => event,
+                Ok(Ok(None)) => return Err(self.broken("the server ended it".into())),
+                Ok(Err(e)) => return Err(self.broken(e.to_string())),
+                Err(_) => {
+                    return Err(self.broken(format!("nothing came in {} s", SILENCE.as_secs())));
+                }
+            };
+            match event {
+                ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                    decoder.begin(final_lsn.as_u64(), xid);
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => last = Some(end_lsn),
+                ReplicationEvent::XLogData { data, .. } => {
+                    decoder.message(&data)?;
+                }
+                ReplicationEvent::Message { prefix, content, .. }
+                    if prefix == MARK && content.as_ref() == token.as_bytes() =>
+                {
+                    return Ok(last);
+                }
+                _ => {}
+            }
+            if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
+                decoder.flush(tx).await?;
+            }
+        }
+    }
+
+    /// Opens the stream from the slot's confirmed position.
+    async fn start(&self) -> Result<Open> {
+        let mut client = ReplicationClient::connect(self.config.clone())
+            .await
+            .map_err(|e| self.broken(e.to_string()))?;
+        match tokio::time::timeout(SILENCE, client.wait_started()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.broken(e.to_string())),
+            Err(_) => return Err(self.broken("START_REPLICATION did not answer".into())),
+        }
+        let marks = self.marks.lock().await;
+        let walsender: Option<i32> = marks.query_one(HOLDER, &[&self.slot]).await?.get(0);
+        let Some(walsender) = walsender else {
+            return Err(self.broken("the slot is not held by the stream".into()));
+        };
+        tracing::debug!(slot = self.slot, walsender, "streaming the slot");
+        Ok(Open { client, walsender, relations: HashMap::new(), unconfirmed: false, marks: 0 })
+    }
+
+    /// Commits a logical message `token` and returns where it is. Its own
+    /// transaction, flushed at commit (`synchronous_commit = local`: a
+    /// pump does not wait for standbys); begun after the pump's snapshot,
+    /// so it commits after every transaction that snapshot sees.
+    async fn mark(&self, token: &str) -> Result<Lsn> {
+        let mut marks = self.marks.lock().await;
+        let tx = marks.transaction().await?;
+        tx.batch_execute("set local synchronous_commit = local").await?;
+        let sql = "select pg_logical_emit_message(true, $1::text, $2::text)::text";
+        let at: String = tx.query_one(sql, &[&MARK, &token]).await?.get(0);
+        tx.commit().await?;
+        Lsn::parse(&at).map_err(|e| self.broken(format!("a mark at {at}: {e}")))
+    }
+
+    /// Tells the server that what the last pump read is in committed
+    /// deltas, if that pump read through this feed; returns whether it
+    /// did (else the caller advances the slot by SQL).
+    pub async fn confirm(&self, to: &str) -> bool {
+        let mut open = self.open.lock().await;
+        let Some(o) = open.as_mut().filter(|o| o.unconfirmed) else {
+            return false;
+        };
+        let Ok(lsn) = Lsn::parse(to) else { return false };
+        o.client.update_applied_lsn(lsn);
+        o.unconfirmed = false;
+        true
+    }
+
+    /// Ends the stream (the slot is then free for the SQL functions).
+    pub async fn close(&self) {
+        if let Some(mut o) = self.open.lock().await.take() {
+            o.client.abort();
+        }
+    }
+
+    fn broken(&self, why: String) -> Error {
+        Error::StreamBroken { sync: self.sync.clone(), slot: self.slot.clone(), why }
+    }
+}
