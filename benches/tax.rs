@@ -3,7 +3,7 @@
 //! daemon syncing to a target on the same machine, interleaved in the same
 //! run (not a test: `cargo bench --bench tax`).
 //!
-//! PostgreSQL 12 source (pgbench scale `PGLEAP_BENCH_SCALE`, default 10)
+//! PostgreSQL 12 source by default (pgbench scale `PGLEAP_BENCH_SCALE`, default 10)
 //! with wal_level = logical (every variant runs on it, so the WAL that
 //! level adds is in the baseline too), 17 target. Each round runs, in order: no capture, capture installed
 //! (`sync add`, daemon stopped), capture with the daemon running; pgbench's
@@ -19,8 +19,12 @@
 //! statement triggers, with row triggers (`--trigger-level row`) and by
 //! logical decoding (`--capture decoding`). The catch-up is the time from
 //! the load's end until a row written after it is on the target.
-//! `PGLEAP_BENCH_CAPTURE` (a comma list of statement, row, decoding;
-//! default all three) picks the capture variants of this build. With
+//! `PGLEAP_BENCH_CAPTURE` (a comma list of statement, row, decoding,
+//! decoding-sql; default the first three) picks the capture variants of
+//! this build; decoding-sql is decoding with the daemon reading the slot
+//! through the SQL functions (`PGLEAP_DECODING_STREAM=0`), where decoding
+//! streams it on a source of 14 or later. `PGLEAP_BENCH_SOURCE` is the
+//! source's major version (default 12). With
 //! `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap), each round
 //! also runs the two capture variants with that build's capture and daemon.
 
@@ -144,9 +148,10 @@ fn main() {
     let seconds = knob("PGLEAP_BENCH_SECONDS", 20);
     let clients = knob("PGLEAP_BENCH_CLIENTS", 4);
     let rounds = knob("PGLEAP_BENCH_ROUNDS", 3);
-    let src = TestDb::new(logical_cluster(12), "taxsrc");
+    let major = knob("PGLEAP_BENCH_SOURCE", 12) as u32;
+    let src = TestDb::new(logical_cluster(major), "taxsrc");
     let dst = TestDb::new(cluster(17), "taxdst");
-    eprintln!("loading pgbench scale {scale} into PostgreSQL 12 ...");
+    eprintln!("loading pgbench scale {scale} into PostgreSQL {major} ...");
     let out = support::pgbench(&src, &["-i", "-q", "-s", &scale.to_string()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     copy_database(&src, &dst);
@@ -155,15 +160,21 @@ fn main() {
     let this = || Pgleap::for_clusters(&[src.cluster, dst.cluster]);
     let wanted =
         std::env::var("PGLEAP_BENCH_CAPTURE").unwrap_or_else(|_| "statement,row,decoding".into());
-    let variants: [(&str, &str, &[&str]); 3] = [
+    let variants: [(&str, &str, &[&str]); 4] = [
         ("statement", ", statement triggers", &["--capture", "triggers"]),
         ("row", ", row triggers", &["--trigger-level", "row", "--capture", "triggers"]),
         ("decoding", ", logical decoding", &["--capture", "decoding"]),
+        ("decoding-sql", ", logical decoding, SQL functions", &["--capture", "decoding"]),
     ];
     let mut builds: Vec<(&str, Pgleap, &[&str])> = variants
         .into_iter()
         .filter(|(key, _, _)| wanted.split(',').any(|w| w.trim() == *key))
-        .map(|(_, label, args)| (label, this().env("PGLEAP_LOG", "pgleap=debug"), args))
+        .map(|(key, label, args)| {
+            // The daemon reads the slot through the SQL functions only.
+            let stream = if key == "decoding-sql" { "0" } else { "1" };
+            let p = this().env("PGLEAP_LOG", "pgleap=debug");
+            (label, p.env("PGLEAP_DECODING_STREAM", stream), args)
+        })
         .collect();
     if let Some(bin) = std::env::var_os("PGLEAP_BENCH_BASELINE_BIN") {
         let base = Pgleap::for_clusters(&[src.cluster, dst.cluster])

@@ -391,12 +391,21 @@ pub async fn pump<'a>(
         held_bytes: 0,
         written: HashSet::new(),
         limit: tx.tables_per_transaction(),
+        flushing: std::time::Duration::ZERO,
     };
     if let Some(feed) = feed {
         let at = std::time::Instant::now();
         if let Some(to) = feed.read(tx, &mut decoder).await? {
             decoder.flush(tx).await?;
-            tracing::debug!(slot = stream.slot, ms = at.elapsed().as_millis() as u64, "streamed");
+            // As below; reading includes committing the mark.
+            let written = decoder.flushing;
+            tracing::debug!(
+                slot = stream.slot,
+                streamed = true,
+                read_ms = at.elapsed().saturating_sub(written).as_millis() as u64,
+                write_ms = written.as_millis() as u64,
+                "pumped"
+            );
             crate::failpoint::hit("decoding-pumped");
             return Ok(Some(to));
         }
@@ -409,8 +418,7 @@ pub async fn pump<'a>(
     let mut last = None;
     // Where a pump's time goes (debug): waiting for the WAL flush, reading
     // the slot (the server decodes), writing the deltas.
-    let (mut read, mut written, mut messages) =
-        (std::time::Duration::ZERO, std::time::Duration::ZERO, 0);
+    let (mut read, mut messages) = (std::time::Duration::ZERO, 0);
     loop {
         let at = std::time::Instant::now();
         let rows = tx.fetch(&portal, FETCH).await.map_err(|e| lost(e, stream))?;
@@ -423,23 +431,19 @@ pub async fn pump<'a>(
         }
         read += at.elapsed();
         if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
-            let at = std::time::Instant::now();
             decoder.flush(tx).await?;
-            written += at.elapsed();
         }
         if rows.len() < FETCH as usize {
             break;
         }
     }
-    let at = std::time::Instant::now();
     decoder.flush(tx).await?;
-    written += at.elapsed();
     tracing::debug!(
         slot = stream.slot,
         messages,
         flush_wait_ms = flushed.as_millis() as u64,
         read_ms = read.as_millis() as u64,
-        write_ms = written.as_millis() as u64,
+        write_ms = decoder.flushing.as_millis() as u64,
         "pumped"
     );
     crate::failpoint::hit("decoding-pumped");
@@ -761,6 +765,8 @@ struct Decoder<'a> {
     /// in its one transaction (see [`crate::pg::Sql::tables_per_transaction`]).
     written: HashSet<usize>,
     limit: usize,
+    /// How long writing the deltas took (logged at debug).
+    flushing: std::time::Duration,
 }
 
 /// A row as pgoutput sent it, and which kind ('K': key only, 'O': whole).
@@ -931,6 +937,13 @@ impl Decoder<'_> {
     /// Writes the keys and rows held into the deltas (and the journal), in
     /// `tx`, a statement per table.
     async fn flush(&mut self, tx: &Tx<'_>) -> Result<()> {
+        let started = std::time::Instant::now();
+        let flushed = self.write(tx).await;
+        self.flushing += started.elapsed();
+        flushed
+    }
+
+    async fn write(&mut self, tx: &Tx<'_>) -> Result<()> {
         // Refused before anything is written: a pump naming more deltas
         // than the lock table can spare would fail with "out of shared
         // memory" at every retry (the changes of hours without a daemon,
