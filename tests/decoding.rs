@@ -537,6 +537,14 @@ fn the_daemon_streams_the_slot_and_gives_it_up_pg15_to_pg17() {
     let d = dst.sql();
     wait_until(&d, "select trim(filler) from pgbench_tellers where tid = 1", "last");
     assert_eq!(compare::rows(&d), compare::rows(&s));
+    // Idle, the daemon polls every 100 ms: a poll whose stream already
+    // passed its snapshot commits no mark (about 10 a second otherwise).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let xid = || s.value("select txid_current()").parse::<i64>().unwrap();
+    let before = xid();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let used = xid() - before;
+    assert!(used < 5, "{used} transaction ids used in 2 s of an idle source");
     p.run(&["verify", "s"]).ok();
 
     // Teardown while the daemon runs: the slot is dropped from under it.

@@ -66,6 +66,20 @@ struct Open {
     /// transaction may not have committed.
     unconfirmed: bool,
     marks: u64,
+    /// How far the server said it decoded (its keepalives): every
+    /// transaction that committed before is in the events read.
+    sent: u64,
+    /// Between a transaction's BEGIN and its COMMIT.
+    within: bool,
+}
+
+/// What one event of the stream told a pump.
+enum Step {
+    Next,
+    /// A transaction's commit, and where it ends.
+    Committed(Lsn),
+    /// The pump's own mark.
+    Marked,
 }
 
 /// The prefix of pgleap's marks among logical messages.
@@ -116,15 +130,23 @@ impl Feed {
     }
 
     /// Feeds `decoder`, inside `tx` (the pump's transaction, its snapshot
-    /// taken), every transaction the stream sends before this pump's mark,
-    /// writing the deltas as it goes. Returns where to confirm once `tx`
-    /// committed; `Ok(None)` if the stream cannot be opened (the caller
-    /// reads through the SQL functions, which also say why a slot is lost).
+    /// taken when the WAL was written to `written_to`), every transaction
+    /// that snapshot sees, and maybe more, writing the deltas as it goes.
+    /// Returns where to confirm once `tx` committed; `Ok(None)` if the
+    /// stream cannot be opened (the caller reads through the SQL
+    /// functions, which also say why a slot is lost).
+    ///
+    /// First what the stream already sent: if the server said it decoded
+    /// past `written_to` and no transaction is half read, that is all (an
+    /// idle source: no mark, so the daemon's polls write nothing). Else on
+    /// to a mark.
     pub(super) async fn read(
         &self,
         tx: &Tx<'_>,
+        written_to: &str,
         decoder: &mut Decoder<'_>,
     ) -> Result<Option<String>> {
+        let written_to = Lsn::parse(written_to).map_err(|e| self.broken(e.to_string()))?;
         let mut open = self.open.lock().await;
         let Some(row) = tx.query_opt(HOLDER, &[&self.slot]).await? else {
             *open = None;
@@ -146,59 +168,87 @@ impl Feed {
         }
         let o = open.as_mut().expect("opened above");
         o.unconfirmed = true;
-        o.marks += 1;
-        let token = format!("{}.{}", std::process::id(), o.marks);
-        let marked = self.mark(&token).await?;
         decoder.relations = std::mem::take(&mut o.relations);
-        let read = self.until(o, &token, tx, decoder).await;
+        let read = self.read_open(o, tx, written_to, decoder).await;
         o.relations = std::mem::take(&mut decoder.relations);
-        let last = read?;
-        // Everything that committed before the mark was sent before it.
-        let to = match last {
-            Some(last) if last.as_u64() > marked.as_u64() => last,
-            _ => marked,
-        };
-        Ok(Some(to.to_pg_string()))
+        Ok(Some(read?.to_pg_string()))
     }
 
-    /// Reads the stream up to the message `token`; returns the end of the
-    /// last transaction it read.
-    async fn until(
+    async fn read_open(
         &self,
         o: &mut Open,
-        token: &str,
         tx: &Tx<'_>,
+        written_to: Lsn,
         decoder: &mut Decoder<'_>,
-    ) -> Result<Option<Lsn>> {
-        let mut last = None;
-        loop {
-            let event = match tokio::time::timeout(SILENCE, o.client.recv()).await {
-                Ok(Ok(Some(event))) => event,
-                Ok(Ok(None)) => return Err(self.broken("the server ended it".into())),
-                Ok(Err(e)) => return Err(self.broken(e.to_string())),
-                Err(_) => {
-                    return Err(self.broken(format!("nothing came in {} s", SILENCE.as_secs())));
-                }
-            };
-            match event {
-                ReplicationEvent::Begin { final_lsn, xid, .. } => {
-                    decoder.begin(final_lsn.as_u64(), xid);
-                }
-                ReplicationEvent::Commit { end_lsn, .. } => last = Some(end_lsn),
-                ReplicationEvent::XLogData { data, .. } => {
-                    decoder.message(&data)?;
-                }
-                ReplicationEvent::Message { prefix, content, .. }
-                    if prefix == MARK && content.as_ref() == token.as_bytes() =>
-                {
-                    return Ok(last);
-                }
-                _ => {}
+    ) -> Result<Lsn> {
+        let mut last = Lsn::from_u64(0);
+        // Received already: the stream runs between pumps. (A zero
+        // timeout polls `recv` once.)
+        while let Ok(event) = tokio::time::timeout(Duration::ZERO, o.client.recv()).await {
+            if let Step::Committed(end) = self.step(o, event, "", decoder)? {
+                last = last.max(end);
             }
             if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
                 decoder.flush(tx).await?;
             }
         }
+        if !o.within && o.sent >= written_to.as_u64() {
+            return Ok(last.max(Lsn::from_u64(o.sent)));
+        }
+        o.marks += 1;
+        let token = format!("{}.{}", std::process::id(), o.marks);
+        let marked = self.mark(&token).await?;
+        loop {
+            let event = tokio::time::timeout(SILENCE, o.client.recv())
+                .await
+                .map_err(|_| self.broken(format!("nothing came in {} s", SILENCE.as_secs())))?;
+            match self.step(o, event, &token, decoder)? {
+                Step::Committed(end) => last = last.max(end),
+                // Everything that committed before the mark was sent
+                // before it.
+                Step::Marked => return Ok(last.max(marked)),
+                Step::Next => {}
+            }
+            if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
+                decoder.flush(tx).await?;
+            }
+        }
+    }
+
+    /// Takes one event of the stream (`token`: the pump's mark, if any).
+    fn step(
+        &self,
+        o: &mut Open,
+        event: pgwire_replication::Result<Option<ReplicationEvent>>,
+        token: &str,
+        decoder: &mut Decoder<'_>,
+    ) -> Result<Step> {
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(self.broken("the server ended it".into())),
+            Err(e) => return Err(self.broken(e.to_string())),
+        };
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                o.within = true;
+                decoder.begin(final_lsn.as_u64(), xid);
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                o.within = false;
+                return Ok(Step::Committed(end_lsn));
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                decoder.message(&data)?;
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => o.sent = o.sent.max(wal_end.as_u64()),
+            ReplicationEvent::Message { prefix, content, .. }
+                if !token.is_empty() && prefix == MARK && content.as_ref() == token.as_bytes() =>
+            {
+                return Ok(Step::Marked);
+            }
+            _ => {}
+        }
+        Ok(Step::Next)
     }
 
     /// Opens the stream from the slot's confirmed position.
@@ -217,7 +267,15 @@ impl Feed {
             return Err(self.broken("the slot is not held by the stream".into()));
         };
         tracing::debug!(slot = self.slot, walsender, "streaming the slot");
-        Ok(Open { client, walsender, relations: HashMap::new(), unconfirmed: false, marks: 0 })
+        Ok(Open {
+            client,
+            walsender,
+            relations: HashMap::new(),
+            unconfirmed: false,
+            marks: 0,
+            sent: 0,
+            within: false,
+        })
     }
 
     /// Commits a logical message `token` and returns where it is. Its own

@@ -395,7 +395,7 @@ pub async fn pump<'a>(
     };
     if let Some(feed) = feed {
         let at = std::time::Instant::now();
-        if let Some(to) = feed.read(tx, &mut decoder).await? {
+        if let Some(to) = feed.read(tx, &written_to, &mut decoder).await? {
             decoder.flush(tx).await?;
             // As below; reading includes committing the mark.
             let written = decoder.flushing;
