@@ -284,12 +284,24 @@ impl Feed {
     /// so it commits after every transaction that snapshot sees.
     async fn mark(&self, token: &str) -> Result<Lsn> {
         let mut marks = self.marks.lock().await;
-        let tx = marks.transaction().await?;
-        tx.batch_execute("set local synchronous_commit = local").await?;
-        let sql = "select pg_logical_emit_message(true, $1::text, $2::text)::text";
-        let at: String = tx.query_one(sql, &[&MARK, &token]).await?.get(0);
-        tx.commit().await?;
-        Lsn::parse(&at).map_err(|e| self.broken(format!("a mark at {at}: {e}")))
+        let marked = async {
+            let tx = marks.transaction().await?;
+            tx.batch_execute("set local synchronous_commit = local").await?;
+            let sql = "select pg_logical_emit_message(true, $1::text, $2::text)::text";
+            let at: String = tx.query_one(sql, &[&MARK, &token]).await?.get(0);
+            tx.commit().await?;
+            Lsn::parse(&at).map_err(|e| self.broken(format!("a mark at {at}: {e}")))
+        }
+        .await;
+        if marked.is_err() {
+            // The session may be gone (the source restarted): the next
+            // pump marks on a new one. The workers of other targets share
+            // this feed, so it outlives their sessions.
+            if let Ok(fresh) = marks.sibling().await {
+                *marks = fresh;
+            }
+        }
+        marked
     }
 
     /// Tells the server that what the last pump read is in committed
