@@ -65,7 +65,6 @@ struct Open {
     /// Read past what the server was told is confirmed: by a pump whose
     /// transaction may not have committed.
     unconfirmed: bool,
-    marks: u64,
     /// How far the server said it decoded (its keepalives): every
     /// transaction that committed before is in the events read.
     sent: u64,
@@ -88,8 +87,28 @@ const MARK: &str = "pgleap";
 /// How long a stream may send nothing while a pump waits for its mark.
 const SILENCE: Duration = Duration::from_secs(30);
 
-/// How often the client tells the server what is confirmed.
-const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+/// How often at most the client tells the server what is confirmed: at
+/// once, in effect. The client does not send what is pending when the
+/// stream is closed (the daemon's session ends: autokick turned off, an
+/// error), and until the server has it, `status` counts what was applied
+/// as still in the slot and the next reader decodes it again.
+const STATUS_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A mark's text, never the same twice: a stream opened again reads the
+/// marks of pumps whose transactions did not commit again, and stopping at
+/// one of those (as at a counter's that started over) would stop before
+/// transactions the pump's snapshot sees.
+fn token() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static STARTED: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let started = STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}.{started}.{n}", std::process::id())
+}
 
 /// What one process streams, per slot.
 static FEEDS: Mutex<Option<HashMap<String, Weak<Feed>>>> = Mutex::new(None);
@@ -195,8 +214,7 @@ impl Feed {
         if !o.within && o.sent >= written_to.as_u64() {
             return Ok(last.max(Lsn::from_u64(o.sent)));
         }
-        o.marks += 1;
-        let token = format!("{}.{}", std::process::id(), o.marks);
+        let token = token();
         let marked = self.mark(&token).await?;
         loop {
             let event = tokio::time::timeout(SILENCE, o.client.recv())
@@ -272,7 +290,6 @@ impl Feed {
             walsender,
             relations: HashMap::new(),
             unconfirmed: false,
-            marks: 0,
             sent: 0,
             within: false,
         })
