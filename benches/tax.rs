@@ -20,11 +20,10 @@
 //! logical decoding (`--capture decoding`). The catch-up is the time from
 //! the load's end until a row written after it is on the target.
 //! `PGLEAP_BENCH_CAPTURE` (a comma list of statement, row, decoding,
-//! decoding-sql; default the first three) picks the capture variants of
-//! this build; decoding-sql is decoding with the daemon reading the slot
-//! through the SQL functions (`PGLEAP_DECODING_STREAM=0`), where decoding
-//! streams it on a source of 14 or later. `PGLEAP_BENCH_SOURCE` is the
-//! source's major version (default 12). With
+//! decoding-stream; default the first three) picks the capture variants
+//! of this build; decoding-stream is decoding with the daemon streaming
+//! the slot (`PGLEAP_DECODING_STREAM=1`, a source of 14 or later).
+//! `PGLEAP_BENCH_SOURCE` is the source's major version (default 12). With
 //! `PGLEAP_BENCH_BASELINE_BIN=PATH` (another build of pgleap), each round
 //! also runs the two capture variants with that build's capture and daemon.
 
@@ -164,14 +163,15 @@ fn main() {
         ("statement", ", statement triggers", &["--capture", "triggers"]),
         ("row", ", row triggers", &["--trigger-level", "row", "--capture", "triggers"]),
         ("decoding", ", logical decoding", &["--capture", "decoding"]),
-        ("decoding-sql", ", logical decoding, SQL functions", &["--capture", "decoding"]),
+        ("decoding-stream", ", logical decoding, streamed", &["--capture", "decoding"]),
     ];
     let mut builds: Vec<(&str, Pgleap, &[&str])> = variants
         .into_iter()
         .filter(|(key, _, _)| wanted.split(',').any(|w| w.trim() == *key))
         .map(|(key, label, args)| {
-            // The daemon reads the slot through the SQL functions only.
-            let stream = if key == "decoding-sql" { "0" } else { "1" };
+            // The daemon streams the slot, or reads it through the SQL
+            // functions (the default).
+            let stream = if key == "decoding-stream" { "1" } else { "0" };
             let p = this().env("PGLEAP_LOG", "pgleap=debug");
             (label, p.env("PGLEAP_DECODING_STREAM", stream), args)
         })
@@ -289,7 +289,7 @@ fn main() {
     }
 
     println!(
-        "## Source write tax, PostgreSQL 12 (scale {scale}, {clients} clients, {seconds} s) \
+        "## Source write tax, PostgreSQL {major} (scale {scale}, {clients} clients, {seconds} s) \
          to 17 ({rounds} rounds)\n"
     );
     println!(

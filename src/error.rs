@@ -167,8 +167,8 @@ impl Error {
             ),
             Self::StreamBroken { .. } => Some(
                 "nothing to do if it does not recur: the next batch opens the stream again from \
-                 what the slot confirmed; PGLEAP_DECODING_STREAM=0 in the daemon's environment \
-                 reads the slot through the SQL functions instead"
+                 what the slot confirmed; without PGLEAP_DECODING_STREAM=1 in its environment \
+                 the daemon reads the slot through the SQL functions instead"
                     .into(),
             ),
             Self::NotReady { hint, .. } => Some(hint.clone()),

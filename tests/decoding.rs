@@ -477,9 +477,10 @@ fn a_transaction_left_open_bounds_the_slots_creation_pg15_to_pg17() {
     p.run(&["teardown", "s"]).ok();
 }
 
-/// The daemon reads the slot through a replication connection kept open
-/// from one pump to the next (each change decoded once, where the SQL
-/// functions decode again from the slot's restart point at every call):
+/// With `PGLEAP_DECODING_STREAM=1`, the daemon reads the slot through a
+/// replication connection kept open from one pump to the next (each
+/// change decoded once, where the SQL functions decode again from the
+/// slot's restart point at every call):
 /// while pgbench writes, the slot is held by pgleap's walsender between
 /// batches, and what the daemon applied is confirmed to the server. Other
 /// processes that need the slot take it (a verify's pump, a kick) and the
@@ -494,7 +495,9 @@ fn the_daemon_streams_the_slot_and_gives_it_up_pg15_to_pg17() {
     finish(pgbench(&src, &["-i", "-q", "-s", "1"]).spawn().unwrap());
     crate::support::copy_database(&src, &dst);
     dst.sql().exec("truncate pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history");
-    let stream = std::env::var("PGLEAP_DECODING_STREAM").unwrap_or_default();
+    // PGLEAP_DECODING_STREAM=0 in the test's environment: the test must
+    // fail (no walsender holds the slot).
+    let stream = std::env::var("PGLEAP_DECODING_STREAM").unwrap_or_else(|_| "1".into());
     let p = Pgleap::for_clusters(&[src.cluster, target]).env("PGLEAP_DECODING_STREAM", &stream);
     p.declare(&src, &dst, &["--all-tables"]);
     p.add_sync(&["--onetimecopy", "always", "--capture", "decoding"]);

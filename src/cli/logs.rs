@@ -24,8 +24,10 @@ pub fn init(cli: &Cli) {
     }
     let default = match cli.verbose {
         // The daemon's log is its record of what it did. Server notices
-        // (logged by tokio-postgres) say nothing to the user.
-        0 if daemon => "info,tokio_postgres=warn",
+        // (logged by tokio-postgres) say nothing to the user; a slot's
+        // stream ended by another pgleap process that took the slot is
+        // expected (pgleap logs a stream that broke under a pump itself).
+        0 if daemon => "info,tokio_postgres=warn,pgwire_replication=off",
         // The bars and the commands' lines say what happens.
         0 if person || cli.quiet => "warn",
         // pgleap's own info lines are its progress reports off a TTY.

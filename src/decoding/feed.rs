@@ -48,7 +48,15 @@ pub struct Feed {
     /// The session that commits the marks.
     marks: tokio::sync::Mutex<Conn>,
     open: tokio::sync::Mutex<Option<Open>>,
+    /// After a stream could not be opened (no free walsender, a pooler in
+    /// between, a `pg_hba.conf` that refuses it), pumps read through the
+    /// SQL functions until then, rather than try again at every poll.
+    retry_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long pumps read through the SQL functions after a stream could not
+/// be opened.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Feed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -114,13 +122,18 @@ fn token() -> String {
 static FEEDS: Mutex<Option<HashMap<String, Weak<Feed>>>> = Mutex::new(None);
 
 impl Feed {
-    /// This process's feed of `stream`'s slot, opened if none is; `None`
-    /// where the slot is read through the SQL functions: a source before
-    /// PostgreSQL 14, a connection pgleap does not open itself, or
-    /// `PGLEAP_DECODING_STREAM=0`.
+    /// This process's feed of `stream`'s slot, opened if none is, with
+    /// `PGLEAP_DECODING_STREAM=1`; `None` where the slot is read through
+    /// the SQL functions: by default, on a source before PostgreSQL 14, or
+    /// through a connection pgleap does not open itself.
+    ///
+    /// Not the default: measured under a saturating write load it brought
+    /// neither the lag nor the source's CPU down (docs/BENCHMARKS.md), and
+    /// a stream holds one of the source's `max_wal_senders` for as long as
+    /// the daemon runs, which a standby may need.
     pub async fn shared(src: &Conn, stream: &Stream) -> Result<Option<Arc<Feed>>> {
-        let off = std::env::var("PGLEAP_DECODING_STREAM").is_ok_and(|v| v == "0");
-        if off || src.version().major() < 14 {
+        let on = std::env::var("PGLEAP_DECODING_STREAM").is_ok_and(|v| v == "1");
+        if !on || src.version().major() < 14 {
             return Ok(None);
         }
         let Some(config) = src.replication_config(&stream.slot) else {
@@ -135,6 +148,7 @@ impl Feed {
             config: config.with_buffer_size(FETCH as usize).with_status_interval(STATUS_INTERVAL),
             marks: tokio::sync::Mutex::new(src.sibling().await?),
             open: tokio::sync::Mutex::new(None),
+            retry_at: Mutex::new(None),
         });
         let mut feeds = FEEDS.lock().unwrap_or_else(|e| e.into_inner());
         let feeds = feeds.get_or_insert_with(HashMap::new);
@@ -177,10 +191,21 @@ impl Feed {
             if let Some(mut stale) = open.take() {
                 stale.client.abort();
             }
+            let waiting = *self.retry_at.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.is_some_and(|at| std::time::Instant::now() < at) {
+                return Ok(None);
+            }
             match self.start().await {
                 Ok(o) => *open = Some(o),
                 Err(e) => {
-                    tracing::debug!(slot = self.slot, error = %e, "slot not streamed, read by SQL");
+                    tracing::info!(
+                        slot = self.slot,
+                        error = %e,
+                        "slot not streamed; read through the SQL functions for {} s",
+                        RETRY_AFTER.as_secs()
+                    );
+                    let at = std::time::Instant::now() + RETRY_AFTER;
+                    *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
                     return Ok(None);
                 }
             }

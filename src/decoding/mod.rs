@@ -26,6 +26,9 @@
 //!   keys committed: a crash in between decodes those transactions again,
 //!   which only writes their keys twice (harmless). Pumps of one sync take
 //!   turns under an advisory lock (see [`unlock`]).
+//! - Read through the SQL functions (`pg_logical_slot_peek_binary_changes`),
+//!   except by the daemon on PostgreSQL 14 and later, which keeps a
+//!   replication connection open from one pump to the next (see [`feed`]).
 //! - A slot that is gone (dropped, or lost with a failover before
 //!   PostgreSQL 17's failover slots) or invalidated (past
 //!   `max_slot_wal_keep_size`) is an error of its own (`Error::SlotLost`):
