@@ -1,13 +1,16 @@
-//! A sync's slot read through the replication protocol, by the daemon:
-//! one decoding context kept open from one pump to the next.
+//! A sync's slot read through the replication protocol, by the daemon
+//! with `PGLEAP_DECODING_STREAM=1`: one decoding context kept open from
+//! one pump to the next.
 //!
 //! The SQL functions (`pg_logical_slot_peek_binary_changes`) build a new
 //! decoding context at each call, which decodes again from the slot's
 //! restart point, and the advance after it decodes that stretch once
-//! more; under a write load that is what a decoding sync's source pays
-//! for, on the cores the application wants. A replication connection
-//! (`START_REPLICATION`) decodes each record once, and its walsender
-//! keeps going between pumps.
+//! more. A replication connection (`START_REPLICATION`) decodes each
+//! record once, and its walsender keeps going between pumps. Measured,
+//! that makes the daemon level sooner once writes stop, but not less
+//! behind under a saturating load, nor cheaper for the source's CPU
+//! (docs/BENCHMARKS.md, session 16); and it holds a walsender. Hence
+//! opt-in.
 //!
 //! A pump still reads inside its batch's source transaction and still
 //! stops at that snapshot's end (see [`super::pump`]): after its snapshot
