@@ -654,6 +654,11 @@ impl Plan {
         decoding::unlock(src, stream, self.sync_id, to.as_deref()).await
     }
 
+    /// Whether the plan reads its slot through a stream ([`Plan::stream`]).
+    pub fn streams(&self) -> bool {
+        self.feed.is_some()
+    }
+
     /// Reads the slot through the replication protocol from now on, where
     /// the source allows it (see [`decoding::Feed`]): for the daemon, whose
     /// pumps follow one another for as long as it runs.

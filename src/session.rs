@@ -63,9 +63,6 @@ pub struct Session {
     /// The source's snapshot before the last probe that found nothing new
     /// (see [`Session::has_changes`]).
     idle_at: Option<String>,
-    /// Whether the plan reads its slot through the replication protocol
-    /// (the daemon's sessions: see [`Session::stream`]).
-    streaming: bool,
 }
 
 impl Session {
@@ -111,7 +108,6 @@ impl Session {
             to_purge: BTreeSet::new(),
             idle_at: None,
             jobs: default_jobs(),
-            streaming: false,
         })
     }
 
@@ -133,7 +129,6 @@ impl Session {
     /// [`crate::decoding::Feed`]): for the daemon, whose session pumps at
     /// every poll for as long as it runs.
     pub async fn stream(&mut self) -> Result<()> {
-        self.streaming = true;
         self.plan.stream(&self.src).await
     }
 
@@ -373,8 +368,9 @@ impl Session {
                 // the refusal pauses the sync.
                 let before = evolve::columns(&self.plan);
                 evolve::follow(&self.src, &mut self.tgt, &self.plan, &before).await?;
+                let streams = self.plan.streams();
                 self.plan = Plan::load(&self.src, &self.sync, &self.relgroup).await?;
-                if self.streaming {
+                if streams {
                     self.plan.stream(&self.src).await?;
                 }
                 self.plan.note_copies(&self.tgt).await?;

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
-use super::{Decoder, FETCH, FLUSH_BYTES, FLUSH_KEYS, HOLDER, Stream};
+use super::{Decoder, FETCH, HOLDER, Stream};
 use crate::error::{Error, Result};
 use crate::pg::{Conn, Sql, Tx};
 
@@ -235,9 +235,7 @@ impl Feed {
             if let Step::Committed(end) = self.step(o, event, "", decoder)? {
                 last = last.max(end);
             }
-            if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
-                decoder.flush(tx).await?;
-            }
+            decoder.flush_if_full(tx).await?;
         }
         if !o.within && o.sent >= written_to.as_u64() {
             return Ok(last.max(Lsn::from_u64(o.sent)));
@@ -255,9 +253,7 @@ impl Feed {
                 Step::Marked => return Ok(last.max(marked)),
                 Step::Next => {}
             }
-            if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
-                decoder.flush(tx).await?;
-            }
+            decoder.flush_if_full(tx).await?;
         }
     }
 

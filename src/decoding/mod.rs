@@ -26,9 +26,10 @@
 //!   keys committed: a crash in between decodes those transactions again,
 //!   which only writes their keys twice (harmless). Pumps of one sync take
 //!   turns under an advisory lock (see [`unlock`]).
-//! - Read through the SQL functions (`pg_logical_slot_peek_binary_changes`),
-//!   except by the daemon on PostgreSQL 14 and later, which keeps a
-//!   replication connection open from one pump to the next (see [`feed`]).
+//! - Read through the SQL functions (`pg_logical_slot_peek_binary_changes`);
+//!   with `PGLEAP_DECODING_STREAM=1`, the daemon on PostgreSQL 14 and
+//!   later keeps a replication connection open from one pump to the next
+//!   instead (see [`feed`]).
 //! - A slot that is gone (dropped, or lost with a failover before
 //!   PostgreSQL 17's failover slots) or invalidated (past
 //!   `max_slot_wal_keep_size`) is an error of its own (`Error::SlotLost`):
@@ -362,7 +363,7 @@ const FLUSH_BYTES: usize = 8 << 20;
 /// judges that transaction (applied once visible in a batch's snapshot),
 /// exactly as a trigger's row written inside the transaction.
 ///
-/// With `feed` (the daemon's, on PostgreSQL 14 and later) the pump reads
+/// With `feed` (the daemon's, opt-in: see [`Feed::shared`]) the pump reads
 /// the slot's stream instead, up to a mark committed after the snapshot
 /// (see [`feed`]).
 pub async fn pump<'a>(
@@ -433,9 +434,7 @@ pub async fn pump<'a>(
             }
         }
         read += at.elapsed();
-        if decoder.held >= FLUSH_KEYS || decoder.held_bytes >= FLUSH_BYTES {
-            decoder.flush(tx).await?;
-        }
+        decoder.flush_if_full(tx).await?;
         if rows.len() < FETCH as usize {
             break;
         }
@@ -944,6 +943,15 @@ impl Decoder<'_> {
         let flushed = self.write(tx).await;
         self.flushing += started.elapsed();
         flushed
+    }
+
+    /// Writes what is held once it reaches [`FLUSH_KEYS`] or
+    /// [`FLUSH_BYTES`]: what bounds a pump's memory.
+    async fn flush_if_full(&mut self, tx: &Tx<'_>) -> Result<()> {
+        if self.held >= FLUSH_KEYS || self.held_bytes >= FLUSH_BYTES {
+            self.flush(tx).await?;
+        }
+        Ok(())
     }
 
     async fn write(&mut self, tx: &Tx<'_>) -> Result<()> {
