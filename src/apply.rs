@@ -628,7 +628,7 @@ impl Plan {
             read_to = match (n, last, read_to) {
                 (0, last, _) => last,
                 (_, Some(last), Some(to)) => Some(decoding::earlier(&last, &to).to_string()),
-                // A slice that read no transaction: nothing is past them all.
+                // A sync whose slot went with its cutover.
                 _ => None,
             };
         }
@@ -1034,12 +1034,15 @@ pub async fn source_snapshot<'a>(
     src: &'a mut Conn,
     plan: &Plan,
 ) -> Result<(Tx<'a>, Option<String>)> {
-    if plan.decoding.is_none() {
+    let Some(stream) = &plan.decoding else {
         return Ok((src.snapshot().await?, None));
-    }
+    };
     // On error the lock stays with the session, which then goes (see
     // `decoding::unlock`).
     decoding::lock(src, plan.sync_id).await?;
+    if !plan.streams() {
+        decoding::nudge(src, stream).await;
+    }
     if plan.pump_next_by_slices.swap(false, Ordering::Relaxed)
         && let Err(e) = plan.pump_by_slices(src).await
     {

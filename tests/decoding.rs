@@ -383,11 +383,14 @@ fn batches_during_a_load_converge_pg15_to_pg17() {
     p.run(&["verify", "s"]).ok();
 }
 
-/// After a pump that read megabytes, pgleap has the server log the
-/// running transactions (a temporary slot), so that the next pump's
+/// Before a pump that would read megabytes, pgleap has the server log
+/// the running transactions (a temporary slot), so that the pump's
 /// advance moves the slot's restart point past them: without it the
 /// point stays until the server logs them by itself (every 15 s or at a
-/// checkpoint), and every pump until then decodes the same WAL again.
+/// checkpoint), and every pump until then decodes the same WAL again. One
+/// kick is enough (the record used to be written after the advance, for
+/// the next pump to pass: the daemon's first pump after a kick decoded
+/// again all the kick had read).
 #[test]
 fn the_slots_restart_point_follows_the_pumps_pg15_to_pg17() {
     let src = TestDb::new(logical_cluster(15), "decrestartsrc");
@@ -403,11 +406,51 @@ fn the_slots_restart_point_follows_the_pumps_pg15_to_pg17() {
     s.exec("insert into kv select g, repeat('x', 100) from generate_series(1, 50000) g");
     let written = s.value("select pg_current_wal_lsn()");
     p.run(&["kick", "s", "--wait", "60"]).ok();
-    s.exec("update kv set v = 'after' where id = 1");
-    p.run(&["kick", "s", "--wait", "60"]).ok();
     let restart = "select restart_lsn from pg_replication_slots where slot_name like 'pgleap%'";
     let moved = format!("select ({restart}) > '{written}'::pg_lsn");
     assert_eq!(s.value(&moved), "t", "restart point {} behind {written}", s.value(restart));
+    s.exec("update kv set v = 'after' where id = 1");
+    p.run(&["kick", "s", "--wait", "60"]).ok();
+    assert_eq!(compare::rows(&dst.sql()), compare::rows(&s));
+    p.run(&["teardown", "s"]).ok();
+}
+
+/// A sync whose tables are idle on a server that is not: the rest of the
+/// server writes (here another database; from 15 on, tables outside the
+/// publication too), and the slot decodes nothing to send. The daemon's
+/// pumps still move the slot past that WAL: they used to confirm only the
+/// last transaction they read, so the slot kept every byte the server
+/// wrote after the sync's last change, for as long as its tables stayed
+/// idle.
+#[test]
+fn an_idle_sync_does_not_keep_a_busy_servers_wal_pg15_to_pg17() {
+    let src = TestDb::new(logical_cluster(15), "decidlesrc");
+    let busy = TestDb::new(logical_cluster(15), "decidlebusy");
+    let dst = TestDb::new(cluster(17), "decidledst");
+    let schema = "create table kv (id int primary key, v text)";
+    src.sql().exec(schema);
+    dst.sql().exec(schema);
+    busy.sql().exec("create table log (id int primary key, v text)");
+    let p = Pgleap::for_clusters(&[src.cluster, dst.cluster]);
+    p.declare(&src, &dst, &["--all-tables"]);
+    p.add_sync(&["--onetimecopy", "always", "--capture", "decoding"]);
+    let s = src.sql();
+    s.exec("insert into kv values (1, 'before')");
+    p.run(&["start"]).ok();
+    wait_until(&dst.sql(), "select count(*) from kv", "1");
+    for n in 0..4 {
+        busy.sql().exec(&format!(
+            "insert into log select g, repeat('x', 100) from generate_series({0}, {0} + 49999) g",
+            n * 50000
+        ));
+    }
+    let written = s.value("select pg_current_wal_lsn()");
+    let slot = "from pg_replication_slots where slot_name like 'pgleap%'";
+    wait_until(&s, &format!("select confirmed_flush_lsn >= '{written}' {slot}"), "t");
+    wait_until(&s, &format!("select restart_lsn >= '{written}' {slot}"), "t");
+    s.exec("update kv set v = 'after' where id = 1");
+    wait_until(&dst.sql(), "select v from kv", "after");
+    p.run(&["stop"]).ok();
     assert_eq!(compare::rows(&dst.sql()), compare::rows(&s));
     p.run(&["teardown", "s"]).ok();
 }

@@ -348,7 +348,9 @@ const FLUSH_BYTES: usize = 8 << 20;
 
 /// Writes into the deltas, inside `tx`, every change the slot decoded
 /// since it last advanced; returns the position to advance it to once
-/// `tx` has committed ([`advance`]), if it read any transaction. `sinks` is
+/// `tx` has committed ([`advance`]): at least the WAL position read after
+/// its snapshot, whether or not a change came (`None` once the sync's slot
+/// went with its cutover). `sinks` is
 /// indexed like the plan's tables (`None`: not decoded).
 ///
 /// `tx` must be a REPEATABLE READ transaction that may write, and this
@@ -440,6 +442,16 @@ pub async fn pump<'a>(
         }
     }
     decoder.flush(tx).await?;
+    // The peek read to the flushed end, past `written_to`: every
+    // transaction that committed before it is in this pump's deltas, even
+    // when none had a change to send. Confirming only the last commit read
+    // would leave the slot where it was while the sync's tables are idle
+    // and the rest of the server is not (other databases, other tables:
+    // pgoutput sends nothing for them from 15 on), keeping all that WAL.
+    let last = Some(match last {
+        Some(last) => later(&last, &written_to).to_string(),
+        None => written_to,
+    });
     tracing::debug!(
         slot = stream.slot,
         messages,
@@ -590,38 +602,49 @@ pub async fn unlock(src: &impl Sql, stream: &Stream, sync_id: i32, to: Option<&s
 pub async fn advance(src: &impl Sql, stream: &Stream, to: &str) -> Result<()> {
     crate::failpoint::hit("decoding-committed");
     src.execute(ADVANCE, &[&stream.slot, &to]).await?;
-    nudge(src, stream).await;
     Ok(())
 }
 
 /// The earlier of two WAL positions (`X/Y`), as text.
 pub fn earlier<'a>(a: &'a str, b: &'a str) -> &'a str {
-    let value = |lsn: &str| {
-        let (hi, lo) = lsn.split_once('/').unwrap_or(("0", "0"));
-        (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
-    };
-    if value(b) < value(a) { b } else { a }
+    if position(b) < position(a) { b } else { a }
 }
 
-/// Gets the slot's restart point moved up when it lags far behind what
-/// pumps confirmed.
+/// The later of two WAL positions (`X/Y`), as text.
+fn later<'a>(a: &'a str, b: &'a str) -> &'a str {
+    if position(b) > position(a) { b } else { a }
+}
+
+/// A WAL position (`X/Y`) as a number: as text, `0/9` sorts after `0/10`.
+fn position(lsn: &str) -> u64 {
+    let (hi, lo) = lsn.split_once('/').unwrap_or(("0", "0"));
+    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+}
+
+/// Gets the slot's restart point moved up when the next pump would decode
+/// much from it: called before a pump's snapshot, holding the pump lock.
 ///
-/// Every pump decodes from the slot's restart point, not from where the
-/// last pump stopped: the SQL functions build a new decoding context at
-/// each call. The server moves that point only when decoding passes a
-/// record of the transactions running on it, which it writes about every
-/// 15 s when idle of them; under load each pump then re-reads 15-30 s of
-/// WAL, and the sync lags by seconds. Creating a logical slot writes such
-/// a record (any role that may use slots may do it, where
-/// `pg_log_standby_snapshot()` needs a superuser), so pgleap creates a
-/// temporary one and drops it, at most once a second: the next pump
-/// decodes past the record, and its advance moves the restart point
-/// there. Best effort: without a free slot, or with a transaction that
-/// the new slot would wait for (cut short, after the record was written),
-/// the sync only lags as before. At most once a second per source
-/// database: the record serves every slot on its server, and a daemon's
-/// syncs from other sources are not held back by this one's nudge.
-async fn nudge(src: &impl Sql, stream: &Stream) {
+/// Every pump through the SQL functions decodes from the slot's restart
+/// point, not from where the last pump stopped: they build a new decoding
+/// context at each call. The server moves that point only when decoding
+/// passes a record of the transactions running on it, which it writes
+/// about every 15 s when idle of them; under load each pump then re-reads
+/// 15-30 s of WAL, and after a large transaction every pump decodes all
+/// of it again. Creating a logical slot writes such a record (any role
+/// that may use slots may do it, where `pg_log_standby_snapshot()` needs a
+/// superuser), so pgleap creates a temporary one and drops it, at most
+/// once a second: the pump about to run decodes past the record, and its
+/// advance moves the restart point there. Written before the pump (it
+/// used to follow the advance), so that the one pump of a kick or a
+/// verify leaves the point moved, not the daemon's next pump to decode
+/// again what the kick read (4.8 s after a bulk UPDATE of a million rows
+/// in the tax bench). Best effort: without a free slot, or with a
+/// transaction that the new slot would wait for (cut short, after the
+/// record was written), the sync only lags as before. At most once a
+/// second per source database: the record serves every slot on its
+/// server, and a daemon's syncs from other sources are not held back by
+/// this one's nudge.
+pub async fn nudge(src: &impl Sql, stream: &Stream) {
     static LAST: std::sync::Mutex<Option<HashMap<String, std::time::Instant>>> =
         std::sync::Mutex::new(None);
     let behind: i64 = match src.query_opt(RESTART_BEHIND, &[&stream.slot]).await {
@@ -655,8 +678,8 @@ async fn nudge(src: &impl Sql, stream: &Stream) {
     }
 }
 
-/// How far (bytes of WAL) a slot's restart point may lag behind its
-/// confirmed position before pgleap nudges it ([`nudge`]).
+/// How far (bytes of WAL) a slot's restart point may lag behind the WAL
+/// written before pgleap nudges it ([`nudge`]).
 const NUDGE_BYTES: i64 = 1 << 20;
 
 /// Takes the slot from a daemon's stream (see [`feed`]) for the SQL
@@ -1278,7 +1301,8 @@ const PEEK: &str = "select lsn::text, data
 const POSITION: &str =
     "select pg_current_wal_insert_lsn()::text, txid_snapshot_xmax(txid_current_snapshot())";
 
-const RESTART_BEHIND: &str = "select pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::int8
+const RESTART_BEHIND: &str =
+    "select pg_wal_lsn_diff(pg_current_wal_insert_lsn(), restart_lsn)::int8
     from pg_replication_slots where slot_name = $1 and restart_lsn is not null";
 
 /// A delta's columns of its table (pgleap's own start `_pgleap_`).
@@ -1312,13 +1336,15 @@ pub(crate) fn catalog_queries() -> Vec<NamedQuery> {
 
 #[cfg(test)]
 mod tests {
-    use super::{earlier, full_txid};
+    use super::{earlier, full_txid, later};
 
     #[test]
     fn wal_positions_compare_as_numbers_not_text() {
         assert_eq!(earlier("0/9", "0/10"), "0/9");
         assert_eq!(earlier("1/0", "0/FFFFFFFF"), "0/FFFFFFFF");
         assert_eq!(earlier("A/1", "A/1"), "A/1");
+        assert_eq!(later("0/9", "0/10"), "0/10");
+        assert_eq!(later("1/0", "0/FFFFFFFF"), "1/0");
     }
 
     #[test]
