@@ -360,7 +360,7 @@ const FLUSH_BYTES: usize = 8 << 20;
 /// position read next; logical decoding reads only WAL flushed to disk,
 /// so the pump waits until the source has flushed that far (at once
 /// under synchronous_commit; within wal_writer_delay under asynchronous
-/// commit) and then decodes up to the flushed end. Each delta row carries
+/// commit) and then decodes up to that position. Each delta row carries
 /// the decoded transaction's own id, so a batch's snapshot judges it as it
 /// judges that transaction (applied once visible in a batch's snapshot),
 /// exactly as a trigger's row written inside the transaction.
@@ -420,7 +420,14 @@ pub async fn pump<'a>(
     let started = std::time::Instant::now();
     wait_for_flush(tx, &written_to).await?;
     let flushed = started.elapsed();
-    let portal = tx.bind(PEEK, &[&stream.slot, &stream.slot]).await.map_err(|e| lost(e, stream))?;
+    // Up to `written_to`, not the flushed end: past it the last record
+    // may not be flushed whole, and the server would wait for the WAL
+    // writer to read it (up to `wal_writer_delay` under asynchronous
+    // commit, 200 ms of every pump in the tax bench), for transactions
+    // this snapshot does not see.
+    let upto = Some(written_to.as_str());
+    let portal =
+        tx.bind(PEEK, &[&stream.slot, &stream.slot, &upto]).await.map_err(|e| lost(e, stream))?;
     let mut last = None;
     // Where a pump's time goes (debug): waiting for the WAL flush, reading
     // the slot (the server decodes), writing the deltas.
@@ -442,8 +449,8 @@ pub async fn pump<'a>(
         }
     }
     decoder.flush(tx).await?;
-    // The peek read to the flushed end, past `written_to`: every
-    // transaction that committed before it is in this pump's deltas, even
+    // The peek read to `written_to`: every transaction that committed
+    // before it is in this pump's deltas, even
     // when none had a change to send. Confirming only the last commit read
     // would leave the slot where it was while the sync's tables are idle
     // and the rest of the server is not (other databases, other tables:
@@ -494,7 +501,7 @@ pub async fn unread(src: &mut Conn, stream: &Stream, sync_id: i32) -> Result<Opt
         if held.is_some_and(|r| r.get::<_, Option<i32>>(0).is_some()) {
             return Ok(None);
         }
-        let portal = match tx.bind(PEEK, &[&stream.slot, &stream.slot]).await {
+        let portal = match tx.bind(PEEK, &[&stream.slot, &stream.slot, &None::<&str>]).await {
             Ok(p) => p,
             Err(e) if e.sqlstate() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
                 return Ok(None);
@@ -1291,7 +1298,7 @@ const DECODED_TABLES: &str = "select r.prrelid::int8, t.n
     where p.pubname = $1";
 
 const PEEK: &str = "select lsn::text, data
-    from pg_logical_slot_peek_binary_changes($1, null, null,
+    from pg_logical_slot_peek_binary_changes($1, $3::text::pg_lsn, null,
          'proto_version', '1', 'publication_names', $2)";
 
 /// Where the WAL is written to, read after the snapshot was taken; and the
