@@ -450,11 +450,11 @@ pub async fn pump<'a>(
     }
     decoder.flush(tx).await?;
     // The peek read to `written_to`: every transaction that committed
-    // before it is in this pump's deltas, even
-    // when none had a change to send. Confirming only the last commit read
-    // would leave the slot where it was while the sync's tables are idle
-    // and the rest of the server is not (other databases, other tables:
-    // pgoutput sends nothing for them from 15 on), keeping all that WAL.
+    // before it is in this pump's deltas, even when none had a change to
+    // send. Confirming only the last commit read would leave the slot
+    // where it was while the sync's tables are idle and the rest of the
+    // server is not (other databases, other tables: pgoutput sends nothing
+    // for them from 15 on), keeping all that WAL.
     let last = Some(match last {
         Some(last) => later(&last, &written_to).to_string(),
         None => written_to,
