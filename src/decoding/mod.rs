@@ -624,8 +624,7 @@ fn later<'a>(a: &'a str, b: &'a str) -> &'a str {
 
 /// A WAL position (`X/Y`) as a number: as text, `0/9` sorts after `0/10`.
 fn position(lsn: &str) -> u64 {
-    let (hi, lo) = lsn.split_once('/').unwrap_or(("0", "0"));
-    (u64::from_str_radix(hi, 16).unwrap_or(0) << 32) | u64::from_str_radix(lo, 16).unwrap_or(0)
+    pgwire_replication::Lsn::parse(lsn).map_or(0, |l| l.as_u64())
 }
 
 /// Gets the slot's restart point moved up when the next pump would decode
@@ -648,19 +647,14 @@ fn position(lsn: &str) -> u64 {
 /// in the tax bench). Best effort: without a free slot, or with a
 /// transaction that the new slot would wait for (cut short, after the
 /// record was written), the sync only lags as before. At most once a
-/// second per source database: the record serves every slot on its
-/// server, and a daemon's syncs from other sources are not held back by
-/// this one's nudge.
+/// second per source database (the look as well as the nudge): the record
+/// serves every slot on its server, and a daemon's syncs from other
+/// sources are not held back by this one's nudge.
 pub async fn nudge(src: &impl Sql, stream: &Stream) {
     static LAST: std::sync::Mutex<Option<HashMap<String, std::time::Instant>>> =
         std::sync::Mutex::new(None);
-    let behind: i64 = match src.query_opt(RESTART_BEHIND, &[&stream.slot]).await {
-        Ok(Some(row)) => row.get(0),
-        _ => return,
-    };
-    if behind < NUDGE_BYTES {
-        return;
-    }
+    // Looked at once a second, not at every pump: the daemon pumps up to
+    // ten times a second, and the query is on its path.
     {
         let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
         let last = last.get_or_insert_with(HashMap::new);
@@ -668,6 +662,13 @@ pub async fn nudge(src: &impl Sql, stream: &Stream) {
             return;
         }
         last.insert(src.db().to_string(), std::time::Instant::now());
+    }
+    let behind: i64 = match src.query_opt(RESTART_BEHIND, &[&stream.slot]).await {
+        Ok(Some(row)) => row.get(0),
+        _ => return,
+    };
+    if behind < NUDGE_BYTES {
+        return;
     }
     let nudge = format!("{}_nudge", stream.slot);
     // One statement: a timeout cancels the creation, not the record it
